@@ -1,0 +1,27 @@
+//! surelink: payment messages over lossy networks.
+//!
+//! surelink delivers small, important messages (payments) over QUIC ([`quinn`]) so that a
+//! lost packet costs no retransmission timeout: each message travels as Reed-Solomon coded
+//! shards in QUIC DATAGRAM frames, any `k` of `n` shards rebuild it, and a late ack triggers
+//! fresh repair shards instead of a wait.
+//!
+//! # Layout
+//!
+//! | module   | owns | knows nothing of |
+//! |----------|------|------------------|
+//! | [`wire`] | bytes ⇄ frames (shard, ack, hello, close), varints, [`wire::DecodeError`] | codes, time, sockets |
+//! | [`fec`]  | messages ⇄ shards: block building (per message or across messages), parity via `reed-solomon-erasure`, extra repair on demand, reassembly under memory caps | byte layout beyond [`wire`], time sources, sockets |
+//!
+//! Both are pure: they take bytes, messages and `now` as inputs and return bytes, blocks,
+//! deadlines and events. Nothing here spawns a task or reads a clock, which keeps the decoder
+//! fuzzable and the protocol deterministic under a simulator.
+//!
+//! Still to come (see the repository's issues): the sans-I/O protocol core (`proto`), the
+//! async channel over quinn (`channel`), the packet-loss simulator (`sim`) and the tuner
+//! (`tune`).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod fec;
+pub mod wire;

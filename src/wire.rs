@@ -1,0 +1,1136 @@
+//! The wire format: frames carried one per QUIC DATAGRAM.
+//!
+//! This module turns bytes into [`Frame`]s and back. It knows nothing of codes, time or
+//! sockets. [`Frame::decode`] never panics and never allocates in proportion to a length the
+//! peer claims: every count and length is checked against the bytes that remain and against
+//! [`Limits`] before it is used. Shard payloads are zero-copy [`Bytes`] slices of the datagram.
+//! Encoding cannot fail for frames that satisfy the documented invariants (every frame that
+//! `decode` returns does).
+//!
+//! # Layout
+//!
+//! Every frame starts with one type byte: the high nibble is the wire version (`1`), the low
+//! nibble the frame type. A datagram holds exactly one frame; bytes left over after it are an
+//! error ([`DecodeError::TrailingBytes`]). `varint` is a QUIC variable-length integer (RFC 9000
+//! §16: 1, 2, 4 or 8 bytes, the two high bits of the first byte give the length, values below
+//! 2^62); decoders accept non-minimal encodings, encoders write minimal ones.
+//!
+//! ## Shard (`0x11`)
+//!
+//! One Reed-Solomon shard of a *block*. A block is one or more messages with consecutive ids,
+//! concatenated (`total` bytes) and cut into `k` data shards of `S` bytes (the last one padded
+//! with zeros for coding), plus up to `n - k` parity shards of `S` bytes. `k` must equal
+//! `max(1, ceil(total / S))`. Data shards travel trimmed: data shard `i` carries
+//! `min(S, total - i*S)` bytes; parity shards carry exactly `S`.
+//!
+//! | field          | encoding      | meaning                                                    |
+//! |----------------|---------------|------------------------------------------------------------|
+//! | type           | u8 = `0x11`   | version 1, shard                                           |
+//! | block          | varint        | block id, unique per sender per connection                 |
+//! | k              | varint        | data shards, `1 ..= n`                                     |
+//! | n              | varint        | total shards the block may ever have, `≤ Limits::max_shards`|
+//! | index          | varint        | this shard, `< n`; `< k` is data, `≥ k` is parity          |
+//! | S              | varint        | shard size, `1 ..= Limits::max_shard_size`                 |
+//! | first_message  | varint        | id of the block's first message                            |
+//! | count          | varint        | messages in the block, `1 ..= Limits::max_block_messages`   |
+//! | lengths        | count×varint  | each message's length, `≤ Limits::max_message_len`         |
+//! | checksum       | u32 (BE)      | CRC-32 (IEEE) of the `total` message bytes                 |
+//! | payload        | rest          | the shard bytes (length as above)                          |
+//!
+//! ## Ack (`0x12`)
+//!
+//! Acknowledges message ids as ranges, QUIC style (RFC 9000 §19.3): ranges are sent in
+//! descending order, each described by its distance from the previous one.
+//!
+//! | field           | encoding | meaning                                                       |
+//! |-----------------|----------|---------------------------------------------------------------|
+//! | type            | u8 = `0x12` |                                                            |
+//! | ack_delay       | varint   | microseconds between receiving the newest acked message and sending this ack |
+//! | shards_received | varint   | shard frames received on this connection so far (for loss estimation) |
+//! | largest         | varint   | largest acked message id                                      |
+//! | extra_ranges    | varint   | ranges after the first, `< Limits::max_ack_ranges`            |
+//! | first_range     | varint   | ids below `largest` also acked: the first range is `largest - first_range ..= largest` |
+//! | (gap, len) ×extra_ranges | varint, varint | next range ends at `previous_start - gap - 2` and spans `len + 1` ids |
+//!
+//! ## Hello (`0x13`)
+//!
+//! | field      | encoding   | meaning                                             |
+//! |------------|------------|-----------------------------------------------------|
+//! | type       | u8 = `0x13`|                                                     |
+//! | channel_id | 16 bytes   | random id of the channel, stable across reconnects  |
+//!
+//! ## Close (`0x14`)
+//!
+//! | field      | encoding   | meaning                                          |
+//! |------------|------------|--------------------------------------------------|
+//! | type       | u8 = `0x14`|                                                  |
+//! | code       | varint     | application close code                           |
+//! | reason_len | varint     | `≤ Limits::max_close_reason`                     |
+//! | reason     | bytes      | human-readable reason (not interpreted)          |
+
+use std::ops::RangeInclusive;
+
+use bytes::{Buf, BufMut, Bytes};
+
+/// The wire version this crate speaks (the high nibble of every type byte).
+pub const VERSION: u8 = 1;
+
+/// The largest value a QUIC varint can carry: 2^62 - 1.
+pub const MAX_VARINT: u64 = (1 << 62) - 1;
+
+/// The most shards a block can have: Reed-Solomon over GF(2^8) has 256 code symbols.
+pub const MAX_SHARDS: u16 = 256;
+
+const TYPE_SHARD: u8 = 0x1;
+const TYPE_ACK: u8 = 0x2;
+const TYPE_HELLO: u8 = 0x3;
+const TYPE_CLOSE: u8 = 0x4;
+
+const fn type_byte(frame_type: u8) -> u8 {
+    (VERSION << 4) | frame_type
+}
+
+/// Bounds the decoder enforces on what a peer may claim.
+///
+/// Both ends should use the same limits; the encoder in [`crate::fec`] never produces a frame
+/// its own limits would reject.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most shards (`n`) a block may have. Default 256, which is also the ceiling.
+    pub max_shards: u16,
+    /// Largest shard size `S` in bytes. Default 16 KiB (QUIC datagrams are bounded by the path
+    /// MTU, about 1.2–1.5 KB on the Internet; loopback allows more).
+    pub max_shard_size: u32,
+    /// Largest single message carried in a block, in bytes. Default 64 KiB.
+    pub max_message_len: u32,
+    /// Most messages one block may carry. Default 64, which is also the ceiling (the
+    /// reassembler tracks delivered messages of a block in a 64-bit mask).
+    pub max_block_messages: u16,
+    /// Most ranges one ack may carry. Default 64.
+    pub max_ack_ranges: u16,
+    /// Longest close reason, in bytes. Default 256.
+    pub max_close_reason: u16,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_shards: MAX_SHARDS,
+            max_shard_size: 16 * 1024,
+            max_message_len: 64 * 1024,
+            max_block_messages: 64,
+            max_ack_ranges: 64,
+            max_close_reason: 256,
+        }
+    }
+}
+
+impl Limits {
+    /// These limits with every field clamped to what the format can represent
+    /// (`max_shards ≤ 256`, `max_block_messages ≤ 64`, nothing below 1).
+    pub fn clamped(&self) -> Limits {
+        Limits {
+            max_shards: self.max_shards.clamp(1, MAX_SHARDS),
+            max_shard_size: self.max_shard_size.max(1),
+            max_message_len: self.max_message_len,
+            max_block_messages: self.max_block_messages.clamp(1, 64),
+            max_ack_ranges: self.max_ack_ranges.max(1),
+            max_close_reason: self.max_close_reason,
+        }
+    }
+}
+
+/// Why a datagram could not be decoded. Each malformed case has its own variant so that
+/// receivers can count invalid frames by reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The datagram ended in the middle of a field.
+    #[error("frame truncated")]
+    Truncated,
+    /// The datagram was empty.
+    #[error("empty datagram")]
+    Empty,
+    /// The type byte names a wire version this crate does not speak.
+    #[error("unsupported wire version {0}")]
+    UnsupportedVersion(u8),
+    /// The type byte names an unknown frame type.
+    #[error("unknown frame type {0:#04x}")]
+    UnknownType(u8),
+    /// A shard frame claimed `k = 0` data shards.
+    #[error("block has zero data shards")]
+    ZeroDataShards,
+    /// A shard frame claimed more data shards than total shards.
+    #[error("block has k = {k} data shards of n = {n}")]
+    DataShardsExceedTotal {
+        /// Claimed data shards.
+        k: u64,
+        /// Claimed total shards.
+        n: u64,
+    },
+    /// A shard frame claimed more total shards than the limit.
+    #[error("block has n = {n} shards, limit {max}")]
+    TooManyShards {
+        /// Claimed total shards.
+        n: u64,
+        /// The configured limit.
+        max: u16,
+    },
+    /// A shard index was not below `n`.
+    #[error("shard index {index} out of range for n = {n}")]
+    IndexOutOfRange {
+        /// Claimed index.
+        index: u64,
+        /// Claimed total shards.
+        n: u64,
+    },
+    /// The shard size was zero or above the limit.
+    #[error("shard size {size} out of range (1..={max})")]
+    ShardSizeOutOfRange {
+        /// Claimed shard size.
+        size: u64,
+        /// The configured limit.
+        max: u32,
+    },
+    /// A block claimed to carry no messages.
+    #[error("block carries no messages")]
+    NoMessages,
+    /// A block claimed more messages than the limit.
+    #[error("block carries {count} messages, limit {max}")]
+    TooManyMessages {
+        /// Claimed message count.
+        count: u64,
+        /// The configured limit.
+        max: u16,
+    },
+    /// A message id in the block would exceed the varint range.
+    #[error("message ids overflow")]
+    MessageIdOverflow,
+    /// A message was longer than the limit.
+    #[error("message of {len} bytes, limit {max}")]
+    MessageTooLong {
+        /// Claimed length.
+        len: u64,
+        /// The configured limit.
+        max: u32,
+    },
+    /// `k` does not match the block's total length and shard size.
+    #[error("block layout mismatch: k = {k}, but {total} bytes in shards of {shard_size} need {expected}")]
+    LayoutMismatch {
+        /// Claimed data shards.
+        k: u64,
+        /// Sum of the message lengths.
+        total: u64,
+        /// Claimed shard size.
+        shard_size: u64,
+        /// The data shard count the layout implies.
+        expected: u64,
+    },
+    /// The shard payload is shorter than the block layout says it must be.
+    #[error("shard payload of {actual} bytes, block layout needs {expected}")]
+    ShardLenMismatch {
+        /// Length the layout implies.
+        expected: u64,
+        /// Length present.
+        actual: u64,
+    },
+    /// Bytes were left over after a complete frame.
+    #[error("{0} trailing bytes after frame")]
+    TrailingBytes(usize),
+    /// An ack claimed more ranges than the limit.
+    #[error("ack with {count} ranges, limit {max}")]
+    TooManyAckRanges {
+        /// Claimed range count.
+        count: u64,
+        /// The configured limit.
+        max: u16,
+    },
+    /// An ack range would extend below message id 0.
+    #[error("ack range underflows")]
+    InvalidAckRange,
+    /// A close reason was longer than the limit.
+    #[error("close reason of {len} bytes, limit {max}")]
+    ReasonTooLong {
+        /// Claimed length.
+        len: u64,
+        /// The configured limit.
+        max: u16,
+    },
+}
+
+impl DecodeError {
+    /// A short, stable name for the error's kind, for counting invalid frames by reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Truncated => "truncated",
+            DecodeError::Empty => "empty",
+            DecodeError::UnsupportedVersion(_) => "unsupported_version",
+            DecodeError::UnknownType(_) => "unknown_type",
+            DecodeError::ZeroDataShards => "zero_data_shards",
+            DecodeError::DataShardsExceedTotal { .. } => "k_exceeds_n",
+            DecodeError::TooManyShards { .. } => "too_many_shards",
+            DecodeError::IndexOutOfRange { .. } => "index_out_of_range",
+            DecodeError::ShardSizeOutOfRange { .. } => "shard_size_out_of_range",
+            DecodeError::NoMessages => "no_messages",
+            DecodeError::TooManyMessages { .. } => "too_many_messages",
+            DecodeError::MessageIdOverflow => "message_id_overflow",
+            DecodeError::MessageTooLong { .. } => "message_too_long",
+            DecodeError::LayoutMismatch { .. } => "layout_mismatch",
+            DecodeError::ShardLenMismatch { .. } => "shard_len_mismatch",
+            DecodeError::TrailingBytes(_) => "trailing_bytes",
+            DecodeError::TooManyAckRanges { .. } => "too_many_ack_ranges",
+            DecodeError::InvalidAckRange => "invalid_ack_range",
+            DecodeError::ReasonTooLong { .. } => "reason_too_long",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Varints (RFC 9000 §16)
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes a varint encoding of `v` takes (minimal encoding).
+///
+/// Values above [`MAX_VARINT`] are reported as 8 bytes; [`put_varint`] does not accept them.
+pub const fn varint_len(v: u64) -> usize {
+    if v < (1 << 6) {
+        1
+    } else if v < (1 << 14) {
+        2
+    } else if v < (1 << 30) {
+        4
+    } else {
+        8
+    }
+}
+
+/// Writes `v` as a minimal QUIC varint.
+///
+/// # Panics
+/// If `v > MAX_VARINT`. Every value this crate produces (ids count up from zero, sizes are
+/// bounded by [`Limits`]) is far below it; a decoded frame never holds such a value.
+pub fn put_varint<B: BufMut>(buf: &mut B, v: u64) {
+    assert!(v <= MAX_VARINT, "varint value {v} exceeds 2^62-1");
+    match varint_len(v) {
+        1 => buf.put_u8(v as u8),
+        2 => buf.put_u16(0x4000 | v as u16),
+        4 => buf.put_u32(0x8000_0000 | v as u32),
+        _ => buf.put_u64(0xc000_0000_0000_0000 | v),
+    }
+}
+
+/// Reads one QUIC varint from the front of `buf`.
+pub fn get_varint<B: Buf>(buf: &mut B) -> Result<u64, DecodeError> {
+    if !buf.has_remaining() {
+        return Err(DecodeError::Truncated);
+    }
+    let first = buf.chunk()[0];
+    let len = 1usize << (first >> 6);
+    if buf.remaining() < len {
+        return Err(DecodeError::Truncated);
+    }
+    Ok(match len {
+        1 => u64::from(buf.get_u8() & 0x3f),
+        2 => u64::from(buf.get_u16() & 0x3fff),
+        4 => u64::from(buf.get_u32() & 0x3fff_ffff),
+        _ => buf.get_u64() & 0x3fff_ffff_ffff_ffff,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames
+// ---------------------------------------------------------------------------------------------
+
+/// One decoded datagram.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A Reed-Solomon shard of a block of messages.
+    Shard(ShardFrame),
+    /// An acknowledgement of message ids.
+    Ack(AckFrame),
+    /// The first frame of a channel: who is talking.
+    Hello(HelloFrame),
+    /// The peer is closing the channel.
+    Close(CloseFrame),
+}
+
+/// What every shard of one block carries: the code parameters and the block's layout.
+///
+/// Two shards belong to the same block exactly when their headers are equal.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BlockHeader {
+    /// Block id, unique per sender per connection.
+    pub block: u64,
+    /// Data shards `k` (`1 ..= total_shards`).
+    pub data_shards: u16,
+    /// Total shards `n` the block may ever have (data plus the most parity the sender will send).
+    pub total_shards: u16,
+    /// Shard size `S` in bytes (`≥ 1`).
+    pub shard_size: u32,
+    /// Id of the first message; the block carries ids `first_message ..` consecutively.
+    pub first_message: u64,
+    /// Length of each message, in id order. Never empty.
+    pub lengths: Vec<u32>,
+    /// CRC-32 (IEEE) of the concatenated messages.
+    pub checksum: u32,
+}
+
+impl BlockHeader {
+    /// Sum of the message lengths: the bytes the data shards carry.
+    pub fn total_len(&self) -> u64 {
+        self.lengths.iter().map(|&l| u64::from(l)).sum()
+    }
+
+    /// Ids of the messages in this block.
+    pub fn messages(&self) -> RangeInclusive<u64> {
+        let count = self.lengths.len().max(1) as u64;
+        self.first_message..=self.first_message + (count - 1)
+    }
+
+    /// Number of parity shards the block may ever have (`n - k`).
+    pub fn parity_shards(&self) -> u16 {
+        self.total_shards - self.data_shards
+    }
+
+    /// Bytes that shard `index` carries on the wire: data shards are trimmed, parity shards
+    /// are exactly `S`.
+    pub fn shard_wire_len(&self, index: u16) -> usize {
+        let s = u64::from(self.shard_size);
+        if index >= self.data_shards {
+            return s as usize;
+        }
+        let start = u64::from(index) * s;
+        self.total_len().saturating_sub(start).min(s) as usize
+    }
+
+    /// Data shards a block of `total` bytes needs at shard size `shard_size` (at least 1).
+    pub fn data_shards_for(total: u64, shard_size: u32) -> u64 {
+        total.div_ceil(u64::from(shard_size.max(1))).max(1)
+    }
+
+    /// Bytes a shard frame of this block takes before its payload, for shard `index`.
+    pub fn frame_overhead(&self, index: u16) -> usize {
+        1 + varint_len(self.block)
+            + varint_len(u64::from(self.data_shards))
+            + varint_len(u64::from(self.total_shards))
+            + varint_len(u64::from(index))
+            + varint_len(u64::from(self.shard_size))
+            + varint_len(self.first_message)
+            + varint_len(self.lengths.len() as u64)
+            + self
+                .lengths
+                .iter()
+                .map(|&l| varint_len(u64::from(l)))
+                .sum::<usize>()
+            + 4
+    }
+
+    /// Writes a shard frame of this block: header, `index`, then `payload`.
+    ///
+    /// `payload` must be `shard_wire_len(index)` bytes for the frame to decode.
+    pub fn encode_shard<B: BufMut>(&self, index: u16, payload: &[u8], buf: &mut B) {
+        buf.put_u8(type_byte(TYPE_SHARD));
+        put_varint(buf, self.block);
+        put_varint(buf, u64::from(self.data_shards));
+        put_varint(buf, u64::from(self.total_shards));
+        put_varint(buf, u64::from(index));
+        put_varint(buf, u64::from(self.shard_size));
+        put_varint(buf, self.first_message);
+        put_varint(buf, self.lengths.len() as u64);
+        for &len in &self.lengths {
+            put_varint(buf, u64::from(len));
+        }
+        buf.put_u32(self.checksum);
+        buf.put_slice(payload);
+    }
+}
+
+/// A shard frame: one shard of a block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardFrame {
+    /// The block this shard belongs to.
+    pub header: BlockHeader,
+    /// This shard's index: `< k` data, `≥ k` parity.
+    pub index: u16,
+    /// The shard bytes (trimmed for data shards), a slice of the received datagram.
+    pub payload: Bytes,
+}
+
+impl ShardFrame {
+    /// Whether this is a data shard (`index < k`).
+    pub fn is_data(&self) -> bool {
+        self.index < self.header.data_shards
+    }
+}
+
+/// An acknowledgement of message ids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckFrame {
+    /// Microseconds between receiving the newest acked message and sending this ack.
+    pub ack_delay_us: u64,
+    /// Shard frames received on this connection so far.
+    pub shards_received: u64,
+    /// Acked ids, as ranges in strictly descending order with at least one unacked id between
+    /// neighbours. Never empty.
+    pub ranges: Vec<RangeInclusive<u64>>,
+}
+
+impl AckFrame {
+    /// Whether `id` is acked by this frame.
+    pub fn contains(&self, id: u64) -> bool {
+        self.ranges.iter().any(|r| r.contains(&id))
+    }
+}
+
+/// The first frame of a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HelloFrame {
+    /// Random channel id, stable across reconnects of the same channel.
+    pub channel_id: [u8; 16],
+}
+
+/// The peer is closing the channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseFrame {
+    /// Application close code.
+    pub code: u64,
+    /// Human-readable reason, not interpreted.
+    pub reason: Bytes,
+}
+
+impl Frame {
+    /// Decodes one datagram. Never panics; allocates at most `Limits::max_block_messages`
+    /// lengths or `Limits::max_ack_ranges` ranges, and only after checking that the bytes for
+    /// them are present.
+    pub fn decode(mut datagram: Bytes, limits: &Limits) -> Result<Frame, DecodeError> {
+        let limits = limits.clamped();
+        if datagram.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let ty = datagram.get_u8();
+        if ty >> 4 != VERSION {
+            return Err(DecodeError::UnsupportedVersion(ty >> 4));
+        }
+        let frame = match ty & 0x0f {
+            TYPE_SHARD => return decode_shard(datagram, &limits).map(Frame::Shard),
+            TYPE_ACK => Frame::Ack(decode_ack(&mut datagram, &limits)?),
+            TYPE_HELLO => {
+                if datagram.remaining() < 16 {
+                    return Err(DecodeError::Truncated);
+                }
+                let mut channel_id = [0u8; 16];
+                datagram.copy_to_slice(&mut channel_id);
+                Frame::Hello(HelloFrame { channel_id })
+            }
+            TYPE_CLOSE => {
+                let code = get_varint(&mut datagram)?;
+                let len = get_varint(&mut datagram)?;
+                if len > u64::from(limits.max_close_reason) {
+                    return Err(DecodeError::ReasonTooLong {
+                        len,
+                        max: limits.max_close_reason,
+                    });
+                }
+                if (datagram.remaining() as u64) < len {
+                    return Err(DecodeError::Truncated);
+                }
+                let reason = datagram.split_to(len as usize);
+                Frame::Close(CloseFrame { code, reason })
+            }
+            _ => return Err(DecodeError::UnknownType(ty)),
+        };
+        if datagram.has_remaining() {
+            return Err(DecodeError::TrailingBytes(datagram.remaining()));
+        }
+        Ok(frame)
+    }
+
+    /// Writes this frame. Infallible for frames that satisfy the invariants documented on
+    /// their fields, which every decoded frame does.
+    pub fn encode<B: BufMut>(&self, buf: &mut B) {
+        match self {
+            Frame::Shard(s) => s.header.encode_shard(s.index, &s.payload, buf),
+            Frame::Ack(a) => {
+                buf.put_u8(type_byte(TYPE_ACK));
+                put_varint(buf, a.ack_delay_us);
+                put_varint(buf, a.shards_received);
+                let first = a.ranges.first().cloned().unwrap_or(0..=0);
+                put_varint(buf, *first.end());
+                put_varint(buf, a.ranges.len().saturating_sub(1) as u64);
+                put_varint(buf, first.end().saturating_sub(*first.start()));
+                let mut prev_start = *first.start();
+                for r in a.ranges.iter().skip(1) {
+                    put_varint(buf, prev_start.saturating_sub(*r.end()).saturating_sub(2));
+                    put_varint(buf, r.end().saturating_sub(*r.start()));
+                    prev_start = *r.start();
+                }
+            }
+            Frame::Hello(h) => {
+                buf.put_u8(type_byte(TYPE_HELLO));
+                buf.put_slice(&h.channel_id);
+            }
+            Frame::Close(c) => {
+                buf.put_u8(type_byte(TYPE_CLOSE));
+                put_varint(buf, c.code);
+                put_varint(buf, c.reason.len() as u64);
+                buf.put_slice(&c.reason);
+            }
+        }
+    }
+
+    /// This frame encoded into a new buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut buf = Vec::with_capacity(64);
+        self.encode(&mut buf);
+        Bytes::from(buf)
+    }
+}
+
+fn decode_shard(mut buf: Bytes, limits: &Limits) -> Result<ShardFrame, DecodeError> {
+    let block = get_varint(&mut buf)?;
+    let k = get_varint(&mut buf)?;
+    let n = get_varint(&mut buf)?;
+    let index = get_varint(&mut buf)?;
+    let size = get_varint(&mut buf)?;
+    let first_message = get_varint(&mut buf)?;
+    let count = get_varint(&mut buf)?;
+
+    if n > u64::from(limits.max_shards) {
+        return Err(DecodeError::TooManyShards {
+            n,
+            max: limits.max_shards,
+        });
+    }
+    if k == 0 {
+        return Err(DecodeError::ZeroDataShards);
+    }
+    if k > n {
+        return Err(DecodeError::DataShardsExceedTotal { k, n });
+    }
+    if index >= n {
+        return Err(DecodeError::IndexOutOfRange { index, n });
+    }
+    if size == 0 || size > u64::from(limits.max_shard_size) {
+        return Err(DecodeError::ShardSizeOutOfRange {
+            size,
+            max: limits.max_shard_size,
+        });
+    }
+    if count == 0 {
+        return Err(DecodeError::NoMessages);
+    }
+    if count > u64::from(limits.max_block_messages) {
+        return Err(DecodeError::TooManyMessages {
+            count,
+            max: limits.max_block_messages,
+        });
+    }
+    if first_message > MAX_VARINT - (count - 1) {
+        return Err(DecodeError::MessageIdOverflow);
+    }
+    // Each length takes at least one byte: refuse before allocating if they cannot be there.
+    if (buf.remaining() as u64) < count {
+        return Err(DecodeError::Truncated);
+    }
+    let mut lengths = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let len = get_varint(&mut buf)?;
+        if len > u64::from(limits.max_message_len) {
+            return Err(DecodeError::MessageTooLong {
+                len,
+                max: limits.max_message_len,
+            });
+        }
+        lengths.push(len as u32);
+    }
+    if buf.remaining() < 4 {
+        return Err(DecodeError::Truncated);
+    }
+    let checksum = buf.get_u32();
+
+    // All bounded above: k, n, index ≤ 256; size ≤ u32; lengths ≤ u32 each, ≤ 64 of them.
+    let header = BlockHeader {
+        block,
+        data_shards: k as u16,
+        total_shards: n as u16,
+        shard_size: size as u32,
+        first_message,
+        lengths,
+        checksum,
+    };
+    let total = header.total_len();
+    let expected_k = BlockHeader::data_shards_for(total, header.shard_size);
+    if expected_k != k {
+        return Err(DecodeError::LayoutMismatch {
+            k,
+            total,
+            shard_size: size,
+            expected: expected_k,
+        });
+    }
+    let index = index as u16;
+    let expected = header.shard_wire_len(index);
+    match buf.len() {
+        l if l < expected => Err(DecodeError::ShardLenMismatch {
+            expected: expected as u64,
+            actual: l as u64,
+        }),
+        l if l > expected => Err(DecodeError::TrailingBytes(l - expected)),
+        _ => Ok(ShardFrame {
+            header,
+            index,
+            payload: buf,
+        }),
+    }
+}
+
+fn decode_ack(buf: &mut Bytes, limits: &Limits) -> Result<AckFrame, DecodeError> {
+    let ack_delay_us = get_varint(buf)?;
+    let shards_received = get_varint(buf)?;
+    let largest = get_varint(buf)?;
+    let extra = get_varint(buf)?;
+    if extra >= u64::from(limits.max_ack_ranges) {
+        return Err(DecodeError::TooManyAckRanges {
+            count: extra.saturating_add(1),
+            max: limits.max_ack_ranges,
+        });
+    }
+    // The first range takes at least one byte, every further range at least two.
+    if (buf.remaining() as u64) < 1 + 2 * extra {
+        return Err(DecodeError::Truncated);
+    }
+    let first = get_varint(buf)?;
+    let mut start = largest
+        .checked_sub(first)
+        .ok_or(DecodeError::InvalidAckRange)?;
+    let mut ranges = Vec::with_capacity(1 + extra as usize);
+    ranges.push(start..=largest);
+    for _ in 0..extra {
+        let gap = get_varint(buf)?;
+        let len = get_varint(buf)?;
+        let end = start
+            .checked_sub(gap + 2)
+            .ok_or(DecodeError::InvalidAckRange)?;
+        start = end.checked_sub(len).ok_or(DecodeError::InvalidAckRange)?;
+        ranges.push(start..=end);
+    }
+    Ok(AckFrame {
+        ack_delay_us,
+        shards_received,
+        ranges,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
+        Frame::decode(Bytes::copy_from_slice(bytes), &Limits::default())
+    }
+
+    fn header(lengths: Vec<u32>, shard_size: u32, parity: u16) -> BlockHeader {
+        let total: u64 = lengths.iter().map(|&l| u64::from(l)).sum();
+        let k = BlockHeader::data_shards_for(total, shard_size) as u16;
+        BlockHeader {
+            block: 7,
+            data_shards: k,
+            total_shards: k + parity,
+            shard_size,
+            first_message: 100,
+            lengths,
+            checksum: 0xdead_beef,
+        }
+    }
+
+    fn shard_bytes(h: &BlockHeader, index: u16) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let payload = vec![0xa5u8; h.shard_wire_len(index)];
+        h.encode_shard(index, &payload, &mut buf);
+        buf
+    }
+
+    #[test]
+    fn varint_boundaries_round_trip() {
+        for v in [
+            0,
+            63,
+            64,
+            16383,
+            16384,
+            (1 << 30) - 1,
+            1 << 30,
+            MAX_VARINT,
+        ] {
+            let mut buf = Vec::new();
+            put_varint(&mut buf, v);
+            assert_eq!(buf.len(), varint_len(v), "length of {v}");
+            assert_eq!(get_varint(&mut &buf[..]), Ok(v));
+        }
+    }
+
+    #[test]
+    fn varint_rfc9000_examples() {
+        // RFC 9000 Appendix A.1 sample encodings, including a non-minimal one.
+        let cases: [(&[u8], u64); 5] = [
+            (&[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c], 151_288_809_941_952_652),
+            (&[0x9d, 0x7f, 0x3e, 0x7d], 494_878_333),
+            (&[0x7b, 0xbd], 15_293),
+            (&[0x25], 37),
+            (&[0x40, 0x25], 37),
+        ];
+        for (bytes, v) in cases {
+            assert_eq!(get_varint(&mut &bytes[..]), Ok(v));
+        }
+        assert_eq!(get_varint(&mut &[0x40][..]), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn golden_shard_frame() {
+        let h = BlockHeader {
+            block: 1,
+            data_shards: 1,
+            total_shards: 3,
+            shard_size: 5,
+            first_message: 9,
+            lengths: vec![5],
+            checksum: 0x0102_0304,
+        };
+        let mut buf = Vec::new();
+        h.encode_shard(2, b"hello", &mut buf);
+        let golden = [
+            0x11, // v1 shard
+            0x01, // block 1
+            0x01, 0x03, 0x02, // k=1, n=3, index=2
+            0x05, // S=5
+            0x09, // first message 9
+            0x01, 0x05, // one message of 5 bytes
+            0x01, 0x02, 0x03, 0x04, // checksum
+            b'h', b'e', b'l', b'l', b'o',
+        ];
+        assert_eq!(buf, golden);
+        assert_eq!(buf.len(), h.frame_overhead(2) + 5);
+        match decode(&golden).unwrap() {
+            Frame::Shard(s) => {
+                assert_eq!(s.header, h);
+                assert_eq!(s.index, 2);
+                assert!(!s.is_data());
+                assert_eq!(&s.payload[..], b"hello");
+            }
+            other => panic!("decoded {other:?}"),
+        }
+    }
+
+    #[test]
+    fn golden_ack_frame() {
+        let ack = AckFrame {
+            ack_delay_us: 300,
+            shards_received: 2,
+            ranges: vec![10..=12, 5..=7, 0..=0],
+        };
+        let golden = [
+            0x12, // v1 ack
+            0x41, 0x2c, // delay 300
+            0x02, // shards received
+            0x0c, // largest 12
+            0x02, // two extra ranges
+            0x02, // first range: 10..=12
+            0x01, 0x02, // gap 1 (ids 8, 9), len 2: 5..=7
+            0x03, 0x00, // gap 3 (ids 1..=4), len 0: 0..=0
+        ];
+        assert_eq!(&Frame::Ack(ack.clone()).to_bytes()[..], golden);
+        assert_eq!(decode(&golden), Ok(Frame::Ack(ack)));
+    }
+
+    #[test]
+    fn golden_hello_and_close() {
+        let hello = [0x13, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+        let f = decode(&hello).unwrap();
+        assert_eq!(
+            f,
+            Frame::Hello(HelloFrame {
+                channel_id: core::array::from_fn(|i| i as u8)
+            })
+        );
+        assert_eq!(&f.to_bytes()[..], hello);
+
+        let close = [0x14, 0x07, 0x02, b'o', b'k'];
+        let f = decode(&close).unwrap();
+        assert_eq!(
+            f,
+            Frame::Close(CloseFrame {
+                code: 7,
+                reason: Bytes::from_static(b"ok")
+            })
+        );
+        assert_eq!(&f.to_bytes()[..], close);
+    }
+
+    #[test]
+    fn rejects_type_and_version() {
+        assert_eq!(decode(&[]), Err(DecodeError::Empty));
+        assert_eq!(decode(&[0x21]), Err(DecodeError::UnsupportedVersion(2)));
+        assert_eq!(decode(&[0x01]), Err(DecodeError::UnsupportedVersion(0)));
+        assert_eq!(decode(&[0x15]), Err(DecodeError::UnknownType(0x15)));
+        assert_eq!(decode(&[0x10]), Err(DecodeError::UnknownType(0x10)));
+    }
+
+    /// Writes a shard frame with arbitrary (possibly invalid) header values.
+    fn raw_shard(k: u64, n: u64, index: u64, size: u64, lengths: &[u64], payload: usize) -> Vec<u8> {
+        let mut buf = vec![0x11, 0x00];
+        for v in [k, n, index, size, 0, lengths.len() as u64] {
+            put_varint(&mut buf, v);
+        }
+        for &l in lengths {
+            put_varint(&mut buf, l);
+        }
+        buf.extend_from_slice(&[0; 4]);
+        buf.extend(std::iter::repeat(0xa5).take(payload));
+        buf
+    }
+
+    #[test]
+    fn rejects_each_malformed_shard() {
+        use DecodeError::*;
+        // Sanity: the raw writer makes valid frames when asked to.
+        assert!(decode(&raw_shard(2, 4, 3, 10, &[15], 10)).is_ok());
+        assert!(decode(&raw_shard(2, 4, 1, 10, &[15], 5)).is_ok());
+
+        assert_eq!(decode(&raw_shard(0, 4, 0, 10, &[15], 10)), Err(ZeroDataShards));
+        assert_eq!(
+            decode(&raw_shard(5, 4, 0, 10, &[15], 10)),
+            Err(DataShardsExceedTotal { k: 5, n: 4 })
+        );
+        assert_eq!(
+            decode(&raw_shard(2, 257, 0, 10, &[15], 10)),
+            Err(TooManyShards { n: 257, max: 256 })
+        );
+        assert_eq!(
+            decode(&raw_shard(2, 4, 4, 10, &[15], 10)),
+            Err(IndexOutOfRange { index: 4, n: 4 })
+        );
+        assert_eq!(
+            decode(&raw_shard(1, 4, 0, 0, &[0], 0)),
+            Err(ShardSizeOutOfRange { size: 0, max: 16384 })
+        );
+        assert_eq!(
+            decode(&raw_shard(1, 4, 0, 16385, &[5], 5)),
+            Err(ShardSizeOutOfRange { size: 16385, max: 16384 })
+        );
+        assert_eq!(decode(&raw_shard(1, 4, 0, 10, &[], 0)), Err(NoMessages));
+        assert_eq!(
+            decode(&raw_shard(1, 4, 0, 10, &[0; 65], 0)),
+            Err(TooManyMessages { count: 65, max: 64 })
+        );
+        assert_eq!(
+            decode(&raw_shard(1, 4, 0, 10, &[65537], 10)),
+            Err(MessageTooLong { len: 65537, max: 65536 })
+        );
+        assert_eq!(
+            decode(&raw_shard(3, 4, 0, 10, &[15], 10)),
+            Err(LayoutMismatch { k: 3, total: 15, shard_size: 10, expected: 2 })
+        );
+        // Data shard 1 of a 15-byte block in 10-byte shards carries 5 bytes.
+        assert_eq!(
+            decode(&raw_shard(2, 4, 1, 10, &[15], 4)),
+            Err(ShardLenMismatch { expected: 5, actual: 4 })
+        );
+        assert_eq!(decode(&raw_shard(2, 4, 1, 10, &[15], 6)), Err(TrailingBytes(1)));
+        // Parity shards carry exactly S.
+        assert_eq!(
+            decode(&raw_shard(2, 4, 2, 10, &[15], 9)),
+            Err(ShardLenMismatch { expected: 10, actual: 9 })
+        );
+        assert_eq!(decode(&raw_shard(2, 4, 2, 10, &[15], 11)), Err(TrailingBytes(1)));
+        // A huge claimed count with nothing behind it fails without allocating for it.
+        let mut huge = vec![0x11, 0x00, 0x01, 0x02, 0x00, 0x01, 0x00];
+        put_varint(&mut huge, 60);
+        assert_eq!(decode(&huge), Err(Truncated));
+        // Ids that would pass 2^62.
+        let mut ovf = vec![0x11, 0x00, 0x01, 0x02, 0x00, 0x01];
+        put_varint(&mut ovf, MAX_VARINT);
+        ovf.extend_from_slice(&[0x02, 0x00, 0x00, 0, 0, 0, 0]);
+        assert_eq!(decode(&ovf), Err(MessageIdOverflow));
+    }
+
+    #[test]
+    fn limits_are_configurable() {
+        let limits = Limits {
+            max_shards: 8,
+            max_shard_size: 100,
+            max_message_len: 50,
+            max_block_messages: 2,
+            max_ack_ranges: 2,
+            max_close_reason: 3,
+        };
+        let d = |b: Vec<u8>| Frame::decode(Bytes::from(b), &limits);
+        assert!(d(raw_shard(1, 8, 7, 50, &[50], 50)).is_ok());
+        assert_eq!(
+            d(raw_shard(1, 9, 0, 50, &[50], 50)),
+            Err(DecodeError::TooManyShards { n: 9, max: 8 })
+        );
+        assert_eq!(
+            d(raw_shard(1, 8, 0, 101, &[50], 50)),
+            Err(DecodeError::ShardSizeOutOfRange { size: 101, max: 100 })
+        );
+        assert_eq!(
+            d(raw_shard(1, 8, 0, 60, &[51], 51)),
+            Err(DecodeError::MessageTooLong { len: 51, max: 50 })
+        );
+        assert_eq!(
+            d(raw_shard(1, 8, 0, 60, &[1, 1, 1], 3)),
+            Err(DecodeError::TooManyMessages { count: 3, max: 2 })
+        );
+        let ack = |n: usize| {
+            Frame::Ack(AckFrame {
+                ack_delay_us: 0,
+                shards_received: 0,
+                ranges: (0..n as u64).rev().map(|i| 3 * i..=3 * i).collect(),
+            })
+            .to_bytes()
+            .to_vec()
+        };
+        assert!(d(ack(2)).is_ok());
+        assert_eq!(
+            d(ack(3)),
+            Err(DecodeError::TooManyAckRanges { count: 3, max: 2 })
+        );
+        assert_eq!(
+            d(vec![0x14, 0x00, 0x04, 1, 2, 3, 4]),
+            Err(DecodeError::ReasonTooLong { len: 4, max: 3 })
+        );
+    }
+
+    #[test]
+    fn rejects_bad_acks_and_trailing_bytes() {
+        // largest 3, first range 4: would start below zero.
+        assert_eq!(decode(&[0x12, 0, 0, 3, 0, 4]), Err(DecodeError::InvalidAckRange));
+        // largest 3, first 0 (3..=3), then gap 2 would end at 3-4 < 0.
+        assert_eq!(decode(&[0x12, 0, 0, 3, 1, 0, 2, 0]), Err(DecodeError::InvalidAckRange));
+        // Claims 63 extra ranges with no bytes behind them.
+        assert_eq!(
+            decode(&[0x12, 0, 0, 3, 0x3f, 0]),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(decode(&[0x12, 0, 0, 3, 0, 0, 9]), Err(DecodeError::TrailingBytes(1)));
+        assert_eq!(decode(&[0x13, 1, 2, 3]), Err(DecodeError::Truncated));
+        let mut hello = vec![0x13; 18];
+        hello[0] = 0x13;
+        assert_eq!(decode(&hello), Err(DecodeError::TrailingBytes(1)));
+        assert_eq!(decode(&[0x14, 0, 5, b'a']), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn every_truncation_of_a_valid_shard_is_rejected() {
+        let h = header(vec![300, 20, 0, 700], 256, 3);
+        for index in 0..h.total_shards {
+            let full = shard_bytes(&h, index);
+            assert!(decode(&full).is_ok());
+            for cut in 0..full.len() {
+                assert!(decode(&full[..cut]).is_err(), "index {index} cut {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn payload_is_a_zero_copy_slice() {
+        let h = header(vec![40], 40, 1);
+        let datagram = Bytes::from(shard_bytes(&h, 0));
+        let Ok(Frame::Shard(s)) = Frame::decode(datagram.clone(), &Limits::default()) else {
+            panic!("decode failed");
+        };
+        let start = datagram.len() - 40;
+        assert_eq!(s.payload.as_ptr(), datagram[start..].as_ptr());
+    }
+
+    fn arb_header() -> impl Strategy<Value = (BlockHeader, u16)> {
+        (
+            any::<u64>().prop_map(|b| b & MAX_VARINT),
+            prop::collection::vec(0u32..5000, 1..8),
+            1u32..2000,
+            0u16..10,
+            0u64..(1 << 40),
+            any::<u32>(),
+        )
+            .prop_filter_map("k + parity ≤ 256", |(block, lengths, s, parity, first, crc)| {
+                let total: u64 = lengths.iter().map(|&l| u64::from(l)).sum();
+                let k = BlockHeader::data_shards_for(total, s);
+                (k + u64::from(parity) <= 256).then(|| BlockHeader {
+                    block,
+                    data_shards: k as u16,
+                    total_shards: k as u16 + parity,
+                    shard_size: s,
+                    first_message: first,
+                    lengths,
+                    checksum: crc,
+                })
+            })
+            .prop_flat_map(|h| {
+                let n = h.total_shards;
+                (Just(h), 0..n)
+            })
+    }
+
+    fn arb_ack() -> impl Strategy<Value = AckFrame> {
+        (
+            any::<u64>().prop_map(|v| v & MAX_VARINT),
+            any::<u64>().prop_map(|v| v & MAX_VARINT),
+            0u64..(1 << 40),
+            prop::collection::vec((0u64..1000, 0u64..1000), 0..63),
+        )
+            .prop_map(|(delay, rx, largest, rest)| {
+                // Build descending ranges that stop before id 0.
+                let mut ranges = Vec::new();
+                let mut end = largest;
+                let mut first = true;
+                for (gap, len) in std::iter::once((0, rest.len() as u64 % 7)).chain(rest) {
+                    let e = if first { end } else { match end.checked_sub(gap + 2) { Some(e) => e, None => break } };
+                    first = false;
+                    let s = e.saturating_sub(len);
+                    ranges.push(s..=e);
+                    end = s;
+                }
+                AckFrame { ack_delay_us: delay, shards_received: rx, ranges }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn shard_round_trip((h, index) in arb_header(), fill in any::<u8>()) {
+            let payload = vec![fill; h.shard_wire_len(index)];
+            let mut buf = Vec::new();
+            h.encode_shard(index, &payload, &mut buf);
+            prop_assert_eq!(buf.len(), h.frame_overhead(index) + payload.len());
+            let f = Frame::decode(Bytes::from(buf.clone()), &Limits::default()).unwrap();
+            let expected = Frame::Shard(ShardFrame { header: h, index, payload: Bytes::from(payload) });
+            prop_assert_eq!(&f, &expected);
+            prop_assert_eq!(f.to_bytes().to_vec(), buf);
+        }
+
+        #[test]
+        fn ack_round_trip(ack in arb_ack()) {
+            let f = Frame::Ack(ack);
+            let bytes = f.to_bytes();
+            prop_assert_eq!(Frame::decode(bytes, &Limits::default()), Ok(f));
+        }
+
+        #[test]
+        fn hello_round_trip(id in any::<[u8; 16]>()) {
+            let f = Frame::Hello(HelloFrame { channel_id: id });
+            prop_assert_eq!(Frame::decode(f.to_bytes(), &Limits::default()), Ok(f));
+        }
+
+        #[test]
+        fn close_round_trip(code in 0..MAX_VARINT, reason in prop::collection::vec(any::<u8>(), 0..=256)) {
+            let f = Frame::Close(CloseFrame { code, reason: Bytes::from(reason) });
+            prop_assert_eq!(Frame::decode(f.to_bytes(), &Limits::default()), Ok(f));
+        }
+
+        #[test]
+        fn decode_never_panics_and_round_trips(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(f) = Frame::decode(Bytes::from(bytes), &Limits::default()) {
+                prop_assert_eq!(Frame::decode(f.to_bytes(), &Limits::default()), Ok(f));
+            }
+        }
+    }
+}
