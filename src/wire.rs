@@ -752,16 +752,7 @@ mod tests {
 
     #[test]
     fn varint_boundaries_round_trip() {
-        for v in [
-            0,
-            63,
-            64,
-            16383,
-            16384,
-            (1 << 30) - 1,
-            1 << 30,
-            MAX_VARINT,
-        ] {
+        for v in [0, 63, 64, 16383, 16384, (1 << 30) - 1, 1 << 30, MAX_VARINT] {
             let mut buf = Vec::new();
             put_varint(&mut buf, v);
             assert_eq!(buf.len(), varint_len(v), "length of {v}");
@@ -773,7 +764,10 @@ mod tests {
     fn varint_rfc9000_examples() {
         // RFC 9000 Appendix A.1 sample encodings, including a non-minimal one.
         let cases: [(&[u8], u64); 5] = [
-            (&[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c], 151_288_809_941_952_652),
+            (
+                &[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c],
+                151_288_809_941_952_652,
+            ),
             (&[0x9d, 0x7f, 0x3e, 0x7d], 494_878_333),
             (&[0x7b, 0xbd], 15_293),
             (&[0x25], 37),
@@ -876,7 +870,14 @@ mod tests {
     }
 
     /// Writes a shard frame with arbitrary (possibly invalid) header values.
-    fn raw_shard(k: u64, n: u64, index: u64, size: u64, lengths: &[u64], payload: usize) -> Vec<u8> {
+    fn raw_shard(
+        k: u64,
+        n: u64,
+        index: u64,
+        size: u64,
+        lengths: &[u64],
+        payload: usize,
+    ) -> Vec<u8> {
         let mut buf = vec![0x11, 0x00];
         for v in [k, n, index, size, 0, lengths.len() as u64] {
             put_varint(&mut buf, v);
@@ -896,7 +897,10 @@ mod tests {
         assert!(decode(&raw_shard(2, 4, 3, 10, &[15], 10)).is_ok());
         assert!(decode(&raw_shard(2, 4, 1, 10, &[15], 5)).is_ok());
 
-        assert_eq!(decode(&raw_shard(0, 4, 0, 10, &[15], 10)), Err(ZeroDataShards));
+        assert_eq!(
+            decode(&raw_shard(0, 4, 0, 10, &[15], 10)),
+            Err(ZeroDataShards)
+        );
         assert_eq!(
             decode(&raw_shard(5, 4, 0, 10, &[15], 10)),
             Err(DataShardsExceedTotal { k: 5, n: 4 })
@@ -911,11 +915,17 @@ mod tests {
         );
         assert_eq!(
             decode(&raw_shard(1, 4, 0, 0, &[0], 0)),
-            Err(ShardSizeOutOfRange { size: 0, max: 16384 })
+            Err(ShardSizeOutOfRange {
+                size: 0,
+                max: 16384
+            })
         );
         assert_eq!(
             decode(&raw_shard(1, 4, 0, 16385, &[5], 5)),
-            Err(ShardSizeOutOfRange { size: 16385, max: 16384 })
+            Err(ShardSizeOutOfRange {
+                size: 16385,
+                max: 16384
+            })
         );
         assert_eq!(decode(&raw_shard(1, 4, 0, 10, &[], 0)), Err(NoMessages));
         assert_eq!(
@@ -924,24 +934,44 @@ mod tests {
         );
         assert_eq!(
             decode(&raw_shard(1, 4, 0, 10, &[65537], 10)),
-            Err(MessageTooLong { len: 65537, max: 65536 })
+            Err(MessageTooLong {
+                len: 65537,
+                max: 65536
+            })
         );
         assert_eq!(
             decode(&raw_shard(3, 4, 0, 10, &[15], 10)),
-            Err(LayoutMismatch { k: 3, total: 15, shard_size: 10, expected: 2 })
+            Err(LayoutMismatch {
+                k: 3,
+                total: 15,
+                shard_size: 10,
+                expected: 2
+            })
         );
         // Data shard 1 of a 15-byte block in 10-byte shards carries 5 bytes.
         assert_eq!(
             decode(&raw_shard(2, 4, 1, 10, &[15], 4)),
-            Err(ShardLenMismatch { expected: 5, actual: 4 })
+            Err(ShardLenMismatch {
+                expected: 5,
+                actual: 4
+            })
         );
-        assert_eq!(decode(&raw_shard(2, 4, 1, 10, &[15], 6)), Err(TrailingBytes(1)));
+        assert_eq!(
+            decode(&raw_shard(2, 4, 1, 10, &[15], 6)),
+            Err(TrailingBytes(1))
+        );
         // Parity shards carry exactly S.
         assert_eq!(
             decode(&raw_shard(2, 4, 2, 10, &[15], 9)),
-            Err(ShardLenMismatch { expected: 10, actual: 9 })
+            Err(ShardLenMismatch {
+                expected: 10,
+                actual: 9
+            })
         );
-        assert_eq!(decode(&raw_shard(2, 4, 2, 10, &[15], 11)), Err(TrailingBytes(1)));
+        assert_eq!(
+            decode(&raw_shard(2, 4, 2, 10, &[15], 11)),
+            Err(TrailingBytes(1))
+        );
         // A huge claimed count with nothing behind it fails without allocating for it.
         let mut huge = vec![0x11, 0x00, 0x01, 0x02, 0x00, 0x01, 0x00];
         put_varint(&mut huge, 60);
@@ -971,7 +1001,10 @@ mod tests {
         );
         assert_eq!(
             d(raw_shard(1, 8, 0, 101, &[50], 50)),
-            Err(DecodeError::ShardSizeOutOfRange { size: 101, max: 100 })
+            Err(DecodeError::ShardSizeOutOfRange {
+                size: 101,
+                max: 100
+            })
         );
         assert_eq!(
             d(raw_shard(1, 8, 0, 60, &[51], 51)),
@@ -1004,15 +1037,24 @@ mod tests {
     #[test]
     fn rejects_bad_acks_and_trailing_bytes() {
         // largest 3, first range 4: would start below zero.
-        assert_eq!(decode(&[0x12, 0, 0, 3, 0, 4]), Err(DecodeError::InvalidAckRange));
+        assert_eq!(
+            decode(&[0x12, 0, 0, 3, 0, 4]),
+            Err(DecodeError::InvalidAckRange)
+        );
         // largest 3, first 0 (3..=3), then gap 2 would end at 3-4 < 0.
-        assert_eq!(decode(&[0x12, 0, 0, 3, 1, 0, 2, 0]), Err(DecodeError::InvalidAckRange));
+        assert_eq!(
+            decode(&[0x12, 0, 0, 3, 1, 0, 2, 0]),
+            Err(DecodeError::InvalidAckRange)
+        );
         // Claims 63 extra ranges with no bytes behind them.
         assert_eq!(
             decode(&[0x12, 0, 0, 3, 0x3f, 0]),
             Err(DecodeError::Truncated)
         );
-        assert_eq!(decode(&[0x12, 0, 0, 3, 0, 0, 9]), Err(DecodeError::TrailingBytes(1)));
+        assert_eq!(
+            decode(&[0x12, 0, 0, 3, 0, 0, 9]),
+            Err(DecodeError::TrailingBytes(1))
+        );
         assert_eq!(decode(&[0x13, 1, 2, 3]), Err(DecodeError::Truncated));
         let mut hello = vec![0x13; 18];
         hello[0] = 0x13;
@@ -1052,19 +1094,22 @@ mod tests {
             0u64..(1 << 40),
             any::<u32>(),
         )
-            .prop_filter_map("k + parity ≤ 256", |(block, lengths, s, parity, first, crc)| {
-                let total: u64 = lengths.iter().map(|&l| u64::from(l)).sum();
-                let k = BlockHeader::data_shards_for(total, s);
-                (k + u64::from(parity) <= 256).then(|| BlockHeader {
-                    block,
-                    data_shards: k as u16,
-                    total_shards: k as u16 + parity,
-                    shard_size: s,
-                    first_message: first,
-                    lengths,
-                    checksum: crc,
-                })
-            })
+            .prop_filter_map(
+                "k + parity ≤ 256",
+                |(block, lengths, s, parity, first, crc)| {
+                    let total: u64 = lengths.iter().map(|&l| u64::from(l)).sum();
+                    let k = BlockHeader::data_shards_for(total, s);
+                    (k + u64::from(parity) <= 256).then(|| BlockHeader {
+                        block,
+                        data_shards: k as u16,
+                        total_shards: k as u16 + parity,
+                        shard_size: s,
+                        first_message: first,
+                        lengths,
+                        checksum: crc,
+                    })
+                },
+            )
             .prop_flat_map(|h| {
                 let n = h.total_shards;
                 (Just(h), 0..n)
@@ -1084,13 +1129,24 @@ mod tests {
                 let mut end = largest;
                 let mut first = true;
                 for (gap, len) in std::iter::once((0, rest.len() as u64 % 7)).chain(rest) {
-                    let e = if first { end } else { match end.checked_sub(gap + 2) { Some(e) => e, None => break } };
+                    let e = if first {
+                        end
+                    } else {
+                        match end.checked_sub(gap + 2) {
+                            Some(e) => e,
+                            None => break,
+                        }
+                    };
                     first = false;
                     let s = e.saturating_sub(len);
                     ranges.push(s..=e);
                     end = s;
                 }
-                AckFrame { ack_delay_us: delay, shards_received: rx, ranges }
+                AckFrame {
+                    ack_delay_us: delay,
+                    shards_received: rx,
+                    ranges,
+                }
             })
     }
 

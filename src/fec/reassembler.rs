@@ -1,0 +1,495 @@
+//! Rebuilding messages from shard frames, under memory caps.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::RangeInclusive;
+
+use bytes::{Bytes, BytesMut};
+
+use super::CodecCache;
+use crate::wire::{BlockHeader, Limits, ShardFrame};
+
+/// Settings of a [`Reassembler`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReassemblerConfig {
+    /// Limits the frames were decoded with (used to bound per-block bookkeeping).
+    pub limits: Limits,
+    /// Most incomplete blocks held at once; the oldest is evicted to make room. Default 1024.
+    pub max_blocks: usize,
+    /// Most bytes held in incomplete blocks (shard payloads plus per-block bookkeeping); the
+    /// oldest blocks are evicted to make room. Default 4 MiB.
+    pub max_bytes: usize,
+    /// Finished blocks remembered, so late shards of a finished block are recognised as stale
+    /// and never deliver a message twice. Default 16384 (about 0.5 MiB).
+    pub completed_memory: usize,
+}
+
+impl Default for ReassemblerConfig {
+    fn default() -> Self {
+        ReassemblerConfig {
+            limits: Limits::default(),
+            max_blocks: 1024,
+            max_bytes: 4 << 20,
+            completed_memory: 16384,
+        }
+    }
+}
+
+/// A message rebuilt from its block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The message's id.
+    pub message_id: u64,
+    /// The block it came in.
+    pub block: u64,
+    /// The message bytes (a zero-copy slice when the message sat in one received data shard).
+    pub payload: Bytes,
+    /// Whether parity was needed: a data shard this message spans was lost and rebuilt.
+    pub recovered: bool,
+}
+
+/// Why a shard frame was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    /// Its header disagrees with the header of earlier shards of the same block.
+    Contradicts,
+    /// It does not fit the byte budget even after evicting every other block.
+    OverBudget,
+    /// With it the block was rebuilt, and the rebuilt bytes do not match the block checksum.
+    /// The block is dropped and remembered as finished.
+    ChecksumMismatch,
+}
+
+/// What [`Reassembler::insert`] did with a shard frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// Stored; `delivered` messages became ready (take them with [`Reassembler::poll_delivery`]).
+    Accepted {
+        /// Messages this shard completed.
+        delivered: usize,
+    },
+    /// This shard was already held.
+    Duplicate,
+    /// The block was already finished: every message in it was delivered earlier. The sender
+    /// is probably missing an ack for `messages`.
+    Stale {
+        /// Ids of the block's messages.
+        messages: RangeInclusive<u64>,
+    },
+    /// Refused and counted.
+    Rejected(RejectReason),
+}
+
+/// Counters of a [`Reassembler`]. Gauges (`*_buffered`) are read at the time of the call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReassemblerStats {
+    /// Shard frames stored.
+    pub shards_accepted: u64,
+    /// Shard frames already held.
+    pub shards_duplicate: u64,
+    /// Shard frames of finished blocks.
+    pub shards_stale: u64,
+    /// Shard frames whose header contradicted their block's first shard.
+    pub shards_contradicting: u64,
+    /// Shard frames refused because they could not fit the byte budget.
+    pub shards_over_budget: u64,
+    /// Blocks finished (every message delivered).
+    pub blocks_completed: u64,
+    /// Blocks that needed parity to finish.
+    pub blocks_rebuilt: u64,
+    /// Incomplete blocks evicted to stay within the caps.
+    pub blocks_evicted: u64,
+    /// Rebuilt blocks whose bytes did not match their checksum.
+    pub checksum_failures: u64,
+    /// Messages delivered.
+    pub messages_delivered: u64,
+    /// Messages delivered that needed parity.
+    pub messages_recovered: u64,
+    /// Incomplete blocks held now.
+    pub blocks_buffered: usize,
+    /// Bytes held now (shard payloads plus per-block bookkeeping).
+    pub bytes_buffered: usize,
+    /// Finished (or evicted, partly delivered) blocks remembered now.
+    pub blocks_remembered: usize,
+}
+
+/// An incomplete block.
+#[derive(Debug)]
+struct Partial {
+    header: BlockHeader,
+    shards: Vec<Option<Bytes>>,
+    present: u16,
+    data_present: u16,
+    /// Bit `j` set: message `first_message + j` was delivered.
+    delivered: u64,
+    /// Creation order, for evicting the oldest.
+    seq: u64,
+    bytes: usize,
+}
+
+/// A finished or evicted block remembered by id.
+#[derive(Clone, Copy, Debug)]
+struct Done {
+    first_message: u64,
+    count: usize,
+    delivered: u64,
+    seq: u64,
+}
+
+fn full_mask(count: usize) -> u64 {
+    if count >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << count) - 1
+    }
+}
+
+/// Rebuilds messages from shard frames. Sans-I/O and deterministic.
+///
+/// Feed it every decoded [`ShardFrame`] with [`Reassembler::insert`], then drain
+/// [`Reassembler::poll_delivery`]. Each message of a block is delivered once: as soon as the
+/// data shards it spans are in, or when `k` distinct shards let the block be rebuilt. A block
+/// id it remembers as finished is never delivered again; dedupe across blocks (the same
+/// message re-sent in a new block) is the protocol layer's job.
+///
+/// Memory is bounded by [`ReassemblerConfig`]: incomplete blocks by count and bytes (the
+/// oldest is evicted and counted), finished blocks by `completed_memory`. Byte accounting
+/// counts shard payloads; each payload is a slice that keeps its whole datagram alive, which
+/// is at most the frame header larger.
+#[derive(Debug)]
+pub struct Reassembler {
+    config: ReassemblerConfig,
+    cache: CodecCache,
+    blocks: HashMap<u64, Partial>,
+    /// seq → block id, oldest first.
+    order: BTreeMap<u64, u64>,
+    done: HashMap<u64, Done>,
+    /// (block id, seq) in the order blocks finished; stale pairs are skipped.
+    done_order: VecDeque<(u64, u64)>,
+    next_seq: u64,
+    bytes: usize,
+    deliveries: VecDeque<Delivery>,
+    stats: ReassemblerStats,
+}
+
+impl Reassembler {
+    /// A reassembler with its own codec cache.
+    pub fn new(config: ReassemblerConfig) -> Self {
+        Self::with_cache(config, CodecCache::new())
+    }
+
+    /// A reassembler sharing `cache`.
+    pub fn with_cache(mut config: ReassemblerConfig, cache: CodecCache) -> Self {
+        config.limits = config.limits.clamped();
+        Reassembler {
+            config,
+            cache,
+            blocks: HashMap::new(),
+            order: BTreeMap::new(),
+            done: HashMap::new(),
+            done_order: VecDeque::new(),
+            next_seq: 0,
+            bytes: 0,
+            deliveries: VecDeque::new(),
+            stats: ReassemblerStats::default(),
+        }
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &ReassemblerConfig {
+        &self.config
+    }
+
+    /// Counters and current gauges.
+    pub fn stats(&self) -> ReassemblerStats {
+        ReassemblerStats {
+            blocks_buffered: self.blocks.len(),
+            bytes_buffered: self.bytes,
+            blocks_remembered: self.done.len(),
+            ..self.stats
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn remembered_queue_len(&self) -> usize {
+        self.done_order.len()
+    }
+
+    /// The next message ready for the application, if any. Drain after every insert.
+    #[must_use]
+    pub fn poll_delivery(&mut self) -> Option<Delivery> {
+        self.deliveries.pop_front()
+    }
+
+    /// Takes one shard frame.
+    pub fn insert(&mut self, frame: ShardFrame) -> InsertOutcome {
+        let id = frame.header.block;
+        let count = frame.header.lengths.len();
+
+        // A block we finished (or evicted after delivering part of it)?
+        let mut revived = None;
+        if let Some(d) = self.done.get(&id) {
+            if d.first_message != frame.header.first_message || d.count != count {
+                self.stats.shards_contradicting += 1;
+                return InsertOutcome::Rejected(RejectReason::Contradicts);
+            }
+            if d.delivered == full_mask(count) {
+                self.stats.shards_stale += 1;
+                return InsertOutcome::Stale {
+                    messages: frame.header.messages(),
+                };
+            }
+            revived = Some(d.delivered);
+        }
+
+        let index = usize::from(frame.index);
+        let cost = match self.blocks.get(&id) {
+            Some(p) => {
+                if p.header != frame.header {
+                    self.stats.shards_contradicting += 1;
+                    return InsertOutcome::Rejected(RejectReason::Contradicts);
+                }
+                if p.shards[index].is_some() {
+                    self.stats.shards_duplicate += 1;
+                    return InsertOutcome::Duplicate;
+                }
+                frame.payload.len()
+            }
+            None => frame.payload.len() + partial_overhead(&frame.header),
+        };
+        let is_new = !self.blocks.contains_key(&id);
+
+        // Make room, oldest first, never evicting the block this shard belongs to.
+        while self.bytes + cost > self.config.max_bytes
+            || (is_new && self.blocks.len() >= self.config.max_blocks.max(1))
+        {
+            if !self.evict_oldest_except(id) {
+                self.stats.shards_over_budget += 1;
+                return InsertOutcome::Rejected(RejectReason::OverBudget);
+            }
+        }
+
+        if is_new {
+            if revived.is_some() {
+                self.done.remove(&id);
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.order.insert(seq, id);
+            let n = usize::from(frame.header.total_shards);
+            self.blocks.insert(
+                id,
+                Partial {
+                    header: frame.header,
+                    shards: vec![None; n],
+                    present: 0,
+                    data_present: 0,
+                    delivered: revived.unwrap_or(0),
+                    seq,
+                    bytes: 0,
+                },
+            );
+        }
+        let p = self.blocks.get_mut(&id).expect("inserted above");
+        p.present += 1;
+        if frame.index < p.header.data_shards {
+            p.data_present += 1;
+        }
+        p.bytes += cost;
+        p.shards[index] = Some(frame.payload);
+        self.bytes += cost;
+        self.stats.shards_accepted += 1;
+
+        match self.progress(id) {
+            Ok(delivered) => InsertOutcome::Accepted { delivered },
+            Err(reason) => InsertOutcome::Rejected(reason),
+        }
+    }
+
+    /// Delivers what block `id` now allows; finishes it when every message is out.
+    fn progress(&mut self, id: u64) -> Result<usize, RejectReason> {
+        let p = self.blocks.get_mut(&id).expect("caller holds the block");
+        let h = &p.header;
+        let s = u64::from(h.shard_size);
+        let k = h.data_shards;
+        let mut delivered = 0;
+
+        // Messages whose own data shards are all here.
+        let mut offset = 0u64;
+        for (j, &len) in h.lengths.iter().enumerate() {
+            let len = u64::from(len);
+            let span = shard_span(offset, len, s);
+            if p.delivered & (1 << j) == 0 && span.clone().all(|i| p.shards[i].is_some()) {
+                self.deliveries.push_back(Delivery {
+                    message_id: h.first_message + j as u64,
+                    block: id,
+                    payload: gather(&p.shards, offset, len, s),
+                    recovered: false,
+                });
+                p.delivered |= 1 << j;
+                delivered += 1;
+            }
+            offset += len;
+        }
+
+        // Enough shards to rebuild what is missing?
+        let count = h.lengths.len();
+        if p.delivered != full_mask(count) && p.present >= k && p.data_present < k {
+            match rebuild(&self.cache, p) {
+                Some(data) => {
+                    self.stats.blocks_rebuilt += 1;
+                    let h = &p.header;
+                    let mut offset = 0u64;
+                    for (j, &len) in h.lengths.iter().enumerate() {
+                        let len = u64::from(len);
+                        if p.delivered & (1 << j) == 0 {
+                            self.deliveries.push_back(Delivery {
+                                message_id: h.first_message + j as u64,
+                                block: id,
+                                payload: data.slice(offset as usize..(offset + len) as usize),
+                                recovered: true,
+                            });
+                            p.delivered |= 1 << j;
+                            delivered += 1;
+                            self.stats.messages_recovered += 1;
+                        }
+                        offset += len;
+                    }
+                }
+                None => {
+                    self.stats.checksum_failures += 1;
+                    let p = self.remove(id);
+                    self.remember(&p.header, full_mask(count));
+                    self.stats.messages_delivered += delivered as u64;
+                    return Err(RejectReason::ChecksumMismatch);
+                }
+            }
+        }
+
+        self.stats.messages_delivered += delivered as u64;
+        let p = &self.blocks[&id];
+        if p.delivered == full_mask(count) {
+            let p = self.remove(id);
+            self.stats.blocks_completed += 1;
+            self.remember(&p.header, p.delivered);
+        }
+        Ok(delivered)
+    }
+
+    fn remove(&mut self, id: u64) -> Partial {
+        let p = self.blocks.remove(&id).expect("caller holds the block");
+        self.order.remove(&p.seq);
+        self.bytes -= p.bytes;
+        p
+    }
+
+    /// Evicts the oldest incomplete block other than `keep`. False if there is none.
+    fn evict_oldest_except(&mut self, keep: u64) -> bool {
+        let Some(id) = self.order.values().copied().find(|&b| b != keep) else {
+            return false;
+        };
+        let p = self.remove(id);
+        self.stats.blocks_evicted += 1;
+        // Remember what was delivered, so shards arriving later never deliver it again.
+        if p.delivered != 0 {
+            self.remember(&p.header, p.delivered);
+        }
+        true
+    }
+
+    fn remember(&mut self, h: &BlockHeader, delivered: u64) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.done.insert(
+            h.block,
+            Done {
+                first_message: h.first_message,
+                count: h.lengths.len(),
+                delivered,
+                seq,
+            },
+        );
+        self.done_order.push_back((h.block, seq));
+        while self.done.len() > self.config.completed_memory.max(1) {
+            let Some((id, seq)) = self.done_order.pop_front() else {
+                break;
+            };
+            if self.done.get(&id).is_some_and(|d| d.seq == seq) {
+                self.done.remove(&id);
+            }
+        }
+        // Drop stale order entries so the queue stays bounded too.
+        while self
+            .done_order
+            .front()
+            .is_some_and(|&(id, seq)| self.done.get(&id).is_none_or(|d| d.seq != seq))
+        {
+            self.done_order.pop_front();
+        }
+    }
+}
+
+/// Bookkeeping bytes charged for an incomplete block, beyond its shard payloads.
+fn partial_overhead(h: &BlockHeader) -> usize {
+    std::mem::size_of::<Partial>()
+        + usize::from(h.total_shards) * std::mem::size_of::<Option<Bytes>>()
+        + h.lengths.len() * std::mem::size_of::<u32>()
+}
+
+/// Data shard indices that the bytes `offset .. offset + len` occupy (empty for `len = 0`).
+fn shard_span(offset: u64, len: u64, s: u64) -> std::ops::Range<usize> {
+    if len == 0 {
+        return 0..0;
+    }
+    (offset / s) as usize..((offset + len - 1) / s + 1) as usize
+}
+
+/// The bytes `offset .. offset + len` of the block, from received data shards that hold them.
+fn gather(shards: &[Option<Bytes>], offset: u64, len: u64, s: u64) -> Bytes {
+    let span = shard_span(offset, len, s);
+    let piece = |i: usize| {
+        let shard = shards[i].as_ref().expect("caller checked presence");
+        let base = i as u64 * s;
+        let from = offset.max(base) - base;
+        let to = (offset + len).min(base + s) - base;
+        shard.slice(from as usize..to as usize)
+    };
+    if span.len() <= 1 {
+        return span.map(piece).next().unwrap_or_default();
+    }
+    let mut out = BytesMut::with_capacity(len as usize);
+    for i in span {
+        out.extend_from_slice(&piece(i));
+    }
+    out.freeze()
+}
+
+/// Rebuilds the block's bytes from any `k` of its shards, checking the checksum. `None` when
+/// the codec refuses or the checksum does not match.
+fn rebuild(cache: &CodecCache, p: &Partial) -> Option<Bytes> {
+    let h = &p.header;
+    let k = usize::from(h.data_shards);
+    let s = h.shard_size as usize;
+    let codec = cache.get(h.data_shards, h.total_shards)?;
+    // Hand the codec exactly the first k present shards, padded to S.
+    let mut taken = 0;
+    let mut slots: Vec<Option<Vec<u8>>> = p
+        .shards
+        .iter()
+        .map(|shard| {
+            let shard = shard.as_ref().filter(|_| taken < k)?;
+            taken += 1;
+            let mut v = Vec::with_capacity(s);
+            v.extend_from_slice(shard);
+            v.resize(s, 0);
+            Some(v)
+        })
+        .collect();
+    codec.reconstruct_data(&mut slots).ok()?;
+    let total = h.total_len() as usize;
+    let mut data = Vec::with_capacity(k * s);
+    for slot in &slots[..k] {
+        data.extend_from_slice(slot.as_deref()?);
+    }
+    data.truncate(total);
+    (crc32fast::hash(&data) == h.checksum).then(|| Bytes::from(data))
+}
