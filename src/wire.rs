@@ -886,7 +886,7 @@ mod tests {
             put_varint(&mut buf, l);
         }
         buf.extend_from_slice(&[0; 4]);
-        buf.extend(std::iter::repeat(0xa5).take(payload));
+        buf.extend(std::iter::repeat_n(0xa5, payload));
         buf
     }
 

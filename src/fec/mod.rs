@@ -59,8 +59,10 @@ const CODEC_CACHE_CAPACITY: usize = 128;
 /// 128 entries (an arbitrary one is evicted when full).
 #[derive(Clone, Default)]
 pub struct CodecCache {
-    inner: Arc<Mutex<HashMap<(u16, u16), Arc<Codec>>>>,
+    inner: Arc<Mutex<CodecMap>>,
 }
+
+type CodecMap = HashMap<(u16, u16), Arc<Codec>>;
 
 impl std::fmt::Debug for CodecCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -106,7 +108,7 @@ impl CodecCache {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u16, u16), Arc<Codec>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CodecMap> {
         // A panic while holding this lock cannot leave the map inconsistent (inserts and
         // removes are single calls), so a poisoned lock is still usable.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
