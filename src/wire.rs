@@ -72,6 +72,10 @@ use std::ops::RangeInclusive;
 
 use bytes::{Buf, BufMut, Bytes};
 
+/// Message lengths of a block: inline up to four (the common case: a block of one message, or
+/// a few small ones), so decoding a shard frame does not allocate for them.
+pub type Lengths = smallvec::SmallVec<[u32; 4]>;
+
 /// The wire version this crate speaks (the high nibble of every type byte).
 pub const VERSION: u8 = 1;
 
@@ -369,7 +373,7 @@ pub struct BlockHeader {
     /// Id of the first message; the block carries ids `first_message ..` consecutively.
     pub first_message: u64,
     /// Length of each message, in id order. Never empty.
-    pub lengths: Vec<u32>,
+    pub lengths: Lengths,
     /// CRC-32 (IEEE) of the concatenated messages.
     pub checksum: u32,
 }
@@ -428,11 +432,24 @@ impl BlockHeader {
     ///
     /// `payload` must be `shard_wire_len(index)` bytes for the frame to decode.
     pub fn encode_shard<B: BufMut>(&self, index: u16, payload: &[u8], buf: &mut B) {
+        self.encode_head(buf);
+        put_varint(buf, u64::from(index));
+        self.encode_tail(buf);
+        buf.put_slice(payload);
+    }
+
+    /// The part of a shard frame before the index: type, block, k, n. Same for every shard of
+    /// the block; a sender can write it once and reuse it.
+    pub fn encode_head<B: BufMut>(&self, buf: &mut B) {
         buf.put_u8(type_byte(TYPE_SHARD));
         put_varint(buf, self.block);
         put_varint(buf, u64::from(self.data_shards));
         put_varint(buf, u64::from(self.total_shards));
-        put_varint(buf, u64::from(index));
+    }
+
+    /// The part of a shard frame between the index and the payload: S, first message, count,
+    /// lengths, checksum. Same for every shard of the block.
+    pub fn encode_tail<B: BufMut>(&self, buf: &mut B) {
         put_varint(buf, u64::from(self.shard_size));
         put_varint(buf, self.first_message);
         put_varint(buf, self.lengths.len() as u64);
@@ -440,7 +457,6 @@ impl BlockHeader {
             put_varint(buf, u64::from(len));
         }
         buf.put_u32(self.checksum);
-        buf.put_slice(payload);
     }
 }
 
@@ -456,6 +472,22 @@ pub struct ShardFrame {
 }
 
 impl ShardFrame {
+    /// Checks every rule [`Frame::decode`] enforces on a shard frame. Decoded frames always
+    /// pass; this is for frames built by hand, which the reassembler does not trust.
+    pub fn validate(&self, limits: &Limits) -> Result<(), DecodeError> {
+        let h = &self.header;
+        validate_shard(
+            u64::from(h.data_shards),
+            u64::from(h.total_shards),
+            u64::from(self.index),
+            u64::from(h.shard_size),
+            h.first_message,
+            &h.lengths,
+            self.payload.len(),
+            &limits.clamped(),
+        )
+    }
+
     /// Whether this is a data shard (`index < k`).
     pub fn is_data(&self) -> bool {
         self.index < self.header.data_shards
@@ -594,6 +626,71 @@ fn decode_shard(mut buf: Bytes, limits: &Limits) -> Result<ShardFrame, DecodeErr
     let first_message = get_varint(&mut buf)?;
     let count = get_varint(&mut buf)?;
 
+    // Checked before the allocation for the lengths; the rest in `validate_shard`.
+    if count > u64::from(limits.max_block_messages) {
+        return Err(DecodeError::TooManyMessages {
+            count,
+            max: limits.max_block_messages,
+        });
+    }
+    // Each length takes at least one byte: refuse before allocating if they cannot be there.
+    if (buf.remaining() as u64) < count {
+        return Err(DecodeError::Truncated);
+    }
+    let mut lengths = Lengths::with_capacity(count as usize);
+    for _ in 0..count {
+        let len = get_varint(&mut buf)?;
+        if len > u64::from(limits.max_message_len) {
+            return Err(DecodeError::MessageTooLong {
+                len,
+                max: limits.max_message_len,
+            });
+        }
+        lengths.push(len as u32);
+    }
+    if buf.remaining() < 4 {
+        return Err(DecodeError::Truncated);
+    }
+    let checksum = buf.get_u32();
+    validate_shard(
+        k,
+        n,
+        index,
+        size,
+        first_message,
+        &lengths,
+        buf.len(),
+        limits,
+    )?;
+
+    // All bounded by validate_shard: k, n, index ≤ 256; size ≤ u32::MAX.
+    Ok(ShardFrame {
+        header: BlockHeader {
+            block,
+            data_shards: k as u16,
+            total_shards: n as u16,
+            shard_size: size as u32,
+            first_message,
+            lengths,
+            checksum,
+        },
+        index: index as u16,
+        payload: buf,
+    })
+}
+
+/// Every rule a shard frame must satisfy, in the order they are reported.
+#[allow(clippy::too_many_arguments)]
+fn validate_shard(
+    k: u64,
+    n: u64,
+    index: u64,
+    size: u64,
+    first_message: u64,
+    lengths: &[u32],
+    payload_len: usize,
+    limits: &Limits,
+) -> Result<(), DecodeError> {
     if n > u64::from(limits.max_shards) {
         return Err(DecodeError::TooManyShards {
             n,
@@ -615,6 +712,7 @@ fn decode_shard(mut buf: Bytes, limits: &Limits) -> Result<ShardFrame, DecodeErr
             max: limits.max_shard_size,
         });
     }
+    let count = lengths.len() as u64;
     if count == 0 {
         return Err(DecodeError::NoMessages);
     }
@@ -627,38 +725,14 @@ fn decode_shard(mut buf: Bytes, limits: &Limits) -> Result<ShardFrame, DecodeErr
     if first_message > MAX_VARINT - (count - 1) {
         return Err(DecodeError::MessageIdOverflow);
     }
-    // Each length takes at least one byte: refuse before allocating if they cannot be there.
-    if (buf.remaining() as u64) < count {
-        return Err(DecodeError::Truncated);
+    if let Some(&len) = lengths.iter().find(|&&l| l > limits.max_message_len) {
+        return Err(DecodeError::MessageTooLong {
+            len: u64::from(len),
+            max: limits.max_message_len,
+        });
     }
-    let mut lengths = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let len = get_varint(&mut buf)?;
-        if len > u64::from(limits.max_message_len) {
-            return Err(DecodeError::MessageTooLong {
-                len,
-                max: limits.max_message_len,
-            });
-        }
-        lengths.push(len as u32);
-    }
-    if buf.remaining() < 4 {
-        return Err(DecodeError::Truncated);
-    }
-    let checksum = buf.get_u32();
-
-    // All bounded above: k, n, index ≤ 256; size ≤ u32; lengths ≤ u32 each, ≤ 64 of them.
-    let header = BlockHeader {
-        block,
-        data_shards: k as u16,
-        total_shards: n as u16,
-        shard_size: size as u32,
-        first_message,
-        lengths,
-        checksum,
-    };
-    let total = header.total_len();
-    let expected_k = BlockHeader::data_shards_for(total, header.shard_size);
+    let total: u64 = lengths.iter().map(|&l| u64::from(l)).sum();
+    let expected_k = BlockHeader::data_shards_for(total, size as u32);
     if expected_k != k {
         return Err(DecodeError::LayoutMismatch {
             k,
@@ -667,20 +741,19 @@ fn decode_shard(mut buf: Bytes, limits: &Limits) -> Result<ShardFrame, DecodeErr
             expected: expected_k,
         });
     }
-    let index = index as u16;
-    let expected = header.shard_wire_len(index);
-    match buf.len() {
-        l if l < expected => Err(DecodeError::ShardLenMismatch {
-            expected: expected as u64,
-            actual: l as u64,
-        }),
-        l if l > expected => Err(DecodeError::TrailingBytes(l - expected)),
-        _ => Ok(ShardFrame {
-            header,
-            index,
-            payload: buf,
-        }),
+    let expected = if index >= k {
+        size
+    } else {
+        total.saturating_sub(index * size).min(size)
+    };
+    let actual = payload_len as u64;
+    if actual < expected {
+        return Err(DecodeError::ShardLenMismatch { expected, actual });
     }
+    if actual > expected {
+        return Err(DecodeError::TrailingBytes((actual - expected) as usize));
+    }
+    Ok(())
 }
 
 fn decode_ack(buf: &mut Bytes, limits: &Limits) -> Result<AckFrame, DecodeError> {
@@ -738,7 +811,7 @@ mod tests {
             total_shards: k + parity,
             shard_size,
             first_message: 100,
-            lengths,
+            lengths: lengths.into(),
             checksum: 0xdead_beef,
         }
     }
@@ -787,7 +860,7 @@ mod tests {
             total_shards: 3,
             shard_size: 5,
             first_message: 9,
-            lengths: vec![5],
+            lengths: Lengths::from_slice(&[5]),
             checksum: 0x0102_0304,
         };
         let mut buf = Vec::new();
@@ -1105,7 +1178,7 @@ mod tests {
                         total_shards: k as u16 + parity,
                         shard_size: s,
                         first_message: first,
-                        lengths,
+                        lengths: lengths.into(),
                         checksum: crc,
                     })
                 },

@@ -367,10 +367,15 @@ impl Encoder {
             lengths: messages.iter().map(|m| m.len() as u32).collect(),
             checksum: crc.finalize(),
         };
+        let mut head = Vec::with_capacity(16);
+        header.encode_head(&mut head);
+        let mut tail = Vec::with_capacity(16 + 3 * header.lengths.len());
+        header.encode_tail(&mut tail);
         Block {
             header,
+            encoded_header: (head, tail),
             data: data.freeze(),
-            parity: Vec::new(),
+            parity: Bytes::new(),
             repair_sent: 0,
             cache: self.cache.clone(),
         }
@@ -382,10 +387,13 @@ impl Encoder {
 #[derive(Debug)]
 pub struct Block {
     header: BlockHeader,
+    /// The header's encoding before and after the shard index (see
+    /// [`BlockHeader::encode_head`], [`BlockHeader::encode_tail`]).
+    encoded_header: (Vec<u8>, Vec<u8>),
     /// `k × S` bytes: the messages, then zero padding.
     data: Bytes,
-    /// Parity shards computed so far (a prefix of the `n - k`).
-    parity: Vec<Bytes>,
+    /// Parity shards computed so far (a prefix of the `n - k`), `S` bytes each, contiguous.
+    parity: Bytes,
     repair_sent: u16,
     cache: CodecCache,
 }
@@ -408,9 +416,7 @@ impl Block {
 
     /// Shard frames (ready-to-send datagrams) for all `k` data shards.
     pub fn data_frames(&self) -> Vec<Bytes> {
-        (0..self.header.data_shards)
-            .map(|i| self.frame_of(i, self.data_shard(i)))
-            .collect()
+        self.frames(0..self.header.data_shards)
     }
 
     /// Up to `count` parity shard frames that this block has not handed out before, in index
@@ -423,12 +429,8 @@ impl Block {
             .min(self.header.parity_shards());
         self.ensure_parity(end);
         self.repair_sent = end;
-        (start..end)
-            .map(|j| {
-                let payload = self.parity[usize::from(j)].clone();
-                self.frame_of(self.header.data_shards + j, payload)
-            })
-            .collect()
+        let k = self.header.data_shards;
+        self.frames(k + start..k + end)
     }
 
     /// Parity shards handed out so far by [`Block::next_repair`].
@@ -452,14 +454,16 @@ impl Block {
             return None;
         }
         self.ensure_parity(j + 1);
-        Some(self.parity[usize::from(j)].clone())
+        let s = self.header.shard_size as usize;
+        let at = usize::from(j) * s;
+        Some(self.parity.slice(at..at + s))
     }
 
     /// The shard frame (datagram) for shard `index`. `None` if `index ≥ n`.
     /// Does not count as handing out repair.
     pub fn frame(&mut self, index: u16) -> Option<Bytes> {
-        let payload = self.shard(index)?;
-        Some(self.frame_of(index, payload))
+        self.shard(index)?;
+        self.frames(index..index + 1).pop()
     }
 
     fn data_shard(&self, index: u16) -> Bytes {
@@ -469,10 +473,34 @@ impl Block {
             .slice(start..start + self.header.shard_wire_len(index))
     }
 
-    fn frame_of(&self, index: u16, payload: Bytes) -> Bytes {
-        let mut buf = BytesMut::with_capacity(self.header.frame_overhead(index) + payload.len());
-        self.header.encode_shard(index, &payload, &mut buf);
-        buf.freeze()
+    /// Frames for `indices` (whose parity must be computed), written into one buffer and
+    /// handed out as slices of it: one allocation however many frames. The header halves
+    /// around the index are encoded once per block.
+    fn frames(&self, indices: std::ops::Range<u16>) -> Vec<Bytes> {
+        let h = &self.header;
+        let s = h.shard_size as usize;
+        let (head, tail) = &self.encoded_header;
+        let len = |i: u16| head.len() + varint_len(u64::from(i)) + tail.len() + h.shard_wire_len(i);
+        let mut buf = BytesMut::with_capacity(indices.clone().map(len).sum());
+        for i in indices.clone() {
+            let payload = match i.checked_sub(h.data_shards) {
+                None => &self.data[usize::from(i) * s..][..h.shard_wire_len(i)],
+                Some(j) => &self.parity[usize::from(j) * s..][..s],
+            };
+            buf.extend_from_slice(head);
+            crate::wire::put_varint(&mut buf, u64::from(i));
+            buf.extend_from_slice(tail);
+            buf.extend_from_slice(payload);
+        }
+        let buf = buf.freeze();
+        let mut at = 0;
+        indices
+            .map(|i| {
+                let frame = buf.slice(at..at + len(i));
+                at += len(i);
+                frame
+            })
+            .collect()
     }
 
     /// Makes sure the first `upto` parity shards exist. The first call computes just what it
@@ -481,7 +509,8 @@ impl Block {
     /// Vandermonde matrix times the inverse of its top `k × k` square, so parity row `j`
     /// does not depend on `n` (the test `parity_rows_do_not_depend_on_n` checks this).
     fn ensure_parity(&mut self, upto: u16) {
-        if usize::from(upto) <= self.parity.len() {
+        let s = self.header.shard_size as usize;
+        if usize::from(upto) * s <= self.parity.len() {
             return;
         }
         let k = self.header.data_shards;
@@ -494,13 +523,13 @@ impl Block {
             .cache
             .get(k, k + m)
             .expect("k ≥ 1 and 1 ≤ m ≤ n - k by construction");
-        let s = self.header.shard_size as usize;
         let data: Vec<&[u8]> = self.data.chunks(s).collect();
-        let mut parity = vec![vec![0u8; s]; usize::from(m)];
+        let mut parity = vec![0u8; usize::from(m) * s];
+        let mut rows: Vec<&mut [u8]> = parity.chunks_mut(s).collect();
         codec
-            .encode_sep(&data, &mut parity)
+            .encode_sep(&data, &mut rows)
             .expect("shard counts and sizes match the codec");
-        self.parity = parity.into_iter().map(Bytes::from).collect();
+        self.parity = Bytes::from(parity);
     }
 }
 

@@ -50,6 +50,9 @@ pub struct Delivery {
 /// Why a shard frame was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RejectReason {
+    /// It breaks a rule of the wire format (possible only for frames built by hand: decoded
+    /// frames are valid).
+    Malformed,
     /// Its header disagrees with the header of earlier shards of the same block.
     Contradicts,
     /// It does not fit the byte budget even after evicting every other block.
@@ -88,6 +91,8 @@ pub struct ReassemblerStats {
     pub shards_duplicate: u64,
     /// Shard frames of finished blocks.
     pub shards_stale: u64,
+    /// Shard frames that broke a wire-format rule.
+    pub shards_malformed: u64,
     /// Shard frames whose header contradicted their block's first shard.
     pub shards_contradicting: u64,
     /// Shard frames refused because they could not fit the byte budget.
@@ -222,10 +227,32 @@ impl Reassembler {
 
     /// Takes one shard frame.
     pub fn insert(&mut self, frame: ShardFrame) -> InsertOutcome {
+        if frame.validate(&self.config.limits).is_err() {
+            self.stats.shards_malformed += 1;
+            return InsertOutcome::Rejected(RejectReason::Malformed);
+        }
         let id = frame.header.block;
-        let count = frame.header.lengths.len();
+        let index = usize::from(frame.index);
+
+        // The common case first: a shard of a block already held. One lookup.
+        if let Some(p) = self.blocks.get_mut(&id) {
+            if p.header != frame.header {
+                self.stats.shards_contradicting += 1;
+                return InsertOutcome::Rejected(RejectReason::Contradicts);
+            }
+            if p.shards[index].is_some() {
+                self.stats.shards_duplicate += 1;
+                return InsertOutcome::Duplicate;
+            }
+            let cost = frame.payload.len();
+            if self.bytes + cost > self.config.max_bytes && !self.make_room(id, cost, false) {
+                return InsertOutcome::Rejected(RejectReason::OverBudget);
+            }
+            return self.store(id, frame, cost);
+        }
 
         // A block we finished (or evicted after delivering part of it)?
+        let count = frame.header.lengths.len();
         let mut revived = None;
         if let Some(d) = self.done.get(&id) {
             if d.first_message != frame.header.first_message || d.count != count {
@@ -241,138 +268,73 @@ impl Reassembler {
             revived = Some(d.delivered);
         }
 
-        let index = usize::from(frame.index);
-        let cost = match self.blocks.get(&id) {
-            Some(p) => {
-                if p.header != frame.header {
-                    self.stats.shards_contradicting += 1;
-                    return InsertOutcome::Rejected(RejectReason::Contradicts);
-                }
-                if p.shards[index].is_some() {
-                    self.stats.shards_duplicate += 1;
-                    return InsertOutcome::Duplicate;
-                }
-                frame.payload.len()
-            }
-            None => frame.payload.len() + partial_overhead(&frame.header),
-        };
-        let is_new = !self.blocks.contains_key(&id);
+        let cost = frame.payload.len() + partial_overhead(&frame.header);
+        if !self.make_room(id, cost, true) {
+            return InsertOutcome::Rejected(RejectReason::OverBudget);
+        }
+        if revived.is_some() {
+            self.done.remove(&id);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.insert(seq, id);
+        let n = usize::from(frame.header.total_shards);
+        self.blocks.insert(
+            id,
+            Partial {
+                header: frame.header.clone(),
+                shards: vec![None; n],
+                present: 0,
+                data_present: 0,
+                delivered: revived.unwrap_or(0),
+                seq,
+                bytes: 0,
+            },
+        );
+        self.store(id, frame, cost)
+    }
 
-        // Make room, oldest first, never evicting the block this shard belongs to.
+    /// Evicts the oldest blocks other than `keep` until `cost` more bytes (and, for a new
+    /// block, one more block) fit. False, and counted, if they cannot.
+    fn make_room(&mut self, keep: u64, cost: usize, new_block: bool) -> bool {
         while self.bytes + cost > self.config.max_bytes
-            || (is_new && self.blocks.len() >= self.config.max_blocks.max(1))
+            || (new_block && self.blocks.len() >= self.config.max_blocks.max(1))
         {
-            if !self.evict_oldest_except(id) {
+            if !self.evict_oldest_except(keep) {
                 self.stats.shards_over_budget += 1;
-                return InsertOutcome::Rejected(RejectReason::OverBudget);
+                return false;
             }
         }
+        true
+    }
 
-        if is_new {
-            if revived.is_some() {
-                self.done.remove(&id);
-            }
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            self.order.insert(seq, id);
-            let n = usize::from(frame.header.total_shards);
-            self.blocks.insert(
-                id,
-                Partial {
-                    header: frame.header,
-                    shards: vec![None; n],
-                    present: 0,
-                    data_present: 0,
-                    delivered: revived.unwrap_or(0),
-                    seq,
-                    bytes: 0,
-                },
-            );
-        }
-        let p = self.blocks.get_mut(&id).expect("inserted above");
+    /// Stores a validated, new shard of held block `id` and delivers what it allows.
+    fn store(&mut self, id: u64, frame: ShardFrame, cost: usize) -> InsertOutcome {
+        let p = self.blocks.get_mut(&id).expect("caller holds the block");
         p.present += 1;
         if frame.index < p.header.data_shards {
             p.data_present += 1;
         }
         p.bytes += cost;
-        p.shards[index] = Some(frame.payload);
+        p.shards[usize::from(frame.index)] = Some(frame.payload);
         self.bytes += cost;
         self.stats.shards_accepted += 1;
 
-        match self.progress(id) {
-            Ok(delivered) => InsertOutcome::Accepted { delivered },
-            Err(reason) => InsertOutcome::Rejected(reason),
-        }
-    }
-
-    /// Delivers what block `id` now allows; finishes it when every message is out.
-    fn progress(&mut self, id: u64) -> Result<usize, RejectReason> {
-        let p = self.blocks.get_mut(&id).expect("caller holds the block");
-        let h = &p.header;
-        let s = u64::from(h.shard_size);
-        let k = h.data_shards;
-        let mut delivered = 0;
-
-        // Messages whose own data shards are all here.
-        let mut offset = 0u64;
-        for (j, &len) in h.lengths.iter().enumerate() {
-            let len = u64::from(len);
-            let span = shard_span(offset, len, s);
-            if p.delivered & (1 << j) == 0 && span.clone().all(|i| p.shards[i].is_some()) {
-                self.deliveries.push_back(Delivery {
-                    message_id: h.first_message + j as u64,
-                    block: id,
-                    payload: gather(&p.shards, offset, len, s),
-                    recovered: false,
-                });
-                p.delivered |= 1 << j;
-                delivered += 1;
+        match progress(p, &self.cache, &mut self.deliveries, &mut self.stats) {
+            Progress::Pending(delivered) => InsertOutcome::Accepted { delivered },
+            Progress::Finished(delivered) => {
+                let p = self.remove(id);
+                self.stats.blocks_completed += 1;
+                self.remember(&p.header, p.delivered);
+                InsertOutcome::Accepted { delivered }
             }
-            offset += len;
-        }
-
-        // Enough shards to rebuild what is missing?
-        let count = h.lengths.len();
-        if p.delivered != full_mask(count) && p.present >= k && p.data_present < k {
-            match rebuild(&self.cache, p) {
-                Some(data) => {
-                    self.stats.blocks_rebuilt += 1;
-                    let h = &p.header;
-                    let mut offset = 0u64;
-                    for (j, &len) in h.lengths.iter().enumerate() {
-                        let len = u64::from(len);
-                        if p.delivered & (1 << j) == 0 {
-                            self.deliveries.push_back(Delivery {
-                                message_id: h.first_message + j as u64,
-                                block: id,
-                                payload: data.slice(offset as usize..(offset + len) as usize),
-                                recovered: true,
-                            });
-                            p.delivered |= 1 << j;
-                            delivered += 1;
-                            self.stats.messages_recovered += 1;
-                        }
-                        offset += len;
-                    }
-                }
-                None => {
-                    self.stats.checksum_failures += 1;
-                    let p = self.remove(id);
-                    self.remember(&p.header, full_mask(count));
-                    self.stats.messages_delivered += delivered as u64;
-                    return Err(RejectReason::ChecksumMismatch);
-                }
+            Progress::ChecksumMismatch => {
+                self.stats.checksum_failures += 1;
+                let p = self.remove(id);
+                self.remember(&p.header, full_mask(p.header.lengths.len()));
+                InsertOutcome::Rejected(RejectReason::ChecksumMismatch)
             }
         }
-
-        self.stats.messages_delivered += delivered as u64;
-        let p = &self.blocks[&id];
-        if p.delivered == full_mask(count) {
-            let p = self.remove(id);
-            self.stats.blocks_completed += 1;
-            self.remember(&p.header, p.delivered);
-        }
-        Ok(delivered)
     }
 
     fn remove(&mut self, id: u64) -> Partial {
@@ -428,6 +390,82 @@ impl Reassembler {
     }
 }
 
+/// What a block can do after a new shard.
+enum Progress {
+    /// Still incomplete; this many messages came out.
+    Pending(usize),
+    /// Every message is out; this many just now.
+    Finished(usize),
+    /// Rebuilt, but the bytes do not match the checksum; nothing more came out.
+    ChecksumMismatch,
+}
+
+/// Delivers what the block now allows: messages whose own data shards are all in, then, once
+/// `k` distinct shards are in, everything else by rebuilding.
+fn progress(
+    p: &mut Partial,
+    cache: &CodecCache,
+    deliveries: &mut VecDeque<Delivery>,
+    stats: &mut ReassemblerStats,
+) -> Progress {
+    let h = &p.header;
+    let s = u64::from(h.shard_size);
+    let k = h.data_shards;
+    let count = h.lengths.len();
+    let mut delivered = 0;
+
+    // Messages whose own data shards are all here.
+    let mut offset = 0u64;
+    for (j, &len) in h.lengths.iter().enumerate() {
+        let len = u64::from(len);
+        let span = shard_span(offset, len, s);
+        if p.delivered & (1 << j) == 0 && span.clone().all(|i| p.shards[i].is_some()) {
+            deliveries.push_back(Delivery {
+                message_id: h.first_message + j as u64,
+                block: h.block,
+                payload: gather(&p.shards, offset, len, s),
+                recovered: false,
+            });
+            p.delivered |= 1 << j;
+            delivered += 1;
+        }
+        offset += len;
+    }
+
+    // Enough shards to rebuild what is missing?
+    if p.delivered != full_mask(count) && p.present >= k && p.data_present < k {
+        let Some(data) = rebuild(cache, p) else {
+            stats.messages_delivered += delivered as u64;
+            return Progress::ChecksumMismatch;
+        };
+        stats.blocks_rebuilt += 1;
+        let h = &p.header;
+        let mut offset = 0u64;
+        for (j, &len) in h.lengths.iter().enumerate() {
+            let len = u64::from(len);
+            if p.delivered & (1 << j) == 0 {
+                deliveries.push_back(Delivery {
+                    message_id: h.first_message + j as u64,
+                    block: h.block,
+                    payload: data.slice(offset as usize..(offset + len) as usize),
+                    recovered: true,
+                });
+                p.delivered |= 1 << j;
+                delivered += 1;
+                stats.messages_recovered += 1;
+            }
+            offset += len;
+        }
+    }
+
+    stats.messages_delivered += delivered as u64;
+    if p.delivered == full_mask(count) {
+        Progress::Finished(delivered)
+    } else {
+        Progress::Pending(delivered)
+    }
+}
+
 /// Bookkeeping bytes charged for an incomplete block, beyond its shard payloads.
 fn partial_overhead(h: &BlockHeader) -> usize {
     std::mem::size_of::<Partial>()
@@ -465,31 +503,48 @@ fn gather(shards: &[Option<Bytes>], offset: u64, len: u64, s: u64) -> Bytes {
 
 /// Rebuilds the block's bytes from any `k` of its shards, checking the checksum. `None` when
 /// the codec refuses or the checksum does not match.
+///
+/// The data rows are rebuilt in place in the output buffer: one allocation for the block,
+/// one for the parity rows used.
 fn rebuild(cache: &CodecCache, p: &Partial) -> Option<Bytes> {
     let h = &p.header;
     let k = usize::from(h.data_shards);
     let s = h.shard_size as usize;
     let codec = cache.get(h.data_shards, h.total_shards)?;
-    // Hand the codec exactly the first k present shards, padded to S.
-    let mut taken = 0;
-    let mut slots: Vec<Option<Vec<u8>>> = p
-        .shards
-        .iter()
-        .map(|shard| {
-            let shard = shard.as_ref().filter(|_| taken < k)?;
-            taken += 1;
-            let mut v = Vec::with_capacity(s);
-            v.extend_from_slice(shard);
-            v.resize(s, 0);
-            Some(v)
-        })
+    let (data_shards, parity_shards) = p.shards.split_at(k);
+    // Exactly k shards go in: every data shard present, then the first parity shards.
+    let parity_needed = k - usize::from(p.data_present);
+    let used_parity: Vec<usize> = (0..parity_shards.len())
+        .filter(|&j| parity_shards[j].is_some())
+        .take(parity_needed)
         .collect();
-    codec.reconstruct_data(&mut slots).ok()?;
-    let total = h.total_len() as usize;
-    let mut data = Vec::with_capacity(k * s);
-    for slot in &slots[..k] {
-        data.extend_from_slice(slot.as_deref()?);
+
+    let mut data = vec![0u8; k * s];
+    let mut parity = vec![0u8; used_parity.len() * s];
+    for (row, shard) in data.chunks_mut(s).zip(data_shards) {
+        if let Some(shard) = shard {
+            row[..shard.len()].copy_from_slice(shard);
+        }
     }
-    data.truncate(total);
+    for (row, &j) in parity.chunks_mut(s).zip(&used_parity) {
+        row.copy_from_slice(parity_shards[j].as_deref()?);
+    }
+    let mut slots: Vec<(&mut [u8], bool)> = Vec::with_capacity(p.shards.len());
+    slots.extend(
+        data.chunks_mut(s)
+            .zip(data_shards.iter().map(Option::is_some)),
+    );
+    let mut parity_rows = parity.chunks_mut(s);
+    let mut used = used_parity.iter().peekable();
+    for j in 0..parity_shards.len() {
+        if used.next_if(|&&u| u == j).is_some() {
+            slots.push((parity_rows.next()?, true));
+        } else {
+            slots.push((Default::default(), false));
+        }
+    }
+    codec.reconstruct_data(&mut slots).ok()?;
+    drop(slots);
+    data.truncate(h.total_len() as usize);
     (crc32fast::hash(&data) == h.checksum).then(|| Bytes::from(data))
 }

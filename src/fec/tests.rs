@@ -374,8 +374,28 @@ fn duplicates_contradictions_and_garbage() {
     let d = drain(&mut r);
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].payload, msg(2000, 1));
+    // Hand-built frames that break the format are refused, not trusted.
+    let mut bad = decode_shard(a.frame(0).unwrap());
+    bad.index = 200;
+    assert_eq!(
+        r.insert(bad),
+        InsertOutcome::Rejected(RejectReason::Malformed)
+    );
+    let mut short = decode_shard(a.frame(3).unwrap());
+    short.payload.truncate(3);
+    assert_eq!(
+        r.insert(short),
+        InsertOutcome::Rejected(RejectReason::Malformed)
+    );
     let st = r.stats();
-    assert_eq!((st.shards_duplicate, st.shards_contradicting), (1, 1));
+    assert_eq!(
+        (
+            st.shards_duplicate,
+            st.shards_contradicting,
+            st.shards_malformed
+        ),
+        (1, 1, 2)
+    );
 }
 
 #[test]
@@ -726,5 +746,34 @@ proptest! {
             }
         }
         prop_assert_eq!(got, sent);
+    }
+}
+
+#[test]
+fn worst_case_rebuild_of_wide_blocks() {
+    // Every lost shard is data: k - m data shards and all m parity shards survive.
+    for (k, m, s) in [
+        (4u16, 2u16, 256usize),
+        (8, 4, 1200),
+        (32, 8, 256),
+        (32, 8, 1200),
+    ] {
+        let mut enc = Encoder::new(EncoderConfig {
+            max_datagram_size: s + 20,
+            repair_ratio: 0.0,
+            min_repair: m,
+            ..EncoderConfig::default()
+        });
+        let message = msg(usize::from(k) * s, 5);
+        let mut block = enc.encode(0, message.clone()).unwrap();
+        assert_eq!(
+            (block.header().data_shards, block.header().total_shards),
+            (k, k + m)
+        );
+        let frames: Vec<Bytes> = (m..k + m).map(|i| block.frame(i).unwrap()).collect();
+        let (out, r) = reassemble(&frames, &(0..frames.len()).collect::<Vec<_>>());
+        assert_eq!(r.stats().checksum_failures, 0, "k={k} m={m} s={s}");
+        assert_eq!(out.len(), 1, "k={k} m={m} s={s}: {:?}", r.stats());
+        assert_eq!(out[0].payload, message);
     }
 }
