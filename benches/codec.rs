@@ -22,7 +22,9 @@ use surelink::wire::{Frame, Limits};
 
 const CODES: [(u16, u16); 4] = [(4, 2), (8, 4), (16, 4), (32, 8)];
 const SIZES: [u32; 2] = [256, 1200];
-const POOL: usize = 4096;
+/// Bytes of received frames cycled through the rebuild bench: small enough to stay in cache,
+/// as a datagram quinn has just decrypted is.
+const POOL_BYTES: usize = 256 * 1024;
 
 fn payload(len: usize) -> Bytes {
     (0..len)
@@ -108,9 +110,10 @@ fn bench_rebuild(c: &mut Criterion) {
             let cache = CodecCache::new();
             let mut enc = encoder_for(k, m, s, &cache);
             let message = payload(bytes);
-            // A pool of distinct blocks (a receiver sees each block once); survivors of each:
-            // data shards m..k and all m parity shards.
-            let pool: Vec<Vec<Bytes>> = (0..POOL)
+            // A pool of distinct blocks, cycled; survivors of each: data shards m..k and all m
+            // parity shards.
+            let pool_len = (POOL_BYTES / bytes).max(16);
+            let pool: Vec<Vec<Bytes>> = (0..pool_len)
                 .map(|i| {
                     let mut block = enc.encode(i as u64, message.clone()).unwrap();
                     assert_eq!(block.header().total_shards, k + m, "block {i}");
@@ -131,19 +134,20 @@ fn bench_rebuild(c: &mut Criterion) {
                 )
             });
 
-            // A long-lived reassembler, as on a real receiver; replaced (and the cost of that
-            // counted) every POOL blocks, when the pool's block ids would repeat.
+            // One long-lived reassembler, as on a real receiver. It remembers fewer finished
+            // blocks than the pool holds, so a block id seen again is new to it (and its
+            // finished-block memory evicts on every block, as in a steady state).
             let limits = Limits::default();
-            let fresh = || Reassembler::with_cache(ReassemblerConfig::default(), cache.clone());
+            let config = ReassemblerConfig {
+                completed_memory: pool_len / 2,
+                ..ReassemblerConfig::default()
+            };
             g.bench_with_input(BenchmarkId::new("surelink", &label), &(), |b, _| {
                 b.iter_custom(|iters| {
-                    let mut r = fresh();
+                    let mut r = Reassembler::with_cache(config.clone(), cache.clone());
                     let start = Instant::now();
                     for i in 0..iters as usize {
-                        if i % POOL == 0 && i > 0 {
-                            r = fresh();
-                        }
-                        for f in &pool[i % POOL] {
+                        for f in &pool[i % pool_len] {
                             let Ok(Frame::Shard(shard)) = Frame::decode(f.clone(), &limits) else {
                                 unreachable!("encoded frames decode");
                             };
