@@ -24,4 +24,5 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod fec;
+pub mod sim;
 pub mod wire;

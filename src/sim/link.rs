@@ -1,0 +1,603 @@
+//! The link model: what happens to each packet sent over one direction of a link.
+//!
+//! Pure and seeded: [`Link::on_send`] takes `now` and the packet's length and returns a
+//! [`Verdict`]. It draws the same number of random numbers for every packet, so the same seed
+//! and the same sequence of packets give the same verdicts.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Which packets a link loses at random.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Loss {
+    /// None.
+    #[default]
+    None,
+    /// Each packet independently with probability `p`.
+    Bernoulli(f64),
+    /// Bursty loss from a two-state Markov chain.
+    GilbertElliott(GilbertElliott),
+    /// A recorded pattern, `true` = drop, for packet 0, 1, 2, …; repeats when it runs out.
+    Replay(Arc<[bool]>),
+}
+
+/// Gilbert-Elliott loss: a good and a bad state, each with its own loss probability; the state
+/// changes before each packet.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GilbertElliott {
+    /// Probability of moving from good to bad before a packet.
+    pub p_good_to_bad: f64,
+    /// Probability of moving from bad to good before a packet.
+    pub p_bad_to_good: f64,
+    /// Loss probability in the good state.
+    pub loss_good: f64,
+    /// Loss probability in the bad state.
+    pub loss_bad: f64,
+}
+
+impl GilbertElliott {
+    /// The chain that loses every packet in the bad state and none in the good state (the
+    /// Gilbert model), with mean loss `mean_loss` and mean burst length `mean_burst` packets:
+    /// `p_bad_to_good = 1 / mean_burst`, and `p_good_to_bad` so that the stationary share of
+    /// the bad state is `mean_loss`.
+    pub fn from_mean(mean_loss: f64, mean_burst: f64) -> Self {
+        let mean_loss = mean_loss.clamp(0.0, 0.999);
+        let p_bad_to_good = 1.0 / mean_burst.max(1.0);
+        GilbertElliott {
+            p_good_to_bad: (mean_loss * p_bad_to_good / (1.0 - mean_loss)).min(1.0),
+            p_bad_to_good,
+            loss_good: 0.0,
+            loss_bad: 1.0,
+        }
+    }
+
+    /// Stationary probability of the bad state.
+    pub fn bad_share(&self) -> f64 {
+        let s = self.p_good_to_bad + self.p_bad_to_good;
+        if s == 0.0 {
+            0.0
+        } else {
+            self.p_good_to_bad / s
+        }
+    }
+
+    /// Long-run share of packets lost.
+    pub fn mean_loss(&self) -> f64 {
+        let b = self.bad_share();
+        (1.0 - b) * self.loss_good + b * self.loss_bad
+    }
+}
+
+/// A token-bucket-free rate limit: packets leave at `bytes_per_sec` through a FIFO queue of at
+/// most `queue_bytes`; a packet that does not fit is dropped (tail drop).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Link rate in bytes per second.
+    pub bytes_per_sec: u64,
+    /// Queue capacity in bytes.
+    pub queue_bytes: usize,
+}
+
+/// Everything one direction of a link does to packets. The default is a perfect link.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LinkConfig {
+    /// Random loss.
+    pub loss: Loss,
+    /// One-way delay.
+    pub delay: Duration,
+    /// Extra delay, uniform in `0 ..= jitter`, per packet (reorders packets sent closer
+    /// together than the jitter).
+    pub jitter: Duration,
+    /// Probability that a packet is held back by `reorder_delay` on top of its delay.
+    pub reorder: f64,
+    /// How long a reordered packet is held back.
+    pub reorder_delay: Duration,
+    /// Probability that a packet is delivered twice (the copy with its own jitter).
+    pub duplicate: f64,
+    /// Probability that one bit of a packet is flipped.
+    pub corrupt: f64,
+    /// Rate limit with a bounded queue.
+    pub rate: Option<RateLimit>,
+    /// Windows, measured from the link's start, in which every packet is dropped.
+    pub blackouts: Vec<Range<Duration>>,
+}
+
+impl LinkConfig {
+    /// A link with one-way `delay` and Bernoulli loss `p`.
+    pub fn lossy(delay: Duration, p: f64) -> Self {
+        LinkConfig {
+            delay,
+            loss: Loss::Bernoulli(p),
+            ..LinkConfig::default()
+        }
+    }
+}
+
+/// Why a packet was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropCause {
+    /// The loss model dropped it.
+    Loss,
+    /// It was sent during a blackout.
+    Blackout,
+    /// The rate limiter's queue was full.
+    QueueFull,
+}
+
+/// What happens to one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Dropped.
+    Drop(DropCause),
+    /// Delivered at `at`, and a second copy at `duplicate_at` if duplicated; with bit
+    /// `corrupt_bit` flipped (in both copies) if corrupted.
+    Deliver {
+        /// When the packet arrives.
+        at: Instant,
+        /// When a duplicate arrives, if any.
+        duplicate_at: Option<Instant>,
+        /// The bit to flip, counted from the first byte's least significant bit.
+        corrupt_bit: Option<usize>,
+    },
+}
+
+/// Counters of one link direction; readable (with [`LinkCounters::snapshot`]) while a run goes.
+#[derive(Debug, Default)]
+pub struct LinkCounters {
+    offered_packets: AtomicU64,
+    offered_bytes: AtomicU64,
+    dropped_loss: AtomicU64,
+    dropped_blackout: AtomicU64,
+    dropped_queue: AtomicU64,
+    delivered_packets: AtomicU64,
+    delivered_bytes: AtomicU64,
+    duplicated: AtomicU64,
+    corrupted: AtomicU64,
+}
+
+/// A snapshot of [`LinkCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Packets sent into the link.
+    pub offered_packets: u64,
+    /// Bytes sent into the link.
+    pub offered_bytes: u64,
+    /// Packets dropped by the loss model.
+    pub dropped_loss: u64,
+    /// Packets dropped in a blackout.
+    pub dropped_blackout: u64,
+    /// Packets dropped because the rate limiter's queue was full.
+    pub dropped_queue: u64,
+    /// Packets scheduled for delivery (duplicates not counted).
+    pub delivered_packets: u64,
+    /// Bytes scheduled for delivery (duplicates not counted).
+    pub delivered_bytes: u64,
+    /// Extra copies delivered.
+    pub duplicated: u64,
+    /// Packets delivered with a flipped bit.
+    pub corrupted: u64,
+}
+
+impl LinkStats {
+    /// Packets dropped for any reason.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_loss + self.dropped_blackout + self.dropped_queue
+    }
+
+    /// Share of offered packets dropped.
+    pub fn loss_rate(&self) -> f64 {
+        if self.offered_packets == 0 {
+            0.0
+        } else {
+            self.dropped() as f64 / self.offered_packets as f64
+        }
+    }
+}
+
+impl LinkCounters {
+    /// The counters now.
+    pub fn snapshot(&self) -> LinkStats {
+        LinkStats {
+            offered_packets: self.offered_packets.load(Relaxed),
+            offered_bytes: self.offered_bytes.load(Relaxed),
+            dropped_loss: self.dropped_loss.load(Relaxed),
+            dropped_blackout: self.dropped_blackout.load(Relaxed),
+            dropped_queue: self.dropped_queue.load(Relaxed),
+            delivered_packets: self.delivered_packets.load(Relaxed),
+            delivered_bytes: self.delivered_bytes.load(Relaxed),
+            duplicated: self.duplicated.load(Relaxed),
+            corrupted: self.corrupted.load(Relaxed),
+        }
+    }
+}
+
+/// One direction of a link: its configuration, random state and counters.
+#[derive(Debug)]
+pub struct Link {
+    config: LinkConfig,
+    rng: ChaCha8Rng,
+    start: Instant,
+    ge_bad: bool,
+    sent: u64,
+    queue_free_at: Instant,
+    counters: Arc<LinkCounters>,
+}
+
+impl Link {
+    /// A link whose blackouts are measured from `start`, drawing from `seed`.
+    pub fn new(config: LinkConfig, seed: u64, start: Instant) -> Self {
+        Link {
+            config,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            start,
+            ge_bad: false,
+            sent: 0,
+            queue_free_at: start,
+            counters: Arc::default(),
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &LinkConfig {
+        &self.config
+    }
+
+    /// Changes the configuration from the next packet on; random state, queue and counters
+    /// carry over.
+    pub fn set_config(&mut self, config: LinkConfig) {
+        self.config = config;
+    }
+
+    /// A handle on this link's counters.
+    pub fn counters(&self) -> Arc<LinkCounters> {
+        self.counters.clone()
+    }
+
+    /// Decides the fate of a packet of `len` bytes sent at `now`.
+    pub fn on_send(&mut self, now: Instant, len: usize) -> Verdict {
+        // Every draw happens for every packet, whatever the outcome, so verdicts depend only on
+        // the seed and the sequence of (time, length).
+        let u_state: f64 = self.rng.gen();
+        let u_loss: f64 = self.rng.gen();
+        let u_jitter: f64 = self.rng.gen();
+        let u_reorder: f64 = self.rng.gen();
+        let u_dup: f64 = self.rng.gen();
+        let u_dup_jitter: f64 = self.rng.gen();
+        let u_corrupt: f64 = self.rng.gen();
+        let u_bit: f64 = self.rng.gen();
+        let packet = self.sent;
+        self.sent += 1;
+
+        let c = &self.counters;
+        c.offered_packets.fetch_add(1, Relaxed);
+        c.offered_bytes.fetch_add(len as u64, Relaxed);
+
+        let since_start = now.saturating_duration_since(self.start);
+        if self
+            .config
+            .blackouts
+            .iter()
+            .any(|w| w.contains(&since_start))
+        {
+            c.dropped_blackout.fetch_add(1, Relaxed);
+            return Verdict::Drop(DropCause::Blackout);
+        }
+
+        let lost = match &self.config.loss {
+            Loss::None => false,
+            Loss::Bernoulli(p) => u_loss < *p,
+            Loss::GilbertElliott(ge) => {
+                let flip = if self.ge_bad {
+                    ge.p_bad_to_good
+                } else {
+                    ge.p_good_to_bad
+                };
+                if u_state < flip {
+                    self.ge_bad = !self.ge_bad;
+                }
+                u_loss
+                    < if self.ge_bad {
+                        ge.loss_bad
+                    } else {
+                        ge.loss_good
+                    }
+            }
+            Loss::Replay(pattern) => {
+                !pattern.is_empty() && pattern[(packet % pattern.len() as u64) as usize]
+            }
+        };
+        if lost {
+            c.dropped_loss.fetch_add(1, Relaxed);
+            return Verdict::Drop(DropCause::Loss);
+        }
+
+        let mut depart = now;
+        if let Some(rate) = self.config.rate {
+            let bps = rate.bytes_per_sec.max(1) as f64;
+            let backlog_time = self.queue_free_at.saturating_duration_since(now);
+            let backlog_bytes = (backlog_time.as_secs_f64() * bps) as usize;
+            if backlog_bytes + len > rate.queue_bytes {
+                c.dropped_queue.fetch_add(1, Relaxed);
+                return Verdict::Drop(DropCause::QueueFull);
+            }
+            let start = self.queue_free_at.max(now);
+            self.queue_free_at = start + Duration::from_secs_f64(len as f64 / bps);
+            depart = self.queue_free_at;
+        }
+
+        let jitter = |u: f64| self.config.jitter.mul_f64(u);
+        let mut at = depart + self.config.delay + jitter(u_jitter);
+        if u_reorder < self.config.reorder {
+            at += self.config.reorder_delay;
+        }
+        let duplicate_at = (u_dup < self.config.duplicate)
+            .then(|| depart + self.config.delay + jitter(u_dup_jitter));
+        let corrupt_bit = (u_corrupt < self.config.corrupt && len > 0)
+            .then(|| ((u_bit * (len * 8) as f64) as usize).min(len * 8 - 1));
+
+        c.delivered_packets.fetch_add(1, Relaxed);
+        c.delivered_bytes.fetch_add(len as u64, Relaxed);
+        if duplicate_at.is_some() {
+            c.duplicated.fetch_add(1, Relaxed);
+        }
+        if corrupt_bit.is_some() {
+            c.corrupted.fetch_add(1, Relaxed);
+        }
+        Verdict::Deliver {
+            at,
+            duplicate_at,
+            corrupt_bit,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const N: usize = 100_000;
+
+    /// Sends `n` packets of 100 bytes, one per millisecond; returns the verdicts.
+    fn run(config: LinkConfig, seed: u64, n: usize) -> (Vec<Verdict>, Vec<Instant>, Link) {
+        let t0 = Instant::now();
+        let mut link = Link::new(config, seed, t0);
+        let times: Vec<Instant> = (0..n)
+            .map(|i| t0 + Duration::from_millis(i as u64))
+            .collect();
+        let verdicts = times.iter().map(|&t| link.on_send(t, 100)).collect();
+        (verdicts, times, link)
+    }
+
+    fn lost(v: &Verdict) -> bool {
+        matches!(v, Verdict::Drop(_))
+    }
+
+    /// |observed - p| ≤ 5 standard deviations of a binomial proportion over n trials.
+    fn within_5_sigma(observed: f64, p: f64, n: usize) -> bool {
+        (observed - p).abs() <= 5.0 * (p * (1.0 - p) / n as f64).sqrt()
+    }
+
+    #[test]
+    fn bernoulli_loss_matches_p() {
+        for p in [0.01, 0.1, 0.3] {
+            let (v, _, link) = run(LinkConfig::lossy(Duration::ZERO, p), 7, N);
+            let observed = v.iter().filter(|v| lost(v)).count() as f64 / N as f64;
+            assert!(
+                within_5_sigma(observed, p, N),
+                "p = {p}: observed {observed}"
+            );
+            let st = link.counters().snapshot();
+            assert_eq!(st.offered_packets, N as u64);
+            assert_eq!(st.dropped_loss + st.delivered_packets, N as u64);
+            assert_eq!(st.loss_rate(), observed);
+        }
+    }
+
+    #[test]
+    fn gilbert_elliott_mean_loss_and_burst_length() {
+        // Gilbert model: all packets lost in the bad state, none in the good one.
+        let ge = GilbertElliott::from_mean(0.1, 4.0);
+        assert!((ge.mean_loss() - 0.1).abs() < 1e-12);
+        let n = 200_000;
+        let config = LinkConfig {
+            loss: Loss::GilbertElliott(ge),
+            ..LinkConfig::default()
+        };
+        let (v, _, _) = run(config, 11, n);
+        let losses: Vec<bool> = v.iter().map(lost).collect();
+
+        // Mean loss. Consecutive packets are correlated: for a two-state chain the variance of
+        // the sample mean is π(1-π)/n · (1+λ)/(1-λ), with λ = 1 - p_gb - p_bg the chain's
+        // second eigenvalue.
+        let pi = ge.bad_share();
+        let lambda = 1.0 - ge.p_good_to_bad - ge.p_bad_to_good;
+        let sigma = (pi * (1.0 - pi) / n as f64 * (1.0 + lambda) / (1.0 - lambda)).sqrt();
+        let mean = losses.iter().filter(|&&l| l).count() as f64 / n as f64;
+        assert!(
+            (mean - 0.1).abs() <= 5.0 * sigma,
+            "mean loss {mean}, σ {sigma}"
+        );
+
+        // Bursts are sojourns in the bad state: geometric with mean 1/p_bg and variance
+        // (1-p_bg)/p_bg²; the mean of B bursts has standard error sqrt(var / B).
+        let mut bursts = Vec::new();
+        let mut run_len = 0;
+        for &l in &losses {
+            if l {
+                run_len += 1;
+            } else if run_len > 0 {
+                bursts.push(run_len);
+                run_len = 0;
+            }
+        }
+        let b = bursts.len() as f64;
+        let mean_burst = bursts.iter().sum::<usize>() as f64 / b;
+        let p = ge.p_bad_to_good;
+        let se = ((1.0 - p) / (p * p) / b).sqrt();
+        assert!(
+            (mean_burst - 4.0).abs() <= 5.0 * se,
+            "mean burst {mean_burst}, se {se}, {b} bursts"
+        );
+        // And far from what Bernoulli loss at the same rate gives (1 / (1 - 0.1) ≈ 1.11).
+        assert!(mean_burst > 3.0);
+    }
+
+    #[test]
+    fn delay_and_jitter_stay_in_bounds() {
+        let config = LinkConfig {
+            delay: Duration::from_millis(20),
+            jitter: Duration::from_millis(5),
+            duplicate: 0.05,
+            ..LinkConfig::default()
+        };
+        let (v, times, _) = run(config, 3, 10_000);
+        let (mut min, mut max) = (Duration::MAX, Duration::ZERO);
+        for (v, &t) in v.iter().zip(&times) {
+            let Verdict::Deliver {
+                at, duplicate_at, ..
+            } = *v
+            else {
+                panic!("perfect link dropped a packet");
+            };
+            for at in std::iter::once(at).chain(duplicate_at) {
+                let d = at - t;
+                assert!(
+                    d >= Duration::from_millis(20) && d <= Duration::from_millis(25),
+                    "{d:?}"
+                );
+                min = min.min(d);
+                max = max.max(d);
+            }
+        }
+        // The jitter is used, not just bounded.
+        assert!(min < Duration::from_micros(20_100) && max > Duration::from_micros(24_900));
+    }
+
+    #[test]
+    fn blackout_drops_inside_and_nothing_outside() {
+        let config = LinkConfig {
+            blackouts: vec![Duration::from_millis(100)..Duration::from_millis(300)],
+            ..LinkConfig::default()
+        };
+        let (v, _, link) = run(config, 1, 1000);
+        for (i, v) in v.iter().enumerate() {
+            let inside = (100..300).contains(&i);
+            assert_eq!(
+                *v == Verdict::Drop(DropCause::Blackout),
+                inside,
+                "packet {i}"
+            );
+            assert_eq!(lost(v), inside, "packet {i}");
+        }
+        assert_eq!(link.counters().snapshot().dropped_blackout, 200);
+    }
+
+    #[test]
+    fn same_seed_same_trace() {
+        let config = LinkConfig {
+            loss: Loss::GilbertElliott(GilbertElliott::from_mean(0.2, 3.0)),
+            jitter: Duration::from_millis(3),
+            reorder: 0.1,
+            reorder_delay: Duration::from_millis(10),
+            duplicate: 0.1,
+            corrupt: 0.1,
+            ..LinkConfig::default()
+        };
+        // Each run has its own start instant: compare fates relative to the send time.
+        let trace = |seed| {
+            let (v, times, _) = run(config.clone(), seed, 5000);
+            v.iter()
+                .zip(&times)
+                .map(|(v, &t)| match *v {
+                    Verdict::Drop(cause) => Err(cause),
+                    Verdict::Deliver {
+                        at,
+                        duplicate_at,
+                        corrupt_bit,
+                    } => Ok((at - t, duplicate_at.map(|d| d - t), corrupt_bit)),
+                })
+                .collect::<Vec<_>>()
+        };
+        let (a, b, c) = (trace(42), trace(42), trace(43));
+        assert!(a == b, "same seed, different trace");
+        assert!(a != c, "different seeds, same trace");
+    }
+
+    #[test]
+    fn replay_follows_the_recorded_pattern() {
+        let pattern: Arc<[bool]> = vec![false, true, true, false, false].into();
+        let config = LinkConfig {
+            loss: Loss::Replay(pattern.clone()),
+            ..LinkConfig::default()
+        };
+        let (v, _, _) = run(config, 5, 23);
+        for (i, v) in v.iter().enumerate() {
+            assert_eq!(lost(v), pattern[i % 5], "packet {i}");
+        }
+    }
+
+    #[test]
+    fn duplication_corruption_and_reordering_rates() {
+        let config = LinkConfig {
+            duplicate: 0.05,
+            corrupt: 0.02,
+            reorder: 0.1,
+            reorder_delay: Duration::from_millis(7),
+            ..LinkConfig::default()
+        };
+        let (v, times, link) = run(config, 9, N);
+        let st = link.counters().snapshot();
+        assert!(within_5_sigma(st.duplicated as f64 / N as f64, 0.05, N));
+        assert!(within_5_sigma(st.corrupted as f64 / N as f64, 0.02, N));
+        let mut reordered = 0;
+        for (v, &t) in v.iter().zip(&times) {
+            if let Verdict::Deliver {
+                at, corrupt_bit, ..
+            } = *v
+            {
+                reordered += usize::from(at - t == Duration::from_millis(7));
+                assert!(corrupt_bit.is_none_or(|b| b < 800));
+            }
+        }
+        assert!(within_5_sigma(reordered as f64 / N as f64, 0.1, N));
+    }
+
+    #[test]
+    fn rate_limit_paces_and_tail_drops() {
+        let t0 = Instant::now();
+        // 100 kB/s, queue of 1000 bytes: 100-byte packets leave 1 ms apart.
+        let config = LinkConfig {
+            rate: Some(RateLimit {
+                bytes_per_sec: 100_000,
+                queue_bytes: 1000,
+            }),
+            ..LinkConfig::default()
+        };
+        let mut link = Link::new(config, 1, t0);
+        // A burst of 20 at once: the first 10 fit the queue, the rest are tail-dropped.
+        let verdicts: Vec<Verdict> = (0..20).map(|_| link.on_send(t0, 100)).collect();
+        for (i, v) in verdicts.iter().enumerate() {
+            match *v {
+                Verdict::Deliver { at, .. } => {
+                    assert!(i < 10, "packet {i} should not fit");
+                    assert_eq!(at - t0, Duration::from_millis(i as u64 + 1));
+                }
+                Verdict::Drop(cause) => {
+                    assert!(i >= 10);
+                    assert_eq!(cause, DropCause::QueueFull);
+                }
+            }
+        }
+        // After the queue drains, packets pass again.
+        assert!(matches!(
+            link.on_send(t0 + Duration::from_millis(20), 100),
+            Verdict::Deliver { .. }
+        ));
+        assert_eq!(link.counters().snapshot().dropped_queue, 10);
+    }
+}
