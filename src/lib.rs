@@ -24,5 +24,6 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod fec;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod wire;
