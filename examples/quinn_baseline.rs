@@ -48,7 +48,10 @@ async fn run(args: &Args, loss: f64, congestion: Congestion) -> Vec<Duration> {
     let pair = Pair::new(PairConfig {
         seed: args.seed,
         congestion,
-        ..PairConfig::symmetric(LinkConfig::lossy(Duration::from_millis(args.delay_ms), loss))
+        ..PairConfig::symmetric(LinkConfig::lossy(
+            Duration::from_millis(args.delay_ms),
+            loss,
+        ))
     })
     .expect("endpoints");
     let (client, server) = pair.connect().await.expect("handshake");

@@ -164,3 +164,22 @@ async fn virtual_time_runs_faster_than_real_time() {
     );
     eprintln!("2000 exchanges: {simulated:?} simulated in {real:?} of wall time");
 }
+
+/// The real-UDP transport, in real time on loopback: same link model, real sockets.
+#[tokio::test]
+async fn loopback_udp_with_loss_and_delay() {
+    let pair = Pair::over_loopback(PairConfig {
+        seed: 3,
+        ..PairConfig::symmetric(LinkConfig::lossy(Duration::from_millis(5), 0.1))
+    })
+    .unwrap();
+    let (client, server) = pair.connect().await.expect("handshake over loopback");
+    spawn_echo(server);
+    for n in 0..30u8 {
+        let msg = vec![n; 1500];
+        assert_eq!(echo(&client, &msg).await, msg);
+    }
+    let (up, down) = (pair.up(), pair.down());
+    assert!(up.dropped_loss + down.dropped_loss > 0, "{up:?} {down:?}");
+    assert!(pair.net.is_none());
+}

@@ -8,8 +8,9 @@ use std::time::Duration;
 use quinn::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use quinn::{ClientConfig, Connection, Endpoint, EndpointConfig, ServerConfig, TransportConfig};
 
-use super::link::{LinkConfig, LinkStats};
+use super::link::{LinkConfig, LinkCounters, LinkStats};
 use super::memory::SimNetwork;
+use super::udp::LossyUdpSocket;
 
 /// The name the test certificate is issued for, and that clients connect to.
 pub const SERVER_NAME: &str = "localhost";
@@ -115,11 +116,12 @@ pub fn transport_config(congestion: Congestion, initial_rtt: Duration) -> Transp
     t
 }
 
-/// A client and a server endpoint on one simulated network.
+/// A client and a server endpoint: on one simulated network ([`Pair::new`], virtual-time
+/// capable) or on real loopback UDP sockets ([`Pair::over_loopback`], real time).
 #[derive(Debug)]
 pub struct Pair {
-    /// The network (links, counters).
-    pub net: SimNetwork,
+    /// The simulated network, for [`Pair::new`]; `None` over loopback.
+    pub net: Option<SimNetwork>,
     /// The client endpoint, with a default client config that trusts the server.
     pub client: Endpoint,
     /// The server endpoint.
@@ -132,36 +134,52 @@ pub struct Pair {
     pub client_config: ClientConfig,
     /// The server config in use (to restart the server on the same address).
     pub server_config: ServerConfig,
+    up: Arc<LinkCounters>,
+    down: Arc<LinkCounters>,
+}
+
+/// Client and server configs sharing a fresh test identity and a transport config.
+fn configs(config: &PairConfig) -> Result<(ClientConfig, ServerConfig), HarnessError> {
+    let transport = Arc::new(transport_config(config.congestion, config.initial_rtt));
+    let (cert, key) = test_identity()?;
+    let mut server_config = ServerConfig::with_single_cert(vec![cert.clone()], key)?;
+    server_config.transport_config(transport.clone());
+    let mut roots = quinn::rustls::RootCertStore::empty();
+    roots.add(cert)?;
+    let mut client_config = ClientConfig::with_root_certificates(Arc::new(roots))?;
+    client_config.transport_config(transport);
+    Ok((client_config, server_config))
+}
+
+fn endpoint(
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    server: Option<ServerConfig>,
+) -> Result<Endpoint, HarnessError> {
+    Ok(Endpoint::new_with_abstract_socket(
+        EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
 }
 
 impl Pair {
-    /// Builds both endpoints. Must be called inside a tokio runtime.
+    /// Builds both endpoints on a new [`SimNetwork`]. Must be called inside a tokio runtime;
+    /// runs in virtual time if tokio's clock is paused.
     pub fn new(config: PairConfig) -> Result<Pair, HarnessError> {
         let net = SimNetwork::new(config.seed);
         let client_addr: SocketAddr = ([10, 0, 0, 1], 50_000).into();
         let server_addr: SocketAddr = ([10, 0, 0, 2], 4433).into();
         net.set_link(client_addr, server_addr, config.client_to_server.clone());
         net.set_link(server_addr, client_addr, config.server_to_client.clone());
-
-        let transport = Arc::new(transport_config(config.congestion, config.initial_rtt));
-        let (cert, key) = test_identity()?;
-        let mut server_config = ServerConfig::with_single_cert(vec![cert.clone()], key)?;
-        server_config.transport_config(transport.clone());
-        let mut roots = quinn::rustls::RootCertStore::empty();
-        roots.add(cert)?;
-        let mut client_config = ClientConfig::with_root_certificates(Arc::new(roots))?;
-        client_config.transport_config(transport);
-
+        let (client_config, server_config) = configs(&config)?;
         let server = Self::server_endpoint(&net, server_addr, server_config.clone())?;
-        let mut client = Endpoint::new_with_abstract_socket(
-            EndpointConfig::default(),
-            None,
-            net.bind(client_addr)?,
-            Arc::new(quinn::TokioRuntime),
-        )?;
+        let mut client = endpoint(net.bind(client_addr)?, None)?;
         client.set_default_client_config(client_config.clone());
         Ok(Pair {
-            net,
+            up: net.link_counters(client_addr, server_addr),
+            down: net.link_counters(server_addr, client_addr),
+            net: Some(net),
             client,
             server,
             client_addr,
@@ -171,18 +189,43 @@ impl Pair {
         })
     }
 
+    /// Builds both endpoints on real UDP sockets on 127.0.0.1, each applying its link to what
+    /// it sends ([`LossyUdpSocket`]). Must be called inside a tokio runtime; real time.
+    pub fn over_loopback(config: PairConfig) -> Result<Pair, HarnessError> {
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let client_socket =
+            LossyUdpSocket::bind(any, config.client_to_server.clone(), config.seed)?;
+        let server_socket =
+            LossyUdpSocket::bind(any, config.server_to_client.clone(), config.seed ^ 0x5eed)?;
+        let (client_addr, server_addr) = (
+            quinn::AsyncUdpSocket::local_addr(&*client_socket)?,
+            quinn::AsyncUdpSocket::local_addr(&*server_socket)?,
+        );
+        let (up, down) = (client_socket.counters(), server_socket.counters());
+        let (client_config, server_config) = configs(&config)?;
+        let server = endpoint(server_socket, Some(server_config.clone()))?;
+        let mut client = endpoint(client_socket, None)?;
+        client.set_default_client_config(client_config.clone());
+        Ok(Pair {
+            net: None,
+            client,
+            server,
+            client_addr,
+            server_addr,
+            client_config,
+            server_config,
+            up,
+            down,
+        })
+    }
+
     /// A server endpoint bound at `addr` on `net` (e.g. to restart a server).
     pub fn server_endpoint(
         net: &SimNetwork,
         addr: SocketAddr,
         config: ServerConfig,
     ) -> Result<Endpoint, HarnessError> {
-        Ok(Endpoint::new_with_abstract_socket(
-            EndpointConfig::default(),
-            Some(config),
-            net.bind(addr)?,
-            Arc::new(quinn::TokioRuntime),
-        )?)
+        endpoint(net.bind(addr)?, Some(config))
     }
 
     /// Connects the client to the server; returns (client side, server side).
@@ -202,11 +245,11 @@ impl Pair {
 
     /// Counters of the client → server link.
     pub fn up(&self) -> LinkStats {
-        self.net.link_stats(self.client_addr, self.server_addr)
+        self.up.snapshot()
     }
 
     /// Counters of the server → client link.
     pub fn down(&self) -> LinkStats {
-        self.net.link_stats(self.server_addr, self.client_addr)
+        self.down.snapshot()
     }
 }

@@ -226,6 +226,7 @@ pub struct Link {
     sent: u64,
     queue_free_at: Instant,
     counters: Arc<LinkCounters>,
+    recording: Option<Vec<bool>>,
 }
 
 impl Link {
@@ -239,7 +240,20 @@ impl Link {
             sent: 0,
             queue_free_at: start,
             counters: Arc::default(),
+            recording: None,
         }
+    }
+
+    /// Starts recording every packet's fate (`true` = dropped, for any cause), for replay
+    /// with [`Loss::Replay`]. One bit per packet; recording again starts a new trace.
+    pub fn start_recording(&mut self) {
+        self.recording = Some(Vec::new());
+    }
+
+    /// The trace recorded since [`Link::start_recording`] (empty if not recording); recording
+    /// stops.
+    pub fn take_recording(&mut self) -> Vec<bool> {
+        self.recording.take().unwrap_or_default()
     }
 
     /// The configuration in use.
@@ -260,6 +274,14 @@ impl Link {
 
     /// Decides the fate of a packet of `len` bytes sent at `now`.
     pub fn on_send(&mut self, now: Instant, len: usize) -> Verdict {
+        let verdict = self.decide(now, len);
+        if let Some(trace) = &mut self.recording {
+            trace.push(matches!(verdict, Verdict::Drop(_)));
+        }
+        verdict
+    }
+
+    fn decide(&mut self, now: Instant, len: usize) -> Verdict {
         // Every draw happens for every packet, whatever the outcome, so verdicts depend only on
         // the seed and the sequence of (time, length).
         let u_state: f64 = self.rng.gen();
@@ -539,6 +561,29 @@ mod tests {
         for (i, v) in v.iter().enumerate() {
             assert_eq!(lost(v), pattern[i % 5], "packet {i}");
         }
+    }
+
+    #[test]
+    fn a_recorded_trace_replays_exactly() {
+        let t0 = Instant::now();
+        let ge = LinkConfig {
+            loss: Loss::GilbertElliott(GilbertElliott::from_mean(0.2, 5.0)),
+            ..LinkConfig::default()
+        };
+        let mut link = Link::new(ge, 77, t0);
+        link.start_recording();
+        let original: Vec<bool> = (0..2000).map(|_| lost(&link.on_send(t0, 100))).collect();
+        let trace = link.take_recording();
+        assert_eq!(trace, original);
+        assert!(trace.iter().filter(|&&d| d).count() > 200);
+        // Replayed on a link with another seed: the same packets are dropped.
+        let replay = LinkConfig {
+            loss: Loss::Replay(trace.into()),
+            ..LinkConfig::default()
+        };
+        let mut other = Link::new(replay, 1, t0);
+        let replayed: Vec<bool> = (0..2000).map(|_| lost(&other.on_send(t0, 100))).collect();
+        assert_eq!(replayed, original);
     }
 
     #[test]

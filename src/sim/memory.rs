@@ -143,6 +143,16 @@ impl SimNetwork {
         self.link_counters(from, to).snapshot()
     }
 
+    /// Starts recording the fate of packets on `from → to` (see [`Link::start_recording`]).
+    pub fn start_recording(&self, from: SocketAddr, to: SocketAddr) {
+        self.lock().link(from, to).start_recording();
+    }
+
+    /// The drop trace recorded on `from → to`, for [`super::Loss::Replay`]; recording stops.
+    pub fn take_recording(&self, from: SocketAddr, to: SocketAddr) -> Vec<bool> {
+        self.lock().link(from, to).take_recording()
+    }
+
     /// Packets sent to an address no host was bound to.
     pub fn unroutable(&self) -> u64 {
         self.lock().unroutable

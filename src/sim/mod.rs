@@ -9,7 +9,10 @@
 //! - [`SimNetwork`]: an in-memory network whose [`SimSocket`]s implement quinn's
 //!   `AsyncUdpSocket`. It runs on tokio's clock, so under a paused clock a run takes virtual
 //!   time, not wall time.
-//! - [`Pair`]: a client and a server endpoint with test certificates over a [`SimNetwork`].
+//! - [`LossyUdpSocket`]: the same link model on the outgoing side of a real UDP socket, for
+//!   real-time runs on loopback.
+//! - [`Pair`]: a client and a server endpoint with test certificates, over a [`SimNetwork`]
+//!   or over loopback.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), surelink::sim::HarnessError> {
@@ -24,6 +27,7 @@
 mod harness;
 mod link;
 mod memory;
+mod udp;
 
 pub use harness::{
     test_identity, transport_config, Congestion, HarnessError, Pair, PairConfig, SERVER_NAME,
@@ -32,3 +36,4 @@ pub use link::{
     DropCause, GilbertElliott, Link, LinkConfig, LinkCounters, LinkStats, Loss, RateLimit, Verdict,
 };
 pub use memory::{SimNetwork, SimSocket};
+pub use udp::LossyUdpSocket;
