@@ -25,6 +25,15 @@ pub(crate) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// The datagrams of a transmit: one, or several of `segment_size` bytes (GSO).
+pub(crate) fn datagrams<'a>(transmit: &Transmit<'a>) -> std::slice::Chunks<'a, u8> {
+    let segment = transmit
+        .segment_size
+        .unwrap_or(transmit.contents.len())
+        .max(1);
+    transmit.contents.chunks(segment)
+}
+
 /// A packet on its way to a host.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct InFlight {
@@ -261,11 +270,7 @@ impl AsyncUdpSocket for SimSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let segment = transmit
-            .segment_size
-            .unwrap_or(transmit.contents.len())
-            .max(1);
-        for datagram in transmit.contents.chunks(segment) {
+        for datagram in datagrams(transmit) {
             self.net.send(self.addr, transmit.destination, datagram);
         }
         Ok(())

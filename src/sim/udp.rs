@@ -15,7 +15,7 @@ use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
 use tokio::sync::mpsc;
 
 use super::link::{Link, LinkConfig, LinkCounters, Verdict};
-use super::memory::now;
+use super::memory::{datagrams, now};
 
 /// Most packets held in the delay line; beyond it packets are dropped and counted in
 /// [`LossyUdpSocket::overflow`].
@@ -195,11 +195,7 @@ impl AsyncUdpSocket for LossyUdpSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let segment = transmit
-            .segment_size
-            .unwrap_or(transmit.contents.len())
-            .max(1);
-        for datagram in transmit.contents.chunks(segment) {
+        for datagram in datagrams(transmit) {
             self.send_one(transmit.destination, datagram)?;
         }
         Ok(())
