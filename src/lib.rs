@@ -25,6 +25,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod fec;
+pub mod proto;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod wire;

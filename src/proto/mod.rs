@@ -1,0 +1,113 @@
+//! The sans-I/O protocol core: sender and receiver state machines.
+//!
+//! No sockets, no clock, no global RNG: a [`Peer`] is driven by `now` and incoming datagrams
+//! and produces datagrams to send, the next timer, and events. The async channel over quinn
+//! moves bytes and sleeps; everything that decides is here, and deterministic given its
+//! inputs.
+//!
+//! - [`Sender`]: assigns message ids, sends each block's data shards plus
+//!   `first_flight_repair` parity shards, takes acks (ranges) and measures the ack round trip;
+//!   when a block has no ack after the round trip's p95 (with a floor) it sends *fresh* parity
+//!   (a hedge), again with backoff, within a byte budget; at the deadline a message fails with
+//!   an unknown outcome.
+//! - [`Receiver`]: reassembles, delivers each message once (a dedupe window with a low
+//!   watermark), and acks with ranges. Every ack repeats recent ranges, and a shard of an
+//!   already-delivered message triggers a repeat ack (rate-limited), so a lost ack costs one
+//!   hedge, not a failure.
+
+mod dedupe;
+mod receiver;
+mod rtt;
+mod sender;
+
+use std::time::Instant;
+
+use bytes::Bytes;
+
+pub use dedupe::{DedupeWindow, Seen};
+pub use receiver::{Delivered, Receiver, ReceiverConfig, ReceiverStats};
+pub use rtt::RttEstimator;
+pub use sender::{FailReason, SendError, Sender, SenderConfig, SenderEvent, SenderStats};
+
+use crate::wire::{DecodeError, Frame, Limits};
+
+/// Frames a [`Peer`] dropped, by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InvalidFrames {
+    /// Datagrams that failed to decode, per [`DecodeError::reason`].
+    pub by_reason: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl InvalidFrames {
+    /// All invalid frames.
+    pub fn total(&self) -> u64 {
+        self.by_reason.values().sum()
+    }
+}
+
+/// One end of a surelink connection: a [`Sender`] and a [`Receiver`] sharing one datagram
+/// flow. Route every received datagram to [`Peer::handle_datagram`].
+#[derive(Debug)]
+pub struct Peer {
+    /// The sending half.
+    pub sender: Sender,
+    /// The receiving half.
+    pub receiver: Receiver,
+    limits: Limits,
+    invalid: InvalidFrames,
+}
+
+impl Peer {
+    /// A peer from its two halves' settings.
+    pub fn new(sender: SenderConfig, receiver: ReceiverConfig) -> Self {
+        Peer {
+            limits: receiver.reassembler.limits.clone(),
+            sender: Sender::new(sender),
+            receiver: Receiver::new(receiver),
+            invalid: InvalidFrames::default(),
+        }
+    }
+
+    /// Takes one received datagram. Frames that do not decode are counted and dropped.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: Bytes) {
+        match Frame::decode(datagram, &self.limits) {
+            Ok(Frame::Shard(shard)) => self.receiver.handle_shard(now, shard),
+            Ok(Frame::Ack(ack)) => self.sender.handle_ack(now, &ack),
+            // Hello and Close are the channel's business (connection start and end).
+            Ok(Frame::Hello(_)) | Ok(Frame::Close(_)) => {}
+            Err(e) => self.count_invalid(&e),
+        }
+    }
+
+    fn count_invalid(&mut self, e: &DecodeError) {
+        *self.invalid.by_reason.entry(e.reason()).or_default() += 1;
+    }
+
+    /// Invalid frames received so far.
+    pub fn invalid_frames(&self) -> &InvalidFrames {
+        &self.invalid
+    }
+
+    /// The next datagram to send: acks first (they are small and unblock the peer), then
+    /// shards.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.receiver
+            .poll_transmit()
+            .or_else(|| self.sender.poll_transmit())
+    }
+
+    /// When [`Peer::handle_timeout`] should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.sender.poll_timeout()
+    }
+
+    /// Fires what is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.sender.handle_timeout(now);
+    }
+}
+
+#[cfg(all(test, feature = "sim"))]
+mod tests;

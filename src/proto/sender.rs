@@ -1,0 +1,443 @@
+//! The sending side: ids, first flight, acks, hedges, deadlines.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::rtt::RttEstimator;
+use crate::fec::{Block, EncodeError, Encoder, EncoderConfig};
+use crate::wire::AckFrame;
+
+/// Settings of a [`Sender`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SenderConfig {
+    /// The coder's settings (datagram size, message size limit, batching).
+    pub encoder: EncoderConfig,
+    /// Code small messages sent close together into one block ([`Encoder::push`], bounded by
+    /// `encoder.batch`). Default off: each message is its own block, sent at once.
+    pub batching: bool,
+    /// Parity shards sent with every block's data shards. Default 1.
+    pub first_flight_repair: usize,
+    /// Quantile of the ack round trip after which a block without an ack is hedged.
+    /// Default 0.95.
+    pub hedge_quantile: f64,
+    /// Least hedge delay. Default 5 ms.
+    pub hedge_floor: Duration,
+    /// Each further hedge of a block waits this many times longer. Default 2.
+    pub hedge_backoff: f64,
+    /// Longest wait between two resends of a block, whatever the backoff says, so a message
+    /// gets several tries before its deadline even after an outage. Default 1 s.
+    pub max_hedge_interval: Duration,
+    /// Fresh repair shards per hedge. Default 1.
+    pub hedge_repair: usize,
+    /// First-hedge bytes allowed as a share of first-flight bytes. Default 0.05. Only a
+    /// block's first hedge is speculative and budgeted; later resends of a block still
+    /// unacked after twice the hedge delay are retransmissions, spaced by `hedge_backoff`
+    /// like QUIC's own probe timeouts, and always sent (otherwise a blackout would turn
+    /// every message sent during it into a failure).
+    pub hedge_budget: f64,
+    /// Hedge bytes allowed on top of the share, so a young channel can hedge. Default 64 KiB.
+    pub hedge_burst: usize,
+    /// A message not acked this long after `send` fails with an unknown outcome. Default 5 s.
+    pub deadline: Duration,
+    /// Most messages in flight; `send` refuses more (backpressure). Default 4096.
+    pub max_in_flight: usize,
+    /// Round-trip estimate before the first ack. Default 100 ms.
+    pub initial_rtt: Duration,
+    /// Ack round-trip samples kept for the percentile. Default 512.
+    pub rtt_samples: usize,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            encoder: EncoderConfig::default(),
+            batching: false,
+            first_flight_repair: 1,
+            hedge_quantile: 0.95,
+            hedge_floor: Duration::from_millis(5),
+            hedge_backoff: 2.0,
+            max_hedge_interval: Duration::from_secs(1),
+            hedge_repair: 1,
+            hedge_budget: 0.05,
+            hedge_burst: 64 * 1024,
+            deadline: Duration::from_secs(5),
+            max_in_flight: 4096,
+            initial_rtt: Duration::from_millis(100),
+            rtt_samples: 512,
+        }
+    }
+}
+
+/// Why [`Sender::send`] refused a message. Nothing was sent; the application may retry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// `max_in_flight` messages are awaiting acks; wait for an outcome and retry.
+    #[error("{in_flight} messages in flight, the limit")]
+    Backpressure {
+        /// Messages in flight.
+        in_flight: usize,
+    },
+    /// The message cannot be encoded (too long for the datagram path, or a configuration
+    /// that leaves no room for shards).
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+}
+
+/// Why a message failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailReason {
+    /// No ack before the deadline. The outcome is unknown: the message may or may not have
+    /// been delivered. Retry with the same idempotency key.
+    DeadlineExceeded,
+}
+
+/// What happened to a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SenderEvent {
+    /// The receiver acknowledged it: it was delivered.
+    Acked {
+        /// The message id.
+        id: u64,
+        /// From `send` to the ack.
+        latency: Duration,
+        /// Shards sent for its block (first flight and hedges).
+        shards_sent: usize,
+        /// Hedges fired for its block.
+        hedges: u32,
+    },
+    /// It failed; see the reason.
+    Failed {
+        /// The message id.
+        id: u64,
+        /// Why.
+        reason: FailReason,
+    },
+}
+
+/// Counters of a [`Sender`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SenderStats {
+    /// Messages accepted by `send`.
+    pub messages_sent: u64,
+    /// Messages acked.
+    pub acked: u64,
+    /// Messages failed.
+    pub failed: u64,
+    /// Data shards sent (first flights).
+    pub data_shards: u64,
+    /// Parity shards sent in first flights.
+    pub repair_shards: u64,
+    /// First hedges fired (speculative: at the round trip's p95).
+    pub hedges_fired: u64,
+    /// First hedges skipped because the budget was spent.
+    pub hedges_skipped: u64,
+    /// Later resends of a block still unacked (retransmissions under exponential backoff;
+    /// not budgeted).
+    pub retransmits: u64,
+    /// Bytes of first flights.
+    pub first_flight_bytes: u64,
+    /// Bytes of first hedges.
+    pub hedge_bytes: u64,
+    /// Bytes of retransmissions.
+    pub retransmit_bytes: u64,
+    /// Shard frames the peer reported receiving (from its latest ack).
+    pub peer_shards_received: u64,
+}
+
+#[derive(Debug)]
+struct Message {
+    block: Option<u64>,
+    sent_at: Instant,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+struct BlockState {
+    block: Block,
+    unacked: usize,
+    shards_sent: usize,
+    hedges: u32,
+    attempts: u32,
+    next_hedge: Instant,
+}
+
+/// The sending half of a surelink peer. Sans-I/O: feed it `now`, acks and timeouts; take
+/// datagrams from [`Sender::poll_transmit`] and outcomes from [`Sender::poll_event`].
+#[derive(Debug)]
+pub struct Sender {
+    config: SenderConfig,
+    encoder: Encoder,
+    next_id: u64,
+    messages: BTreeMap<u64, Message>,
+    blocks: HashMap<u64, BlockState>,
+    rtt: RttEstimator,
+    /// Blocks built, first flight not yet sent.
+    pending: VecDeque<Block>,
+    out: VecDeque<Bytes>,
+    events: VecDeque<SenderEvent>,
+    stats: SenderStats,
+}
+
+impl Sender {
+    /// A sender with `config`.
+    pub fn new(config: SenderConfig) -> Self {
+        Sender {
+            encoder: Encoder::new(config.encoder.clone()),
+            rtt: RttEstimator::new(config.initial_rtt, config.rtt_samples),
+            config,
+            next_id: 0,
+            messages: BTreeMap::new(),
+            blocks: HashMap::new(),
+            pending: VecDeque::new(),
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: SenderStats::default(),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SenderStats {
+        self.stats
+    }
+
+    /// The ack round trips seen so far.
+    pub fn rtt(&self) -> &RttEstimator {
+        &self.rtt
+    }
+
+    /// Messages awaiting an outcome.
+    pub fn in_flight(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Sends a message; returns its id. Its outcome comes later from [`Sender::poll_event`].
+    pub fn send(&mut self, now: Instant, payload: Bytes) -> Result<u64, SendError> {
+        if self.messages.len() >= self.config.max_in_flight {
+            return Err(SendError::Backpressure {
+                in_flight: self.messages.len(),
+            });
+        }
+        let id = self.next_id;
+        if self.config.batching {
+            self.encoder.push(now, id, payload)?;
+        } else {
+            let block = self.encoder.encode(id, payload)?;
+            self.pending.push_back(block);
+        }
+        self.next_id += 1;
+        self.stats.messages_sent += 1;
+        self.messages.insert(
+            id,
+            Message {
+                block: None,
+                sent_at: now,
+                deadline: now + self.config.deadline,
+            },
+        );
+        self.start_blocks(now);
+        Ok(id)
+    }
+
+    /// Takes an ack from the peer.
+    pub fn handle_ack(&mut self, now: Instant, ack: &AckFrame) {
+        self.stats.peer_shards_received = self.stats.peer_shards_received.max(ack.shards_received);
+        let ack_delay = Duration::from_micros(ack.ack_delay_us);
+        for range in &ack.ranges {
+            let ids: Vec<u64> = self
+                .messages
+                .range(range.clone())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in ids {
+                let Some(m) = self.messages.remove(&id) else {
+                    continue;
+                };
+                let latency = now.saturating_duration_since(m.sent_at);
+                let (shards_sent, hedges, attempts) =
+                    match m.block.and_then(|b| self.blocks.get(&b)) {
+                        Some(b) => (b.shards_sent, b.hedges, b.attempts),
+                        None => (0, 0, 0),
+                    };
+                // A sample, timed from the first flight, from every block resent at most once.
+                // Leaving out hedged blocks too (Karn's rule) would drop exactly the samples
+                // above the p95, so each new p95 would be taken over a distribution cut at the
+                // old one and the hedge delay would slide down (measured: 4x the expected
+                // hedges under 2 ms of jitter). Blocks that needed retransmissions are left out:
+                // their "round trip" is an outage's length, and would inflate the delay
+                // (measured: messages sent during a 2 s blackout then missed their deadline).
+                if attempts <= 1 {
+                    self.rtt.push(latency.saturating_sub(ack_delay));
+                }
+                self.stats.acked += 1;
+                self.events.push_back(SenderEvent::Acked {
+                    id,
+                    latency,
+                    shards_sent,
+                    hedges,
+                });
+                self.release(m.block);
+            }
+        }
+    }
+
+    /// Fires what is due at `now`: closes lingering batches, hedges late blocks, fails
+    /// messages past their deadline.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.encoder.handle_timeout(now);
+        self.start_blocks(now);
+
+        let expired: Vec<u64> = self
+            .messages
+            .iter()
+            .filter(|(_, m)| m.deadline <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            let m = self.messages.remove(&id).expect("listed above");
+            self.stats.failed += 1;
+            self.events.push_back(SenderEvent::Failed {
+                id,
+                reason: FailReason::DeadlineExceeded,
+            });
+            self.release(m.block);
+        }
+
+        let due: Vec<u64> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.next_hedge <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            self.hedge(now, id);
+        }
+    }
+
+    /// When [`Sender::handle_timeout`] should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let hedge = self.blocks.values().map(|b| b.next_hedge).min();
+        let deadline = self.messages.values().map(|m| m.deadline).min();
+        [hedge, deadline, self.encoder.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The next datagram to send.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.out.pop_front()
+    }
+
+    /// The next outcome.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<SenderEvent> {
+        self.events.pop_front()
+    }
+
+    fn hedge_delay(&self, attempts: u32) -> Duration {
+        let base = self
+            .rtt
+            .quantile(self.config.hedge_quantile)
+            .max(self.config.hedge_floor);
+        base.mul_f64(
+            self.config
+                .hedge_backoff
+                .max(1.0)
+                .powi(attempts.min(16) as i32),
+        )
+        .min(self.config.max_hedge_interval.max(base))
+    }
+
+    /// Sends the first flight of every block that is ready.
+    fn start_blocks(&mut self, now: Instant) {
+        while let Some(block) = self.encoder.poll_block() {
+            self.pending.push_back(block);
+        }
+        while let Some(mut block) = self.pending.pop_front() {
+            let mut frames = block.data_frames();
+            self.stats.data_shards += frames.len() as u64;
+            let repair = block.next_repair(self.config.first_flight_repair);
+            self.stats.repair_shards += repair.len() as u64;
+            frames.extend(repair);
+            let bytes: usize = frames.iter().map(Bytes::len).sum();
+            self.stats.first_flight_bytes += bytes as u64;
+            let id = block.id();
+            let mut unacked = 0;
+            for msg in block.messages() {
+                if let Some(m) = self.messages.get_mut(&msg) {
+                    m.block = Some(id);
+                    unacked += 1;
+                }
+            }
+            let shards_sent = frames.len();
+            self.out.extend(frames);
+            self.blocks.insert(
+                id,
+                BlockState {
+                    block,
+                    unacked,
+                    shards_sent,
+                    hedges: 0,
+                    attempts: 0,
+                    next_hedge: now + self.hedge_delay(0),
+                },
+            );
+        }
+    }
+
+    fn hedge(&mut self, now: Instant, id: u64) {
+        let allowance = self.config.hedge_burst as f64
+            + self.config.hedge_budget * self.stats.first_flight_bytes as f64;
+        let spent = self.stats.hedge_bytes;
+        let delay = {
+            let b = self.blocks.get(&id).expect("caller listed it");
+            self.hedge_delay(b.attempts + 1)
+        };
+        let b = self.blocks.get_mut(&id).expect("caller listed it");
+        b.attempts += 1;
+        b.next_hedge = now + delay;
+        let speculative = b.attempts == 1;
+        if speculative {
+            // Checked before taking parity, so a skipped hedge spends no repair shard.
+            let estimate =
+                b.block.header().frame_overhead(0) + b.block.header().shard_size as usize;
+            if spent as f64 + (estimate * self.config.hedge_repair.max(1)) as f64 > allowance {
+                self.stats.hedges_skipped += 1;
+                return;
+            }
+        }
+        // Fresh parity while there is some; then copies of the data shards.
+        let mut frames = b.block.next_repair(self.config.hedge_repair.max(1));
+        if frames.is_empty() {
+            frames = b.block.data_frames();
+        }
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
+        b.hedges += 1;
+        b.shards_sent += frames.len();
+        if speculative {
+            self.stats.hedges_fired += 1;
+            self.stats.hedge_bytes += bytes as u64;
+        } else {
+            self.stats.retransmits += 1;
+            self.stats.retransmit_bytes += bytes as u64;
+        }
+        self.out.extend(frames);
+    }
+
+    /// One message of `block` reached an outcome; forget the block when none is left.
+    fn release(&mut self, block: Option<u64>) {
+        let Some(id) = block else {
+            return;
+        };
+        if let Some(b) = self.blocks.get_mut(&id) {
+            b.unacked = b.unacked.saturating_sub(1);
+            if b.unacked == 0 {
+                self.blocks.remove(&id);
+            }
+        }
+    }
+}
