@@ -11,15 +11,16 @@
 //! |----------|------|------------------|
 //! | [`wire`] | bytes ⇄ frames (shard, ack, hello, close), varints, [`wire::DecodeError`] | codes, time, sockets |
 //! | [`fec`]  | messages ⇄ shards: block building (per message or across messages), parity via `reed-solomon-erasure`, extra repair on demand, reassembly under memory caps | byte layout beyond [`wire`], time sources, sockets |
+//! | [`proto`] | the sans-I/O protocol: message ids, first flights, acks, RTT percentile, hedges (budget, backoff), deadlines, dedupe window, redundant acks; input `(now, datagram)`, output datagrams, timers, events | quinn, tokio, the clock |
 //! | `sim` (feature `sim`, default) | the packet-loss simulator: a seeded link model, an in-memory network of quinn sockets on tokio's clock, the same model over a real UDP socket, an endpoint-pair harness | surelink's protocol: it works under any quinn application |
 //!
-//! `wire` and `fec` are pure: they take bytes, messages and `now` as inputs and return bytes,
+//! `wire`, `fec` and `proto` are pure: they take bytes, messages and `now` as inputs and return bytes,
 //! blocks, deadlines and events. Nothing in them spawns a task or reads a clock, which keeps the
 //! decoder fuzzable and the protocol deterministic under the simulator. `sim` does I/O (it is
 //! a socket) but its link model is pure too.
 //!
-//! Still to come (see the repository's issues): the sans-I/O protocol core (`proto`), the
-//! async channel over quinn (`channel`) and the tuner (`tune`).
+//! Still to come (see the repository's issues): the async channel over quinn (`channel`) and
+//! the tuner (`tune`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
