@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod channel;
 pub mod fec;
 pub mod proto;
 #[cfg(feature = "sim")]
