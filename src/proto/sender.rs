@@ -19,6 +19,12 @@ pub struct SenderConfig {
     pub batching: bool,
     /// Parity shards sent with every block's data shards. Default 1.
     pub first_flight_repair: usize,
+    /// Gap between a first flight's data shards and each of its parity shards (the j-th
+    /// parity shard leaves `(j + 1) × repair_spacing` after the data). quinn packs datagrams
+    /// queued together into one packet, so without a gap one lost packet takes data and
+    /// parity at once (measured over quinn: 1240 packets for 2137 shard datagrams). Zero
+    /// sends everything at once. Default 1 ms.
+    pub repair_spacing: Duration,
     /// Quantile of the ack round trip after which a block without an ack is hedged.
     /// Default 0.95.
     pub hedge_quantile: f64,
@@ -64,6 +70,7 @@ impl Default for SenderConfig {
             encoder: EncoderConfig::default(),
             batching: false,
             first_flight_repair: 1,
+            repair_spacing: Duration::from_millis(1),
             hedge_quantile: 0.95,
             hedge_floor: Duration::from_millis(5),
             hedge_slack: 0.1,
@@ -186,6 +193,8 @@ pub struct Sender {
     rtt: RttEstimator,
     /// Blocks built, first flight not yet sent.
     pending: VecDeque<Block>,
+    /// First-flight parity waiting out `repair_spacing`, in due order.
+    spaced: VecDeque<(Instant, Bytes)>,
     out: VecDeque<Bytes>,
     events: VecDeque<SenderEvent>,
     stats: SenderStats,
@@ -202,6 +211,7 @@ impl Sender {
             messages: BTreeMap::new(),
             blocks: HashMap::new(),
             pending: VecDeque::new(),
+            spaced: VecDeque::new(),
             out: VecDeque::new(),
             events: VecDeque::new(),
             stats: SenderStats::default(),
@@ -298,6 +308,10 @@ impl Sender {
     /// Fires what is due at `now`: closes lingering batches, hedges late blocks, fails
     /// messages past their deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
+        while self.spaced.front().is_some_and(|(at, _)| *at <= now) {
+            let (_, frame) = self.spaced.pop_front().expect("checked");
+            self.out.push_back(frame);
+        }
         self.encoder.handle_timeout(now);
         self.start_blocks(now);
 
@@ -333,7 +347,8 @@ impl Sender {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let hedge = self.blocks.values().map(|b| b.next_hedge).min();
         let deadline = self.messages.values().map(|m| m.deadline).min();
-        [hedge, deadline, self.encoder.poll_timeout()]
+        let spaced = self.spaced.front().map(|(at, _)| *at);
+        [hedge, deadline, self.encoder.poll_timeout(), spaced]
             .into_iter()
             .flatten()
             .min()
@@ -377,9 +392,20 @@ impl Sender {
             self.stats.data_shards += frames.len() as u64;
             let repair = block.next_repair(self.config.first_flight_repair);
             self.stats.repair_shards += repair.len() as u64;
-            frames.extend(repair);
-            let bytes: usize = frames.iter().map(Bytes::len).sum();
+            let bytes: usize = frames.iter().chain(&repair).map(Bytes::len).sum();
             self.stats.first_flight_bytes += bytes as u64;
+            let shards_sent = frames.len() + repair.len();
+            if self.config.repair_spacing.is_zero() {
+                frames.extend(repair);
+            } else {
+                for (j, frame) in repair.into_iter().enumerate() {
+                    let at = now + self.config.repair_spacing * (j as u32 + 1);
+                    // Keep `spaced` in due order (blocks start in time order; a block's
+                    // later parity is due later).
+                    let pos = self.spaced.partition_point(|(t, _)| *t <= at);
+                    self.spaced.insert(pos, (at, frame));
+                }
+            }
             let id = block.id();
             let mut unacked = 0;
             for msg in block.messages() {
@@ -388,7 +414,6 @@ impl Sender {
                     unacked += 1;
                 }
             }
-            let shards_sent = frames.len();
             self.out.extend(frames);
             self.blocks.insert(
                 id,
