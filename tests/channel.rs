@@ -137,3 +137,47 @@ async fn payments_over_quinn_keep_their_semantics_under_loss() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_connection_gives_every_pending_send_a_definite_error() {
+    // From 1 s on nothing gets through, so the sends below stay in flight; then the client's
+    // connection is closed under them.
+    let link = LinkConfig {
+        delay: Duration::from_millis(20),
+        blackouts: vec![Duration::from_secs(1)..Duration::from_secs(3600)],
+        ..LinkConfig::default()
+    };
+    let pair = Pair::new(PairConfig {
+        congestion: Congestion::Bbr,
+        ..PairConfig::symmetric(link)
+    })
+    .unwrap();
+    let (client_conn, server_conn) = pair.connect().await.unwrap();
+    let (client, _m) = Channel::open(client_conn.clone(), Config::default()).unwrap();
+    let (_server, _sm) = Channel::open(server_conn, Config::default()).unwrap();
+    assert!(client.send(payment(0)).await.is_ok(), "before the blackout");
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    let pending: Vec<_> = (1..=10)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { c.send(payment(i)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client_conn.close(0u32.into(), b"gone");
+    for p in pending {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), p)
+            .await
+            .expect("an outcome, not a hang")
+            .unwrap();
+        assert!(
+            matches!(outcome, Err(SendError::ConnectionLost { .. })),
+            "{outcome:?}"
+        );
+    }
+    // After the driver stopped, a send fails at once.
+    let late = tokio::time::timeout(Duration::from_secs(1), client.send(payment(99)))
+        .await
+        .expect("no hang");
+    assert!(matches!(late, Err(SendError::Closed)), "{late:?}");
+}
