@@ -103,6 +103,13 @@ impl Peer {
         self.sender.poll_timeout()
     }
 
+    /// The connection under this peer was replaced by a new one for the same channel: see
+    /// [`Sender::new_connection`] and [`Receiver::new_connection`].
+    pub fn new_connection(&mut self, now: Instant) {
+        self.sender.new_connection(now);
+        self.receiver.new_connection();
+    }
+
     /// Fires what is due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.sender.handle_timeout(now);

@@ -95,7 +95,16 @@ impl Receiver {
         self.stats
     }
 
-    /// The reassembler's counters.
+    /// The connection was replaced: reassembly starts over (block ids are per connection), while
+    /// the dedupe window, which is per channel, carries over, so a message re-sent on the new
+    /// connection is recognised and acked, not delivered again.
+    pub fn new_connection(&mut self) {
+        self.reassembler = Reassembler::new(self.config.reassembler.clone());
+        self.out.clear();
+        self.last_ack = None;
+    }
+
+    /// The reassembler's counters (of the current connection).
     pub fn reassembly(&self) -> crate::fec::ReassemblerStats {
         self.reassembler.stats()
     }

@@ -109,6 +109,9 @@ pub enum FailReason {
     /// No ack before the deadline. The outcome is unknown: the message may or may not have
     /// been delivered. Retry with the same idempotency key.
     DeadlineExceeded,
+    /// On a new connection the message could not be encoded again (the path's datagrams
+    /// shrank). The outcome is unknown: it may have been delivered on the old connection.
+    NotResendable,
 }
 
 /// What happened to a message.
@@ -169,6 +172,8 @@ struct Message {
     block: Option<u64>,
     sent_at: Instant,
     deadline: Instant,
+    /// Kept until the outcome, to re-send on a new connection.
+    payload: Bytes,
 }
 
 #[derive(Debug)]
@@ -242,9 +247,9 @@ impl Sender {
         }
         let id = self.next_id;
         if self.config.batching {
-            self.encoder.push(now, id, payload)?;
+            self.encoder.push(now, id, payload.clone())?;
         } else {
-            let block = self.encoder.encode(id, payload)?;
+            let block = self.encoder.encode(id, payload.clone())?;
             self.pending.push_back(block);
         }
         self.next_id += 1;
@@ -255,10 +260,52 @@ impl Sender {
                 block: None,
                 sent_at: now,
                 deadline: now + self.config.deadline,
+                payload,
             },
         );
         self.start_blocks(now);
         Ok(id)
+    }
+
+    /// The connection was replaced (after a loss, the same channel reconnected): every message
+    /// still in flight is sent again, with its id, deadline and send time, in new blocks (block
+    /// ids start over: the peer's reassembly state belongs to the old connection). Its RTT
+    /// samples, counters and next message id carry over.
+    pub fn new_connection(&mut self, now: Instant) {
+        self.encoder = Encoder::new(self.config.encoder.clone());
+        self.blocks.clear();
+        self.pending.clear();
+        self.spaced.clear();
+        self.out.clear();
+        let in_flight: Vec<(u64, Bytes)> = self
+            .messages
+            .iter_mut()
+            .map(|(&id, m)| {
+                m.block = None;
+                (id, m.payload.clone())
+            })
+            .collect();
+        for (id, payload) in in_flight {
+            match self.encoder.encode(id, payload) {
+                Ok(block) => self.pending.push_back(block),
+                Err(_) => {
+                    // Possible only if the datagram size shrank below what this message needs.
+                    self.messages.remove(&id);
+                    self.stats.failed += 1;
+                    self.events.push_back(SenderEvent::Failed {
+                        id,
+                        reason: FailReason::NotResendable,
+                    });
+                }
+            }
+        }
+        self.start_blocks(now);
+    }
+
+    /// Changes the datagram size for blocks built from now on (the path MTU moved).
+    pub fn set_max_datagram_size(&mut self, size: usize) {
+        self.config.encoder.max_datagram_size = size;
+        self.encoder.set_max_datagram_size(size);
     }
 
     /// Takes an ack from the peer.
