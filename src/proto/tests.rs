@@ -388,3 +388,37 @@ fn a_new_connection_resends_in_flight_messages_without_double_delivery() {
         "only {suppressed} re-sent messages were already delivered"
     );
 }
+
+#[test]
+fn first_flight_parity_leaves_after_the_spacing() {
+    // quinn packs datagrams queued together into one packet; the parity must be queued later.
+    let mut s = Sender::new(SenderConfig {
+        first_flight_repair: 2,
+        ..SenderConfig::default()
+    });
+    let t0 = Instant::now();
+    s.send(t0, payload(0)).unwrap();
+    let is_parity = |d: &Bytes| match Frame::decode(d.clone(), &Limits::default()) {
+        Ok(Frame::Shard(f)) => !f.is_data(),
+        other => panic!("{other:?}"),
+    };
+    let now: Vec<Bytes> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    assert_eq!(now.len(), 1);
+    assert!(!is_parity(&now[0]));
+    let spacing = SenderConfig::default().repair_spacing;
+    assert_eq!(s.poll_timeout(), Some(t0 + spacing));
+    for j in 1..=2u32 {
+        s.handle_timeout(t0 + spacing * j);
+        let out: Vec<Bytes> = std::iter::from_fn(|| s.poll_transmit()).collect();
+        assert_eq!(out.len(), 1, "one parity shard at {j} × spacing");
+        assert!(is_parity(&out[0]));
+    }
+    // With no spacing, the whole first flight leaves at once.
+    let mut s = Sender::new(SenderConfig {
+        first_flight_repair: 2,
+        repair_spacing: Duration::ZERO,
+        ..SenderConfig::default()
+    });
+    s.send(t0, payload(0)).unwrap();
+    assert_eq!(std::iter::from_fn(|| s.poll_transmit()).count(), 3);
+}
