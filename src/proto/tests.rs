@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::*;
-use crate::sim::{GilbertElliott, Link, LinkConfig, Loss, Verdict};
+use crate::sim::{GilbertElliott, Link, LinkConfig, Loss};
 use crate::wire::{Frame, Limits};
 
 const DELAY: Duration = Duration::from_millis(20);
@@ -52,21 +52,12 @@ impl Harness {
 
     /// Sends `data` from peer `from` through its link.
     fn inject(&mut self, from: usize, data: Vec<u8>) {
-        if let Verdict::Deliver {
-            at,
-            duplicate_at,
-            corrupt_bit,
-        } = self.links[from].on_send(self.now, data.len())
-        {
-            let mut data = data;
-            if let Some(bit) = corrupt_bit {
-                data[bit / 8] ^= 1 << (bit % 8);
-            }
-            for at in std::iter::once(at).chain(duplicate_at) {
-                self.seq += 1;
-                self.queue
-                    .push(Reverse((at, self.seq, 1 - from, data.clone())));
-            }
+        let copies = self.links[from]
+            .on_send(self.now, data.len())
+            .deliveries(&data);
+        for (at, data) in copies {
+            self.seq += 1;
+            self.queue.push(Reverse((at, self.seq, 1 - from, data)));
         }
     }
 

@@ -146,6 +146,29 @@ pub enum Verdict {
     },
 }
 
+impl Verdict {
+    /// The copies of `data` this verdict delivers, with their arrival times: none if dropped,
+    /// otherwise one (two if duplicated), each with the corrupted bit flipped if corrupted.
+    pub fn deliveries(&self, data: &[u8]) -> Vec<(Instant, Vec<u8>)> {
+        let Verdict::Deliver {
+            at,
+            duplicate_at,
+            corrupt_bit,
+        } = *self
+        else {
+            return Vec::new();
+        };
+        let mut data = data.to_vec();
+        if let Some(bit) = corrupt_bit {
+            data[bit / 8] ^= 1 << (bit % 8);
+        }
+        match duplicate_at {
+            Some(dup) => vec![(at, data.clone()), (dup, data)],
+            None => vec![(at, data)],
+        }
+    }
+}
+
 /// Counters of one link direction; readable (with [`LinkCounters::snapshot`]) while a run goes.
 #[derive(Debug, Default)]
 pub struct LinkCounters {

@@ -18,7 +18,7 @@ use std::time::Instant;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
-use super::link::{Link, LinkConfig, LinkCounters, LinkStats, Verdict};
+use super::link::{Link, LinkConfig, LinkCounters, LinkStats};
 
 /// tokio's "now" as a std `Instant` (virtual when tokio's clock is paused).
 pub(crate) fn now() -> Instant {
@@ -193,27 +193,13 @@ impl SimNetwork {
     fn send(&self, from: SocketAddr, to: SocketAddr, data: &[u8]) {
         let now = now();
         let mut net = self.lock();
-        let verdict = net.link(from, to).on_send(now, data.len());
-        let Verdict::Deliver {
-            at,
-            duplicate_at,
-            corrupt_bit,
-        } = verdict
-        else {
+        let copies = net.link(from, to).on_send(now, data.len()).deliveries(data);
+        if copies.is_empty() {
             return;
-        };
+        }
         if !net.hosts.contains_key(&to) {
             net.unroutable += 1;
             return;
-        }
-        let mut data = data.to_vec();
-        if let Some(bit) = corrupt_bit {
-            data[bit / 8] ^= 1 << (bit % 8);
-        }
-        let mut copies = vec![(at, data)];
-        if let Some(dup) = duplicate_at {
-            let copy = copies[0].1.clone();
-            copies.push((dup, copy));
         }
         for (at, data) in copies {
             let seq = net.next_seq;

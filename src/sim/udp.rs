@@ -14,7 +14,7 @@ use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
 use tokio::sync::mpsc;
 
-use super::link::{Link, LinkConfig, LinkCounters, Verdict};
+use super::link::{Link, LinkConfig, LinkCounters};
 use super::memory::{datagrams, now};
 
 /// Most packets held in the delay line; beyond it packets are dropped and counted in
@@ -145,24 +145,14 @@ impl LossyUdpSocket {
 
     fn send_one(&self, to: SocketAddr, data: &[u8]) -> io::Result<()> {
         let now = now();
-        let verdict = self
+        let copies = self
             .link
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .on_send(now, data.len());
-        let Verdict::Deliver {
-            at,
-            duplicate_at,
-            corrupt_bit,
-        } = verdict
-        else {
-            return Ok(()); // lost: quinn sees a successful send
-        };
-        let mut data = data.to_vec();
-        if let Some(bit) = corrupt_bit {
-            data[bit / 8] ^= 1 << (bit % 8);
-        }
-        for at in std::iter::once(at).chain(duplicate_at) {
+            .on_send(now, data.len())
+            .deliveries(data);
+        // No copies: lost; quinn sees a successful send.
+        for (at, data) in copies {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if st.queued >= MAX_DELAYED {
                 st.overflow += 1;
@@ -172,12 +162,7 @@ impl LossyUdpSocket {
             st.seq += 1;
             let seq = st.seq;
             drop(st);
-            let packet = Delayed {
-                at,
-                seq,
-                to,
-                data: data.clone(),
-            };
+            let packet = Delayed { at, seq, to, data };
             if self.delay_line.send(packet).is_err() {
                 return Err(io::Error::new(
                     io::ErrorKind::BrokenPipe,
