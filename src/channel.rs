@@ -252,7 +252,10 @@ async fn drive(
         let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
         st.sender = peer.sender.stats();
         st.receiver = peer.receiver.stats();
-        st.invalid_frames = peer.invalid_frames().by_reason.clone();
+        // Cloned only when it changed: this runs once per datagram.
+        if peer.invalid_frames().total() != st.invalid_frames.values().sum::<u64>() {
+            st.invalid_frames = peer.invalid_frames().by_reason.clone();
+        }
         st.send_errors = send_errors;
     };
     tracing::debug!(reason = %lost, "surelink channel: connection lost");
