@@ -67,6 +67,25 @@
 //! | code       | varint     | application close code                           |
 //! | reason_len | varint     | `≤ Limits::max_close_reason`                     |
 //! | reason     | bytes      | human-readable reason (not interpreted)          |
+//!
+//! ## Envelope (inside every message)
+//!
+//! What the application sends is wrapped before it is coded into blocks (or written to a
+//! stream), so that the receiver can dedupe by the application's idempotency key:
+//!
+//! | field    | encoding | meaning                                                     |
+//! |----------|----------|-------------------------------------------------------------|
+//! | flags    | u8       | bit 0: a key follows; other bits must be 0                  |
+//! | key_len  | varint   | only with bit 0; `1 ..= MAX_KEY_LEN`                        |
+//! | key      | bytes    | the idempotency key, opaque                                 |
+//! | payload  | rest     | the application's message                                   |
+//!
+//! ## Stream message (`0x15`, on a bidirectional QUIC stream)
+//!
+//! Messages too large for the datagram path travel one per bidirectional stream: the type
+//! byte, the message id (a varint, from the same id space as the datagram path) and the
+//! envelope up to the end of the stream. The receiver answers with one status byte and ends
+//! the stream: `0` delivered (now or before), `1` refused (not delivered).
 
 use std::ops::RangeInclusive;
 
@@ -89,6 +108,7 @@ const TYPE_SHARD: u8 = 0x1;
 const TYPE_ACK: u8 = 0x2;
 const TYPE_HELLO: u8 = 0x3;
 const TYPE_CLOSE: u8 = 0x4;
+const TYPE_STREAM_MESSAGE: u8 = 0x5;
 
 const fn type_byte(frame_type: u8) -> u8 {
     (VERSION << 4) | frame_type
@@ -259,6 +279,15 @@ pub enum DecodeError {
         /// The configured limit.
         max: u16,
     },
+    /// An envelope's flags had bits set that this version does not define.
+    #[error("envelope flags {0:#04x} unknown")]
+    UnknownFlags(u8),
+    /// An envelope's idempotency key was empty or longer than [`MAX_KEY_LEN`].
+    #[error("idempotency key of {len} bytes, allowed 1..={max}", max = MAX_KEY_LEN)]
+    KeyLength {
+        /// Claimed length.
+        len: u64,
+    },
 }
 
 impl DecodeError {
@@ -284,6 +313,8 @@ impl DecodeError {
             DecodeError::TooManyAckRanges { .. } => "too_many_ack_ranges",
             DecodeError::InvalidAckRange => "invalid_ack_range",
             DecodeError::ReasonTooLong { .. } => "reason_too_long",
+            DecodeError::UnknownFlags(_) => "unknown_envelope_flags",
+            DecodeError::KeyLength { .. } => "key_length",
         }
     }
 }
@@ -615,6 +646,99 @@ impl Frame {
         self.encode(&mut buf);
         Bytes::from(buf)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Envelopes and stream messages
+// ---------------------------------------------------------------------------------------------
+
+/// Longest idempotency key, in bytes (the usual limit of payment APIs).
+pub const MAX_KEY_LEN: usize = 255;
+
+const FLAG_KEY: u8 = 0x01;
+
+/// A message as the application sent it: an optional idempotency key and the payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// The application's idempotency key, `1 ..= MAX_KEY_LEN` bytes.
+    pub key: Option<Bytes>,
+    /// The application's message.
+    pub payload: Bytes,
+}
+
+impl Envelope {
+    /// Bytes the envelope adds in front of the payload.
+    pub fn overhead(key: Option<&[u8]>) -> usize {
+        1 + key.map_or(0, |k| varint_len(k.len() as u64) + k.len())
+    }
+
+    /// Encodes the envelope. The key must be `1 ..= MAX_KEY_LEN` bytes (callers check it).
+    pub fn encode(key: Option<&[u8]>, payload: &[u8]) -> Bytes {
+        let mut buf = Vec::with_capacity(Self::overhead(key) + payload.len());
+        match key {
+            Some(k) => {
+                buf.put_u8(FLAG_KEY);
+                put_varint(&mut buf, k.len() as u64);
+                buf.put_slice(k);
+            }
+            None => buf.put_u8(0),
+        }
+        buf.put_slice(payload);
+        Bytes::from(buf)
+    }
+
+    /// Decodes an envelope; the key and the payload are zero-copy slices of `body`.
+    pub fn decode(mut body: Bytes) -> Result<Envelope, DecodeError> {
+        if body.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let flags = body.get_u8();
+        if flags & !FLAG_KEY != 0 {
+            return Err(DecodeError::UnknownFlags(flags));
+        }
+        let key = if flags & FLAG_KEY != 0 {
+            let len = get_varint(&mut body)?;
+            if len == 0 || len > MAX_KEY_LEN as u64 {
+                return Err(DecodeError::KeyLength { len });
+            }
+            if (body.remaining() as u64) < len {
+                return Err(DecodeError::Truncated);
+            }
+            Some(body.split_to(len as usize))
+        } else {
+            None
+        };
+        Ok(Envelope { key, payload: body })
+    }
+}
+
+/// Status byte a receiver answers a stream message with: delivered, now or before.
+pub const STREAM_DELIVERED: u8 = 0;
+/// Status byte a receiver answers a stream message with: refused, not delivered.
+pub const STREAM_REFUSED: u8 = 1;
+
+/// The head of a stream message: the type byte and the message id. The envelope follows.
+pub fn encode_stream_head(id: u64) -> Bytes {
+    let mut buf = Vec::with_capacity(9);
+    buf.put_u8(type_byte(TYPE_STREAM_MESSAGE));
+    put_varint(&mut buf, id);
+    Bytes::from(buf)
+}
+
+/// Splits a whole stream message into its id and its envelope bytes.
+pub fn decode_stream_message(mut stream: Bytes) -> Result<(u64, Bytes), DecodeError> {
+    if stream.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let ty = stream.get_u8();
+    if ty >> 4 != VERSION {
+        return Err(DecodeError::UnsupportedVersion(ty >> 4));
+    }
+    if ty & 0x0f != TYPE_STREAM_MESSAGE {
+        return Err(DecodeError::UnknownType(ty));
+    }
+    let id = get_varint(&mut stream)?;
+    Ok((id, stream))
 }
 
 fn decode_shard(mut buf: Bytes, limits: &Limits) -> Result<ShardFrame, DecodeError> {
@@ -1223,6 +1347,36 @@ mod tests {
             })
     }
 
+    #[test]
+    fn envelope_rejects_bad_keys_and_flags() {
+        assert_eq!(Envelope::decode(Bytes::new()), Err(DecodeError::Empty));
+        assert_eq!(
+            Envelope::decode(Bytes::from_static(&[0x02, 1, 2])),
+            Err(DecodeError::UnknownFlags(0x02))
+        );
+        assert_eq!(
+            Envelope::decode(Bytes::from_static(&[0x01, 0])),
+            Err(DecodeError::KeyLength { len: 0 })
+        );
+        let mut long = vec![0x01];
+        put_varint(&mut long, 256);
+        long.extend(std::iter::repeat_n(7u8, 256));
+        assert_eq!(
+            Envelope::decode(Bytes::from(long)),
+            Err(DecodeError::KeyLength { len: 256 })
+        );
+        assert_eq!(
+            Envelope::decode(Bytes::from_static(&[0x01, 5, b'a'])),
+            Err(DecodeError::Truncated)
+        );
+        let plain = Envelope::decode(Bytes::from_static(&[0, b'h', b'i'])).unwrap();
+        assert_eq!((plain.key, &plain.payload[..]), (None, &b"hi"[..]));
+        assert_eq!(
+            decode_stream_message(Bytes::from_static(&[0x11, 0])),
+            Err(DecodeError::UnknownType(0x11))
+        );
+    }
+
     proptest! {
         #[test]
         fn shard_round_trip((h, index) in arb_header(), fill in any::<u8>()) {
@@ -1253,6 +1407,31 @@ mod tests {
         fn close_round_trip(code in 0..MAX_VARINT, reason in prop::collection::vec(any::<u8>(), 0..=256)) {
             let f = Frame::Close(CloseFrame { code, reason: Bytes::from(reason) });
             prop_assert_eq!(Frame::decode(f.to_bytes(), &Limits::default()), Ok(f));
+        }
+
+        #[test]
+        fn envelope_round_trip(
+            key in prop::option::of(prop::collection::vec(any::<u8>(), 1..=MAX_KEY_LEN)),
+            payload in prop::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let bytes = Envelope::encode(key.as_deref(), &payload);
+            prop_assert_eq!(bytes.len(), Envelope::overhead(key.as_deref()) + payload.len());
+            let e = Envelope::decode(bytes).unwrap();
+            prop_assert_eq!(e.key.as_deref(), key.as_deref());
+            prop_assert_eq!(&e.payload[..], &payload[..]);
+        }
+
+        #[test]
+        fn envelope_and_stream_decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(e) = Envelope::decode(Bytes::from(bytes.clone())) {
+                let again = Envelope::encode(e.key.as_deref(), &e.payload);
+                prop_assert_eq!(Envelope::decode(again), Ok(e));
+            }
+            if let Ok((id, rest)) = decode_stream_message(Bytes::from(bytes)) {
+                let mut again = encode_stream_head(id).to_vec();
+                again.extend_from_slice(&rest);
+                prop_assert_eq!(decode_stream_message(Bytes::from(again)), Ok((id, rest)));
+            }
         }
 
         #[test]

@@ -1,6 +1,7 @@
-//! Which message ids were delivered: a bounded window above a low watermark.
+//! Which message ids were delivered (a bounded window above a low watermark), and which
+//! idempotency keys were (a bounded map with a TTL).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
@@ -128,9 +129,106 @@ impl DedupeWindow {
     }
 }
 
+/// Idempotency keys delivered within the last `ttl`, at most `max_keys` of them.
+///
+/// Keys expire `ttl` after their delivery (payment APIs keep theirs 24 h). When `max_keys`
+/// unexpired keys are held, the oldest is forgotten early and counted in
+/// [`KeyWindow::evicted`]: memory stays bounded, and the count says when the bound was too
+/// small for the traffic.
+#[derive(Clone, Debug)]
+pub struct KeyWindow {
+    ttl: Duration,
+    max_keys: usize,
+    keys: HashMap<bytes::Bytes, Instant>,
+    order: VecDeque<(Instant, bytes::Bytes)>,
+    evicted: u64,
+}
+
+impl KeyWindow {
+    /// A window remembering keys for `ttl`, at most `max_keys` (at least 1) at a time.
+    pub fn new(ttl: Duration, max_keys: usize) -> Self {
+        KeyWindow {
+            ttl,
+            max_keys: max_keys.max(1),
+            keys: HashMap::new(),
+            order: VecDeque::new(),
+            evicted: 0,
+        }
+    }
+
+    /// Records `key` as delivered at `now`; `false` if it was delivered within the TTL.
+    pub fn check(&mut self, now: Instant, key: &bytes::Bytes) -> bool {
+        self.expire(now);
+        if self.keys.contains_key(key) {
+            return false;
+        }
+        if self.keys.len() >= self.max_keys {
+            if let Some((_, oldest)) = self.order.pop_front() {
+                self.keys.remove(&oldest);
+                self.evicted += 1;
+            }
+        }
+        self.keys.insert(key.clone(), now);
+        self.order.push_back((now, key.clone()));
+        true
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Unexpired keys forgotten because `max_keys` were held.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((at, _)) = self.order.front() {
+            if now.saturating_duration_since(*at) < self.ttl {
+                break;
+            }
+            let (_, key) = self.order.pop_front().expect("checked");
+            self.keys.remove(&key);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_dedupe_within_ttl_and_stay_bounded() {
+        let t0 = Instant::now();
+        let key = |s: &'static str| bytes::Bytes::from_static(s.as_bytes());
+        let mut w = KeyWindow::new(Duration::from_secs(10), 3);
+        assert!(w.check(t0, &key("a")));
+        assert!(
+            !w.check(t0 + Duration::from_secs(9), &key("a")),
+            "within the TTL"
+        );
+        assert!(
+            w.check(t0 + Duration::from_secs(10), &key("a")),
+            "expired, then new"
+        );
+        assert!(w.check(t0 + Duration::from_secs(10), &key("b")));
+        assert!(w.check(t0 + Duration::from_secs(10), &key("c")));
+        assert_eq!((w.len(), w.evicted()), (3, 0));
+        // A fourth key evicts the oldest unexpired one.
+        assert!(w.check(t0 + Duration::from_secs(11), &key("d")));
+        assert_eq!((w.len(), w.evicted()), (3, 1));
+        assert!(!w.check(t0 + Duration::from_secs(11), &key("d")));
+        assert!(
+            w.check(t0 + Duration::from_secs(11), &key("a")),
+            "evicted: forgotten"
+        );
+    }
 
     #[test]
     fn floor_window_ranges_and_holes() {

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-pub use dedupe::{DedupeWindow, Seen};
+pub use dedupe::{DedupeWindow, KeyWindow, Seen};
 pub use receiver::{Delivered, Receiver, ReceiverConfig, ReceiverStats};
 pub use rtt::RttEstimator;
 pub use sender::{FailReason, SendError, Sender, SenderConfig, SenderEvent, SenderStats};

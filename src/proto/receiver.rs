@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::dedupe::{DedupeWindow, Seen};
+use super::dedupe::{DedupeWindow, KeyWindow, Seen};
 use crate::fec::{InsertOutcome, Reassembler, ReassemblerConfig};
-use crate::wire::{AckFrame, Frame, ShardFrame};
+use crate::wire::{AckFrame, Envelope, Frame, ShardFrame};
 
 /// Settings of a [`Receiver`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +24,12 @@ pub struct ReceiverConfig {
     /// Least time between two acks that only repeat what was acked (for shards of messages
     /// already delivered). Default 2 ms.
     pub reack_interval: Duration,
+    /// How long an idempotency key is remembered after its message was delivered. Default
+    /// 24 h (what payment APIs keep).
+    pub key_ttl: Duration,
+    /// Most idempotency keys remembered at once; past it the oldest is forgotten early
+    /// (counted in [`ReceiverStats::keys_evicted`]). Default 65536.
+    pub max_keys: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -34,6 +40,8 @@ impl Default for ReceiverConfig {
             hole_ttl: Duration::from_secs(30),
             max_ack_ranges: 16,
             reack_interval: Duration::from_millis(2),
+            key_ttl: Duration::from_secs(24 * 3600),
+            max_keys: 65_536,
         }
     }
 }
@@ -43,6 +51,9 @@ impl Default for ReceiverConfig {
 pub struct Delivered {
     /// The message id (per sender).
     pub id: u64,
+    /// The application's idempotency key, if the sender attached one. [`Receiver`] leaves it
+    /// `None` (it delivers message bodies); [`Peer`](super::Peer) opens the envelope.
+    pub key: Option<Bytes>,
     /// The message.
     pub payload: Bytes,
 }
@@ -62,6 +73,25 @@ pub struct ReceiverStats {
     pub acks_sent: u64,
     /// Acks sent only to repeat earlier ones.
     pub reacks_sent: u64,
+    /// Messages whose idempotency key was delivered before (under another id): acked, not
+    /// delivered again.
+    pub duplicate_keys: u64,
+    /// Messages rebuilt intact whose envelope did not decode: dropped unacked.
+    pub invalid_envelopes: u64,
+    /// Unexpired idempotency keys forgotten because `max_keys` were held.
+    pub keys_evicted: u64,
+}
+
+/// What became of one rebuilt message.
+enum Accepted {
+    /// Delivered to the application.
+    Delivered,
+    /// Its id is new but its idempotency key was delivered before: acked, not delivered.
+    KeyDuplicate,
+    /// Its id was delivered before.
+    Duplicate,
+    /// Out of the window, or not a valid envelope: neither delivered nor acked.
+    Refused,
 }
 
 /// The receiving half of a surelink peer. Sans-I/O.
@@ -70,6 +100,7 @@ pub struct Receiver {
     config: ReceiverConfig,
     reassembler: Reassembler,
     dedupe: DedupeWindow,
+    keys: KeyWindow,
     deliveries: VecDeque<Delivered>,
     out: VecDeque<Bytes>,
     last_ack: Option<Instant>,
@@ -82,6 +113,7 @@ impl Receiver {
         Receiver {
             reassembler: Reassembler::new(config.reassembler.clone()),
             dedupe: DedupeWindow::new(config.dedupe_window, config.hole_ttl),
+            keys: KeyWindow::new(config.key_ttl, config.max_keys),
             config,
             deliveries: VecDeque::new(),
             out: VecDeque::new(),
@@ -92,7 +124,10 @@ impl Receiver {
 
     /// Counters.
     pub fn stats(&self) -> ReceiverStats {
-        self.stats
+        ReceiverStats {
+            keys_evicted: self.keys.evicted(),
+            ..self.stats
+        }
     }
 
     /// The connection was replaced: reassembly starts over (block ids are per connection), while
@@ -116,20 +151,10 @@ impl Receiver {
         let mut fresh = false;
         let mut repeat = false;
         while let Some(d) = self.reassembler.poll_delivery() {
-            match self.dedupe.check(now, d.message_id) {
-                Seen::New => {
-                    self.stats.delivered += 1;
-                    fresh = true;
-                    self.deliveries.push_back(Delivered {
-                        id: d.message_id,
-                        payload: d.payload,
-                    });
-                }
-                Seen::Duplicate => {
-                    self.stats.duplicates_suppressed += 1;
-                    repeat = true;
-                }
-                Seen::OutOfWindow => self.stats.out_of_window += 1,
+            match self.accept(now, d.message_id, d.payload) {
+                Accepted::Delivered | Accepted::KeyDuplicate => fresh = true,
+                Accepted::Duplicate => repeat = true,
+                Accepted::Refused => {}
             }
         }
         if let InsertOutcome::Stale { messages } = outcome {
@@ -141,6 +166,64 @@ impl Receiver {
             .is_none_or(|t| now.saturating_duration_since(t) >= self.config.reack_interval);
         if fresh || (repeat && reack_due) {
             self.ack(now, !fresh);
+        }
+    }
+
+    /// Takes a whole message body (an envelope) that arrived outside the datagram path (a
+    /// stream message). It is delivered if new, and acked unless it is out of the window or
+    /// malformed; the answer says which (`Seen::OutOfWindow` for both refusals).
+    pub fn handle_whole(&mut self, now: Instant, id: u64, body: Bytes) -> Seen {
+        match self.accept(now, id, body) {
+            Accepted::Delivered | Accepted::KeyDuplicate => {
+                self.ack(now, false);
+                Seen::New
+            }
+            Accepted::Duplicate => {
+                self.ack(now, true);
+                Seen::Duplicate
+            }
+            Accepted::Refused => Seen::OutOfWindow,
+        }
+    }
+
+    /// Opens a rebuilt message body and delivers it unless its id, or its idempotency key,
+    /// was delivered before. A body that is not a valid envelope is dropped unacked (counted):
+    /// only a broken or hostile sender produces one, and acking it would claim a delivery.
+    fn accept(&mut self, now: Instant, id: u64, body: Bytes) -> Accepted {
+        if self.dedupe.contains(id) {
+            self.stats.duplicates_suppressed += 1;
+            return Accepted::Duplicate;
+        }
+        let Ok(envelope) = Envelope::decode(body) else {
+            self.stats.invalid_envelopes += 1;
+            return Accepted::Refused;
+        };
+        match self.dedupe.check(now, id) {
+            Seen::New => {
+                if let Some(key) = &envelope.key {
+                    if !self.keys.check(now, key) {
+                        // Delivered before under another id (an application retry): the
+                        // effect happened, so ack this id too, but deliver nothing.
+                        self.stats.duplicate_keys += 1;
+                        return Accepted::KeyDuplicate;
+                    }
+                }
+                self.stats.delivered += 1;
+                self.deliveries.push_back(Delivered {
+                    id,
+                    key: envelope.key,
+                    payload: envelope.payload,
+                });
+                Accepted::Delivered
+            }
+            Seen::Duplicate => {
+                self.stats.duplicates_suppressed += 1;
+                Accepted::Duplicate
+            }
+            Seen::OutOfWindow => {
+                self.stats.out_of_window += 1;
+                Accepted::Refused
+            }
         }
     }
 

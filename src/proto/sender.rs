@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::rtt::RttEstimator;
 use crate::fec::{Block, EncodeError, Encoder, EncoderConfig};
-use crate::wire::AckFrame;
+use crate::wire::{AckFrame, Envelope, MAX_KEY_LEN};
 
 /// Settings of a [`Sender`].
 #[derive(Clone, Debug, PartialEq)]
@@ -96,6 +96,12 @@ pub enum SendError {
     Backpressure {
         /// Messages in flight.
         in_flight: usize,
+    },
+    /// The idempotency key is empty or longer than [`MAX_KEY_LEN`] bytes.
+    #[error("idempotency key of {len} bytes, allowed 1..={max}", max = MAX_KEY_LEN)]
+    InvalidKey {
+        /// The key's length.
+        len: usize,
     },
     /// The message cannot be encoded (too long for the datagram path, or a configuration
     /// that leaves no room for shards).
@@ -238,8 +244,36 @@ impl Sender {
         self.messages.len()
     }
 
-    /// Sends a message; returns its id. Its outcome comes later from [`Sender::poll_event`].
+    /// Takes the next message id for a message sent outside the datagram path (a stream
+    /// message), so that both paths share one id space and the receiver one dedupe window.
+    /// The sender does not track it: acks for it are ignored.
+    pub fn reserve_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.stats.messages_sent += 1;
+        id
+    }
+
+    /// Sends a message without an idempotency key; see [`Sender::send_keyed`].
     pub fn send(&mut self, now: Instant, payload: Bytes) -> Result<u64, SendError> {
+        self.send_keyed(now, None, &payload)
+    }
+
+    /// Sends a message with an optional idempotency key (`1 ..= MAX_KEY_LEN` bytes): the
+    /// receiver delivers at most one message per key within its key TTL. Returns the message
+    /// id; its outcome comes later from [`Sender::poll_event`].
+    pub fn send_keyed(
+        &mut self,
+        now: Instant,
+        key: Option<&[u8]>,
+        payload: &[u8],
+    ) -> Result<u64, SendError> {
+        if let Some(k) = key {
+            if k.is_empty() || k.len() > MAX_KEY_LEN {
+                return Err(SendError::InvalidKey { len: k.len() });
+            }
+        }
+        let payload = Envelope::encode(key, payload);
         if self.messages.len() >= self.config.max_in_flight {
             return Err(SendError::Backpressure {
                 in_flight: self.messages.len(),

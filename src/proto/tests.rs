@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::sim::{GilbertElliott, Link, LinkConfig, Loss};
-use crate::wire::{Frame, Limits};
+use crate::wire::{Envelope, Frame, Limits};
 
 const DELAY: Duration = Duration::from_millis(20);
 const INTERVAL: Duration = Duration::from_millis(5);
@@ -412,4 +412,96 @@ fn first_flight_parity_leaves_after_the_spacing() {
     });
     s.send(t0, payload(0)).unwrap();
     assert_eq!(std::iter::from_fn(|| s.poll_transmit()).count(), 3);
+}
+
+#[test]
+fn an_idempotency_key_is_delivered_once_and_every_id_acked() {
+    let mut h = Harness::new(LinkConfig::default(), 7);
+    let t = h.now;
+    let a = h.peers[0]
+        .sender
+        .send_keyed(t, Some(b"order-1"), b"pay 10")
+        .unwrap();
+    // The application retries under the same key (a new message id), and sends another.
+    let b = h.peers[0]
+        .sender
+        .send_keyed(t, Some(b"order-1"), b"pay 10")
+        .unwrap();
+    let c = h.peers[0]
+        .sender
+        .send_keyed(t, Some(b"order-2"), b"pay 20")
+        .unwrap();
+    h.flush();
+    h.run_until(t + Duration::from_secs(1));
+    let mut acked = BTreeSet::new();
+    while let Some(e) = h.peers[0].sender.poll_event() {
+        if let SenderEvent::Acked { id, .. } = e {
+            acked.insert(id);
+        }
+    }
+    assert_eq!(acked, BTreeSet::from([a, b, c]), "every id has its ack");
+    let mut delivered = Vec::new();
+    while let Some(d) = h.peers[1].receiver.poll_delivery() {
+        delivered.push((d.id, d.key.unwrap(), d.payload));
+    }
+    assert_eq!(
+        delivered,
+        vec![
+            (
+                a,
+                Bytes::from_static(b"order-1"),
+                Bytes::from_static(b"pay 10")
+            ),
+            (
+                c,
+                Bytes::from_static(b"order-2"),
+                Bytes::from_static(b"pay 20")
+            ),
+        ]
+    );
+    assert_eq!(h.peers[1].receiver.stats().duplicate_keys, 1);
+    let bad = [Some(&b""[..]), Some(&[7u8; 256][..])];
+    for key in bad {
+        assert!(matches!(
+            h.peers[0].sender.send_keyed(t, key, b"x"),
+            Err(SendError::InvalidKey { .. })
+        ));
+    }
+}
+
+#[test]
+fn a_body_that_is_no_envelope_is_neither_delivered_nor_acked() {
+    let t = Instant::now();
+    let mut r = Receiver::new(ReceiverConfig::default());
+    // A well-formed block whose message is not an envelope (unknown flags).
+    let block = crate::fec::Encoder::new(Default::default())
+        .encode(0, Bytes::from_static(&[0x80, 1, 2, 3]))
+        .unwrap();
+    for f in block.data_frames() {
+        match Frame::decode(f, &Limits::default()).unwrap() {
+            Frame::Shard(s) => r.handle_shard(t, s),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(r.poll_delivery(), None);
+    assert_eq!(r.poll_transmit(), None, "no ack for what was not delivered");
+    assert_eq!(r.stats().invalid_envelopes, 1);
+    // The same over the stream path: refused.
+    assert_eq!(
+        r.handle_whole(t, 1, Bytes::from_static(&[0x80])),
+        Seen::OutOfWindow
+    );
+    assert_eq!(
+        r.handle_whole(t, 1, Envelope::encode(None, b"ok")),
+        Seen::New
+    );
+    assert_eq!(
+        r.handle_whole(t, 1, Envelope::encode(None, b"ok")),
+        Seen::Duplicate
+    );
+    assert_eq!(
+        r.poll_delivery().unwrap().payload,
+        Bytes::from_static(b"ok")
+    );
+    assert_eq!(r.poll_delivery(), None);
 }
