@@ -29,7 +29,9 @@ pub use receiver::{Delivered, Receiver, ReceiverConfig, ReceiverStats};
 pub use rtt::RttEstimator;
 pub use sender::{FailReason, SendError, Sender, SenderConfig, SenderEvent, SenderStats};
 
-use crate::wire::{DecodeError, Frame, Limits};
+use crate::wire::{
+    decode_stream_message, DecodeError, Frame, Limits, STREAM_DELIVERED, STREAM_REFUSED,
+};
 
 /// Frames a [`Peer`] dropped, by reason.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -79,8 +81,30 @@ impl Peer {
         }
     }
 
+    /// Takes a whole stream message (the stream path for large messages): the message is
+    /// delivered unless it was before, and the answer is the status byte to send back
+    /// ([`STREAM_DELIVERED`] or [`STREAM_REFUSED`]). A message that does not decode is counted
+    /// and refused.
+    pub fn handle_stream_message(&mut self, now: Instant, message: Bytes) -> u8 {
+        match decode_stream_message(message) {
+            Ok((id, body)) => match self.receiver.handle_whole(now, id, body) {
+                Seen::New | Seen::Duplicate => STREAM_DELIVERED,
+                Seen::OutOfWindow => STREAM_REFUSED,
+            },
+            Err(e) => {
+                self.count_invalid(&e);
+                STREAM_REFUSED
+            }
+        }
+    }
+
     fn count_invalid(&mut self, e: &DecodeError) {
-        *self.invalid.by_reason.entry(e.reason()).or_default() += 1;
+        self.count_invalid_reason(e.reason());
+    }
+
+    /// Counts an invalid input found outside the decoder (e.g. a stream that was too long).
+    pub fn count_invalid_reason(&mut self, reason: &'static str) {
+        *self.invalid.by_reason.entry(reason).or_default() += 1;
     }
 
     /// Invalid frames received so far.

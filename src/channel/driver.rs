@@ -1,0 +1,615 @@
+//! The driver task: one per channel, owning the [`Peer`] and the current connection.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::connect::{Dialer, ServerInner};
+use super::{Channel, ChannelId, ChannelStats, Command, Config, Messages, Receipt, SendError};
+use crate::proto::{Delivered, Peer, SenderEvent};
+use crate::wire::{encode_stream_head, Envelope, MAX_KEY_LEN, STREAM_DELIVERED};
+
+/// Where a new connection comes from when the current one is lost.
+pub(super) enum Reattach {
+    /// Nowhere: the channel ends with its connection.
+    Never,
+    /// A client dials the server again.
+    Dial(Box<Dialer>),
+    /// A server waits for the client to come back; the [`Server`](super::Server) routes its
+    /// new connection here by channel id.
+    Registry {
+        rx: mpsc::UnboundedReceiver<quinn::Connection>,
+        server: Weak<ServerInner>,
+    },
+}
+
+type Reply = oneshot::Sender<Result<Receipt, SendError>>;
+type Dialing = Pin<Box<dyn Future<Output = Result<quinn::Connection, String>> + Send>>;
+
+/// A message on the stream path.
+struct StreamSend {
+    head: Bytes,
+    body: Bytes,
+    reply: Reply,
+    started: Instant,
+    deadline: Instant,
+    /// The connection generation its task runs on; `None` while it waits for a connection.
+    running_on: Option<u64>,
+}
+
+/// How a stream send ended, other than with a status byte.
+#[derive(Debug)]
+enum StreamFailure {
+    Deadline,
+    /// The peer reset or stopped the stream: it did not deliver the message.
+    Refused,
+    Connection(String),
+}
+
+/// What a stream reader task hands the driver.
+enum Inbound {
+    Message(Bytes, oneshot::Sender<u8>),
+    Invalid(&'static str),
+}
+
+enum Event {
+    Datagram(Result<Bytes, quinn::ConnectionError>),
+    Stream(Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>),
+    Inbound(Inbound),
+    StreamDone(u64, u64, Result<u8, StreamFailure>),
+    Command(Option<Command>),
+    Attach(Result<quinn::Connection, String>),
+    Timer,
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Starts the driver for a channel over `connection` and returns the application's handles.
+pub(super) fn spawn(
+    connection: quinn::Connection,
+    mut config: Config,
+    id: ChannelId,
+    reattach: Reattach,
+) -> Result<(Channel, Messages), SendError> {
+    let size = connection
+        .max_datagram_size()
+        .ok_or(SendError::DatagramsUnsupported)?;
+    config.sender.encoder.max_datagram_size = size;
+    let permits = Arc::new(Semaphore::new(config.sender.max_in_flight.max(1)));
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (delivered, rx) = mpsc::unbounded_channel();
+    let stats = Arc::new(Mutex::new(ChannelStats::default()));
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+    let channel = Channel {
+        id,
+        commands,
+        permits,
+        stats: stats.clone(),
+        max_message_size: config.max_message_size,
+    };
+    let driver = Driver {
+        peer: Peer::new(config.sender.clone(), config.receiver.clone()),
+        config,
+        id,
+        conn: Some(connection),
+        generation: 0,
+        reattach,
+        dialing: None,
+        detached_until: None,
+        waiting: HashMap::new(),
+        streams: HashMap::new(),
+        done_tx,
+        done_rx,
+        inbound_tx,
+        inbound_rx,
+        commands: command_rx,
+        commands_open: true,
+        delivered,
+        stats,
+        counters: ChannelStats::default(),
+    };
+    let span = tracing::debug_span!("surelink_channel", id = %hex(&id));
+    tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
+    Ok((channel, Messages { rx }))
+}
+
+struct Driver {
+    peer: Peer,
+    config: Config,
+    id: ChannelId,
+    conn: Option<quinn::Connection>,
+    /// Counts connections: a stream task reports which one it ran on.
+    generation: u64,
+    reattach: Reattach,
+    dialing: Option<Dialing>,
+    /// A server-side channel without a connection ends at this instant.
+    detached_until: Option<Instant>,
+    waiting: HashMap<u64, Reply>,
+    streams: HashMap<u64, StreamSend>,
+    done_tx: mpsc::UnboundedSender<(u64, u64, Result<u8, StreamFailure>)>,
+    done_rx: mpsc::UnboundedReceiver<(u64, u64, Result<u8, StreamFailure>)>,
+    inbound_tx: mpsc::UnboundedSender<Inbound>,
+    inbound_rx: mpsc::UnboundedReceiver<Inbound>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    commands_open: bool,
+    delivered: mpsc::UnboundedSender<Delivered>,
+    stats: Arc<Mutex<ChannelStats>>,
+    /// The driver's own counters (the peer's are copied in at each step).
+    counters: ChannelStats,
+}
+
+async fn read_datagram(conn: &Option<quinn::Connection>) -> Result<Bytes, quinn::ConnectionError> {
+    match conn {
+        Some(c) => c.read_datagram().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_bi(
+    conn: &Option<quinn::Connection>,
+) -> Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError> {
+    match conn {
+        Some(c) => c.accept_bi().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_connection(
+    reattach: &mut Reattach,
+    dialing: &mut Option<Dialing>,
+) -> Result<quinn::Connection, String> {
+    match reattach {
+        Reattach::Registry { rx, .. } => match rx.recv().await {
+            Some(c) => Ok(c),
+            None => std::future::pending().await,
+        },
+        Reattach::Dial(_) => match dialing {
+            Some(f) => {
+                let r = f.as_mut().await;
+                *dialing = None;
+                r
+            }
+            None => std::future::pending().await,
+        },
+        Reattach::Never => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether a client should dial again after losing its connection this way: not when either
+/// application closed it on purpose, nor after a protocol error.
+fn reconnectable(e: &quinn::ConnectionError) -> bool {
+    use quinn::ConnectionError as E;
+    matches!(
+        e,
+        E::TimedOut | E::Reset | E::ConnectionClosed(_) | E::CidsExhausted
+    )
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let reason = loop {
+            let conn = self.conn.clone();
+            let timer = self.next_timer();
+            let streams = self.config.streams;
+            // Arrivals before timers: an ack and the hedge timer due at the same instant must
+            // not hedge (in virtual time such ties are common: measured, an unbiased select
+            // hedged ~80% of messages on a loss-free link).
+            let event = tokio::select! {
+                biased;
+                d = read_datagram(&conn) => Event::Datagram(d),
+                s = accept_bi(&conn), if streams => Event::Stream(s),
+                Some(m) = self.inbound_rx.recv() => Event::Inbound(m),
+                Some((id, generation, r)) = self.done_rx.recv() => Event::StreamDone(id, generation, r),
+                c = self.commands.recv(), if self.commands_open => Event::Command(c),
+                a = next_connection(&mut self.reattach, &mut self.dialing) => Event::Attach(a),
+                _ = sleep_until(timer) => Event::Timer,
+            };
+            if let Some(reason) = self.handle(event) {
+                break reason;
+            }
+            self.flush();
+        };
+        self.finish(reason);
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        let waiting_streams = self
+            .streams
+            .values()
+            .filter(|s| s.running_on.is_none())
+            .map(|s| s.deadline);
+        [self.peer.poll_timeout(), self.detached_until]
+            .into_iter()
+            .flatten()
+            .chain(waiting_streams)
+            .min()
+    }
+
+    /// Handles one event; `Some(reason)` ends the channel.
+    fn handle(&mut self, event: Event) -> Option<String> {
+        let now = now();
+        match event {
+            Event::Datagram(Ok(d)) => self.peer.handle_datagram(now, d),
+            Event::Datagram(Err(e)) | Event::Stream(Err(e)) => return self.lost(now, e),
+            Event::Stream(Ok((send, recv))) => {
+                let limit = self.config.max_message_size + MAX_KEY_LEN + 32;
+                tokio::spawn(read_stream_message(
+                    send,
+                    recv,
+                    limit,
+                    self.config.sender.deadline,
+                    self.inbound_tx.clone(),
+                ));
+            }
+            Event::Inbound(Inbound::Message(message, reply)) => {
+                self.counters.stream_messages_received += 1;
+                let _ = reply.send(self.peer.handle_stream_message(now, message));
+            }
+            Event::Inbound(Inbound::Invalid(reason)) => self.peer.count_invalid_reason(reason),
+            Event::StreamDone(id, generation, result) => self.stream_done(now, id, generation, result),
+            Event::Command(Some(Command::Send {
+                key,
+                payload,
+                reply,
+            })) => self.send(now, key, payload, reply),
+            Event::Command(Some(Command::Close)) => {
+                if let Some(c) = &self.conn {
+                    c.close(0u32.into(), b"closed");
+                }
+                return Some("the channel was closed by the application".into());
+            }
+            Event::Command(None) => {
+                self.commands_open = false;
+                if self.conn.is_none() && self.delivered.is_closed() {
+                    return Some("every handle was dropped".into());
+                }
+            }
+            Event::Attach(Ok(c)) => self.attach(now, c),
+            Event::Attach(Err(reason)) => return Some(reason),
+            Event::Timer => {
+                self.peer.handle_timeout(now);
+                let expired: Vec<u64> = self
+                    .streams
+                    .iter()
+                    .filter(|(_, s)| s.running_on.is_none() && s.deadline <= now)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in expired {
+                    if let Some(s) = self.streams.remove(&id) {
+                        let _ = s.reply.send(Err(SendError::Timeout { id }));
+                    }
+                }
+                if self.detached_until.is_some_and(|t| t <= now) {
+                    return Some(format!(
+                        "the peer did not reconnect within {:?}",
+                        self.config.channel_ttl
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    fn send(&mut self, now: Instant, key: Option<Bytes>, payload: Bytes, reply: Reply) {
+        let len = Envelope::overhead(key.as_deref()) + payload.len();
+        let threshold = self
+            .config
+            .stream_threshold
+            .min(self.config.receiver.reassembler.limits.max_message_len as usize);
+        if len <= threshold {
+            match self.peer.sender.send_keyed(now, key.as_deref(), &payload) {
+                Ok(id) => {
+                    self.waiting.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(SendError::Rejected(e)));
+                }
+            }
+            return;
+        }
+        if !self.config.streams {
+            let _ = reply.send(Err(SendError::TooLarge {
+                len,
+                max: threshold,
+            }));
+            return;
+        }
+        if let Some(k) = &key {
+            if k.is_empty() || k.len() > MAX_KEY_LEN {
+                let _ = reply.send(Err(SendError::Rejected(
+                    crate::proto::SendError::InvalidKey { len: k.len() },
+                )));
+                return;
+            }
+        }
+        let id = self.peer.sender.reserve_id();
+        self.counters.stream_messages_sent += 1;
+        self.streams.insert(
+            id,
+            StreamSend {
+                head: encode_stream_head(id),
+                body: Envelope::encode(key.as_deref(), &payload),
+                reply,
+                started: now,
+                deadline: now + self.config.sender.deadline,
+                running_on: None,
+            },
+        );
+        self.start_stream(id);
+    }
+
+    /// Starts the task of stream message `id` on the current connection, if there is one.
+    fn start_stream(&mut self, id: u64) {
+        let (Some(conn), Some(s)) = (self.conn.clone(), self.streams.get_mut(&id)) else {
+            return;
+        };
+        s.running_on = Some(self.generation);
+        let (head, body, deadline) = (s.head.clone(), s.body.clone(), s.deadline);
+        let (done, generation) = (self.done_tx.clone(), self.generation);
+        tokio::spawn(async move {
+            let result = send_stream_message(conn, head, body, deadline).await;
+            let _ = done.send((id, generation, result));
+        });
+    }
+
+    fn stream_done(
+        &mut self,
+        now: Instant,
+        id: u64,
+        generation: u64,
+        result: Result<u8, StreamFailure>,
+    ) {
+        let outcome = match result {
+            Ok(STREAM_DELIVERED) => Ok(()),
+            Ok(_) | Err(StreamFailure::Refused) => Err(SendError::Refused { id }),
+            Err(StreamFailure::Deadline) => Err(SendError::Timeout { id }),
+            Err(StreamFailure::Connection(reason)) => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                let may_retry = !matches!(self.reattach, Reattach::Never) && now < s.deadline;
+                if !may_retry {
+                    Err(SendError::ConnectionLost { reason })
+                } else {
+                    // Same id on the next connection: the peer's dedupe window makes the
+                    // retry safe even if the first attempt was delivered.
+                    s.running_on = None;
+                    if generation != self.generation {
+                        self.start_stream(id);
+                    }
+                    return;
+                }
+            }
+        };
+        let Some(s) = self.streams.remove(&id) else {
+            return;
+        };
+        let _ = s.reply.send(outcome.map(|()| Receipt {
+            id,
+            latency: now.saturating_duration_since(s.started),
+            shards_sent: 0,
+            hedges: 0,
+        }));
+    }
+
+    /// The connection is gone; `Some(reason)` when the channel ends with it.
+    fn lost(&mut self, now: Instant, e: quinn::ConnectionError) -> Option<String> {
+        let reason = e.to_string();
+        tracing::debug!(%reason, "surelink channel: connection lost");
+        self.conn = None;
+        match &self.reattach {
+            Reattach::Never => Some(reason),
+            Reattach::Dial(dialer) => {
+                if !reconnectable(&e) {
+                    return Some(reason);
+                }
+                self.dialing = Some(Box::pin(
+                    (**dialer).clone().redial(self.config.reconnect.clone(), reason),
+                ));
+                None
+            }
+            Reattach::Registry { .. } => {
+                if matches!(e, quinn::ConnectionError::LocallyClosed) {
+                    return Some(reason);
+                }
+                self.detached_until = Some(now + self.config.channel_ttl);
+                None
+            }
+        }
+    }
+
+    /// Moves the channel to a new connection: unacked messages are re-sent on it with their
+    /// ids, stream messages restart.
+    fn attach(&mut self, now: Instant, conn: quinn::Connection) {
+        let Some(size) = conn.max_datagram_size() else {
+            conn.close(1u32.into(), b"datagrams required");
+            return;
+        };
+        if let Some(old) = self.conn.take() {
+            old.close(0u32.into(), b"replaced by a newer connection");
+        }
+        tracing::debug!("surelink channel: attached to a new connection");
+        self.peer.sender.set_max_datagram_size(size);
+        self.peer.new_connection(now);
+        self.generation += 1;
+        self.counters.reconnects += 1;
+        self.detached_until = None;
+        self.conn = Some(conn);
+        let waiting: Vec<u64> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.running_on.is_none())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in waiting {
+            self.start_stream(id);
+        }
+    }
+
+    /// Sends what the peer produced, completes sends, hands over deliveries, updates stats.
+    fn flush(&mut self) {
+        while let Some(d) = self.peer.poll_transmit() {
+            // Without a connection, datagrams are dropped: what matters is re-sent on the
+            // next connection (`Peer::new_connection`).
+            if let Some(c) = &self.conn {
+                if c.send_datagram(d).is_err() {
+                    self.counters.send_errors += 1;
+                }
+            }
+        }
+        while let Some(event) = self.peer.sender.poll_event() {
+            let (id, outcome) = match event {
+                SenderEvent::Acked {
+                    id,
+                    latency,
+                    shards_sent,
+                    hedges,
+                } => (
+                    id,
+                    Ok(Receipt {
+                        id,
+                        latency,
+                        shards_sent,
+                        hedges,
+                    }),
+                ),
+                SenderEvent::Failed { id, .. } => (id, Err(SendError::Timeout { id })),
+            };
+            if let Some(reply) = self.waiting.remove(&id) {
+                let _ = reply.send(outcome);
+            }
+        }
+        while let Some(message) = self.peer.receiver.poll_delivery() {
+            let _ = self.delivered.send(message);
+        }
+        let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        st.sender = self.peer.sender.stats();
+        st.receiver = self.peer.receiver.stats();
+        // Cloned only when it changed: this runs once per datagram.
+        if self.peer.invalid_frames().total() != st.invalid_frames.values().sum::<u64>() {
+            st.invalid_frames = self.peer.invalid_frames().by_reason.clone();
+        }
+        st.send_errors = self.counters.send_errors;
+        st.reconnects = self.counters.reconnects;
+        st.stream_messages_sent = self.counters.stream_messages_sent;
+        st.stream_messages_received = self.counters.stream_messages_received;
+    }
+
+    /// The channel ends: every pending send learns that its outcome is unknown.
+    fn finish(mut self, reason: String) {
+        tracing::debug!(%reason, "surelink channel: stopped");
+        self.flush();
+        for (_, reply) in self.waiting.drain() {
+            let _ = reply.send(Err(SendError::ConnectionLost {
+                reason: reason.clone(),
+            }));
+        }
+        for (_, s) in self.streams.drain() {
+            let _ = s.reply.send(Err(SendError::ConnectionLost {
+                reason: reason.clone(),
+            }));
+        }
+        if let Some(c) = &self.conn {
+            c.close(0u32.into(), b"channel stopped");
+        }
+        if let Reattach::Registry { server, .. } =
+            std::mem::replace(&mut self.reattach, Reattach::Never)
+        {
+            // The receiver half was dropped just now, so the registry entry is stale.
+            if let Some(server) = server.upgrade() {
+                server.remove_closed(&self.id);
+            }
+        }
+    }
+}
+
+async fn send_stream_message(
+    conn: quinn::Connection,
+    head: Bytes,
+    body: Bytes,
+    deadline: Instant,
+) -> Result<u8, StreamFailure> {
+    let work = async {
+        let lost = |e: &dyn std::fmt::Display| StreamFailure::Connection(e.to_string());
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+        for part in [&head, &body] {
+            send.write_all(part).await.map_err(|e| match e {
+                quinn::WriteError::Stopped(_) => StreamFailure::Refused,
+                e => lost(&e),
+            })?;
+        }
+        send.finish().map_err(|e| lost(&e))?;
+        let status = recv.read_to_end(1).await.map_err(|e| match e {
+            quinn::ReadToEndError::Read(quinn::ReadError::Reset(_)) => StreamFailure::Refused,
+            e => lost(&e),
+        })?;
+        status
+            .first()
+            .copied()
+            .ok_or_else(|| StreamFailure::Connection("the stream ended without a status".into()))
+    };
+    match tokio::time::timeout_at(deadline.into(), work).await {
+        Ok(result) => result,
+        Err(_) => Err(StreamFailure::Deadline),
+    }
+}
+
+/// Reads one stream message (at most `limit` bytes, within `timeout`), hands it to the driver
+/// and writes back the status it answers.
+async fn read_stream_message(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    limit: usize,
+    timeout: Duration,
+    inbound: mpsc::UnboundedSender<Inbound>,
+) {
+    let message = match tokio::time::timeout(timeout, recv.read_to_end(limit)).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(quinn::ReadToEndError::TooLong)) => {
+            let _ = inbound.send(Inbound::Invalid("stream_too_long"));
+            let _ = send.reset(1u32.into());
+            let _ = recv.stop(1u32.into());
+            return;
+        }
+        // The connection or the stream broke: the sender retries or reports.
+        Ok(Err(_)) => return,
+        Err(_) => {
+            let _ = inbound.send(Inbound::Invalid("stream_timeout"));
+            let _ = send.reset(1u32.into());
+            let _ = recv.stop(1u32.into());
+            return;
+        }
+    };
+    let (reply, status) = oneshot::channel();
+    if inbound
+        .send(Inbound::Message(Bytes::from(message), reply))
+        .is_err()
+    {
+        return;
+    }
+    let Ok(status) = status.await else {
+        return;
+    };
+    if send.write_all(&[status]).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}

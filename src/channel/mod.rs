@@ -1,0 +1,310 @@
+//! The async shell: a [`Channel`] runs one [`proto::Peer`](crate::proto::Peer) over a
+//! `quinn::Connection`.
+//!
+//! One driver task per channel owns the peer. It feeds it received datagrams and timeouts,
+//! sends what it produces, completes each `send` with the message's outcome, and forwards
+//! delivered messages to [`Messages`]. Time is tokio's clock, so a channel over the simulator
+//! runs in virtual time under a paused clock.
+//!
+//! # Three ways to get a channel
+//!
+//! - [`Channel::open`] over a `quinn::Connection` the application already has. Both ends call
+//!   it. The channel lives as long as that connection.
+//! - [`Channel::connect`] (client) and [`Listener`] / [`Server`] (server): the client sends a
+//!   Hello with a random 128-bit channel id on a unidirectional stream; the server keeps the
+//!   channel's state (its dedupe window above all) by that id. When the connection is lost
+//!   the client reconnects with backoff and re-sends every unacked message with its original
+//!   id on the new connection; the server attaches the new connection to the same channel,
+//!   so nothing is delivered twice. The server keeps a detached channel for
+//!   [`Config::channel_ttl`], which must exceed the client's [`Reconnect::give_up_after`].
+//!
+//! # Two paths
+//!
+//! Messages up to [`Config::stream_threshold`] bytes travel as coded shards in DATAGRAM frames
+//! (the fast path). Larger ones, up to [`Config::max_message_size`], travel one per
+//! bidirectional QUIC stream, with the same ids, the same dedupe window and the same
+//! outcomes; the receiver answers on the stream once the message was handed to [`Messages`].
+//! A channel therefore owns its connection's bidirectional streams (set [`Config::streams`]
+//! to `false` on a connection whose streams the application uses itself).
+//!
+//! # What an outcome means
+//!
+//! `Ok(Receipt)`: the peer's channel delivered the message to its [`Messages`] (once). An
+//! error says whether the message may have been delivered ([`SendError`]); where it may,
+//! retry with the same idempotency key ([`Channel::send_with_key`]) and the peer delivers it
+//! at most once.
+//!
+//! # No 0-RTT
+//!
+//! Payment data never travels in 0-RTT (RFC 9001 §9.2, RFC 8446 §8: early data can be
+//! replayed). [`Channel::connect`] waits for the full handshake before it sends anything,
+//! and [`server_config`] turns 0-RTT off on the server.
+
+mod connect;
+mod driver;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+pub use connect::{
+    client_config, server_config, transport_config, AcceptError, ConfigError, ConnectError,
+    Listener, Server, ALPN,
+};
+
+use crate::proto::{Delivered, ReceiverConfig, ReceiverStats, SenderConfig, SenderStats};
+
+/// Settings of a [`Channel`]. Every limit has a documented default; the datagram size is
+/// taken from the connection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The sending half (redundancy, hedging, deadline, messages in flight).
+    pub sender: SenderConfig,
+    /// The receiving half (reassembly caps, dedupe window, idempotency keys).
+    pub receiver: ReceiverConfig,
+    /// Largest message `send` takes, in bytes; above it `send` fails with
+    /// [`SendError::TooLarge`] and sends nothing. Default 256 KiB.
+    pub max_message_size: usize,
+    /// Messages above this many bytes travel on a stream instead of datagrams. Default 8 KiB
+    /// (coding a message into more shards costs more than a stream's retransmission saves).
+    /// Capped at the wire's `max_message_len`.
+    pub stream_threshold: usize,
+    /// Whether large messages use (and the channel accepts) bidirectional streams. Default
+    /// `true`. With `false`, messages above `stream_threshold` fail with
+    /// [`SendError::TooLarge`].
+    pub streams: bool,
+    /// How long a server waits for a new connection's Hello. Default 10 s.
+    pub hello_timeout: Duration,
+    /// How a client reconnects ([`Channel::connect`]).
+    pub reconnect: Reconnect,
+    /// How long a server keeps a channel whose connection was lost, waiting for the client
+    /// to reconnect. Default 60 s.
+    pub channel_ttl: Duration,
+    /// Most channels a [`Server`] holds at once; past it new channels are refused. Default
+    /// 10,000.
+    pub max_channels: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            sender: SenderConfig::default(),
+            receiver: ReceiverConfig::default(),
+            max_message_size: 256 * 1024,
+            stream_threshold: 8 * 1024,
+            streams: true,
+            hello_timeout: Duration::from_secs(10),
+            reconnect: Reconnect::default(),
+            channel_ttl: Duration::from_secs(60),
+            max_channels: 10_000,
+        }
+    }
+}
+
+/// How a client channel reconnects after its connection is lost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reconnect {
+    /// Wait before the second attempt (the first is immediate). Default 20 ms.
+    pub first_backoff: Duration,
+    /// Longest wait between attempts (the wait doubles). Default 1 s.
+    pub max_backoff: Duration,
+    /// Give up this long after the loss; every message in flight then fails with
+    /// [`SendError::ConnectionLost`]. Default 10 s.
+    pub give_up_after: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            first_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_secs(1),
+            give_up_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A channel's random 128-bit id, stable across reconnects.
+pub type ChannelId = [u8; 16];
+
+/// What the application learns when a message was acknowledged: it was delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The message id on this channel.
+    pub id: u64,
+    /// From `send` to the ack.
+    pub latency: Duration,
+    /// Shards sent for the message's block (0 for a message sent on a stream).
+    pub shards_sent: usize,
+    /// Hedges and retransmissions sent for it.
+    pub hedges: u32,
+}
+
+/// Why a message has no receipt. Every variant says whether the message may have been
+/// delivered; where it may, retry with the same idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// No ack before the deadline: the outcome is unknown.
+    #[error("message {id}: no ack before the deadline; outcome unknown, retry with the same idempotency key")]
+    Timeout {
+        /// The message id.
+        id: u64,
+    },
+    /// The connection was lost (and not regained) while the message was in flight: the
+    /// outcome is unknown.
+    #[error("connection lost while the message was in flight; outcome unknown, retry with the same idempotency key: {reason}")]
+    ConnectionLost {
+        /// What quinn reported.
+        reason: String,
+    },
+    /// The message was refused before anything was sent (it was not delivered).
+    #[error("message refused, nothing sent: {0}")]
+    Rejected(#[from] crate::proto::SendError),
+    /// The message is larger than this channel carries; nothing was sent.
+    #[error("message of {len} bytes, this channel carries at most {max}; nothing sent")]
+    TooLarge {
+        /// The message's length (payload and key).
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The peer refused the message (outside its dedupe window, or malformed): it was not
+    /// delivered.
+    #[error("message {id}: refused by the peer, not delivered")]
+    Refused {
+        /// The message id.
+        id: u64,
+    },
+    /// The peer does not accept QUIC DATAGRAM frames, or the path is too small for them.
+    #[error("the connection does not carry QUIC datagrams")]
+    DatagramsUnsupported,
+    /// The channel's driver has stopped; nothing was sent.
+    #[error("channel closed; nothing sent")]
+    Closed,
+}
+
+/// Counters of a [`Channel`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// The sending half's counters.
+    pub sender: SenderStats,
+    /// The receiving half's counters.
+    pub receiver: ReceiverStats,
+    /// Datagrams (and stream messages) received that did not decode, by reason.
+    pub invalid_frames: std::collections::BTreeMap<&'static str, u64>,
+    /// Datagrams quinn refused to send.
+    pub send_errors: u64,
+    /// Connections this channel moved to after losing one.
+    pub reconnects: u64,
+    /// Messages sent on streams.
+    pub stream_messages_sent: u64,
+    /// Messages received on streams (delivered or duplicate).
+    pub stream_messages_received: u64,
+}
+
+enum Command {
+    Send {
+        key: Option<Bytes>,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<Receipt, SendError>>,
+    },
+    Close,
+}
+
+/// The sending side of a channel; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Channel {
+    id: ChannelId,
+    commands: mpsc::UnboundedSender<Command>,
+    permits: Arc<Semaphore>,
+    stats: Arc<Mutex<ChannelStats>>,
+    max_message_size: usize,
+}
+
+/// The receiving side of a channel: messages delivered by the peer, each once.
+#[derive(Debug)]
+pub struct Messages {
+    rx: mpsc::UnboundedReceiver<Delivered>,
+}
+
+impl Messages {
+    /// The next message, or `None` once the channel has stopped and every message was taken.
+    pub async fn recv(&mut self) -> Option<Delivered> {
+        self.rx.recv().await
+    }
+}
+
+impl Channel {
+    /// Runs a channel over `connection`, which must have DATAGRAM frames enabled (quinn's
+    /// default). Both ends call this; each end can send and receive. The channel ends with
+    /// the connection (no reconnects: see [`Channel::connect`]). Must be called inside a
+    /// tokio runtime.
+    pub fn open(
+        connection: quinn::Connection,
+        config: Config,
+    ) -> Result<(Channel, Messages), SendError> {
+        driver::spawn(connection, config, rand::random(), driver::Reattach::Never)
+    }
+
+    /// This channel's id.
+    pub fn id(&self) -> ChannelId {
+        self.id
+    }
+
+    /// Sends `payload` and waits for its outcome. Waits first while `max_in_flight` messages
+    /// are awaiting theirs (backpressure, not an unbounded queue).
+    pub async fn send(&self, payload: Bytes) -> Result<Receipt, SendError> {
+        self.submit(None, payload).await
+    }
+
+    /// Like [`Channel::send`], with the application's idempotency key (1 to 255 bytes): the
+    /// peer delivers at most one message per key within its key TTL (default 24 h), however
+    /// often the application retries. A retry of a message that was delivered is acked
+    /// without being delivered again.
+    pub async fn send_with_key(
+        &self,
+        key: impl Into<Bytes>,
+        payload: Bytes,
+    ) -> Result<Receipt, SendError> {
+        self.submit(Some(key.into()), payload).await
+    }
+
+    async fn submit(&self, key: Option<Bytes>, payload: Bytes) -> Result<Receipt, SendError> {
+        let len = payload.len() + key.as_ref().map_or(0, Bytes::len);
+        if len > self.max_message_size {
+            return Err(SendError::TooLarge {
+                len,
+                max: self.max_message_size,
+            });
+        }
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SendError::Closed)?;
+        let (reply, outcome) = oneshot::channel();
+        self.commands
+            .send(Command::Send {
+                key,
+                payload,
+                reply,
+            })
+            .map_err(|_| SendError::Closed)?;
+        let result = outcome.await.unwrap_or(Err(SendError::Closed));
+        drop(permit);
+        result
+    }
+
+    /// Closes the channel and its connection. Messages still in flight fail with
+    /// [`SendError::ConnectionLost`] (their outcome is unknown).
+    pub fn close(&self) {
+        let _ = self.commands.send(Command::Close);
+    }
+
+    /// Counters, as of the driver's last step.
+    pub fn stats(&self) -> ChannelStats {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
