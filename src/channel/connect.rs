@@ -322,11 +322,16 @@ impl Server {
             rx,
             server: Arc::downgrade(&self.inner),
         };
-        let opened = driver::spawn(conn.clone(), self.inner.config.clone(), channel_id, reattach)
-            .map_err(|_| {
-                conn.close(REFUSED.into(), b"datagrams required");
-                AcceptError::DatagramsUnsupported
-            })?;
+        let opened = driver::spawn(
+            conn.clone(),
+            self.inner.config.clone(),
+            channel_id,
+            reattach,
+        )
+        .map_err(|_| {
+            conn.close(REFUSED.into(), b"datagrams required");
+            AcceptError::DatagramsUnsupported
+        })?;
         channels.insert(channel_id, tx);
         Ok(Some(opened))
     }

@@ -261,7 +261,9 @@ impl Driver {
                 let _ = reply.send(self.peer.handle_stream_message(now, message));
             }
             Event::Inbound(Inbound::Invalid(reason)) => self.peer.count_invalid_reason(reason),
-            Event::StreamDone(id, generation, result) => self.stream_done(now, id, generation, result),
+            Event::StreamDone(id, generation, result) => {
+                self.stream_done(now, id, generation, result)
+            }
             Event::Command(Some(Command::Send {
                 key,
                 payload,
@@ -419,7 +421,9 @@ impl Driver {
                     return Some(reason);
                 }
                 self.dialing = Some(Box::pin(
-                    (**dialer).clone().redial(self.config.reconnect.clone(), reason),
+                    (**dialer)
+                        .clone()
+                        .redial(self.config.reconnect.clone(), reason),
                 ));
                 None
             }
@@ -500,6 +504,7 @@ impl Driver {
         let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         st.sender = self.peer.sender.stats();
         st.receiver = self.peer.receiver.stats();
+        st.reassembly = self.peer.receiver.reassembly();
         // Cloned only when it changed: this runs once per datagram.
         if self.peer.invalid_frames().total() != st.invalid_frames.values().sum::<u64>() {
             st.invalid_frames = self.peer.invalid_frames().by_reason.clone();

@@ -185,12 +185,15 @@ pub enum SendError {
 }
 
 /// Counters of a [`Channel`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ChannelStats {
     /// The sending half's counters.
     pub sender: SenderStats,
     /// The receiving half's counters.
     pub receiver: ReceiverStats,
+    /// Reassembly of the current connection: shards accepted, duplicate, stale, contradicting
+    /// or over budget, blocks rebuilt from repair, checksum failures.
+    pub reassembly: crate::fec::ReassemblerStats,
     /// Datagrams (and stream messages) received that did not decode, by reason.
     pub invalid_frames: std::collections::BTreeMap<&'static str, u64>,
     /// Datagrams quinn refused to send.

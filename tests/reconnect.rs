@@ -1,0 +1,166 @@
+//! Channels with ids over the simulator: reconnects keep exactly-once delivery.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use surelink::channel::{Channel, Config, Listener, SendError};
+use surelink::sim::{Congestion, LinkConfig, Loss, Pair, PairConfig, SERVER_NAME};
+
+fn payment(i: u32) -> Bytes {
+    let mut p = format!("payment {i:08} ").into_bytes();
+    p.resize(512, b'.');
+    p.into()
+}
+
+fn pair(up: LinkConfig, down: LinkConfig, seed: u64) -> Pair {
+    Pair::new(PairConfig {
+        seed,
+        client_to_server: up,
+        server_to_client: down,
+        congestion: Congestion::Bbr,
+        // A lost path is noticed after 1 s of silence.
+        idle_timeout: Duration::from_secs(1),
+        ..PairConfig::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_loses_its_connection_reconnects_and_nothing_is_delivered_twice() {
+    // Every ack (everything server → client) is lost between 1 s and 3 s: the client hears
+    // nothing, its connection times out after 1 s, it redials until the path is back, and
+    // re-sends every unacked message with its id. Many of those were delivered already
+    // (only their acks were lost): the server must recognise them on the new connection.
+    let up = LinkConfig {
+        delay: Duration::from_millis(20),
+        loss: Loss::Bernoulli(0.05),
+        duplicate: 0.01,
+        ..LinkConfig::default()
+    };
+    let down = LinkConfig {
+        blackouts: vec![Duration::from_secs(1)..Duration::from_secs(3)],
+        ..up.clone()
+    };
+    let pair = pair(up, down, 11);
+    let mut listener = Listener::new(pair.server.clone(), Config::default());
+    let (client, _client_messages) = Channel::connect(
+        &pair.client,
+        pair.server_addr,
+        SERVER_NAME,
+        None,
+        Config::default(),
+    )
+    .await
+    .unwrap();
+    let (server, mut server_messages) = listener.accept().await.unwrap();
+    let collector = tokio::spawn(async move {
+        let mut delivered: BTreeMap<u32, u32> = BTreeMap::new();
+        while let Ok(Some(m)) =
+            tokio::time::timeout(Duration::from_secs(8), server_messages.recv()).await
+        {
+            let i: u32 = std::str::from_utf8(&m.payload[8..16])
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(m.payload, payment(i));
+            *delivered.entry(i).or_default() += 1;
+        }
+        delivered
+    });
+    let n = 600u32;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move { (i, c.send(payment(i)).await) }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        match r {
+            Ok(_) => acked.push(i),
+            Err(e) => assert!(
+                matches!(
+                    e,
+                    SendError::Timeout { .. } | SendError::ConnectionLost { .. }
+                ),
+                "payment {i}: a definite error, got {e}"
+            ),
+        }
+    }
+    let delivered = collector.await.unwrap();
+    for (i, count) in &delivered {
+        assert_eq!(*count, 1, "payment {i} delivered {count} times");
+    }
+    for i in &acked {
+        assert!(
+            delivered.contains_key(i),
+            "payment {i} acked, not delivered"
+        );
+    }
+    let (c, s) = (client.stats(), server.stats());
+    eprintln!(
+        "acked {} of {n}, delivered {}; client reconnects {}, server reconnects {}, \
+         duplicates suppressed {}",
+        acked.len(),
+        delivered.len(),
+        c.reconnects,
+        s.reconnects,
+        s.receiver.duplicates_suppressed
+    );
+    assert!(c.reconnects >= 1, "the client reconnected");
+    assert!(
+        s.reconnects >= 1,
+        "the server moved the channel to the new connection"
+    );
+    assert!(
+        s.receiver.duplicates_suppressed > 0,
+        "re-sent messages were recognised"
+    );
+    assert_eq!(listener.server().channels(), 1, "one channel, not two");
+    // After the reconnect the channel works as before.
+    assert!(client.send(payment(n)).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_at_its_channel_limit_refuses_and_the_client_learns_it() {
+    let link = LinkConfig {
+        delay: Duration::from_millis(10),
+        ..LinkConfig::default()
+    };
+    let pair = pair(link.clone(), link, 3);
+    let config = Config {
+        max_channels: 1,
+        ..Config::default()
+    };
+    let mut listener = Listener::new(pair.server.clone(), config);
+    let connect = || {
+        Channel::connect(
+            &pair.client,
+            pair.server_addr,
+            SERVER_NAME,
+            None,
+            Config::default(),
+        )
+    };
+    let (first, _m1) = connect().await.unwrap();
+    let (_s1, _sm1) = listener.accept().await.unwrap();
+    assert!(first.send(payment(1)).await.is_ok());
+    let (second, _m2) = connect().await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), second.send(payment(2)))
+        .await
+        .expect("an outcome, not a hang");
+    assert!(
+        matches!(
+            r,
+            Err(SendError::ConnectionLost { .. }) | Err(SendError::Closed)
+        ),
+        "{r:?}"
+    );
+    assert_eq!(listener.server().channels(), 1);
+    assert!(
+        first.send(payment(3)).await.is_ok(),
+        "the first is unaffected"
+    );
+}
