@@ -22,8 +22,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use quinn::rustls::pki_types::CertificateDer;
-use surelink::channel::{Channel, Config};
-use surelink::sim::{transport_config, Congestion, SERVER_NAME};
+use surelink::channel::{client_config, Channel, Config};
+use surelink::sim::SERVER_NAME;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -98,49 +98,63 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let ca = std::fs::read(&args.ca).map_err(|e| format!("{}: {e}", args.ca.display()))?;
     let mut roots = quinn::rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(ca))?;
-    let mut client_config = quinn::ClientConfig::with_root_certificates(Arc::new(roots))?;
-    if args.mode == Mode::Surelink {
-        client_config.transport_config(Arc::new(transport_config(
-            Congestion::Bbr,
-            Duration::from_millis(100),
-        )));
-    }
     let bind: SocketAddr = if args.connect.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint = quinn::Endpoint::client(bind)?;
-    endpoint.set_default_client_config(client_config);
-    // A full handshake: payment data never travels in 0-RTT (RFC 9001 §9.2).
-    let conn = endpoint
-        .connect(args.connect, SERVER_NAME)?
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", args.connect))?;
+    let endpoint = quinn::Endpoint::client(bind)?;
+    // Full handshakes only: payment data never travels in 0-RTT (RFC 9001 §9.2).
+    let (channel, conn) = match args.mode {
+        Mode::Surelink => {
+            let mut config = Config::default();
+            config.sender.deadline = Duration::from_millis(args.deadline_ms);
+            // surelink's settings: ALPN surelink/1, BBR, no early data; reconnects with the
+            // same channel id if the connection is lost.
+            let (channel, _messages) = Channel::connect(
+                &endpoint,
+                args.connect,
+                SERVER_NAME,
+                Some(client_config(roots)?),
+                config,
+            )
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", args.connect))?;
+            (Some(channel), None)
+        }
+        Mode::QuinnStream => {
+            // The baseline: quinn's defaults (Cubic); QUIC requires an ALPN id, so it offers
+            // `quinn-stream`, which is how the server tells it from a surelink channel.
+            let mut tls = quinn::rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            tls.alpn_protocols = vec![b"quinn-stream".to_vec()];
+            let config = quinn::ClientConfig::new(Arc::new(
+                quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+            ));
+            let conn = endpoint
+                .connect_with(config, args.connect, SERVER_NAME)?
+                .await
+                .map_err(|e| format!("connecting to {}: {e}", args.connect))?;
+            (None, Some(conn))
+        }
+    };
 
     // Payment ids unique across runs: a random prefix for this run, then a sequence number.
     let run_prefix = u64::from(rand::random::<u32>()) << 32;
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(1e-3));
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(args.count as usize);
-    let channel = match args.mode {
-        Mode::Surelink => {
-            let mut config = Config::default();
-            config.sender.deadline = Duration::from_millis(args.deadline_ms);
-            let (channel, _messages) = Channel::open(conn.clone(), config)?;
-            Some(channel)
-        }
-        Mode::QuinnStream => None,
-    };
     for i in 0..args.count {
         tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
         let p = payment(run_prefix | i, args.size);
         let (channel, conn) = (channel.clone(), conn.clone());
         tasks.push(tokio::spawn(async move {
             let t0 = tokio::time::Instant::now();
-            let ok = match channel {
-                Some(c) => c.send(p).await.is_ok(),
-                None => async {
+            let ok = match (channel, conn) {
+                (Some(c), _) => c.send(p).await.is_ok(),
+                (None, None) => false,
+                (None, Some(conn)) => async {
                     let (mut send, mut recv) = conn.open_bi().await.ok()?;
                     send.write_all(&p).await.ok()?;
                     send.finish().ok()?;
@@ -160,7 +174,17 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         }
     }
     latencies.sort();
-    let stats = conn.stats();
+    let wire_bytes = match (&channel, &conn) {
+        (Some(c), _) => {
+            let st = c.stats();
+            st.udp_bytes_sent + st.udp_bytes_received
+        }
+        (None, Some(conn)) => {
+            let st = conn.stats();
+            st.udp_tx.bytes + st.udp_rx.bytes
+        }
+        (None, None) => 0,
+    };
     let acked = latencies.len() as u64;
     println!(
         "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{}}}",
@@ -173,10 +197,15 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         percentile_ms(&latencies, 0.99),
         percentile_ms(&latencies, 0.999),
         percentile_ms(&latencies, 1.0),
-        stats.udp_tx.bytes + stats.udp_rx.bytes,
+        wire_bytes,
         args.count * args.size.max(8) as u64,
     );
-    conn.close(0u32.into(), b"done");
+    if let Some(c) = &channel {
+        c.close();
+    }
+    if let Some(conn) = &conn {
+        conn.close(0u32.into(), b"done");
+    }
     endpoint.wait_idle().await;
     Ok(acked == args.count)
 }

@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use quinn::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use surelink::channel::{Channel, Config};
+use surelink::channel::{server_config_with_protocols, Channel, Config, Server, ALPN};
+
+/// The ALPN id `payment_client --mode quinn-stream` offers.
+const BASELINE_ALPN: &[u8] = b"quinn-stream";
 use tokio::time::Instant;
 
 #[derive(Parser)]
@@ -82,24 +85,25 @@ fn identity(
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let (cert, key) = identity(&args.cert_dir)?;
-    let mut server_config = quinn::ServerConfig::with_single_cert(vec![cert], key)?;
-    server_config.transport_config(Arc::new(surelink::sim::transport_config(
-        surelink::sim::Congestion::Bbr,
-        Duration::from_millis(100),
-    )));
+    // surelink's settings: BBR, 0-RTT off; ALPN surelink/1 for channels and
+    // `quinn-stream` for the baseline, served on streams.
+    let server_config =
+        server_config_with_protocols(vec![cert], key, vec![ALPN.to_vec(), BASELINE_ALPN.to_vec()])?;
     let endpoint = quinn::Endpoint::server(server_config, args.listen)?;
     println!("listening on {}", endpoint.local_addr()?);
 
     let tally = Arc::new(Mutex::new(Tally::default()));
     let channels: Arc<Mutex<Vec<Channel>>> = Arc::default();
+    let registry = Server::new(Config::default());
     let accept = {
         let (endpoint, tally, channels) = (endpoint.clone(), tally.clone(), channels.clone());
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
-                let (tally, channels) = (tally.clone(), channels.clone());
+                let (tally, channels, registry) =
+                    (tally.clone(), channels.clone(), registry.clone());
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else { return };
-                    serve(conn, tally, channels).await;
+                    serve(conn, registry, tally, channels).await;
                 });
             }
         })
@@ -137,22 +141,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// One connection: a surelink channel on its datagrams, and request/response on its streams.
+/// One connection: a surelink channel (ALPN `surelink/1`), or the quinn-stream baseline
+/// (ALPN `quinn-stream`: each payment on its own bi-stream, answered with "ok").
 async fn serve(
     conn: quinn::Connection,
+    registry: Server,
     tally: Arc<Mutex<Tally>>,
     channels: Arc<Mutex<Vec<Channel>>>,
 ) {
-    if let Ok((channel, mut messages)) = Channel::open(conn.clone(), Config::default()) {
-        channels.lock().unwrap().push(channel);
-        let tally = tally.clone();
-        tokio::spawn(async move {
-            while let Some(m) = messages.recv().await {
-                tally.lock().unwrap().record(&m.payload);
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    if alpn.as_deref() == Some(ALPN) {
+        match registry.accept_connection(conn).await {
+            Ok(Some((channel, mut messages))) => {
+                channels.lock().unwrap().push(channel);
+                while let Some(m) = messages.recv().await {
+                    tally.lock().unwrap().record(&m.payload);
+                }
             }
-        });
+            // A client that reconnected: its channel carries on.
+            Ok(None) => {}
+            Err(e) => eprintln!("payment_server: {e}"),
+        }
+        return;
     }
-    // The quinn-stream baseline: each payment on its own bi-stream, answered with "ok".
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let tally = tally.clone();
         tokio::spawn(async move {

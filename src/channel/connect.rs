@@ -76,11 +76,22 @@ pub fn server_config(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<quinn::ServerConfig, ConfigError> {
+    server_config_with_protocols(cert_chain, key, vec![ALPN.to_vec()])
+}
+
+/// Like [`server_config`], offering the ALPN `protocols` instead, for an endpoint that serves
+/// other protocols beside surelink (include [`ALPN`]; dispatch on the connection's
+/// negotiated protocol). QUIC requires ALPN (RFC 9001 §8.1): clients must offer one of these.
+pub fn server_config_with_protocols(
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    protocols: Vec<Vec<u8>>,
+) -> Result<quinn::ServerConfig, ConfigError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(cert_chain, key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = protocols;
     tls.max_early_data_size = 0;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     config.transport_config(Arc::new(transport_config()));

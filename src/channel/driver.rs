@@ -88,11 +88,13 @@ pub(super) fn spawn(
     let stats = Arc::new(Mutex::new(ChannelStats::default()));
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+    let current = Arc::new(Mutex::new(Some(connection.clone())));
     let channel = Channel {
         id,
         commands,
         permits,
         stats: stats.clone(),
+        current: current.clone(),
         max_message_size: config.max_message_size,
     };
     let driver = Driver {
@@ -114,6 +116,7 @@ pub(super) fn spawn(
         commands_open: true,
         delivered,
         stats,
+        current,
         counters: ChannelStats::default(),
     };
     let span = tracing::debug_span!("surelink_channel", id = %hex(&id));
@@ -142,6 +145,8 @@ struct Driver {
     commands_open: bool,
     delivered: mpsc::UnboundedSender<Delivered>,
     stats: Arc<Mutex<ChannelStats>>,
+    /// The connection in use, shared with the handles for its byte counters.
+    current: Arc<Mutex<Option<quinn::Connection>>>,
     /// The driver's own counters (the peer's are copied in at each step).
     counters: ChannelStats,
 }
@@ -413,7 +418,7 @@ impl Driver {
     fn lost(&mut self, now: Instant, e: quinn::ConnectionError) -> Option<String> {
         let reason = e.to_string();
         tracing::debug!(%reason, "surelink channel: connection lost");
-        self.conn = None;
+        self.retire_connection();
         match &self.reattach {
             Reattach::Never => Some(reason),
             Reattach::Dial(dialer) => {
@@ -444,9 +449,11 @@ impl Driver {
             conn.close(1u32.into(), b"datagrams required");
             return;
         };
-        if let Some(old) = self.conn.take() {
+        if let Some(old) = &self.conn {
             old.close(0u32.into(), b"replaced by a newer connection");
         }
+        self.retire_connection();
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         tracing::debug!("surelink channel: attached to a new connection");
         self.peer.sender.set_max_datagram_size(size);
         self.peer.new_connection(now);
@@ -463,6 +470,22 @@ impl Driver {
         for id in waiting {
             self.start_stream(id);
         }
+    }
+
+    /// Drops the current connection, keeping its byte counts.
+    fn retire_connection(&mut self) {
+        if let Some(old) = self.conn.take() {
+            let s = old.stats();
+            self.counters.udp_bytes_sent += s.udp_tx.bytes;
+            self.counters.udp_bytes_received += s.udp_rx.bytes;
+        }
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn flush_counters(&self) {
+        let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        st.udp_bytes_sent = self.counters.udp_bytes_sent;
+        st.udp_bytes_received = self.counters.udp_bytes_received;
     }
 
     /// Sends what the peer produced, completes sends, hands over deliveries, updates stats.
@@ -513,6 +536,8 @@ impl Driver {
         st.reconnects = self.counters.reconnects;
         st.stream_messages_sent = self.counters.stream_messages_sent;
         st.stream_messages_received = self.counters.stream_messages_received;
+        st.udp_bytes_sent = self.counters.udp_bytes_sent;
+        st.udp_bytes_received = self.counters.udp_bytes_received;
     }
 
     /// The channel ends: every pending send learns that its outcome is unknown.
@@ -532,6 +557,8 @@ impl Driver {
         if let Some(c) = &self.conn {
             c.close(0u32.into(), b"channel stopped");
         }
+        self.retire_connection();
+        self.flush_counters();
         if let Reattach::Registry { server, .. } =
             std::mem::replace(&mut self.reattach, Reattach::Never)
         {

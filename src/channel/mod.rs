@@ -50,8 +50,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub use connect::{
-    client_config, server_config, transport_config, AcceptError, ConfigError, ConnectError,
-    Listener, Server, ALPN,
+    client_config, server_config, server_config_with_protocols, transport_config, AcceptError,
+    ConfigError, ConnectError, Listener, Server, ALPN,
 };
 
 use crate::proto::{Delivered, ReceiverConfig, ReceiverStats, SenderConfig, SenderStats};
@@ -204,6 +204,11 @@ pub struct ChannelStats {
     pub stream_messages_sent: u64,
     /// Messages received on streams (delivered or duplicate).
     pub stream_messages_received: u64,
+    /// UDP bytes sent, over every connection this channel used (QUIC headers, acks and
+    /// retransmissions included).
+    pub udp_bytes_sent: u64,
+    /// UDP bytes received, over every connection this channel used.
+    pub udp_bytes_received: u64,
 }
 
 enum Command {
@@ -222,6 +227,8 @@ pub struct Channel {
     commands: mpsc::UnboundedSender<Command>,
     permits: Arc<Semaphore>,
     stats: Arc<Mutex<ChannelStats>>,
+    /// The connection in use, for its byte counters.
+    current: Arc<Mutex<Option<quinn::Connection>>>,
     max_message_size: usize,
 }
 
@@ -306,8 +313,15 @@ impl Channel {
         let _ = self.commands.send(Command::Close);
     }
 
-    /// Counters, as of the driver's last step.
+    /// Counters, as of the driver's last step (UDP bytes as of now).
     pub fn stats(&self) -> ChannelStats {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = current.as_ref() {
+            let s = c.stats();
+            st.udp_bytes_sent += s.udp_tx.bytes;
+            st.udp_bytes_received += s.udp_rx.bytes;
+        }
+        st
     }
 }
