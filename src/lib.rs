@@ -12,7 +12,7 @@
 //! | [`wire`] | bytes ⇄ frames (shard, ack, hello, close), varints, [`wire::DecodeError`] | codes, time, sockets |
 //! | [`fec`]  | messages ⇄ shards: block building (per message or across messages), parity via `reed-solomon-erasure`, extra repair on demand, reassembly under memory caps | byte layout beyond [`wire`], time sources, sockets |
 //! | [`proto`] | the sans-I/O protocol: message ids, first flights, acks, RTT percentile, hedges (budget, backoff), deadlines, dedupe window, redundant acks; input `(now, datagram)`, output datagrams, timers, events | quinn, tokio, the clock |
-//! | [`channel`] | the async shell: one driver task runs a `proto::Peer` over a `quinn::Connection`'s datagrams; `Channel::send` → `Receipt`, `Messages` | wire layout, codes |
+//! | [`channel`] | the async shell: one driver task runs a `proto::Peer` over a `quinn::Connection` (datagrams, plus streams for large messages); `Channel::open`/`connect`, `Listener`/`Server` (channel ids, reconnects), `send` → `Receipt`, `Messages`, config helpers | codes |
 //! | `sim` (feature `sim`, default) | the packet-loss simulator: a seeded link model, an in-memory network of quinn sockets on tokio's clock, the same model over a real UDP socket, an endpoint-pair harness | surelink's protocol: it works under any quinn application |
 //!
 //! `wire`, `fec` and `proto` are pure: they take bytes, messages and `now` as inputs and return bytes,
@@ -20,8 +20,7 @@
 //! decoder fuzzable and the protocol deterministic under the simulator. `sim` does I/O (it is
 //! a socket) but its link model is pure too.
 //!
-//! Still to come (see the repository's issues): the rest of the channel (reconnects with a
-//! channel id, idempotency keys, the stream path, helpers) and the tuner (`tune`).
+//! Still to come (see the repository's issues): the tuner (`tune`) and adaptive redundancy.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]

@@ -46,6 +46,8 @@ pub struct PairConfig {
     /// connection silent for 30 s (measured: about 1 run in 40 of the quinn test in
     /// `tests/sim.rs` timed out with the default).
     pub idle_timeout: Duration,
+    /// quinn's keep-alive interval; default none (quinn's default).
+    pub keep_alive: Option<Duration>,
 }
 
 impl Default for PairConfig {
@@ -57,6 +59,7 @@ impl Default for PairConfig {
             congestion: Congestion::default(),
             initial_rtt: Duration::from_millis(100),
             idle_timeout: Duration::from_secs(300),
+            keep_alive: None,
         }
     }
 }
@@ -148,6 +151,7 @@ pub struct Pair {
 fn configs(config: &PairConfig) -> Result<(ClientConfig, ServerConfig), HarnessError> {
     let mut transport = transport_config(config.congestion, config.initial_rtt);
     transport.max_idle_timeout(config.idle_timeout.try_into().ok());
+    transport.keep_alive_interval(config.keep_alive);
     let transport = Arc::new(transport);
     let (cert, key) = test_identity()?;
     let mut server_config = ServerConfig::with_single_cert(vec![cert.clone()], key)?;
