@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
-use surelink::channel::{Channel, Config, SendError};
+use surelink::channel::{Channel, Config, Messages, SendError};
 use surelink::sim::{Congestion, GilbertElliott, LinkConfig, Loss, Pair, PairConfig};
 use surelink::wire::BlockHeader;
 
@@ -12,6 +12,36 @@ fn payment(i: u32) -> Bytes {
     let mut p = format!("payment {i:08} ").into_bytes();
     p.resize(512, b'.');
     p.into()
+}
+
+/// A BBR pair over `link` both ways, with a channel open on each end.
+struct Ends {
+    pair: Pair,
+    client_conn: quinn::Connection,
+    client: Channel,
+    _client_messages: Messages,
+    server: Channel,
+    server_messages: Messages,
+}
+
+async fn ends(link: LinkConfig, seed: u64) -> Ends {
+    let pair = Pair::new(PairConfig {
+        seed,
+        congestion: Congestion::Bbr,
+        ..PairConfig::symmetric(link)
+    })
+    .unwrap();
+    let (client_conn, server_conn) = pair.connect().await.unwrap();
+    let (client, _client_messages) = Channel::open(client_conn.clone(), Config::default()).unwrap();
+    let (server, server_messages) = Channel::open(server_conn, Config::default()).unwrap();
+    Ends {
+        pair,
+        client_conn,
+        client,
+        _client_messages,
+        server,
+        server_messages,
+    }
 }
 
 struct Run {
@@ -228,15 +258,14 @@ async fn garbage_and_contradictory_frames_from_an_authenticated_peer_are_counted
         loss: Loss::Bernoulli(0.05),
         ..LinkConfig::default()
     };
-    let pair = Pair::new(PairConfig {
-        seed: 5,
-        congestion: Congestion::Bbr,
-        ..PairConfig::symmetric(link)
-    })
-    .unwrap();
-    let (client_conn, server_conn) = pair.connect().await.unwrap();
-    let (client, _cm) = Channel::open(client_conn.clone(), Config::default()).unwrap();
-    let (server, mut server_messages) = Channel::open(server_conn, Config::default()).unwrap();
+    let Ends {
+        pair: _pair,
+        client_conn,
+        client,
+        server,
+        mut server_messages,
+        ..
+    } = ends(link, 5).await;
     // The hostile part of the client: raw datagrams beside the real channel.
     let hostile = tokio::spawn(async move {
         let mut sent = 0u64;
@@ -336,15 +365,13 @@ async fn large_messages_take_the_stream_path_with_the_same_semantics() {
         duplicate: 0.02,
         ..LinkConfig::default()
     };
-    let pair = Pair::new(PairConfig {
-        seed: 9,
-        congestion: Congestion::Bbr,
-        ..PairConfig::symmetric(link)
-    })
-    .unwrap();
-    let (client_conn, server_conn) = pair.connect().await.unwrap();
-    let (client, _cm) = Channel::open(client_conn, Config::default()).unwrap();
-    let (server, mut server_messages) = Channel::open(server_conn, Config::default()).unwrap();
+    let Ends {
+        pair: _pair,
+        client,
+        server,
+        mut server_messages,
+        ..
+    } = ends(link, 9).await;
     let big = |i: u8| Bytes::from(vec![i; 100_000 + usize::from(i)]);
     let mut tasks = Vec::new();
     for i in 0..10u8 {
@@ -411,14 +438,13 @@ async fn a_retry_with_the_same_idempotency_key_is_acked_but_delivered_once() {
         loss: Loss::Bernoulli(0.1),
         ..LinkConfig::default()
     };
-    let pair = Pair::new(PairConfig {
-        congestion: Congestion::Bbr,
-        ..PairConfig::symmetric(link)
-    })
-    .unwrap();
-    let (client_conn, server_conn) = pair.connect().await.unwrap();
-    let (client, _cm) = Channel::open(client_conn, Config::default()).unwrap();
-    let (server, mut server_messages) = Channel::open(server_conn, Config::default()).unwrap();
+    let Ends {
+        pair: _pair,
+        client,
+        server,
+        mut server_messages,
+        ..
+    } = ends(link, 0).await;
     for attempt in 0..3 {
         let r = client
             .send_with_key("order-42", payment(42))
