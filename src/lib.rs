@@ -30,4 +30,5 @@ pub mod fec;
 pub mod proto;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod tune;
 pub mod wire;

@@ -178,6 +178,29 @@ impl Encoder {
         self.encode_block(message_id, &[payload])
     }
 
+    /// Encodes one message as its own block of at least `data_shards` data shards (fewer only
+    /// if the message has fewer bytes), coded for at least `repair` parity shards beyond the
+    /// configured allowance (so a first flight of `repair` parity still leaves some for
+    /// hedges). This is how a tuner's plan (`k`, `m`) is applied to one message.
+    pub fn encode_split(
+        &mut self,
+        message_id: u64,
+        payload: Bytes,
+        data_shards: u16,
+        repair: u16,
+    ) -> Result<Block, EncodeError> {
+        let block = self.next_block;
+        let plan = self.plan_with(
+            block,
+            message_id,
+            [payload.len()],
+            u64::from(data_shards),
+            u64::from(repair),
+        )?;
+        self.next_block += 1;
+        Ok(self.assemble(block, message_id, &[payload], plan))
+    }
+
     /// Encodes `messages`, with ids `first_message ..`, as one block.
     pub fn encode_block(
         &mut self,
@@ -283,6 +306,19 @@ impl Encoder {
         first_message: u64,
         lengths: impl IntoIterator<Item = usize>,
     ) -> Result<Plan, EncodeError> {
+        self.plan_with(block, first_message, lengths, 1, 0)
+    }
+
+    /// [`Encoder::plan`] with at least `want_k` data shards (at most one per byte) and room
+    /// for `extra_repair` more parity shards than the allowance.
+    fn plan_with(
+        &self,
+        block: u64,
+        first_message: u64,
+        lengths: impl IntoIterator<Item = usize>,
+        want_k: u64,
+        extra_repair: u64,
+    ) -> Result<Plan, EncodeError> {
         let limits = &self.config.limits;
         let mut count = 0usize;
         let mut total = 0u64;
@@ -328,7 +364,7 @@ impl Encoder {
                 overhead,
             });
         }
-        let k = BlockHeader::data_shards_for(total, s_max as u32);
+        let k = BlockHeader::data_shards_for(total, s_max as u32).max(want_k.min(total));
         // At least one parity shard must remain possible.
         if k >= u64::from(limits.max_shards) {
             return Err(EncodeError::TooManyShards {
@@ -340,6 +376,7 @@ impl Encoder {
         let wanted = ((k as f32) * self.config.repair_ratio.max(0.0)).ceil() as u64;
         let m_max = wanted
             .max(u64::from(self.config.min_repair))
+            .max(extra_repair + u64::from(self.config.min_repair))
             .clamp(1, u64::from(limits.max_shards) - k);
         Ok(Plan {
             k: k as u16,

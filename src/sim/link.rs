@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use crate::tune::GilbertElliott;
+
 /// Which packets a link loses at random.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum Loss {
@@ -24,53 +26,6 @@ pub enum Loss {
     GilbertElliott(GilbertElliott),
     /// A recorded pattern, `true` = drop, for packet 0, 1, 2, …; repeats when it runs out.
     Replay(Arc<[bool]>),
-}
-
-/// Gilbert-Elliott loss: a good and a bad state, each with its own loss probability; the state
-/// changes before each packet.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GilbertElliott {
-    /// Probability of moving from good to bad before a packet.
-    pub p_good_to_bad: f64,
-    /// Probability of moving from bad to good before a packet.
-    pub p_bad_to_good: f64,
-    /// Loss probability in the good state.
-    pub loss_good: f64,
-    /// Loss probability in the bad state.
-    pub loss_bad: f64,
-}
-
-impl GilbertElliott {
-    /// The chain that loses every packet in the bad state and none in the good state (the
-    /// Gilbert model), with mean loss `mean_loss` and mean burst length `mean_burst` packets:
-    /// `p_bad_to_good = 1 / mean_burst`, and `p_good_to_bad` so that the stationary share of
-    /// the bad state is `mean_loss`.
-    pub fn from_mean(mean_loss: f64, mean_burst: f64) -> Self {
-        let mean_loss = mean_loss.clamp(0.0, 0.999);
-        let p_bad_to_good = 1.0 / mean_burst.max(1.0);
-        GilbertElliott {
-            p_good_to_bad: (mean_loss * p_bad_to_good / (1.0 - mean_loss)).min(1.0),
-            p_bad_to_good,
-            loss_good: 0.0,
-            loss_bad: 1.0,
-        }
-    }
-
-    /// Stationary probability of the bad state.
-    pub fn bad_share(&self) -> f64 {
-        let s = self.p_good_to_bad + self.p_bad_to_good;
-        if s == 0.0 {
-            0.0
-        } else {
-            self.p_good_to_bad / s
-        }
-    }
-
-    /// Long-run share of packets lost.
-    pub fn mean_loss(&self) -> f64 {
-        let b = self.bad_share();
-        (1.0 - b) * self.loss_good + b * self.loss_bad
-    }
 }
 
 /// A token-bucket-free rate limit: packets leave at `bytes_per_sec` through a FIFO queue of at

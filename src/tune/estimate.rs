@@ -1,0 +1,193 @@
+//! The link's loss, estimated online from the sender's own shard counts.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Settings of a [`LossEstimator`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EstimatorConfig {
+    /// Shards the long window covers. Default 512: on a clean link the estimate's upper bound
+    /// falls under 0.2% after that many shards.
+    pub window: u64,
+    /// Shards the short window covers, to see loss appear within a few round trips.
+    /// Default 32.
+    pub short_window: u64,
+    /// Width of the confidence bounds, in standard deviations (Wilson score). Default 1.
+    pub z: f64,
+    /// The estimate before any shard is accounted for. Default 0.02.
+    pub initial: f64,
+    /// Send records kept to match acks against (bounded memory). Default 4096.
+    pub history: usize,
+}
+
+impl Default for EstimatorConfig {
+    fn default() -> Self {
+        EstimatorConfig {
+            window: 512,
+            short_window: 32,
+            z: 1.0,
+            initial: 0.02,
+            history: 4096,
+        }
+    }
+}
+
+/// Per-shard loss rate, from the shards this side sent and the peer's count of distinct shards
+/// received (carried in every ack), so it sees loss even when the code repaired it.
+///
+/// An ack says how many shards the peer had when it sent the ack, which covers the shards
+/// sent up to about one round trip before the ack arrives (`guard`). Each ack closes an
+/// interval: shards sent up to `now - guard` since the last ack, minus shards the peer gained
+/// since the last ack. The difference is signed: a shard counted lost because it was still in
+/// flight shows up as a gain in a later interval, so over any span of intervals the sum is
+/// exact up to the change in shards in flight, and a wrong but steady `guard` cancels out.
+///
+/// The estimate is the larger of the Wilson upper bound over the last `window` shards (slow,
+/// cautious: a clean link must prove it) and the Wilson lower bound over the last
+/// `short_window` shards (fast: loss that appears is believed as soon as it is significant).
+#[derive(Clone, Debug)]
+pub struct LossEstimator {
+    config: EstimatorConfig,
+    /// `(time, shards sent so far on this connection)` after each send, oldest first.
+    sent: VecDeque<(Instant, u64)>,
+    total_sent: u64,
+    /// Shards accounted for so far on this connection: sent up to the last cutoff, and the
+    /// peer's count in the last ack.
+    accounted_sent: u64,
+    accounted_received: u64,
+    /// `(lost, total)` per accounted interval (lost is signed, see above), newest last.
+    chunks: VecDeque<(i64, u64)>,
+    lost_all: i64,
+    total_all: u64,
+}
+
+impl LossEstimator {
+    /// An estimator with `config`.
+    pub fn new(config: EstimatorConfig) -> Self {
+        LossEstimator {
+            config,
+            sent: VecDeque::new(),
+            total_sent: 0,
+            accounted_sent: 0,
+            accounted_received: 0,
+            chunks: VecDeque::new(),
+            lost_all: 0,
+            total_all: 0,
+        }
+    }
+
+    /// `count` shards were sent at `now`.
+    pub fn on_sent(&mut self, now: Instant, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.total_sent += count;
+        match self.sent.back_mut() {
+            Some((t, c)) if *t == now => *c = self.total_sent,
+            _ => self.sent.push_back((now, self.total_sent)),
+        }
+        if self.sent.len() > self.config.history.max(2) {
+            // Too many sends without an ack: merge the oldest two (their shards are accounted
+            // a little later than they could be, never lost).
+            let (_, c) = self.sent.pop_front().expect("len > 2");
+            if let Some(front) = self.sent.front_mut() {
+                front.1 = front.1.max(c);
+            }
+        }
+    }
+
+    /// An ack arrived at `now` saying the peer has received `peer_received` distinct shards on
+    /// this connection. Shards sent after `now - guard` are not judged yet.
+    pub fn on_ack(&mut self, now: Instant, peer_received: u64, guard: Duration) {
+        let Some(cutoff) = now.checked_sub(guard) else {
+            return;
+        };
+        let mut sent_upto = self.accounted_sent;
+        while let Some(&(t, c)) = self.sent.front() {
+            if t > cutoff {
+                break;
+            }
+            sent_upto = c;
+            self.sent.pop_front();
+        }
+        let d_sent = sent_upto.saturating_sub(self.accounted_sent);
+        if d_sent == 0 || peer_received < self.accounted_received {
+            // Nothing to judge, or an ack older than one already seen (reordered).
+            return;
+        }
+        let d_received = peer_received - self.accounted_received;
+        self.accounted_sent = sent_upto;
+        self.accounted_received = peer_received;
+        self.push_chunk(d_sent as i64 - d_received as i64, d_sent);
+    }
+
+    fn push_chunk(&mut self, lost: i64, total: u64) {
+        self.chunks.push_back((lost, total));
+        self.lost_all += lost;
+        self.total_all += total;
+        while let Some(&(l, t)) = self.chunks.front() {
+            if self.total_all - t < self.config.window {
+                break;
+            }
+            self.chunks.pop_front();
+            self.lost_all -= l;
+            self.total_all -= t;
+        }
+    }
+
+    /// The peer's count restarts: a new connection.
+    pub fn new_connection(&mut self) {
+        self.sent.clear();
+        self.total_sent = 0;
+        self.accounted_sent = 0;
+        self.accounted_received = 0;
+    }
+
+    /// Shards judged in the long window, and how many of them were lost.
+    pub fn window(&self) -> (u64, u64) {
+        (clamp_lost(self.lost_all, self.total_all), self.total_all)
+    }
+
+    /// The loss rate to plan for; see the type's docs.
+    pub fn estimate(&self) -> f64 {
+        if self.total_all == 0 {
+            return self.config.initial;
+        }
+        let z = self.config.z;
+        let slow = wilson(clamp_lost(self.lost_all, self.total_all), self.total_all, z).1;
+        let (mut lost, mut total) = (0, 0);
+        for &(l, t) in self.chunks.iter().rev() {
+            if total >= self.config.short_window {
+                break;
+            }
+            lost += l;
+            total += t;
+        }
+        let fast = wilson(clamp_lost(lost, total), total, z).0;
+        slow.max(fast)
+    }
+
+    /// The plain loss rate over the long window (no confidence bound), if any shard was judged.
+    pub fn observed(&self) -> Option<f64> {
+        (self.total_all > 0)
+            .then(|| clamp_lost(self.lost_all, self.total_all) as f64 / self.total_all as f64)
+    }
+}
+
+fn clamp_lost(lost: i64, total: u64) -> u64 {
+    (lost.max(0) as u64).min(total)
+}
+
+/// Wilson score interval `(lower, upper)` for `x` successes in `n` trials at `z` deviations.
+pub fn wilson(x: u64, n: u64, z: f64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let n = n as f64;
+    let p = x as f64 / n;
+    let z2 = z * z;
+    let denom = 1.0 + z2 / n;
+    let center = (p + z2 / (2.0 * n)) / denom;
+    let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / denom;
+    ((center - half).max(0.0), (center + half).min(1.0))
+}

@@ -1,0 +1,395 @@
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::*;
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol
+}
+
+#[test]
+fn bernoulli_rows_are_binomial() {
+    let t = LossModel::Bernoulli(0.1).loss_counts(6);
+    for n in 0..=6 {
+        let sum: f64 = (0..=n).map(|j| t.exactly(n, j)).sum();
+        assert!(close(sum, 1.0, 1e-12), "row {n} sums to {sum}");
+    }
+    // C(4, j) 0.1^j 0.9^(4-j)
+    assert!(close(t.exactly(4, 0), 0.6561, 1e-12));
+    assert!(close(t.exactly(4, 2), 6.0 * 0.01 * 0.81, 1e-12));
+    // (1, 2): both lost.
+    assert!(close(t.residual(1, 2), 0.01, 1e-12));
+    // (2, 4): three or four of four lost.
+    assert!(close(t.residual(2, 4), 4.0 * 0.001 * 0.9 + 0.0001, 1e-12));
+    assert_eq!(t.residual(0, 3), 0.0);
+    assert_eq!(t.residual(5, 3), 1.0);
+    assert_eq!(t.residual(1, 99), 1.0, "past the table counts as failure");
+}
+
+#[test]
+fn gilbert_elliott_with_equal_states_is_bernoulli() {
+    let ge = GilbertElliott {
+        p_good_to_bad: 0.3,
+        p_bad_to_good: 0.2,
+        loss_good: 0.07,
+        loss_bad: 0.07,
+    };
+    let a = LossModel::from(ge).loss_counts(10);
+    let b = LossModel::Bernoulli(0.07).loss_counts(10);
+    for n in 0..=10 {
+        for j in 0..=n {
+            assert!(close(a.exactly(n, j), b.exactly(n, j), 1e-12));
+        }
+    }
+}
+
+#[test]
+fn bursts_make_the_tail_heavier_at_the_same_mean() {
+    let ge = LossModel::from(GilbertElliott::from_mean(0.1, 4.0));
+    let bern = LossModel::Bernoulli(0.1);
+    assert!(close(ge.mean_loss(), 0.1, 1e-12));
+    // One packet: the same marginal.
+    assert!(close(ge.residual(1, 1), 0.1, 1e-12));
+    // Two consecutive packets both lost: P(bad) × P(stay bad) = 0.1 × 0.75.
+    assert!(close(ge.residual(1, 2), 0.075, 1e-12));
+    assert!(ge.residual(2, 4) > 10.0 * bern.residual(2, 4));
+}
+
+/// Runs of `n` consecutive packets through the simulator's link model: how often more than
+/// `n - k` are lost, against the model's exact value. The bound is 5 standard deviations of
+/// the count of failing runs (runs are nearly independent: each is long against the chain's
+/// memory only for Bernoulli, so for Gilbert-Elliott the bound uses the variance inflated by
+/// the mean burst length).
+fn check_against_link(model: LossModel, loss: crate::sim::Loss, k: usize, n: usize, runs: usize) {
+    use crate::sim::{Link, LinkConfig, Verdict};
+    let start = Instant::now();
+    let mut link = Link::new(
+        LinkConfig {
+            loss,
+            ..LinkConfig::default()
+        },
+        7,
+        start,
+    );
+    // Warm the chain up to its stationary state.
+    for _ in 0..1000 {
+        link.on_send(start, 100);
+    }
+    let mut failed = 0;
+    for _ in 0..runs {
+        let lost = (0..n)
+            .filter(|_| matches!(link.on_send(start, 100), Verdict::Drop(_)))
+            .count();
+        failed += usize::from(lost > n - k);
+    }
+    let expected = model.residual(k, n);
+    let burst = match model {
+        LossModel::GilbertElliott(ge) => 1.0 / ge.p_bad_to_good,
+        LossModel::Bernoulli(_) => 1.0,
+    };
+    let sd = (runs as f64 * expected * (1.0 - expected) * burst).sqrt();
+    let got = failed as f64;
+    assert!(
+        (got - runs as f64 * expected).abs() <= 5.0 * sd + 1.0,
+        "({k}, {n}): {failed} of {runs} runs failed, model says {:.1}",
+        runs as f64 * expected
+    );
+}
+
+#[test]
+fn model_matches_the_simulator_bernoulli() {
+    for (k, n) in [(1, 2), (2, 4), (4, 7), (3, 6)] {
+        check_against_link(
+            LossModel::Bernoulli(0.1),
+            crate::sim::Loss::Bernoulli(0.1),
+            k,
+            n,
+            200_000,
+        );
+    }
+}
+
+#[test]
+fn model_matches_the_simulator_gilbert_elliott() {
+    let ge = GilbertElliott::from_mean(0.05, 4.0);
+    for (k, n) in [(1, 2), (2, 4), (4, 7), (1, 5)] {
+        check_against_link(
+            LossModel::from(ge),
+            crate::sim::Loss::GilbertElliott(ge),
+            k,
+            n,
+            200_000,
+        );
+    }
+}
+
+/// The chosen plan, applied by the real encoder and reassembler with the simulator's link
+/// between them: the share of messages not rebuilt from the first flight matches the plan's
+/// residual (5 standard deviations).
+#[test]
+fn plans_deliver_their_residual_through_encoder_link_and_reassembler() {
+    use crate::fec::{Encoder, EncoderConfig, Reassembler, ReassemblerConfig};
+    use crate::sim::{Link, LinkConfig, Verdict};
+    use crate::wire::{Frame, Limits};
+
+    for (p, target) in [(0.1, 0.005), (0.2, 0.005), (0.05, 0.01)] {
+        let model = LossModel::Bernoulli(p);
+        let profile = Profile {
+            message_size: 513,
+            ..Profile::default()
+        };
+        let target = Target {
+            residual: target,
+            max_linger: Duration::ZERO,
+        };
+        let plan = plan(&model, &profile, &target, &TunerConfig::default());
+        assert!(plan.meets_target, "{plan:?}");
+        let start = Instant::now();
+        let mut link = Link::new(LinkConfig::lossy(Duration::ZERO, p), 11, start);
+        let mut enc = Encoder::new(EncoderConfig::default());
+        let mut rx = Reassembler::new(ReassemblerConfig::default());
+        let messages = 40_000u64;
+        let mut delivered = 0u64;
+        for id in 0..messages {
+            let payload = Bytes::from(vec![id as u8; 513]);
+            let mut block = enc
+                .encode_split(id, payload, plan.data_shards, plan.repair_shards)
+                .unwrap();
+            assert_eq!(block.header().data_shards, plan.data_shards);
+            let mut frames = block.data_frames();
+            frames.extend(block.next_repair(usize::from(plan.repair_shards)));
+            for f in frames {
+                if let Verdict::Deliver { .. } = link.on_send(start, f.len()) {
+                    if let Ok(Frame::Shard(s)) = Frame::decode(f.clone(), &Limits::default()) {
+                        rx.insert(s);
+                    }
+                }
+            }
+            while let Some(d) = rx.poll_delivery() {
+                assert_eq!(d.message_id, id);
+                delivered += 1;
+            }
+        }
+        let failed = (messages - delivered) as f64;
+        let expected = messages as f64 * plan.residual;
+        let sd = (expected * (1.0 - plan.residual)).sqrt();
+        assert!(
+            (failed - expected).abs() <= 5.0 * sd + 1.0,
+            "p {p}: {failed} of {messages} not rebuilt, plan {plan:?} says {expected:.1}"
+        );
+    }
+}
+
+#[test]
+fn clean_link_plans_no_parity() {
+    let p = plan(
+        &LossModel::Bernoulli(0.0),
+        &Profile::default(),
+        &Target::default(),
+        &TunerConfig::default(),
+    );
+    assert_eq!((p.data_shards, p.repair_shards), (1, 0));
+    assert!(p.wire_ratio < 1.15, "{p:?}");
+    assert_eq!(p.least_code_overhead, 1.0);
+}
+
+#[test]
+fn plans_meet_the_target_and_stay_near_the_bound() {
+    let cfg = TunerConfig::default();
+    let mut last_overhead = 0.0;
+    for p in [0.001, 0.01, 0.05, 0.1, 0.2, 0.3] {
+        let model = LossModel::Bernoulli(p);
+        let plan = plan(&model, &Profile::default(), &Target::default(), &cfg);
+        assert!(plan.meets_target, "p {p}: {plan:?}");
+        // Exhaustive check: no candidate within the search bounds is cheaper and meets it.
+        for k in 1..=8usize {
+            for m in 0..=12usize {
+                let shard = 512usize.div_ceil(k);
+                let ratio = (k + m) as f64
+                    * (shard + frame_header_len(1) + cfg.packet_overhead) as f64
+                    / 512.0;
+                if model.residual(k, k + m) <= 0.005 {
+                    assert!(ratio >= plan.wire_ratio - 1e-9, "p {p}: ({k}, {m}) cheaper");
+                }
+            }
+        }
+        assert!(plan.code_overhead >= plan.least_code_overhead - 1e-9);
+        assert!(
+            plan.code_overhead >= last_overhead - 1e-9,
+            "more loss, less code?"
+        );
+        last_overhead = plan.code_overhead;
+        assert!(plan.residual_after_hedge <= plan.residual);
+    }
+    // At 10% loss the plan fits the overhead goal of 2.5×.
+    let ten = plan(
+        &LossModel::Bernoulli(0.1),
+        &Profile::default(),
+        &Target::default(),
+        &cfg,
+    );
+    assert!(ten.wire_ratio <= 2.5, "{ten:?}");
+}
+
+#[test]
+fn linger_allows_cross_message_blocks_when_the_rate_is_high() {
+    let profile = Profile {
+        message_size: 128,
+        rate: 10_000.0,
+        ..Profile::default()
+    };
+    let target = Target {
+        residual: 0.005,
+        max_linger: Duration::from_millis(2),
+    };
+    let model = LossModel::Bernoulli(0.1);
+    let batched = plan(&model, &profile, &target, &TunerConfig::default());
+    let alone = plan(
+        &model,
+        &profile,
+        &Target {
+            max_linger: Duration::ZERO,
+            ..target
+        },
+        &TunerConfig::default(),
+    );
+    assert!(batched.messages_per_block > 1, "{batched:?}");
+    assert!(batched.linger <= target.max_linger);
+    assert!(batched.wire_ratio < alone.wire_ratio);
+}
+
+#[test]
+fn impossible_targets_give_the_strongest_plan() {
+    let p = plan(
+        &LossModel::Bernoulli(0.9),
+        &Profile::default(),
+        &Target {
+            residual: 1e-9,
+            max_linger: Duration::ZERO,
+        },
+        &TunerConfig::default(),
+    );
+    assert!(!p.meets_target);
+    assert_eq!(p.repair_shards, 12);
+}
+
+/// A seeded sender/receiver pair of counters: shards sent one per millisecond, each lost with
+/// probability `p`; a shard arrives half a round trip (20 ms) after it is sent, and the peer's
+/// count takes another half to come back.
+struct Feed {
+    rng: ChaCha8Rng,
+    now: Instant,
+    sent: u64,
+    received: Vec<(Instant, u64)>,
+    total_received: u64,
+}
+
+impl Feed {
+    fn new(seed: u64) -> Self {
+        Feed {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            now: Instant::now(),
+            sent: 0,
+            received: Vec::new(),
+            total_received: 0,
+        }
+    }
+
+    fn run(&mut self, est: &mut LossEstimator, shards: u64, p: f64) {
+        let rtt = Duration::from_millis(40);
+        for _ in 0..shards {
+            self.now += Duration::from_millis(1);
+            est.on_sent(self.now, 1);
+            self.sent += 1;
+            if self.rng.gen::<f64>() >= p {
+                self.total_received += 1;
+            }
+            // Arrival times: sent + rtt / 2.
+            self.received
+                .push((self.now + rtt / 2, self.total_received));
+            // The peer's count as of half a round trip ago arrives now.
+            let seen = self.now - rtt / 2;
+            let count = self
+                .received
+                .iter()
+                .rev()
+                .find(|(t, _)| *t <= seen)
+                .map_or(0, |&(_, c)| c);
+            est.on_ack(self.now, count, rtt);
+        }
+    }
+}
+
+#[test]
+fn estimator_converges_and_reacts() {
+    let mut est = LossEstimator::new(EstimatorConfig::default());
+    assert_eq!(est.estimate(), 0.02, "the prior before any ack");
+    let mut feed = Feed::new(3);
+    // Clean: the bound falls below the 0.5% that lets the tuner send no parity.
+    feed.run(&mut est, 600, 0.0);
+    assert!(est.estimate() < 0.005, "clean: {}", est.estimate());
+    // Loss appears: see `estimator_reacts_to_loss_onset` for the reaction time.
+    feed.run(&mut est, 200, 0.1);
+    assert!(est.estimate() > 0.02, "onset: {}", est.estimate());
+    // Long run at 10%: the plain rate over the window is within 4 standard deviations
+    // (window of 512 shards), and the planning estimate is not below it.
+    feed.run(&mut est, 5000, 0.1);
+    let observed = est.observed().unwrap();
+    let sd = (0.1f64 * 0.9 / 512.0).sqrt();
+    assert!(close(observed, 0.1, 4.0 * sd), "observed {observed}");
+    assert!(est.estimate() >= observed);
+    // And back to clean.
+    feed.run(&mut est, 1200, 0.0);
+    assert!(est.estimate() < 0.005, "recovered: {}", est.estimate());
+}
+
+/// After a clean spell, loss of 10% appears: once 128 shards of it are judged, the estimate
+/// is above 2% in most runs. It stays at or below 2% only if the last 32 judged shards hold at
+/// most one loss (the short window's lower bound; binomial: 15.6%) *and* the 128 hold at most
+/// 7 (the long window's upper bound); given the first, the other 96 must hold at most 6
+/// (binomial: about 20%), so about 3% of onsets lag: 6 of 200 expected, standard deviation
+/// 2.4. The test allows 6 + 3 × 2.4.
+#[test]
+fn estimator_reacts_to_loss_onset() {
+    let guard_shards = 40;
+    let mut lagging = 0;
+    for seed in 0..200 {
+        let mut est = LossEstimator::new(EstimatorConfig::default());
+        let mut feed = Feed::new(seed);
+        feed.run(&mut est, 600, 0.0);
+        feed.run(&mut est, 128 + guard_shards, 0.1);
+        lagging += usize::from(est.estimate() <= 0.02);
+    }
+    assert!(
+        lagging <= 13,
+        "{lagging} of 200 onsets not seen after 128 shards"
+    );
+}
+
+#[test]
+fn estimator_memory_is_bounded_without_acks() {
+    let mut est = LossEstimator::new(EstimatorConfig {
+        history: 64,
+        ..EstimatorConfig::default()
+    });
+    let t = Instant::now();
+    for i in 0..10_000u64 {
+        est.on_sent(t + Duration::from_micros(i), 1);
+    }
+    // Everything sent is judged by one late ack that saw it all: nothing counted lost.
+    est.on_ack(t + Duration::from_secs(10), 10_000, Duration::from_secs(1));
+    assert_eq!(est.window().0, 0);
+    assert!(est.window().1 >= 512);
+}
+
+#[test]
+fn wilson_bounds() {
+    let (lo, hi) = wilson(0, 512, 1.0);
+    assert_eq!(lo, 0.0);
+    assert!(hi < 0.002);
+    let (lo, hi) = wilson(50, 500, 1.0);
+    assert!(lo < 0.1 && hi > 0.1 && hi - lo < 0.03);
+}
