@@ -46,7 +46,7 @@
 //! |-----------------|----------|---------------------------------------------------------------|
 //! | type            | u8 = `0x12` |                                                            |
 //! | ack_delay       | varint   | microseconds between receiving the newest acked message and sending this ack |
-//! | shards_received | varint   | shard frames received on this connection so far (for loss estimation) |
+//! | shards_received | varint   | distinct shard frames received on this connection so far (for loss estimation) |
 //! | largest         | varint   | largest acked message id                                      |
 //! | extra_ranges    | varint   | ranges after the first, `< Limits::max_ack_ranges`            |
 //! | first_range     | varint   | ids below `largest` also acked: the first range is `largest - first_range ..= largest` |
@@ -530,7 +530,8 @@ impl ShardFrame {
 pub struct AckFrame {
     /// Microseconds between receiving the newest acked message and sending this ack.
     pub ack_delay_us: u64,
-    /// Shard frames received on this connection so far.
+    /// Distinct shard frames received on this connection so far (the sender's loss
+    /// estimate compares it with the shards it sent).
     pub shards_received: u64,
     /// Acked ids, as ranges in strictly descending order with at least one unacked id between
     /// neighbours. Never empty.

@@ -61,7 +61,7 @@ pub struct Delivered {
 /// Counters of a [`Receiver`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReceiverStats {
-    /// Shard frames received.
+    /// Distinct shard frames received (a frame already held is not counted again).
     pub shards_received: u64,
     /// Messages delivered to the application.
     pub delivered: u64,
@@ -146,8 +146,12 @@ impl Receiver {
 
     /// Takes one shard frame.
     pub fn handle_shard(&mut self, now: Instant, frame: ShardFrame) {
-        self.stats.shards_received += 1;
         let outcome = self.reassembler.insert(frame);
+        // Distinct shards only: the sender's loss estimate compares this with what it sent,
+        // and a duplicated packet must not hide a lost one.
+        if !matches!(outcome, InsertOutcome::Duplicate) {
+            self.stats.shards_received += 1;
+        }
         let mut fresh = false;
         let mut repeat = false;
         while let Some(d) = self.reassembler.poll_delivery() {

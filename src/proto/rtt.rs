@@ -5,11 +5,13 @@ use std::time::Duration;
 
 /// Recent ack round-trip samples, for percentiles such as the hedge delay's p95.
 ///
-/// Keeps the last `capacity` samples; a percentile sorts a copy (a few hundred samples, once per
-/// query). Before any sample it answers with the initial estimate.
+/// Keeps the last `capacity` samples in arrival order and in sorted order, so a percentile is
+/// an index (the sender asks on every block and every ack). Before any sample it answers with
+/// the initial estimate.
 #[derive(Clone, Debug)]
 pub struct RttEstimator {
     samples: VecDeque<Duration>,
+    sorted: Vec<Duration>,
     capacity: usize,
     initial: Duration,
 }
@@ -19,6 +21,7 @@ impl RttEstimator {
     pub fn new(initial: Duration, capacity: usize) -> Self {
         RttEstimator {
             samples: VecDeque::with_capacity(capacity.min(4096)),
+            sorted: Vec::with_capacity(capacity.min(4096)),
             capacity: capacity.max(1),
             initial,
         }
@@ -27,9 +30,14 @@ impl RttEstimator {
     /// Adds a sample, forgetting the oldest beyond capacity.
     pub fn push(&mut self, rtt: Duration) {
         if self.samples.len() == self.capacity {
-            self.samples.pop_front();
+            if let Some(old) = self.samples.pop_front() {
+                let at = self.sorted.partition_point(|&s| s < old);
+                self.sorted.remove(at);
+            }
         }
         self.samples.push_back(rtt);
+        let at = self.sorted.partition_point(|&s| s <= rtt);
+        self.sorted.insert(at, rtt);
     }
 
     /// Samples held.
@@ -44,14 +52,12 @@ impl RttEstimator {
 
     /// The `q` quantile (nearest rank) of the samples held, or the initial estimate.
     pub fn quantile(&self, q: f64) -> Duration {
-        if self.samples.is_empty() {
+        if self.sorted.is_empty() {
             return self.initial;
         }
-        let mut sorted: Vec<Duration> = self.samples.iter().copied().collect();
-        sorted.sort_unstable();
-        let rank =
-            ((q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-        sorted[rank - 1]
+        let len = self.sorted.len();
+        let rank = ((q.clamp(0.0, 1.0) * len as f64).ceil() as usize).clamp(1, len);
+        self.sorted[rank - 1]
     }
 }
 

@@ -7,7 +7,25 @@ use bytes::Bytes;
 
 use super::rtt::RttEstimator;
 use crate::fec::{Block, EncodeError, Encoder, EncoderConfig};
+use crate::tune::{self, EstimatorConfig, LossEstimator, LossModel, Target, TunerConfig};
 use crate::wire::{AckFrame, Envelope, MAX_KEY_LEN};
+
+/// Adaptive redundancy: the sender estimates the link's loss per shard from its acks
+/// ([`LossEstimator`]) and plans each message's code from it ([`tune::plan`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AdaptiveConfig {
+    /// What each first flight must achieve. Default: residual loss 0.5% (the p99 target of
+    /// [`Target::for_quantile`]), no linger.
+    pub target: Target,
+    /// The planner's search bounds and costs.
+    pub tuner: TunerConfig,
+    /// The loss estimator's windows and prior.
+    pub estimator: EstimatorConfig,
+}
+
+
+/// Plans cached per `(coded length, loss estimate in steps of 0.1%)`; bounded.
+const PLAN_CACHE: usize = 64;
 
 /// Settings of a [`Sender`].
 #[derive(Clone, Debug, PartialEq)]
@@ -17,13 +35,18 @@ pub struct SenderConfig {
     /// Code small messages sent close together into one block ([`Encoder::push`], bounded by
     /// `encoder.batch`). Default off: each message is its own block, sent at once.
     pub batching: bool,
-    /// Parity shards sent with every block's data shards. Default 1.
+    /// Adaptive redundancy (the default): each message's data shards `k` and first-flight
+    /// parity `m` come from the tuner, for the loss the sender measures. `None`: every block
+    /// is coded as the encoder cuts it, with `first_flight_repair` parity shards.
+    pub adaptive: Option<AdaptiveConfig>,
+    /// Parity shards sent with every block's data shards when `adaptive` is `None`. Default 1.
     pub first_flight_repair: usize,
-    /// Gap between a first flight's data shards and each of its parity shards (the j-th
-    /// parity shard leaves `(j + 1) × repair_spacing` after the data). quinn packs datagrams
-    /// queued together into one packet, so without a gap one lost packet takes data and
-    /// parity at once (measured over quinn: 1240 packets for 2137 shard datagrams). Zero
-    /// sends everything at once. Default 1 ms.
+    /// Gap between consecutive shards of a first flight whose frames are small enough for two
+    /// to share a packet (the j-th shard leaves `j × repair_spacing` after the first).
+    /// quinn packs datagrams queued together into one packet, so without a gap one lost
+    /// packet takes several shards of a block at once (measured over quinn: 1240 packets for
+    /// 2137 shard datagrams), and the code's residual loss is not what the tuner computed.
+    /// Zero sends everything at once. Default 1 ms.
     pub repair_spacing: Duration,
     /// Quantile of the ack round trip after which a block without an ack is hedged.
     /// Default 0.95.
@@ -69,6 +92,7 @@ impl Default for SenderConfig {
         SenderConfig {
             encoder: EncoderConfig::default(),
             batching: false,
+            adaptive: Some(AdaptiveConfig::default()),
             first_flight_repair: 1,
             repair_spacing: Duration::from_millis(1),
             hedge_quantile: 0.95,
@@ -171,6 +195,8 @@ pub struct SenderStats {
     pub retransmit_bytes: u64,
     /// Shard frames the peer reported receiving (from its latest ack).
     pub peer_shards_received: u64,
+    /// Shard frames sent (every kind).
+    pub shards_sent: u64,
 }
 
 #[derive(Debug)]
@@ -202,18 +228,27 @@ pub struct Sender {
     messages: BTreeMap<u64, Message>,
     blocks: HashMap<u64, BlockState>,
     rtt: RttEstimator,
-    /// Blocks built, first flight not yet sent.
-    pending: VecDeque<Block>,
+    /// Blocks built, first flight not yet sent, with their planned parity (`None`: choose
+    /// when sent).
+    pending: VecDeque<(Block, Option<usize>)>,
     /// First-flight parity waiting out `repair_spacing`, in due order.
     spaced: VecDeque<(Instant, Bytes)>,
     out: VecDeque<Bytes>,
     events: VecDeque<SenderEvent>,
     stats: SenderStats,
+    loss: LossEstimator,
+    /// `(coded length, loss step) → (k, m)`.
+    plans: HashMap<(usize, u32), (u16, u16)>,
 }
 
 impl Sender {
     /// A sender with `config`.
     pub fn new(config: SenderConfig) -> Self {
+        let estimator = config
+            .adaptive
+            .as_ref()
+            .map(|a| a.estimator)
+            .unwrap_or_default();
         Sender {
             encoder: Encoder::new(config.encoder.clone()),
             rtt: RttEstimator::new(config.initial_rtt, config.rtt_samples),
@@ -226,7 +261,83 @@ impl Sender {
             out: VecDeque::new(),
             events: VecDeque::new(),
             stats: SenderStats::default(),
+            loss: LossEstimator::new(estimator),
+            plans: HashMap::new(),
         }
+    }
+
+    /// The link's loss rate the sender plans for (an upper confidence bound; see
+    /// [`LossEstimator::estimate`]).
+    pub fn loss_estimate(&self) -> f64 {
+        self.loss.estimate()
+    }
+
+    /// The plain per-shard loss rate measured over the estimator's window, once any shard has
+    /// been judged.
+    pub fn loss_observed(&self) -> Option<f64> {
+        self.loss.observed()
+    }
+
+    /// The code `(k, m)` a message of `len` payload bytes gets now (without a key), or `None`
+    /// when redundancy is not adaptive.
+    pub fn current_plan(&mut self, len: usize) -> Option<(u16, u16)> {
+        self.plan_for(Envelope::overhead(None) + len)
+    }
+
+    fn plan_for(&mut self, coded_len: usize) -> Option<(u16, u16)> {
+        let adaptive = self.config.adaptive.as_ref()?;
+        let estimate = self.loss.estimate();
+        // Planned for the top of the estimate's 0.1% step, so a cached plan is never weaker
+        // than a fresh one.
+        let step = (estimate * 1000.0).ceil().clamp(0.0, 1000.0) as u32;
+        if let Some(&plan) = self.plans.get(&(coded_len, step)) {
+            return Some(plan);
+        }
+        let profile = tune::Profile {
+            message_size: coded_len,
+            rate: 0.0,
+            rtt: self.rtt.quantile(0.5),
+            max_datagram_size: self.config.encoder.max_datagram_size,
+        };
+        let target = Target {
+            max_linger: Duration::ZERO,
+            ..adaptive.target
+        };
+        let p = tune::plan(
+            &LossModel::Bernoulli(f64::from(step) / 1000.0),
+            &profile,
+            &target,
+            &adaptive.tuner,
+        );
+        if self.plans.len() >= PLAN_CACHE {
+            self.plans.clear();
+        }
+        let plan = (p.data_shards, p.repair_shards);
+        self.plans.insert((coded_len, step), plan);
+        Some(plan)
+    }
+
+    /// Parity for a block built by the encoder alone (batched): the least `m` that meets the
+    /// target for its `k`, or `first_flight_repair` when not adaptive.
+    fn repair_for(&self, block: &Block) -> usize {
+        let Some(adaptive) = &self.config.adaptive else {
+            return self.config.first_flight_repair;
+        };
+        let k = usize::from(block.header().data_shards);
+        let model = LossModel::Bernoulli(self.loss.estimate());
+        let table = model.loss_counts(k + usize::from(adaptive.tuner.max_repair));
+        (0..=usize::from(adaptive.tuner.max_repair))
+            .find(|&m| table.residual(k, k + m) <= adaptive.target.residual)
+            .unwrap_or(usize::from(adaptive.tuner.max_repair))
+    }
+
+    /// Puts frames on the wire now, counting them.
+    fn emit(&mut self, now: Instant, frames: impl IntoIterator<Item = Bytes>) {
+        let before = self.out.len();
+        self.out.extend(frames);
+        let n = (self.out.len() - before) as u64;
+        self.stats.shards_sent += n;
+        self.loss.on_sent(now, n);
     }
 
     /// Counters.
@@ -283,7 +394,13 @@ impl Sender {
         if self.config.batching {
             self.encoder.push(now, id, payload.clone())?;
         } else {
-            let block = self.encoder.encode(id, payload.clone())?;
+            let block = match self.plan_for(payload.len()) {
+                Some((k, m)) => (
+                    self.encoder.encode_split(id, payload.clone(), k, m)?,
+                    Some(usize::from(m)),
+                ),
+                None => (self.encoder.encode(id, payload.clone())?, None),
+            };
             self.pending.push_back(block);
         }
         self.next_id += 1;
@@ -311,6 +428,7 @@ impl Sender {
         self.pending.clear();
         self.spaced.clear();
         self.out.clear();
+        self.loss.new_connection();
         let in_flight: Vec<(u64, Bytes)> = self
             .messages
             .iter_mut()
@@ -320,7 +438,14 @@ impl Sender {
             })
             .collect();
         for (id, payload) in in_flight {
-            match self.encoder.encode(id, payload) {
+            let encoded = match self.plan_for(payload.len()) {
+                Some((k, m)) => self
+                    .encoder
+                    .encode_split(id, payload, k, m)
+                    .map(|b| (b, Some(usize::from(m)))),
+                None => self.encoder.encode(id, payload).map(|b| (b, None)),
+            };
+            match encoded {
                 Ok(block) => self.pending.push_back(block),
                 Err(_) => {
                     // Possible only if the datagram size shrank below what this message needs.
@@ -345,6 +470,11 @@ impl Sender {
     /// Takes an ack from the peer.
     pub fn handle_ack(&mut self, now: Instant, ack: &AckFrame) {
         self.stats.peer_shards_received = self.stats.peer_shards_received.max(ack.shards_received);
+        // The peer's count covers shards sent up to about one round trip ago: the least
+        // round trip seen (the path's own delay; the median would include shard spacing and
+        // queueing, and a guard too long shifts shards in flight into the count).
+        let guard = self.rtt.quantile(0.0);
+        self.loss.on_ack(now, ack.shards_received, guard);
         let ack_delay = Duration::from_micros(ack.ack_delay_us);
         for range in &ack.ranges {
             let ids: Vec<u64> = self
@@ -391,7 +521,7 @@ impl Sender {
     pub fn handle_timeout(&mut self, now: Instant) {
         while self.spaced.front().is_some_and(|(at, _)| *at <= now) {
             let (_, frame) = self.spaced.pop_front().expect("checked");
-            self.out.push_back(frame);
+            self.emit(now, [frame]);
         }
         self.encoder.handle_timeout(now);
         self.start_blocks(now);
@@ -466,27 +596,35 @@ impl Sender {
     /// Sends the first flight of every block that is ready.
     fn start_blocks(&mut self, now: Instant) {
         while let Some(block) = self.encoder.poll_block() {
-            self.pending.push_back(block);
+            self.pending.push_back((block, None));
         }
-        while let Some(mut block) = self.pending.pop_front() {
+        while let Some((mut block, planned)) = self.pending.pop_front() {
             let mut frames = block.data_frames();
             self.stats.data_shards += frames.len() as u64;
-            let repair = block.next_repair(self.config.first_flight_repair);
+            let wanted = planned.unwrap_or_else(|| self.repair_for(&block));
+            let repair = block.next_repair(wanted);
             self.stats.repair_shards += repair.len() as u64;
             let bytes: usize = frames.iter().chain(&repair).map(Bytes::len).sum();
             self.stats.first_flight_bytes += bytes as u64;
             let shards_sent = frames.len() + repair.len();
-            if self.config.repair_spacing.is_zero() {
-                frames.extend(repair);
+            frames.extend(repair);
+            // Space the shards when two frames could share a packet.
+            let small = frames
+                .iter()
+                .all(|f| 2 * f.len() <= self.config.encoder.max_datagram_size);
+            let first = if self.config.repair_spacing.is_zero() || !small {
+                frames.len()
             } else {
-                for (j, frame) in repair.into_iter().enumerate() {
-                    let at = now + self.config.repair_spacing * (j as u32 + 1);
-                    // Keep `spaced` in due order (blocks start in time order; a block's
-                    // later parity is due later).
-                    let pos = self.spaced.partition_point(|(t, _)| *t <= at);
-                    self.spaced.insert(pos, (at, frame));
-                }
+                1
+            };
+            let later = frames.split_off(first.min(frames.len()));
+            for (j, frame) in later.into_iter().enumerate() {
+                let at = now + self.config.repair_spacing * (j as u32 + 1);
+                // Keep `spaced` in due order.
+                let pos = self.spaced.partition_point(|(t, _)| *t <= at);
+                self.spaced.insert(pos, (at, frame));
             }
+            self.emit(now, frames);
             let id = block.id();
             let mut unacked = 0;
             for msg in block.messages() {
@@ -495,7 +633,6 @@ impl Sender {
                     unacked += 1;
                 }
             }
-            self.out.extend(frames);
             self.blocks.insert(
                 id,
                 BlockState {
@@ -546,7 +683,7 @@ impl Sender {
             self.stats.retransmits += 1;
             self.stats.retransmit_bytes += bytes as u64;
         }
-        self.out.extend(frames);
+        self.emit(now, frames);
     }
 
     /// One message of `block` reached an outcome; forget the block when none is left.

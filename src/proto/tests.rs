@@ -25,10 +25,22 @@ struct Harness {
     seq: u64,
 }
 
+/// Fixed redundancy (one parity shard per block): the older tests reason about it.
+fn fixed() -> SenderConfig {
+    SenderConfig {
+        adaptive: None,
+        ..SenderConfig::default()
+    }
+}
+
 impl Harness {
     fn new(link: LinkConfig, seed: u64) -> Self {
+        Self::with_sender(link, seed, fixed())
+    }
+
+    fn with_sender(link: LinkConfig, seed: u64, sender: SenderConfig) -> Self {
         let now = Instant::now();
-        let peer = || Peer::new(SenderConfig::default(), ReceiverConfig::default());
+        let peer = || Peer::new(sender.clone(), ReceiverConfig::default());
         Harness {
             now,
             peers: [peer(), peer()],
@@ -110,10 +122,14 @@ struct Outcome {
 fn run(h: &mut Harness, n: u64) -> Outcome {
     let mut out = Outcome::default();
     let start = h.now;
+    let base = h.peers[0].sender.stats().messages_sent;
     for i in 0..n {
         h.run_until(start + INTERVAL * i as u32);
-        let id = h.peers[0].sender.send(h.now, payload(i)).expect("send");
-        assert_eq!(id, i);
+        let id = h.peers[0]
+            .sender
+            .send(h.now, payload(base + i))
+            .expect("send");
+        assert_eq!(id, base + i);
         h.flush();
         collect(h, &mut out);
     }
@@ -385,7 +401,7 @@ fn first_flight_parity_leaves_after_the_spacing() {
     // quinn packs datagrams queued together into one packet; the parity must be queued later.
     let mut s = Sender::new(SenderConfig {
         first_flight_repair: 2,
-        ..SenderConfig::default()
+        ..fixed()
     });
     let t0 = Instant::now();
     s.send(t0, payload(0)).unwrap();
@@ -408,7 +424,7 @@ fn first_flight_parity_leaves_after_the_spacing() {
     let mut s = Sender::new(SenderConfig {
         first_flight_repair: 2,
         repair_spacing: Duration::ZERO,
-        ..SenderConfig::default()
+        ..fixed()
     });
     s.send(t0, payload(0)).unwrap();
     assert_eq!(std::iter::from_fn(|| s.poll_transmit()).count(), 3);
@@ -504,4 +520,107 @@ fn a_body_that_is_no_envelope_is_neither_delivered_nor_acked() {
         Bytes::from_static(b"ok")
     );
     assert_eq!(r.poll_delivery(), None);
+}
+
+/// Default (adaptive) sender on both peers.
+fn adaptive(link: LinkConfig, seed: u64) -> Harness {
+    Harness::with_sender(link, seed, SenderConfig::default())
+}
+
+#[test]
+fn adaptive_redundancy_spends_nothing_once_a_clean_link_is_proven() {
+    let mut h = adaptive(LinkConfig::lossy(DELAY, 0.0), 1);
+    let first = run(&mut h, 1000);
+    check(&first, 1000);
+    assert_eq!(first.acked.len(), 1000);
+    // After 1000 shards without a loss the estimate's upper bound (Wilson, 512 shards) is
+    // under 0.2%, and a 512 B message needs no parity for a 0.5% residual.
+    let est = h.peers[0].sender.loss_estimate();
+    assert!(est < 0.002, "estimate {est}");
+    let before = h.peers[0].sender.stats();
+    let second = run(&mut h, 1000);
+    assert_eq!(second.acked.len(), 1000);
+    let after = h.peers[0].sender.stats();
+    assert_eq!(after.data_shards - before.data_shards, 1000);
+    assert_eq!(after.repair_shards - before.repair_shards, 0);
+    assert_eq!(after.hedges_fired, 0);
+}
+
+#[test]
+fn adaptive_redundancy_measures_the_loss_and_meets_its_target() {
+    let link = LinkConfig {
+        jitter: Duration::from_millis(2),
+        reorder: 0.02,
+        reorder_delay: Duration::from_millis(10),
+        duplicate: 0.02,
+        ..LinkConfig::lossy(DELAY, 0.1)
+    };
+    let mut h = adaptive(link, 5);
+    let n = 2000;
+    let out = run(&mut h, n);
+    check(&out, n);
+    assert_eq!(out.acked.len() as u64, n);
+    let s = &h.peers[0].sender;
+    let observed = s.loss_observed().unwrap();
+    // The window holds 512 shards: 4 standard deviations of a 10% rate.
+    let sd = (0.1f64 * 0.9 / 512.0).sqrt();
+    assert!((observed - 0.1).abs() <= 4.0 * sd, "observed {observed}");
+    // Messages not rebuilt by their first flight wait for a hedge: latency beyond the round
+    // trip plus jitter (4 ms), spacing of up to 8 shards and two lost acks in a row (covered
+    // by the next message's ack, 5 ms apart). The plan's residual is at most 0.5% while the
+    // estimate is at or above the true loss; three acks lost in a row add 0.1%; the first
+    // round trips run on the 2% prior. Allowed: 1% of messages.
+    let slow = out
+        .acked
+        .values()
+        .filter(|&&l| l > 2 * DELAY + Duration::from_millis(4 + 8 + 10))
+        .count();
+    let st = s.stats();
+    eprintln!(
+        "slow {slow}, estimate {:.4}, observed {observed:.4}, shards {} ({} data, {} repair), hedges {}",
+        s.loss_estimate(),
+        st.shards_sent,
+        st.data_shards,
+        st.repair_shards,
+        st.hedges_fired
+    );
+    assert!(
+        slow as u64 <= n / 100,
+        "{slow} messages needed more than the first flight"
+    );
+}
+
+/// Loss appears on a link proven clean: messages after the onset until the sender plans
+/// parity for a 512 B message. At 200 messages/s a round trip (40 ms) carries 8 one-shard
+/// messages; the short window believes loss after two losses within 32 shards, judged one
+/// round trip (8 messages) late. At 10% loss the second loss comes after 20 shards on average
+/// and by the 40th in 92% of runs, so the median over 20 seeds must be within 48 messages
+/// (6 round trips); measured: 10 to 37, median 15.
+#[test]
+fn adaptive_redundancy_reacts_to_loss_within_a_few_round_trips() {
+    let mut reactions = Vec::new();
+    for seed in 0..20 {
+        let mut h = adaptive(LinkConfig::lossy(DELAY, 0.0), 100 + seed);
+        let _ = run(&mut h, 600);
+        assert_eq!(h.peers[0].sender.current_plan(512), Some((1, 0)));
+        for l in &mut h.links {
+            l.set_config(LinkConfig::lossy(DELAY, 0.1));
+        }
+        let start = h.now;
+        let mut reacted = None;
+        for i in 0..400u64 {
+            h.run_until(start + INTERVAL * i as u32);
+            h.peers[0].sender.send(h.now, payload(i)).unwrap();
+            h.flush();
+            if h.peers[0].sender.current_plan(512) != Some((1, 0)) {
+                reacted = Some(i);
+                break;
+            }
+        }
+        reactions.push(reacted.expect("never reacted to 10% loss"));
+    }
+    reactions.sort();
+    let median = reactions[reactions.len() / 2];
+    eprintln!("messages until parity: {reactions:?}");
+    assert!(median <= 48, "median {median} messages");
 }

@@ -12,8 +12,12 @@ pub struct EstimatorConfig {
     /// Shards the short window covers, to see loss appear within a few round trips.
     /// Default 32.
     pub short_window: u64,
-    /// Width of the confidence bounds, in standard deviations (Wilson score). Default 1.
+    /// Width of the long window's upper confidence bound, in standard deviations (Wilson
+    /// score). Default 1.
     pub z: f64,
+    /// Width of the short window's lower bound. Default 2: one loss in 32 shards (which a
+    /// change in the shards in flight can fake) is not believed, two are.
+    pub z_short: f64,
     /// The estimate before any shard is accounted for. Default 0.02.
     pub initial: f64,
     /// Send records kept to match acks against (bounded memory). Default 4096.
@@ -26,6 +30,7 @@ impl Default for EstimatorConfig {
             window: 512,
             short_window: 32,
             z: 1.0,
+            z_short: 2.0,
             initial: 0.02,
             history: 4096,
         }
@@ -163,7 +168,7 @@ impl LossEstimator {
             lost += l;
             total += t;
         }
-        let fast = wilson(clamp_lost(lost, total), total, z).0;
+        let fast = wilson(clamp_lost(lost, total), total, self.config.z_short).0;
         slow.max(fast)
     }
 
