@@ -97,3 +97,78 @@ fn server_and_client_over_real_udp() {
     assert_eq!(field(&tally, "invalid_frames"), "0", "{tally}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The loss sweep's CLI and JSON contract (issue 5): `--json` prints one object per row with
+/// the agreed keys; every transport appears for every model; surelink's rows account for
+/// every payment, without duplicates.
+#[test]
+fn loss_sweep_json_rows() {
+    let out = Command::new(example("loss_sweep"))
+        .args([
+            "--loss",
+            "0,0.1",
+            "--messages",
+            "200",
+            "--rate",
+            "200",
+            "--size",
+            "256",
+            "--delay-ms",
+            "10",
+            "--seed",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
+    // Two Bernoulli rates and the default Gilbert-Elliott case, three transports each.
+    assert_eq!(rows.len(), 9, "{stdout}");
+    let keys = [
+        "transport",
+        "model",
+        "loss",
+        "realized_loss",
+        "messages",
+        "acked",
+        "failed",
+        "duplicates",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "p999_ms",
+        "max_ms",
+        "wire_bytes",
+        "payload_bytes",
+    ];
+    for row in &rows {
+        for k in keys {
+            field(row, k);
+        }
+        assert_eq!(field(row, "messages"), "200");
+        assert_eq!(field(row, "payload_bytes"), "51200");
+        let acked: u64 = field(row, "acked").parse().unwrap();
+        let failed: u64 = field(row, "failed").parse().unwrap();
+        assert_eq!(acked + failed, 200, "{row}");
+        assert_eq!(field(row, "duplicates"), "0", "{row}");
+        let wire: u64 = field(row, "wire_bytes").parse().unwrap();
+        assert!(wire > 51_200, "{row}");
+    }
+    for t in ["surelink", "quinn-stream", "quinn-stream-bbr"] {
+        let n = rows.iter().filter(|r| field(r, "transport") == t).count();
+        assert_eq!(n, 3, "{t}");
+    }
+    let lossy = rows
+        .iter()
+        .find(|r| field(r, "transport") == "surelink" && field(r, "loss") == "0.1")
+        .unwrap();
+    let realized: f64 = field(lossy, "realized_loss").parse().unwrap();
+    assert!(realized > 0.05 && realized < 0.15, "{lossy}");
+    assert_eq!(field(lossy, "model"), "bernoulli");
+}

@@ -38,7 +38,23 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(10)).expect("10 s is a valid timeout"),
     ));
+    t.ack_frequency_config(Some(ack_frequency_config()));
     t
+}
+
+/// The QUIC ACK frequency surelink asks of its peer: an ACK after 8 ack-eliciting packets
+/// (quinn's default is every other one) or after the peer's usual `max_ack_delay`.
+///
+/// surelink acknowledges messages itself, in its own ack datagrams, and never waits for QUIC
+/// to retransmit a DATAGRAM (it cannot), so QUIC's ACKs only feed congestion control and
+/// stream recovery. With every shard in its own packet they were most of the return
+/// traffic: measured on the simulator at 10% loss, 4,600 ACK-only packets against 2,000
+/// surelink acks for 2,000 payments. Only takes effect when both ends support quinn's
+/// ACK-frequency extension (both are quinn here).
+pub fn ack_frequency_config() -> quinn::AckFrequencyConfig {
+    let mut a = quinn::AckFrequencyConfig::default();
+    a.ack_eliciting_threshold(quinn::VarInt::from_u32(8));
+    a
 }
 
 /// Why a TLS configuration could not be built.

@@ -50,8 +50,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub use connect::{
-    client_config, server_config, server_config_with_protocols, transport_config, AcceptError,
-    ConfigError, ConnectError, Listener, Server, ALPN,
+    ack_frequency_config, client_config, server_config, server_config_with_protocols,
+    transport_config, AcceptError, ConfigError, ConnectError, Listener, Server, ALPN,
 };
 
 use crate::proto::{Delivered, ReceiverConfig, ReceiverStats, SenderConfig, SenderStats};

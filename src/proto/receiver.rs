@@ -39,7 +39,7 @@ impl Default for ReceiverConfig {
             dedupe_window: 65_536,
             hole_ttl: Duration::from_secs(30),
             max_ack_ranges: 16,
-            reack_interval: Duration::from_millis(2),
+            reack_interval: Duration::from_millis(10),
             key_ttl: Duration::from_secs(24 * 3600),
             max_keys: 65_536,
         }

@@ -23,7 +23,6 @@ pub struct AdaptiveConfig {
     pub estimator: EstimatorConfig,
 }
 
-
 /// Plans cached per `(coded length, loss estimate in steps of 0.1%)`; bounded.
 const PLAN_CACHE: usize = 64;
 
@@ -608,23 +607,7 @@ impl Sender {
             self.stats.first_flight_bytes += bytes as u64;
             let shards_sent = frames.len() + repair.len();
             frames.extend(repair);
-            // Space the shards when two frames could share a packet.
-            let small = frames
-                .iter()
-                .all(|f| 2 * f.len() <= self.config.encoder.max_datagram_size);
-            let first = if self.config.repair_spacing.is_zero() || !small {
-                frames.len()
-            } else {
-                1
-            };
-            let later = frames.split_off(first.min(frames.len()));
-            for (j, frame) in later.into_iter().enumerate() {
-                let at = now + self.config.repair_spacing * (j as u32 + 1);
-                // Keep `spaced` in due order.
-                let pos = self.spaced.partition_point(|(t, _)| *t <= at);
-                self.spaced.insert(pos, (at, frame));
-            }
-            self.emit(now, frames);
+            self.send_spaced(now, frames);
             let id = block.id();
             let mut unacked = 0;
             for msg in block.messages() {
@@ -668,10 +651,19 @@ impl Sender {
                 return;
             }
         }
+        // The first hedge repairs a first flight that lost one shard too many (the usual case
+        // under independent loss). A block still silent after that lost more, or all of it (a
+        // burst, a blackout): each later resend carries a block's worth, `k` shards, so one
+        // that gets through rebuilds it instead of adding one shard per doubling backoff.
+        let count = if speculative {
+            self.config.hedge_repair.max(1)
+        } else {
+            usize::from(b.block.header().data_shards).max(self.config.hedge_repair.max(1))
+        };
         // Fresh parity while there is some; then copies of the data shards.
-        let mut frames = b.block.next_repair(self.config.hedge_repair.max(1));
-        if frames.is_empty() {
-            frames = b.block.data_frames();
+        let mut frames = b.block.next_repair(count);
+        if frames.len() < count {
+            frames.extend(b.block.data_frames().into_iter().take(count - frames.len()));
         }
         let bytes: usize = frames.iter().map(Bytes::len).sum();
         b.hedges += 1;
@@ -682,6 +674,27 @@ impl Sender {
         } else {
             self.stats.retransmits += 1;
             self.stats.retransmit_bytes += bytes as u64;
+        }
+        self.send_spaced(now, frames);
+    }
+
+    /// Sends the first of `frames` now and each next one `repair_spacing` later, when two of
+    /// them could share a packet (so one lost packet costs one shard); otherwise all now.
+    fn send_spaced(&mut self, now: Instant, mut frames: Vec<Bytes>) {
+        let small = frames
+            .iter()
+            .all(|f| 2 * f.len() <= self.config.encoder.max_datagram_size);
+        let first = if self.config.repair_spacing.is_zero() || !small {
+            frames.len()
+        } else {
+            1
+        };
+        let later = frames.split_off(first.min(frames.len()));
+        for (j, frame) in later.into_iter().enumerate() {
+            let at = now + self.config.repair_spacing * (j as u32 + 1);
+            // Keep `spaced` in due order.
+            let pos = self.spaced.partition_point(|(t, _)| *t <= at);
+            self.spaced.insert(pos, (at, frame));
         }
         self.emit(now, frames);
     }

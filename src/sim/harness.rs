@@ -48,6 +48,10 @@ pub struct PairConfig {
     pub idle_timeout: Duration,
     /// quinn's keep-alive interval; default none (quinn's default).
     pub keep_alive: Option<Duration>,
+    /// The ACK frequency both ends ask of each other (quinn's draft extension); default none
+    /// (quinn's default: an ACK every other ack-eliciting packet). surelink's recommendation is
+    /// `channel::ack_frequency_config()`.
+    pub ack_frequency: Option<quinn::AckFrequencyConfig>,
 }
 
 impl Default for PairConfig {
@@ -60,6 +64,7 @@ impl Default for PairConfig {
             initial_rtt: Duration::from_millis(100),
             idle_timeout: Duration::from_secs(300),
             keep_alive: None,
+            ack_frequency: None,
         }
     }
 }
@@ -152,6 +157,7 @@ fn configs(config: &PairConfig) -> Result<(ClientConfig, ServerConfig), HarnessE
     let mut transport = transport_config(config.congestion, config.initial_rtt);
     transport.max_idle_timeout(config.idle_timeout.try_into().ok());
     transport.keep_alive_interval(config.keep_alive);
+    transport.ack_frequency_config(config.ack_frequency.clone());
     let transport = Arc::new(transport);
     let (cert, key) = test_identity()?;
     let mut server_config = ServerConfig::with_single_cert(vec![cert.clone()], key)?;

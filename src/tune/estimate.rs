@@ -29,7 +29,7 @@ impl Default for EstimatorConfig {
         EstimatorConfig {
             window: 512,
             short_window: 32,
-            z: 1.0,
+            z: 0.5,
             z_short: 2.0,
             initial: 0.02,
             history: 4096,
