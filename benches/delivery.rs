@@ -5,9 +5,8 @@
 //!
 //! - `send_to_ack/<loss>`: one 512 B payment at a time, 20 ms each way (plus up to 3 ms of
 //!   jitter), the same Bernoulli loss both ways, on the in-crate simulator in virtual time
-//!   (tokio's paused clock). The time
-//!   criterion reports per iteration is the *virtual* send-to-ack latency (`iter_custom`), so it
-//!   is network and protocol time, comparable between the two functions of a group:
+//!   (tokio's paused clock). The time criterion reports per iteration is the *virtual*
+//!   send-to-ack latency (`iter_custom`), so it is network and protocol time, comparable between the two functions of a group:
 //!   `surelink` (a `Channel` on each end, BBR, adaptive redundancy) and `quinn-stream` (stock
 //!   quinn, one bi-stream per payment, the server answers `ok`). One connection per group
 //!   lives across iterations, as a real client's does.
@@ -182,7 +181,7 @@ fn core(c: &mut Criterion) {
         let mut b = Peer::new(config, ReceiverConfig::default());
         let mut now = Instant::now();
         let p = payment();
-        let mut step = |a: &mut Peer, b: &mut Peer, now: &mut Instant| {
+        let step = |a: &mut Peer, b: &mut Peer, now: &mut Instant| {
             *now += Duration::from_micros(2);
             a.sender.send(*now, p.clone()).expect("in flight stays low");
             pump(*now, a, b);
