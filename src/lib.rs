@@ -12,15 +12,17 @@
 //! | [`wire`] | bytes ⇄ frames (shard, ack, hello, close), varints, [`wire::DecodeError`] | codes, time, sockets |
 //! | [`fec`]  | messages ⇄ shards: block building (per message or across messages), parity via `reed-solomon-erasure`, extra repair on demand, reassembly under memory caps | byte layout beyond [`wire`], time sources, sockets |
 //! | [`proto`] | the sans-I/O protocol: message ids, first flights, acks, RTT percentile, hedges (budget, backoff), deadlines, dedupe window, redundant acks; input `(now, datagram)`, output datagrams, timers, events | quinn, tokio, the clock |
+//! | [`tune`] | loss models' math (binomial tail, Gilbert-Elliott chain), choosing (k, m, linger, hedge delay) for a target, the online per-shard loss estimate | I/O |
 //! | [`channel`] | the async shell: one driver task runs a `proto::Peer` over a `quinn::Connection` (datagrams, plus streams for large messages); `Channel::open`/`connect`, `Listener`/`Server` (channel ids, reconnects), `send` → `Receipt`, `Messages`, config helpers | codes |
 //! | `sim` (feature `sim`, default) | the packet-loss simulator: a seeded link model, an in-memory network of quinn sockets on tokio's clock, the same model over a real UDP socket, an endpoint-pair harness | surelink's protocol: it works under any quinn application |
 //!
-//! `wire`, `fec` and `proto` are pure: they take bytes, messages and `now` as inputs and return bytes,
+//! `wire`, `fec`, `proto` and `tune` are pure: they take bytes, messages and `now` as inputs and return bytes,
 //! blocks, deadlines and events. Nothing in them spawns a task or reads a clock, which keeps the
 //! decoder fuzzable and the protocol deterministic under the simulator. `sim` does I/O (it is
 //! a socket) but its link model is pure too.
 //!
-//! Still to come (see the repository's issues): the tuner (`tune`) and adaptive redundancy.
+//! Redundancy is adaptive by default: the sender measures the link's loss per shard from its
+//! acks and plans each message's code with [`tune::plan`] (see `proto::SenderConfig::adaptive`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]

@@ -5,8 +5,10 @@
 //! moves bytes and sleeps; everything that decides is here, and deterministic given its
 //! inputs.
 //!
-//! - [`Sender`]: assigns message ids, sends each block's data shards plus
-//!   `first_flight_repair` parity shards, takes acks (ranges) and measures the ack round trip;
+//! - [`Sender`]: assigns message ids, sends each block's data shards plus parity shards
+//!   (adaptive by default: `k` and `m` planned by [`crate::tune`] for the per-shard loss it
+//!   measures from the peer's acks; otherwise `first_flight_repair`), spaced so each shard
+//!   gets a packet of its own, takes acks (ranges) and measures the ack round trip;
 //!   when a block has no ack after the round trip's p95 (with a floor) it sends *fresh* parity
 //!   (a hedge), again with backoff, within a byte budget; at the deadline a message fails with
 //!   an unknown outcome.
