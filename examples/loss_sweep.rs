@@ -117,6 +117,33 @@ struct Row {
 }
 
 impl Row {
+    /// A finished run: latencies sorted here.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        args: &Args,
+        transport: Transport,
+        case: &Case,
+        mut latencies: Vec<Duration>,
+        failed: usize,
+        duplicates: usize,
+        (up, down): (LinkStats, LinkStats),
+        wall: std::time::Instant,
+    ) -> Row {
+        latencies.sort();
+        Row {
+            transport,
+            case: case.clone(),
+            messages: args.messages,
+            latencies,
+            failed,
+            duplicates,
+            up,
+            down,
+            payload_bytes: (args.messages * args.size) as u64,
+            wall: wall.elapsed(),
+        }
+    }
+
     fn acked(&self) -> usize {
         self.latencies.len()
     }
@@ -253,19 +280,17 @@ async fn run_surelink(args: &Args, case: &Case, bar: &ProgressBar) -> Row {
         .await
         .map(|r| r.unwrap_or(0))
         .unwrap_or(0);
-    latencies.sort();
-    Row {
-        transport: Transport::Surelink,
-        case: case.clone(),
-        messages: args.messages,
+    let t = Transport::Surelink;
+    Row::new(
+        args,
+        t,
+        case,
         latencies,
         failed,
         duplicates,
-        up,
-        down,
-        payload_bytes: (args.messages * args.size) as u64,
-        wall: wall.elapsed(),
-    }
+        (up, down),
+        wall,
+    )
 }
 
 async fn run_quinn(args: &Args, case: &Case, bbr: bool, bar: &ProgressBar) -> Row {
@@ -331,24 +356,22 @@ async fn run_quinn(args: &Args, case: &Case, bbr: bool, bar: &ProgressBar) -> Ro
     let (up, down) = (pair.up(), pair.down());
     pair.client.close(0u32.into(), b"done");
     pair.server.close(0u32.into(), b"done");
-    latencies.sort();
     let duplicates = seen.lock().expect("not poisoned").1;
-    Row {
-        transport: if bbr {
-            Transport::QuinnStreamBbr
-        } else {
-            Transport::QuinnStream
-        },
-        case: case.clone(),
-        messages: args.messages,
+    let t = if bbr {
+        Transport::QuinnStreamBbr
+    } else {
+        Transport::QuinnStream
+    };
+    Row::new(
+        args,
+        t,
+        case,
         latencies,
         failed,
         duplicates,
-        up,
-        down,
-        payload_bytes: (args.messages * args.size) as u64,
-        wall: wall.elapsed(),
-    }
+        (up, down),
+        wall,
+    )
 }
 
 fn cases(args: &Args) -> Vec<Case> {

@@ -64,6 +64,9 @@ pub struct LossEstimator {
     chunks: VecDeque<(i64, u64)>,
     lost_all: i64,
     total_all: u64,
+    /// [`LossEstimator::estimate`], recomputed when a chunk is judged (the sender asks on
+    /// every send).
+    cached: f64,
 }
 
 impl LossEstimator {
@@ -78,6 +81,7 @@ impl LossEstimator {
             chunks: VecDeque::new(),
             lost_all: 0,
             total_all: 0,
+            cached: config.initial,
         }
     }
 
@@ -138,6 +142,7 @@ impl LossEstimator {
             self.lost_all -= l;
             self.total_all -= t;
         }
+        self.cached = self.compute();
     }
 
     /// The peer's count restarts: a new connection.
@@ -155,6 +160,10 @@ impl LossEstimator {
 
     /// The loss rate to plan for; see the type's docs.
     pub fn estimate(&self) -> f64 {
+        self.cached
+    }
+
+    fn compute(&self) -> f64 {
         if self.total_all == 0 {
             return self.config.initial;
         }
