@@ -59,6 +59,10 @@
 //! | type       | u8 = `0x13`|                                                     |
 //! | channel_id | 16 bytes   | random id of the channel, stable across reconnects  |
 //!
+//! Sent by the client as the whole of the connection's first bidirectional stream. The server
+//! answers on that stream with one byte, [`HELLO_NEW`] or [`HELLO_RESUMED`], once it has
+//! attached the connection to the channel; a refusal closes the connection instead.
+//!
 //! ## Close (`0x14`)
 //!
 //! | field      | encoding   | meaning                                          |
@@ -717,6 +721,13 @@ impl Envelope {
 pub const STREAM_DELIVERED: u8 = 0;
 /// Status byte a receiver answers a stream message with: refused, not delivered.
 pub const STREAM_REFUSED: u8 = 1;
+
+/// A server's answer to a Hello (one byte on the Hello's stream): the channel id is new to
+/// it, so it holds no state (no dedupe window) for the channel.
+pub const HELLO_NEW: u8 = 1;
+/// A server's answer to a Hello: it still holds the channel's state, so messages re-sent
+/// with their ids are recognised.
+pub const HELLO_RESUMED: u8 = 2;
 
 /// The head of a stream message: the type byte and the message id. The envelope follows.
 pub fn encode_stream_head(id: u64) -> Bytes {

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::driver::{self, Reattach};
 use super::{Channel, ChannelId, Config, Messages, Reconnect, SendError};
-use crate::wire::{Frame, HelloFrame, Limits};
+use crate::wire::{Frame, HelloFrame, Limits, HELLO_NEW, HELLO_RESUMED};
 
 /// The ALPN protocol id of a surelink connection.
 pub const ALPN: &[u8] = b"surelink/1";
@@ -114,6 +114,18 @@ pub fn server_config_with_protocols(
     Ok(config)
 }
 
+/// Whether a connection lost this way may be dialled again: not after either application
+/// closed it on purpose, a protocol violation, or a TLS failure (RFC 9001 §4.8: crypto errors
+/// are transport codes 0x0100–0x01ff), which another attempt would meet again.
+pub(super) fn retryable(e: &quinn::ConnectionError) -> bool {
+    use quinn::ConnectionError as E;
+    match e {
+        E::TimedOut | E::Reset | E::CidsExhausted => true,
+        E::ConnectionClosed(close) => !(0x100..0x200).contains(&u64::from(close.error_code)),
+        _ => false,
+    }
+}
+
 /// Why [`Channel::connect`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -142,8 +154,12 @@ pub(super) struct Dialer {
 }
 
 impl Dialer {
-    /// One connection attempt: the full handshake (never 0-RTT), then the Hello.
-    async fn dial(&self) -> Result<quinn::Connection, ConnectError> {
+    /// One connection attempt: the full handshake (never 0-RTT), then the Hello and the
+    /// server's answer. `Ok((connection, resumed))`: `resumed` says whether the server still
+    /// held the channel's state. Waiting for the answer costs one round trip and means a
+    /// connection the server refuses (a client certificate it does not accept, its channel
+    /// limit) fails here, not at the first message.
+    async fn dial(&self) -> Result<(quinn::Connection, bool), ConnectError> {
         let connecting = match &self.client_config {
             Some(c) => self
                 .endpoint
@@ -155,30 +171,49 @@ impl Dialer {
             channel_id: self.channel_id,
         })
         .to_bytes();
-        let mut stream = conn.open_uni().await?;
-        stream
-            .write_all(&hello)
-            .await
-            .map_err(|e| ConnectError::Hello(e.to_string()))?;
-        stream
-            .finish()
-            .map_err(|e| ConnectError::Hello(e.to_string()))?;
-        Ok(conn)
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello_failed = |e: &dyn std::fmt::Display| ConnectError::Hello(e.to_string());
+        send.write_all(&hello).await.map_err(|e| match e {
+            quinn::WriteError::ConnectionLost(c) => ConnectError::Connection(c),
+            e => hello_failed(&e),
+        })?;
+        send.finish().map_err(|e| hello_failed(&e))?;
+        let answer = recv.read_to_end(1).await.map_err(|e| match e {
+            quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => {
+                ConnectError::Connection(c)
+            }
+            e => hello_failed(&e),
+        })?;
+        match answer.first() {
+            Some(&HELLO_NEW) => Ok((conn, false)),
+            Some(&HELLO_RESUMED) => Ok((conn, true)),
+            other => {
+                conn.close(REFUSED.into(), b"invalid hello answer");
+                Err(ConnectError::Hello(format!(
+                    "invalid answer to the hello: {other:?}"
+                )))
+            }
+        }
     }
 
     /// Dials until a connection is up, with doubling backoff, giving up after
     /// `policy.give_up_after`.
+    /// A handshake the server refused (e.g. its TLS checks) ends redialling at once: another
+    /// attempt would be refused the same way.
     pub(super) async fn redial(
         self,
         policy: Reconnect,
         lost: String,
-    ) -> Result<quinn::Connection, String> {
+    ) -> Result<(quinn::Connection, bool), String> {
         let give_up = tokio::time::Instant::now() + policy.give_up_after;
         let mut backoff = policy.first_backoff;
         let mut last = lost;
         loop {
             match tokio::time::timeout_at(give_up, self.dial()).await {
-                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Ok(attached)) => return Ok(attached),
+                Ok(Err(ConnectError::Connection(e))) if !retryable(&e) => {
+                    return Err(format!("reconnecting was refused: {e}"));
+                }
                 Ok(Err(e)) => last = e.to_string(),
                 Err(_) => break,
             }
@@ -215,7 +250,7 @@ impl Channel {
             client_config,
             channel_id: rand::random(),
         };
-        let conn = dialer.dial().await?;
+        let (conn, _resumed) = dialer.dial().await?;
         let id = dialer.channel_id;
         driver::spawn(conn, config, id, Reattach::Dial(Box::new(dialer))).map_err(|e| match e {
             SendError::DatagramsUnsupported => ConnectError::DatagramsUnsupported,
@@ -304,12 +339,13 @@ impl Server {
         conn: quinn::Connection,
     ) -> Result<Option<(Channel, Messages)>, AcceptError> {
         let timeout = self.inner.config.hello_timeout;
-        let hello = tokio::time::timeout(timeout, async {
-            let mut stream = conn.accept_uni().await?;
-            stream
+        let (mut answer, hello) = tokio::time::timeout(timeout, async {
+            let (send, mut recv) = conn.accept_bi().await?;
+            let hello = recv
                 .read_to_end(64)
                 .await
-                .map_err(|e| AcceptError::InvalidHello(e.to_string()))
+                .map_err(|e| AcceptError::InvalidHello(e.to_string()))?;
+            Ok::<_, AcceptError>((send, hello))
         })
         .await
         .map_err(|_| AcceptError::HelloTimeout(timeout))??;
@@ -324,6 +360,21 @@ impl Server {
                 return Err(AcceptError::InvalidHello(e.to_string()));
             }
         };
+        let (opened, status) = self.attach(conn, channel_id)?;
+        // The client waits for this byte before it sends: it learns whether its messages may
+        // be re-sent with their ids (the channel's dedupe window is still here) or not.
+        let _ = answer.write_all(&[status]).await;
+        let _ = answer.finish();
+        Ok(opened)
+    }
+
+    /// Hands `conn` to channel `channel_id`, or opens it; the Hello's answer goes with it.
+    #[allow(clippy::type_complexity)]
+    fn attach(
+        &self,
+        conn: quinn::Connection,
+        channel_id: ChannelId,
+    ) -> Result<(Option<(Channel, Messages)>, u8), AcceptError> {
         let mut channels = self
             .inner
             .channels
@@ -331,7 +382,7 @@ impl Server {
             .unwrap_or_else(|e| e.into_inner());
         let conn = match channels.get(&channel_id) {
             Some(tx) => match tx.send(conn) {
-                Ok(()) => return Ok(None),
+                Ok(()) => return Ok((None, HELLO_RESUMED)),
                 // Its driver stopped just now: start the channel afresh.
                 Err(mpsc::error::SendError(conn)) => {
                     channels.remove(&channel_id);
@@ -360,7 +411,7 @@ impl Server {
             AcceptError::DatagramsUnsupported
         })?;
         channels.insert(channel_id, tx);
-        Ok(Some(opened))
+        Ok((Some(opened), HELLO_NEW))
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::connect::{Dialer, ServerInner};
 use super::{Channel, ChannelId, ChannelStats, Command, Config, Messages, Receipt, SendError};
-use crate::proto::{Delivered, Peer, SenderEvent};
+use crate::proto::{Delivered, FailReason, Peer, SenderEvent};
 use crate::wire::{encode_stream_head, Envelope, MAX_KEY_LEN, STREAM_DELIVERED};
 
 /// Where a new connection comes from when the current one is lost.
@@ -29,7 +29,8 @@ pub(super) enum Reattach {
 }
 
 type Reply = oneshot::Sender<Result<Receipt, SendError>>;
-type Dialing = Pin<Box<dyn Future<Output = Result<quinn::Connection, String>> + Send>>;
+/// A redial in progress: the new connection and whether the server still had the channel.
+type Dialing = Pin<Box<dyn Future<Output = Result<(quinn::Connection, bool), String>> + Send>>;
 
 /// A message on the stream path.
 struct StreamSend {
@@ -63,9 +64,14 @@ enum Event {
     Inbound(Inbound),
     StreamDone(u64, u64, Result<u8, StreamFailure>),
     Command(Option<Command>),
-    Attach(Result<quinn::Connection, String>),
+    /// A new connection, and whether the peer still holds the channel's state.
+    Attach(Result<(quinn::Connection, bool), String>),
     Timer,
 }
+
+/// Why messages in flight failed when the server came back without the channel.
+const PEER_LOST_STATE: &str =
+    "the server came back without this channel's state (it restarted), so the message was not re-sent";
 
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
@@ -103,6 +109,7 @@ pub(super) fn spawn(
         id,
         conn: Some(connection),
         generation: 0,
+        fresh_since: 0,
         reattach,
         dialing: None,
         detached_until: None,
@@ -131,6 +138,9 @@ struct Driver {
     conn: Option<quinn::Connection>,
     /// Counts connections: a stream task reports which one it ran on.
     generation: u64,
+    /// The first generation whose peer came back without the channel's state: a stream
+    /// message started before it is not re-sent.
+    fresh_since: u64,
     reattach: Reattach,
     dialing: Option<Dialing>,
     /// A server-side channel without a connection ends at this instant.
@@ -170,10 +180,11 @@ async fn accept_bi(
 async fn next_connection(
     reattach: &mut Reattach,
     dialing: &mut Option<Dialing>,
-) -> Result<quinn::Connection, String> {
+) -> Result<(quinn::Connection, bool), String> {
     match reattach {
+        // The client chose this channel by id: it keeps its own state, whatever ours was.
         Reattach::Registry { rx, .. } => match rx.recv().await {
-            Some(c) => Ok(c),
+            Some(c) => Ok((c, true)),
             None => std::future::pending().await,
         },
         Reattach::Dial(_) => match dialing {
@@ -193,16 +204,6 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
-}
-
-/// Whether a client should dial again after losing its connection this way: not when either
-/// application closed it on purpose, nor after a protocol error.
-fn reconnectable(e: &quinn::ConnectionError) -> bool {
-    use quinn::ConnectionError as E;
-    matches!(
-        e,
-        E::TimedOut | E::Reset | E::ConnectionClosed(_) | E::CidsExhausted
-    )
 }
 
 impl Driver {
@@ -286,7 +287,7 @@ impl Driver {
                     return Some("every handle was dropped".into());
                 }
             }
-            Event::Attach(Ok(c)) => self.attach(now, c),
+            Event::Attach(Ok((c, resumed))) => self.attach(now, c, resumed),
             Event::Attach(Err(reason)) => return Some(reason),
             Event::Timer => {
                 self.peer.handle_timeout(now);
@@ -390,7 +391,11 @@ impl Driver {
                     return;
                 };
                 let may_retry = !matches!(self.reattach, Reattach::Never) && now < s.deadline;
-                if !may_retry {
+                if generation < self.fresh_since {
+                    Err(SendError::ConnectionLost {
+                        reason: PEER_LOST_STATE.into(),
+                    })
+                } else if !may_retry {
                     Err(SendError::ConnectionLost { reason })
                 } else {
                     // Same id on the next connection: the peer's dedupe window makes the
@@ -422,7 +427,7 @@ impl Driver {
         match &self.reattach {
             Reattach::Never => Some(reason),
             Reattach::Dial(dialer) => {
-                if !reconnectable(&e) {
+                if !super::connect::retryable(&e) {
                     return Some(reason);
                 }
                 self.dialing = Some(Box::pin(
@@ -442,9 +447,11 @@ impl Driver {
         }
     }
 
-    /// Moves the channel to a new connection: unacked messages are re-sent on it with their
-    /// ids, stream messages restart.
-    fn attach(&mut self, now: Instant, conn: quinn::Connection) {
+    /// Moves the channel to a new connection. When the peer still holds the channel
+    /// (`resumed`), unacked messages are re-sent on it with their ids and stream messages
+    /// restart; when it lost its state, they fail with an unknown outcome instead (a re-send
+    /// could be delivered twice).
+    fn attach(&mut self, now: Instant, conn: quinn::Connection, resumed: bool) {
         let Some(size) = conn.max_datagram_size() else {
             conn.close(1u32.into(), b"datagrams required");
             return;
@@ -456,8 +463,27 @@ impl Driver {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         tracing::debug!("surelink channel: attached to a new connection");
         self.peer.sender.set_max_datagram_size(size);
-        self.peer.new_connection(now);
         self.generation += 1;
+        if resumed {
+            self.peer.new_connection(now);
+        } else {
+            tracing::warn!("surelink channel: the server lost the channel's state; messages in flight fail with an unknown outcome");
+            self.peer.peer_lost_state(now);
+            self.fresh_since = self.generation;
+            let lost: Vec<u64> = self
+                .streams
+                .iter()
+                .filter(|(_, s)| s.running_on.is_none())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in lost {
+                if let Some(s) = self.streams.remove(&id) {
+                    let _ = s.reply.send(Err(SendError::ConnectionLost {
+                        reason: PEER_LOST_STATE.into(),
+                    }));
+                }
+            }
+        }
         self.counters.reconnects += 1;
         self.detached_until = None;
         self.conn = Some(conn);
@@ -513,6 +539,15 @@ impl Driver {
                         latency,
                         shards_sent,
                         hedges,
+                    }),
+                ),
+                SenderEvent::Failed {
+                    id,
+                    reason: FailReason::PeerLostState,
+                } => (
+                    id,
+                    Err(SendError::ConnectionLost {
+                        reason: PEER_LOST_STATE.into(),
                     }),
                 ),
                 SenderEvent::Failed { id, .. } => (id, Err(SendError::Timeout { id })),

@@ -136,6 +136,13 @@ impl Peer {
         self.receiver.new_connection();
     }
 
+    /// The connection was replaced and the peer has no state for this channel (it
+    /// restarted): see [`Sender::peer_lost_state`] and [`Receiver::peer_lost_state`].
+    pub fn peer_lost_state(&mut self, now: Instant) {
+        self.sender.peer_lost_state(now);
+        self.receiver.peer_lost_state();
+    }
+
     /// Fires what is due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.sender.handle_timeout(now);

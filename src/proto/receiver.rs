@@ -139,6 +139,15 @@ impl Receiver {
         self.last_ack = None;
     }
 
+    /// The peer came back without its state (it restarted): its message ids start over, so
+    /// the dedupe window starts over too (otherwise its new messages would look like
+    /// duplicates and never be delivered). Idempotency keys are kept: they are the
+    /// application's, and a retry by key must still be recognised.
+    pub fn peer_lost_state(&mut self) {
+        self.new_connection();
+        self.dedupe = DedupeWindow::new(self.config.dedupe_window, self.config.hole_ttl);
+    }
+
     /// The reassembler's counters (of the current connection).
     pub fn reassembly(&self) -> crate::fec::ReassemblerStats {
         self.reassembler.stats()

@@ -141,6 +141,10 @@ pub enum FailReason {
     /// On a new connection the message could not be encoded again (the path's datagrams
     /// shrank). The outcome is unknown: it may have been delivered on the old connection.
     NotResendable,
+    /// The peer came back without the channel's state (it restarted, or forgot the channel):
+    /// re-sending with the same id could deliver the message twice, so it is not re-sent.
+    /// The outcome is unknown: the peer may have delivered it before it lost its state.
+    PeerLostState,
 }
 
 /// What happened to a message.
@@ -458,6 +462,23 @@ impl Sender {
             }
         }
         self.start_blocks(now);
+    }
+
+    /// The new connection's peer has no state for this channel (it restarted): every message
+    /// in flight fails with [`FailReason::PeerLostState`] instead of being re-sent, because
+    /// the peer's dedupe window, which made a re-send safe, is gone. Call it instead of
+    /// [`Sender::new_connection`]. Message ids continue.
+    pub fn peer_lost_state(&mut self, now: Instant) {
+        let ids: Vec<u64> = self.messages.keys().copied().collect();
+        for id in ids {
+            self.messages.remove(&id);
+            self.stats.failed += 1;
+            self.events.push_back(SenderEvent::Failed {
+                id,
+                reason: FailReason::PeerLostState,
+            });
+        }
+        self.new_connection(now);
     }
 
     /// Changes the datagram size for blocks built from now on (the path MTU moved).

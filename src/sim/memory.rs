@@ -46,6 +46,8 @@ struct InFlight {
 
 #[derive(Debug, Default)]
 struct Host {
+    /// Which socket holds the address (a crashed host's socket no longer does).
+    socket: u64,
     inbox: BinaryHeap<Reverse<InFlight>>,
     waker: Option<Waker>,
 }
@@ -59,6 +61,7 @@ struct Net {
     links: HashMap<(SocketAddr, SocketAddr), Link>,
     next_seq: u64,
     unroutable: u64,
+    next_socket: u64,
 }
 
 impl Net {
@@ -127,6 +130,7 @@ impl SimNetwork {
                 links: HashMap::new(),
                 next_seq: 0,
                 unroutable: 0,
+                next_socket: 0,
             })),
         }
     }
@@ -177,12 +181,34 @@ impl SimNetwork {
                 format!("{addr} is already bound on this simulated network"),
             ));
         }
-        net.hosts.insert(addr, Host::default());
+        let socket = net.next_socket;
+        net.next_socket += 1;
+        net.hosts.insert(
+            addr,
+            Host {
+                socket,
+                ..Host::default()
+            },
+        );
         Ok(Arc::new(SimSocket {
             net: self.clone(),
             addr,
+            id: socket,
             timer: Mutex::new(None),
         }))
+    }
+
+    /// The host at `addr` crashes, as a process that dies: its socket stops sending and
+    /// receiving at once (no goodbye packets), packets in flight to it are lost, and the
+    /// address can be bound again (a restarted server). The crashed endpoint's tasks idle
+    /// until it is dropped. Returns whether a host was bound there.
+    pub fn crash(&self, addr: SocketAddr) -> bool {
+        self.lock().hosts.remove(&addr).is_some()
+    }
+
+    /// Whether socket `id` still holds `addr`.
+    fn holds(&self, addr: SocketAddr, id: u64) -> bool {
+        self.lock().hosts.get(&addr).is_some_and(|h| h.socket == id)
     }
 
     fn lock(&self) -> MutexGuard<'_, Net> {
@@ -222,6 +248,8 @@ impl SimNetwork {
 pub struct SimSocket {
     net: SimNetwork,
     addr: SocketAddr,
+    /// Tells this socket from a later one bound at the same address.
+    id: u64,
     /// Wakes the receiving task when the earliest packet in flight arrives.
     timer: Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
 }
@@ -236,7 +264,14 @@ impl fmt::Debug for SimSocket {
 
 impl Drop for SimSocket {
     fn drop(&mut self) {
-        self.net.lock().hosts.remove(&self.addr);
+        let mut net = self.net.lock();
+        if net
+            .hosts
+            .get(&self.addr)
+            .is_some_and(|h| h.socket == self.id)
+        {
+            net.hosts.remove(&self.addr);
+        }
     }
 }
 
@@ -256,6 +291,10 @@ impl AsyncUdpSocket for SimSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        if !self.net.holds(self.addr, self.id) {
+            // Crashed: nothing leaves.
+            return Ok(());
+        }
         for datagram in datagrams(transmit) {
             self.net.send(self.addr, transmit.destination, datagram);
         }
@@ -271,11 +310,13 @@ impl AsyncUdpSocket for SimSocket {
         let now = now();
         let next = {
             let mut net = self.net.lock();
-            let Some(host) = net.hosts.get_mut(&self.addr) else {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    "socket is no longer bound",
-                )));
+            let Some(host) = net
+                .hosts
+                .get_mut(&self.addr)
+                .filter(|h| h.socket == self.id)
+            else {
+                // Crashed (or replaced): nothing arrives, ever.
+                return Poll::Pending;
             };
             let mut n = 0;
             while n < bufs.len().min(meta.len()) {

@@ -1,0 +1,64 @@
+//! Helpers shared by the integration tests: numbered payments, a delivery counter and a
+//! paced sender.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use surelink::channel::{Channel, Messages, Receipt, SendError};
+
+/// Payment `i`: 512 bytes that name their number.
+pub fn payment(i: u32) -> Bytes {
+    let mut p = format!("payment {i:08} ").into_bytes();
+    p.resize(512, b'.');
+    p.into()
+}
+
+/// The number of a payment built by [`payment`], checking its bytes.
+pub fn number(p: &[u8]) -> u32 {
+    let i: u32 = std::str::from_utf8(&p[8..16]).unwrap().parse().unwrap();
+    assert_eq!(p, &payment(i)[..], "payment {i} arrived intact");
+    i
+}
+
+/// Counts deliveries per payment until no message came for `quiet`.
+pub fn collect(
+    mut messages: Messages,
+    quiet: Duration,
+) -> tokio::task::JoinHandle<BTreeMap<u32, u32>> {
+    tokio::spawn(async move {
+        let mut delivered = BTreeMap::new();
+        while let Ok(Some(m)) = tokio::time::timeout(quiet, messages.recv()).await {
+            *delivered.entry(number(&m.payload)).or_default() += 1;
+        }
+        delivered
+    })
+}
+
+/// Sends payments `range` every `every`, each in its own task; the outcomes in order.
+pub async fn send_paced(
+    channel: &Channel,
+    range: std::ops::Range<u32>,
+    every: Duration,
+) -> Vec<(u32, Result<Receipt, SendError>)> {
+    let mut tasks = Vec::new();
+    for i in range {
+        let c = channel.clone();
+        tasks.push(tokio::spawn(async move { (i, c.send(payment(i)).await) }));
+        tokio::time::sleep(every).await;
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// Asserts no payment was delivered twice.
+pub fn assert_once(delivered: &BTreeMap<u32, u32>) {
+    for (i, count) in delivered {
+        assert_eq!(*count, 1, "payment {i} delivered {count} times");
+    }
+}
