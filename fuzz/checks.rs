@@ -237,3 +237,239 @@ fn pick(sent: &mut [Sent], i: u8) -> Option<&mut Sent> {
     let len = sent.len();
     (len > 0).then(|| &mut sent[usize::from(i) % len])
 }
+
+/// One step of the receiver target: what an authenticated but arbitrary peer can make a
+/// [`Peer`] see, interleaved with an honest sender's traffic and the passage of time.
+#[derive(Arbitrary, Debug)]
+enum PeerOp {
+    /// The honest sender sends a message of `len` bytes (with an idempotency key `key` when
+    /// it is non-zero: few distinct keys, so retries by key happen).
+    Send { len: u16, key: u8 },
+    /// Deliver one of the honest sender's datagrams (again, if it was delivered before).
+    Deliver { index: u16 },
+    /// Deliver every honest datagram not yet delivered.
+    DeliverAll,
+    /// Deliver an honest datagram with one byte changed.
+    Mutate { index: u16, at: u16, xor: u8 },
+    /// Arbitrary bytes as a datagram.
+    Raw(Vec<u8>),
+    /// A shard frame built from arbitrary fields (it may or may not be valid).
+    Shard {
+        block: u64,
+        first_message: u64,
+        lengths: Vec<u32>,
+        shard_size: u32,
+        total_shards: u16,
+        index: u16,
+        payload: Vec<u8>,
+    },
+    /// A stream message (the large-message path): an arbitrary id and body.
+    Stream { id: u64, body: Vec<u8> },
+    /// An ack for the peer's own (empty) sender.
+    Ack(Vec<u8>),
+    /// Time passes.
+    Tick { ms: u16 },
+    /// The connection is replaced; the channel (and its dedupe window) carries on.
+    NewConnection,
+    /// The other side restarted without state: ids start over.
+    PeerLostState,
+}
+
+const VARINT_MAX: u64 = (1 << 62) - 1;
+const PEER_MAX_BYTES: usize = 32 * 1024;
+const PEER_MAX_BLOCKS: usize = 8;
+const PEER_WINDOW: u64 = 64;
+const PEER_MAX_KEYS: usize = 16;
+
+/// Arbitrary operation sequences against a [`Peer`] (the receiver's whole sans-I/O state
+/// machine: decoding, reassembly, dedupe window, idempotency keys, acks) with small caps.
+/// After every step: no panic, every cap holds, no message id is delivered twice (within one
+/// incarnation of the other side), no idempotency key is delivered twice, and with no
+/// hostile input in the run every delivered message is one the honest sender sent.
+pub fn receiver(data: &[u8]) {
+    use std::time::{Duration, Instant};
+    use surelink::proto::{Peer, ReceiverConfig, SenderConfig};
+    use surelink::wire::{BlockHeader, ShardFrame};
+
+    let mut u = Unstructured::new(data);
+    let mut now = Instant::now();
+    let receiver = ReceiverConfig {
+        reassembler: ReassemblerConfig {
+            max_blocks: PEER_MAX_BLOCKS,
+            max_bytes: PEER_MAX_BYTES,
+            completed_memory: 64,
+            ..ReassemblerConfig::default()
+        },
+        dedupe_window: PEER_WINDOW,
+        hole_ttl: Duration::from_secs(2),
+        max_keys: PEER_MAX_KEYS,
+        key_ttl: Duration::from_secs(5),
+        ..ReceiverConfig::default()
+    };
+    let mut peer = Peer::new(SenderConfig::default(), receiver);
+    // A fixed code (one parity shard per block): the tuner's search would dominate each run,
+    // and it is covered by its own tests.
+    let honest_config = SenderConfig {
+        max_in_flight: 1 << 20,
+        adaptive: None,
+        ..SenderConfig::default()
+    };
+    let mut honest = surelink::proto::Sender::new(honest_config.clone());
+    let mut wire: Vec<Bytes> = Vec::new();
+    let mut next_fresh = 0usize;
+    let mut sent: HashMap<u64, Bytes> = HashMap::new();
+    let mut delivered_ids: HashSet<u64> = HashSet::new();
+    let mut delivered_keys: HashMap<Bytes, Instant> = HashMap::new();
+    let mut hostile = false;
+
+    for _ in 0..MAX_OPS {
+        let Ok(op) = PeerOp::arbitrary(&mut u) else {
+            break;
+        };
+        let mut datagrams = Vec::new();
+        match op {
+            PeerOp::Send { len, key } => {
+                let len = usize::from(len) % 3000;
+                let payload: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31)).collect();
+                let key = (key != 0).then(|| vec![key % 8 + 1]);
+                if let Ok(id) = honest.send_keyed(now, key.as_deref(), &payload) {
+                    sent.insert(id, Bytes::from(payload));
+                }
+                while let Some(d) = honest.poll_transmit() {
+                    wire.push(d);
+                }
+            }
+            PeerOp::Deliver { index } => {
+                if !wire.is_empty() {
+                    datagrams.push(wire[usize::from(index) % wire.len()].clone());
+                }
+            }
+            PeerOp::DeliverAll => {
+                datagrams.extend(wire[next_fresh..].iter().cloned());
+                next_fresh = wire.len();
+            }
+            PeerOp::Mutate { index, at, xor } => {
+                if !wire.is_empty() && xor != 0 {
+                    let mut d = wire[usize::from(index) % wire.len()].to_vec();
+                    if !d.is_empty() {
+                        let at = usize::from(at) % d.len();
+                        d[at] ^= xor;
+                        hostile = true;
+                        datagrams.push(Bytes::from(d));
+                    }
+                }
+            }
+            PeerOp::Raw(bytes) => {
+                hostile = true;
+                datagrams.push(Bytes::from(bytes));
+            }
+            PeerOp::Shard {
+                block,
+                first_message,
+                lengths,
+                shard_size,
+                total_shards,
+                index,
+                payload,
+            } => {
+                hostile = true;
+                // Varints carry at most 62 bits; the encoder asserts it (decoding checks).
+                let header = BlockHeader {
+                    block: block & VARINT_MAX,
+                    first_message: first_message & VARINT_MAX,
+                    lengths: lengths.into_iter().take(8).collect(),
+                    shard_size,
+                    data_shards: total_shards / 2,
+                    total_shards,
+                    checksum: 0,
+                };
+                let frame = Frame::Shard(ShardFrame {
+                    header,
+                    index,
+                    payload: Bytes::from(payload),
+                });
+                datagrams.push(frame.to_bytes());
+            }
+            PeerOp::Stream { id, body } => {
+                hostile = true;
+                let mut m = surelink::wire::encode_stream_head(id & VARINT_MAX).to_vec();
+                m.extend_from_slice(&body);
+                let _ = peer.handle_stream_message(now, Bytes::from(m));
+            }
+            PeerOp::Ack(bytes) => {
+                let mut d = vec![0x12];
+                d.extend_from_slice(&bytes);
+                datagrams.push(Bytes::from(d));
+            }
+            PeerOp::Tick { ms } => {
+                now += Duration::from_millis(u64::from(ms));
+                peer.handle_timeout(now);
+                honest.handle_timeout(now);
+                while let Some(d) = honest.poll_transmit() {
+                    wire.push(d);
+                }
+            }
+            PeerOp::NewConnection => {
+                peer.new_connection(now);
+                // Block ids start over on a new connection: the honest sender re-sends
+                // what is unacked in new blocks.
+                honest.new_connection(now);
+                wire.clear();
+                next_fresh = 0;
+                while let Some(d) = honest.poll_transmit() {
+                    wire.push(d);
+                }
+            }
+            PeerOp::PeerLostState => {
+                peer.receiver.peer_lost_state();
+                honest = surelink::proto::Sender::new(honest_config.clone());
+                wire.clear();
+                next_fresh = 0;
+                sent.clear();
+                delivered_ids.clear();
+            }
+        }
+        for d in datagrams {
+            peer.handle_datagram(now, d);
+        }
+        // Acks go back to the honest sender (which also drives its hedges).
+        while let Some(ack) = peer.poll_transmit() {
+            if let Ok(Frame::Ack(a)) = Frame::decode(ack, &Limits::default()) {
+                honest.handle_ack(now, &a);
+            }
+        }
+        while honest.poll_event().is_some() {}
+        while let Some(m) = peer.receiver.poll_delivery() {
+            assert!(
+                delivered_ids.insert(m.id),
+                "message {} delivered twice",
+                m.id
+            );
+            if let Some(k) = &m.key {
+                if let Some(&at) = delivered_keys.get(k) {
+                    // A key may come back only once it could have expired or been evicted.
+                    assert!(
+                        now.duration_since(at) >= Duration::from_secs(5)
+                            || peer.receiver.stats().keys_evicted > 0,
+                        "key {k:?} delivered twice within its TTL"
+                    );
+                }
+                delivered_keys.insert(k.clone(), now);
+            }
+            if !hostile {
+                assert_eq!(
+                    sent.get(&m.id),
+                    Some(&m.payload),
+                    "message {} is not what the honest sender sent",
+                    m.id
+                );
+            }
+        }
+        let r = peer.receiver.reassembly();
+        assert!(r.bytes_buffered <= PEER_MAX_BYTES, "{r:?}");
+        assert!(r.blocks_buffered <= PEER_MAX_BLOCKS, "{r:?}");
+        let st = peer.receiver.stats();
+        assert!(st.ids_tracked as u64 <= PEER_WINDOW, "{st:?}");
+        assert!(st.keys_held <= PEER_MAX_KEYS, "{st:?}");
+    }
+}

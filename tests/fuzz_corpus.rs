@@ -34,6 +34,11 @@ fn reassembler_corpus() {
 }
 
 #[test]
+fn receiver_corpus() {
+    replay("receiver", checks::receiver);
+}
+
+#[test]
 fn random_inputs_smoke() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed);
     for _ in 0..300 {
@@ -41,5 +46,6 @@ fn random_inputs_smoke() {
         let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
         checks::frame_decode(&data);
         checks::reassembler(&data);
+        checks::receiver(&data);
     }
 }

@@ -80,6 +80,12 @@ pub struct ReceiverStats {
     pub invalid_envelopes: u64,
     /// Unexpired idempotency keys forgotten because `max_keys` were held.
     pub keys_evicted: u64,
+    /// Gauge: ids the dedupe window tracks above its low watermark (at most `dedupe_window`).
+    pub ids_tracked: usize,
+    /// Gauge: idempotency keys remembered (at most `max_keys`).
+    pub keys_held: usize,
+    /// Gauge: delivered messages not yet taken with [`Receiver::poll_delivery`].
+    pub deliveries_queued: usize,
 }
 
 /// What became of one rebuilt message.
@@ -126,6 +132,9 @@ impl Receiver {
     pub fn stats(&self) -> ReceiverStats {
         ReceiverStats {
             keys_evicted: self.keys.evicted(),
+            ids_tracked: self.dedupe.tracked(),
+            keys_held: self.keys.len(),
+            deliveries_queued: self.deliveries.len(),
             ..self.stats
         }
     }
