@@ -476,3 +476,58 @@ async fn a_retry_with_the_same_idempotency_key_is_acked_but_delivered_once() {
     let r = client.send_with_key(vec![0u8; 256], payment(1)).await;
     assert!(matches!(r, Err(SendError::Rejected(_))), "{r:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn stats_describe_the_path_and_the_work() {
+    // 400 payments at 10% loss each way, 20 ms each way. The stats must describe that path:
+    // round trips of at least the 40 ms propagation, an observed loss near the link's, parity
+    // spent and used, and a hedge budget share within its bounds.
+    let link = LinkConfig {
+        delay: Duration::from_millis(20),
+        loss: Loss::Bernoulli(0.1),
+        ..LinkConfig::default()
+    };
+    let e = ends(link, 31).await;
+    let outcomes = futures_join(&e.client, 400).await;
+    assert!(outcomes.iter().all(Result::is_ok), "all acked at 10% loss");
+    let (c, s) = (e.client.stats(), e.server.stats());
+    eprintln!("client {c:#?}\nserver {s:#?}");
+    assert!(c.rtt_p50 >= Duration::from_millis(40), "{:?}", c.rtt_p50);
+    assert!(c.rtt_p95 >= c.rtt_p50);
+    let observed = c.loss_observed.expect("loss measured from the acks");
+    // The sender judges at least a few hundred shards (512 in its window): 10% loss gives a
+    // standard error under 1.5 points; quinn's own packets on the path add a little loss
+    // of its own to the shards' share (measured 13%), so the band is wide on the high side.
+    assert!((0.05..=0.2).contains(&observed), "observed loss {observed}");
+    assert!(
+        c.loss_estimate >= observed,
+        "the estimate is an upper bound"
+    );
+    assert!(c.sender.repair_shards > 0 && c.sender.data_shards >= 400);
+    assert!(
+        s.reassembly.blocks_rebuilt > 0,
+        "parity rebuilt lost shards"
+    );
+    assert!((0.0..=1.0).contains(&c.hedge_budget_used));
+    assert_eq!(s.receiver.delivered, 400);
+    assert!(s.invalid_frames.is_empty());
+    drop(e.pair);
+}
+
+/// Sends payments `0..n` every 5 ms, concurrently; their outcomes.
+async fn futures_join(
+    client: &Channel,
+    n: u32,
+) -> Vec<Result<surelink::channel::Receipt, SendError>> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move { c.send(payment(i)).await }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}

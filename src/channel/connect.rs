@@ -209,7 +209,10 @@ impl Dialer {
         let mut backoff = policy.first_backoff;
         let mut last = lost;
         loop {
-            match tokio::time::timeout_at(give_up, self.dial()).await {
+            let span =
+                tracing::info_span!("surelink.connect", server = %self.addr, reconnect = true);
+            let attempt = tracing::Instrument::instrument(self.dial(), span);
+            match tokio::time::timeout_at(give_up, attempt).await {
                 Ok(Ok(attached)) => return Ok(attached),
                 Ok(Err(ConnectError::Connection(e))) if !retryable(&e) => {
                     return Err(format!("reconnecting was refused: {e}"));
@@ -250,7 +253,18 @@ impl Channel {
             client_config,
             channel_id: rand::random(),
         };
-        let (conn, _resumed) = dialer.dial().await?;
+        let span = tracing::info_span!("surelink.connect", server = %addr, name = server_name);
+        let dialed = tracing::Instrument::instrument(dialer.dial(), span.clone()).await;
+        let (conn, _resumed) = span.in_scope(|| match dialed {
+            Ok(c) => {
+                tracing::debug!("connected");
+                Ok(c)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "connect failed");
+                Err(e)
+            }
+        })?;
         let id = dialer.channel_id;
         driver::spawn(conn, config, id, Reattach::Dial(Box::new(dialer))).map_err(|e| match e {
             SendError::DatagramsUnsupported => ConnectError::DatagramsUnsupported,

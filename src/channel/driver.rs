@@ -557,10 +557,22 @@ impl Driver {
             }
         }
         while let Some(message) = self.peer.receiver.poll_delivery() {
+            let span = tracing::debug_span!(
+                "surelink.deliver",
+                id = message.id,
+                len = message.payload.len()
+            );
+            let _entered = span.enter();
+            tracing::trace!("handed to the application");
             let _ = self.delivered.send(message);
         }
         let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         st.sender = self.peer.sender.stats();
+        st.loss_estimate = self.peer.sender.loss_estimate();
+        st.loss_observed = self.peer.sender.loss_observed();
+        st.rtt_p50 = self.peer.sender.rtt().quantile(0.5);
+        st.rtt_p95 = self.peer.sender.rtt().quantile(0.95);
+        st.hedge_budget_used = self.peer.sender.hedge_budget_used();
         st.receiver = self.peer.receiver.stats();
         st.reassembly = self.peer.receiver.reassembly();
         // Cloned only when it changed: this runs once per datagram.

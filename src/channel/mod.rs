@@ -184,9 +184,32 @@ pub enum SendError {
     Closed,
 }
 
-/// Counters of a [`Channel`].
+/// Counters of a [`Channel`], and the estimates its sender plans with.
+///
+/// Where to find what an operator usually asks:
+///
+/// | question | field |
+/// |---|---|
+/// | how lossy is the path? | [`loss_estimate`](Self::loss_estimate), [`loss_observed`](Self::loss_observed) |
+/// | how fast are acks? | [`rtt_p50`](Self::rtt_p50), [`rtt_p95`](Self::rtt_p95) |
+/// | what did redundancy cost? | `sender.data_shards`, `sender.repair_shards`, `sender.first_flight_bytes` |
+/// | how often did it hedge? | `sender.hedges_fired`, `sender.hedges_skipped`, [`hedge_budget_used`](Self::hedge_budget_used), `sender.retransmits` |
+/// | what did parity save? | `reassembly.blocks_rebuilt` (messages rebuilt without waiting for a resend) |
+/// | were duplicates stopped? | `receiver.duplicates_suppressed`, `receiver.duplicate_keys`, `reassembly.shards_stale` |
+/// | is someone sending garbage? | [`invalid_frames`](Self::invalid_frames) by reason, `reassembly.shards_contradicting`, `reassembly.checksum_failures` |
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ChannelStats {
+    /// The per-shard loss rate the sender plans redundancy for (an upper confidence bound
+    /// on recent loss; see [`crate::tune::LossEstimator`]).
+    pub loss_estimate: f64,
+    /// The plain per-shard loss rate over the estimator's window, once measured.
+    pub loss_observed: Option<f64>,
+    /// Median ack round trip (send to ack, as the hedge timer sees it).
+    pub rtt_p50: Duration,
+    /// 95th percentile ack round trip.
+    pub rtt_p95: Duration,
+    /// Share of the first-hedge allowance spent (see [`SenderConfig::hedge_budget`]).
+    pub hedge_budget_used: f64,
     /// The sending half's counters.
     pub sender: SenderStats,
     /// The receiving half's counters.
@@ -281,6 +304,26 @@ impl Channel {
     }
 
     async fn submit(&self, key: Option<Bytes>, payload: Bytes) -> Result<Receipt, SendError> {
+        let span = tracing::debug_span!(
+            "surelink.send",
+            len = payload.len(),
+            keyed = key.is_some(),
+            id = tracing::field::Empty
+        );
+        let result =
+            tracing::Instrument::instrument(self.submit_inner(key, payload), span.clone()).await;
+        let _entered = span.enter();
+        match &result {
+            Ok(r) => {
+                span.record("id", r.id);
+                tracing::debug!(latency = ?r.latency, shards = r.shards_sent, hedges = r.hedges, "acked");
+            }
+            Err(e) => tracing::debug!(error = %e, "no receipt"),
+        }
+        result
+    }
+
+    async fn submit_inner(&self, key: Option<Bytes>, payload: Bytes) -> Result<Receipt, SendError> {
         let len = payload.len() + key.as_ref().map_or(0, Bytes::len);
         if len > self.max_message_size {
             return Err(SendError::TooLarge {

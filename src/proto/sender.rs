@@ -343,6 +343,18 @@ impl Sender {
         self.loss.on_sent(now, n);
     }
 
+    /// The share of the first-hedge allowance spent so far: hedge bytes over `hedge_burst`
+    /// plus `hedge_budget` × first-flight bytes. At 1.0 first hedges are skipped (counted in
+    /// [`SenderStats::hedges_skipped`]) until first flights earn more allowance.
+    pub fn hedge_budget_used(&self) -> f64 {
+        let allowance = self.config.hedge_burst as f64
+            + self.config.hedge_budget * self.stats.first_flight_bytes as f64;
+        if allowance <= 0.0 {
+            return 1.0;
+        }
+        self.stats.hedge_bytes as f64 / allowance
+    }
+
     /// Counters.
     pub fn stats(&self) -> SenderStats {
         self.stats
