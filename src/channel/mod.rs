@@ -42,16 +42,22 @@
 
 mod connect;
 mod driver;
+mod identity;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use quinn::rustls;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub use connect::{
     ack_frequency_config, client_config, server_config, server_config_with_protocols,
     transport_config, AcceptError, ConfigError, ConnectError, Listener, Server, ALPN,
+};
+pub use identity::{
+    client_config_with, load_certs, load_key, server_config_mtls, Identity, IdentityError,
+    ServerTrust,
 };
 
 use crate::proto::{Delivered, ReceiverConfig, ReceiverStats, SenderConfig, SenderStats};
@@ -354,6 +360,20 @@ impl Channel {
     /// [`SendError::ConnectionLost`] (their outcome is unknown).
     pub fn close(&self) {
         let _ = self.commands.send(Command::Close);
+    }
+
+    /// The certificate chain the peer presented in the TLS handshake (end entity first), on
+    /// the connection in use: the server's on a client; on a server, the client's when the
+    /// server requires client certificates ([`server_config_mtls`]), otherwise `None`. `None`
+    /// too while the channel has no connection.
+    pub fn peer_identity(&self) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current
+            .as_ref()?
+            .peer_identity()?
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()
+            .map(|chain| *chain)
     }
 
     /// Counters, as of the driver's last step (UDP bytes as of now).

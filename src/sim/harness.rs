@@ -271,3 +271,92 @@ impl Pair {
         self.down.snapshot()
     }
 }
+
+/// A throwaway certificate authority for tests and demos: it issues server and client
+/// certificates (for mutual TLS) and writes them as PEM files.
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl std::fmt::Debug for TestCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCa").finish_non_exhaustive()
+    }
+}
+
+/// A certificate a [`TestCa`] issued, with its key.
+#[derive(Debug)]
+pub struct TestCert {
+    /// The certificate (DER).
+    pub cert: CertificateDer<'static>,
+    /// Its private key (PKCS #8 DER).
+    pub key: PrivatePkcs8KeyDer<'static>,
+    /// The certificate as PEM.
+    pub cert_pem: String,
+    /// The key as PEM.
+    pub key_pem: String,
+}
+
+impl TestCa {
+    /// A new CA whose certificate's common name is `name`.
+    pub fn new(name: &str) -> Result<TestCa, HarnessError> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(TestCa { cert, key })
+    }
+
+    /// The CA's certificate (DER), to trust.
+    pub fn cert(&self) -> CertificateDer<'static> {
+        self.cert.der().clone()
+    }
+
+    /// The CA's certificate as PEM.
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A server certificate for `name` (a DNS name such as [`SERVER_NAME`]).
+    pub fn server(&self, name: &str) -> Result<TestCert, HarnessError> {
+        self.issue(
+            vec![name.to_string()],
+            name,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
+    /// A client certificate whose common name is `name`.
+    pub fn client(&self, name: &str) -> Result<TestCert, HarnessError> {
+        self.issue(Vec::new(), name, rcgen::ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    fn issue(
+        &self,
+        names: Vec<String>,
+        common_name: &str,
+        usage: rcgen::ExtendedKeyUsagePurpose,
+    ) -> Result<TestCert, HarnessError> {
+        let mut params = rcgen::CertificateParams::new(names)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.extended_key_usages = vec![usage];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(TestCert {
+            cert: cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}

@@ -30,7 +30,8 @@ mod memory;
 mod udp;
 
 pub use harness::{
-    test_identity, transport_config, Congestion, HarnessError, Pair, PairConfig, SERVER_NAME,
+    test_identity, transport_config, Congestion, HarnessError, Pair, PairConfig, TestCa, TestCert,
+    SERVER_NAME,
 };
 pub use link::{
     DropCause, GilbertElliott, Link, LinkConfig, LinkCounters, LinkStats, Loss, RateLimit, Verdict,

@@ -1,0 +1,243 @@
+//! TLS identity over the simulator: CA trust and pinning, mutual TLS with the client's
+//! identity visible to the server's application, and clear failures when trust is missing.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use surelink::channel::{
+    client_config_with, server_config_mtls, Channel, Config, ConnectError, Identity, Listener,
+    ServerTrust,
+};
+use surelink::sim::{LinkConfig, SimNetwork, TestCa, TestCert, SERVER_NAME};
+
+/// A directory of its own for one test's files.
+fn dir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("surelink-identity-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_pem(dir: &std::path::Path, name: &str, c: &TestCert) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key.pem")),
+    );
+    std::fs::write(&cert, &c.cert_pem).unwrap();
+    std::fs::write(&key, &c.key_pem).unwrap();
+    (cert, key)
+}
+
+struct World {
+    net: SimNetwork,
+    client: quinn::Endpoint,
+    server_addr: SocketAddr,
+}
+
+fn endpoint(
+    net: &SimNetwork,
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> quinn::Endpoint {
+    quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        server,
+        net.bind(addr).unwrap(),
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+    .unwrap()
+}
+
+/// A network with 10 ms each way, a client endpoint and a server endpoint with `server`.
+fn world(server: quinn::ServerConfig) -> (World, quinn::Endpoint) {
+    let net = SimNetwork::new(7);
+    net.set_default_link(LinkConfig {
+        delay: Duration::from_millis(10),
+        ..LinkConfig::default()
+    });
+    let server_addr: SocketAddr = ([10, 0, 0, 2], 4433).into();
+    let server = endpoint(&net, server_addr, Some(server));
+    let client = endpoint(&net, ([10, 0, 0, 1], 50_000).into(), None);
+    (
+        World {
+            net,
+            client,
+            server_addr,
+        },
+        server,
+    )
+}
+
+async fn connect(w: &World, config: quinn::ClientConfig) -> Result<Channel, ConnectError> {
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        Channel::connect(
+            &w.client,
+            w.server_addr,
+            SERVER_NAME,
+            Some(config),
+            Config::default(),
+        ),
+    )
+    .await
+    .expect("an outcome, not a hang");
+    r.map(|(c, _messages)| c)
+}
+
+/// A server with a certificate from `server_ca`, requiring client certificates from
+/// `client_ca`.
+fn mtls_server(server_ca: &TestCa, client_ca: &TestCa) -> quinn::ServerConfig {
+    let s = server_ca.server(SERVER_NAME).unwrap();
+    let mut roots = quinn::rustls::RootCertStore::empty();
+    roots.add(client_ca.cert()).unwrap();
+    server_config_mtls(
+        Identity {
+            cert_chain: vec![s.cert],
+            key: s.key.into(),
+        },
+        roots,
+    )
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn mutual_tls_names_the_client_to_the_server_application() {
+    let d = dir("mtls");
+    let (server_ca, client_ca) = (
+        TestCa::new("servers").unwrap(),
+        TestCa::new("shops").unwrap(),
+    );
+    let ca_file = d.join("server-ca.pem");
+    std::fs::write(&ca_file, server_ca.cert_pem()).unwrap();
+    let shop = client_ca.client("shop-17").unwrap();
+    let (cert, key) = write_pem(&d, "shop-17", &shop);
+    let (w, server) = world(mtls_server(&server_ca, &client_ca));
+    let mut listener = Listener::new(server, Config::default());
+    let config = client_config_with(
+        ServerTrust::ca_file(&ca_file).unwrap(),
+        Some(Identity::from_files(&cert, &key).unwrap()),
+    )
+    .unwrap();
+    let client = connect(&w, config).await.expect("the handshake succeeds");
+    let (server_channel, mut messages) = listener.accept().await.unwrap();
+    client.send(common::payment(1)).await.unwrap();
+    assert_eq!(common::number(&messages.recv().await.unwrap().payload), 1);
+    let seen = server_channel.peer_identity().expect("the client's chain");
+    assert_eq!(
+        seen[0], shop.cert,
+        "the server application sees the client's certificate"
+    );
+    let server_seen = client.peer_identity().expect("the server's chain");
+    assert_ne!(server_seen[0], shop.cert);
+    drop(w.net);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_valid_client_certificate_the_handshake_fails_with_a_clear_error() {
+    let (server_ca, client_ca, other_ca) = (
+        TestCa::new("servers").unwrap(),
+        TestCa::new("shops").unwrap(),
+        TestCa::new("strangers").unwrap(),
+    );
+    let (w, server) = world(mtls_server(&server_ca, &client_ca));
+    let mut listener = Listener::new(server, Config::default());
+    let mut roots = quinn::rustls::RootCertStore::empty();
+    roots.add(server_ca.cert()).unwrap();
+    let stranger = other_ca.client("mallory").unwrap();
+    for (what, identity) in [
+        ("no client certificate", None),
+        (
+            "a certificate from another CA",
+            Some(Identity {
+                cert_chain: vec![stranger.cert.clone()],
+                key: stranger.key.clone_key().into(),
+            }),
+        ),
+    ] {
+        let config = client_config_with(ServerTrust::Roots(roots.clone()), identity).unwrap();
+        match connect(&w, config).await {
+            Err(ConnectError::Connection(e)) => {
+                let message = e.to_string();
+                eprintln!("{what}: {message}");
+                assert!(
+                    message.contains("certificate") || message.contains("handshake"),
+                    "{what}: a TLS error, got {message}"
+                );
+            }
+            Err(e) => panic!("{what}: expected a refused handshake, got {e}"),
+            Ok(_) => panic!("{what}: the handshake must fail"),
+        }
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), listener.accept())
+            .await
+            .is_err(),
+        "no channel was opened"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pinned_server_certificate_is_trusted_and_any_other_is_not() {
+    let d = dir("pin");
+    let ca = TestCa::new("servers").unwrap();
+    let (real, other) = (
+        ca.server(SERVER_NAME).unwrap(),
+        ca.server(SERVER_NAME).unwrap(),
+    );
+    // The pin as a DER file, the way payment_server writes its certificate.
+    let (real_pin, other_pin) = (d.join("real.der"), d.join("other.der"));
+    std::fs::write(&real_pin, real.cert.as_ref()).unwrap();
+    std::fs::write(&other_pin, other.cert.as_ref()).unwrap();
+    let server_config =
+        surelink::channel::server_config(vec![real.cert.clone()], real.key.clone_key().into())
+            .unwrap();
+    let (w, server) = world(server_config);
+    let _listener = Listener::new(server, Config::default());
+    let pinned = client_config_with(ServerTrust::pinned_file(&real_pin).unwrap(), None).unwrap();
+    let client = connect(&w, pinned)
+        .await
+        .expect("the pinned certificate is trusted");
+    assert!(client.send(common::payment(2)).await.is_ok());
+    let wrong = client_config_with(ServerTrust::pinned_file(&other_pin).unwrap(), None).unwrap();
+    match connect(&w, wrong).await {
+        Err(ConnectError::Connection(e)) => {
+            eprintln!("wrong pin: {e}");
+            assert!(e.to_string().contains("certificate"), "{e}");
+        }
+        other => panic!("expected a certificate error, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn certificate_and_key_files_in_pem_and_der_load_and_bad_ones_say_why() {
+    let d = dir("files");
+    let ca = TestCa::new("servers").unwrap();
+    let s = ca.server(SERVER_NAME).unwrap();
+    let (pem, key_pem) = write_pem(&d, "server", &s);
+    let (der, key_der) = (d.join("server.der"), d.join("server.key.der"));
+    std::fs::write(&der, s.cert.as_ref()).unwrap();
+    std::fs::write(&key_der, s.key.secret_pkcs8_der()).unwrap();
+    for (cert, key) in [(&pem, &key_pem), (&der, &key_der)] {
+        let id = Identity::from_files(cert, key).unwrap();
+        assert_eq!(id.cert_chain, vec![s.cert.clone()]);
+        assert_eq!(id.key.secret_der(), s.key.secret_pkcs8_der());
+    }
+    // A chain: two certificates in one PEM file, in order.
+    let chain = d.join("chain.pem");
+    std::fs::write(&chain, format!("{}{}", s.cert_pem, ca.cert_pem())).unwrap();
+    assert_eq!(
+        surelink::channel::load_certs(&chain).unwrap(),
+        vec![s.cert.clone(), ca.cert()]
+    );
+    let missing = surelink::channel::load_certs(d.join("nope.pem")).unwrap_err();
+    assert!(missing.to_string().contains("nope.pem"), "{missing}");
+    let no_key = surelink::channel::load_key(&pem).unwrap_err();
+    assert!(
+        no_key.to_string().contains("no usable private key"),
+        "{no_key}"
+    );
+    let no_cert = surelink::channel::load_certs(&key_pem).unwrap_err();
+    assert!(no_cert.to_string().contains("no CERTIFICATE"), "{no_cert}");
+}
