@@ -12,7 +12,9 @@
 //! Prints one JSON line: `{"mode":..,"sent":N,"acked":A,"failed":F,"p50_ms":..,"p90_ms":..,
 //! "p99_ms":..,"p999_ms":..,"max_ms":..,"wire_bytes":..,"payload_bytes":..}`; latencies are of
 //! acked payments; `wire_bytes` counts UDP payload bytes both ways. Exits 0 when every payment
-//! was acked.
+//! was acked; exits 1 when some were not, 2 (with a message on stderr) when it could not
+//! connect at all, for instance because the server requires a client certificate
+//! (`payment_server --client-ca`) and none valid was given with `--cert FILE --key FILE`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,8 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
-use quinn::rustls::pki_types::CertificateDer;
-use surelink::channel::{client_config, Channel, Config};
+use surelink::channel::{client_config_with, load_certs, Channel, Config, Identity, ServerTrust};
 use surelink::sim::SERVER_NAME;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -48,9 +49,16 @@ struct Args {
     /// Server address.
     #[arg(long)]
     connect: SocketAddr,
-    /// The server's certificate (DER), trusted as the CA.
+    /// The server's certificate (PEM or DER), trusted as the CA.
     #[arg(long)]
     ca: PathBuf,
+    /// A client certificate chain to present (PEM or DER; with `--key`), for servers that
+    /// require one.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM or DER PKCS#8).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
     /// Payments to send.
     #[arg(long)]
     count: u64,
@@ -95,9 +103,14 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
-    let ca = std::fs::read(&args.ca).map_err(|e| format!("{}: {e}", args.ca.display()))?;
     let mut roots = quinn::rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from(ca))?;
+    for ca in load_certs(&args.ca)? {
+        roots.add(ca)?;
+    }
+    let identity = |args: &Args| match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Identity::from_files(cert, key).map(Some),
+        _ => Ok(None),
+    };
     let bind: SocketAddr = if args.connect.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -115,7 +128,10 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 &endpoint,
                 args.connect,
                 SERVER_NAME,
-                Some(client_config(roots)?),
+                Some(client_config_with(
+                    ServerTrust::Roots(roots),
+                    identity(&args)?,
+                )?),
                 config,
             )
             .await
@@ -125,9 +141,11 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         Mode::QuinnStream => {
             // The baseline: quinn's defaults (Cubic); QUIC requires an ALPN id, so it offers
             // `quinn-stream`, which is how the server tells it from a surelink channel.
-            let mut tls = quinn::rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            let builder = quinn::rustls::ClientConfig::builder().with_root_certificates(roots);
+            let mut tls = match identity(&args)? {
+                Some(id) => builder.with_client_auth_cert(id.cert_chain, id.key)?,
+                None => builder.with_no_client_auth(),
+            };
             tls.alpn_protocols = vec![b"quinn-stream".to_vec()];
             let config = quinn::ClientConfig::new(Arc::new(
                 quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
@@ -174,6 +192,14 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         }
     }
     latencies.sort();
+    // A TLS 1.3 client finishes its handshake before the server has judged its certificate,
+    // so a baseline connection the server refuses (mutual TLS) only learns so a round trip
+    // later: report that as the connection failure it is, like the surelink mode does.
+    if let (Some(conn), true) = (&conn, latencies.is_empty()) {
+        if let Some(e) = conn.close_reason() {
+            return Err(format!("connecting to {}: {e}", args.connect).into());
+        }
+    }
     let wire_bytes = match (&channel, &conn) {
         (Some(c), _) => {
             let st = c.stats();

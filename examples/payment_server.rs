@@ -11,6 +11,10 @@
 //! one JSON line: `{"delivered":N,"duplicates":D,"invalid_frames":X}`. `duplicates` counts
 //! payments seen twice, judged by the payment id in each payload (its first 8 bytes, big
 //! endian), independently of surelink's own dedupe.
+//!
+//! With `--client-ca FILE` (PEM or DER) the server requires every client, surelink or
+//! baseline, to present a certificate issued by that CA (mutual TLS); a client without one
+//! fails the handshake, and the server notes each refused handshake on stderr.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -20,7 +24,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use quinn::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use surelink::channel::{server_config_with_protocols, Channel, Config, Server, ALPN};
+use surelink::channel::{
+    load_certs, server_config_mtls_with_protocols, server_config_with_protocols, Channel, Config,
+    Identity, Server, ALPN,
+};
 
 /// The ALPN id `payment_client --mode quinn-stream` offers.
 const BASELINE_ALPN: &[u8] = b"quinn-stream";
@@ -38,6 +45,9 @@ struct Args {
     /// Exit after this many seconds without a payment, once at least one arrived.
     #[arg(long, default_value_t = 5)]
     idle_exit_secs: u64,
+    /// Require client certificates issued by the CA in FILE (PEM or DER): mutual TLS.
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -87,8 +97,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (cert, key) = identity(&args.cert_dir)?;
     // surelink's settings: BBR, 0-RTT off; ALPN surelink/1 for channels and
     // `quinn-stream` for the baseline, served on streams.
-    let server_config =
-        server_config_with_protocols(vec![cert], key, vec![ALPN.to_vec(), BASELINE_ALPN.to_vec()])?;
+    let protocols = vec![ALPN.to_vec(), BASELINE_ALPN.to_vec()];
+    let server_config = match &args.client_ca {
+        None => server_config_with_protocols(vec![cert], key, protocols)?,
+        Some(path) => {
+            let mut roots = quinn::rustls::RootCertStore::empty();
+            for ca in load_certs(path)? {
+                roots.add(ca)?;
+            }
+            let identity = Identity {
+                cert_chain: vec![cert],
+                key,
+            };
+            server_config_mtls_with_protocols(identity, roots, protocols)?
+        }
+    };
     let endpoint = quinn::Endpoint::server(server_config, args.listen)?;
     println!("listening on {}", endpoint.local_addr()?);
 
@@ -102,7 +125,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let (tally, channels, registry) =
                     (tally.clone(), channels.clone(), registry.clone());
                 tokio::spawn(async move {
-                    let Ok(conn) = incoming.await else { return };
+                    let peer = incoming.remote_address();
+                    let conn = match incoming.await {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            eprintln!("payment_server: handshake with {peer} failed: {e}");
+                            return;
+                        }
+                    };
                     serve(conn, registry, tally, channels).await;
                 });
             }

@@ -186,6 +186,17 @@ pub fn server_config_mtls(
     identity: Identity,
     client_roots: rustls::RootCertStore,
 ) -> Result<quinn::ServerConfig, ConfigError> {
+    server_config_mtls_with_protocols(identity, client_roots, vec![ALPN.to_vec()])
+}
+
+/// [`server_config_mtls`] offering `protocols` as ALPN ids (for a server that also serves
+/// something else on the same endpoint; the surelink channel is [`ALPN`]). Every protocol
+/// requires the client certificate.
+pub fn server_config_mtls_with_protocols(
+    identity: Identity,
+    client_roots: rustls::RootCertStore,
+    protocols: Vec<Vec<u8>>,
+) -> Result<quinn::ServerConfig, ConfigError> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(client_roots),
         provider(),
@@ -195,7 +206,7 @@ pub fn server_config_mtls(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.cert_chain, identity.key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = protocols;
     tls.max_early_data_size = 0;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     config.transport_config(Arc::new(transport_config()));

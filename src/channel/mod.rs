@@ -56,8 +56,8 @@ pub use connect::{
     transport_config, AcceptError, ConfigError, ConnectError, Listener, Server, ALPN,
 };
 pub use identity::{
-    client_config_with, load_certs, load_key, server_config_mtls, Identity, IdentityError,
-    ServerTrust,
+    client_config_with, load_certs, load_key, server_config_mtls,
+    server_config_mtls_with_protocols, Identity, IdentityError, ServerTrust,
 };
 
 use crate::proto::{Delivered, ReceiverConfig, ReceiverStats, SenderConfig, SenderStats};
