@@ -1,6 +1,6 @@
 //! The driver task: one per channel, owning the [`Peer`] and the current connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -66,8 +66,14 @@ enum Event {
     Command(Option<Command>),
     /// A new connection, and whether the peer still holds the channel's state.
     Attach(Result<(quinn::Connection, bool), String>),
+    /// The application took messages: room to hand over another.
+    Room(mpsc::OwnedPermit<Delivered>),
     Timer,
 }
+
+/// Delivered messages in the hand-off queue between the driver and [`Messages`]; the rest
+/// wait in the receiver, which bounds them by bytes (`ReceiverConfig::max_queued_bytes`).
+const HANDOFF: usize = 4;
 
 /// Why messages in flight failed when the server came back without the channel.
 const PEER_LOST_STATE: &str =
@@ -90,7 +96,7 @@ pub(super) fn spawn(
     config.sender.encoder.max_datagram_size = size;
     let permits = Arc::new(Semaphore::new(config.sender.max_in_flight.max(1)));
     let (commands, command_rx) = mpsc::unbounded_channel();
-    let (delivered, rx) = mpsc::unbounded_channel();
+    let (delivered, rx) = mpsc::channel(HANDOFF);
     let stats = Arc::new(Mutex::new(ChannelStats::default()));
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
@@ -122,6 +128,7 @@ pub(super) fn spawn(
         commands: command_rx,
         commands_open: true,
         delivered,
+        parked: VecDeque::new(),
         stats,
         current,
         counters: ChannelStats::default(),
@@ -153,7 +160,10 @@ struct Driver {
     inbound_rx: mpsc::UnboundedReceiver<Inbound>,
     commands: mpsc::UnboundedReceiver<Command>,
     commands_open: bool,
-    delivered: mpsc::UnboundedSender<Delivered>,
+    delivered: mpsc::Sender<Delivered>,
+    /// Stream messages that arrived while the receiver was backlogged, answered once the
+    /// application catches up (at most QUIC's concurrent stream limit).
+    parked: VecDeque<(Bytes, oneshot::Sender<u8>)>,
     stats: Arc<Mutex<ChannelStats>>,
     /// The connection in use, shared with the handles for its byte counters.
     current: Arc<Mutex<Option<quinn::Connection>>>,
@@ -223,6 +233,7 @@ impl Driver {
                 Some((id, generation, r)) = self.done_rx.recv() => Event::StreamDone(id, generation, r),
                 c = self.commands.recv(), if self.commands_open => Event::Command(c),
                 a = next_connection(&mut self.reattach, &mut self.dialing) => Event::Attach(a),
+                Ok(p) = self.delivered.clone().reserve_owned(), if self.peer.receiver.has_deliveries() => Event::Room(p),
                 _ = sleep_until(timer) => Event::Timer,
             };
             if let Some(reason) = self.handle(event) {
@@ -264,7 +275,16 @@ impl Driver {
             }
             Event::Inbound(Inbound::Message(message, reply)) => {
                 self.counters.stream_messages_received += 1;
-                let _ = reply.send(self.peer.handle_stream_message(now, message));
+                if self.peer.receiver.backlogged() || !self.parked.is_empty() {
+                    self.parked.push_back((message, reply));
+                } else {
+                    let _ = reply.send(self.peer.handle_stream_message(now, message));
+                }
+            }
+            Event::Room(permit) => {
+                if let Some(message) = self.peer.receiver.poll_delivery() {
+                    deliver(permit, message);
+                }
             }
             Event::Inbound(Inbound::Invalid(reason)) => self.peer.count_invalid_reason(reason),
             Event::StreamDone(id, generation, result) => {
@@ -516,6 +536,12 @@ impl Driver {
 
     /// Sends what the peer produced, completes sends, hands over deliveries, updates stats.
     fn flush(&mut self) {
+        self.hand_over();
+        while !self.parked.is_empty() && !self.peer.receiver.backlogged() {
+            let (message, reply) = self.parked.pop_front().expect("not empty");
+            let _ = reply.send(self.peer.handle_stream_message(now(), message));
+            self.hand_over();
+        }
         while let Some(d) = self.peer.poll_transmit() {
             // Without a connection, datagrams are dropped: what matters is re-sent on the
             // next connection (`Peer::new_connection`).
@@ -556,16 +582,6 @@ impl Driver {
                 let _ = reply.send(outcome);
             }
         }
-        while let Some(message) = self.peer.receiver.poll_delivery() {
-            let span = tracing::debug_span!(
-                "surelink.deliver",
-                id = message.id,
-                len = message.payload.len()
-            );
-            let _entered = span.enter();
-            tracing::trace!("handed to the application");
-            let _ = self.delivered.send(message);
-        }
         let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         st.sender = self.peer.sender.stats();
         st.loss_estimate = self.peer.sender.loss_estimate();
@@ -585,12 +601,47 @@ impl Driver {
         st.stream_messages_received = self.counters.stream_messages_received;
         st.udp_bytes_sent = self.counters.udp_bytes_sent;
         st.udp_bytes_received = self.counters.udp_bytes_received;
+        st.in_flight = self.peer.sender.in_flight() + self.streams.len();
+    }
+
+    /// Hands delivered messages to [`Messages`] while its queue has room.
+    fn hand_over(&mut self) {
+        while self.peer.receiver.has_deliveries() {
+            match self.delivered.try_reserve() {
+                Ok(permit) => {
+                    let message = self.peer.receiver.poll_delivery().expect("has deliveries");
+                    deliver(permit, message);
+                }
+                Err(mpsc::error::TrySendError::Full(())) => return,
+                // The application dropped its `Messages`: nobody will take these.
+                Err(mpsc::error::TrySendError::Closed(())) => {
+                    while self.peer.receiver.poll_delivery().is_some() {}
+                    return;
+                }
+            }
+        }
     }
 
     /// The channel ends: every pending send learns that its outcome is unknown.
     fn finish(mut self, reason: String) {
         tracing::debug!(%reason, "surelink channel: stopped");
         self.flush();
+        // Messages acked but still queued here reach the application all the same.
+        let mut rest = Vec::new();
+        while let Some(message) = self.peer.receiver.poll_delivery() {
+            rest.push(message);
+        }
+        if !rest.is_empty() {
+            let delivered = self.delivered.clone();
+            tokio::spawn(async move {
+                for message in rest {
+                    let Ok(permit) = delivered.reserve().await else {
+                        return;
+                    };
+                    deliver(permit, message);
+                }
+            });
+        }
         for (_, reply) in self.waiting.drain() {
             let _ = reply.send(Err(SendError::ConnectionLost {
                 reason: reason.clone(),
@@ -614,6 +665,35 @@ impl Driver {
                 server.remove_closed(&self.id);
             }
         }
+    }
+}
+
+/// Hands one message to the application, in its `surelink.deliver` span.
+fn deliver<P: HandOff>(permit: P, message: Delivered) {
+    let span = tracing::debug_span!(
+        "surelink.deliver",
+        id = message.id,
+        len = message.payload.len()
+    );
+    let _entered = span.enter();
+    tracing::trace!("handed to the application");
+    permit.hand(message);
+}
+
+/// A reserved slot in the hand-off queue (borrowed or owned).
+trait HandOff {
+    fn hand(self, message: Delivered);
+}
+
+impl HandOff for mpsc::Permit<'_, Delivered> {
+    fn hand(self, message: Delivered) {
+        self.send(message);
+    }
+}
+
+impl HandOff for mpsc::OwnedPermit<Delivered> {
+    fn hand(self, message: Delivered) {
+        self.send(message);
     }
 }
 

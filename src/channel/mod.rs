@@ -202,6 +202,8 @@ pub enum SendError {
 /// | how often did it hedge? | `sender.hedges_fired`, `sender.hedges_skipped`, [`hedge_budget_used`](Self::hedge_budget_used), `sender.retransmits` |
 /// | what did parity save? | `reassembly.blocks_rebuilt` (messages rebuilt without waiting for a resend) |
 /// | were duplicates stopped? | `receiver.duplicates_suppressed`, `receiver.duplicate_keys`, `reassembly.shards_stale` |
+/// | is the application keeping up? | [`in_flight`](Self::in_flight) (sends awaiting outcomes), `receiver.bytes_queued` and `receiver.shards_refused_backlog` (deliveries not yet taken) |
+/// | is memory bounded? | `reassembly.blocks_buffered`, `reassembly.bytes_buffered`, `reassembly.blocks_evicted`, `receiver.ids_tracked`, `receiver.keys_held` |
 /// | is someone sending garbage? | [`invalid_frames`](Self::invalid_frames) by reason, `reassembly.shards_contradicting`, `reassembly.checksum_failures` |
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ChannelStats {
@@ -238,6 +240,9 @@ pub struct ChannelStats {
     pub udp_bytes_sent: u64,
     /// UDP bytes received, over every connection this channel used.
     pub udp_bytes_received: u64,
+    /// Gauge: messages sent and awaiting their outcome, datagram and stream path together
+    /// (at most [`SenderConfig::max_in_flight`]; further sends wait).
+    pub in_flight: usize,
 }
 
 enum Command {
@@ -264,7 +269,7 @@ pub struct Channel {
 /// The receiving side of a channel: messages delivered by the peer, each once.
 #[derive(Debug)]
 pub struct Messages {
-    rx: mpsc::UnboundedReceiver<Delivered>,
+    rx: mpsc::Receiver<Delivered>,
 }
 
 impl Messages {

@@ -225,6 +225,11 @@ impl Reassembler {
         self.deliveries.pop_front()
     }
 
+    /// Whether block `id` is remembered as finished (its shards are stale).
+    pub fn is_finished(&self, id: u64) -> bool {
+        self.done.contains_key(&id)
+    }
+
     /// Takes one shard frame.
     pub fn insert(&mut self, frame: ShardFrame) -> InsertOutcome {
         if frame.validate(&self.config.limits).is_err() {

@@ -86,7 +86,8 @@ impl Peer {
     /// Takes a whole stream message (the stream path for large messages): the message is
     /// delivered unless it was before, and the answer is the status byte to send back
     /// ([`STREAM_DELIVERED`] or [`STREAM_REFUSED`]). A message that does not decode is counted
-    /// and refused.
+    /// and refused. While the receiver is [backlogged](Receiver::backlogged) the caller should
+    /// hold stream messages back (and answer later): this takes them regardless.
     pub fn handle_stream_message(&mut self, now: Instant, message: Bytes) -> u8 {
         match decode_stream_message(message) {
             Ok((id, body)) => match self.receiver.handle_whole(now, id, body) {

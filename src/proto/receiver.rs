@@ -22,7 +22,7 @@ pub struct ReceiverConfig {
     /// Most ranges per ack. Default 16.
     pub max_ack_ranges: usize,
     /// Least time between two acks that only repeat what was acked (for shards of messages
-    /// already delivered). Default 2 ms.
+    /// already delivered). Default 10 ms.
     pub reack_interval: Duration,
     /// How long an idempotency key is remembered after its message was delivered. Default
     /// 24 h (what payment APIs keep).
@@ -30,6 +30,18 @@ pub struct ReceiverConfig {
     /// Most idempotency keys remembered at once; past it the oldest is forgotten early
     /// (counted in [`ReceiverStats::keys_evicted`]). Default 65536.
     pub max_keys: usize,
+    /// Most payload bytes delivered but not yet taken by the application
+    /// ([`Receiver::poll_delivery`]). At the limit the receiver is *backlogged*: shards of
+    /// blocks it has not finished are dropped unacked (counted in
+    /// [`ReceiverStats::shards_refused_backlog`]), so the sender hedges and, if the
+    /// application never catches up, its message times out with an unknown outcome: nothing
+    /// is acked that was not delivered, and nothing queues without bound. One block may
+    /// overshoot the limit (the shard that completes it delivers all of its messages), and a
+    /// single message larger than the limit is still taken when nothing else waits. A
+    /// [`Channel`](crate::channel::Channel) holds up to 4 more messages in the hand-off to
+    /// its `Messages`, and answers stream messages only once the backlog clears.
+    /// Default 16 MiB.
+    pub max_queued_bytes: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -42,6 +54,7 @@ impl Default for ReceiverConfig {
             reack_interval: Duration::from_millis(10),
             key_ttl: Duration::from_secs(24 * 3600),
             max_keys: 65_536,
+            max_queued_bytes: 16 << 20,
         }
     }
 }
@@ -86,6 +99,10 @@ pub struct ReceiverStats {
     pub keys_held: usize,
     /// Gauge: delivered messages not yet taken with [`Receiver::poll_delivery`].
     pub deliveries_queued: usize,
+    /// Gauge: payload bytes of those messages (at most about `max_queued_bytes`).
+    pub bytes_queued: usize,
+    /// Shards dropped unacked because the application was behind (`max_queued_bytes`).
+    pub shards_refused_backlog: u64,
 }
 
 /// What became of one rebuilt message.
@@ -108,6 +125,8 @@ pub struct Receiver {
     dedupe: DedupeWindow,
     keys: KeyWindow,
     deliveries: VecDeque<Delivered>,
+    /// Payload bytes in `deliveries`.
+    queued_bytes: usize,
     out: VecDeque<Bytes>,
     last_ack: Option<Instant>,
     stats: ReceiverStats,
@@ -122,6 +141,7 @@ impl Receiver {
             keys: KeyWindow::new(config.key_ttl, config.max_keys),
             config,
             deliveries: VecDeque::new(),
+            queued_bytes: 0,
             out: VecDeque::new(),
             last_ack: None,
             stats: ReceiverStats::default(),
@@ -135,6 +155,7 @@ impl Receiver {
             ids_tracked: self.dedupe.tracked(),
             keys_held: self.keys.len(),
             deliveries_queued: self.deliveries.len(),
+            bytes_queued: self.queued_bytes,
             ..self.stats
         }
     }
@@ -162,8 +183,27 @@ impl Receiver {
         self.reassembler.stats()
     }
 
+    /// Whether the application is behind: `max_queued_bytes` of delivered messages wait to
+    /// be taken. New messages are refused (unacked) until it catches up.
+    pub fn backlogged(&self) -> bool {
+        !self.deliveries.is_empty() && self.queued_bytes >= self.config.max_queued_bytes
+    }
+
+    /// Whether a delivered message waits for [`Receiver::poll_delivery`].
+    pub fn has_deliveries(&self) -> bool {
+        !self.deliveries.is_empty()
+    }
+
     /// Takes one shard frame.
     pub fn handle_shard(&mut self, now: Instant, frame: ShardFrame) {
+        if self.backlogged() && !self.reassembler.is_finished(frame.header.block) {
+            // It arrived (the sender's loss estimate must not count it lost), but holding it
+            // would buffer without bound behind a slow application. Shards of finished blocks
+            // still pass: they only repeat acks.
+            self.stats.shards_received += 1;
+            self.stats.shards_refused_backlog += 1;
+            return;
+        }
         let outcome = self.reassembler.insert(frame);
         // Distinct shards only: the sender's loss estimate compares this with what it sent,
         // and a duplicated packet must not hide a lost one.
@@ -231,6 +271,7 @@ impl Receiver {
                     }
                 }
                 self.stats.delivered += 1;
+                self.queued_bytes += envelope.payload.len();
                 self.deliveries.push_back(Delivered {
                     id,
                     key: envelope.key,
@@ -268,7 +309,9 @@ impl Receiver {
     /// The next message for the application.
     #[must_use]
     pub fn poll_delivery(&mut self) -> Option<Delivered> {
-        self.deliveries.pop_front()
+        let d = self.deliveries.pop_front()?;
+        self.queued_bytes -= d.payload.len();
+        Some(d)
     }
 
     /// The next datagram (an ack) to send.
