@@ -273,6 +273,8 @@ enum PeerOp {
     NewConnection,
     /// The other side restarted without state: ids start over.
     PeerLostState,
+    /// The application stops taking deliveries (`false`) or takes them again (`true`).
+    Reading(bool),
 }
 
 const VARINT_MAX: u64 = (1 << 62) - 1;
@@ -280,6 +282,58 @@ const PEER_MAX_BYTES: usize = 32 * 1024;
 const PEER_MAX_BLOCKS: usize = 8;
 const PEER_WINDOW: u64 = 64;
 const PEER_MAX_KEYS: usize = 16;
+const PEER_MAX_QUEUED: usize = 4 * 1024;
+
+/// What the receiver target knows of the honest sender and of what was delivered.
+#[derive(Default)]
+struct Book {
+    /// The honest sender's messages (of its current incarnation), by id.
+    sent: HashMap<u64, Bytes>,
+    /// Ids delivered (in the current incarnation).
+    ids: HashSet<u64>,
+    /// Idempotency keys delivered, and when.
+    keys: HashMap<Bytes, std::time::Instant>,
+    /// When each delivered message not yet taken entered the receiver's queue, oldest first
+    /// (the application may take it much later; the key TTL runs from delivery).
+    entered: std::collections::VecDeque<std::time::Instant>,
+    /// The receiver's `delivered` counter as last seen.
+    delivered: u64,
+}
+
+impl Book {
+    /// Notes the messages the receiver delivered since the last call, at `now`.
+    fn note_deliveries(&mut self, peer: &surelink::proto::Peer, now: std::time::Instant) {
+        let delivered = peer.receiver.stats().delivered;
+        for _ in self.delivered..delivered {
+            self.entered.push_back(now);
+        }
+        self.delivered = delivered;
+    }
+
+    /// Checks one message the application took.
+    fn check(&mut self, m: &surelink::proto::Delivered, keys_evicted: u64, hostile: bool) {
+        let now = self.entered.pop_front().expect("every delivery was noted");
+        assert!(self.ids.insert(m.id), "message {} delivered twice", m.id);
+        if let Some(k) = &m.key {
+            if let Some(&at) = self.keys.get(k) {
+                // A key may come back only once it could have expired or been evicted.
+                assert!(
+                    now.duration_since(at) >= std::time::Duration::from_secs(5) || keys_evicted > 0,
+                    "key {k:?} delivered twice within its TTL"
+                );
+            }
+            self.keys.insert(k.clone(), now);
+        }
+        if !hostile {
+            assert_eq!(
+                self.sent.get(&m.id),
+                Some(&m.payload),
+                "message {} is not what the honest sender sent",
+                m.id
+            );
+        }
+    }
+}
 
 /// Arbitrary operation sequences against a [`Peer`] (the receiver's whole sans-I/O state
 /// machine: decoding, reassembly, dedupe window, idempotency keys, acks) with small caps.
@@ -304,6 +358,7 @@ pub fn receiver(data: &[u8]) {
         hole_ttl: Duration::from_secs(2),
         max_keys: PEER_MAX_KEYS,
         key_ttl: Duration::from_secs(5),
+        max_queued_bytes: PEER_MAX_QUEUED,
         ..ReceiverConfig::default()
     };
     let mut peer = Peer::new(SenderConfig::default(), receiver);
@@ -317,10 +372,9 @@ pub fn receiver(data: &[u8]) {
     let mut honest = surelink::proto::Sender::new(honest_config.clone());
     let mut wire: Vec<Bytes> = Vec::new();
     let mut next_fresh = 0usize;
-    let mut sent: HashMap<u64, Bytes> = HashMap::new();
-    let mut delivered_ids: HashSet<u64> = HashSet::new();
-    let mut delivered_keys: HashMap<Bytes, Instant> = HashMap::new();
+    let mut book = Book::default();
     let mut hostile = false;
+    let mut reading = true;
 
     for _ in 0..MAX_OPS {
         let Ok(op) = PeerOp::arbitrary(&mut u) else {
@@ -333,7 +387,7 @@ pub fn receiver(data: &[u8]) {
                 let payload: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31)).collect();
                 let key = (key != 0).then(|| vec![key % 8 + 1]);
                 if let Ok(id) = honest.send_keyed(now, key.as_deref(), &payload) {
-                    sent.insert(id, Bytes::from(payload));
+                    book.sent.insert(id, Bytes::from(payload));
                 }
                 while let Some(d) = honest.poll_transmit() {
                     wire.push(d);
@@ -394,7 +448,10 @@ pub fn receiver(data: &[u8]) {
                 hostile = true;
                 let mut m = surelink::wire::encode_stream_head(id & VARINT_MAX).to_vec();
                 m.extend_from_slice(&body);
-                let _ = peer.handle_stream_message(now, Bytes::from(m));
+                // The channel holds stream messages while the receiver is backlogged.
+                if !peer.receiver.backlogged() {
+                    let _ = peer.handle_stream_message(now, Bytes::from(m));
+                }
             }
             PeerOp::Ack(bytes) => {
                 let mut d = vec![0x12];
@@ -421,13 +478,21 @@ pub fn receiver(data: &[u8]) {
                 }
             }
             PeerOp::PeerLostState => {
+                // Messages already delivered (queued, perhaps unread) belong to the old
+                // incarnation, whose ids are about to be reused: check them against it.
+                book.note_deliveries(&peer, now);
+                let keys_evicted = peer.receiver.stats().keys_evicted;
+                while let Some(m) = peer.receiver.poll_delivery() {
+                    book.check(&m, keys_evicted, hostile);
+                }
                 peer.receiver.peer_lost_state();
                 honest = surelink::proto::Sender::new(honest_config.clone());
                 wire.clear();
                 next_fresh = 0;
-                sent.clear();
-                delivered_ids.clear();
+                book.sent.clear();
+                book.ids.clear();
             }
+            PeerOp::Reading(r) => reading = r,
         }
         for d in datagrams {
             peer.handle_datagram(now, d);
@@ -439,31 +504,10 @@ pub fn receiver(data: &[u8]) {
             }
         }
         while honest.poll_event().is_some() {}
-        while let Some(m) = peer.receiver.poll_delivery() {
-            assert!(
-                delivered_ids.insert(m.id),
-                "message {} delivered twice",
-                m.id
-            );
-            if let Some(k) = &m.key {
-                if let Some(&at) = delivered_keys.get(k) {
-                    // A key may come back only once it could have expired or been evicted.
-                    assert!(
-                        now.duration_since(at) >= Duration::from_secs(5)
-                            || peer.receiver.stats().keys_evicted > 0,
-                        "key {k:?} delivered twice within its TTL"
-                    );
-                }
-                delivered_keys.insert(k.clone(), now);
-            }
-            if !hostile {
-                assert_eq!(
-                    sent.get(&m.id),
-                    Some(&m.payload),
-                    "message {} is not what the honest sender sent",
-                    m.id
-                );
-            }
+        book.note_deliveries(&peer, now);
+        let keys_evicted = peer.receiver.stats().keys_evicted;
+        while let Some(m) = reading.then(|| peer.receiver.poll_delivery()).flatten() {
+            book.check(&m, keys_evicted, hostile);
         }
         let r = peer.receiver.reassembly();
         assert!(r.bytes_buffered <= PEER_MAX_BYTES, "{r:?}");
@@ -471,5 +515,11 @@ pub fn receiver(data: &[u8]) {
         let st = peer.receiver.stats();
         assert!(st.ids_tracked as u64 <= PEER_WINDOW, "{st:?}");
         assert!(st.keys_held <= PEER_MAX_KEYS, "{st:?}");
+        // The delivery queue: its cap, overshot at most by what one shard completes (a
+        // block, which the reassembler held within its own cap) or one stream message.
+        assert!(
+            st.bytes_queued <= PEER_MAX_QUEUED + PEER_MAX_BYTES.max(data.len()),
+            "{st:?}"
+        );
     }
 }
