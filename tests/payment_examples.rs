@@ -33,14 +33,23 @@ fn field(json: &str, key: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn server_and_client_over_real_udp() {
-    let dir = std::env::temp_dir().join(format!("surelink-pay-{}", std::process::id()));
+/// Starts `payment_server` with its certificate in `dir` and `extra` flags; returns it, its
+/// stdout and the address it listens on.
+fn start_server(
+    dir: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+) {
     let mut server = Command::new(example("payment_server"))
         .args(["--listen", "127.0.0.1:0", "--cert-dir"])
-        .arg(&dir)
+        .arg(dir)
+        .args(extra)
         .args(["--idle-exit-secs", "30"])
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(server.stdout.take().unwrap());
@@ -51,6 +60,13 @@ fn server_and_client_over_real_udp() {
         .strip_prefix("listening on ")
         .expect(&line)
         .to_string();
+    (server, out, addr)
+}
+
+#[test]
+fn server_and_client_over_real_udp() {
+    let dir = std::env::temp_dir().join(format!("surelink-pay-{}", std::process::id()));
+    let (mut server, mut out, addr) = start_server(&dir, &[]);
 
     for mode in ["surelink", "quinn-stream"] {
         let client = Command::new(example("payment_client"))
@@ -119,24 +135,9 @@ fn mutual_tls_flags() {
     std::fs::write(dir.join("rogue.pem"), &rogue.cert_pem).unwrap();
     std::fs::write(dir.join("rogue.key"), &rogue.key_pem).unwrap();
 
-    let mut server = Command::new(example("payment_server"))
-        .args(["--listen", "127.0.0.1:0", "--cert-dir"])
-        .arg(&dir)
-        .arg("--client-ca")
-        .arg(dir.join("client-ca.pem"))
-        .args(["--idle-exit-secs", "30"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(server.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect(&line)
-        .to_string();
+    let client_ca = dir.join("client-ca.pem");
+    let (mut server, mut out, addr) =
+        start_server(&dir, &["--client-ca".as_ref(), client_ca.as_os_str()]);
     let client = |mode: &str, cert: Option<(&str, &str)>| {
         let mut cmd = Command::new(example("payment_client"));
         cmd.args(["--connect", &addr, "--ca"])
