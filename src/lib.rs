@@ -32,5 +32,6 @@ pub mod fec;
 pub mod proto;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod store;
 pub mod tune;
 pub mod wire;
