@@ -58,10 +58,12 @@
 //! |------------|------------|-----------------------------------------------------|
 //! | type       | u8 = `0x13`|                                                     |
 //! | channel_id | 16 bytes   | random id of the channel, stable across reconnects  |
+//! | floor      | varint, optional | every message id below it has its outcome (acked or given up); absent means 0 |
 //!
 //! Sent by the client as the whole of the connection's first bidirectional stream. The server
-//! answers on that stream with one byte, [`HELLO_NEW`] or [`HELLO_RESUMED`], once it has
-//! attached the connection to the channel; a refusal closes the connection instead.
+//! answers on that stream with one byte, [`HELLO_NEW`], [`HELLO_RESUMED`] or
+//! [`HELLO_CLAIMS`], once it has attached the connection to the channel; a refusal closes the
+//! connection instead.
 //!
 //! ## Close (`0x14`)
 //!
@@ -554,6 +556,10 @@ impl AckFrame {
 pub struct HelloFrame {
     /// Random channel id, stable across reconnects of the same channel.
     pub channel_id: [u8; 16],
+    /// The client's lowest message id still awaiting its outcome (its next id when none
+    /// is): every id below has been acked or given up, so a server that starts the channel
+    /// afresh from a shared claims store may treat them as handled. At most 2^62 - 1.
+    pub floor: u64,
 }
 
 /// The peer is closing the channel.
@@ -587,7 +593,12 @@ impl Frame {
                 }
                 let mut channel_id = [0u8; 16];
                 datagram.copy_to_slice(&mut channel_id);
-                Frame::Hello(HelloFrame { channel_id })
+                let floor = if datagram.has_remaining() {
+                    get_varint(&mut datagram)?
+                } else {
+                    0
+                };
+                Frame::Hello(HelloFrame { channel_id, floor })
             }
             TYPE_CLOSE => {
                 let code = get_varint(&mut datagram)?;
@@ -635,6 +646,7 @@ impl Frame {
             Frame::Hello(h) => {
                 buf.put_u8(type_byte(TYPE_HELLO));
                 buf.put_slice(&h.channel_id);
+                put_varint(buf, h.floor);
             }
             Frame::Close(c) => {
                 buf.put_u8(type_byte(TYPE_CLOSE));
@@ -728,6 +740,10 @@ pub const HELLO_NEW: u8 = 1;
 /// A server's answer to a Hello: it still holds the channel's state, so messages re-sent
 /// with their ids are recognised.
 pub const HELLO_RESUMED: u8 = 2;
+/// A server's answer to a Hello: it did not hold the channel, but every delivery is claimed
+/// in a store it shares with other replicas, so messages re-sent with their ids are
+/// recognised there (the client re-sends what is unacked); its own message ids start over.
+pub const HELLO_CLAIMS: u8 = 3;
 
 /// The head of a stream message: the type byte and the message id. The envelope follows.
 pub fn encode_stream_head(id: u64) -> Bytes {
@@ -1047,15 +1063,26 @@ mod tests {
 
     #[test]
     fn golden_hello_and_close() {
-        let hello = [0x13, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+        let hello = [
+            0x13, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0x41, 0x2c,
+        ];
         let f = decode(&hello).unwrap();
         assert_eq!(
             f,
             Frame::Hello(HelloFrame {
-                channel_id: core::array::from_fn(|i| i as u8)
+                channel_id: core::array::from_fn(|i| i as u8),
+                floor: 300,
             })
         );
         assert_eq!(&f.to_bytes()[..], hello);
+        // Without the optional floor: 0.
+        assert_eq!(
+            decode(&hello[..17]),
+            Ok(Frame::Hello(HelloFrame {
+                channel_id: core::array::from_fn(|i| i as u8),
+                floor: 0,
+            }))
+        );
 
         let close = [0x14, 0x07, 0x02, b'o', b'k'];
         let f = decode(&close).unwrap();
@@ -1265,7 +1292,7 @@ mod tests {
             Err(DecodeError::TrailingBytes(1))
         );
         assert_eq!(decode(&[0x13, 1, 2, 3]), Err(DecodeError::Truncated));
-        let mut hello = vec![0x13; 18];
+        let mut hello = vec![0x13; 19]; // type, id, floor 19, one byte too many
         hello[0] = 0x13;
         assert_eq!(decode(&hello), Err(DecodeError::TrailingBytes(1)));
         assert_eq!(decode(&[0x14, 0, 5, b'a']), Err(DecodeError::Truncated));
@@ -1410,8 +1437,8 @@ mod tests {
         }
 
         #[test]
-        fn hello_round_trip(id in any::<[u8; 16]>()) {
-            let f = Frame::Hello(HelloFrame { channel_id: id });
+        fn hello_round_trip(id in any::<[u8; 16]>(), floor in 0..MAX_VARINT) {
+            let f = Frame::Hello(HelloFrame { channel_id: id, floor });
             prop_assert_eq!(Frame::decode(f.to_bytes(), &Limits::default()), Ok(f));
         }
 

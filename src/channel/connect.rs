@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::driver::{self, Reattach};
 use super::{Channel, ChannelId, Config, Messages, Reconnect, SendError};
-use crate::wire::{Frame, HelloFrame, Limits, HELLO_NEW, HELLO_RESUMED};
+use crate::wire::{Frame, HelloFrame, Limits, HELLO_CLAIMS, HELLO_NEW, HELLO_RESUMED};
 
 /// The ALPN protocol id of a surelink connection.
 pub const ALPN: &[u8] = b"surelink/1";
@@ -154,6 +154,20 @@ pub(super) struct Dialer {
     server_name: String,
     client_config: Option<quinn::ClientConfig>,
     channel_id: ChannelId,
+    /// Sent in the Hello: every id below has its outcome.
+    pub(super) floor: u64,
+}
+
+/// What a server said, answering a Hello, about the channel's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Attached {
+    /// It holds no state for the channel: unacked messages must not be re-sent.
+    New,
+    /// It still holds the channel: unacked messages are re-sent with their ids.
+    Resumed,
+    /// It did not hold the channel but claims every delivery in a shared store: unacked
+    /// messages are re-sent with their ids; its own ids start over.
+    Claims,
 }
 
 impl Dialer {
@@ -162,7 +176,7 @@ impl Dialer {
     /// held the channel's state. Waiting for the answer costs one round trip and means a
     /// connection the server refuses (a client certificate it does not accept, its channel
     /// limit) fails here, not at the first message.
-    async fn dial(&self) -> Result<(quinn::Connection, bool), ConnectError> {
+    async fn dial(&self) -> Result<(quinn::Connection, Attached), ConnectError> {
         let connecting = match &self.client_config {
             Some(c) => self
                 .endpoint
@@ -172,6 +186,7 @@ impl Dialer {
         let conn = connecting.await?;
         let hello = Frame::Hello(HelloFrame {
             channel_id: self.channel_id,
+            floor: self.floor,
         })
         .to_bytes();
         let (mut send, mut recv) = conn.open_bi().await?;
@@ -188,8 +203,9 @@ impl Dialer {
             e => hello_failed(&e),
         })?;
         match answer.first() {
-            Some(&HELLO_NEW) => Ok((conn, false)),
-            Some(&HELLO_RESUMED) => Ok((conn, true)),
+            Some(&HELLO_NEW) => Ok((conn, Attached::New)),
+            Some(&HELLO_RESUMED) => Ok((conn, Attached::Resumed)),
+            Some(&HELLO_CLAIMS) => Ok((conn, Attached::Claims)),
             other => {
                 conn.close(REFUSED.into(), b"invalid hello answer");
                 Err(ConnectError::Hello(format!(
@@ -207,7 +223,7 @@ impl Dialer {
         self,
         policy: Reconnect,
         lost: String,
-    ) -> Result<(quinn::Connection, bool), String> {
+    ) -> Result<(quinn::Connection, Attached), String> {
         let give_up = tokio::time::Instant::now() + policy.give_up_after;
         let mut backoff = policy.first_backoff;
         let mut last = lost;
@@ -255,6 +271,7 @@ impl Channel {
             server_name: server_name.to_owned(),
             client_config,
             channel_id: rand::random(),
+            floor: 0,
         };
         let span = tracing::info_span!("surelink.connect", server = %addr, name = server_name);
         let dialed = tracing::Instrument::instrument(dialer.dial(), span.clone()).await;
@@ -269,7 +286,7 @@ impl Channel {
             }
         })?;
         let id = dialer.channel_id;
-        driver::spawn(conn, config, id, Reattach::Dial(Box::new(dialer))).map_err(|e| match e {
+        driver::spawn(conn, config, id, Reattach::Dial(Box::new(dialer)), 0).map_err(|e| match e {
             SendError::DatagramsUnsupported => ConnectError::DatagramsUnsupported,
             other => ConnectError::Hello(other.to_string()),
         })
@@ -366,8 +383,8 @@ impl Server {
         })
         .await
         .map_err(|_| AcceptError::HelloTimeout(timeout))??;
-        let channel_id = match Frame::decode(hello.into(), &Limits::default()) {
-            Ok(Frame::Hello(h)) => h.channel_id,
+        let hello = match Frame::decode(hello.into(), &Limits::default()) {
+            Ok(Frame::Hello(h)) => h,
             Ok(other) => {
                 conn.close(REFUSED.into(), b"expected a hello");
                 return Err(AcceptError::InvalidHello(format!("{other:?}")));
@@ -377,7 +394,7 @@ impl Server {
                 return Err(AcceptError::InvalidHello(e.to_string()));
             }
         };
-        let (opened, status) = self.attach(conn, channel_id)?;
+        let (opened, status) = self.attach(conn, hello)?;
         // The client waits for this byte before it sends: it learns whether its messages may
         // be re-sent with their ids (the channel's dedupe window is still here) or not.
         let _ = answer.write_all(&[status]).await;
@@ -390,8 +407,9 @@ impl Server {
     fn attach(
         &self,
         conn: quinn::Connection,
-        channel_id: ChannelId,
+        hello: HelloFrame,
     ) -> Result<(Option<(Channel, Messages)>, u8), AcceptError> {
+        let channel_id = hello.channel_id;
         let mut channels = self
             .inner
             .channels
@@ -417,18 +435,26 @@ impl Server {
             rx,
             server: Arc::downgrade(&self.inner),
         };
+        // With a claims store shared by replicas, a channel this server never held may have
+        // run on another replica: take it over from the client's floor, and let the store
+        // judge re-sent messages.
+        let (floor, status) = match self.inner.config.store {
+            Some(_) => (hello.floor, HELLO_CLAIMS),
+            None => (0, HELLO_NEW),
+        };
         let opened = driver::spawn(
             conn.clone(),
             self.inner.config.clone(),
             channel_id,
             reattach,
+            floor,
         )
         .map_err(|_| {
             conn.close(REFUSED.into(), b"datagrams required");
             AcceptError::DatagramsUnsupported
         })?;
         channels.insert(channel_id, tx);
-        Ok((Some(opened), HELLO_NEW))
+        Ok((Some(opened), status))
     }
 }
 
@@ -439,11 +465,17 @@ pub struct Listener {
     server: Server,
     rx: mpsc::Receiver<(Channel, Messages)>,
     task: tokio::task::JoinHandle<()>,
+    expiry: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Listener {
     /// Starts accepting on `endpoint` (which needs a server config: see [`server_config`]).
     pub fn new(endpoint: quinn::Endpoint, config: Config) -> Listener {
+        // Claims older than the store's TTL are swept ten times per TTL (at most hourly).
+        let expiry = config.store.clone().map(|store| {
+            let every = (store.ttl() / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+            crate::store::spawn_expiry(store, every)
+        });
         let server = Server::new(config);
         let (tx, rx) = mpsc::channel(64);
         let registry = server.clone();
@@ -468,7 +500,12 @@ impl Listener {
                 });
             }
         });
-        Listener { server, rx, task }
+        Listener {
+            server,
+            rx,
+            task,
+            expiry,
+        }
     }
 
     /// The next new channel; `None` once the endpoint is closed.
@@ -485,5 +522,8 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(expiry) = &self.expiry {
+            expiry.abort();
+        }
     }
 }

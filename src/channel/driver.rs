@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::connect::{Dialer, ServerInner};
+use super::connect::{Attached, Dialer, ServerInner};
 use super::{Channel, ChannelId, ChannelStats, Command, Config, Messages, Receipt, SendError};
-use crate::proto::{Delivered, FailReason, Peer, SenderEvent};
+use crate::proto::{
+    ClaimOutcome, ClaimRequest, Delivered, FailReason, Peer, SenderEvent, StreamStatus,
+};
 use crate::wire::{encode_stream_head, Envelope, MAX_KEY_LEN, STREAM_DELIVERED};
 
 /// Where a new connection comes from when the current one is lost.
@@ -30,7 +32,7 @@ pub(super) enum Reattach {
 
 type Reply = oneshot::Sender<Result<Receipt, SendError>>;
 /// A redial in progress: the new connection and whether the server still had the channel.
-type Dialing = Pin<Box<dyn Future<Output = Result<(quinn::Connection, bool), String>> + Send>>;
+type Dialing = Pin<Box<dyn Future<Output = Result<(quinn::Connection, Attached), String>> + Send>>;
 
 /// A message on the stream path.
 struct StreamSend {
@@ -65,7 +67,9 @@ enum Event {
     StreamDone(u64, u64, Result<u8, StreamFailure>),
     Command(Option<Command>),
     /// A new connection, and whether the peer still holds the channel's state.
-    Attach(Result<(quinn::Connection, bool), String>),
+    Attach(Result<(quinn::Connection, Attached), String>),
+    /// The store answered a claim.
+    Claimed(ClaimRequest, ClaimOutcome),
     /// The application took messages: room to hand over another.
     Room(mpsc::OwnedPermit<Delivered>),
     Timer,
@@ -89,6 +93,7 @@ pub(super) fn spawn(
     mut config: Config,
     id: ChannelId,
     reattach: Reattach,
+    floor: u64,
 ) -> Result<(Channel, Messages), SendError> {
     let size = connection
         .max_datagram_size()
@@ -100,6 +105,9 @@ pub(super) fn spawn(
     let stats = Arc::new(Mutex::new(ChannelStats::default()));
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+    // Bounded by the receiver's `max_pending_claims`: one answer per claim asked.
+    let (claims_tx, claims_rx) = mpsc::unbounded_channel();
+    config.receiver.claims = config.store.is_some();
     let current = Arc::new(Mutex::new(Some(connection.clone())));
     let channel = Channel {
         id,
@@ -109,8 +117,10 @@ pub(super) fn spawn(
         current: current.clone(),
         max_message_size: config.max_message_size,
     };
+    let mut peer = Peer::new(config.sender.clone(), config.receiver.clone());
+    peer.receiver.start_at(floor);
     let driver = Driver {
-        peer: Peer::new(config.sender.clone(), config.receiver.clone()),
+        peer,
         config,
         id,
         conn: Some(connection),
@@ -129,6 +139,9 @@ pub(super) fn spawn(
         commands_open: true,
         delivered,
         parked: VecDeque::new(),
+        stream_waiting: HashMap::new(),
+        claims_tx,
+        claims_rx,
         stats,
         current,
         counters: ChannelStats::default(),
@@ -164,6 +177,10 @@ struct Driver {
     /// Stream messages that arrived while the receiver was backlogged, answered once the
     /// application catches up (at most QUIC's concurrent stream limit).
     parked: VecDeque<(Bytes, oneshot::Sender<u8>)>,
+    /// Stream messages awaiting their claim, by id.
+    stream_waiting: HashMap<u64, oneshot::Sender<u8>>,
+    claims_tx: mpsc::UnboundedSender<(ClaimRequest, ClaimOutcome)>,
+    claims_rx: mpsc::UnboundedReceiver<(ClaimRequest, ClaimOutcome)>,
     stats: Arc<Mutex<ChannelStats>>,
     /// The connection in use, shared with the handles for its byte counters.
     current: Arc<Mutex<Option<quinn::Connection>>>,
@@ -190,11 +207,11 @@ async fn accept_bi(
 async fn next_connection(
     reattach: &mut Reattach,
     dialing: &mut Option<Dialing>,
-) -> Result<(quinn::Connection, bool), String> {
+) -> Result<(quinn::Connection, Attached), String> {
     match reattach {
         // The client chose this channel by id: it keeps its own state, whatever ours was.
         Reattach::Registry { rx, .. } => match rx.recv().await {
-            Some(c) => Ok((c, true)),
+            Some(c) => Ok((c, Attached::Resumed)),
             None => std::future::pending().await,
         },
         Reattach::Dial(_) => match dialing {
@@ -231,6 +248,7 @@ impl Driver {
                 s = accept_bi(&conn), if streams => Event::Stream(s),
                 Some(m) = self.inbound_rx.recv() => Event::Inbound(m),
                 Some((id, generation, r)) = self.done_rx.recv() => Event::StreamDone(id, generation, r),
+                Some((request, outcome)) = self.claims_rx.recv() => Event::Claimed(request, outcome),
                 c = self.commands.recv(), if self.commands_open => Event::Command(c),
                 a = next_connection(&mut self.reattach, &mut self.dialing) => Event::Attach(a),
                 Ok(p) = self.delivered.clone().reserve_owned(), if self.peer.receiver.has_deliveries() => Event::Room(p),
@@ -278,8 +296,11 @@ impl Driver {
                 if self.peer.receiver.backlogged() || !self.parked.is_empty() {
                     self.parked.push_back((message, reply));
                 } else {
-                    let _ = reply.send(self.peer.handle_stream_message(now, message));
+                    self.take_stream_message(now, message, reply);
                 }
+            }
+            Event::Claimed(request, outcome) => {
+                self.peer.receiver.claim_done(now, &request, outcome);
             }
             Event::Room(permit) => {
                 if let Some(message) = self.peer.receiver.poll_delivery() {
@@ -307,7 +328,7 @@ impl Driver {
                     return Some("every handle was dropped".into());
                 }
             }
-            Event::Attach(Ok((c, resumed))) => self.attach(now, c, resumed),
+            Event::Attach(Ok((c, attached))) => self.attach(now, c, attached),
             Event::Attach(Err(reason)) => return Some(reason),
             Event::Timer => {
                 self.peer.handle_timeout(now);
@@ -450,10 +471,10 @@ impl Driver {
                 if !super::connect::retryable(&e) {
                     return Some(reason);
                 }
+                let mut dialer = (**dialer).clone();
+                dialer.floor = self.floor();
                 self.dialing = Some(Box::pin(
-                    (**dialer)
-                        .clone()
-                        .redial(self.config.reconnect.clone(), reason),
+                    dialer.redial(self.config.reconnect.clone(), reason),
                 ));
                 None
             }
@@ -471,7 +492,7 @@ impl Driver {
     /// (`resumed`), unacked messages are re-sent on it with their ids and stream messages
     /// restart; when it lost its state, they fail with an unknown outcome instead (a re-send
     /// could be delivered twice).
-    fn attach(&mut self, now: Instant, conn: quinn::Connection, resumed: bool) {
+    fn attach(&mut self, now: Instant, conn: quinn::Connection, attached: Attached) {
         let Some(size) = conn.max_datagram_size() else {
             conn.close(1u32.into(), b"datagrams required");
             return;
@@ -484,8 +505,11 @@ impl Driver {
         tracing::debug!("surelink channel: attached to a new connection");
         self.peer.sender.set_max_datagram_size(size);
         self.generation += 1;
-        if resumed {
+        if attached == Attached::Resumed {
             self.peer.new_connection(now);
+        } else if attached == Attached::Claims {
+            tracing::debug!("surelink channel: a replica sharing the claims store took over");
+            self.peer.peer_claims_only(now);
         } else {
             tracing::warn!("surelink channel: the server lost the channel's state; messages in flight fail with an unknown outcome");
             self.peer.peer_lost_state(now);
@@ -518,6 +542,14 @@ impl Driver {
         }
     }
 
+    /// The lowest message id still awaiting its outcome (datagram or stream path), or the
+    /// next id: every id below was acked or given up.
+    fn floor(&self) -> u64 {
+        let streams = self.streams.keys().min().copied();
+        let sender = self.peer.sender.floor();
+        streams.map_or(sender, |s| s.min(sender))
+    }
+
     /// Drops the current connection, keeping its byte counts.
     fn retire_connection(&mut self) {
         if let Some(old) = self.conn.take() {
@@ -539,8 +571,16 @@ impl Driver {
         self.hand_over();
         while !self.parked.is_empty() && !self.peer.receiver.backlogged() {
             let (message, reply) = self.parked.pop_front().expect("not empty");
-            let _ = reply.send(self.peer.handle_stream_message(now(), message));
+            self.take_stream_message(now(), message, reply);
             self.hand_over();
+        }
+        while let Some(request) = self.peer.receiver.poll_claim() {
+            self.start_claim(request);
+        }
+        while let Some((id, status)) = self.peer.receiver.poll_stream_answer() {
+            if let Some(reply) = self.stream_waiting.remove(&id) {
+                let _ = reply.send(status);
+            }
         }
         while let Some(d) = self.peer.poll_transmit() {
             // Without a connection, datagrams are dropped: what matters is re-sent on the
@@ -602,6 +642,56 @@ impl Driver {
         st.udp_bytes_sent = self.counters.udp_bytes_sent;
         st.udp_bytes_received = self.counters.udp_bytes_received;
         st.in_flight = self.peer.sender.in_flight() + self.streams.len();
+    }
+
+    /// Takes a stream message: its status byte now, or once its claim is answered.
+    fn take_stream_message(&mut self, now: Instant, message: Bytes, reply: oneshot::Sender<u8>) {
+        match self.peer.handle_stream_message(now, message) {
+            StreamStatus::Now(status) => {
+                let _ = reply.send(status);
+            }
+            // A re-send of a message still being claimed takes over the answer (the
+            // older stream's reader then gives up).
+            StreamStatus::Later(id) => {
+                self.stream_waiting.insert(id, reply);
+            }
+        }
+    }
+
+    /// Claims a message in the store, retrying with doubling backoff for up to
+    /// `claim_timeout`; the answer comes back as [`Event::Claimed`].
+    fn start_claim(&self, request: ClaimRequest) {
+        let Some(store) = self.config.store.clone() else {
+            // Claims mode without a store cannot happen (spawn sets one with the other);
+            // answer anyway so nothing waits forever.
+            let _ = self.claims_tx.send((request, ClaimOutcome::Failed));
+            return;
+        };
+        let claim = crate::store::Claim {
+            channel: self.id,
+            message: request.id,
+            key: request.key.clone(),
+        };
+        let (tx, timeout) = (self.claims_tx.clone(), self.config.claim_timeout);
+        tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now() + timeout;
+            let mut backoff = Duration::from_millis(10);
+            let outcome = loop {
+                match store.claim(&claim).await {
+                    Ok(crate::store::Claimed::Now) => break ClaimOutcome::Now,
+                    Ok(crate::store::Claimed::Before) => break ClaimOutcome::Before,
+                    Err(e) => {
+                        tracing::warn!(error = %e, id = claim.message, "surelink: claim failed");
+                        if tokio::time::Instant::now() + backoff > give_up {
+                            break ClaimOutcome::Failed;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+            };
+            let _ = tx.send((request, outcome));
+        });
     }
 
     /// Hands delivered messages to [`Messages`] while its queue has room.

@@ -64,7 +64,7 @@ use crate::proto::{Delivered, ReceiverConfig, ReceiverStats, SenderConfig, Sende
 
 /// Settings of a [`Channel`]. Every limit has a documented default; the datagram size is
 /// taken from the connection.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// The sending half (redundancy, hedging, deadline, messages in flight).
     pub sender: SenderConfig,
@@ -91,6 +91,16 @@ pub struct Config {
     /// Most channels a [`Server`] holds at once; past it new channels are refused. Default
     /// 10,000.
     pub max_channels: usize,
+    /// Where deliveries are claimed before they are acked (see [`crate::store`]). `None`
+    /// (the default): this channel's dedupe window and keys decide alone. With a store
+    /// shared by replicas, a message is delivered at most once across them; a [`Server`]
+    /// with a store also takes over channels it never held (a client that failed over from
+    /// another replica re-sends its unacked messages, and the store recognises those
+    /// delivered there).
+    pub store: Option<std::sync::Arc<dyn crate::store::DedupeStore>>,
+    /// How long a claim may keep failing (the store unreachable) before the message is
+    /// dropped unacked; claims are retried with doubling backoff meanwhile. Default 5 s.
+    pub claim_timeout: Duration,
 }
 
 impl Default for Config {
@@ -105,6 +115,8 @@ impl Default for Config {
             reconnect: Reconnect::default(),
             channel_ttl: Duration::from_secs(60),
             max_channels: 10_000,
+            store: None,
+            claim_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -288,7 +300,13 @@ impl Channel {
         connection: quinn::Connection,
         config: Config,
     ) -> Result<(Channel, Messages), SendError> {
-        driver::spawn(connection, config, rand::random(), driver::Reattach::Never)
+        driver::spawn(
+            connection,
+            config,
+            rand::random(),
+            driver::Reattach::Never,
+            0,
+        )
     }
 
     /// This channel's id.

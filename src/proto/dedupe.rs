@@ -44,6 +44,28 @@ impl DedupeWindow {
         }
     }
 
+    /// A window whose floor starts at `floor`: every id below it counts as delivered (for a
+    /// channel taken over from another server: the client says every id below was acked or
+    /// given up).
+    pub fn starting_at(floor: u64, window: u64, hole_ttl: Duration) -> Self {
+        DedupeWindow {
+            floor,
+            ..DedupeWindow::new(window, hole_ttl)
+        }
+    }
+
+    /// What [`DedupeWindow::check`] would answer for `id`, without recording it.
+    pub fn peek(&mut self, now: Instant, id: u64) -> Seen {
+        self.expire_holes(now);
+        if id < self.floor || self.above.contains(&id) {
+            Seen::Duplicate
+        } else if id - self.floor >= self.window {
+            Seen::OutOfWindow
+        } else {
+            Seen::New
+        }
+    }
+
     /// Records a delivery of `id` if it is new.
     pub fn check(&mut self, now: Instant, id: u64) -> Seen {
         self.expire_holes(now);
@@ -171,6 +193,12 @@ impl KeyWindow {
         self.keys.insert(key.clone(), now);
         self.order.push_back((now, key.clone()));
         true
+    }
+
+    /// Whether `key` was delivered within the TTL, without recording it.
+    pub fn contains(&mut self, now: Instant, key: &bytes::Bytes) -> bool {
+        self.expire(now);
+        self.keys.contains_key(key)
     }
 
     /// Keys held.

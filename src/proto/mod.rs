@@ -27,7 +27,9 @@ use std::time::Instant;
 use bytes::Bytes;
 
 pub use dedupe::{DedupeWindow, KeyWindow, Seen};
-pub use receiver::{Delivered, Receiver, ReceiverConfig, ReceiverStats};
+pub use receiver::{
+    ClaimOutcome, ClaimRequest, Delivered, Receiver, ReceiverConfig, ReceiverStats, Whole,
+};
 pub use rtt::RttEstimator;
 pub use sender::{FailReason, SendError, Sender, SenderConfig, SenderEvent, SenderStats};
 
@@ -47,6 +49,15 @@ impl InvalidFrames {
     pub fn total(&self) -> u64 {
         self.by_reason.values().sum()
     }
+}
+
+/// When a stream message gets its status byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamStatus {
+    /// Now: send this byte.
+    Now(u8),
+    /// Once message `id`'s claim is answered ([`Receiver::poll_stream_answer`]).
+    Later(u64),
 }
 
 /// One end of a surelink connection: a [`Sender`] and a [`Receiver`] sharing one datagram
@@ -85,18 +96,21 @@ impl Peer {
 
     /// Takes a whole stream message (the stream path for large messages): the message is
     /// delivered unless it was before, and the answer is the status byte to send back
-    /// ([`STREAM_DELIVERED`] or [`STREAM_REFUSED`]). A message that does not decode is counted
-    /// and refused. While the receiver is [backlogged](Receiver::backlogged) the caller should
-    /// hold stream messages back (and answer later): this takes them regardless.
-    pub fn handle_stream_message(&mut self, now: Instant, message: Bytes) -> u8 {
+    /// ([`STREAM_DELIVERED`] or [`STREAM_REFUSED`]), now or, in claims mode, once the claim
+    /// is answered ([`StreamStatus::Later`], then [`Receiver::poll_stream_answer`]). A
+    /// message that does not decode is counted and refused. While the receiver is
+    /// [backlogged](Receiver::backlogged) the caller should hold stream messages back (and
+    /// answer later): this takes them regardless.
+    pub fn handle_stream_message(&mut self, now: Instant, message: Bytes) -> StreamStatus {
         match decode_stream_message(message) {
             Ok((id, body)) => match self.receiver.handle_whole(now, id, body) {
-                Seen::New | Seen::Duplicate => STREAM_DELIVERED,
-                Seen::OutOfWindow => STREAM_REFUSED,
+                Whole::New | Whole::Duplicate => StreamStatus::Now(STREAM_DELIVERED),
+                Whole::Refused => StreamStatus::Now(STREAM_REFUSED),
+                Whole::Pending => StreamStatus::Later(id),
             },
             Err(e) => {
                 self.count_invalid(&e);
-                STREAM_REFUSED
+                StreamStatus::Now(STREAM_REFUSED)
             }
         }
     }
@@ -141,6 +155,15 @@ impl Peer {
     /// restarted): see [`Sender::peer_lost_state`] and [`Receiver::peer_lost_state`].
     pub fn peer_lost_state(&mut self, now: Instant) {
         self.sender.peer_lost_state(now);
+        self.receiver.peer_lost_state();
+    }
+
+    /// The connection was replaced by one to a server that did not hold this channel but
+    /// shares a claims store with the one that did: unacked messages are re-sent with their
+    /// ids (the store recognises those already delivered), while the peer's own messages
+    /// start over, as after [`Peer::peer_lost_state`].
+    pub fn peer_claims_only(&mut self, now: Instant) {
+        self.sender.new_connection(now);
         self.receiver.peer_lost_state();
     }
 

@@ -1,13 +1,13 @@
 //! The receiving side: reassembly, exactly-once delivery, redundant acks.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::dedupe::{DedupeWindow, KeyWindow, Seen};
 use crate::fec::{InsertOutcome, Reassembler, ReassemblerConfig};
-use crate::wire::{AckFrame, Envelope, Frame, ShardFrame};
+use crate::wire::{AckFrame, Envelope, Frame, ShardFrame, STREAM_DELIVERED, STREAM_REFUSED};
 
 /// Settings of a [`Receiver`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +42,15 @@ pub struct ReceiverConfig {
     /// its `Messages`, and answers stream messages only once the backlog clears.
     /// Default 16 MiB.
     pub max_queued_bytes: usize,
+    /// Claim every new message with the owner before delivering and acking it: the
+    /// receiver asks with [`Receiver::poll_claim`] and waits for [`Receiver::claim_done`]
+    /// (a [`Channel`](crate::channel::Channel) with a [`Config::store`](crate::channel::Config::store)
+    /// claims in the store shared by replicas). Default `false`: the dedupe window and keys
+    /// decide alone.
+    pub claims: bool,
+    /// Most claims awaited at once; past it new messages are dropped unacked (counted in
+    /// [`ReceiverStats::claims_refused`]) and their senders retry. Default 4096.
+    pub max_pending_claims: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -55,6 +64,8 @@ impl Default for ReceiverConfig {
             key_ttl: Duration::from_secs(24 * 3600),
             max_keys: 65_536,
             max_queued_bytes: 16 << 20,
+            claims: false,
+            max_pending_claims: 4096,
         }
     }
 }
@@ -103,6 +114,62 @@ pub struct ReceiverStats {
     pub bytes_queued: usize,
     /// Shards dropped unacked because the application was behind (`max_queued_bytes`).
     pub shards_refused_backlog: u64,
+    /// Claims asked of the owner (claims mode).
+    pub claims_requested: u64,
+    /// Messages whose claim said they were delivered before (by an earlier incarnation of
+    /// this server or by another replica): acked, not delivered again.
+    pub claimed_before: u64,
+    /// Claims that failed (the store was unreachable): the message was neither delivered nor
+    /// acked; its sender retries or learns an unknown outcome.
+    pub claim_failures: u64,
+    /// New messages dropped unacked because `max_pending_claims` claims were awaited.
+    pub claims_refused: u64,
+    /// Gauge: claims awaited.
+    pub claims_pending: usize,
+}
+
+/// A claim the receiver needs before it may deliver (and ack) message `id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRequest {
+    /// The message id.
+    pub id: u64,
+    /// Its idempotency key, if it has one.
+    pub key: Option<Bytes>,
+    /// The incarnation of the peer that sent it; an answer for an earlier one is ignored.
+    pub generation: u64,
+}
+
+/// The owner's answer to a [`ClaimRequest`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// First claim: deliver the message and ack it.
+    Now,
+    /// Claimed before (delivered by this server earlier or by another replica): ack it,
+    /// deliver nothing.
+    Before,
+    /// No answer (the store failed): neither deliver nor ack.
+    Failed,
+}
+
+/// What became of a whole (stream) message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Whole {
+    /// Delivered now (or its key was delivered before): acked.
+    New,
+    /// Delivered before: acked again.
+    Duplicate,
+    /// Out of the window or malformed: neither delivered nor acked.
+    Refused,
+    /// Awaiting its claim; the answer comes from [`Receiver::poll_stream_answer`].
+    Pending,
+}
+
+/// A message awaiting its claim.
+#[derive(Debug)]
+struct Pending {
+    key: Option<Bytes>,
+    payload: Bytes,
+    via_stream: bool,
 }
 
 /// What became of one rebuilt message.
@@ -115,6 +182,8 @@ enum Accepted {
     Duplicate,
     /// Out of the window, or not a valid envelope: neither delivered nor acked.
     Refused,
+    /// Awaiting its claim: neither delivered nor acked yet.
+    Pending,
 }
 
 /// The receiving half of a surelink peer. Sans-I/O.
@@ -125,8 +194,14 @@ pub struct Receiver {
     dedupe: DedupeWindow,
     keys: KeyWindow,
     deliveries: VecDeque<Delivered>,
-    /// Payload bytes in `deliveries`.
+    /// Payload bytes in `deliveries` and `pending`.
     queued_bytes: usize,
+    pending: HashMap<u64, Pending>,
+    claims_out: VecDeque<ClaimRequest>,
+    /// (message id, status byte) for stream messages whose claim was answered.
+    stream_answers: VecDeque<(u64, u8)>,
+    /// Counts the peer's incarnations (`peer_lost_state`).
+    generation: u64,
     out: VecDeque<Bytes>,
     last_ack: Option<Instant>,
     stats: ReceiverStats,
@@ -142,6 +217,10 @@ impl Receiver {
             config,
             deliveries: VecDeque::new(),
             queued_bytes: 0,
+            pending: HashMap::new(),
+            claims_out: VecDeque::new(),
+            stream_answers: VecDeque::new(),
+            generation: 0,
             out: VecDeque::new(),
             last_ack: None,
             stats: ReceiverStats::default(),
@@ -156,6 +235,7 @@ impl Receiver {
             keys_held: self.keys.len(),
             deliveries_queued: self.deliveries.len(),
             bytes_queued: self.queued_bytes,
+            claims_pending: self.pending.len(),
             ..self.stats
         }
     }
@@ -176,6 +256,77 @@ impl Receiver {
     pub fn peer_lost_state(&mut self) {
         self.new_connection();
         self.dedupe = DedupeWindow::new(self.config.dedupe_window, self.config.hole_ttl);
+        // Claims awaited for the old incarnation's ids: their answers are ignored.
+        for p in self.pending.drain() {
+            self.queued_bytes -= p.1.payload.len();
+        }
+        self.claims_out.clear();
+        self.generation += 1;
+    }
+
+    /// Starts a fresh channel's dedupe window at `floor`: the client says every id below it
+    /// was acked or given up (a server taking the channel over from another replica, with
+    /// claims in a shared store). No effect once anything was received.
+    pub fn start_at(&mut self, floor: u64) {
+        if self.dedupe.floor() == 0 && self.dedupe.tracked() == 0 && self.pending.is_empty() {
+            self.dedupe =
+                DedupeWindow::starting_at(floor, self.config.dedupe_window, self.config.hole_ttl);
+        }
+    }
+
+    /// The next claim to ask of the owner (claims mode).
+    #[must_use]
+    pub fn poll_claim(&mut self) -> Option<ClaimRequest> {
+        self.claims_out.pop_front()
+    }
+
+    /// The owner's answer to a claim: the message is delivered and acked
+    /// ([`ClaimOutcome::Now`]), acked only ([`ClaimOutcome::Before`]), or dropped
+    /// ([`ClaimOutcome::Failed`]).
+    pub fn claim_done(&mut self, now: Instant, request: &ClaimRequest, outcome: ClaimOutcome) {
+        if request.generation != self.generation {
+            return;
+        }
+        let Some(p) = self.pending.remove(&request.id) else {
+            return;
+        };
+        self.queued_bytes -= p.payload.len();
+        let id = request.id;
+        let status = match outcome {
+            ClaimOutcome::Failed => {
+                self.stats.claim_failures += 1;
+                STREAM_REFUSED
+            }
+            ClaimOutcome::Now | ClaimOutcome::Before => {
+                // Pending ids are held out of the window until now: this records them.
+                let fresh = self.dedupe.check(now, id) == Seen::New;
+                if let Some(k) = &p.key {
+                    self.keys.check(now, k);
+                }
+                if outcome == ClaimOutcome::Now && fresh {
+                    self.stats.delivered += 1;
+                    self.queued_bytes += p.payload.len();
+                    self.deliveries.push_back(Delivered {
+                        id,
+                        key: p.key,
+                        payload: p.payload,
+                    });
+                } else {
+                    self.stats.claimed_before += 1;
+                }
+                self.ack(now, false);
+                STREAM_DELIVERED
+            }
+        };
+        if p.via_stream {
+            self.stream_answers.push_back((id, status));
+        }
+    }
+
+    /// The answer to a stream message whose claim was pending: (message id, status byte).
+    #[must_use]
+    pub fn poll_stream_answer(&mut self) -> Option<(u64, u8)> {
+        self.stream_answers.pop_front()
     }
 
     /// The reassembler's counters (of the current connection).
@@ -186,7 +337,8 @@ impl Receiver {
     /// Whether the application is behind: `max_queued_bytes` of delivered messages wait to
     /// be taken. New messages are refused (unacked) until it catches up.
     pub fn backlogged(&self) -> bool {
-        !self.deliveries.is_empty() && self.queued_bytes >= self.config.max_queued_bytes
+        (!self.deliveries.is_empty() || !self.pending.is_empty())
+            && self.queued_bytes >= self.config.max_queued_bytes
     }
 
     /// Whether a delivered message waits for [`Receiver::poll_delivery`].
@@ -213,10 +365,10 @@ impl Receiver {
         let mut fresh = false;
         let mut repeat = false;
         while let Some(d) = self.reassembler.poll_delivery() {
-            match self.accept(now, d.message_id, d.payload) {
+            match self.accept(now, d.message_id, d.payload, false) {
                 Accepted::Delivered | Accepted::KeyDuplicate => fresh = true,
                 Accepted::Duplicate => repeat = true,
-                Accepted::Refused => {}
+                Accepted::Refused | Accepted::Pending => {}
             }
         }
         if let InsertOutcome::Stale { messages } = outcome {
@@ -233,25 +385,26 @@ impl Receiver {
 
     /// Takes a whole message body (an envelope) that arrived outside the datagram path (a
     /// stream message). It is delivered if new, and acked unless it is out of the window or
-    /// malformed; the answer says which (`Seen::OutOfWindow` for both refusals).
-    pub fn handle_whole(&mut self, now: Instant, id: u64, body: Bytes) -> Seen {
-        match self.accept(now, id, body) {
+    /// malformed; in claims mode a new message waits for its claim first.
+    pub fn handle_whole(&mut self, now: Instant, id: u64, body: Bytes) -> Whole {
+        match self.accept(now, id, body, true) {
             Accepted::Delivered | Accepted::KeyDuplicate => {
                 self.ack(now, false);
-                Seen::New
+                Whole::New
             }
             Accepted::Duplicate => {
                 self.ack(now, true);
-                Seen::Duplicate
+                Whole::Duplicate
             }
-            Accepted::Refused => Seen::OutOfWindow,
+            Accepted::Refused => Whole::Refused,
+            Accepted::Pending => Whole::Pending,
         }
     }
 
     /// Opens a rebuilt message body and delivers it unless its id, or its idempotency key,
     /// was delivered before. A body that is not a valid envelope is dropped unacked (counted):
     /// only a broken or hostile sender produces one, and acking it would claim a delivery.
-    fn accept(&mut self, now: Instant, id: u64, body: Bytes) -> Accepted {
+    fn accept(&mut self, now: Instant, id: u64, body: Bytes, via_stream: bool) -> Accepted {
         if self.dedupe.contains(id) {
             self.stats.duplicates_suppressed += 1;
             return Accepted::Duplicate;
@@ -260,6 +413,9 @@ impl Receiver {
             self.stats.invalid_envelopes += 1;
             return Accepted::Refused;
         };
+        if self.config.claims {
+            return self.accept_claimed(now, id, envelope, via_stream);
+        }
         match self.dedupe.check(now, id) {
             Seen::New => {
                 if let Some(key) = &envelope.key {
@@ -288,6 +444,53 @@ impl Receiver {
                 Accepted::Refused
             }
         }
+    }
+
+    /// Claims mode: a new id waits for its claim; the window and keys only answer for what
+    /// this receiver itself saw claimed.
+    fn accept_claimed(
+        &mut self,
+        now: Instant,
+        id: u64,
+        envelope: Envelope,
+        via_stream: bool,
+    ) -> Accepted {
+        if let Some(p) = self.pending.get_mut(&id) {
+            // Already asked; a stream re-send takes over the answer.
+            p.via_stream |= via_stream;
+            return Accepted::Pending;
+        }
+        if self.dedupe.peek(now, id) == Seen::OutOfWindow {
+            self.stats.out_of_window += 1;
+            return Accepted::Refused;
+        }
+        if let Some(key) = &envelope.key {
+            if self.keys.contains(now, key) {
+                self.dedupe.check(now, id);
+                self.stats.duplicate_keys += 1;
+                return Accepted::KeyDuplicate;
+            }
+        }
+        if self.pending.len() >= self.config.max_pending_claims {
+            self.stats.claims_refused += 1;
+            return Accepted::Refused;
+        }
+        self.stats.claims_requested += 1;
+        self.queued_bytes += envelope.payload.len();
+        self.claims_out.push_back(ClaimRequest {
+            id,
+            key: envelope.key.clone(),
+            generation: self.generation,
+        });
+        self.pending.insert(
+            id,
+            Pending {
+                key: envelope.key,
+                payload: envelope.payload,
+                via_stream,
+            },
+        );
+        Accepted::Pending
     }
 
     fn ack(&mut self, now: Instant, repeat: bool) {

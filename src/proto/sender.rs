@@ -370,6 +370,15 @@ impl Sender {
         self.messages.len()
     }
 
+    /// The lowest id still awaiting its outcome, or the next id when none is: every id
+    /// below was acked or given up (ids reserved with [`Sender::reserve_id`] are the
+    /// caller's to account for).
+    pub fn floor(&self) -> u64 {
+        self.messages
+            .first_key_value()
+            .map_or(self.next_id, |(&id, _)| id)
+    }
+
     /// Takes the next message id for a message sent outside the datagram path (a stream
     /// message), so that both paths share one id space and the receiver one dedupe window.
     /// The sender does not track it: acks for it are ignored.

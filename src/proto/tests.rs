@@ -505,15 +505,15 @@ fn a_body_that_is_no_envelope_is_neither_delivered_nor_acked() {
     // The same over the stream path: refused.
     assert_eq!(
         r.handle_whole(t, 1, Bytes::from_static(&[0x80])),
-        Seen::OutOfWindow
+        Whole::Refused
     );
     assert_eq!(
         r.handle_whole(t, 1, Envelope::encode(None, b"ok")),
-        Seen::New
+        Whole::New
     );
     assert_eq!(
         r.handle_whole(t, 1, Envelope::encode(None, b"ok")),
-        Seen::Duplicate
+        Whole::Duplicate
     );
     assert_eq!(
         r.poll_delivery().unwrap().payload,
@@ -623,4 +623,168 @@ fn adaptive_redundancy_reacts_to_loss_within_a_few_round_trips() {
     let median = reactions[reactions.len() / 2];
     eprintln!("messages until parity: {reactions:?}");
     assert!(median <= 48, "median {median} messages");
+}
+
+/// A sender whose messages leave as their data shards only (no first-flight parity).
+fn plain() -> SenderConfig {
+    SenderConfig {
+        adaptive: None,
+        first_flight_repair: 0,
+        ..SenderConfig::default()
+    }
+}
+
+fn claims_peer(max_pending: usize) -> Peer {
+    Peer::new(
+        plain(),
+        ReceiverConfig {
+            claims: true,
+            max_pending_claims: max_pending,
+            ..ReceiverConfig::default()
+        },
+    )
+}
+
+fn carry(now: Instant, from: &mut Peer, to: &mut Peer) -> Vec<Bytes> {
+    let mut sent = Vec::new();
+    while let Some(d) = from.poll_transmit() {
+        sent.push(d.clone());
+        to.handle_datagram(now, d);
+    }
+    sent
+}
+
+fn acked_ids(peer: &mut Peer) -> Vec<u64> {
+    std::iter::from_fn(|| peer.sender.poll_event())
+        .filter_map(|e| match e {
+            SenderEvent::Acked { id, .. } => Some(id),
+            SenderEvent::Failed { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn in_claims_mode_a_message_is_delivered_and_acked_only_after_its_claim() {
+    let t = Instant::now();
+    let mut a = Peer::new(plain(), ReceiverConfig::default());
+    let mut b = claims_peer(3);
+    for i in 0..4 {
+        a.sender.send(t, payload(i)).unwrap();
+    }
+    let wire = carry(t, &mut a, &mut b);
+    let requests: Vec<ClaimRequest> = std::iter::from_fn(|| b.receiver.poll_claim()).collect();
+    assert_eq!(
+        requests.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![0, 1, 2],
+        "claims asked, up to max_pending_claims"
+    );
+    let st = b.receiver.stats();
+    assert_eq!((st.claims_pending, st.claims_refused), (3, 1));
+    assert!(
+        b.receiver.poll_delivery().is_none(),
+        "nothing delivered yet"
+    );
+    assert!(b.poll_transmit().is_none(), "nothing acked yet");
+
+    // The same shards again (a duplicate packet): no second claim.
+    for d in wire {
+        b.handle_datagram(t, d);
+    }
+    assert!(b.receiver.poll_claim().is_none());
+
+    // 0: first claim, delivered and acked. 1: claimed before (another replica delivered
+    // it), acked only. 2: the store failed, neither.
+    b.receiver.claim_done(t, &requests[0], ClaimOutcome::Now);
+    b.receiver.claim_done(t, &requests[1], ClaimOutcome::Before);
+    b.receiver.claim_done(t, &requests[2], ClaimOutcome::Failed);
+    // A late duplicate answer changes nothing.
+    b.receiver.claim_done(t, &requests[0], ClaimOutcome::Now);
+    let delivered: Vec<u64> = std::iter::from_fn(|| b.receiver.poll_delivery())
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(delivered, vec![0]);
+    carry(t, &mut b, &mut a);
+    assert_eq!(acked_ids(&mut a), vec![0, 1]);
+    let st = b.receiver.stats();
+    assert_eq!(
+        (
+            st.delivered,
+            st.claimed_before,
+            st.claim_failures,
+            st.claims_pending
+        ),
+        (1, 1, 1, 0)
+    );
+    assert_eq!(st.bytes_queued, 0, "pending bytes released");
+}
+
+#[test]
+fn in_claims_mode_a_stream_message_is_answered_once_claimed() {
+    let t = Instant::now();
+    let mut b = claims_peer(16);
+    let message = |id: u64, key: &[u8]| {
+        let mut m = crate::wire::encode_stream_head(id).to_vec();
+        m.extend_from_slice(&Envelope::encode(Some(key), b"big payment"));
+        Bytes::from(m)
+    };
+    assert_eq!(
+        b.handle_stream_message(t, message(7, b"order-7")),
+        StreamStatus::Later(7)
+    );
+    let request = b.receiver.poll_claim().unwrap();
+    assert_eq!(request.key.as_deref(), Some(&b"order-7"[..]));
+    assert!(b.receiver.poll_stream_answer().is_none());
+    b.receiver.claim_done(t, &request, ClaimOutcome::Now);
+    assert_eq!(
+        b.receiver.poll_stream_answer(),
+        Some((7, crate::wire::STREAM_DELIVERED))
+    );
+    assert_eq!(b.receiver.poll_delivery().unwrap().id, 7);
+    // The key is now known here: a retry under a new id is acked without a claim.
+    assert_eq!(
+        b.handle_stream_message(t, message(8, b"order-7")),
+        StreamStatus::Now(crate::wire::STREAM_DELIVERED)
+    );
+    assert!(b.receiver.poll_claim().is_none());
+    assert!(b.receiver.poll_delivery().is_none());
+    // A failed claim refuses the stream message.
+    assert_eq!(
+        b.handle_stream_message(t, message(9, b"order-9")),
+        StreamStatus::Later(9)
+    );
+    let request = b.receiver.poll_claim().unwrap();
+    b.receiver.claim_done(t, &request, ClaimOutcome::Failed);
+    assert_eq!(
+        b.receiver.poll_stream_answer(),
+        Some((9, crate::wire::STREAM_REFUSED))
+    );
+}
+
+#[test]
+fn a_taken_over_channel_starts_its_window_at_the_clients_floor() {
+    let t = Instant::now();
+    let mut b = claims_peer(16);
+    b.receiver.start_at(1_000_000);
+    let mut a = Peer::new(plain(), ReceiverConfig::default());
+    // Ids far above the default window's reach from 0 are claimed, not refused.
+    for _ in 0..1_000_000 {
+        a.sender.reserve_id();
+    }
+    let id = a.sender.send(t, payload(1)).unwrap();
+    assert_eq!(id, 1_000_000);
+    carry(t, &mut a, &mut b);
+    let request = b.receiver.poll_claim().expect("claimed, not out of window");
+    assert_eq!(request.id, id);
+    b.receiver.claim_done(t, &request, ClaimOutcome::Now);
+    assert_eq!(b.receiver.poll_delivery().unwrap().id, id);
+    assert_eq!(b.receiver.stats().out_of_window, 0);
+    // Below the floor: already handled (the client said so), acked without a claim.
+    let mut m = crate::wire::encode_stream_head(5).to_vec();
+    m.extend_from_slice(&Envelope::encode(None, b"old"));
+    assert_eq!(
+        b.handle_stream_message(t, Bytes::from(m)),
+        StreamStatus::Now(crate::wire::STREAM_DELIVERED)
+    );
+    assert!(b.receiver.poll_claim().is_none());
+    assert!(b.receiver.poll_delivery().is_none());
 }

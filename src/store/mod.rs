@@ -25,7 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -92,6 +92,24 @@ pub trait DedupeStore: Send + Sync + fmt::Debug {
 
     /// The store's TTL: how long a claim is kept at least.
     fn ttl(&self) -> Duration;
+}
+
+/// Runs `store.expire()` every `every` on a tokio task until the handle is aborted (a
+/// [`Listener`](crate::channel::Listener) with a store does this itself). A failed sweep is
+/// logged and tried again at the next tick.
+pub fn spawn_expiry(store: Arc<dyn DedupeStore>, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match store.expire().await {
+                Ok(n) if n > 0 => tracing::debug!(expired = n, "surelink: claims expired"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "surelink: expiring claims failed"),
+            }
+        }
+    })
 }
 
 /// Claims in this process's memory: the default store for a single server. Bounded: at most

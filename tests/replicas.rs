@@ -1,0 +1,262 @@
+//! Replicas sharing a claims store (issue 7), on the simulator: one replica dies and another
+//! takes over its address (as behind a virtual IP). The client's Hello tells the newcomer
+//! which ids already have outcomes; it answers that it judges the rest by the shared store,
+//! so the client re-sends its unacked messages with their ids, and the store recognises the
+//! ones the dead replica delivered.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{assert_once, collect, send_paced};
+use surelink::channel::{Channel, Config, Listener, Messages, SendError};
+use surelink::sim::{Congestion, LinkConfig, Loss, Pair, PairConfig, SimNetwork, SERVER_NAME};
+use surelink::store::{Claim, Claimed, DedupeStore, MemoryStore, StoreFuture};
+
+fn lossy(p: f64) -> LinkConfig {
+    LinkConfig {
+        delay: Duration::from_millis(20),
+        loss: Loss::Bernoulli(p),
+        ..LinkConfig::default()
+    }
+}
+
+fn pair(seed: u64) -> Pair {
+    Pair::new(PairConfig {
+        seed,
+        client_to_server: lossy(0.05),
+        server_to_client: lossy(0.05),
+        congestion: Congestion::Bbr,
+        initial_rtt: Duration::from_millis(50),
+        // A dead replica is noticed after 1 s of silence.
+        idle_timeout: Duration::from_secs(1),
+        keep_alive: Some(Duration::from_millis(300)),
+        ..PairConfig::default()
+    })
+    .unwrap()
+}
+
+fn with_store(store: Arc<dyn DedupeStore>) -> Config {
+    Config {
+        store: Some(store),
+        ..Config::default()
+    }
+}
+
+async fn connect(pair: &Pair) -> (Channel, Messages) {
+    Channel::connect(
+        &pair.client,
+        pair.server_addr,
+        SERVER_NAME,
+        None,
+        Config::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Replica A serves the client until it dies at 1 s; replica B takes its address at 1.5 s.
+/// Both claim in `store` (A through `a_store`, which may interfere). 600 payments at 200/s.
+struct Takeover {
+    outcomes: Vec<(u32, Result<surelink::channel::Receipt, SendError>)>,
+    by_a: BTreeMap<u32, u32>,
+    by_b: BTreeMap<u32, u32>,
+    client: Channel,
+    b_stats: surelink::channel::ChannelStats,
+}
+
+/// [`run_takeover`], failing rather than hanging if B never gets the channel.
+async fn takeover(pair: &Pair, a_store: Arc<dyn DedupeStore>, store: Arc<MemoryStore>) -> Takeover {
+    tokio::time::timeout(Duration::from_secs(60), run_takeover(pair, a_store, store))
+        .await
+        .expect("the takeover finished within a minute")
+}
+
+async fn run_takeover(
+    pair: &Pair,
+    a_store: Arc<dyn DedupeStore>,
+    store: Arc<MemoryStore>,
+) -> Takeover {
+    let net = pair.net.clone().unwrap();
+    let mut a = Listener::new(pair.server.clone(), with_store(a_store));
+    let (client, _client_messages) = connect(pair).await;
+    let (_a_channel, a_messages) = a.accept().await.unwrap();
+    let by_a = collect(a_messages, Duration::from_secs(5));
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move { send_paced(&client, 0..600, Duration::from_millis(5)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(net.crash(pair.server_addr), "replica A was bound");
+    drop(a);
+    // The path from the address to the client is as it was (whatever A's store did to it).
+    let client_addr = pair.client.local_addr().unwrap();
+    net.set_link(pair.server_addr, client_addr, lossy(0.05));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let endpoint =
+        Pair::server_endpoint(&net, pair.server_addr, pair.server_config.clone()).unwrap();
+    let mut b = Listener::new(endpoint, with_store(store));
+    let (b_channel, b_messages) = b.accept().await.unwrap();
+    let by_b = collect(b_messages, Duration::from_secs(5));
+    let outcomes = sender.await.unwrap();
+    Takeover {
+        outcomes,
+        by_a: by_a.await.unwrap(),
+        by_b: by_b.await.unwrap(),
+        client,
+        b_stats: b_channel.stats(),
+    }
+}
+
+/// Every payment acked exactly once across the replicas, every outcome a receipt.
+fn check(t: &Takeover) {
+    assert_once(&t.by_a);
+    assert_once(&t.by_b);
+    let twice: Vec<&u32> = t.by_a.keys().filter(|i| t.by_b.contains_key(i)).collect();
+    assert!(twice.is_empty(), "delivered by both replicas: {twice:?}");
+    for (i, r) in &t.outcomes {
+        assert!(r.is_ok(), "payment {i}: {r:?}");
+        assert!(
+            t.by_a.contains_key(i) || t.by_b.contains_key(i),
+            "payment {i} acked, not delivered"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_taking_over_with_the_shared_store_acks_everything_and_delivers_once() {
+    let store = Arc::new(MemoryStore::default());
+    let t = takeover(&pair(31), store.clone(), store.clone()).await;
+    let s = t.client.stats();
+    eprintln!(
+        "delivered by A {}, by B {}; claims {}; client reconnects {}",
+        t.by_a.len(),
+        t.by_b.len(),
+        store.len(),
+        s.reconnects
+    );
+    check(&t);
+    assert_eq!(
+        t.by_a.len() + t.by_b.len(),
+        600,
+        "nothing lost across the takeover"
+    );
+    assert_eq!(store.len(), 600, "one claim per payment");
+    assert!(!t.by_b.is_empty(), "B carried on");
+    assert_eq!(s.reconnects, 1);
+}
+
+/// A store through which replica A claims: from payment `victim`'s claim on, every packet
+/// from A to the client is lost (so A delivers and acks, but the ack never arrives).
+#[derive(Debug)]
+struct AcksLostAfter {
+    inner: Arc<MemoryStore>,
+    victim: u64,
+    net: SimNetwork,
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+    claimed_victim: std::sync::atomic::AtomicBool,
+}
+
+impl DedupeStore for AcksLostAfter {
+    fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
+        if claim.message == self.victim {
+            self.net.set_link(
+                self.from,
+                self.to,
+                LinkConfig {
+                    loss: Loss::Bernoulli(1.0),
+                    ..lossy(0.0)
+                },
+            );
+            self.claimed_victim
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.claim(claim)
+    }
+    fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
+        self.inner.lookup(claim)
+    }
+    fn expire(&self) -> StoreFuture<'_, u64> {
+        self.inner.expire()
+    }
+    fn ttl(&self) -> Duration {
+        self.inner.ttl()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_dies_after_claiming_but_before_its_ack_arrives_costs_no_second_delivery() {
+    // Message 150 (sent at 0.75 s) is claimed and delivered by A, whose acks from then on are
+    // all lost; A dies at 1 s. The client re-sends it (and everything after it) to B, whose
+    // claim finds it claimed: B acks without delivering.
+    let pair = pair(32);
+    let store = Arc::new(MemoryStore::default());
+    let a_store = Arc::new(AcksLostAfter {
+        inner: store.clone(),
+        victim: 150,
+        net: pair.net.clone().unwrap(),
+        from: pair.server_addr,
+        to: pair.client.local_addr().unwrap(),
+        claimed_victim: Default::default(),
+    });
+    let t = takeover(&pair, a_store.clone(), store.clone()).await;
+    assert!(a_store
+        .claimed_victim
+        .load(std::sync::atomic::Ordering::SeqCst));
+    eprintln!(
+        "delivered by A {} (up to {:?}), by B {}; claims {}",
+        t.by_a.len(),
+        t.by_a.keys().last(),
+        t.by_b.len(),
+        store.len()
+    );
+    check(&t);
+    assert!(t.by_a.contains_key(&150), "A delivered the victim");
+    assert!(!t.by_b.contains_key(&150), "B did not deliver it again");
+    // Every payment A delivered after the acks stopped came back to B, which found it claimed.
+    let unacked_at_a = t.by_a.keys().filter(|&&i| i >= 150).count() as u64;
+    assert!(
+        t.b_stats.receiver.claimed_before >= unacked_at_a,
+        "{unacked_at_a} re-sent, {:?}",
+        t.b_stats.receiver
+    );
+    assert_eq!(t.by_a.len() + t.by_b.len(), 600);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_store_the_takeover_fails_unacked_messages_instead() {
+    // The same takeover with the default config: the newcomer answers that the channel is
+    // new, so the client fails what was in flight rather than risk a second delivery.
+    let pair = pair(33);
+    let net = pair.net.clone().unwrap();
+    let mut a = Listener::new(pair.server.clone(), Config::default());
+    let (client, _m) = connect(&pair).await;
+    let (_a_channel, a_messages) = a.accept().await.unwrap();
+    let by_a = collect(a_messages, Duration::from_secs(5));
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move { send_paced(&client, 0..300, Duration::from_millis(5)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    net.crash(pair.server_addr);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let endpoint =
+        Pair::server_endpoint(&net, pair.server_addr, pair.server_config.clone()).unwrap();
+    let _b = Listener::new(endpoint, Config::default());
+    let outcomes = sender.await.unwrap();
+    let by_a = by_a.await.unwrap();
+    let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count();
+    assert!(
+        failed > 0,
+        "in-flight messages failed with a definite error"
+    );
+    for (i, r) in &outcomes {
+        if r.is_ok() && *i < 150 {
+            assert!(by_a.contains_key(i), "payment {i} acked, not delivered");
+        }
+    }
+}
