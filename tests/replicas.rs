@@ -260,3 +260,90 @@ async fn without_a_store_the_takeover_fails_unacked_messages_instead() {
         }
     }
 }
+
+/// Replica endpoints at `pair.server_addr` and `n - 1` more addresses, each reachable from
+/// the client over `link` both ways.
+fn replicas(
+    pair: &Pair,
+    n: usize,
+    link: LinkConfig,
+) -> Vec<(std::net::SocketAddr, quinn::Endpoint)> {
+    let net = pair.net.clone().unwrap();
+    let client = pair.client.local_addr().unwrap();
+    let mut out = vec![(pair.server_addr, pair.server.clone())];
+    for i in 1..n {
+        let addr: std::net::SocketAddr = ([10, 0, 9, i as u8], 4433).into();
+        net.set_link(client, addr, link.clone());
+        net.set_link(addr, client, link.clone());
+        let endpoint = Pair::server_endpoint(&net, addr, pair.server_config.clone()).unwrap();
+        out.push((addr, endpoint));
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_of_three_replicas_fails_over_when_its_replica_dies() {
+    // Three replicas share one store; the client prefers the first. It dies at 1 s and never
+    // comes back: the client moves to the second with its unacked messages.
+    let pair = pair(34);
+    let net = pair.net.clone().unwrap();
+    let store = Arc::new(MemoryStore::default());
+    let mut listeners = Vec::new();
+    let mut addrs = Vec::new();
+    for (addr, endpoint) in replicas(&pair, 3, lossy(0.05)) {
+        addrs.push(addr);
+        listeners.push(Listener::new(endpoint, with_store(store.clone())));
+    }
+    let collectors: Vec<_> = listeners
+        .into_iter()
+        .map(|mut l| {
+            tokio::spawn(async move {
+                let mut all = BTreeMap::new();
+                // Each replica may see the channel (once: its first connection).
+                if let Ok(Some((_c, m))) =
+                    tokio::time::timeout(Duration::from_secs(10), l.accept()).await
+                {
+                    all = collect(m, Duration::from_secs(5)).await.unwrap();
+                }
+                all
+            })
+        })
+        .collect();
+    let (client, _m) =
+        Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, Config::default())
+            .await
+            .unwrap();
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move { send_paced(&client, 0..600, Duration::from_millis(5)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(net.crash(addrs[0]));
+    let outcomes = sender.await.unwrap();
+    let mut by: Vec<BTreeMap<u32, u32>> = Vec::new();
+    for c in collectors {
+        by.push(c.await.unwrap());
+    }
+    let s = client.stats();
+    eprintln!(
+        "delivered by replica {:?}; failovers {}, reconnects {}; claims {}",
+        by.iter().map(BTreeMap::len).collect::<Vec<_>>(),
+        s.failovers,
+        s.reconnects,
+        store.len()
+    );
+    let mut all = BTreeMap::new();
+    for b in &by {
+        for (i, n) in b {
+            *all.entry(*i).or_insert(0) += n;
+        }
+    }
+    assert_once(&all);
+    for (i, r) in &outcomes {
+        assert!(r.is_ok(), "payment {i}: {r:?}");
+    }
+    assert_eq!(all.len(), 600);
+    assert_eq!((s.failovers, s.reconnects), (1, 1));
+    assert!(!by[1].is_empty(), "the second replica took over");
+    assert!(by[2].is_empty(), "the third was not needed");
+}

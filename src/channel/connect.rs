@@ -150,7 +150,10 @@ pub enum ConnectError {
 #[derive(Clone)]
 pub(super) struct Dialer {
     endpoint: quinn::Endpoint,
-    addr: SocketAddr,
+    /// The replicas, the preferred first.
+    addrs: Vec<SocketAddr>,
+    /// The replica in use (or last tried).
+    pub(super) current: usize,
     server_name: String,
     client_config: Option<quinn::ClientConfig>,
     channel_id: ChannelId,
@@ -176,12 +179,12 @@ impl Dialer {
     /// held the channel's state. Waiting for the answer costs one round trip and means a
     /// connection the server refuses (a client certificate it does not accept, its channel
     /// limit) fails here, not at the first message.
-    async fn dial(&self) -> Result<(quinn::Connection, Attached), ConnectError> {
+    async fn dial(&self, addr: SocketAddr) -> Result<(quinn::Connection, Attached), ConnectError> {
         let connecting = match &self.client_config {
             Some(c) => self
                 .endpoint
-                .connect_with(c.clone(), self.addr, &self.server_name)?,
-            None => self.endpoint.connect(self.addr, &self.server_name)?,
+                .connect_with(c.clone(), addr, &self.server_name)?,
+            None => self.endpoint.connect(addr, &self.server_name)?,
         };
         let conn = connecting.await?;
         let hello = Frame::Hello(HelloFrame {
@@ -215,8 +218,28 @@ impl Dialer {
         }
     }
 
+    /// Which replica `addr` is.
+    pub(super) fn replica_of(&self, addr: SocketAddr) -> Option<usize> {
+        self.addrs.iter().position(|a| *a == addr)
+    }
+
+    /// One attempt on replica `index`, within `timeout`.
+    async fn attempt(
+        &self,
+        index: usize,
+        timeout: Duration,
+    ) -> Result<(quinn::Connection, Attached), ConnectError> {
+        let addr = self.addrs[index];
+        let span = tracing::info_span!("surelink.connect", server = %addr, replica = index);
+        let attempt = tracing::Instrument::instrument(self.dial(addr), span);
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| ConnectError::Hello(format!("no answer from {addr} within {timeout:?}")))?
+    }
+
     /// Dials until a connection is up, with doubling backoff, giving up after
-    /// `policy.give_up_after`.
+    /// `policy.give_up_after`. With several replicas, the first attempt goes to the one after
+    /// the replica lost (failover) and each failed attempt moves on to the next.
     /// A handshake the server refused (e.g. its TLS checks) ends redialling at once: another
     /// attempt would be refused the same way.
     pub(super) async fn redial(
@@ -227,10 +250,12 @@ impl Dialer {
         let give_up = tokio::time::Instant::now() + policy.give_up_after;
         let mut backoff = policy.first_backoff;
         let mut last = lost;
+        let mut index = self.current;
         loop {
-            let span =
-                tracing::info_span!("surelink.connect", server = %self.addr, reconnect = true);
-            let attempt = tracing::Instrument::instrument(self.dial(), span);
+            if self.addrs.len() > 1 {
+                index = (index + 1) % self.addrs.len();
+            }
+            let attempt = self.attempt(index, policy.attempt_timeout);
             match tokio::time::timeout_at(give_up, attempt).await {
                 Ok(Ok(attached)) => return Ok(attached),
                 Ok(Err(ConnectError::Connection(e))) if !retryable(&e) => {
@@ -267,15 +292,16 @@ impl Channel {
     ) -> Result<(Channel, Messages), ConnectError> {
         let dialer = Dialer {
             endpoint: endpoint.clone(),
-            addr,
+            addrs: vec![addr],
+            current: 0,
             server_name: server_name.to_owned(),
             client_config,
             channel_id: rand::random(),
             floor: 0,
         };
         let span = tracing::info_span!("surelink.connect", server = %addr, name = server_name);
-        let dialed = tracing::Instrument::instrument(dialer.dial(), span.clone()).await;
-        let (conn, _resumed) = span.in_scope(|| match dialed {
+        let dialed = tracing::Instrument::instrument(dialer.dial(addr), span.clone()).await;
+        let (conn, _attached) = span.in_scope(|| match dialed {
             Ok(c) => {
                 tracing::debug!("connected");
                 Ok(c)
@@ -285,6 +311,55 @@ impl Channel {
                 Err(e)
             }
         })?;
+        Self::start(dialer, conn, config)
+    }
+
+    /// Like [`Channel::connect`], over several replicas of one service (`replicas[0]`
+    /// preferred): it connects to the first that answers, in order, and when the connection
+    /// is lost it fails over to the next, re-sending unacked messages with their ids. The
+    /// replicas must share a claims store ([`Config::store`] on their side): a replica that
+    /// never held the channel then takes it over, and the store keeps each message delivered
+    /// at most once between them. `stats().failovers` counts the moves.
+    pub async fn connect_replicas(
+        endpoint: &quinn::Endpoint,
+        replicas: &[SocketAddr],
+        server_name: &str,
+        client_config: Option<quinn::ClientConfig>,
+        config: Config,
+    ) -> Result<(Channel, Messages), ConnectError> {
+        let mut dialer = Dialer {
+            endpoint: endpoint.clone(),
+            addrs: replicas.to_vec(),
+            current: 0,
+            server_name: server_name.to_owned(),
+            client_config,
+            channel_id: rand::random(),
+            floor: 0,
+        };
+        let mut last = ConnectError::Hello("no replica given".into());
+        for index in 0..replicas.len() {
+            match dialer
+                .attempt(index, config.reconnect.attempt_timeout)
+                .await
+            {
+                Ok((conn, _attached)) => {
+                    dialer.current = index;
+                    return Self::start(dialer, conn, config);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, replica = index, "connect failed");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn start(
+        dialer: Dialer,
+        conn: quinn::Connection,
+        config: Config,
+    ) -> Result<(Channel, Messages), ConnectError> {
         let id = dialer.channel_id;
         driver::spawn(conn, config, id, Reattach::Dial(Box::new(dialer)), 0).map_err(|e| match e {
             SendError::DatagramsUnsupported => ConnectError::DatagramsUnsupported,

@@ -529,6 +529,15 @@ impl Driver {
             }
         }
         self.counters.reconnects += 1;
+        if let Reattach::Dial(dialer) = &mut self.reattach {
+            if let Some(index) = dialer.replica_of(conn.remote_address()) {
+                if index != dialer.current {
+                    self.counters.failovers += 1;
+                    tracing::info!(replica = index, "surelink channel: failed over");
+                }
+                dialer.current = index;
+            }
+        }
         self.detached_until = None;
         self.conn = Some(conn);
         let waiting: Vec<u64> = self
@@ -637,6 +646,7 @@ impl Driver {
         }
         st.send_errors = self.counters.send_errors;
         st.reconnects = self.counters.reconnects;
+        st.failovers = self.counters.failovers;
         st.stream_messages_sent = self.counters.stream_messages_sent;
         st.stream_messages_received = self.counters.stream_messages_received;
         st.udp_bytes_sent = self.counters.udp_bytes_sent;

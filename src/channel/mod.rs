@@ -131,6 +131,9 @@ pub struct Reconnect {
     /// Give up this long after the loss; every message in flight then fails with
     /// [`SendError::ConnectionLost`]. Default 10 s.
     pub give_up_after: Duration,
+    /// Longest one connection attempt (handshake and Hello) may take before the next one
+    /// starts (on the next replica, for a channel with several). Default 2 s.
+    pub attempt_timeout: Duration,
 }
 
 impl Default for Reconnect {
@@ -139,6 +142,7 @@ impl Default for Reconnect {
             first_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_secs(1),
             give_up_after: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -243,6 +247,9 @@ pub struct ChannelStats {
     pub send_errors: u64,
     /// Connections this channel moved to after losing one.
     pub reconnects: u64,
+    /// Of those, connections to another replica than the one lost
+    /// ([`Channel::connect_replicas`]).
+    pub failovers: u64,
     /// Messages sent on streams.
     pub stream_messages_sent: u64,
     /// Messages received on streams (delivered or duplicate).
