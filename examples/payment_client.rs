@@ -6,11 +6,16 @@
 //!     --ca /tmp/pay/cert.der --count 2000 --rate 200 --size 512 [--mode surelink|quinn-stream]
 //! ```
 //!
+//! `--connect A,B,C` names replicas of one service (the first preferred): the surelink mode
+//! fails over between them (`Channel::connect_replicas`), which needs the replicas to share a
+//! claims store (`payment_server --dedupe-url`).
+//!
 //! Each payload starts with its payment id (8 bytes, big endian: a random prefix for the run,
 //! then a sequence number), so a server can spot duplicates across clients.
 //!
 //! Prints one JSON line: `{"mode":..,"sent":N,"acked":A,"failed":F,"p50_ms":..,"p90_ms":..,
-//! "p99_ms":..,"p999_ms":..,"max_ms":..,"wire_bytes":..,"payload_bytes":..}`; latencies are of
+//! "p99_ms":..,"p999_ms":..,"max_ms":..,"wire_bytes":..,"payload_bytes":..,"failovers":..}`;
+//! `failovers` counts moves to another replica (0 for the baseline); latencies are of
 //! acked payments; `wire_bytes` counts UDP payload bytes both ways. Exits 0 when every payment
 //! was acked; exits 1 when some were not, 2 (with a message on stderr) when it could not
 //! connect at all, for instance because the server requires a client certificate
@@ -46,9 +51,10 @@ impl Mode {
 #[derive(Parser)]
 #[command(about = "surelink payment client (real UDP, real TLS)")]
 struct Args {
-    /// Server address.
-    #[arg(long)]
-    connect: SocketAddr,
+    /// Server address, or several replicas of one service, comma-separated, the first
+    /// preferred (surelink mode fails over between them; the baseline uses the first).
+    #[arg(long, value_delimiter = ',', required = true)]
+    connect: Vec<SocketAddr>,
     /// The server's certificate (PEM or DER), trusted as the CA.
     #[arg(long)]
     ca: PathBuf,
@@ -74,6 +80,15 @@ struct Args {
     /// A payment not acked within this many milliseconds fails (surelink mode).
     #[arg(long, default_value_t = 5000)]
     deadline_ms: u64,
+}
+
+/// `A,B,C` for messages.
+fn shown(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn payment(id: u64, size: usize) -> Bytes {
@@ -111,7 +126,8 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         (Some(cert), Some(key)) => Identity::from_files(cert, key).map(Some),
         _ => Ok(None),
     };
-    let bind: SocketAddr = if args.connect.is_ipv4() {
+    let primary = args.connect[0];
+    let bind: SocketAddr = if primary.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -124,18 +140,17 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             config.sender.deadline = Duration::from_millis(args.deadline_ms);
             // surelink's settings: ALPN surelink/1, BBR, no early data; reconnects with the
             // same channel id if the connection is lost.
-            let (channel, _messages) = Channel::connect(
-                &endpoint,
-                args.connect,
-                SERVER_NAME,
-                Some(client_config_with(
-                    ServerTrust::Roots(roots),
-                    identity(&args)?,
-                )?),
-                config,
-            )
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", args.connect))?;
+            let tls = Some(client_config_with(
+                ServerTrust::Roots(roots),
+                identity(&args)?,
+            )?);
+            let connected = if args.connect.len() == 1 {
+                Channel::connect(&endpoint, primary, SERVER_NAME, tls, config).await
+            } else {
+                Channel::connect_replicas(&endpoint, &args.connect, SERVER_NAME, tls, config).await
+            };
+            let (channel, _messages) =
+                connected.map_err(|e| format!("connecting to {}: {e}", shown(&args.connect)))?;
             (Some(channel), None)
         }
         Mode::QuinnStream => {
@@ -151,9 +166,9 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
             ));
             let conn = endpoint
-                .connect_with(config, args.connect, SERVER_NAME)?
+                .connect_with(config, primary, SERVER_NAME)?
                 .await
-                .map_err(|e| format!("connecting to {}: {e}", args.connect))?;
+                .map_err(|e| format!("connecting to {primary}: {e}"))?;
             (None, Some(conn))
         }
     };
@@ -197,7 +212,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     // later: report that as the connection failure it is, like the surelink mode does.
     if let (Some(conn), true) = (&conn, latencies.is_empty()) {
         if let Some(e) = conn.close_reason() {
-            return Err(format!("connecting to {}: {e}", args.connect).into());
+            return Err(format!("connecting to {primary}: {e}").into());
         }
     }
     let wire_bytes = match (&channel, &conn) {
@@ -212,8 +227,9 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         (None, None) => 0,
     };
     let acked = latencies.len() as u64;
+    let failovers = channel.as_ref().map_or(0, |c| c.stats().failovers);
     println!(
-        "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{}}}",
+        "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{},\"failovers\":{}}}",
         args.mode.name(),
         args.count,
         acked,
@@ -225,6 +241,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         percentile_ms(&latencies, 1.0),
         wire_bytes,
         args.count * args.size.max(8) as u64,
+        failovers,
     );
     if let Some(c) = &channel {
         c.close();

@@ -12,6 +12,12 @@
 //! payments seen twice, judged by the payment id in each payload (its first 8 bytes, big
 //! endian), independently of surelink's own dedupe.
 //!
+//! With `--dedupe-url postgres://…` (feature `postgres`) deliveries are claimed in that
+//! database before they are acked, so several servers sharing it are replicas of one service:
+//! a client connected to them all (`payment_client --connect A,B,C`) fails over between them
+//! and each payment is delivered once. Replicas share one identity: give them the same
+//! `--cert-dir`.
+//!
 //! With `--client-ca FILE` (PEM or DER) the server requires every client, surelink or
 //! baseline, to present a certificate issued by that CA (mutual TLS); a client without one
 //! fails the handshake, and the server notes each refused handshake on stderr.
@@ -48,6 +54,35 @@ struct Args {
     /// Require client certificates issued by the CA in FILE (PEM or DER): mutual TLS.
     #[arg(long, value_name = "FILE")]
     client_ca: Option<PathBuf>,
+    /// Claim deliveries in this PostgreSQL database (`postgres://user@host:port/db`), shared
+    /// with other replicas: a client failing over between them delivers each payment once.
+    /// Needs the `postgres` feature.
+    #[arg(long, value_name = "URL")]
+    dedupe_url: Option<String>,
+}
+
+/// The channel config: with `--dedupe-url`, claims in PostgreSQL (swept of claims older
+/// than a day).
+async fn channel_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
+    let Some(url) = &args.dedupe_url else {
+        return Ok(Config::default());
+    };
+    #[cfg(feature = "postgres")]
+    {
+        let ttl = Duration::from_secs(24 * 3600);
+        let store: Arc<dyn surelink::store::DedupeStore> =
+            Arc::new(surelink::store::PgStore::connect(url, ttl).await?);
+        surelink::store::spawn_expiry(store.clone(), Duration::from_secs(600));
+        Ok(Config {
+            store: Some(store),
+            ..Config::default()
+        })
+    }
+    #[cfg(not(feature = "postgres"))]
+    Err(format!(
+        "--dedupe-url {url}: built without the postgres feature (cargo run --features postgres …)"
+    )
+    .into())
 }
 
 #[derive(Default)]
@@ -94,6 +129,7 @@ fn identity(
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    let config = channel_config(&args).await?;
     let (cert, key) = identity(&args.cert_dir)?;
     // surelink's settings: BBR, 0-RTT off; ALPN surelink/1 for channels and
     // `quinn-stream` for the baseline, served on streams.
@@ -117,7 +153,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let tally = Arc::new(Mutex::new(Tally::default()));
     let channels: Arc<Mutex<Vec<Channel>>> = Arc::default();
-    let registry = Server::new(Config::default());
+    let registry = Server::new(config);
     let accept = {
         let (endpoint, tally, channels) = (endpoint.clone(), tally.clone(), channels.clone());
         tokio::spawn(async move {

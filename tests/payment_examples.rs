@@ -5,6 +5,9 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+#[cfg(feature = "postgres")]
+mod common;
+
 fn example(name: &str) -> PathBuf {
     // target/<profile>/deps/<this test> → target/<profile>/examples/<name>
     let mut p = std::env::current_exe().unwrap();
@@ -259,4 +262,78 @@ fn loss_sweep_json_rows() {
     let realized: f64 = field(lossy, "realized_loss").parse().unwrap();
     assert!(realized > 0.05 && realized < 0.15, "{lossy}");
     assert_eq!(field(lossy, "model"), "bernoulli");
+}
+
+/// Issue 7's flags over real UDP: three `payment_server --dedupe-url` replicas sharing one
+/// PostgreSQL database and one `--cert-dir`; `payment_client --connect A,B,C`. The preferred
+/// replica shuts down a second into the run: the client fails over, every payment is acked,
+/// and the replicas delivered 600 between them, each claimed once.
+#[cfg(feature = "postgres")]
+#[test]
+fn replicas_share_a_postgres_store_and_the_client_fails_over() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(url) = rt.block_on(common::fresh_database("replicas")) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("surelink-replicas-{}", std::process::id()));
+    let dedupe: [&std::ffi::OsStr; 2] = ["--dedupe-url".as_ref(), url.as_ref()];
+    let mut servers: Vec<_> = (0..3).map(|_| start_server(&dir, &dedupe)).collect();
+    let addrs: Vec<String> = servers.iter().map(|(_, _, a)| a.clone()).collect();
+    let client = Command::new(example("payment_client"))
+        .args(["--connect", &addrs.join(","), "--ca"])
+        .arg(dir.join("cert.der"))
+        .args(["--count", "600", "--rate", "200", "--size", "200"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let stop = |server: &mut (
+        std::process::Child,
+        BufReader<std::process::ChildStdout>,
+        String,
+    )| {
+        assert!(Command::new("kill")
+            .arg(server.0.id().to_string())
+            .status()
+            .unwrap()
+            .success());
+        let mut tally = String::new();
+        server.1.read_line(&mut tally).unwrap();
+        server.0.wait().unwrap();
+        tally
+    };
+    let first = stop(&mut servers[0]);
+    let out = client.wait_with_output().unwrap();
+    let json = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{json}");
+    assert_eq!(field(&json, "acked"), "600", "{json}");
+    assert!(
+        field(&json, "failovers").parse::<u64>().unwrap() >= 1,
+        "{json}"
+    );
+    let mut tallies = vec![first];
+    for server in servers.iter_mut().skip(1) {
+        tallies.push(stop(server));
+    }
+    eprintln!("client {json}\nservers {tallies:?}");
+    let delivered: u64 = tallies
+        .iter()
+        .map(|t| field(t, "delivered").parse::<u64>().unwrap())
+        .sum();
+    for t in &tallies {
+        assert_eq!(field(t, "duplicates"), "0", "{t}");
+    }
+    assert_eq!(delivered, 600, "{tallies:?}");
+    let claims: i64 = rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c.query_one("SELECT count(*) FROM surelink_claims", &[])
+            .await
+            .unwrap()
+            .get(0)
+    });
+    assert_eq!(claims, 600, "one claim per payment");
+    let _ = std::fs::remove_dir_all(dir);
 }

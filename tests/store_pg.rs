@@ -13,26 +13,8 @@ use bytes::Bytes;
 use surelink::store::{Claim, Claimed, DedupeStore, PgStore, StoreError};
 use tokio_postgres::NoTls;
 
-/// A fresh database on the server at `SURELINK_PG_URL`, and its URL; `None` to skip.
-async fn fresh_database(name: &str) -> Option<String> {
-    let Ok(url) = std::env::var("SURELINK_PG_URL") else {
-        assert!(
-            std::env::var_os("SURELINK_REQUIRE_PG").is_none(),
-            "SURELINK_REQUIRE_PG is set but SURELINK_PG_URL is not"
-        );
-        eprintln!("skipped: no SURELINK_PG_URL (run under scripts/with-postgres)");
-        return None;
-    };
-    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let db = format!("surelink_{name}_{}", rand::random::<u32>());
-    client
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap();
-    let base = url.rsplit_once('/').unwrap().0;
-    Some(format!("{base}/{db}"))
-}
+mod common;
+use common::fresh_database;
 
 fn claim(channel: u8, message: u64, key: Option<&str>) -> Claim {
     Claim {

@@ -117,14 +117,17 @@ pub fn server_config_with_protocols(
     Ok(config)
 }
 
-/// Whether a connection lost this way may be dialled again: not after either application
-/// closed it on purpose, a protocol violation, or a TLS failure (RFC 9001 §4.8: crypto errors
-/// are transport codes 0x0100–0x01ff), which another attempt would meet again.
+/// Whether a connection lost this way may be dialled again: not after this side closed it,
+/// a server refused the channel, a protocol violation, or a TLS failure (RFC 9001 §4.8:
+/// crypto errors are transport codes 0x0100–0x01ff), which another attempt would meet again.
+/// A server that closed the connection otherwise (it is shutting down or restarting) may be
+/// back, or have a replica.
 pub(super) fn retryable(e: &quinn::ConnectionError) -> bool {
     use quinn::ConnectionError as E;
     match e {
         E::TimedOut | E::Reset | E::CidsExhausted => true,
         E::ConnectionClosed(close) => !(0x100..0x200).contains(&u64::from(close.error_code)),
+        E::ApplicationClosed(close) => close.error_code != quinn::VarInt::from_u32(REFUSED),
         _ => false,
     }
 }

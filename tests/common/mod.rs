@@ -62,3 +62,29 @@ pub fn assert_once(delivered: &BTreeMap<u32, u32>) {
         assert_eq!(*count, 1, "payment {i} delivered {count} times");
     }
 }
+
+/// A fresh database on the PostgreSQL server at `SURELINK_PG_URL`, and its URL; `None` (the
+/// test then says it was skipped) when the variable is unset, unless `SURELINK_REQUIRE_PG`
+/// is set, as in CI, where a missing database is a failure.
+#[cfg(feature = "postgres")]
+pub async fn fresh_database(name: &str) -> Option<String> {
+    let Ok(url) = std::env::var("SURELINK_PG_URL") else {
+        assert!(
+            std::env::var_os("SURELINK_REQUIRE_PG").is_none(),
+            "SURELINK_REQUIRE_PG is set but SURELINK_PG_URL is not"
+        );
+        eprintln!("skipped: no SURELINK_PG_URL (run under scripts/with-postgres)");
+        return None;
+    };
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let db = format!("surelink_{name}_{}", rand::random::<u32>());
+    client
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let base = url.rsplit_once('/').unwrap().0;
+    Some(format!("{base}/{db}"))
+}
