@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{assert_once, collect, send_paced};
+use common::{assert_once, collect, replicas, send_paced};
 use surelink::channel::{Channel, Config, Listener, Messages, SendError};
 use surelink::sim::{Congestion, LinkConfig, Loss, Pair, PairConfig, SimNetwork, SERVER_NAME};
 use surelink::store::{Claim, Claimed, DedupeStore, MemoryStore, StoreFuture};
@@ -261,26 +261,6 @@ async fn without_a_store_the_takeover_fails_unacked_messages_instead() {
     }
 }
 
-/// Replica endpoints at `pair.server_addr` and `n - 1` more addresses, each reachable from
-/// the client over `link` both ways.
-fn replicas(
-    pair: &Pair,
-    n: usize,
-    link: LinkConfig,
-) -> Vec<(std::net::SocketAddr, quinn::Endpoint)> {
-    let net = pair.net.clone().unwrap();
-    let client = pair.client.local_addr().unwrap();
-    let mut out = vec![(pair.server_addr, pair.server.clone())];
-    for i in 1..n {
-        let addr: std::net::SocketAddr = ([10, 0, 9, i as u8], 4433).into();
-        net.set_link(client, addr, link.clone());
-        net.set_link(addr, client, link.clone());
-        let endpoint = Pair::server_endpoint(&net, addr, pair.server_config.clone()).unwrap();
-        out.push((addr, endpoint));
-    }
-    out
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_client_of_three_replicas_fails_over_when_its_replica_dies() {
     // Three replicas share one store; the client prefers the first. It dies at 1 s and never
@@ -290,7 +270,7 @@ async fn a_client_of_three_replicas_fails_over_when_its_replica_dies() {
     let store = Arc::new(MemoryStore::default());
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
-    for (addr, endpoint) in replicas(&pair, 3, lossy(0.05)) {
+    for (addr, endpoint) in replicas(&pair, 3, &lossy(0.05)) {
         addrs.push(addr);
         listeners.push(Listener::new(endpoint, with_store(store.clone())));
     }

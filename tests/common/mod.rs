@@ -63,6 +63,27 @@ pub fn assert_once(delivered: &BTreeMap<u32, u32>) {
     }
 }
 
+/// Replica endpoints at `pair.server_addr` and `n - 1` more addresses, each reachable from
+/// the client over `link` both ways.
+pub fn replicas(
+    pair: &surelink::sim::Pair,
+    n: usize,
+    link: &surelink::sim::LinkConfig,
+) -> Vec<(std::net::SocketAddr, quinn::Endpoint)> {
+    let net = pair.net.clone().unwrap();
+    let client = pair.client.local_addr().unwrap();
+    let mut out = vec![(pair.server_addr, pair.server.clone())];
+    for i in 1..n {
+        let addr: std::net::SocketAddr = ([10, 0, 9, i as u8], 4433).into();
+        net.set_link(client, addr, link.clone());
+        net.set_link(addr, client, link.clone());
+        let endpoint =
+            surelink::sim::Pair::server_endpoint(&net, addr, pair.server_config.clone()).unwrap();
+        out.push((addr, endpoint));
+    }
+    out
+}
+
 /// A fresh database on the PostgreSQL server at `SURELINK_PG_URL`, and its URL; `None` (the
 /// test then says it was skipped) when the variable is unset, unless `SURELINK_REQUIRE_PG`
 /// is set, as in CI, where a missing database is a failure.
