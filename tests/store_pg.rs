@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use surelink::channel::SendError;
 use surelink::store::{Claim, Claimed, DedupeStore, PgStore, StoreError};
 use tokio_postgres::NoTls;
 
@@ -325,4 +326,136 @@ async fn three_replicas_share_one_postgres_store_through_a_blackout() {
     assert_eq!(total.len(), n as usize, "every payment delivered");
     assert_eq!(claims, i64::from(n), "one claim per payment");
     assert!(s.failovers >= 1, "the client failed over");
+}
+
+/// The inbox pattern over the simulator: the server application claims each payment in the
+/// same PostgreSQL transaction as its ledger row and confirms it afterwards; surelink acks
+/// only then. The application's first attempt at every tenth payment fails (rolled back and
+/// released): the client sees a timeout and retries with the same idempotency key. The
+/// ledger ends with each payment exactly once. Real time (PostgreSQL is real I/O).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_pattern_commits_each_payment_once_with_its_claim() {
+    use std::sync::Arc;
+    use surelink::channel::{Channel, Config, Listener};
+    use surelink::sim::{LinkConfig, Loss, Pair, PairConfig, SERVER_NAME};
+
+    let Some(url) = fresh_database("inbox_sim").await else {
+        return;
+    };
+    let pair = Pair::new(PairConfig {
+        seed: 42,
+        congestion: surelink::sim::Congestion::Bbr,
+        ..PairConfig::symmetric(LinkConfig {
+            delay: Duration::from_millis(20),
+            loss: Loss::Bernoulli(0.1),
+            duplicate: 0.02,
+            ..LinkConfig::default()
+        })
+    })
+    .unwrap();
+    let server_config = Config {
+        application_claims: true,
+        ..Config::default()
+    };
+    let mut listener = Listener::new(pair.server.clone(), server_config);
+    let mut client_config = Config::default();
+    client_config.sender.deadline = Duration::from_secs(1);
+    let (client, _m) = Channel::connect(
+        &pair.client,
+        pair.server_addr,
+        SERVER_NAME,
+        None,
+        client_config,
+    )
+    .await
+    .unwrap();
+    let (channel, mut messages) = listener.accept().await.unwrap();
+
+    let (mut db, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    PgStore::connect(&url, DAY).await.unwrap(); // creates the claims table
+    db.batch_execute("CREATE TABLE ledger (payment bigint PRIMARY KEY, amount text)")
+        .await
+        .unwrap();
+    let stats = Arc::new(std::sync::Mutex::new((0u32, 0u32, 0u32))); // (committed, before, failed)
+    let app = {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let mut failed_once = std::collections::HashSet::new();
+            while let Some(m) = messages.recv().await {
+                let number = common::number(&m.payload);
+                let tx = db.transaction().await.unwrap();
+                let claimed = PgStore::claim_in(&tx, &Claim::of(channel.id(), &m))
+                    .await
+                    .unwrap();
+                match claimed {
+                    Claimed::Now if number % 10 == 0 && failed_once.insert(number) => {
+                        // The application's effect fails: nothing is kept, not even the claim.
+                        tx.rollback().await.unwrap();
+                        channel.release(m.id);
+                        stats.lock().unwrap().2 += 1;
+                    }
+                    Claimed::Now => {
+                        tx.execute(
+                            "INSERT INTO ledger VALUES ($1, $2)",
+                            &[&i64::from(number), &"10.00"],
+                        )
+                        .await
+                        .unwrap();
+                        tx.commit().await.unwrap();
+                        channel.confirm(m.id, Claimed::Now);
+                        stats.lock().unwrap().0 += 1;
+                    }
+                    Claimed::Before => {
+                        tx.rollback().await.unwrap();
+                        channel.confirm(m.id, Claimed::Before);
+                        stats.lock().unwrap().1 += 1;
+                    }
+                }
+            }
+            db
+        })
+    };
+
+    let n = 300u32;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("order-{i}");
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                match c.send_with_key(key.clone(), common::payment(i)).await {
+                    Ok(_) => return attempts,
+                    Err(SendError::Timeout { .. }) if attempts < 10 => continue,
+                    Err(e) => panic!("payment {i}: {e}"),
+                }
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut retried = 0;
+    for t in tasks {
+        retried += u32::from(t.await.unwrap() > 1);
+    }
+    client.close();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (committed, before, failed) = *stats.lock().unwrap();
+    let checker = PgStore::connect(&url, DAY).await.unwrap();
+    let count = |sql: &'static str| {
+        let c = checker.client();
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    let rows = count("SELECT count(*) FROM ledger").await;
+    let claims = count("SELECT count(*) FROM surelink_claims").await;
+    eprintln!(
+        "ledger rows {rows}, claims {claims}; application: committed {committed}, already \
+         claimed {before}, failed {failed}; client payments retried {retried}"
+    );
+    app.abort();
+    assert_eq!(rows, i64::from(n), "each payment in the ledger once");
+    assert_eq!(claims, i64::from(n), "one claim per payment");
+    assert_eq!(failed, n / 10, "every tenth payment failed once");
+    assert!(retried >= n / 10, "the client retried those by key");
 }

@@ -516,9 +516,11 @@ impl Server {
         // With a claims store shared by replicas, a channel this server never held may have
         // run on another replica: take it over from the client's floor, and let the store
         // judge re-sent messages.
-        let (floor, status) = match self.inner.config.store {
-            Some(_) => (hello.floor, HELLO_CLAIMS),
-            None => (0, HELLO_NEW),
+        let config = &self.inner.config;
+        let (floor, status) = if config.store.is_some() || config.application_claims {
+            (hello.floor, HELLO_CLAIMS)
+        } else {
+            (0, HELLO_NEW)
         };
         let opened = driver::spawn(
             conn.clone(),

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::connect::{Attached, Dialer, ServerInner};
 use super::{Channel, ChannelId, ChannelStats, Command, Config, Messages, Receipt, SendError};
 use crate::proto::{
-    ClaimOutcome, ClaimRequest, Delivered, FailReason, Peer, SenderEvent, StreamStatus,
+    ClaimOutcome, ClaimRequest, Claims, Delivered, FailReason, Peer, SenderEvent, StreamStatus,
 };
 use crate::wire::{encode_stream_head, Envelope, MAX_KEY_LEN, STREAM_DELIVERED};
 
@@ -107,7 +107,13 @@ pub(super) fn spawn(
     let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
     // Bounded by the receiver's `max_pending_claims`: one answer per claim asked.
     let (claims_tx, claims_rx) = mpsc::unbounded_channel();
-    config.receiver.claims = config.store.is_some();
+    config.receiver.claims = if config.application_claims {
+        Claims::Application
+    } else if config.store.is_some() {
+        Claims::Owner
+    } else {
+        Claims::Off
+    };
     let current = Arc::new(Mutex::new(Some(connection.clone())));
     let channel = Channel {
         id,
@@ -316,6 +322,9 @@ impl Driver {
                 payload,
                 reply,
             })) => self.send(now, key, payload, reply),
+            Event::Command(Some(Command::Confirm { id, outcome })) => {
+                self.peer.receiver.confirm(now, id, outcome);
+            }
             Event::Command(Some(Command::Close)) => {
                 if let Some(c) = &self.conn {
                     c.close(0u32.into(), b"closed");

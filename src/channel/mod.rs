@@ -98,6 +98,13 @@ pub struct Config {
     /// another replica re-sends its unacked messages, and the store recognises those
     /// delivered there).
     pub store: Option<std::sync::Arc<dyn crate::store::DedupeStore>>,
+    /// The inbox pattern: the application claims each message itself, in the same database
+    /// transaction as its effect (e.g. `PgStore::claim_in` beside its ledger row), and then
+    /// confirms it with [`Channel::confirm`]; only then is the message acked. Messages are
+    /// delivered before they are claimed, so one the application could not commit (it calls
+    /// [`Channel::release`]) may come again. Takes precedence over `store` for deliveries; a
+    /// [`Server`] with it takes over channels like one with a store. Default `false`.
+    pub application_claims: bool,
     /// How long a claim may keep failing (the store unreachable) before the message is
     /// dropped unacked; claims are retried with doubling backoff meanwhile. Default 5 s.
     pub claim_timeout: Duration,
@@ -116,6 +123,7 @@ impl Default for Config {
             channel_ttl: Duration::from_secs(60),
             max_channels: 10_000,
             store: None,
+            application_claims: false,
             claim_timeout: Duration::from_secs(5),
         }
     }
@@ -271,6 +279,10 @@ enum Command {
         reply: oneshot::Sender<Result<Receipt, SendError>>,
     },
     Close,
+    Confirm {
+        id: u64,
+        outcome: crate::proto::ClaimOutcome,
+    },
 }
 
 /// The sending side of a channel; cheap to clone.
@@ -384,6 +396,28 @@ impl Channel {
         let result = outcome.await.unwrap_or(Err(SendError::Closed));
         drop(permit);
         result
+    }
+
+    /// Inbox pattern ([`Config::application_claims`]): the application's transaction for
+    /// message `id` committed, with its claim made (`Claimed::Now`) or found already made
+    /// (`Claimed::Before`: another replica or an earlier delivery handled it). The message is
+    /// acked now.
+    pub fn confirm(&self, id: u64, claimed: crate::store::Claimed) {
+        let outcome = match claimed {
+            crate::store::Claimed::Now => crate::proto::ClaimOutcome::Now,
+            crate::store::Claimed::Before => crate::proto::ClaimOutcome::Before,
+        };
+        let _ = self.commands.send(Command::Confirm { id, outcome });
+    }
+
+    /// Inbox pattern: the application's transaction for message `id` rolled back. The
+    /// message stays unacked: its sender retries (a copy may be delivered again) or learns an
+    /// unknown outcome.
+    pub fn release(&self, id: u64) {
+        let _ = self.commands.send(Command::Confirm {
+            id,
+            outcome: crate::proto::ClaimOutcome::Failed,
+        });
     }
 
     /// Closes the channel and its connection. Messages still in flight fail with

@@ -28,7 +28,7 @@ use bytes::Bytes;
 
 pub use dedupe::{DedupeWindow, KeyWindow, Seen};
 pub use receiver::{
-    ClaimOutcome, ClaimRequest, Delivered, Receiver, ReceiverConfig, ReceiverStats, Whole,
+    ClaimOutcome, ClaimRequest, Claims, Delivered, Receiver, ReceiverConfig, ReceiverStats, Whole,
 };
 pub use rtt::RttEstimator;
 pub use sender::{FailReason, SendError, Sender, SenderConfig, SenderEvent, SenderStats};

@@ -42,12 +42,9 @@ pub struct ReceiverConfig {
     /// its `Messages`, and answers stream messages only once the backlog clears.
     /// Default 16 MiB.
     pub max_queued_bytes: usize,
-    /// Claim every new message with the owner before delivering and acking it: the
-    /// receiver asks with [`Receiver::poll_claim`] and waits for [`Receiver::claim_done`]
-    /// (a [`Channel`](crate::channel::Channel) with a [`Config::store`](crate::channel::Config::store)
-    /// claims in the store shared by replicas). Default `false`: the dedupe window and keys
-    /// decide alone.
-    pub claims: bool,
+    /// Who claims new messages before they are acked. Default [`Claims::Off`]: the dedupe
+    /// window and keys decide alone.
+    pub claims: Claims,
     /// Most claims awaited at once; past it new messages are dropped unacked (counted in
     /// [`ReceiverStats::claims_refused`]) and their senders retry. Default 4096.
     pub max_pending_claims: usize,
@@ -64,7 +61,7 @@ impl Default for ReceiverConfig {
             key_ttl: Duration::from_secs(24 * 3600),
             max_keys: 65_536,
             max_queued_bytes: 16 << 20,
-            claims: false,
+            claims: Claims::Off,
             max_pending_claims: 4096,
         }
     }
@@ -128,6 +125,22 @@ pub struct ReceiverStats {
     pub claims_pending: usize,
 }
 
+/// Who claims a new message before it is acked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Claims {
+    /// Nobody: the receiver delivers and acks a new message at once.
+    #[default]
+    Off,
+    /// The receiver's owner, before delivery: the receiver asks with
+    /// [`Receiver::poll_claim`] and delivers and acks on [`Receiver::claim_done`] (a
+    /// [`Channel`](crate::channel::Channel) with a store claims there).
+    Owner,
+    /// The application, after delivery, inside its own transaction (the inbox pattern): the
+    /// message is delivered at once and acked when the application confirms its claim
+    /// ([`Receiver::confirm`]). Until then, copies of it are neither delivered nor acked.
+    Application,
+}
+
 /// A claim the receiver needs before it may deliver (and ack) message `id`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimRequest {
@@ -168,7 +181,8 @@ pub enum Whole {
 #[derive(Debug)]
 struct Pending {
     key: Option<Bytes>,
-    payload: Bytes,
+    /// The message, until it is delivered (`None`: the application has it).
+    payload: Option<Bytes>,
     via_stream: bool,
 }
 
@@ -257,8 +271,8 @@ impl Receiver {
         self.new_connection();
         self.dedupe = DedupeWindow::new(self.config.dedupe_window, self.config.hole_ttl);
         // Claims awaited for the old incarnation's ids: their answers are ignored.
-        for p in self.pending.drain() {
-            self.queued_bytes -= p.1.payload.len();
+        for (_, p) in self.pending.drain() {
+            self.queued_bytes -= p.payload.map_or(0, |b| b.len());
         }
         self.claims_out.clear();
         self.generation += 1;
@@ -287,11 +301,26 @@ impl Receiver {
         if request.generation != self.generation {
             return;
         }
-        let Some(p) = self.pending.remove(&request.id) else {
+        self.settle(now, request.id, outcome);
+    }
+
+    /// The application's answer for message `id` in [`Claims::Application`] mode, after
+    /// its transaction: [`ClaimOutcome::Now`] (committed with its claim) or
+    /// [`ClaimOutcome::Before`] (the claim existed: another replica or an earlier delivery
+    /// handled it) ack it; [`ClaimOutcome::Failed`] (rolled back) leaves it unacked.
+    pub fn confirm(&mut self, now: Instant, id: u64, outcome: ClaimOutcome) {
+        if self.config.claims == Claims::Application {
+            self.settle(now, id, outcome);
+        }
+    }
+
+    fn settle(&mut self, now: Instant, id: u64, outcome: ClaimOutcome) {
+        let Some(p) = self.pending.remove(&id) else {
             return;
         };
-        self.queued_bytes -= p.payload.len();
-        let id = request.id;
+        if let Some(payload) = &p.payload {
+            self.queued_bytes -= payload.len();
+        }
         let status = match outcome {
             ClaimOutcome::Failed => {
                 self.stats.claim_failures += 1;
@@ -303,16 +332,19 @@ impl Receiver {
                 if let Some(k) = &p.key {
                     self.keys.check(now, k);
                 }
-                if outcome == ClaimOutcome::Now && fresh {
-                    self.stats.delivered += 1;
-                    self.queued_bytes += p.payload.len();
-                    self.deliveries.push_back(Delivered {
-                        id,
-                        key: p.key,
-                        payload: p.payload,
-                    });
-                } else {
-                    self.stats.claimed_before += 1;
+                match p.payload {
+                    Some(payload) if outcome == ClaimOutcome::Now && fresh => {
+                        self.stats.delivered += 1;
+                        self.queued_bytes += payload.len();
+                        self.deliveries.push_back(Delivered {
+                            id,
+                            key: p.key,
+                            payload,
+                        });
+                    }
+                    // Delivered already (application claims) and claimed now: nothing more.
+                    None if outcome == ClaimOutcome::Now => {}
+                    _ => self.stats.claimed_before += 1,
                 }
                 self.ack(now, false);
                 STREAM_DELIVERED
@@ -413,7 +445,7 @@ impl Receiver {
             self.stats.invalid_envelopes += 1;
             return Accepted::Refused;
         };
-        if self.config.claims {
+        if self.config.claims != Claims::Off {
             return self.accept_claimed(now, id, envelope, via_stream);
         }
         match self.dedupe.check(now, id) {
@@ -476,17 +508,30 @@ impl Receiver {
             return Accepted::Refused;
         }
         self.stats.claims_requested += 1;
-        self.queued_bytes += envelope.payload.len();
-        self.claims_out.push_back(ClaimRequest {
-            id,
-            key: envelope.key.clone(),
-            generation: self.generation,
-        });
+        let payload = if self.config.claims == Claims::Application {
+            // The application gets it now and claims it in its own transaction.
+            self.stats.delivered += 1;
+            self.queued_bytes += envelope.payload.len();
+            self.deliveries.push_back(Delivered {
+                id,
+                key: envelope.key.clone(),
+                payload: envelope.payload,
+            });
+            None
+        } else {
+            self.queued_bytes += envelope.payload.len();
+            self.claims_out.push_back(ClaimRequest {
+                id,
+                key: envelope.key.clone(),
+                generation: self.generation,
+            });
+            Some(envelope.payload)
+        };
         self.pending.insert(
             id,
             Pending {
                 key: envelope.key,
-                payload: envelope.payload,
+                payload,
                 via_stream,
             },
         );

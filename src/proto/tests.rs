@@ -638,7 +638,7 @@ fn claims_peer(max_pending: usize) -> Peer {
     Peer::new(
         plain(),
         ReceiverConfig {
-            claims: true,
+            claims: Claims::Owner,
             max_pending_claims: max_pending,
             ..ReceiverConfig::default()
         },

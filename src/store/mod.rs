@@ -47,6 +47,17 @@ pub struct Claim {
     pub key: Option<Bytes>,
 }
 
+impl Claim {
+    /// The claim of a message delivered on channel `channel` (its [`Channel::id`](crate::channel::Channel::id)).
+    pub fn of(channel: [u8; 16], delivered: &crate::proto::Delivered) -> Claim {
+        Claim {
+            channel,
+            message: delivered.id,
+            key: delivered.key.clone(),
+        }
+    }
+}
+
 /// The answer to a claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Claimed {
