@@ -389,7 +389,7 @@ async fn the_inbox_pattern_commits_each_payment_once_with_its_claim() {
                     .await
                     .unwrap();
                 match claimed {
-                    Claimed::Now if number % 10 == 0 && failed_once.insert(number) => {
+                    Claimed::Now if number.is_multiple_of(10) && failed_once.insert(number) => {
                         // The application's effect fails: nothing is kept, not even the claim.
                         tx.rollback().await.unwrap();
                         channel.release(m.id);
