@@ -337,3 +337,30 @@ fn replicas_share_a_postgres_store_and_the_client_fails_over() {
     assert_eq!(claims, 600, "one claim per payment");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The inbox example (issue 7): ledger row and claim in one PostgreSQL transaction, the ack
+/// after the commit, every tenth payment failing its first attempt and retried by key. The
+/// ledger holds each payment exactly once.
+#[cfg(feature = "postgres")]
+#[test]
+fn the_inbox_example_commits_each_payment_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(url) = rt.block_on(common::fresh_database("inbox")) else {
+        return;
+    };
+    let out = Command::new(example("inbox"))
+        .args(["--pg-url", &url, "--payments", "300", "--loss", "0.1"])
+        .args(["--fail-every", "10"])
+        .output()
+        .unwrap();
+    let json = String::from_utf8(out.stdout).unwrap();
+    eprintln!("{json}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{json}");
+    assert_eq!(field(&json, "ledger_rows"), "300");
+    assert_eq!(field(&json, "claims"), "300");
+    assert_eq!(field(&json, "failed_attempts"), "30");
+    assert!(
+        field(&json, "client_retries").parse::<u32>().unwrap() >= 30,
+        "{json}"
+    );
+}
