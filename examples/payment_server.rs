@@ -204,6 +204,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         invalid + t.invalid_frames
     );
     endpoint.close(0u32.into(), b"server exiting");
+    // Let the close reach the clients (they fail over at once instead of waiting out their
+    // idle timeout), but not for long.
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     Ok(())
 }
 

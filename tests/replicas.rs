@@ -327,3 +327,57 @@ async fn a_client_of_three_replicas_fails_over_when_its_replica_dies() {
     assert!(!by[1].is_empty(), "the second replica took over");
     assert!(by[2].is_empty(), "the third was not needed");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_replica_is_given_up_after_failover_after_not_the_idle_timeout() {
+    // The connection's idle timeout is 30 s; the replica dies without a word at 1 s. The
+    // channel hears nothing while payments wait and fails over after `failover_after` (1 s),
+    // well inside the payments' 5 s deadline.
+    let pair = Pair::new(PairConfig {
+        seed: 35,
+        client_to_server: lossy(0.05),
+        server_to_client: lossy(0.05),
+        congestion: Congestion::Bbr,
+        initial_rtt: Duration::from_millis(50),
+        idle_timeout: Duration::from_secs(30),
+        keep_alive: Some(Duration::from_secs(1)),
+        ..PairConfig::default()
+    })
+    .unwrap();
+    let net = pair.net.clone().unwrap();
+    let store = Arc::new(MemoryStore::default());
+    let mut addrs = Vec::new();
+    let mut listeners = Vec::new();
+    for (addr, endpoint) in replicas(&pair, 2, &lossy(0.05)) {
+        addrs.push(addr);
+        listeners.push(Listener::new(endpoint, with_store(store.clone())));
+    }
+    let (client, _m) =
+        Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, Config::default())
+            .await
+            .unwrap();
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move { send_paced(&client, 0..600, Duration::from_millis(5)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(net.crash(addrs[0]));
+    let outcomes = sender.await.unwrap();
+    let slowest = outcomes
+        .iter()
+        .map(|(i, r)| match r {
+            Ok(receipt) => receipt.latency,
+            Err(e) => panic!("payment {i}: {e}"),
+        })
+        .max()
+        .unwrap();
+    let s = client.stats();
+    eprintln!(
+        "failovers {}, slowest ack {slowest:?}, claims {}",
+        s.failovers,
+        store.len()
+    );
+    assert_eq!(s.failovers, 1);
+    assert_eq!(store.len(), 600);
+    drop(listeners);
+}

@@ -221,6 +221,11 @@ impl Dialer {
         }
     }
 
+    /// How many replicas there are.
+    pub(super) fn replicas(&self) -> usize {
+        self.addrs.len()
+    }
+
     /// Which replica `addr` is.
     pub(super) fn replica_of(&self, addr: SocketAddr) -> Option<usize> {
         self.addrs.iter().position(|a| *a == addr)

@@ -151,6 +151,7 @@ pub(super) fn spawn(
         stats,
         current,
         counters: ChannelStats::default(),
+        waiting_since: None,
     };
     let span = tracing::debug_span!("surelink_channel", id = %hex(&id));
     tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
@@ -192,6 +193,9 @@ struct Driver {
     current: Arc<Mutex<Option<quinn::Connection>>>,
     /// The driver's own counters (the peer's are copied in at each step).
     counters: ChannelStats,
+    /// Since when messages have awaited their outcome with nothing heard from the peer
+    /// (reset by every datagram received); drives `failover_after`.
+    waiting_since: Option<Instant>,
 }
 
 async fn read_datagram(conn: &Option<quinn::Connection>) -> Result<Bytes, quinn::ConnectionError> {
@@ -274,7 +278,8 @@ impl Driver {
             .values()
             .filter(|s| s.running_on.is_none())
             .map(|s| s.deadline);
-        [self.peer.poll_timeout(), self.detached_until]
+        let silence = self.failover_deadline();
+        [self.peer.poll_timeout(), self.detached_until, silence]
             .into_iter()
             .flatten()
             .chain(waiting_streams)
@@ -285,7 +290,10 @@ impl Driver {
     fn handle(&mut self, event: Event) -> Option<String> {
         let now = now();
         match event {
-            Event::Datagram(Ok(d)) => self.peer.handle_datagram(now, d),
+            Event::Datagram(Ok(d)) => {
+                self.waiting_since = self.waiting_since.map(|_| now);
+                self.peer.handle_datagram(now, d);
+            }
             Event::Datagram(Err(e)) | Event::Stream(Err(e)) => return self.lost(now, e),
             Event::Stream(Ok((send, recv))) => {
                 let limit = self.config.max_message_size + MAX_KEY_LEN + 32;
@@ -340,6 +348,14 @@ impl Driver {
             Event::Attach(Ok((c, attached))) => self.attach(now, c, attached),
             Event::Attach(Err(reason)) => return Some(reason),
             Event::Timer => {
+                if self.failover_deadline().is_some_and(|at| at <= now) {
+                    tracing::info!("surelink channel: replica silent; failing over");
+                    if let Some(c) = &self.conn {
+                        c.close(0u32.into(), b"silent: failing over");
+                    }
+                    self.waiting_since = None;
+                    return self.lost(now, quinn::ConnectionError::TimedOut);
+                }
                 self.peer.handle_timeout(now);
                 let expired: Vec<u64> = self
                     .streams
@@ -538,6 +554,8 @@ impl Driver {
             }
         }
         self.counters.reconnects += 1;
+        // The new connection gets its own `failover_after` from now.
+        self.waiting_since = None;
         if let Reattach::Dial(dialer) = &mut self.reattach {
             if let Some(index) = dialer.replica_of(conn.remote_address()) {
                 if index != dialer.current {
@@ -661,6 +679,25 @@ impl Driver {
         st.udp_bytes_sent = self.counters.udp_bytes_sent;
         st.udp_bytes_received = self.counters.udp_bytes_received;
         st.in_flight = self.peer.sender.in_flight() + self.streams.len();
+        drop(st);
+        let waiting = self.peer.sender.in_flight() + self.streams.len() > 0;
+        self.waiting_since = match (waiting, self.waiting_since) {
+            (false, _) => None,
+            (true, None) => Some(now()),
+            (true, since) => since,
+        };
+    }
+
+    /// When a silent replica is given up ([`Config::failover_after`]): only for a channel
+    /// over several replicas, with a connection, while messages await their outcome.
+    fn failover_deadline(&self) -> Option<Instant> {
+        let Reattach::Dial(dialer) = &self.reattach else {
+            return None;
+        };
+        if dialer.replicas() < 2 || self.conn.is_none() {
+            return None;
+        }
+        self.waiting_since.map(|t| t + self.config.failover_after)
     }
 
     /// Takes a stream message: its status byte now, or once its claim is answered.

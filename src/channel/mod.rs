@@ -105,6 +105,11 @@ pub struct Config {
     /// [`Channel::release`]) may come again. Takes precedence over `store` for deliveries; a
     /// [`Server`] with it takes over channels like one with a store. Default `false`.
     pub application_claims: bool,
+    /// A channel over several replicas ([`Channel::connect_replicas`]) abandons a
+    /// connection on which nothing was heard for this long while messages await their
+    /// outcome, and fails over to the next replica (a dead replica is otherwise noticed only
+    /// at the connection's idle timeout). Default 1 s.
+    pub failover_after: Duration,
     /// How long a claim may keep failing (the store unreachable) before the message is
     /// dropped unacked; claims are retried with doubling backoff meanwhile. Default 5 s.
     pub claim_timeout: Duration,
@@ -125,6 +130,7 @@ impl Default for Config {
             store: None,
             application_claims: false,
             claim_timeout: Duration::from_secs(5),
+            failover_after: Duration::from_secs(1),
         }
     }
 }
