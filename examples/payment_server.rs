@@ -203,6 +203,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         t.duplicates,
         invalid + t.invalid_frames
     );
+    drop(t);
     endpoint.close(0u32.into(), b"server exiting");
     // Let the close reach the clients (they fail over at once instead of waiting out their
     // idle timeout), but not for long.
