@@ -196,14 +196,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .map(|c| c.stats().invalid_frames.values().sum::<u64>())
         .sum();
-    let t = tally.lock().unwrap();
-    println!(
-        "{{\"delivered\":{},\"duplicates\":{},\"invalid_frames\":{}}}",
-        t.delivered,
-        t.duplicates,
-        invalid + t.invalid_frames
-    );
-    drop(t);
+    {
+        let t = tally.lock().unwrap();
+        println!(
+            "{{\"delivered\":{},\"duplicates\":{},\"invalid_frames\":{}}}",
+            t.delivered,
+            t.duplicates,
+            invalid + t.invalid_frames
+        );
+    }
     endpoint.close(0u32.into(), b"server exiting");
     // Let the close reach the clients (they fail over at once instead of waiting out their
     // idle timeout), but not for long.
