@@ -275,6 +275,9 @@ enum PeerOp {
     PeerLostState,
     /// The application stops taking deliveries (`false`) or takes them again (`true`).
     Reading(bool),
+    /// In a claims mode: the store (or the application) answers one outstanding claim;
+    /// `outcome % 4 == 3` is a failure, otherwise the mock store decides Now or Before.
+    Answer { index: u8, outcome: u8 },
 }
 
 const VARINT_MAX: u64 = (1 << 62) - 1;
@@ -283,10 +286,25 @@ const PEER_MAX_BLOCKS: usize = 8;
 const PEER_WINDOW: u64 = 64;
 const PEER_MAX_KEYS: usize = 16;
 const PEER_MAX_QUEUED: usize = 4 * 1024;
+const PEER_MAX_PENDING: usize = 8;
 
 /// What the receiver target knows of the honest sender and of what was delivered.
 #[derive(Default)]
 struct Book {
+    /// Who claims (the receiver's mode).
+    claims: surelink::proto::Claims,
+    /// The mock store: ids claimed (of the sender's current incarnation: a restarted sender
+    /// is a new channel), keys claimed (global).
+    claimed_ids: HashSet<u64>,
+    claimed_keys: HashSet<Bytes>,
+    /// Ids whose claim was answered Now (their delivery is allowed, once).
+    granted: HashSet<u64>,
+    /// Ids answered Now or Before: they may be acked.
+    settled: HashSet<u64>,
+    /// Ids the application released (rolled back): they may be delivered again.
+    released: HashSet<u64>,
+    /// The honest sender's idempotency keys, by id.
+    sent_keys: HashMap<u64, Bytes>,
     /// The honest sender's messages (of its current incarnation), by id.
     sent: HashMap<u64, Bytes>,
     /// Ids delivered (in the current incarnation).
@@ -310,11 +328,72 @@ impl Book {
         self.delivered = delivered;
     }
 
+    /// The mock store's answer for a claim of `id` with `key`.
+    fn decide(
+        &mut self,
+        id: u64,
+        key: Option<&Bytes>,
+        fail: bool,
+    ) -> surelink::proto::ClaimOutcome {
+        use surelink::proto::ClaimOutcome;
+        if fail {
+            return ClaimOutcome::Failed;
+        }
+        self.settled.insert(id);
+        if self.claimed_ids.contains(&id) || key.is_some_and(|k| self.claimed_keys.contains(k)) {
+            return ClaimOutcome::Before;
+        }
+        self.claimed_ids.insert(id);
+        if let Some(k) = key {
+            self.claimed_keys.insert(k.clone());
+        }
+        self.granted.insert(id);
+        ClaimOutcome::Now
+    }
+
+    /// An ack from the receiver for `id`: in a claims mode it must have been claimed (or its
+    /// key settled before, when the receiver already knew the key).
+    fn check_ack(&self, id: u64, hostile: bool) {
+        // Forged frames may reuse the honest ids with other keys: only honest runs are judged.
+        if self.claims == surelink::proto::Claims::Off || hostile {
+            return;
+        }
+        let key_settled = self
+            .sent_keys
+            .get(&id)
+            .is_some_and(|k| self.claimed_keys.contains(k));
+        assert!(
+            self.settled.contains(&id) || key_settled,
+            "message {id} acked without a claim"
+        );
+    }
+
     /// Checks one message the application took.
     fn check(&mut self, m: &surelink::proto::Delivered, keys_evicted: u64, hostile: bool) {
+        use surelink::proto::Claims;
         let now = self.entered.pop_front().expect("every delivery was noted");
-        assert!(self.ids.insert(m.id), "message {} delivered twice", m.id);
-        if let Some(k) = &m.key {
+        if !self.ids.insert(m.id) {
+            // Only the inbox pattern hands a message over again, after the application
+            // released it.
+            assert!(
+                self.claims == Claims::Application && self.released.remove(&m.id),
+                "message {} delivered twice",
+                m.id
+            );
+        }
+        if self.claims == Claims::Owner {
+            assert!(
+                self.granted.contains(&m.id),
+                "message {} delivered without its claim",
+                m.id
+            );
+        }
+        // The inbox pattern may hand over a key twice: the application's claim decides.
+        if let Some(k) = m
+            .key
+            .as_ref()
+            .filter(|_| self.claims != Claims::Application)
+        {
             if let Some(&at) = self.keys.get(k) {
                 // A key may come back only once it could have expired or been evicted.
                 assert!(
@@ -342,12 +421,19 @@ impl Book {
 /// hostile input in the run every delivered message is one the honest sender sent.
 pub fn receiver(data: &[u8]) {
     use std::time::{Duration, Instant};
-    use surelink::proto::{Peer, ReceiverConfig, SenderConfig};
+    use surelink::proto::{Claims, Peer, ReceiverConfig, SenderConfig};
     use surelink::wire::{BlockHeader, ShardFrame};
 
     let mut u = Unstructured::new(data);
     let mut now = Instant::now();
+    let claims = match u.arbitrary::<u8>().unwrap_or(0) % 3 {
+        0 => Claims::Off,
+        1 => Claims::Owner,
+        _ => Claims::Application,
+    };
     let receiver = ReceiverConfig {
+        claims,
+        max_pending_claims: PEER_MAX_PENDING,
         reassembler: ReassemblerConfig {
             max_blocks: PEER_MAX_BLOCKS,
             max_bytes: PEER_MAX_BYTES,
@@ -367,12 +453,19 @@ pub fn receiver(data: &[u8]) {
     let honest_config = SenderConfig {
         max_in_flight: 1 << 20,
         adaptive: None,
+        // Shorter than the receiver's hole TTL (2 s), as the docs require.
+        deadline: Duration::from_secs(1),
         ..SenderConfig::default()
     };
     let mut honest = surelink::proto::Sender::new(honest_config.clone());
     let mut wire: Vec<Bytes> = Vec::new();
     let mut next_fresh = 0usize;
-    let mut book = Book::default();
+    let mut book = Book {
+        claims,
+        ..Book::default()
+    };
+    let mut requests: Vec<surelink::proto::ClaimRequest> = Vec::new();
+    let mut unconfirmed: Vec<(u64, Option<Bytes>)> = Vec::new();
     let mut hostile = false;
     let mut reading = true;
 
@@ -388,6 +481,9 @@ pub fn receiver(data: &[u8]) {
                 let key = (key != 0).then(|| vec![key % 8 + 1]);
                 if let Ok(id) = honest.send_keyed(now, key.as_deref(), &payload) {
                     book.sent.insert(id, Bytes::from(payload));
+                    if let Some(k) = key {
+                        book.sent_keys.insert(id, Bytes::from(k));
+                    }
                 }
                 while let Some(d) = honest.poll_transmit() {
                     wire.push(d);
@@ -490,9 +586,31 @@ pub fn receiver(data: &[u8]) {
                 wire.clear();
                 next_fresh = 0;
                 book.sent.clear();
+                book.sent_keys.clear();
                 book.ids.clear();
+                book.claimed_ids.clear();
+                book.granted.clear();
+                book.settled.clear();
+                book.released.clear();
+                requests.clear();
+                unconfirmed.clear();
             }
             PeerOp::Reading(r) => reading = r,
+            PeerOp::Answer { index, outcome } => {
+                let fail = outcome % 4 == 3;
+                if !requests.is_empty() {
+                    let request = requests.swap_remove(usize::from(index) % requests.len());
+                    let answer = book.decide(request.id, request.key.as_ref(), fail);
+                    peer.receiver.claim_done(now, &request, answer);
+                } else if !unconfirmed.is_empty() {
+                    let (id, key) = unconfirmed.swap_remove(usize::from(index) % unconfirmed.len());
+                    let answer = book.decide(id, key.as_ref(), fail);
+                    if fail {
+                        book.released.insert(id);
+                    }
+                    peer.receiver.confirm(now, id, answer);
+                }
+            }
         }
         for d in datagrams {
             peer.handle_datagram(now, d);
@@ -503,12 +621,23 @@ pub fn receiver(data: &[u8]) {
                 honest.handle_ack(now, &a);
             }
         }
-        while honest.poll_event().is_some() {}
+        while let Some(event) = honest.poll_event() {
+            if let surelink::proto::SenderEvent::Acked { id, .. } = event {
+                book.check_ack(id, hostile);
+            }
+        }
+        while let Some(request) = peer.receiver.poll_claim() {
+            requests.push(request);
+        }
         book.note_deliveries(&peer, now);
         let keys_evicted = peer.receiver.stats().keys_evicted;
         while let Some(m) = reading.then(|| peer.receiver.poll_delivery()).flatten() {
             book.check(&m, keys_evicted, hostile);
+            if claims == Claims::Application {
+                unconfirmed.push((m.id, m.key.clone()));
+            }
         }
+        assert!(peer.receiver.stats().claims_pending <= PEER_MAX_PENDING);
         let r = peer.receiver.reassembly();
         assert!(r.bytes_buffered <= PEER_MAX_BYTES, "{r:?}");
         assert!(r.blocks_buffered <= PEER_MAX_BLOCKS, "{r:?}");
