@@ -323,7 +323,7 @@ async fn a_client_of_three_replicas_fails_over_when_its_replica_dies() {
         assert!(r.is_ok(), "payment {i}: {r:?}");
     }
     assert_eq!(all.len(), 600);
-    assert_eq!((s.failovers, s.reconnects), (1, 1));
+    assert_eq!((s.failovers, s.reconnects, s.standby_failovers), (1, 1, 1));
     assert!(!by[1].is_empty(), "the second replica took over");
     assert!(by[2].is_empty(), "the third was not needed");
 }
@@ -378,6 +378,7 @@ async fn a_silent_replica_is_given_up_after_failover_after_not_the_idle_timeout(
         store.len()
     );
     assert_eq!(s.failovers, 1);
+    assert_eq!(s.standby_failovers, 1, "the warm standby took over");
     assert_eq!(store.len(), 600);
     drop(listeners);
 }

@@ -226,6 +226,28 @@ impl Dialer {
         self.addrs.len()
     }
 
+    /// A warm standby: a connection (handshake and Hello done) to the first replica after
+    /// `current` that answers, trying each once per round and waiting `pause` between
+    /// rounds. The Hello carries `floor`; the replica takes the channel over from it.
+    pub(super) async fn standby(
+        self,
+        current: usize,
+        timeout: Duration,
+        pause: Duration,
+    ) -> (quinn::Connection, Attached) {
+        let n = self.addrs.len();
+        loop {
+            for step in 1..n {
+                let index = (current + step) % n;
+                match self.attempt(index, timeout).await {
+                    Ok(ready) => return ready,
+                    Err(e) => tracing::debug!(error = %e, replica = index, "standby failed"),
+                }
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
     /// Which replica `addr` is.
     pub(super) fn replica_of(&self, addr: SocketAddr) -> Option<usize> {
         self.addrs.iter().position(|a| *a == addr)

@@ -33,6 +33,8 @@ pub(super) enum Reattach {
 type Reply = oneshot::Sender<Result<Receipt, SendError>>;
 /// A redial in progress: the new connection and whether the server still had the channel.
 type Dialing = Pin<Box<dyn Future<Output = Result<(quinn::Connection, Attached), String>> + Send>>;
+/// A warm standby being dialled.
+type StandbyDialing = Pin<Box<dyn Future<Output = (quinn::Connection, Attached)> + Send>>;
 
 /// A message on the stream path.
 struct StreamSend {
@@ -68,6 +70,10 @@ enum Event {
     Command(Option<Command>),
     /// A new connection, and whether the peer still holds the channel's state.
     Attach(Result<(quinn::Connection, Attached), String>),
+    /// A warm standby connection is ready.
+    Standby(quinn::Connection, Attached),
+    /// The warm standby connection closed.
+    StandbyLost,
     /// The store answered a claim.
     Claimed(ClaimRequest, ClaimOutcome),
     /// The application took messages: room to hand over another.
@@ -152,6 +158,8 @@ pub(super) fn spawn(
         current,
         counters: ChannelStats::default(),
         waiting_since: None,
+        standby: None,
+        standby_dialing: None,
     };
     let span = tracing::debug_span!("surelink_channel", id = %hex(&id));
     tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
@@ -196,6 +204,9 @@ struct Driver {
     /// Since when messages have awaited their outcome with nothing heard from the peer
     /// (reset by every datagram received); drives `failover_after`.
     waiting_since: Option<Instant>,
+    /// A warm standby connection to another replica, ready to take over.
+    standby: Option<(quinn::Connection, Attached)>,
+    standby_dialing: Option<StandbyDialing>,
 }
 
 async fn read_datagram(conn: &Option<quinn::Connection>) -> Result<Bytes, quinn::ConnectionError> {
@@ -236,6 +247,26 @@ async fn next_connection(
     }
 }
 
+async fn next_standby(dialing: &mut Option<StandbyDialing>) -> (quinn::Connection, Attached) {
+    match dialing {
+        Some(f) => {
+            let r = f.as_mut().await;
+            *dialing = None;
+            r
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn standby_closed(standby: &Option<(quinn::Connection, Attached)>) {
+    match standby {
+        Some((c, _)) => {
+            c.closed().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -245,6 +276,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 impl Driver {
     async fn run(mut self) {
+        self.start_standby();
         let reason = loop {
             let conn = self.conn.clone();
             let timer = self.next_timer();
@@ -261,6 +293,8 @@ impl Driver {
                 Some((request, outcome)) = self.claims_rx.recv() => Event::Claimed(request, outcome),
                 c = self.commands.recv(), if self.commands_open => Event::Command(c),
                 a = next_connection(&mut self.reattach, &mut self.dialing) => Event::Attach(a),
+                (c, a) = next_standby(&mut self.standby_dialing) => Event::Standby(c, a),
+                _ = standby_closed(&self.standby) => Event::StandbyLost,
                 Ok(p) = self.delivered.clone().reserve_owned(), if self.peer.receiver.has_deliveries() => Event::Room(p),
                 _ = sleep_until(timer) => Event::Timer,
             };
@@ -346,6 +380,15 @@ impl Driver {
                 }
             }
             Event::Attach(Ok((c, attached))) => self.attach(now, c, attached),
+            Event::Standby(c, attached) => {
+                tracing::debug!(replica = %c.remote_address(), "surelink channel: warm standby ready");
+                self.standby = Some((c, attached));
+            }
+            Event::StandbyLost => {
+                tracing::debug!("surelink channel: warm standby lost");
+                self.standby = None;
+                self.start_standby();
+            }
             Event::Attach(Err(reason)) => return Some(reason),
             Event::Timer => {
                 if self.failover_deadline().is_some_and(|at| at <= now) {
@@ -496,6 +539,14 @@ impl Driver {
                 if !super::connect::retryable(&e) {
                     return Some(reason);
                 }
+                // A warm standby takes over at once (its Hello's floor is older, hence lower:
+                // the store judges the ids in between).
+                if let Some((conn, attached)) = self.standby.take() {
+                    self.standby_dialing = None;
+                    self.counters.standby_failovers += 1;
+                    self.attach(now, conn, attached);
+                    return None;
+                }
                 let mut dialer = (**dialer).clone();
                 dialer.floor = self.floor();
                 self.dialing = Some(Box::pin(
@@ -567,6 +618,7 @@ impl Driver {
         }
         self.detached_until = None;
         self.conn = Some(conn);
+        self.start_standby();
         let waiting: Vec<u64> = self
             .streams
             .iter()
@@ -576,6 +628,28 @@ impl Driver {
         for id in waiting {
             self.start_stream(id);
         }
+    }
+
+    /// Starts dialling a warm standby, for a channel over several replicas without one.
+    fn start_standby(&mut self) {
+        let Reattach::Dial(dialer) = &self.reattach else {
+            return;
+        };
+        if !self.config.warm_standby
+            || dialer.replicas() < 2
+            || self.standby.is_some()
+            || self.standby_dialing.is_some()
+        {
+            return;
+        }
+        let mut dialer = (**dialer).clone();
+        dialer.floor = self.floor();
+        let current = dialer.current;
+        let (timeout, pause) = (
+            self.config.reconnect.attempt_timeout,
+            self.config.reconnect.max_backoff,
+        );
+        self.standby_dialing = Some(Box::pin(dialer.standby(current, timeout, pause)));
     }
 
     /// The lowest message id still awaiting its outcome (datagram or stream path), or the
@@ -674,6 +748,8 @@ impl Driver {
         st.send_errors = self.counters.send_errors;
         st.reconnects = self.counters.reconnects;
         st.failovers = self.counters.failovers;
+        st.standby_failovers = self.counters.standby_failovers;
+        st.standby_ready = self.standby.is_some();
         st.stream_messages_sent = self.counters.stream_messages_sent;
         st.stream_messages_received = self.counters.stream_messages_received;
         st.udp_bytes_sent = self.counters.udp_bytes_sent;
@@ -799,6 +875,9 @@ impl Driver {
             }));
         }
         if let Some(c) = &self.conn {
+            c.close(0u32.into(), b"channel stopped");
+        }
+        if let Some((c, _)) = self.standby.take() {
             c.close(0u32.into(), b"channel stopped");
         }
         self.retire_connection();

@@ -110,6 +110,10 @@ pub struct Config {
     /// outcome, and fails over to the next replica (a dead replica is otherwise noticed only
     /// at the connection's idle timeout). Default 1 s.
     pub failover_after: Duration,
+    /// A channel over several replicas keeps a warm standby: a second connection, handshake
+    /// and Hello done, to the next replica that answers, so a failover does not wait for a
+    /// handshake. Default `true`.
+    pub warm_standby: bool,
     /// How long a claim may keep failing (the store unreachable) before the message is
     /// dropped unacked; claims are retried with doubling backoff meanwhile. Default 5 s.
     pub claim_timeout: Duration,
@@ -131,6 +135,7 @@ impl Default for Config {
             application_claims: false,
             claim_timeout: Duration::from_secs(5),
             failover_after: Duration::from_secs(1),
+            warm_standby: true,
         }
     }
 }
@@ -264,6 +269,10 @@ pub struct ChannelStats {
     /// Of those, connections to another replica than the one lost
     /// ([`Channel::connect_replicas`]).
     pub failovers: u64,
+    /// Of the failovers, those that moved to the warm standby (no handshake to wait for).
+    pub standby_failovers: u64,
+    /// Gauge: whether a warm standby connection is ready.
+    pub standby_ready: bool,
     /// Messages sent on streams.
     pub stream_messages_sent: u64,
     /// Messages received on streams (delivered or duplicate).
