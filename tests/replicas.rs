@@ -382,3 +382,97 @@ async fn a_silent_replica_is_given_up_after_failover_after_not_the_idle_timeout(
     assert_eq!(store.len(), 600);
     drop(listeners);
 }
+
+/// One run of 600 payments over two replicas sharing a store, the primary's path degraded to
+/// 30% loss each way from 1 s on; hedges go where `hedge_to` says. Returns the latencies and
+/// the client's stats, after checking every payment was acked and delivered once.
+async fn degraded_primary(
+    hedge_to: surelink::proto::HedgeTo,
+    seed: u64,
+) -> (Vec<Duration>, surelink::channel::ChannelStats) {
+    let pair = pair(seed);
+    let net = pair.net.clone().unwrap();
+    let client_addr = pair.client.local_addr().unwrap();
+    let store = Arc::new(MemoryStore::default());
+    let mut addrs = Vec::new();
+    let mut collectors = Vec::new();
+    for (addr, endpoint) in replicas(&pair, 2, &lossy(0.05)) {
+        addrs.push(addr);
+        let mut listener = Listener::new(endpoint, with_store(store.clone()));
+        collectors.push(tokio::spawn(async move {
+            let mut all = BTreeMap::new();
+            while let Ok(Some((_c, m))) =
+                tokio::time::timeout(Duration::from_secs(10), listener.accept()).await
+            {
+                for (i, n) in collect(m, Duration::from_secs(8)).await.unwrap() {
+                    *all.entry(i).or_insert(0u32) += n;
+                }
+            }
+            all
+        }));
+    }
+    let mut config = Config::default();
+    config.sender.hedge_to = hedge_to;
+    let (client, _m) = Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, config)
+        .await
+        .unwrap();
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move { send_paced(&client, 0..600, Duration::from_millis(5)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    net.set_link(client_addr, addrs[0], lossy(0.3));
+    net.set_link(addrs[0], client_addr, lossy(0.3));
+    let outcomes = sender.await.unwrap();
+    let mut total = BTreeMap::new();
+    for c in collectors {
+        for (i, n) in c.await.unwrap() {
+            *total.entry(i).or_insert(0u32) += n;
+        }
+    }
+    assert_once(&total);
+    let mut latencies = Vec::new();
+    for (i, r) in outcomes {
+        let receipt = r.unwrap_or_else(|e| panic!("payment {i}: {e}"));
+        assert!(total.contains_key(&i), "payment {i} acked, not delivered");
+        latencies.push(receipt.latency);
+    }
+    assert_eq!(store.len(), 600);
+    latencies.sort();
+    (latencies, client.stats())
+}
+
+#[tokio::test(start_paused = true)]
+async fn hedges_to_a_secondary_replica_are_delivered_once() {
+    // Same semantics whichever way hedges go; the copies to the secondary are counted. The
+    // tail is printed for comparison (`-- --nocapture`), not asserted: speed is measured, not
+    // tested.
+    use surelink::proto::HedgeTo;
+    for (hedge_to, seed) in [
+        (HedgeTo::Same, 36),
+        (HedgeTo::Both, 36),
+        (HedgeTo::Other, 36),
+    ] {
+        let (l, s) = degraded_primary(hedge_to, seed).await;
+        let q = |p: f64| l[((p * l.len() as f64).ceil() as usize).clamp(1, l.len()) - 1];
+        eprintln!(
+            "{hedge_to:?}: p50 {:?} p99 {:?} max {:?}; hedges {} (to the secondary {}, {} \
+             shards), failovers {}",
+            q(0.5),
+            q(0.99),
+            q(1.0),
+            s.sender.hedges_fired,
+            s.sender.hedges_to_secondary,
+            s.sender.secondary_shards,
+            s.failovers
+        );
+        if hedge_to == HedgeTo::Same {
+            assert_eq!(s.sender.hedges_to_secondary, 0);
+        } else {
+            assert!(
+                s.sender.hedges_to_secondary > 0,
+                "{hedge_to:?}: copies sent"
+            );
+        }
+    }
+}

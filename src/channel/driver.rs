@@ -14,7 +14,7 @@ use super::{Channel, ChannelId, ChannelStats, Command, Config, Messages, Receipt
 use crate::proto::{
     ClaimOutcome, ClaimRequest, Claims, Delivered, FailReason, Peer, SenderEvent, StreamStatus,
 };
-use crate::wire::{encode_stream_head, Envelope, MAX_KEY_LEN, STREAM_DELIVERED};
+use crate::wire::{encode_stream_head, Envelope, Frame, Limits, MAX_KEY_LEN, STREAM_DELIVERED};
 
 /// Where a new connection comes from when the current one is lost.
 pub(super) enum Reattach {
@@ -74,6 +74,8 @@ enum Event {
     Standby(quinn::Connection, Attached),
     /// The warm standby connection closed.
     StandbyLost,
+    /// A datagram from the warm standby (its acks of hedge copies).
+    StandbyDatagram(Bytes),
     /// The store answered a claim.
     Claimed(ClaimRequest, ClaimOutcome),
     /// The application took messages: room to hand over another.
@@ -279,6 +281,7 @@ impl Driver {
         self.start_standby();
         let reason = loop {
             let conn = self.conn.clone();
+            let standby = self.standby.as_ref().map(|(c, _)| c.clone());
             let timer = self.next_timer();
             let streams = self.config.streams;
             // Arrivals before timers: an ack and the hedge timer due at the same instant must
@@ -295,6 +298,7 @@ impl Driver {
                 a = next_connection(&mut self.reattach, &mut self.dialing) => Event::Attach(a),
                 (c, a) = next_standby(&mut self.standby_dialing) => Event::Standby(c, a),
                 _ = standby_closed(&self.standby) => Event::StandbyLost,
+                Ok(d) = read_datagram(&standby) => Event::StandbyDatagram(d),
                 Ok(p) = self.delivered.clone().reserve_owned(), if self.peer.receiver.has_deliveries() => Event::Room(p),
                 _ = sleep_until(timer) => Event::Timer,
             };
@@ -382,12 +386,21 @@ impl Driver {
             Event::Attach(Ok((c, attached))) => self.attach(now, c, attached),
             Event::Standby(c, attached) => {
                 tracing::debug!(replica = %c.remote_address(), "surelink channel: warm standby ready");
+                // Hedge copies only to a replica that judges by the shared claims store:
+                // anything else could deliver a copy as a second message.
+                self.peer.sender.set_secondary(attached == Attached::Claims);
                 self.standby = Some((c, attached));
             }
             Event::StandbyLost => {
                 tracing::debug!("surelink channel: warm standby lost");
                 self.standby = None;
+                self.peer.sender.set_secondary(false);
                 self.start_standby();
+            }
+            Event::StandbyDatagram(d) => {
+                if let Ok(Frame::Ack(ack)) = Frame::decode(d, &Limits::default()) {
+                    self.peer.sender.handle_secondary_ack(now, &ack);
+                }
             }
             Event::Attach(Err(reason)) => return Some(reason),
             Event::Timer => {
@@ -543,6 +556,7 @@ impl Driver {
                 // the store judges the ids in between).
                 if let Some((conn, attached)) = self.standby.take() {
                     self.standby_dialing = None;
+                    self.peer.sender.set_secondary(false);
                     self.counters.standby_failovers += 1;
                     self.attach(now, conn, attached);
                     return None;
@@ -690,6 +704,13 @@ impl Driver {
         while let Some((id, status)) = self.peer.receiver.poll_stream_answer() {
             if let Some(reply) = self.stream_waiting.remove(&id) {
                 let _ = reply.send(status);
+            }
+        }
+        while let Some(d) = self.peer.sender.poll_secondary() {
+            if let Some((c, _)) = &self.standby {
+                if c.send_datagram(d).is_err() {
+                    self.counters.send_errors += 1;
+                }
             }
         }
         while let Some(d) = self.peer.poll_transmit() {

@@ -146,6 +146,15 @@ impl Encoder {
         Self::with_cache(config, CodecCache::new())
     }
 
+    /// An encoder whose block ids start at `first_block` (a second id space on the same
+    /// connection, kept apart from the first).
+    pub fn starting_at(config: EncoderConfig, first_block: u64) -> Self {
+        Encoder {
+            next_block: first_block,
+            ..Self::new(config)
+        }
+    }
+
     /// An encoder that shares `cache` (for example with a [`super::Reassembler`]).
     pub fn with_cache(mut config: EncoderConfig, cache: CodecCache) -> Self {
         config.limits = config.limits.clamped();

@@ -31,7 +31,7 @@ pub use receiver::{
     ClaimOutcome, ClaimRequest, Claims, Delivered, Receiver, ReceiverConfig, ReceiverStats, Whole,
 };
 pub use rtt::RttEstimator;
-pub use sender::{FailReason, SendError, Sender, SenderConfig, SenderEvent, SenderStats};
+pub use sender::{FailReason, HedgeTo, SendError, Sender, SenderConfig, SenderEvent, SenderStats};
 
 use crate::wire::{
     decode_stream_message, DecodeError, Frame, Limits, STREAM_DELIVERED, STREAM_REFUSED,

@@ -84,6 +84,10 @@ pub struct SenderConfig {
     pub initial_rtt: Duration,
     /// Ack round-trip samples kept for the percentile. Default 512.
     pub rtt_samples: usize,
+    /// Where hedges go while a secondary replica is available. Default [`HedgeTo::Same`].
+    /// A copy on a secondary is delivered at most once only if the replicas share a claims
+    /// store: the caller marks a secondary available only then.
+    pub hedge_to: HedgeTo,
 }
 
 impl Default for SenderConfig {
@@ -107,6 +111,7 @@ impl Default for SenderConfig {
             max_in_flight: 4096,
             initial_rtt: Duration::from_millis(100),
             rtt_samples: 512,
+            hedge_to: HedgeTo::Same,
         }
     }
 }
@@ -200,7 +205,29 @@ pub struct SenderStats {
     pub peer_shards_received: u64,
     /// Shard frames sent (every kind).
     pub shards_sent: u64,
+    /// Hedges that sent a whole copy of a message to a secondary replica
+    /// ([`SenderConfig::hedge_to`]).
+    pub hedges_to_secondary: u64,
+    /// Shard frames sent to a secondary replica.
+    pub secondary_shards: u64,
 }
+
+/// Where a hedge goes when a secondary replica is available (see
+/// [`Sender::set_secondary`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HedgeTo {
+    /// Fresh repair shards to the same replica (the primary). The default.
+    #[default]
+    Same,
+    /// A whole copy of the message to the secondary instead.
+    Other,
+    /// Both: repair shards to the primary and a whole copy to the secondary.
+    Both,
+}
+
+/// Block ids of copies sent to a secondary start here, far from the primary's, so the two
+/// id spaces never meet on one connection (the secondary becomes primary at a failover).
+const SECONDARY_BLOCKS: u64 = 1 << 48;
 
 #[derive(Debug)]
 struct Message {
@@ -237,6 +264,11 @@ pub struct Sender {
     /// First-flight parity waiting out `repair_spacing`, in due order.
     spaced: VecDeque<(Instant, Bytes)>,
     out: VecDeque<Bytes>,
+    /// Whether a secondary replica can take hedge copies.
+    secondary: bool,
+    /// Encodes copies for the secondary, in their own block-id space.
+    copies: Encoder,
+    secondary_out: VecDeque<Bytes>,
     events: VecDeque<SenderEvent>,
     stats: SenderStats,
     loss: LossEstimator,
@@ -254,6 +286,7 @@ impl Sender {
             .unwrap_or_default();
         Sender {
             encoder: Encoder::new(config.encoder.clone()),
+            copies: Encoder::starting_at(config.encoder.clone(), SECONDARY_BLOCKS),
             rtt: RttEstimator::new(config.initial_rtt, config.rtt_samples),
             config,
             next_id: 0,
@@ -262,6 +295,8 @@ impl Sender {
             pending: VecDeque::new(),
             spaced: VecDeque::new(),
             out: VecDeque::new(),
+            secondary: false,
+            secondary_out: VecDeque::new(),
             events: VecDeque::new(),
             stats: SenderStats::default(),
             loss: LossEstimator::new(estimator),
@@ -506,6 +541,7 @@ impl Sender {
     pub fn set_max_datagram_size(&mut self, size: usize) {
         self.config.encoder.max_datagram_size = size;
         self.encoder.set_max_datagram_size(size);
+        self.copies.set_max_datagram_size(size);
     }
 
     /// Takes an ack from the peer.
@@ -516,6 +552,11 @@ impl Sender {
         // queueing, and a guard too long shifts shards in flight into the count).
         let guard = self.rtt.quantile(0.0);
         self.loss.on_ack(now, ack.shards_received, guard);
+        self.ack_ranges(now, ack);
+    }
+
+    /// Completes every message an ack's ranges name.
+    fn ack_ranges(&mut self, now: Instant, ack: &AckFrame) {
         let ack_delay = Duration::from_micros(ack.ack_delay_us);
         for range in &ack.ranges {
             let ids: Vec<u64> = self
@@ -612,6 +653,47 @@ impl Sender {
         self.out.pop_front()
     }
 
+    /// Whether a secondary replica (sharing the primary's claims store) can take hedge
+    /// copies now ([`SenderConfig::hedge_to`]).
+    pub fn set_secondary(&mut self, available: bool) {
+        self.secondary = available;
+        if !available {
+            self.secondary_out.clear();
+        }
+    }
+
+    /// The next datagram for the secondary replica.
+    #[must_use]
+    pub fn poll_secondary(&mut self) -> Option<Bytes> {
+        self.secondary_out.pop_front()
+    }
+
+    /// Takes an ack from the secondary replica: it acks messages like the primary's, but
+    /// its shard count says nothing about the primary's path, so the loss estimate skips it.
+    pub fn handle_secondary_ack(&mut self, now: Instant, ack: &AckFrame) {
+        self.ack_ranges(now, ack);
+    }
+
+    /// Queues a whole copy of each unacked message of block `block` for the secondary.
+    fn copy_to_secondary(&mut self, block: u64) {
+        let ids: Vec<(u64, Bytes)> = self
+            .messages
+            .iter()
+            .filter(|(_, m)| m.block == Some(block))
+            .map(|(&id, m)| (id, m.payload.clone()))
+            .collect();
+        for (id, payload) in ids {
+            let Ok(mut copy) = self.copies.encode(id, payload) else {
+                continue;
+            };
+            let mut frames = copy.data_frames();
+            frames.extend(copy.next_repair(1));
+            self.stats.hedges_to_secondary += 1;
+            self.stats.secondary_shards += frames.len() as u64;
+            self.secondary_out.extend(frames);
+        }
+    }
+
     /// The next outcome.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<SenderEvent> {
@@ -693,6 +775,22 @@ impl Sender {
                 return;
             }
         }
+        // A secondary replica gets a whole copy of the block's messages (its own reassembler
+        // holds none of the primary's shards); with `HedgeTo::Other` nothing more goes to the
+        // primary. Copies go over another path and are not charged to the hedge budget.
+        if self.secondary && self.config.hedge_to != HedgeTo::Same {
+            self.copy_to_secondary(id);
+            if self.config.hedge_to == HedgeTo::Other {
+                self.blocks.get_mut(&id).expect("caller listed it").hedges += 1;
+                if speculative {
+                    self.stats.hedges_fired += 1;
+                } else {
+                    self.stats.retransmits += 1;
+                }
+                return;
+            }
+        }
+        let b = self.blocks.get_mut(&id).expect("caller listed it");
         // The first hedge repairs a first flight that lost one shard too many (the usual case
         // under independent loss). A block still silent after that lost more, or all of it (a
         // burst, a blackout): each later resend carries a block's worth, `k` shards, so one
