@@ -14,8 +14,10 @@
 //! then a sequence number), so a server can spot duplicates across clients.
 //!
 //! Prints one JSON line: `{"mode":..,"sent":N,"acked":A,"failed":F,"p50_ms":..,"p90_ms":..,
-//! "p99_ms":..,"p999_ms":..,"max_ms":..,"wire_bytes":..,"payload_bytes":..,"failovers":..}`;
-//! `failovers` counts moves to another replica (0 for the baseline); latencies are of
+//! "p99_ms":..,"p999_ms":..,"max_ms":..,"wire_bytes":..,"payload_bytes":..,"failovers":..,
+//! "hedges_to_secondary":..}`; `failovers` counts moves to another replica and
+//! `hedges_to_secondary` hedges sent as copies to the warm standby replica (`--hedge-to
+//! other|both`; both 0 for the baseline); latencies are of
 //! acked payments; `wire_bytes` counts UDP payload bytes both ways. Exits 0 when every payment
 //! was acked; exits 1 when some were not, 2 (with a message on stderr) when it could not
 //! connect at all, for instance because the server requires a client certificate
@@ -29,7 +31,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use surelink::channel::{client_config_with, load_certs, Channel, Config, Identity, ServerTrust};
+use surelink::proto::HedgeTo;
 use surelink::sim::SERVER_NAME;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum HedgeTarget {
+    Same,
+    Other,
+    Both,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -77,6 +87,10 @@ struct Args {
     /// Transport.
     #[arg(long, value_enum, default_value_t = Mode::Surelink)]
     mode: Mode,
+    /// With several replicas: where hedges go while a warm standby is up (same: repair
+    /// shards to the primary; other: a copy to the standby; both).
+    #[arg(long, value_enum, default_value_t = HedgeTarget::Same)]
+    hedge_to: HedgeTarget,
     /// A payment not acked within this many milliseconds fails (surelink mode).
     #[arg(long, default_value_t = 5000)]
     deadline_ms: u64,
@@ -138,6 +152,11 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         Mode::Surelink => {
             let mut config = Config::default();
             config.sender.deadline = Duration::from_millis(args.deadline_ms);
+            config.sender.hedge_to = match args.hedge_to {
+                HedgeTarget::Same => HedgeTo::Same,
+                HedgeTarget::Other => HedgeTo::Other,
+                HedgeTarget::Both => HedgeTo::Both,
+            };
             // surelink's settings: ALPN surelink/1, BBR, no early data; reconnects with the
             // same channel id if the connection is lost.
             let tls = Some(client_config_with(
@@ -227,9 +246,12 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         (None, None) => 0,
     };
     let acked = latencies.len() as u64;
-    let failovers = channel.as_ref().map_or(0, |c| c.stats().failovers);
+    let (failovers, hedges_to_secondary) = channel.as_ref().map_or((0, 0), |c| {
+        let st = c.stats();
+        (st.failovers, st.sender.hedges_to_secondary)
+    });
     println!(
-        "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{},\"failovers\":{}}}",
+        "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{},\"failovers\":{},\"hedges_to_secondary\":{}}}",
         args.mode.name(),
         args.count,
         acked,
@@ -242,6 +264,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         wire_bytes,
         args.count * args.size.max(8) as u64,
         failovers,
+        hedges_to_secondary,
     );
     if let Some(c) = &channel {
         c.close();
