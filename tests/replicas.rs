@@ -476,3 +476,87 @@ async fn hedges_to_a_secondary_replica_are_delivered_once() {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_recovered_replica_rejoins_as_the_standby() {
+    // The preferred replica A is unreachable for the first 3 s: the client starts on B with
+    // C as its standby. A comes back; within a few upgrade rounds it replaces C as the
+    // standby, so when B dies at 12 s the channel moves to A.
+    let pair = Pair::new(PairConfig {
+        seed: 37,
+        client_to_server: LinkConfig {
+            blackouts: vec![Duration::ZERO..Duration::from_secs(3)],
+            ..lossy(0.05)
+        },
+        server_to_client: lossy(0.05),
+        congestion: Congestion::Bbr,
+        initial_rtt: Duration::from_millis(50),
+        idle_timeout: Duration::from_secs(1),
+        keep_alive: Some(Duration::from_millis(300)),
+        ..PairConfig::default()
+    })
+    .unwrap();
+    let net = pair.net.clone().unwrap();
+    let store = Arc::new(MemoryStore::default());
+    let mut addrs = Vec::new();
+    let mut collectors = Vec::new();
+    for (addr, endpoint) in replicas(&pair, 3, &lossy(0.05)) {
+        addrs.push(addr);
+        let mut listener = Listener::new(endpoint, with_store(store.clone()));
+        collectors.push(tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            while let Ok(Some((_c, m))) =
+                tokio::time::timeout(Duration::from_secs(20), listener.accept()).await
+            {
+                tasks.push(collect(m, Duration::from_secs(20)));
+            }
+            let mut all = BTreeMap::new();
+            for t in tasks {
+                for (i, n) in t.await.unwrap() {
+                    *all.entry(i).or_insert(0u32) += n;
+                }
+            }
+            all
+        }));
+    }
+    let (client, _m) =
+        Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, Config::default())
+            .await
+            .unwrap();
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move { send_paced(&client, 0..1500, Duration::from_millis(10)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(client.stats().standby_ready);
+    assert!(net.crash(addrs[1]), "B was up");
+    let outcomes = sender.await.unwrap();
+    let mut by = Vec::new();
+    for c in collectors {
+        by.push(c.await.unwrap());
+    }
+    let s = client.stats();
+    eprintln!(
+        "delivered by A, B, C: {:?}; failovers {} ({} to the standby)",
+        by.iter().map(BTreeMap::len).collect::<Vec<_>>(),
+        s.failovers,
+        s.standby_failovers
+    );
+    let mut total = BTreeMap::new();
+    for b in &by {
+        for (i, n) in b {
+            *total.entry(*i).or_insert(0u32) += n;
+        }
+    }
+    assert_once(&total);
+    for (i, r) in &outcomes {
+        assert!(r.is_ok(), "payment {i}: {r:?}");
+    }
+    assert_eq!(total.len(), 1500);
+    assert_eq!((s.failovers, s.standby_failovers), (1, 1));
+    assert!(!by[0].is_empty(), "A took over from B");
+    assert!(
+        by[2].is_empty(),
+        "C, the first standby, was replaced before it was needed"
+    );
+}

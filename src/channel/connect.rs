@@ -226,25 +226,24 @@ impl Dialer {
         self.addrs.len()
     }
 
-    /// A warm standby: a connection (handshake and Hello done) to the first replica after
-    /// `current` that answers, trying each once per round and waiting `pause` between
-    /// rounds. The Hello carries `floor`; the replica takes the channel over from it.
+    /// A warm standby: a connection (handshake and Hello done) to the first of `candidates`
+    /// (replica indices, preferred first) that answers, trying each once per round and
+    /// waiting `pause` between rounds (`None`: one round only). The Hello carries `floor`;
+    /// the replica takes the channel over from it.
     pub(super) async fn standby(
         self,
-        current: usize,
+        candidates: Vec<usize>,
         timeout: Duration,
-        pause: Duration,
-    ) -> (quinn::Connection, Attached) {
-        let n = self.addrs.len();
+        pause: Option<Duration>,
+    ) -> Option<(quinn::Connection, Attached)> {
         loop {
-            for step in 1..n {
-                let index = (current + step) % n;
+            for &index in &candidates {
                 match self.attempt(index, timeout).await {
-                    Ok(ready) => return ready,
+                    Ok(ready) => return Some(ready),
                     Err(e) => tracing::debug!(error = %e, replica = index, "standby failed"),
                 }
             }
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(pause?).await;
         }
     }
 

@@ -34,7 +34,11 @@ type Reply = oneshot::Sender<Result<Receipt, SendError>>;
 /// A redial in progress: the new connection and whether the server still had the channel.
 type Dialing = Pin<Box<dyn Future<Output = Result<(quinn::Connection, Attached), String>> + Send>>;
 /// A warm standby being dialled.
-type StandbyDialing = Pin<Box<dyn Future<Output = (quinn::Connection, Attached)> + Send>>;
+type StandbyDialing = Pin<Box<dyn Future<Output = Option<(quinn::Connection, Attached)>> + Send>>;
+
+/// How often a warm standby that is not the most preferred replica tries to move to a more
+/// preferred one (a replica that came back rejoins as the standby).
+const STANDBY_UPGRADE: Duration = Duration::from_secs(5);
 
 /// A message on the stream path.
 struct StreamSend {
@@ -70,8 +74,8 @@ enum Event {
     Command(Option<Command>),
     /// A new connection, and whether the peer still holds the channel's state.
     Attach(Result<(quinn::Connection, Attached), String>),
-    /// A warm standby connection is ready.
-    Standby(quinn::Connection, Attached),
+    /// A warm standby connection is ready (`None`: an upgrade round found none).
+    Standby(Option<(quinn::Connection, Attached)>),
     /// The warm standby connection closed.
     StandbyLost,
     /// A datagram from the warm standby (its acks of hedge copies).
@@ -160,6 +164,7 @@ pub(super) fn spawn(
         current,
         counters: ChannelStats::default(),
         waiting_since: None,
+        standby_upgrade_at: None,
         standby: None,
         standby_dialing: None,
     };
@@ -206,6 +211,8 @@ struct Driver {
     /// Since when messages have awaited their outcome with nothing heard from the peer
     /// (reset by every datagram received); drives `failover_after`.
     waiting_since: Option<Instant>,
+    /// When the standby next tries to move to a more preferred replica.
+    standby_upgrade_at: Option<Instant>,
     /// A warm standby connection to another replica, ready to take over.
     standby: Option<(quinn::Connection, Attached)>,
     standby_dialing: Option<StandbyDialing>,
@@ -249,7 +256,9 @@ async fn next_connection(
     }
 }
 
-async fn next_standby(dialing: &mut Option<StandbyDialing>) -> (quinn::Connection, Attached) {
+async fn next_standby(
+    dialing: &mut Option<StandbyDialing>,
+) -> Option<(quinn::Connection, Attached)> {
     match dialing {
         Some(f) => {
             let r = f.as_mut().await;
@@ -296,7 +305,7 @@ impl Driver {
                 Some((request, outcome)) = self.claims_rx.recv() => Event::Claimed(request, outcome),
                 c = self.commands.recv(), if self.commands_open => Event::Command(c),
                 a = next_connection(&mut self.reattach, &mut self.dialing) => Event::Attach(a),
-                (c, a) = next_standby(&mut self.standby_dialing) => Event::Standby(c, a),
+                s = next_standby(&mut self.standby_dialing) => Event::Standby(s),
                 _ = standby_closed(&self.standby) => Event::StandbyLost,
                 Ok(d) = read_datagram(&standby) => Event::StandbyDatagram(d),
                 Ok(p) = self.delivered.clone().reserve_owned(), if self.peer.receiver.has_deliveries() => Event::Room(p),
@@ -384,13 +393,18 @@ impl Driver {
                 }
             }
             Event::Attach(Ok((c, attached))) => self.attach(now, c, attached),
-            Event::Standby(c, attached) => {
+            Event::Standby(Some((c, attached))) => {
                 tracing::debug!(replica = %c.remote_address(), "surelink channel: warm standby ready");
+                if let Some((old, _)) = self.standby.take() {
+                    old.close(0u32.into(), b"replaced by a preferred replica");
+                }
                 // Hedge copies only to a replica that judges by the shared claims store:
                 // anything else could deliver a copy as a second message.
                 self.peer.sender.set_secondary(attached == Attached::Claims);
                 self.standby = Some((c, attached));
+                self.schedule_upgrade(now);
             }
+            Event::Standby(None) => self.schedule_upgrade(now),
             Event::StandbyLost => {
                 tracing::debug!("surelink channel: warm standby lost");
                 self.standby = None;
@@ -404,6 +418,10 @@ impl Driver {
             }
             Event::Attach(Err(reason)) => return Some(reason),
             Event::Timer => {
+                if self.standby_upgrade_at.is_some_and(|at| at <= now) {
+                    self.standby_upgrade_at = None;
+                    self.upgrade_standby();
+                }
                 if self.failover_deadline().is_some_and(|at| at <= now) {
                     tracing::info!("surelink channel: replica silent; failing over");
                     if let Some(c) = &self.conn {
@@ -659,11 +677,45 @@ impl Driver {
         let mut dialer = (**dialer).clone();
         dialer.floor = self.floor();
         let current = dialer.current;
+        let candidates = (0..dialer.replicas()).filter(|&i| i != current).collect();
         let (timeout, pause) = (
             self.config.reconnect.attempt_timeout,
             self.config.reconnect.max_backoff,
         );
-        self.standby_dialing = Some(Box::pin(dialer.standby(current, timeout, pause)));
+        self.standby_dialing = Some(Box::pin(dialer.standby(candidates, timeout, Some(pause))));
+    }
+
+    /// The replicas more preferred than the standby's (and not the one in use), in order.
+    fn better_standbys(&self) -> Vec<usize> {
+        let (Reattach::Dial(dialer), Some((standby, _))) = (&self.reattach, &self.standby) else {
+            return Vec::new();
+        };
+        let Some(at) = dialer.replica_of(standby.remote_address()) else {
+            return Vec::new();
+        };
+        (0..at).filter(|&i| i != dialer.current).collect()
+    }
+
+    /// Plans the next attempt to move the standby to a more preferred replica, if any.
+    fn schedule_upgrade(&mut self, now: Instant) {
+        self.standby_upgrade_at =
+            (!self.better_standbys().is_empty()).then_some(now + STANDBY_UPGRADE);
+    }
+
+    /// One round of dialling the replicas more preferred than the standby; one that answers
+    /// replaces it (a recovered replica rejoins as the standby).
+    fn upgrade_standby(&mut self) {
+        let candidates = self.better_standbys();
+        let Reattach::Dial(dialer) = &self.reattach else {
+            return;
+        };
+        if candidates.is_empty() || self.standby_dialing.is_some() {
+            return;
+        }
+        let mut dialer = (**dialer).clone();
+        dialer.floor = self.floor();
+        let timeout = self.config.reconnect.attempt_timeout;
+        self.standby_dialing = Some(Box::pin(dialer.standby(candidates, timeout, None)));
     }
 
     /// The lowest message id still awaiting its outcome (datagram or stream path), or the
