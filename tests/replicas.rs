@@ -560,3 +560,80 @@ async fn a_recovered_replica_rejoins_as_the_standby() {
         "C, the first standby, was replaced before it was needed"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_channel_moves_to_a_much_better_replica() {
+    // Two replicas sharing a store. From 2 s on the primary's path turns bad (30% loss and
+    // 150 ms each way); the standby's stays at 20 ms and 5%. The channel scores both, moves
+    // to the standby once it has measured several times better, and carries on: every
+    // payment acked and delivered once.
+    let pair = pair(38);
+    let net = pair.net.clone().unwrap();
+    let client_addr = pair.client.local_addr().unwrap();
+    let store = Arc::new(MemoryStore::default());
+    let mut addrs = Vec::new();
+    let mut collectors = Vec::new();
+    for (addr, endpoint) in replicas(&pair, 2, &lossy(0.05)) {
+        addrs.push(addr);
+        let mut listener = Listener::new(endpoint, with_store(store.clone()));
+        collectors.push(tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            while let Ok(Some((_c, m))) =
+                tokio::time::timeout(Duration::from_secs(15), listener.accept()).await
+            {
+                tasks.push(collect(m, Duration::from_secs(15)));
+            }
+            let mut all = BTreeMap::new();
+            for t in tasks {
+                for (i, n) in t.await.unwrap() {
+                    *all.entry(i).or_insert(0u32) += n;
+                }
+            }
+            all
+        }));
+    }
+    let (client, _m) =
+        Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, Config::default())
+            .await
+            .unwrap();
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move { send_paced(&client, 0..1000, Duration::from_millis(10)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bad = LinkConfig {
+        delay: Duration::from_millis(150),
+        ..lossy(0.3)
+    };
+    net.set_link(client_addr, addrs[0], bad.clone());
+    net.set_link(addrs[0], client_addr, bad);
+    let outcomes = sender.await.unwrap();
+    let mut by = Vec::new();
+    for c in collectors {
+        by.push(c.await.unwrap());
+    }
+    let s = client.stats();
+    eprintln!(
+        "delivered by A, B: {:?}; switches {}, failovers {}; scores {:?}",
+        by.iter().map(BTreeMap::len).collect::<Vec<_>>(),
+        s.switches,
+        s.failovers,
+        s.replica_scores
+    );
+    let mut total = BTreeMap::new();
+    for b in &by {
+        for (i, n) in b {
+            *total.entry(*i).or_insert(0u32) += n;
+        }
+    }
+    assert_once(&total);
+    for (i, r) in &outcomes {
+        assert!(r.is_ok(), "payment {i}: {r:?}");
+    }
+    assert_eq!(total.len(), 1000);
+    assert_eq!((s.switches, s.failovers), (1, 0));
+    assert!(
+        by[1].len() > 500,
+        "most payments after the switch went to B"
+    );
+}

@@ -40,6 +40,58 @@ type StandbyDialing = Pin<Box<dyn Future<Output = Option<(quinn::Connection, Att
 /// preferred one (a replica that came back rejoins as the standby).
 const STANDBY_UPGRADE: Duration = Duration::from_secs(5);
 
+/// How often the primary and the standby are scored ([`Config::switch_ratio`]).
+const RANK_EVERY: Duration = Duration::from_secs(1);
+
+/// Consecutive samples in which the standby must score better before the channel moves.
+const SWITCH_AFTER: u32 = 3;
+
+/// The least score difference (about milliseconds of round trip) worth a move: on a LAN or
+/// loopback, where round trips are fractions of a millisecond, ratios are noise.
+const SWITCH_MIN_GAIN_MS: f64 = 10.0;
+
+/// Scores of the replicas a channel is connected to.
+#[derive(Debug, Default)]
+struct Ranking {
+    /// Smoothed score per replica index (for the stats).
+    scores: Vec<Option<f64>>,
+    /// Smoothed round trip (ms) and packet loss per replica index; loss only once a sample
+    /// saw enough packets to say anything (an idle standby sends a keep-alive a second).
+    rtt: Vec<Option<f64>>,
+    loss: Vec<Option<f64>>,
+    /// (sent, lost) packet counters of the primary and the standby at the last sample.
+    primary_path: Option<(u64, u64)>,
+    standby_path: Option<(u64, u64)>,
+    /// Samples in a row in which the standby scored below `switch_ratio` of the primary.
+    better: u32,
+    next: Option<Instant>,
+}
+
+/// Packets a sample must cover before its loss counts.
+const LOSS_SAMPLE_MIN: u64 = 50;
+
+/// One sample of a connection: its round trip (ms) and, when enough packets went out since
+/// `last`, their loss.
+fn sample_path(conn: &quinn::Connection, last: &mut Option<(u64, u64)>) -> (f64, Option<f64>) {
+    let path = conn.stats().path;
+    let (sent, lost) = (path.sent_packets, path.lost_packets);
+    let loss = match *last {
+        Some((s0, l0)) if sent >= s0 + LOSS_SAMPLE_MIN => {
+            Some((lost.saturating_sub(l0) as f64 / (sent - s0) as f64).min(1.0))
+        }
+        _ => None,
+    };
+    if loss.is_some() || last.is_none() {
+        *last = Some((sent, lost));
+    }
+    (conn.rtt().as_secs_f64() * 1000.0, loss)
+}
+
+/// A score from a round trip and a loss rate: lower is better.
+fn score(rtt_ms: f64, loss: Option<f64>) -> f64 {
+    rtt_ms * (1.0 + 10.0 * loss.unwrap_or(0.0))
+}
+
 /// A message on the stream path.
 struct StreamSend {
     head: Bytes,
@@ -165,6 +217,8 @@ pub(super) fn spawn(
         counters: ChannelStats::default(),
         waiting_since: None,
         standby_upgrade_at: None,
+        ranking: Ranking::default(),
+        switching: false,
         standby: None,
         standby_dialing: None,
     };
@@ -213,6 +267,9 @@ struct Driver {
     waiting_since: Option<Instant>,
     /// When the standby next tries to move to a more preferred replica.
     standby_upgrade_at: Option<Instant>,
+    ranking: Ranking,
+    /// Set while moving to the standby on purpose (a switch, not a failover).
+    switching: bool,
     /// A warm standby connection to another replica, ready to take over.
     standby: Option<(quinn::Connection, Attached)>,
     standby_dialing: Option<StandbyDialing>,
@@ -288,6 +345,7 @@ async fn sleep_until(at: Option<Instant>) {
 impl Driver {
     async fn run(mut self) {
         self.start_standby();
+        self.ranking.next = Some(now() + RANK_EVERY);
         let reason = loop {
             let conn = self.conn.clone();
             let standby = self.standby.as_ref().map(|(c, _)| c.clone());
@@ -326,11 +384,17 @@ impl Driver {
             .filter(|s| s.running_on.is_none())
             .map(|s| s.deadline);
         let silence = self.failover_deadline();
-        [self.peer.poll_timeout(), self.detached_until, silence]
-            .into_iter()
-            .flatten()
-            .chain(waiting_streams)
-            .min()
+        [
+            self.peer.poll_timeout(),
+            self.detached_until,
+            silence,
+            self.standby_upgrade_at,
+            self.ranking.next,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(waiting_streams)
+        .min()
     }
 
     /// Handles one event; `Some(reason)` ends the channel.
@@ -402,6 +466,8 @@ impl Driver {
                 // anything else could deliver a copy as a second message.
                 self.peer.sender.set_secondary(attached == Attached::Claims);
                 self.standby = Some((c, attached));
+                self.ranking.standby_path = None;
+                self.ranking.better = 0;
                 self.schedule_upgrade(now);
             }
             Event::Standby(None) => self.schedule_upgrade(now),
@@ -418,6 +484,9 @@ impl Driver {
             }
             Event::Attach(Err(reason)) => return Some(reason),
             Event::Timer => {
+                if self.ranking.next.is_some_and(|at| at <= now) {
+                    self.rank(now);
+                }
                 if self.standby_upgrade_at.is_some_and(|at| at <= now) {
                     self.standby_upgrade_at = None;
                     self.upgrade_standby();
@@ -641,13 +710,23 @@ impl Driver {
         self.waiting_since = None;
         if let Reattach::Dial(dialer) = &mut self.reattach {
             if let Some(index) = dialer.replica_of(conn.remote_address()) {
-                if index != dialer.current {
+                if index != dialer.current && self.switching {
+                    self.counters.switches += 1;
+                    tracing::info!(
+                        replica = index,
+                        "surelink channel: switched to a better replica"
+                    );
+                } else if index != dialer.current {
                     self.counters.failovers += 1;
                     tracing::info!(replica = index, "surelink channel: failed over");
                 }
                 dialer.current = index;
             }
         }
+        self.switching = false;
+        self.ranking.primary_path = None;
+        self.ranking.better = 0;
+
         self.detached_until = None;
         self.conn = Some(conn);
         self.start_standby();
@@ -683,6 +762,79 @@ impl Driver {
             self.config.reconnect.max_backoff,
         );
         self.standby_dialing = Some(Box::pin(dialer.standby(candidates, timeout, Some(pause))));
+    }
+
+    /// Scores the primary and the standby; moves to the standby when it has scored much
+    /// better for [`SWITCH_AFTER`] samples in a row.
+    fn rank(&mut self, now: Instant) {
+        self.ranking.next = None;
+        let Reattach::Dial(dialer) = &self.reattach else {
+            return;
+        };
+        if dialer.replicas() < 2 {
+            return;
+        }
+        self.ranking.next = Some(now + RANK_EVERY);
+        let r = &mut self.ranking;
+        let n = dialer.replicas();
+        r.scores.resize(n, None);
+        r.rtt.resize(n, None);
+        r.loss.resize(n, None);
+        let smooth = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.7 * o + 0.3 * new));
+        let mut sample = |conn: &quinn::Connection, last: &mut Option<(u64, u64)>| {
+            let index = dialer.replica_of(conn.remote_address())?;
+            let (rtt, loss) = sample_path(conn, last);
+            r.rtt[index] = smooth(r.rtt[index], rtt);
+            if let Some(l) = loss {
+                r.loss[index] = smooth(r.loss[index], l);
+            }
+            r.scores[index] = r.rtt[index].map(|rtt| score(rtt, r.loss[index]));
+            Some(index)
+        };
+        let primary = self
+            .conn
+            .as_ref()
+            .and_then(|c| sample(c, &mut r.primary_path));
+        let standby = self
+            .standby
+            .as_ref()
+            .and_then(|(c, _)| sample(c, &mut r.standby_path));
+        let ratio = self.config.switch_ratio;
+        // Loss counts only where both replicas have a measure of it; otherwise the round
+        // trips alone decide.
+        let better = match (primary, standby) {
+            (Some(p), Some(s)) if ratio > 0.0 => {
+                let both = r.loss[p].is_some() && r.loss[s].is_some();
+                let of = |i: usize| {
+                    let rtt = r.rtt[i].unwrap_or(f64::INFINITY);
+                    score(rtt, if both { r.loss[i] } else { None })
+                };
+                of(s) < ratio * of(p) && of(p) - of(s) > SWITCH_MIN_GAIN_MS
+            }
+            _ => false,
+        };
+        r.better = if better { r.better + 1 } else { 0 };
+        if r.better >= SWITCH_AFTER {
+            self.switch_to_standby(now);
+        }
+    }
+
+    /// Moves to the warm standby on purpose: it measured much better than the primary. Like
+    /// a failover, unacked messages are re-sent there with their ids (the shared store
+    /// recognises those the old primary delivered).
+    fn switch_to_standby(&mut self, now: Instant) {
+        let Some((conn, attached)) = self.standby.take() else {
+            return;
+        };
+        if let Some(old) = &self.conn {
+            old.close(0u32.into(), b"switching to a better replica");
+        }
+        self.retire_connection();
+        self.standby_dialing = None;
+        self.ranking.standby_path = None;
+        self.peer.sender.set_secondary(false);
+        self.switching = true;
+        self.attach(now, conn, attached);
     }
 
     /// The replicas more preferred than the standby's (and not the one in use), in order.
@@ -823,6 +975,10 @@ impl Driver {
         st.failovers = self.counters.failovers;
         st.standby_failovers = self.counters.standby_failovers;
         st.standby_ready = self.standby.is_some();
+        st.switches = self.counters.switches;
+        if st.replica_scores != self.ranking.scores {
+            st.replica_scores = self.ranking.scores.clone();
+        }
         st.stream_messages_sent = self.counters.stream_messages_sent;
         st.stream_messages_received = self.counters.stream_messages_received;
         st.udp_bytes_sent = self.counters.udp_bytes_sent;

@@ -114,6 +114,11 @@ pub struct Config {
     /// and Hello done, to the next replica that answers, so a failover does not wait for a
     /// handshake. Default `true`.
     pub warm_standby: bool,
+    /// A channel over several replicas moves to its warm standby when the standby's score
+    /// (round trip × (1 + 10 × loss), sampled every second on both connections) stays below
+    /// this share of the primary's for three samples in a row. `0` never switches. Default
+    /// 0.5: a replica must be twice as good to be worth a move.
+    pub switch_ratio: f64,
     /// How long a claim may keep failing (the store unreachable) before the message is
     /// dropped unacked; claims are retried with doubling backoff meanwhile. Default 5 s.
     pub claim_timeout: Duration,
@@ -136,6 +141,7 @@ impl Default for Config {
             claim_timeout: Duration::from_secs(5),
             failover_after: Duration::from_secs(1),
             warm_standby: true,
+            switch_ratio: 0.5,
         }
     }
 }
@@ -271,6 +277,13 @@ pub struct ChannelStats {
     pub failovers: u64,
     /// Of the failovers, those that moved to the warm standby (no handshake to wait for).
     pub standby_failovers: u64,
+    /// Moves to the warm standby because it measured much better than the replica in use
+    /// (not counted in `failovers`; see [`Config::switch_ratio`]).
+    pub switches: u64,
+    /// Per replica ([`Channel::connect_replicas`] order): its score while this channel had
+    /// a connection to it, smoothed: round trip in milliseconds × (1 + 10 × packet loss).
+    /// `None` until measured. Lower is better.
+    pub replica_scores: Vec<Option<f64>>,
     /// Gauge: whether a warm standby connection is ready.
     pub standby_ready: bool,
     /// Messages sent on streams.
