@@ -261,6 +261,56 @@ async fn without_a_store_the_takeover_fails_unacked_messages_instead() {
     }
 }
 
+/// Listeners with `store` on each replica endpoint, and one task per replica that gathers
+/// what its channels deliver (a replica may see the channel more than once: as the standby,
+/// after failovers) until `idle` passes without a new channel or message.
+fn serve(
+    endpoints: Vec<(std::net::SocketAddr, quinn::Endpoint)>,
+    store: &Arc<MemoryStore>,
+    idle: Duration,
+) -> (
+    Vec<std::net::SocketAddr>,
+    Vec<tokio::task::JoinHandle<BTreeMap<u32, u32>>>,
+) {
+    let mut addrs = Vec::new();
+    let mut collectors = Vec::new();
+    for (addr, endpoint) in endpoints {
+        addrs.push(addr);
+        let mut listener = Listener::new(endpoint, with_store(store.clone()));
+        collectors.push(tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            while let Ok(Some((_c, m))) = tokio::time::timeout(idle, listener.accept()).await {
+                tasks.push(collect(m, idle));
+            }
+            let mut all = BTreeMap::new();
+            for t in tasks {
+                for (i, n) in t.await.unwrap() {
+                    *all.entry(i).or_insert(0u32) += n;
+                }
+            }
+            all
+        }));
+    }
+    (addrs, collectors)
+}
+
+/// Each replica's deliveries, and all of them together, checked: none delivered twice.
+async fn gather(
+    collectors: Vec<tokio::task::JoinHandle<BTreeMap<u32, u32>>>,
+) -> (Vec<BTreeMap<u32, u32>>, BTreeMap<u32, u32>) {
+    let mut by = Vec::new();
+    let mut total = BTreeMap::new();
+    for c in collectors {
+        let b = c.await.unwrap();
+        for (i, n) in &b {
+            *total.entry(*i).or_insert(0u32) += n;
+        }
+        by.push(b);
+    }
+    assert_once(&total);
+    (by, total)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_client_of_three_replicas_fails_over_when_its_replica_dies() {
     // Three replicas share one store; the client prefers the first. It dies at 1 s and never
@@ -268,27 +318,11 @@ async fn a_client_of_three_replicas_fails_over_when_its_replica_dies() {
     let pair = pair(34);
     let net = pair.net.clone().unwrap();
     let store = Arc::new(MemoryStore::default());
-    let mut listeners = Vec::new();
-    let mut addrs = Vec::new();
-    for (addr, endpoint) in replicas(&pair, 3, &lossy(0.05)) {
-        addrs.push(addr);
-        listeners.push(Listener::new(endpoint, with_store(store.clone())));
-    }
-    let collectors: Vec<_> = listeners
-        .into_iter()
-        .map(|mut l| {
-            tokio::spawn(async move {
-                let mut all = BTreeMap::new();
-                // Each replica may see the channel (once: its first connection).
-                if let Ok(Some((_c, m))) =
-                    tokio::time::timeout(Duration::from_secs(10), l.accept()).await
-                {
-                    all = collect(m, Duration::from_secs(5)).await.unwrap();
-                }
-                all
-            })
-        })
-        .collect();
+    let (addrs, collectors) = serve(
+        replicas(&pair, 3, &lossy(0.05)),
+        &store,
+        Duration::from_secs(5),
+    );
     let (client, _m) =
         Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, Config::default())
             .await
@@ -300,10 +334,7 @@ async fn a_client_of_three_replicas_fails_over_when_its_replica_dies() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(net.crash(addrs[0]));
     let outcomes = sender.await.unwrap();
-    let mut by: Vec<BTreeMap<u32, u32>> = Vec::new();
-    for c in collectors {
-        by.push(c.await.unwrap());
-    }
+    let (by, all) = gather(collectors).await;
     let s = client.stats();
     eprintln!(
         "delivered by replica {:?}; failovers {}, reconnects {}; claims {}",
@@ -312,13 +343,6 @@ async fn a_client_of_three_replicas_fails_over_when_its_replica_dies() {
         s.reconnects,
         store.len()
     );
-    let mut all = BTreeMap::new();
-    for b in &by {
-        for (i, n) in b {
-            *all.entry(*i).or_insert(0) += n;
-        }
-    }
-    assert_once(&all);
     for (i, r) in &outcomes {
         assert!(r.is_ok(), "payment {i}: {r:?}");
     }
@@ -394,25 +418,15 @@ async fn degraded_primary(
     let net = pair.net.clone().unwrap();
     let client_addr = pair.client.local_addr().unwrap();
     let store = Arc::new(MemoryStore::default());
-    let mut addrs = Vec::new();
-    let mut collectors = Vec::new();
-    for (addr, endpoint) in replicas(&pair, 2, &lossy(0.05)) {
-        addrs.push(addr);
-        let mut listener = Listener::new(endpoint, with_store(store.clone()));
-        collectors.push(tokio::spawn(async move {
-            let mut all = BTreeMap::new();
-            while let Ok(Some((_c, m))) =
-                tokio::time::timeout(Duration::from_secs(10), listener.accept()).await
-            {
-                for (i, n) in collect(m, Duration::from_secs(8)).await.unwrap() {
-                    *all.entry(i).or_insert(0u32) += n;
-                }
-            }
-            all
-        }));
-    }
+    let (addrs, collectors) = serve(
+        replicas(&pair, 2, &lossy(0.05)),
+        &store,
+        Duration::from_secs(10),
+    );
     let mut config = Config::default();
     config.sender.hedge_to = hedge_to;
+    // Stay on the degraded primary: this compares hedging, not moving.
+    config.switch_ratio = 0.0;
     let (client, _m) = Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, config)
         .await
         .unwrap();
@@ -424,13 +438,7 @@ async fn degraded_primary(
     net.set_link(client_addr, addrs[0], lossy(0.3));
     net.set_link(addrs[0], client_addr, lossy(0.3));
     let outcomes = sender.await.unwrap();
-    let mut total = BTreeMap::new();
-    for c in collectors {
-        for (i, n) in c.await.unwrap() {
-            *total.entry(i).or_insert(0u32) += n;
-        }
-    }
-    assert_once(&total);
+    let (_, total) = gather(collectors).await;
     let mut latencies = Vec::new();
     for (i, r) in outcomes {
         let receipt = r.unwrap_or_else(|e| panic!("payment {i}: {e}"));
@@ -457,14 +465,15 @@ async fn hedges_to_a_secondary_replica_are_delivered_once() {
         let q = |p: f64| l[((p * l.len() as f64).ceil() as usize).clamp(1, l.len()) - 1];
         eprintln!(
             "{hedge_to:?}: p50 {:?} p99 {:?} max {:?}; hedges {} (to the secondary {}, {} \
-             shards), failovers {}",
+             shards), failovers {}, switches {}",
             q(0.5),
             q(0.99),
             q(1.0),
             s.sender.hedges_fired,
             s.sender.hedges_to_secondary,
             s.sender.secondary_shards,
-            s.failovers
+            s.failovers,
+            s.switches
         );
         if hedge_to == HedgeTo::Same {
             assert_eq!(s.sender.hedges_to_secondary, 0);
@@ -498,27 +507,11 @@ async fn a_recovered_replica_rejoins_as_the_standby() {
     .unwrap();
     let net = pair.net.clone().unwrap();
     let store = Arc::new(MemoryStore::default());
-    let mut addrs = Vec::new();
-    let mut collectors = Vec::new();
-    for (addr, endpoint) in replicas(&pair, 3, &lossy(0.05)) {
-        addrs.push(addr);
-        let mut listener = Listener::new(endpoint, with_store(store.clone()));
-        collectors.push(tokio::spawn(async move {
-            let mut tasks = Vec::new();
-            while let Ok(Some((_c, m))) =
-                tokio::time::timeout(Duration::from_secs(20), listener.accept()).await
-            {
-                tasks.push(collect(m, Duration::from_secs(20)));
-            }
-            let mut all = BTreeMap::new();
-            for t in tasks {
-                for (i, n) in t.await.unwrap() {
-                    *all.entry(i).or_insert(0u32) += n;
-                }
-            }
-            all
-        }));
-    }
+    let (addrs, collectors) = serve(
+        replicas(&pair, 3, &lossy(0.05)),
+        &store,
+        Duration::from_secs(20),
+    );
     let (client, _m) =
         Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, Config::default())
             .await
@@ -531,10 +524,7 @@ async fn a_recovered_replica_rejoins_as_the_standby() {
     assert!(client.stats().standby_ready);
     assert!(net.crash(addrs[1]), "B was up");
     let outcomes = sender.await.unwrap();
-    let mut by = Vec::new();
-    for c in collectors {
-        by.push(c.await.unwrap());
-    }
+    let (by, total) = gather(collectors).await;
     let s = client.stats();
     eprintln!(
         "delivered by A, B, C: {:?}; failovers {} ({} to the standby)",
@@ -542,13 +532,6 @@ async fn a_recovered_replica_rejoins_as_the_standby() {
         s.failovers,
         s.standby_failovers
     );
-    let mut total = BTreeMap::new();
-    for b in &by {
-        for (i, n) in b {
-            *total.entry(*i).or_insert(0u32) += n;
-        }
-    }
-    assert_once(&total);
     for (i, r) in &outcomes {
         assert!(r.is_ok(), "payment {i}: {r:?}");
     }
@@ -571,27 +554,11 @@ async fn a_channel_moves_to_a_much_better_replica() {
     let net = pair.net.clone().unwrap();
     let client_addr = pair.client.local_addr().unwrap();
     let store = Arc::new(MemoryStore::default());
-    let mut addrs = Vec::new();
-    let mut collectors = Vec::new();
-    for (addr, endpoint) in replicas(&pair, 2, &lossy(0.05)) {
-        addrs.push(addr);
-        let mut listener = Listener::new(endpoint, with_store(store.clone()));
-        collectors.push(tokio::spawn(async move {
-            let mut tasks = Vec::new();
-            while let Ok(Some((_c, m))) =
-                tokio::time::timeout(Duration::from_secs(15), listener.accept()).await
-            {
-                tasks.push(collect(m, Duration::from_secs(15)));
-            }
-            let mut all = BTreeMap::new();
-            for t in tasks {
-                for (i, n) in t.await.unwrap() {
-                    *all.entry(i).or_insert(0u32) += n;
-                }
-            }
-            all
-        }));
-    }
+    let (addrs, collectors) = serve(
+        replicas(&pair, 2, &lossy(0.05)),
+        &store,
+        Duration::from_secs(15),
+    );
     let (client, _m) =
         Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, Config::default())
             .await
@@ -608,10 +575,7 @@ async fn a_channel_moves_to_a_much_better_replica() {
     net.set_link(client_addr, addrs[0], bad.clone());
     net.set_link(addrs[0], client_addr, bad);
     let outcomes = sender.await.unwrap();
-    let mut by = Vec::new();
-    for c in collectors {
-        by.push(c.await.unwrap());
-    }
+    let (by, total) = gather(collectors).await;
     let s = client.stats();
     eprintln!(
         "delivered by A, B: {:?}; switches {}, failovers {}; scores {:?}",
@@ -620,13 +584,6 @@ async fn a_channel_moves_to_a_much_better_replica() {
         s.failovers,
         s.replica_scores
     );
-    let mut total = BTreeMap::new();
-    for b in &by {
-        for (i, n) in b {
-            *total.entry(*i).or_insert(0u32) += n;
-        }
-    }
-    assert_once(&total);
     for (i, r) in &outcomes {
         assert!(r.is_ok(), "payment {i}: {r:?}");
     }
