@@ -594,3 +594,8 @@ async fn a_channel_moves_to_a_much_better_replica() {
         "most payments after the switch went to B"
     );
 }
+
+#[tokio::test]
+async fn the_memory_store_has_the_claim_semantics() {
+    common::check_claim_semantics(&MemoryStore::default()).await;
+}

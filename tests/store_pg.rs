@@ -32,34 +32,7 @@ async fn a_message_or_key_is_claimed_once() {
         return;
     };
     let store = PgStore::connect(&url, DAY).await.unwrap();
-    assert_eq!(store.claim(&claim(1, 0, None)).await.unwrap(), Claimed::Now);
-    assert_eq!(
-        store.claim(&claim(1, 0, None)).await.unwrap(),
-        Claimed::Before
-    );
-    assert_eq!(store.claim(&claim(2, 0, None)).await.unwrap(), Claimed::Now);
-    assert_eq!(
-        store.claim(&claim(1, 1, Some("order-1"))).await.unwrap(),
-        Claimed::Now
-    );
-    // The same key under another id, on another channel: claimed before.
-    assert_eq!(
-        store.claim(&claim(3, 9, Some("order-1"))).await.unwrap(),
-        Claimed::Before
-    );
-    assert!(store.lookup(&claim(3, 7, Some("order-1"))).await.unwrap());
-    assert!(!store.lookup(&claim(3, 7, None)).await.unwrap());
-    assert!(
-        !store.lookup(&claim(3, 9, None)).await.unwrap(),
-        "the refused claim recorded nothing"
-    );
-    // Ids use the whole 62-bit varint range.
-    let big = (1u64 << 62) - 1;
-    assert_eq!(
-        store.claim(&claim(1, big, None)).await.unwrap(),
-        Claimed::Now
-    );
-    assert!(store.lookup(&claim(1, big, None)).await.unwrap());
+    common::check_claim_semantics(&store).await;
 }
 
 #[tokio::test]

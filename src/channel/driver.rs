@@ -313,6 +313,14 @@ async fn next_connection(
     }
 }
 
+/// A slot in the hand-off queue once the application takes a message. The sender is cloned
+/// only when the branch is polled (a disabled `select!` branch is built but never polled).
+async fn room(
+    delivered: &mpsc::Sender<Delivered>,
+) -> Result<mpsc::OwnedPermit<Delivered>, mpsc::error::SendError<()>> {
+    delivered.clone().reserve_owned().await
+}
+
 async fn next_standby(
     dialing: &mut Option<StandbyDialing>,
 ) -> Option<(quinn::Connection, Attached)> {
@@ -366,7 +374,7 @@ impl Driver {
                 s = next_standby(&mut self.standby_dialing) => Event::Standby(s),
                 _ = standby_closed(&self.standby) => Event::StandbyLost,
                 Ok(d) = read_datagram(&standby) => Event::StandbyDatagram(d),
-                Ok(p) = self.delivered.clone().reserve_owned(), if self.peer.receiver.has_deliveries() => Event::Room(p),
+                Ok(p) = room(&self.delivered), if self.peer.receiver.has_deliveries() => Event::Room(p),
                 _ = sleep_until(timer) => Event::Timer,
             };
             if let Some(reason) = self.handle(event) {

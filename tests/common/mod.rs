@@ -109,3 +109,43 @@ pub async fn fresh_database(name: &str) -> Option<String> {
     let base = url.rsplit_once('/').unwrap().0;
     Some(format!("{base}/{db}"))
 }
+
+/// The claim semantics every `DedupeStore` must have, checked on a fresh `store`: a message
+/// (channel id + message id) or an idempotency key (across channels) is claimed once; a
+/// refused claim records nothing; message ids use the whole 62-bit range.
+pub async fn check_claim_semantics(store: &dyn surelink::store::DedupeStore) {
+    use surelink::store::{Claim, Claimed};
+    let claim = |channel: u8, message: u64, key: Option<&str>| Claim {
+        channel: [channel; 16],
+        message,
+        key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+    };
+    assert_eq!(store.claim(&claim(1, 0, None)).await.unwrap(), Claimed::Now);
+    assert_eq!(
+        store.claim(&claim(1, 0, None)).await.unwrap(),
+        Claimed::Before
+    );
+    // Same id on another channel: another message.
+    assert_eq!(store.claim(&claim(2, 0, None)).await.unwrap(), Claimed::Now);
+    assert_eq!(
+        store.claim(&claim(1, 1, Some("order-1"))).await.unwrap(),
+        Claimed::Now
+    );
+    // The same key under another id, on another channel: claimed before.
+    assert_eq!(
+        store.claim(&claim(3, 9, Some("order-1"))).await.unwrap(),
+        Claimed::Before
+    );
+    assert!(store.lookup(&claim(3, 7, Some("order-1"))).await.unwrap());
+    assert!(!store.lookup(&claim(3, 7, None)).await.unwrap());
+    assert!(
+        !store.lookup(&claim(3, 9, None)).await.unwrap(),
+        "the refused claim recorded nothing"
+    );
+    let big = (1u64 << 62) - 1;
+    assert_eq!(
+        store.claim(&claim(1, big, None)).await.unwrap(),
+        Claimed::Now
+    );
+    assert!(store.lookup(&claim(1, big, None)).await.unwrap());
+}
