@@ -154,13 +154,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let channels: Arc<Mutex<Vec<Channel>>> = Arc::default();
     let registry = Server::new(config);
+    // Every connection's task, so that shutdown can wait for them to take what was acked.
+    let serving: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
     let accept = {
         let (endpoint, tally, channels) = (endpoint.clone(), tally.clone(), channels.clone());
+        let serving = serving.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let (tally, channels, registry) =
                     (tally.clone(), channels.clone(), registry.clone());
-                tokio::spawn(async move {
+                let mut serving = serving.lock().unwrap();
+                serving.retain(|t| !t.is_finished());
+                serving.push(tokio::spawn(async move {
                     let peer = incoming.remote_address();
                     let conn = match incoming.await {
                         Ok(conn) => conn,
@@ -170,7 +175,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         }
                     };
                     serve(conn, registry, tally, channels).await;
-                });
+                }));
             }
         })
     };
@@ -190,6 +195,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     accept.abort();
+    // Stop: close every connection (the close reaches clients, who fail over at once), then
+    // let each channel hand over what it already acked before counting.
+    endpoint.close(0u32.into(), b"server exiting");
+    let tasks: Vec<_> = serving.lock().unwrap().drain(..).collect();
+    let drained = async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drained).await;
     let invalid: u64 = channels
         .lock()
         .unwrap()
@@ -205,9 +220,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             invalid + t.invalid_frames
         );
     }
-    endpoint.close(0u32.into(), b"server exiting");
-    // Let the close reach the clients (they fail over at once instead of waiting out their
-    // idle timeout), but not for long.
+    // Let the close reach the clients, but not for long.
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     Ok(())
 }

@@ -1085,22 +1085,6 @@ impl Driver {
     fn finish(mut self, reason: String) {
         tracing::debug!(%reason, "surelink channel: stopped");
         self.flush();
-        // Messages acked but still queued here reach the application all the same.
-        let mut rest = Vec::new();
-        while let Some(message) = self.peer.receiver.poll_delivery() {
-            rest.push(message);
-        }
-        if !rest.is_empty() {
-            let delivered = self.delivered.clone();
-            tokio::spawn(async move {
-                for message in rest {
-                    let Ok(permit) = delivered.reserve().await else {
-                        return;
-                    };
-                    deliver(permit, message);
-                }
-            });
-        }
         for (_, reply) in self.waiting.drain() {
             let _ = reply.send(Err(SendError::ConnectionLost {
                 reason: reason.clone(),
@@ -1127,6 +1111,34 @@ impl Driver {
                 server.remove_closed(&self.id);
             }
         }
+        // Messages acked but still queued here reach the application all the same, and so
+        // do those whose claim is being made now: a claim that succeeds records a delivery
+        // (a retry elsewhere will find it claimed), so its message must be delivered.
+        let (mut peer, mut claims, delivered) = (self.peer, self.claims_rx, self.delivered);
+        let claim_timeout = self.config.claim_timeout;
+        if !peer.receiver.has_deliveries() && peer.receiver.stats().claims_pending == 0 {
+            return;
+        }
+        tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now() + claim_timeout;
+            loop {
+                while let Some(message) = peer.receiver.poll_delivery() {
+                    let Ok(permit) = delivered.reserve().await else {
+                        return;
+                    };
+                    deliver(permit, message);
+                }
+                if peer.receiver.stats().claims_pending == 0 {
+                    return;
+                }
+                match tokio::time::timeout_at(give_up, claims.recv()).await {
+                    Ok(Some((request, outcome))) => {
+                        peer.receiver.claim_done(now(), &request, outcome);
+                    }
+                    _ => return,
+                }
+            }
+        });
     }
 }
 
