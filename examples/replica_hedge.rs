@@ -96,8 +96,8 @@ async fn run(args: &Args, mode: Mode, seed: u64) -> (Vec<Duration>, usize, u64) 
         store: Some(store),
         ..Config::default()
     };
-    let standby_endpoint = Pair::server_endpoint(&net, standby, pair.server_config.clone())
-        .expect("standby endpoint");
+    let standby_endpoint =
+        Pair::server_endpoint(&net, standby, pair.server_config.clone()).expect("standby endpoint");
     let mut servers = Vec::new();
     for endpoint in [pair.server.clone(), standby_endpoint] {
         let mut listener = Listener::new(endpoint, server_config.clone());
