@@ -294,6 +294,32 @@ fn serve(
     (addrs, collectors)
 }
 
+/// A client of the replicas at `addrs` ([`Channel::connect_replicas`]) sending `n` payments,
+/// one every `every_ms`, in a task whose result is their outcomes.
+async fn start_client(
+    pair: &Pair,
+    addrs: &[std::net::SocketAddr],
+    config: Config,
+    n: u32,
+    every_ms: u64,
+) -> (
+    Channel,
+    Messages,
+    tokio::task::JoinHandle<Vec<(u32, Result<surelink::channel::Receipt, SendError>)>>,
+) {
+    let (client, messages) =
+        Channel::connect_replicas(&pair.client, addrs, SERVER_NAME, None, config)
+            .await
+            .unwrap();
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(
+            async move { send_paced(&client, 0..n, Duration::from_millis(every_ms)).await },
+        )
+    };
+    (client, messages, sender)
+}
+
 /// Each replica's deliveries, and all of them together, checked: none delivered twice.
 async fn gather(
     collectors: Vec<tokio::task::JoinHandle<BTreeMap<u32, u32>>>,
@@ -323,14 +349,7 @@ async fn a_client_of_three_replicas_fails_over_when_its_replica_dies() {
         &store,
         Duration::from_secs(5),
     );
-    let (client, _m) =
-        Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, Config::default())
-            .await
-            .unwrap();
-    let sender = {
-        let client = client.clone();
-        tokio::spawn(async move { send_paced(&client, 0..600, Duration::from_millis(5)).await })
-    };
+    let (client, _m, sender) = start_client(&pair, &addrs, Config::default(), 600, 5).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(net.crash(addrs[0]));
     let outcomes = sender.await.unwrap();
@@ -376,14 +395,7 @@ async fn a_silent_replica_is_given_up_after_failover_after_not_the_idle_timeout(
         addrs.push(addr);
         listeners.push(Listener::new(endpoint, with_store(store.clone())));
     }
-    let (client, _m) =
-        Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, Config::default())
-            .await
-            .unwrap();
-    let sender = {
-        let client = client.clone();
-        tokio::spawn(async move { send_paced(&client, 0..600, Duration::from_millis(5)).await })
-    };
+    let (client, _m, sender) = start_client(&pair, &addrs, Config::default(), 600, 5).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(net.crash(addrs[0]));
     let outcomes = sender.await.unwrap();
@@ -427,13 +439,7 @@ async fn degraded_primary(
     config.sender.hedge_to = hedge_to;
     // Stay on the degraded primary: this compares hedging, not moving.
     config.switch_ratio = 0.0;
-    let (client, _m) = Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, config)
-        .await
-        .unwrap();
-    let sender = {
-        let client = client.clone();
-        tokio::spawn(async move { send_paced(&client, 0..600, Duration::from_millis(5)).await })
-    };
+    let (client, _m, sender) = start_client(&pair, &addrs, config, 600, 5).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     net.set_link(client_addr, addrs[0], lossy(0.3));
     net.set_link(addrs[0], client_addr, lossy(0.3));
@@ -512,14 +518,7 @@ async fn a_recovered_replica_rejoins_as_the_standby() {
         &store,
         Duration::from_secs(20),
     );
-    let (client, _m) =
-        Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, Config::default())
-            .await
-            .unwrap();
-    let sender = {
-        let client = client.clone();
-        tokio::spawn(async move { send_paced(&client, 0..1500, Duration::from_millis(10)).await })
-    };
+    let (client, _m, sender) = start_client(&pair, &addrs, Config::default(), 1500, 10).await;
     tokio::time::sleep(Duration::from_secs(12)).await;
     assert!(client.stats().standby_ready);
     assert!(net.crash(addrs[1]), "B was up");
@@ -559,14 +558,7 @@ async fn a_channel_moves_to_a_much_better_replica() {
         &store,
         Duration::from_secs(15),
     );
-    let (client, _m) =
-        Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, Config::default())
-            .await
-            .unwrap();
-    let sender = {
-        let client = client.clone();
-        tokio::spawn(async move { send_paced(&client, 0..1000, Duration::from_millis(10)).await })
-    };
+    let (client, _m, sender) = start_client(&pair, &addrs, Config::default(), 1000, 10).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let bad = LinkConfig {
         delay: Duration::from_millis(150),
