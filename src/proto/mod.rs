@@ -18,6 +18,7 @@
 //!   hedge, not a failure.
 
 mod dedupe;
+pub mod link;
 mod receiver;
 mod rtt;
 mod sender;
@@ -27,6 +28,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 pub use dedupe::{DedupeWindow, KeyWindow, Seen};
+pub use link::Link;
 pub use receiver::{
     ClaimOutcome, ClaimRequest, Claims, Delivered, Receiver, ReceiverConfig, ReceiverStats, Whole,
 };

@@ -1,0 +1,1820 @@
+//! The channel's whole policy as a sans-I/O state machine: a [`Link`].
+//!
+//! A [`Peer`] decides about shards and acks on one connection; a `Link` owns the peer and
+//! decides everything around it that a [`Channel`](crate::channel::Channel) used to decide
+//! in its async driver: which connection is in use, when to reconnect, back off or give up,
+//! when to fail over to another replica or to the warm standby, when to switch to a better
+//! replica, how each send's outcome is reported (datagram path and stream path), how claims
+//! are retried, when delivered messages are handed to the application, and how the channel
+//! shuts down.
+//!
+//! It is driven like quinn-proto's `Connection`: feed it `(now, input)` with
+//! [`Link::handle`], then drain [`Link::poll_action`] and sleep until [`Link::poll_timeout`]
+//! (then feed [`Input::Timer`]). It never reads a clock, opens a socket or spawns a task:
+//! connections, dials, streams, claims and sends are opaque ids chosen by the caller, so
+//! every decision can be tested deterministically with virtual `Instant`s.
+//!
+//! # The driver's part
+//!
+//! The async shell (`channel/driver.rs`) turns quinn and tokio events into [`Input`]s and
+//! performs each [`Action`]: it sends datagrams, dials, closes connections, runs streams and
+//! store calls, and moves messages to and from the application. It decides nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{
+    ClaimOutcome, ClaimRequest, Claims, Delivered, FailReason, Peer, ReceiverConfig, SenderConfig,
+    SenderEvent, StreamStatus,
+};
+use crate::wire::{encode_stream_head, Envelope, Frame, Limits, MAX_KEY_LEN, STREAM_DELIVERED};
+
+#[cfg(test)]
+mod tests;
+
+/// A connection, as the driver names it. Ids are never reused within one link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// How a client channel reconnects after its connection is lost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reconnect {
+    /// Wait before the second attempt (the first is immediate). Default 20 ms.
+    pub first_backoff: Duration,
+    /// Longest wait between attempts (the wait doubles). Default 1 s.
+    pub max_backoff: Duration,
+    /// Give up this long after the loss; every message in flight then fails with
+    /// [`SendError::ConnectionLost`]. Default 10 s.
+    pub give_up_after: Duration,
+    /// Longest one connection attempt (handshake and Hello) may take before the next one
+    /// starts (on the next replica, for a channel with several). Default 2 s.
+    pub attempt_timeout: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            first_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_secs(1),
+            give_up_after: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What a server said, answering a Hello, about the channel's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// It holds no state for the channel: unacked messages must not be re-sent.
+    New,
+    /// It still holds the channel: unacked messages are re-sent with their ids.
+    Resumed,
+    /// It did not hold the channel but claims every delivery in a shared store: unacked
+    /// messages are re-sent with their ids; its own ids start over.
+    Claims,
+}
+
+/// Which end of a channel a link is, and where its next connection comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A channel over one connection the application gave it: it ends with that connection.
+    Plain,
+    /// A client over `replicas` servers (at least one), connected first to `current`: it
+    /// redials, fails over and keeps a warm standby.
+    Client {
+        /// How many replicas (addresses) the driver can dial, by index.
+        replicas: usize,
+        /// The replica of the first connection.
+        current: usize,
+        /// What the first connection's server answered.
+        attached: Attached,
+    },
+    /// A server: when the connection is lost it waits [`LinkConfig::channel_ttl`] for the
+    /// client to come back ([`Input::Reattached`]).
+    Server,
+}
+
+/// Settings of a [`Link`] (the channel's [`Config`](crate::channel::Config) without the
+/// driver's parts).
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// The sending half.
+    pub sender: SenderConfig,
+    /// The receiving half (its `claims` says who claims deliveries).
+    pub receiver: ReceiverConfig,
+    /// Messages above this many bytes (envelope included) travel on a stream.
+    pub stream_threshold: usize,
+    /// Whether the stream path is used.
+    pub streams: bool,
+    /// How a client reconnects.
+    pub reconnect: Reconnect,
+    /// How long a server keeps a channel whose connection was lost.
+    pub channel_ttl: Duration,
+    /// Silence (while messages await outcomes) after which a client of several replicas
+    /// fails over.
+    pub failover_after: Duration,
+    /// Whether a client of several replicas keeps a warm standby.
+    pub warm_standby: bool,
+    /// The standby's score must stay below this share of the primary's to switch (`0`:
+    /// never).
+    pub switch_ratio: f64,
+    /// How long a claim may keep failing before its message is dropped unacked.
+    pub claim_timeout: Duration,
+    /// Longest one claim attempt may take; past it the attempt counts as failed (a hung
+    /// store becomes an error, retried until `claim_timeout`).
+    pub claim_attempt_timeout: Duration,
+    /// Delivered messages handed to the application and not yet taken ([`Input::Took`]).
+    pub handoff: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            sender: SenderConfig::default(),
+            receiver: ReceiverConfig::default(),
+            stream_threshold: 8 * 1024,
+            streams: true,
+            reconnect: Reconnect::default(),
+            channel_ttl: Duration::from_secs(60),
+            failover_after: Duration::from_secs(1),
+            warm_standby: true,
+            switch_ratio: 0.5,
+            claim_timeout: Duration::from_secs(5),
+            claim_attempt_timeout: Duration::from_secs(1),
+            handoff: 4,
+        }
+    }
+}
+
+/// What the application learns when a message was acknowledged: it was delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The message id on this channel.
+    pub id: u64,
+    /// From `send` to the ack.
+    pub latency: Duration,
+    /// Shards sent for the message's block (0 for a message sent on a stream).
+    pub shards_sent: usize,
+    /// Hedges and retransmissions sent for it.
+    pub hedges: u32,
+}
+
+/// Why a message has no receipt. Every variant says whether the message may have been
+/// delivered; where it may, retry with the same idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// No ack before the deadline: the outcome is unknown.
+    #[error("message {id}: no ack before the deadline; outcome unknown, retry with the same idempotency key")]
+    Timeout {
+        /// The message id.
+        id: u64,
+    },
+    /// The connection was lost (and not regained) while the message was in flight: the
+    /// outcome is unknown.
+    #[error("connection lost while the message was in flight; outcome unknown, retry with the same idempotency key: {reason}")]
+    ConnectionLost {
+        /// What happened.
+        reason: String,
+    },
+    /// The message was refused before anything was sent (it was not delivered).
+    #[error("message refused, nothing sent: {0}")]
+    Rejected(#[from] crate::proto::SendError),
+    /// The message is larger than this channel carries; nothing was sent.
+    #[error("message of {len} bytes, this channel carries at most {max}; nothing sent")]
+    TooLarge {
+        /// The message's length (payload and key).
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The peer refused the message (outside its dedupe window, or malformed): it was not
+    /// delivered.
+    #[error("message {id}: refused by the peer, not delivered")]
+    Refused {
+        /// The message id.
+        id: u64,
+    },
+    /// The peer does not accept QUIC DATAGRAM frames, or the path is too small for them.
+    #[error("the connection does not carry QUIC datagrams")]
+    DatagramsUnsupported,
+    /// The channel is closing or has stopped; nothing was sent.
+    #[error("channel closed; nothing sent")]
+    Closed,
+}
+
+/// How a connection ended, as the driver classifies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lost {
+    /// The path failed or the peer went away: another connection may work.
+    Retryable,
+    /// The peer refused us (TLS, protocol, a refusal code): another attempt would fail too.
+    Fatal,
+    /// This side closed it.
+    LocallyClosed,
+    /// The peer said goodbye ([`GOODBYE`]): it ended the channel on purpose.
+    Goodbye,
+}
+
+/// Application close code of an orderly end: the closing side drained its channel and the
+/// other side drops the channel's state at once (a server does not keep it for
+/// `channel_ttl`).
+pub const GOODBYE: u32 = 3;
+
+/// How a stream send ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The peer answered with this status byte.
+    Status(u8),
+    /// Its deadline passed.
+    Deadline,
+    /// The peer reset or stopped the stream: it did not deliver the message.
+    Refused,
+    /// The connection broke.
+    Connection(String),
+}
+
+/// A connection the driver dialled, handshake and Hello done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dialed {
+    /// The driver's name for it.
+    pub conn: ConnId,
+    /// What the server answered to the Hello.
+    pub attached: Attached,
+    /// The connection's datagram size (`None`: it carries no datagrams).
+    pub max_datagram_size: Option<usize>,
+}
+
+/// One path measurement of a connection (quinn's `rtt()` and path counters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathSample {
+    /// Smoothed round trip.
+    pub rtt: Duration,
+    /// Packets sent on the path so far.
+    pub sent_packets: u64,
+    /// Packets lost on the path so far.
+    pub lost_packets: u64,
+}
+
+/// Something that happened, for [`Link::handle`].
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// A datagram arrived on connection `conn`.
+    Datagram {
+        /// The connection.
+        conn: ConnId,
+        /// Its bytes.
+        data: Bytes,
+    },
+    /// Connection `conn` ended.
+    ConnectionLost {
+        /// The connection.
+        conn: ConnId,
+        /// How.
+        how: Lost,
+        /// What quinn said.
+        reason: String,
+    },
+    /// A dial asked by [`Action::Dial`] finished.
+    DialDone {
+        /// The dial's id.
+        dial: u64,
+        /// The connection, or why not and whether another attempt could work
+        /// (`refused`: it could not).
+        result: Result<Dialed, DialFailure>,
+    },
+    /// (Server) the client came back on a new connection.
+    Reattached {
+        /// The new connection.
+        conn: ConnId,
+        /// Its datagram size.
+        max_datagram_size: Option<usize>,
+    },
+    /// A stream send asked by [`Action::OpenStream`] ended.
+    StreamDone {
+        /// The message id.
+        id: u64,
+        /// The connection it ran on.
+        conn: ConnId,
+        /// How it ended.
+        end: StreamEnd,
+    },
+    /// A whole message arrived on a stream; answer it with [`Action::AnswerStream`].
+    StreamMessage {
+        /// The driver's name for the answer.
+        answer: u64,
+        /// The message (head and envelope).
+        message: Bytes,
+    },
+    /// An inbound stream was invalid (too long, too slow); it was reset.
+    StreamInvalid {
+        /// Why, for the counters.
+        reason: &'static str,
+    },
+    /// A claim attempt asked by [`Action::Claim`] finished: the store's answer
+    /// ([`ClaimOutcome::Now`] or [`ClaimOutcome::Before`]), or its error (including the
+    /// attempt's timeout).
+    ClaimAnswered {
+        /// The attempt.
+        attempt: u64,
+        /// The answer.
+        result: Result<ClaimOutcome, String>,
+    },
+    /// The application took message `id` from its queue.
+    Took {
+        /// The message id.
+        id: u64,
+    },
+    /// The application dropped its receiving handle: nobody takes messages any more.
+    AppGone,
+    /// The application sends a message; the outcome comes as [`Action::Complete`] with
+    /// `token`, and the send's slot is freed with [`Action::FreeSlot`].
+    Send {
+        /// The driver's name for this send.
+        token: u64,
+        /// The idempotency key.
+        key: Option<Bytes>,
+        /// The message.
+        payload: Bytes,
+        /// Its own deadline, instead of the sender's (at most the sender's).
+        deadline: Option<Duration>,
+    },
+    /// Inbox pattern: the application's claim for message `id`.
+    Confirm {
+        /// The message id.
+        id: u64,
+        /// Its outcome.
+        outcome: ClaimOutcome,
+    },
+    /// The application closes the channel: with `drain`, new sends fail with
+    /// [`SendError::Closed`], sends in flight get their outcomes, then a goodbye closes the
+    /// connection; without, it ends now.
+    Close {
+        /// Whether to drain first.
+        drain: bool,
+    },
+    /// Every sending handle of the application was dropped.
+    HandlesDropped,
+    /// Path samples asked by [`Action::SamplePaths`].
+    Samples(Vec<(ConnId, PathSample)>),
+    /// Time passed: [`Link::poll_timeout`] is due.
+    Timer,
+}
+
+/// Why a dial failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DialFailure {
+    /// Whether the server refused us (TLS, protocol): another attempt would be refused too.
+    pub refused: bool,
+    /// What happened.
+    pub reason: String,
+}
+
+/// Something the driver must do, from [`Link::poll_action`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Send a datagram on `conn`.
+    Transmit {
+        /// The connection.
+        conn: ConnId,
+        /// The datagram.
+        datagram: Bytes,
+    },
+    /// Dial replica `replica` (handshake and Hello with `floor`) within `timeout`; answer
+    /// with [`Input::DialDone`].
+    Dial {
+        /// The dial's id.
+        dial: u64,
+        /// Which replica.
+        replica: usize,
+        /// The Hello's floor: every id below has its outcome.
+        floor: u64,
+        /// Longest the attempt may take.
+        timeout: Duration,
+    },
+    /// Close connection `conn` with an application code and reason; forget it.
+    Close {
+        /// The connection.
+        conn: ConnId,
+        /// Application close code.
+        code: u32,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Send message `id` on a new bidirectional stream of `conn` and read its status byte
+    /// until `deadline`; answer with [`Input::StreamDone`].
+    OpenStream {
+        /// The connection.
+        conn: ConnId,
+        /// The message id.
+        id: u64,
+        /// The stream head.
+        head: Bytes,
+        /// The envelope.
+        body: Bytes,
+        /// When to give up.
+        deadline: Instant,
+    },
+    /// Answer an inbound stream message with a status byte (`None`: drop the answer, the
+    /// stream's reader gives up; a newer copy took it over).
+    AnswerStream {
+        /// The answer's name from [`Input::StreamMessage`].
+        answer: u64,
+        /// The status byte.
+        status: Option<u8>,
+    },
+    /// Claim message `id` in the store within `timeout`; answer with
+    /// [`Input::ClaimAnswered`].
+    Claim {
+        /// The attempt's id.
+        attempt: u64,
+        /// The message id.
+        id: u64,
+        /// Its idempotency key.
+        key: Option<Bytes>,
+        /// Longest the attempt may take.
+        timeout: Duration,
+    },
+    /// Hand a message to the application.
+    Deliver(Delivered),
+    /// A send has its outcome.
+    Complete {
+        /// The send's token.
+        token: u64,
+        /// Its outcome.
+        outcome: Result<Receipt, SendError>,
+    },
+    /// The send's in-flight slot is free (its message left the sender).
+    FreeSlot {
+        /// The send's token.
+        token: u64,
+    },
+    /// Measure these connections' paths; answer with [`Input::Samples`].
+    SamplePaths {
+        /// The connections.
+        conns: Vec<ConnId>,
+    },
+    /// The link has ended: nothing more will come. Every send has its outcome.
+    Stop {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Counters the link keeps itself (the peer's are in [`Link::peer`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LinkStats {
+    /// Connections moved to after losing one.
+    pub reconnects: u64,
+    /// Of those, to another replica than the one lost.
+    pub failovers: u64,
+    /// Of the failovers, those to the warm standby.
+    pub standby_failovers: u64,
+    /// Moves to a much better standby.
+    pub switches: u64,
+    /// Smoothed score per replica (lower is better).
+    pub replica_scores: Vec<Option<f64>>,
+    /// Whether a warm standby is ready.
+    pub standby_ready: bool,
+    /// Messages sent on streams.
+    pub stream_messages_sent: u64,
+    /// Messages received on streams.
+    pub stream_messages_received: u64,
+    /// Sends awaiting their outcome (both paths).
+    pub in_flight: usize,
+    /// Sends whose in-flight slot is still held.
+    pub slots_held: usize,
+    /// Claim attempts that failed or timed out.
+    pub claim_attempts_failed: u64,
+}
+
+/// Why messages in flight failed when the server came back without the channel.
+pub const PEER_LOST_STATE: &str =
+    "the server came back without this channel's state (it restarted), so the message was not re-sent";
+
+/// How often a warm standby that is not the most preferred replica tries to move to a more
+/// preferred one (a replica that came back rejoins as the standby).
+const STANDBY_UPGRADE: Duration = Duration::from_secs(5);
+/// How often the primary and the standby are scored.
+const RANK_EVERY: Duration = Duration::from_secs(1);
+/// Consecutive samples in which the standby must score better before the channel moves.
+const SWITCH_AFTER: u32 = 3;
+/// The least score difference (about milliseconds of round trip) worth a move: on a LAN or
+/// loopback, where round trips are fractions of a millisecond, ratios are noise.
+const SWITCH_MIN_GAIN_MS: f64 = 10.0;
+/// Packets a sample must cover before its loss counts.
+const LOSS_SAMPLE_MIN: u64 = 50;
+
+/// A score from a round trip and a loss rate: lower is better.
+fn score(rtt_ms: f64, loss: Option<f64>) -> f64 {
+    rtt_ms * (1.0 + 10.0 * loss.unwrap_or(0.0))
+}
+
+#[derive(Debug, Default)]
+struct Ranking {
+    scores: Vec<Option<f64>>,
+    rtt: Vec<Option<f64>>,
+    loss: Vec<Option<f64>>,
+    primary_path: Option<(u64, u64)>,
+    standby_path: Option<(u64, u64)>,
+    better: u32,
+    next: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct StreamSend {
+    head: Bytes,
+    body: Bytes,
+    token: u64,
+    started: Instant,
+    deadline: Instant,
+    /// The connection and generation its send runs on; `None` while it waits for one.
+    running_on: Option<(ConnId, u64)>,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    token: u64,
+    /// A per-send deadline before the sender's own.
+    deadline: Option<Instant>,
+    /// Completed already (its own deadline passed); the slot is freed when the sender
+    /// lets go of the message.
+    completed: bool,
+}
+
+#[derive(Debug)]
+struct Standby {
+    conn: ConnId,
+    attached: Attached,
+    replica: usize,
+    size: Option<usize>,
+}
+
+#[derive(Debug)]
+struct Redial {
+    give_up: Instant,
+    backoff: Duration,
+    index: usize,
+    last: String,
+    dial: Option<u64>,
+    retry_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct StandbyDial {
+    candidates: Vec<usize>,
+    pos: usize,
+    /// Between rounds; `None`: one round only (an upgrade).
+    pause: Option<Duration>,
+    dial: Option<(u64, usize)>,
+    retry_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct ClaimJob {
+    request: ClaimRequest,
+    give_up: Instant,
+    backoff: Duration,
+    /// The attempt in flight.
+    attempt: Option<u64>,
+    retry_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Closing with a drain: new sends refused, in-flight ones finish.
+    Draining,
+    /// The connection is closed; queued deliveries and pending claims finish until `until`.
+    Finishing {
+        until: Instant,
+    },
+    Stopped,
+}
+
+/// The channel's policy; see the [module docs](self).
+#[derive(Debug)]
+pub struct Link {
+    peer: Peer,
+    config: LinkConfig,
+    role: Role,
+    phase: Phase,
+    primary: Option<ConnId>,
+    /// What the primary's server answered (hedges go to a standby only when both claim).
+    primary_attached: Attached,
+    /// The replica in use (client).
+    current: usize,
+    generation: u64,
+    fresh_since: u64,
+    standby: Option<Standby>,
+    standby_dial: Option<StandbyDial>,
+    redial: Option<Redial>,
+    next_dial: u64,
+    detached_until: Option<Instant>,
+    waiting: HashMap<u64, Waiting>,
+    streams: HashMap<u64, StreamSend>,
+    parked: VecDeque<(u64, Bytes)>,
+    stream_waiting: HashMap<u64, u64>,
+    claims: HashMap<u64, ClaimJob>,
+    next_claim: u64,
+    room: usize,
+    app_gone: bool,
+    handles_dropped: bool,
+    waiting_since: Option<Instant>,
+    standby_upgrade_at: Option<Instant>,
+    ranking: Ranking,
+    switching: bool,
+    stats: LinkStats,
+    actions: VecDeque<Action>,
+}
+
+impl Link {
+    /// A link over its first connection `conn` (datagram size `max_datagram_size`), as
+    /// `role`; a server taking a channel over starts its dedupe window at `floor`.
+    pub fn new(
+        now: Instant,
+        mut config: LinkConfig,
+        role: Role,
+        conn: ConnId,
+        max_datagram_size: usize,
+        floor: u64,
+    ) -> Self {
+        config.sender.encoder.max_datagram_size = max_datagram_size;
+        let mut peer = Peer::new(config.sender.clone(), config.receiver.clone());
+        peer.receiver.start_at(floor);
+        let (current, primary_attached) = match &role {
+            Role::Client {
+                current, attached, ..
+            } => (*current, *attached),
+            _ => (0, Attached::Resumed),
+        };
+        let mut link = Link {
+            peer,
+            room: config.handoff.max(1),
+            config,
+            role,
+            phase: Phase::Running,
+            primary: Some(conn),
+            primary_attached,
+            current,
+            generation: 0,
+            fresh_since: 0,
+            standby: None,
+            standby_dial: None,
+            redial: None,
+            next_dial: 0,
+            detached_until: None,
+            waiting: HashMap::new(),
+            streams: HashMap::new(),
+            parked: VecDeque::new(),
+            stream_waiting: HashMap::new(),
+            claims: HashMap::new(),
+            next_claim: 0,
+            app_gone: false,
+            handles_dropped: false,
+            waiting_since: None,
+            standby_upgrade_at: None,
+            ranking: Ranking::default(),
+            switching: false,
+            stats: LinkStats::default(),
+            actions: VecDeque::new(),
+        };
+        link.start_standby(now);
+        if link.replicas() >= 2 {
+            link.ranking.next = Some(now + RANK_EVERY);
+        }
+        link
+    }
+
+    /// The protocol peer (its sender's and receiver's counters and estimates).
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    /// The link's own counters.
+    pub fn stats(&self) -> LinkStats {
+        let mut s = self.stats.clone();
+        s.standby_ready = self.standby.is_some();
+        s.in_flight = self.in_flight();
+        s.slots_held = self.waiting.len() + self.streams.len();
+        s.replica_scores = self.ranking.scores.clone();
+        s
+    }
+
+    /// The connection in use, if any.
+    pub fn primary(&self) -> Option<ConnId> {
+        self.primary
+    }
+
+    /// Whether the link has stopped (after [`Action::Stop`]).
+    pub fn is_stopped(&self) -> bool {
+        self.phase == Phase::Stopped
+    }
+
+    /// Whether the link's connections are closed (it may still hand over deliveries and
+    /// finish claims before it stops).
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Finishing { .. } | Phase::Stopped)
+    }
+
+    /// The next thing to do.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Input::Timer`] is next due.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.phase == Phase::Stopped {
+            return None;
+        }
+        let streams = self
+            .streams
+            .values()
+            .filter(|s| s.running_on.is_none())
+            .map(|s| s.deadline);
+        let sends = self
+            .waiting
+            .values()
+            .filter(|w| !w.completed)
+            .filter_map(|w| w.deadline);
+        let claims = self.claims.values().filter_map(|c| c.retry_at);
+        let finishing = match self.phase {
+            Phase::Finishing { until } if !self.claims.is_empty() => Some(until),
+            _ => None,
+        };
+        let redial = self
+            .redial
+            .as_ref()
+            .map(|r| r.retry_at.unwrap_or(r.give_up));
+        [
+            self.peer.poll_timeout(),
+            self.detached_until,
+            self.failover_deadline(),
+            self.standby_upgrade_at,
+            self.ranking.next,
+            redial,
+            self.standby_dial.as_ref().and_then(|d| d.retry_at),
+            finishing,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(streams)
+        .chain(sends)
+        .chain(claims)
+        .min()
+    }
+
+    /// Takes one input at `now`; then drain [`Link::poll_action`].
+    pub fn handle(&mut self, now: Instant, input: Input) {
+        if self.phase == Phase::Stopped {
+            // Answer what still asks, so that nothing waits forever.
+            match input {
+                Input::Send { token, .. } => self.complete(token, Err(SendError::Closed)),
+                Input::DialDone { result: Ok(d), .. } => self.close(d.conn, 0, "channel stopped"),
+                Input::Reattached { conn, .. } => self.close(conn, 0, "channel stopped"),
+                Input::StreamMessage { answer, .. } => {
+                    self.actions.push_back(Action::AnswerStream {
+                        answer,
+                        status: None,
+                    })
+                }
+                _ => {}
+            }
+            return;
+        }
+        if let Phase::Finishing { .. } = self.phase {
+            self.handle_finishing(now, input);
+            self.flush(now);
+            self.maybe_stop(now);
+            return;
+        }
+        match input {
+            Input::Datagram { conn, data } => self.datagram(now, conn, data),
+            Input::ConnectionLost { conn, how, reason } => {
+                if Some(conn) == self.primary {
+                    self.lost(now, how, reason);
+                } else if self.standby.as_ref().is_some_and(|s| s.conn == conn) {
+                    tracing::debug!("surelink channel: warm standby lost");
+                    self.standby = None;
+                    self.peer.sender.set_secondary(false);
+                    self.start_standby(now);
+                }
+            }
+            Input::DialDone { dial, result } => self.dial_done(now, dial, result),
+            Input::Reattached {
+                conn,
+                max_datagram_size,
+            } => {
+                if self.role == Role::Server {
+                    self.attach(now, conn, max_datagram_size, Attached::Resumed, None);
+                } else {
+                    self.close(conn, 0, "unexpected connection");
+                }
+            }
+            Input::StreamDone { id, conn, end } => self.stream_done(now, id, conn, end),
+            Input::StreamMessage { answer, message } => {
+                self.stats.stream_messages_received += 1;
+                if self.peer.receiver.backlogged() || !self.parked.is_empty() {
+                    self.parked.push_back((answer, message));
+                } else {
+                    self.take_stream_message(now, answer, message);
+                }
+            }
+            Input::StreamInvalid { reason } => self.peer.count_invalid_reason(reason),
+            Input::ClaimAnswered { attempt, result } => self.claim_answered(now, attempt, result),
+            Input::Took { .. } => self.room += 1,
+            Input::AppGone => self.app_gone = true,
+            Input::Send {
+                token,
+                key,
+                payload,
+                deadline,
+            } => self.send(now, token, key, payload, deadline),
+            Input::Confirm { id, outcome } => self.peer.receiver.confirm(now, id, outcome),
+            Input::Close { drain: false } => self.finish(
+                now,
+                "the channel was closed by the application".into(),
+                0,
+                "closed",
+            ),
+            Input::Close { drain: true } => {
+                if self.phase == Phase::Running {
+                    self.phase = Phase::Draining;
+                }
+            }
+            Input::HandlesDropped => self.handles_dropped = true,
+            Input::Samples(samples) => self.rank(now, &samples),
+            Input::Timer => self.timer(now),
+        }
+        if !self.is_closed() {
+            self.flush(now);
+        }
+        if self.phase == Phase::Draining && self.waiting.is_empty() && self.streams.is_empty() {
+            self.finish(
+                now,
+                "the channel was closed by the application".into(),
+                GOODBYE,
+                "goodbye",
+            );
+        }
+        // Nobody can send and nobody takes deliveries: the channel has no use. Sends in
+        // flight get their outcomes first (a dropped `send` future's message still counts).
+        if self.phase == Phase::Running
+            && self.handles_dropped
+            && self.app_gone
+            && self.waiting.is_empty()
+            && self.streams.is_empty()
+        {
+            self.finish(now, "every handle was dropped".into(), GOODBYE, "goodbye");
+        }
+        self.maybe_stop(now);
+    }
+
+    fn handle_finishing(&mut self, now: Instant, input: Input) {
+        match input {
+            Input::ClaimAnswered { attempt, result } => self.claim_answered(now, attempt, result),
+            Input::Took { .. } => self.room += 1,
+            Input::AppGone => self.app_gone = true,
+            Input::Send { token, .. } => self.complete(token, Err(SendError::Closed)),
+            Input::DialDone { result: Ok(d), .. } => self.close(d.conn, 0, "channel stopped"),
+            Input::Reattached { conn, .. } => self.close(conn, 0, "channel stopped"),
+            Input::StreamMessage { answer, .. } => self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: None,
+            }),
+            Input::Timer => self.claim_timers(now),
+            Input::Confirm { id, outcome } => self.peer.receiver.confirm(now, id, outcome),
+            _ => {}
+        }
+    }
+
+    fn maybe_stop(&mut self, now: Instant) {
+        let Phase::Finishing { until } = self.phase else {
+            return;
+        };
+        let deliveries = !self.app_gone && self.peer.receiver.has_deliveries();
+        let claims = !self.claims.is_empty() && now < until;
+        if !deliveries && !claims {
+            self.phase = Phase::Stopped;
+            self.actions.push_back(Action::Stop {
+                reason: "stopped".into(),
+            });
+        }
+    }
+
+    fn replicas(&self) -> usize {
+        match self.role {
+            Role::Client { replicas, .. } => replicas,
+            _ => 0,
+        }
+    }
+
+    fn dial_id(&mut self) -> u64 {
+        self.next_dial += 1;
+        self.next_dial
+    }
+
+    fn close(&mut self, conn: ConnId, code: u32, reason: &'static str) {
+        self.actions.push_back(Action::Close { conn, code, reason });
+    }
+
+    fn complete(&mut self, token: u64, outcome: Result<Receipt, SendError>) {
+        self.actions.push_back(Action::Complete { token, outcome });
+        self.actions.push_back(Action::FreeSlot { token });
+    }
+
+    fn in_flight(&self) -> usize {
+        self.peer.sender.in_flight() + self.streams.len()
+    }
+
+    fn datagram(&mut self, now: Instant, conn: ConnId, data: Bytes) {
+        if Some(conn) == self.primary {
+            self.waiting_since = self.waiting_since.map(|_| now);
+            self.peer.handle_datagram(now, data);
+        } else if self.standby.as_ref().is_some_and(|s| s.conn == conn) {
+            if let Ok(Frame::Ack(ack)) = Frame::decode(data, &Limits::default()) {
+                self.peer.sender.handle_secondary_ack(now, &ack);
+            }
+        }
+    }
+
+    fn send(
+        &mut self,
+        now: Instant,
+        token: u64,
+        key: Option<Bytes>,
+        payload: Bytes,
+        deadline: Option<Duration>,
+    ) {
+        if self.phase != Phase::Running {
+            self.complete(token, Err(SendError::Closed));
+            return;
+        }
+        let own = self.config.sender.deadline;
+        let deadline = deadline.filter(|d| *d < own);
+        let len = Envelope::overhead(key.as_deref()) + payload.len();
+        let threshold = self
+            .config
+            .stream_threshold
+            .min(self.config.receiver.reassembler.limits.max_message_len as usize);
+        if len <= threshold {
+            match self.peer.sender.send_keyed(now, key.as_deref(), &payload) {
+                Ok(id) => {
+                    self.waiting.insert(
+                        id,
+                        Waiting {
+                            token,
+                            deadline: deadline.map(|d| now + d),
+                            completed: false,
+                        },
+                    );
+                }
+                Err(e) => self.complete(token, Err(SendError::Rejected(e))),
+            }
+            return;
+        }
+        if !self.config.streams {
+            self.complete(
+                token,
+                Err(SendError::TooLarge {
+                    len,
+                    max: threshold,
+                }),
+            );
+            return;
+        }
+        if let Some(k) = &key {
+            if k.is_empty() || k.len() > MAX_KEY_LEN {
+                self.complete(
+                    token,
+                    Err(SendError::Rejected(crate::proto::SendError::InvalidKey {
+                        len: k.len(),
+                    })),
+                );
+                return;
+            }
+        }
+        let id = self.peer.sender.reserve_id();
+        self.stats.stream_messages_sent += 1;
+        self.streams.insert(
+            id,
+            StreamSend {
+                head: encode_stream_head(id),
+                body: Envelope::encode(key.as_deref(), &payload),
+                token,
+                started: now,
+                deadline: now + deadline.unwrap_or(own),
+                running_on: None,
+            },
+        );
+        self.start_stream(id);
+    }
+
+    fn start_stream(&mut self, id: u64) {
+        let (Some(conn), Some(s)) = (self.primary, self.streams.get_mut(&id)) else {
+            return;
+        };
+        s.running_on = Some((conn, self.generation));
+        self.actions.push_back(Action::OpenStream {
+            conn,
+            id,
+            head: s.head.clone(),
+            body: s.body.clone(),
+            deadline: s.deadline,
+        });
+    }
+
+    fn stream_done(&mut self, now: Instant, id: u64, conn: ConnId, end: StreamEnd) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let Some((on, generation)) = s.running_on else {
+            return;
+        };
+        if on != conn {
+            return;
+        }
+        let outcome = match end {
+            StreamEnd::Status(STREAM_DELIVERED) => Ok(()),
+            StreamEnd::Status(_) | StreamEnd::Refused => Err(SendError::Refused { id }),
+            StreamEnd::Deadline => Err(SendError::Timeout { id }),
+            StreamEnd::Connection(reason) => {
+                let may_retry = self.role != Role::Plain && now < s.deadline;
+                if generation < self.fresh_since {
+                    Err(SendError::ConnectionLost {
+                        reason: PEER_LOST_STATE.into(),
+                    })
+                } else if !may_retry {
+                    Err(SendError::ConnectionLost { reason })
+                } else {
+                    // Same id on the next connection: the peer's dedupe window makes the
+                    // retry safe even if the first attempt was delivered.
+                    s.running_on = None;
+                    if generation != self.generation {
+                        self.start_stream(id);
+                    }
+                    return;
+                }
+            }
+        };
+        let s = self.streams.remove(&id).expect("found above");
+        self.complete(
+            s.token,
+            outcome.map(|()| Receipt {
+                id,
+                latency: now.saturating_duration_since(s.started),
+                shards_sent: 0,
+                hedges: 0,
+            }),
+        );
+    }
+
+    fn take_stream_message(&mut self, now: Instant, answer: u64, message: Bytes) {
+        match self.peer.handle_stream_message(now, message) {
+            StreamStatus::Now(status) => self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: Some(status),
+            }),
+            // A re-send of a message still being claimed takes over the answer (the older
+            // stream's reader then gives up).
+            StreamStatus::Later(id) => {
+                if let Some(old) = self.stream_waiting.insert(id, answer) {
+                    self.actions.push_back(Action::AnswerStream {
+                        answer: old,
+                        status: None,
+                    });
+                }
+            }
+        }
+    }
+
+    /// When a silent replica is given up: only for a client of several replicas, with a
+    /// connection, while messages await their outcome.
+    fn failover_deadline(&self) -> Option<Instant> {
+        if self.replicas() < 2 || self.primary.is_none() {
+            return None;
+        }
+        self.waiting_since.map(|t| t + self.config.failover_after)
+    }
+
+    fn timer(&mut self, now: Instant) {
+        if self.ranking.next.is_some_and(|at| at <= now) {
+            self.ranking.next = (self.replicas() >= 2).then_some(now + RANK_EVERY);
+            let conns: Vec<ConnId> = self
+                .primary
+                .into_iter()
+                .chain(self.standby.as_ref().map(|s| s.conn))
+                .collect();
+            if !conns.is_empty() {
+                self.actions.push_back(Action::SamplePaths { conns });
+            }
+        }
+        if self.standby_upgrade_at.is_some_and(|at| at <= now) {
+            self.standby_upgrade_at = None;
+            self.upgrade_standby(now);
+        }
+        if let Some(d) = &mut self.standby_dial {
+            if d.retry_at.is_some_and(|at| at <= now) {
+                d.retry_at = None;
+                d.pos = 0;
+                self.standby_attempt(now);
+            }
+        }
+        if let Some(r) = &mut self.redial {
+            if r.retry_at.is_some_and(|at| at <= now) {
+                r.retry_at = None;
+                self.redial_attempt(now);
+            } else if r.retry_at.is_none() && r.give_up <= now {
+                let reason = format!(
+                    "no connection within {:?}; last error: {}",
+                    self.config.reconnect.give_up_after, r.last
+                );
+                self.finish(now, reason, 0, "channel stopped");
+                return;
+            }
+        }
+        if self.failover_deadline().is_some_and(|at| at <= now) {
+            tracing::info!("surelink channel: replica silent; failing over");
+            if let Some(c) = self.primary {
+                self.close(c, 0, "silent: failing over");
+            }
+            self.waiting_since = None;
+            self.lost(now, Lost::Retryable, "timed out".into());
+            return;
+        }
+        self.peer.handle_timeout(now);
+        let expired: Vec<u64> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.running_on.is_none() && s.deadline <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            if let Some(s) = self.streams.remove(&id) {
+                self.complete(s.token, Err(SendError::Timeout { id }));
+            }
+        }
+        // Per-send deadlines shorter than the sender's: the outcome is unknown now; the
+        // slot stays held until the sender lets the message go.
+        let due: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| !w.completed && w.deadline.is_some_and(|d| d <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            let w = self.waiting.get_mut(&id).expect("listed above");
+            w.completed = true;
+            let token = w.token;
+            self.actions.push_back(Action::Complete {
+                token,
+                outcome: Err(SendError::Timeout { id }),
+            });
+        }
+        self.claim_timers(now);
+        if self.detached_until.is_some_and(|t| t <= now) {
+            let reason = format!(
+                "the peer did not reconnect within {:?}",
+                self.config.channel_ttl
+            );
+            self.finish(now, reason, 0, "channel stopped");
+        }
+    }
+
+    /// The primary connection is gone.
+    fn lost(&mut self, now: Instant, how: Lost, reason: String) {
+        tracing::debug!(%reason, "surelink channel: connection lost");
+        self.primary = None;
+        match self.role {
+            Role::Plain => self.finish(now, reason, 0, "channel stopped"),
+            Role::Client { .. } => {
+                if !matches!(how, Lost::Retryable | Lost::Goodbye) {
+                    self.finish(now, reason, 0, "channel stopped");
+                    return;
+                }
+                // A warm standby takes over at once (its Hello's floor is older, hence
+                // lower: the store judges the ids in between).
+                if let Some(s) = self.standby.take() {
+                    self.standby_dial = None;
+                    self.peer.sender.set_secondary(false);
+                    self.stats.standby_failovers += 1;
+                    self.attach(now, s.conn, s.size, s.attached, Some(s.replica));
+                    return;
+                }
+                self.redial = Some(Redial {
+                    give_up: now + self.config.reconnect.give_up_after,
+                    backoff: self.config.reconnect.first_backoff,
+                    index: self.current,
+                    last: reason,
+                    dial: None,
+                    retry_at: None,
+                });
+                self.redial_attempt(now);
+            }
+            Role::Server => {
+                if matches!(how, Lost::LocallyClosed | Lost::Goodbye) {
+                    self.finish(now, reason, 0, "channel stopped");
+                } else {
+                    self.detached_until = Some(now + self.config.channel_ttl);
+                }
+            }
+        }
+    }
+
+    fn redial_attempt(&mut self, now: Instant) {
+        let n = self.replicas();
+        let dial = self.dial_id();
+        let floor = self.floor();
+        let attempt_timeout = self.config.reconnect.attempt_timeout;
+        let Some(r) = &mut self.redial else {
+            return;
+        };
+        if n > 1 {
+            r.index = (r.index + 1) % n;
+        }
+        r.dial = Some(dial);
+        let timeout = attempt_timeout.min(r.give_up.saturating_duration_since(now));
+        let replica = r.index;
+        self.actions.push_back(Action::Dial {
+            dial,
+            replica,
+            floor,
+            timeout,
+        });
+    }
+
+    fn dial_done(&mut self, now: Instant, dial: u64, result: Result<Dialed, DialFailure>) {
+        if let Some(r) = &mut self.redial {
+            if r.dial == Some(dial) {
+                r.dial = None;
+                match result {
+                    Ok(d) => {
+                        let replica = r.index;
+                        self.redial = None;
+                        self.attach(now, d.conn, d.max_datagram_size, d.attached, Some(replica));
+                    }
+                    Err(e) if e.refused => {
+                        let reason = format!("reconnecting was refused: {}", e.reason);
+                        self.finish(now, reason, 0, "channel stopped");
+                    }
+                    Err(e) => {
+                        r.last = e.reason;
+                        if now + r.backoff >= r.give_up {
+                            let reason = format!(
+                                "no connection within {:?}; last error: {}",
+                                self.config.reconnect.give_up_after, r.last
+                            );
+                            self.finish(now, reason, 0, "channel stopped");
+                        } else {
+                            r.retry_at = Some(now + r.backoff);
+                            r.backoff = (r.backoff * 2).min(self.config.reconnect.max_backoff);
+                        }
+                    }
+                }
+                return;
+            }
+        }
+        if let Some(d) = &mut self.standby_dial {
+            if let Some((id, replica)) = d.dial {
+                if id == dial {
+                    d.dial = None;
+                    match result {
+                        Ok(dialed) => {
+                            self.standby_dial = None;
+                            self.standby_ready(now, dialed, replica);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e.reason, replica, "standby failed");
+                            d.pos += 1;
+                            if d.pos < d.candidates.len() {
+                                self.standby_attempt(now);
+                            } else if let Some(pause) = d.pause {
+                                d.retry_at = Some(now + pause);
+                            } else {
+                                self.standby_dial = None;
+                                self.schedule_upgrade(now);
+                            }
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+        // Nobody waits for it any more.
+        if let Ok(d) = result {
+            self.close(d.conn, 0, "not needed");
+        }
+    }
+
+    fn standby_ready(&mut self, now: Instant, d: Dialed, replica: usize) {
+        tracing::debug!(replica, "surelink channel: warm standby ready");
+        if let Some(old) = self.standby.take() {
+            self.close(old.conn, 0, "replaced by a preferred replica");
+        }
+        self.standby = Some(Standby {
+            conn: d.conn,
+            attached: d.attached,
+            replica,
+            size: d.max_datagram_size,
+        });
+        self.update_secondary();
+        self.ranking.standby_path = None;
+        self.ranking.better = 0;
+        self.schedule_upgrade(now);
+    }
+
+    /// Hedge copies go to the standby only when both it and the primary judge by the
+    /// shared claims store: otherwise a copy could be delivered as a second message.
+    fn update_secondary(&mut self) {
+        let both = self.primary_attached == Attached::Claims
+            && self
+                .standby
+                .as_ref()
+                .is_some_and(|s| s.attached == Attached::Claims);
+        self.peer.sender.set_secondary(both);
+    }
+
+    /// Moves the channel to connection `conn`. When the peer still holds the channel,
+    /// unacked messages are re-sent on it with their ids and stream messages restart; when
+    /// it lost its state, they fail with an unknown outcome instead.
+    fn attach(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        size: Option<usize>,
+        attached: Attached,
+        replica: Option<usize>,
+    ) {
+        let Some(size) = size else {
+            self.close(conn, 1, "datagrams required");
+            return;
+        };
+        if let Some(old) = self.primary.take() {
+            self.close(old, 0, "replaced by a newer connection");
+        }
+        self.primary = Some(conn);
+        self.primary_attached = attached;
+        self.peer.sender.set_max_datagram_size(size);
+        self.generation += 1;
+        match attached {
+            Attached::Resumed => self.peer.new_connection(now),
+            Attached::Claims => {
+                tracing::debug!("surelink channel: a replica sharing the claims store took over");
+                self.peer.peer_claims_only(now);
+            }
+            Attached::New => {
+                tracing::warn!("surelink channel: the server lost the channel's state; messages in flight fail with an unknown outcome");
+                self.peer.peer_lost_state(now);
+                self.fresh_since = self.generation;
+                let lost: Vec<u64> = self
+                    .streams
+                    .iter()
+                    .filter(|(_, s)| s.running_on.is_none())
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in lost {
+                    if let Some(s) = self.streams.remove(&id) {
+                        self.complete(
+                            s.token,
+                            Err(SendError::ConnectionLost {
+                                reason: PEER_LOST_STATE.into(),
+                            }),
+                        );
+                    }
+                }
+            }
+        }
+        self.stats.reconnects += 1;
+        self.waiting_since = None;
+        if let Some(index) = replica {
+            if index != self.current && self.switching {
+                self.stats.switches += 1;
+                tracing::info!(
+                    replica = index,
+                    "surelink channel: switched to a better replica"
+                );
+            } else if index != self.current {
+                self.stats.failovers += 1;
+                tracing::info!(replica = index, "surelink channel: failed over");
+            }
+            self.current = index;
+        }
+        self.switching = false;
+        self.ranking.primary_path = None;
+        self.ranking.better = 0;
+        self.detached_until = None;
+        self.update_secondary();
+        self.start_standby(now);
+        let waiting: Vec<u64> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.running_on.is_none())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in waiting {
+            self.start_stream(id);
+        }
+    }
+
+    fn start_standby(&mut self, now: Instant) {
+        if !self.config.warm_standby
+            || self.replicas() < 2
+            || self.standby.is_some()
+            || self.standby_dial.is_some()
+            || self.primary.is_none()
+        {
+            return;
+        }
+        let current = self.current;
+        let candidates = (0..self.replicas()).filter(|&i| i != current).collect();
+        self.standby_dial = Some(StandbyDial {
+            candidates,
+            pos: 0,
+            pause: Some(self.config.reconnect.max_backoff),
+            dial: None,
+            retry_at: None,
+        });
+        self.standby_attempt(now);
+    }
+
+    fn standby_attempt(&mut self, _now: Instant) {
+        let dial = self.dial_id();
+        let floor = self.floor();
+        let timeout = self.config.reconnect.attempt_timeout;
+        let Some(d) = &mut self.standby_dial else {
+            return;
+        };
+        let Some(&replica) = d.candidates.get(d.pos) else {
+            return;
+        };
+        d.dial = Some((dial, replica));
+        self.actions.push_back(Action::Dial {
+            dial,
+            replica,
+            floor,
+            timeout,
+        });
+    }
+
+    /// The replicas more preferred than the standby's (and not the one in use), in order.
+    fn better_standbys(&self) -> Vec<usize> {
+        let Some(s) = &self.standby else {
+            return Vec::new();
+        };
+        (0..s.replica).filter(|&i| i != self.current).collect()
+    }
+
+    fn schedule_upgrade(&mut self, now: Instant) {
+        self.standby_upgrade_at =
+            (!self.better_standbys().is_empty()).then_some(now + STANDBY_UPGRADE);
+    }
+
+    fn upgrade_standby(&mut self, now: Instant) {
+        let candidates = self.better_standbys();
+        if candidates.is_empty() || self.standby_dial.is_some() {
+            return;
+        }
+        self.standby_dial = Some(StandbyDial {
+            candidates,
+            pos: 0,
+            pause: None,
+            dial: None,
+            retry_at: None,
+        });
+        self.standby_attempt(now);
+    }
+
+    /// Scores the primary and the standby; moves to the standby when it has scored much
+    /// better for [`SWITCH_AFTER`] samples in a row.
+    fn rank(&mut self, now: Instant, samples: &[(ConnId, PathSample)]) {
+        let n = self.replicas();
+        if n < 2 {
+            return;
+        }
+        let r = &mut self.ranking;
+        r.scores.resize(n, None);
+        r.rtt.resize(n, None);
+        r.loss.resize(n, None);
+        let smooth = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.7 * o + 0.3 * new));
+        let mut primary = None;
+        let mut standby = None;
+        for &(conn, sample) in samples {
+            let (index, last) = if Some(conn) == self.primary {
+                (self.current, &mut r.primary_path)
+            } else if let Some(s) = self.standby.as_ref().filter(|s| s.conn == conn) {
+                (s.replica, &mut r.standby_path)
+            } else {
+                continue;
+            };
+            let (sent, lost) = (sample.sent_packets, sample.lost_packets);
+            let loss = match *last {
+                Some((s0, l0)) if sent >= s0 + LOSS_SAMPLE_MIN => {
+                    Some((lost.saturating_sub(l0) as f64 / (sent - s0) as f64).min(1.0))
+                }
+                _ => None,
+            };
+            if loss.is_some() || last.is_none() {
+                *last = Some((sent, lost));
+            }
+            let rtt = sample.rtt.as_secs_f64() * 1000.0;
+            r.rtt[index] = smooth(r.rtt[index], rtt);
+            if let Some(l) = loss {
+                r.loss[index] = smooth(r.loss[index], l);
+            }
+            r.scores[index] = r.rtt[index].map(|rtt| score(rtt, r.loss[index]));
+            if Some(conn) == self.primary {
+                primary = Some(index);
+            } else {
+                standby = Some(index);
+            }
+        }
+        let ratio = self.config.switch_ratio;
+        // Loss counts only where both replicas have a measure of it; otherwise the round
+        // trips alone decide.
+        let better = match (primary, standby) {
+            (Some(p), Some(s)) if ratio > 0.0 => {
+                let both = r.loss[p].is_some() && r.loss[s].is_some();
+                let of = |i: usize| {
+                    let rtt = r.rtt[i].unwrap_or(f64::INFINITY);
+                    score(rtt, if both { r.loss[i] } else { None })
+                };
+                of(s) < ratio * of(p) && of(p) - of(s) > SWITCH_MIN_GAIN_MS
+            }
+            _ => false,
+        };
+        r.better = if better { r.better + 1 } else { 0 };
+        if r.better >= SWITCH_AFTER {
+            self.switch_to_standby(now);
+        }
+    }
+
+    fn switch_to_standby(&mut self, now: Instant) {
+        let Some(s) = self.standby.take() else {
+            return;
+        };
+        if let Some(old) = self.primary.take() {
+            self.close(old, 0, "switching to a better replica");
+        }
+        self.standby_dial = None;
+        self.ranking.standby_path = None;
+        self.peer.sender.set_secondary(false);
+        self.switching = true;
+        self.attach(now, s.conn, s.size, s.attached, Some(s.replica));
+    }
+
+    /// The lowest message id still awaiting its outcome (datagram or stream path), or the
+    /// next id: every id below was acked or given up.
+    fn floor(&self) -> u64 {
+        let streams = self.streams.keys().min().copied();
+        let sender = self.peer.sender.floor();
+        streams.map_or(sender, |s| s.min(sender))
+    }
+
+    fn start_claim(&mut self, now: Instant, request: ClaimRequest) {
+        let job = ClaimJob {
+            request,
+            give_up: now + self.config.claim_timeout,
+            backoff: Duration::from_millis(10),
+            attempt: None,
+            retry_at: None,
+        };
+        self.next_claim += 1;
+        let key = self.next_claim;
+        self.claims.insert(key, job);
+        self.claim_attempt(key);
+    }
+
+    fn claim_attempt(&mut self, key: u64) {
+        self.next_claim += 1;
+        let attempt = self.next_claim;
+        let timeout = self.config.claim_attempt_timeout;
+        let Some(job) = self.claims.remove(&key) else {
+            return;
+        };
+        self.actions.push_back(Action::Claim {
+            attempt,
+            id: job.request.id,
+            key: job.request.key.clone(),
+            timeout,
+        });
+        // Jobs are keyed by their attempt in flight, or by their first key while waiting.
+        self.claims.insert(
+            attempt,
+            ClaimJob {
+                attempt: Some(attempt),
+                retry_at: None,
+                ..job
+            },
+        );
+    }
+
+    fn claim_answered(&mut self, now: Instant, attempt: u64, result: Result<ClaimOutcome, String>) {
+        let Some(mut job) = self.claims.remove(&attempt) else {
+            return;
+        };
+        if job.attempt != Some(attempt) {
+            self.claims.insert(attempt, job);
+            return;
+        }
+        let outcome = match result {
+            Ok(o @ (ClaimOutcome::Now | ClaimOutcome::Before)) => o,
+            Ok(ClaimOutcome::Failed) | Err(_) => {
+                self.stats.claim_attempts_failed += 1;
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, id = job.request.id, "surelink: claim failed");
+                }
+                if now + job.backoff > job.give_up {
+                    ClaimOutcome::Failed
+                } else {
+                    job.attempt = None;
+                    job.retry_at = Some(now + job.backoff);
+                    job.backoff = (job.backoff * 2).min(Duration::from_secs(1));
+                    self.claims.insert(attempt, job);
+                    return;
+                }
+            }
+        };
+        self.peer.receiver.claim_done(now, &job.request, outcome);
+    }
+
+    fn claim_timers(&mut self, now: Instant) {
+        let due: Vec<u64> = self
+            .claims
+            .iter()
+            .filter(|(_, j)| j.retry_at.is_some_and(|t| t <= now))
+            .map(|(&k, _)| k)
+            .collect();
+        for key in due {
+            self.claim_attempt(key);
+        }
+        if let Phase::Finishing { until } = self.phase {
+            if now >= until {
+                self.claims.clear();
+            }
+        }
+    }
+
+    /// The channel ends: every pending send learns that its outcome is unknown; queued
+    /// deliveries and claims in flight still finish (a claim that succeeds records a
+    /// delivery, so its message must be delivered).
+    fn finish(&mut self, now: Instant, reason: String, code: u32, close: &'static str) {
+        tracing::debug!(%reason, "surelink channel: stopped");
+        self.flush(now);
+        let waiting: Vec<(u64, Waiting)> = self.waiting.drain().collect();
+        for (_, w) in waiting {
+            if w.completed {
+                self.actions.push_back(Action::FreeSlot { token: w.token });
+            } else {
+                self.complete(
+                    w.token,
+                    Err(SendError::ConnectionLost {
+                        reason: reason.clone(),
+                    }),
+                );
+            }
+        }
+        let streams: Vec<(u64, StreamSend)> = self.streams.drain().collect();
+        for (_, s) in streams {
+            self.complete(
+                s.token,
+                Err(SendError::ConnectionLost {
+                    reason: reason.clone(),
+                }),
+            );
+        }
+        if let Some(c) = self.primary.take() {
+            self.close(c, code, close);
+        }
+        if let Some(s) = self.standby.take() {
+            self.close(s.conn, code, close);
+        }
+        for (_, answer) in std::mem::take(&mut self.stream_waiting) {
+            self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: None,
+            });
+        }
+        for (answer, _) in std::mem::take(&mut self.parked) {
+            self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: None,
+            });
+        }
+        self.redial = None;
+        self.standby_dial = None;
+        self.detached_until = None;
+        self.ranking.next = None;
+        self.standby_upgrade_at = None;
+        self.phase = Phase::Finishing {
+            until: now + self.config.claim_timeout,
+        };
+        self.hand_over();
+    }
+
+    fn hand_over(&mut self) {
+        if self.app_gone {
+            // Nobody will take these.
+            while self.peer.receiver.poll_delivery().is_some() {}
+            return;
+        }
+        while self.room > 0 {
+            let Some(message) = self.peer.receiver.poll_delivery() else {
+                return;
+            };
+            self.room -= 1;
+            self.actions.push_back(Action::Deliver(message));
+        }
+    }
+
+    /// Collects what the peer produced: deliveries, claims, stream answers, datagrams and
+    /// outcomes.
+    fn flush(&mut self, now: Instant) {
+        self.hand_over();
+        while !self.parked.is_empty() && !self.peer.receiver.backlogged() {
+            let (answer, message) = self.parked.pop_front().expect("not empty");
+            self.take_stream_message(now, answer, message);
+            self.hand_over();
+        }
+        while let Some(request) = self.peer.receiver.poll_claim() {
+            self.start_claim(now, request);
+        }
+        while let Some((id, status)) = self.peer.receiver.poll_stream_answer() {
+            if let Some(answer) = self.stream_waiting.remove(&id) {
+                self.actions.push_back(Action::AnswerStream {
+                    answer,
+                    status: Some(status),
+                });
+            }
+        }
+        while let Some(datagram) = self.peer.sender.poll_secondary() {
+            if let Some(s) = &self.standby {
+                self.actions.push_back(Action::Transmit {
+                    conn: s.conn,
+                    datagram,
+                });
+            }
+        }
+        while let Some(datagram) = self.peer.poll_transmit() {
+            // Without a connection, datagrams are dropped: what matters is re-sent on the
+            // next connection (`Peer::new_connection`).
+            if let Some(conn) = self.primary {
+                self.actions.push_back(Action::Transmit { conn, datagram });
+            }
+        }
+        while let Some(event) = self.peer.sender.poll_event() {
+            let (id, outcome) = match event {
+                SenderEvent::Acked {
+                    id,
+                    latency,
+                    shards_sent,
+                    hedges,
+                } => (
+                    id,
+                    Ok(Receipt {
+                        id,
+                        latency,
+                        shards_sent,
+                        hedges,
+                    }),
+                ),
+                SenderEvent::Failed {
+                    id,
+                    reason: FailReason::PeerLostState,
+                } => (
+                    id,
+                    Err(SendError::ConnectionLost {
+                        reason: PEER_LOST_STATE.into(),
+                    }),
+                ),
+                SenderEvent::Failed { id, .. } => (id, Err(SendError::Timeout { id })),
+            };
+            if let Some(w) = self.waiting.remove(&id) {
+                if w.completed {
+                    self.actions.push_back(Action::FreeSlot { token: w.token });
+                } else {
+                    self.complete(w.token, outcome);
+                }
+            }
+        }
+        let waiting = self.in_flight() > 0;
+        self.waiting_since = match (waiting, self.waiting_since) {
+            (false, _) => None,
+            (true, None) => Some(now),
+            (true, since) => since,
+        };
+    }
+}
+
+/// The claims mode a channel's receiver runs in.
+pub fn claims_mode(store: bool, application: bool) -> Claims {
+    if application {
+        Claims::Application
+    } else if store {
+        Claims::Owner
+    } else {
+        Claims::Off
+    }
+}

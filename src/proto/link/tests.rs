@@ -1,0 +1,854 @@
+//! The channel's decisions, driven deterministically on a virtual clock (no quinn, no tokio).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::*;
+use crate::proto::{HedgeTo, Peer, ReceiverConfig, SenderConfig};
+
+const SIZE: usize = 1200;
+
+fn client(replicas: usize, attached: Attached) -> (Instant, Link) {
+    client_with(replicas, attached, LinkConfig::default())
+}
+
+fn client_with(replicas: usize, attached: Attached, config: LinkConfig) -> (Instant, Link) {
+    let now = Instant::now();
+    let link = Link::new(
+        now,
+        config,
+        Role::Client {
+            replicas,
+            current: 0,
+            attached,
+        },
+        ConnId(1),
+        SIZE,
+        0,
+    );
+    (now, link)
+}
+
+fn drain(link: &mut Link) -> Vec<Action> {
+    std::iter::from_fn(|| link.poll_action()).collect()
+}
+
+fn dials(actions: &[Action]) -> Vec<(u64, usize)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Dial { dial, replica, .. } => Some((*dial, *replica)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn completions(actions: &[Action]) -> Vec<(u64, Result<Receipt, SendError>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Complete { token, outcome } => Some((*token, outcome.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn freed(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::FreeSlot { token } => Some(*token),
+            _ => None,
+        })
+        .collect()
+}
+
+fn transmits_to(actions: &[Action], to: ConnId) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::Transmit { conn, .. } if *conn == to))
+        .count()
+}
+
+fn stopped(actions: &[Action]) -> bool {
+    actions.iter().any(|a| matches!(a, Action::Stop { .. }))
+}
+
+fn closes(actions: &[Action]) -> Vec<(ConnId, u32)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Close { conn, code, .. } => Some((*conn, *code)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn send(link: &mut Link, now: Instant, token: u64, len: usize) {
+    link.handle(
+        now,
+        Input::Send {
+            token,
+            key: None,
+            payload: Bytes::from(vec![7u8; len]),
+            deadline: None,
+        },
+    );
+}
+
+fn lose(link: &mut Link, now: Instant, conn: u64) {
+    link.handle(
+        now,
+        Input::ConnectionLost {
+            conn: ConnId(conn),
+            how: Lost::Retryable,
+            reason: "timed out".into(),
+        },
+    );
+}
+
+fn dialed(conn: u64, attached: Attached) -> Result<Dialed, DialFailure> {
+    Ok(Dialed {
+        conn: ConnId(conn),
+        attached,
+        max_datagram_size: Some(SIZE),
+    })
+}
+
+fn failed() -> Result<Dialed, DialFailure> {
+    Err(DialFailure {
+        refused: false,
+        reason: "no answer".into(),
+    })
+}
+
+/// Runs the timer whenever it is due, up to `until`, collecting the actions.
+fn run_until(link: &mut Link, now: &mut Instant, until: Instant) -> Vec<Action> {
+    let mut out = drain(link);
+    while let Some(at) = link.poll_timeout() {
+        if at > until {
+            break;
+        }
+        *now = at.max(*now);
+        link.handle(*now, Input::Timer);
+        out.extend(drain(link));
+    }
+    *now = until.max(*now);
+    out
+}
+
+/// A server peer that receives what the link transmits on `conn` and answers with acks.
+fn acks_from(server: &mut Peer, now: Instant, actions: &[Action], conn: ConnId) -> Vec<Bytes> {
+    for a in actions {
+        if let Action::Transmit { conn: c, datagram } = a {
+            if *c == conn {
+                server.handle_datagram(now, datagram.clone());
+            }
+        }
+    }
+    std::iter::from_fn(|| server.poll_transmit()).collect()
+}
+
+#[test]
+fn reconnect_backs_off_doubling_and_gives_up_with_a_definite_error() {
+    let mut config = LinkConfig::default();
+    config.reconnect.give_up_after = Duration::from_secs(3);
+    let (mut now, mut link) = client_with(1, Attached::Resumed, config);
+    send(&mut link, now, 1, 100);
+    drain(&mut link);
+    let start = now;
+    lose(&mut link, now, 1);
+    let mut attempts = Vec::new();
+    let mut actions = drain(&mut link);
+    let give_up = start + link.config.reconnect.give_up_after;
+    loop {
+        for (dial, replica) in dials(&actions) {
+            assert_eq!(replica, 0);
+            attempts.push(now - start);
+            link.handle(
+                now,
+                Input::DialDone {
+                    dial,
+                    result: failed(),
+                },
+            );
+        }
+        actions.extend(drain(&mut link));
+        if stopped(&actions) {
+            break;
+        }
+        actions.retain(|a| !matches!(a, Action::Dial { .. }));
+        let Some(at) = link.poll_timeout() else {
+            panic!("no timer while reconnecting")
+        };
+        assert!(at <= give_up, "a timer past the give-up");
+        now = at;
+        link.handle(now, Input::Timer);
+        actions.extend(drain(&mut link));
+    }
+    // The wait doubles from 20 ms up to 1 s; no attempt whose backoff would pass the
+    // give-up (3 s).
+    let ms: Vec<u128> = attempts.iter().map(|d| d.as_millis()).collect();
+    assert_eq!(ms, vec![0, 20, 60, 140, 300, 620, 1260, 2260]);
+    let done = completions(&actions);
+    assert!(
+        matches!(&done[..], [(1, Err(SendError::ConnectionLost { reason }))] if reason.contains("no connection within")),
+        "{done:?}"
+    );
+    assert!(stopped(&actions));
+    assert!(link.is_stopped());
+}
+
+#[test]
+fn a_refused_redial_ends_the_channel_at_once() {
+    let (now, mut link) = client(1, Attached::Resumed);
+    send(&mut link, now, 1, 100);
+    lose(&mut link, now, 1);
+    let (dial, _) = dials(&drain(&mut link))[0];
+    link.handle(
+        now,
+        Input::DialDone {
+            dial,
+            result: Err(DialFailure {
+                refused: true,
+                reason: "bad certificate".into(),
+            }),
+        },
+    );
+    let actions = drain(&mut link);
+    assert!(matches!(
+        &completions(&actions)[..],
+        [(1, Err(SendError::ConnectionLost { reason }))] if reason.contains("refused")
+    ));
+    assert!(stopped(&actions));
+}
+
+#[test]
+fn a_fatal_loss_is_not_redialled() {
+    let (now, mut link) = client(1, Attached::Resumed);
+    link.handle(
+        now,
+        Input::ConnectionLost {
+            conn: ConnId(1),
+            how: Lost::Fatal,
+            reason: "protocol violation".into(),
+        },
+    );
+    let actions = drain(&mut link);
+    assert!(dials(&actions).is_empty());
+    assert!(stopped(&actions));
+}
+
+#[test]
+fn a_lost_primary_fails_over_to_the_warm_standby_without_dialling() {
+    let (now, mut link) = client(3, Attached::Claims);
+    let first = dials(&drain(&mut link));
+    assert_eq!(first.len(), 1, "one standby dial");
+    assert_eq!(first[0].1, 1, "to the next replica");
+    link.handle(
+        now,
+        Input::DialDone {
+            dial: first[0].0,
+            result: dialed(2, Attached::Claims),
+        },
+    );
+    drain(&mut link);
+    assert!(link.stats().standby_ready);
+    send(&mut link, now, 7, 100);
+    let before = drain(&mut link);
+    assert!(transmits_to(&before, ConnId(1)) > 0);
+    lose(&mut link, now, 1);
+    let actions = drain(&mut link);
+    assert_eq!(link.primary(), Some(ConnId(2)));
+    let s = link.stats();
+    assert_eq!((s.standby_failovers, s.failovers, s.reconnects), (1, 1, 1));
+    assert!(
+        transmits_to(&actions, ConnId(2)) > 0,
+        "unacked re-sent on the standby"
+    );
+    // A new standby is dialled among the others (replica 0 first).
+    assert_eq!(
+        dials(&actions).iter().map(|d| d.1).collect::<Vec<_>>(),
+        vec![0]
+    );
+    assert!(
+        completions(&actions).is_empty(),
+        "the message is still in flight"
+    );
+}
+
+#[test]
+fn a_silent_replica_is_given_up_after_failover_after() {
+    let config = LinkConfig {
+        warm_standby: false,
+        ..LinkConfig::default()
+    };
+    let (mut now, mut link) = client_with(2, Attached::Claims, config);
+    send(&mut link, now, 1, 100);
+    let start = now;
+    let actions = run_until(&mut link, &mut now, start + Duration::from_millis(999));
+    assert!(closes(&actions).is_empty(), "not before failover_after");
+    assert!(dials(&actions).is_empty());
+    let actions = run_until(&mut link, &mut now, start + Duration::from_millis(1000));
+    assert_eq!(closes(&actions), vec![(ConnId(1), 0)]);
+    assert_eq!(
+        dials(&actions).iter().map(|d| d.1).collect::<Vec<_>>(),
+        vec![1]
+    );
+}
+
+#[test]
+fn datagrams_from_the_peer_keep_a_replica_from_being_called_silent() {
+    let config = LinkConfig {
+        warm_standby: false,
+        ..LinkConfig::default()
+    };
+    let (mut now, mut link) = client_with(2, Attached::Claims, config);
+    send(&mut link, now, 1, 100);
+    let start = now;
+    run_until(&mut link, &mut now, start + Duration::from_millis(900));
+    // Anything heard (here: an empty ack of nothing) resets the silence.
+    let mut server = Peer::new(SenderConfig::default(), ReceiverConfig::default());
+    server.handle_datagram(now, Bytes::new());
+    link.handle(
+        now,
+        Input::Datagram {
+            conn: ConnId(1),
+            data: Bytes::from_static(b"\xff"),
+        },
+    );
+    let actions = run_until(&mut link, &mut now, start + Duration::from_millis(1500));
+    assert!(closes(&actions).is_empty(), "{actions:?}");
+}
+
+#[test]
+fn a_stream_message_restarts_on_the_next_connection_with_its_id() {
+    let (now, mut link) = client(1, Attached::Resumed);
+    send(&mut link, now, 1, 20_000);
+    let actions = drain(&mut link);
+    let Some(Action::OpenStream { conn, id, .. }) = actions.first().cloned() else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(conn, ConnId(1));
+    lose(&mut link, now, 1);
+    let (dial, _) = dials(&drain(&mut link))[0];
+    // The old stream reports its connection's end after the new connection is up.
+    link.handle(
+        now,
+        Input::DialDone {
+            dial,
+            result: dialed(2, Attached::Resumed),
+        },
+    );
+    assert!(drain(&mut link)
+        .iter()
+        .all(|a| !matches!(a, Action::OpenStream { .. })));
+    link.handle(
+        now,
+        Input::StreamDone {
+            id,
+            conn: ConnId(1),
+            end: StreamEnd::Connection("lost".into()),
+        },
+    );
+    let actions = drain(&mut link);
+    assert!(
+        matches!(&actions[..], [Action::OpenStream { conn: ConnId(2), id: again, .. }] if *again == id),
+        "{actions:?}"
+    );
+    link.handle(
+        now + Duration::from_millis(30),
+        Input::StreamDone {
+            id,
+            conn: ConnId(2),
+            end: StreamEnd::Status(crate::wire::STREAM_DELIVERED),
+        },
+    );
+    let done = completions(&drain(&mut link));
+    assert!(matches!(&done[..], [(1, Ok(Receipt { id: i, .. }))] if *i == id));
+}
+
+#[test]
+fn a_stream_message_waiting_for_a_connection_times_out_at_its_deadline() {
+    let (mut now, mut link) = client(1, Attached::Resumed);
+    send(&mut link, now, 1, 20_000);
+    let Some(Action::OpenStream { id, .. }) = drain(&mut link).first().cloned() else {
+        panic!()
+    };
+    lose(&mut link, now, 1);
+    link.handle(
+        now,
+        Input::StreamDone {
+            id,
+            conn: ConnId(1),
+            end: StreamEnd::Connection("lost".into()),
+        },
+    );
+    let start = now;
+    // Every redial fails; the stream message's deadline (5 s) comes first.
+    let mut actions = drain(&mut link);
+    let mut done = Vec::new();
+    while done.is_empty() {
+        for (dial, _) in dials(&actions) {
+            link.handle(
+                now,
+                Input::DialDone {
+                    dial,
+                    result: failed(),
+                },
+            );
+        }
+        actions = drain(&mut link);
+        done = completions(&actions);
+        if !done.is_empty() {
+            break;
+        }
+        now = link.poll_timeout().expect("a timer");
+        link.handle(now, Input::Timer);
+        actions = drain(&mut link);
+        done = completions(&actions);
+    }
+    assert!(
+        matches!(&done[..], [(1, Err(SendError::Timeout { .. }))]),
+        "{done:?}"
+    );
+    assert_eq!(now - start, Duration::from_secs(5));
+}
+
+#[test]
+fn a_server_back_without_state_fails_messages_in_flight_instead_of_resending() {
+    let (now, mut link) = client(1, Attached::Resumed);
+    send(&mut link, now, 1, 100);
+    send(&mut link, now, 2, 20_000);
+    drain(&mut link);
+    lose(&mut link, now, 1);
+    let (dial, _) = dials(&drain(&mut link))[0];
+    link.handle(
+        now,
+        Input::DialDone {
+            dial,
+            result: dialed(2, Attached::New),
+        },
+    );
+    let actions = drain(&mut link);
+    let done = completions(&actions);
+    assert!(
+        matches!(&done[..], [(1, Err(SendError::ConnectionLost { reason }))] if reason == PEER_LOST_STATE),
+        "{done:?}"
+    );
+    assert_eq!(transmits_to(&actions, ConnId(2)), 0, "nothing re-sent");
+    // The stream message still running on the old connection is not re-sent either.
+    link.handle(
+        now,
+        Input::StreamDone {
+            id: 1,
+            conn: ConnId(1),
+            end: StreamEnd::Connection("lost".into()),
+        },
+    );
+    let actions = drain(&mut link);
+    assert!(
+        matches!(&completions(&actions)[..], [(2, Err(SendError::ConnectionLost { reason }))] if reason == PEER_LOST_STATE),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn acks_complete_sends_and_free_their_slots() {
+    let (mut now, mut link) = client(1, Attached::Resumed);
+    send(&mut link, now, 1, 100);
+    let start = now;
+    let actions = run_until(&mut link, &mut now, start + Duration::from_millis(5));
+    let mut server = Peer::new(SenderConfig::default(), ReceiverConfig::default());
+    let later = now + Duration::from_millis(10);
+    for ack in acks_from(&mut server, later, &actions, ConnId(1)) {
+        link.handle(
+            later,
+            Input::Datagram {
+                conn: ConnId(1),
+                data: ack,
+            },
+        );
+    }
+    let actions = drain(&mut link);
+    assert!(matches!(&completions(&actions)[..], [(1, Ok(_))]));
+    assert_eq!(freed(&actions), vec![1]);
+    assert_eq!(link.stats().in_flight, 0);
+}
+
+/// Issue case 8: a per-send deadline gives the send its outcome at its own deadline; the
+/// slot stays held while the sender still carries the message, so `in_flight` stays truthful.
+#[test]
+fn a_per_send_deadline_completes_early_and_frees_the_slot_when_the_sender_lets_go() {
+    let (mut now, mut link) = client(1, Attached::Resumed);
+    link.handle(
+        now,
+        Input::Send {
+            token: 1,
+            key: None,
+            payload: Bytes::from_static(b"pay"),
+            deadline: Some(Duration::from_millis(300)),
+        },
+    );
+    let start = now;
+    let actions = run_until(&mut link, &mut now, start + Duration::from_millis(299));
+    assert!(completions(&actions).is_empty());
+    let actions = run_until(&mut link, &mut now, start + Duration::from_millis(300));
+    assert!(matches!(
+        &completions(&actions)[..],
+        [(1, Err(SendError::Timeout { id: 0 }))]
+    ));
+    assert!(freed(&actions).is_empty(), "the sender still carries it");
+    assert_eq!(link.stats().in_flight, 1);
+    let actions = run_until(&mut link, &mut now, start + Duration::from_secs(5));
+    assert!(completions(&actions).is_empty(), "one outcome per send");
+    assert_eq!(freed(&actions), vec![1]);
+    assert_eq!(link.stats().in_flight, 0);
+}
+
+/// Issue case 9: a draining close waits for sends in flight, refuses new ones, then says
+/// goodbye.
+#[test]
+fn a_draining_close_lets_sends_finish_then_says_goodbye() {
+    let (mut now, mut link) = client(1, Attached::Resumed);
+    send(&mut link, now, 1, 100);
+    let start = now;
+    let sent = run_until(&mut link, &mut now, start + Duration::from_millis(5));
+    link.handle(now, Input::Close { drain: true });
+    assert!(
+        closes(&drain(&mut link)).is_empty(),
+        "not while a send is in flight"
+    );
+    send(&mut link, now, 2, 100);
+    let actions = drain(&mut link);
+    assert!(matches!(
+        &completions(&actions)[..],
+        [(2, Err(SendError::Closed))]
+    ));
+    let mut server = Peer::new(SenderConfig::default(), ReceiverConfig::default());
+    let later = now + Duration::from_millis(10);
+    for ack in acks_from(&mut server, later, &sent, ConnId(1)) {
+        link.handle(
+            later,
+            Input::Datagram {
+                conn: ConnId(1),
+                data: ack,
+            },
+        );
+    }
+    let actions = drain(&mut link);
+    assert!(matches!(&completions(&actions)[..], [(1, Ok(_))]));
+    assert_eq!(closes(&actions), vec![(ConnId(1), GOODBYE)]);
+    assert!(stopped(&actions));
+}
+
+/// Issue case 9: with every handle dropped the link ends (no more keep-alives or redials).
+#[test]
+fn dropping_every_handle_ends_the_link() {
+    let (now, mut link) = client(1, Attached::Resumed);
+    link.handle(now, Input::HandlesDropped);
+    assert!(!link.is_closed(), "the application still reads");
+    link.handle(now, Input::AppGone);
+    let actions = drain(&mut link);
+    assert_eq!(closes(&actions), vec![(ConnId(1), GOODBYE)]);
+    assert!(stopped(&actions));
+    assert_eq!(link.poll_timeout(), None);
+    // A dial finishing afterwards is closed at once.
+    link.handle(
+        now,
+        Input::DialDone {
+            dial: 1,
+            result: dialed(5, Attached::Resumed),
+        },
+    );
+    assert_eq!(closes(&drain(&mut link)), vec![(ConnId(5), 0)]);
+}
+
+/// Issue case 9: a server ends a channel at once on the client's goodbye, and keeps it for
+/// `channel_ttl` after any other loss.
+#[test]
+fn a_server_keeps_a_detached_channel_for_its_ttl_but_not_after_a_goodbye() {
+    let now = Instant::now();
+    let mut link = Link::new(now, LinkConfig::default(), Role::Server, ConnId(1), SIZE, 0);
+    link.handle(
+        now,
+        Input::ConnectionLost {
+            conn: ConnId(1),
+            how: Lost::Goodbye,
+            reason: "goodbye".into(),
+        },
+    );
+    assert!(stopped(&drain(&mut link)));
+
+    let mut link = Link::new(now, LinkConfig::default(), Role::Server, ConnId(1), SIZE, 0);
+    lose(&mut link, now, 1);
+    assert!(!stopped(&drain(&mut link)));
+    assert_eq!(link.poll_timeout(), Some(now + Duration::from_secs(60)));
+    link.handle(
+        now + Duration::from_secs(1),
+        Input::Reattached {
+            conn: ConnId(2),
+            max_datagram_size: Some(SIZE),
+        },
+    );
+    assert_eq!(link.primary(), Some(ConnId(2)));
+    assert_eq!(link.poll_timeout(), None, "attached again: no expiry");
+}
+
+fn hedged_to_standby(primary: Attached, standby: Attached) -> usize {
+    let mut config = LinkConfig::default();
+    config.sender.hedge_to = HedgeTo::Other;
+    let (mut now, mut link) = client_with(2, primary, config);
+    let (dial, _) = dials(&drain(&mut link))[0];
+    link.handle(
+        now,
+        Input::DialDone {
+            dial,
+            result: dialed(2, standby),
+        },
+    );
+    drain(&mut link);
+    send(&mut link, now, 1, 100);
+    let start = now;
+    let actions = run_until(&mut link, &mut now, start + Duration::from_millis(900));
+    transmits_to(&actions, ConnId(2))
+}
+
+/// Issue case 13c: hedge copies go to the standby only when both the primary and the
+/// standby judge by the shared claims store.
+#[test]
+fn hedge_copies_go_to_a_standby_only_when_both_ends_claim() {
+    assert!(hedged_to_standby(Attached::Claims, Attached::Claims) > 0);
+    assert_eq!(hedged_to_standby(Attached::Resumed, Attached::Claims), 0);
+    assert_eq!(hedged_to_standby(Attached::New, Attached::Claims), 0);
+    assert_eq!(hedged_to_standby(Attached::Claims, Attached::Resumed), 0);
+}
+
+fn claims_server(config: LinkConfig) -> (Instant, Link, Peer) {
+    let now = Instant::now();
+    let mut config = config;
+    config.receiver.claims = Claims::Owner;
+    let link = Link::new(now, config, Role::Server, ConnId(1), SIZE, 0);
+    let client = Peer::new(SenderConfig::default(), ReceiverConfig::default());
+    (now, link, client)
+}
+
+fn deliver_one(link: &mut Link, client: &mut Peer, now: Instant) -> Vec<Action> {
+    client.sender.send(now, Bytes::from_static(b"pay")).unwrap();
+    let mut out = Vec::new();
+    while let Some(d) = client.poll_transmit() {
+        link.handle(
+            now,
+            Input::Datagram {
+                conn: ConnId(1),
+                data: d,
+            },
+        );
+        out.extend(drain(link));
+    }
+    out
+}
+
+fn claim_attempts(actions: &[Action]) -> Vec<(u64, Duration)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Claim {
+                attempt, timeout, ..
+            } => Some((*attempt, *timeout)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn delivered(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::Deliver(_)))
+        .count()
+}
+
+/// Issue case 3: every claim attempt carries its own timeout, and one that failed (or
+/// timed out) is retried with backoff until `claim_timeout`, then dropped unacked.
+#[test]
+fn a_failing_claim_is_retried_with_backoff_then_dropped_unacked() {
+    let (mut now, mut link, mut client) = claims_server(LinkConfig::default());
+    let actions = deliver_one(&mut link, &mut client, now);
+    let first = claim_attempts(&actions);
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        first[0].1,
+        Duration::from_secs(1),
+        "the attempt's own timeout"
+    );
+    let start = now;
+    let mut attempt = first[0].0;
+    let mut at = Vec::new();
+    loop {
+        at.push(now - start);
+        link.handle(
+            now,
+            Input::ClaimAnswered {
+                attempt,
+                result: Err("timed out".into()),
+            },
+        );
+        let actions = drain(&mut link);
+        assert_eq!(delivered(&actions), 0);
+        assert_eq!(transmits_to(&actions, ConnId(1)), 0, "nothing acked");
+        let Some(t) = link
+            .poll_timeout()
+            .filter(|t| *t < start + Duration::from_secs(60))
+        else {
+            break;
+        };
+        now = t;
+        link.handle(now, Input::Timer);
+        let next = claim_attempts(&drain(&mut link));
+        let Some(&(a, _)) = next.first() else { break };
+        attempt = a;
+    }
+    let ms: Vec<u128> = at.iter().map(|d| d.as_millis()).collect();
+    assert_eq!(&ms[..4], &[0, 10, 30, 70], "{ms:?}");
+    assert!(*ms.last().unwrap() <= 5000);
+    assert_eq!(link.peer().receiver.stats().claim_failures, 1);
+    assert_eq!(link.peer().receiver.stats().claims_pending, 0);
+}
+
+#[test]
+fn a_claim_answered_now_is_delivered_and_acked() {
+    let (now, mut link, mut client) = claims_server(LinkConfig::default());
+    let actions = deliver_one(&mut link, &mut client, now);
+    let (attempt, _) = claim_attempts(&actions)[0];
+    link.handle(
+        now,
+        Input::ClaimAnswered {
+            attempt,
+            result: Ok(ClaimOutcome::Now),
+        },
+    );
+    let actions = drain(&mut link);
+    assert_eq!(delivered(&actions), 1);
+    assert!(transmits_to(&actions, ConnId(1)) > 0, "an ack");
+    // A late answer to a stale attempt changes nothing.
+    link.handle(
+        now,
+        Input::ClaimAnswered {
+            attempt,
+            result: Ok(ClaimOutcome::Now),
+        },
+    );
+    assert_eq!(delivered(&drain(&mut link)), 0);
+}
+
+#[test]
+fn deliveries_wait_for_room_in_the_hand_off() {
+    let now = Instant::now();
+    let mut link = Link::new(now, LinkConfig::default(), Role::Server, ConnId(1), SIZE, 0);
+    let mut client = Peer::new(SenderConfig::default(), ReceiverConfig::default());
+    let mut n = 0;
+    for _ in 0..10 {
+        n += delivered(&deliver_one(&mut link, &mut client, now));
+    }
+    assert_eq!(n, 4, "the hand-off holds four");
+    link.handle(now, Input::Took { id: 0 });
+    assert_eq!(delivered(&drain(&mut link)), 1);
+}
+
+#[test]
+fn a_stopped_link_answers_late_sends_with_closed() {
+    let (now, mut link) = client(1, Attached::Resumed);
+    link.handle(now, Input::Close { drain: false });
+    let actions = drain(&mut link);
+    assert_eq!(closes(&actions), vec![(ConnId(1), 0)]);
+    assert!(stopped(&actions));
+    send(&mut link, now, 9, 10);
+    assert!(matches!(
+        &completions(&drain(&mut link))[..],
+        [(9, Err(SendError::Closed))]
+    ));
+}
+
+#[test]
+fn a_recovered_replica_is_tried_as_standby_every_few_seconds() {
+    let (mut now, mut link) = client(3, Attached::Claims);
+    let (dial, replica) = dials(&drain(&mut link))[0];
+    assert_eq!(replica, 1);
+    link.handle(
+        now,
+        Input::DialDone {
+            dial,
+            result: failed(),
+        },
+    );
+    let (dial, replica) = dials(&drain(&mut link))[0];
+    assert_eq!(replica, 2);
+    link.handle(
+        now,
+        Input::DialDone {
+            dial,
+            result: dialed(3, Attached::Claims),
+        },
+    );
+    drain(&mut link);
+    // Replica 1 is preferred over the standby (2): an upgrade round in 5 s.
+    let start = now;
+    let actions = run_until(&mut link, &mut now, start + Duration::from_secs(5));
+    let upgrade: Vec<_> = dials(&actions);
+    assert_eq!(upgrade.iter().map(|d| d.1).collect::<Vec<_>>(), vec![1]);
+    link.handle(
+        now,
+        Input::DialDone {
+            dial: upgrade[0].0,
+            result: dialed(4, Attached::Claims),
+        },
+    );
+    let actions = drain(&mut link);
+    assert_eq!(
+        closes(&actions),
+        vec![(ConnId(3), 0)],
+        "the old standby closed"
+    );
+}
+
+#[test]
+fn a_much_better_standby_takes_over_after_three_samples() {
+    let (mut now, mut link) = client(2, Attached::Claims);
+    let (dial, _) = dials(&drain(&mut link))[0];
+    link.handle(
+        now,
+        Input::DialDone {
+            dial,
+            result: dialed(2, Attached::Claims),
+        },
+    );
+    drain(&mut link);
+    let slow = PathSample {
+        rtt: Duration::from_millis(100),
+        sent_packets: 0,
+        lost_packets: 0,
+    };
+    let fast = PathSample {
+        rtt: Duration::from_millis(10),
+        ..slow
+    };
+    for round in 0..3 {
+        now += Duration::from_secs(1);
+        link.handle(now, Input::Timer);
+        let actions = drain(&mut link);
+        assert!(actions.iter().any(
+            |a| matches!(a, Action::SamplePaths { conns } if conns == &vec![ConnId(1), ConnId(2)])
+        ));
+        assert_eq!(link.primary(), Some(ConnId(1)), "round {round}");
+        link.handle(
+            now,
+            Input::Samples(vec![(ConnId(1), slow), (ConnId(2), fast)]),
+        );
+    }
+    let actions = drain(&mut link);
+    assert_eq!(link.primary(), Some(ConnId(2)));
+    assert_eq!(link.stats().switches, 1);
+    assert_eq!(link.stats().failovers, 0);
+    assert!(closes(&actions).contains(&(ConnId(1), 0)));
+}
