@@ -14,6 +14,7 @@
 //! | [`proto`] | the sans-I/O protocol: message ids, first flights, acks, RTT percentile, hedges (budget, backoff), deadlines, dedupe window, redundant acks; input `(now, datagram)`, output datagrams, timers, events | quinn, tokio, the clock |
 //! | [`tune`] | loss models' math (binomial tail, Gilbert-Elliott chain), choosing (k, m, linger, hedge delay) for a target, the online per-shard loss estimate | I/O |
 //! | [`channel`] | the async shell: one driver task runs a `proto::Peer` over a `quinn::Connection` (datagrams, plus streams for large messages); `Channel::open`/`connect`, `Listener`/`Server` (channel ids, reconnects), `send` → `Receipt`, `Messages` (bounded), `stats()`, TLS config helpers (PEM/DER identities, CA trust or pinning, mutual TLS; never 0-RTT) | codes |
+//! | [`promises`] | the payment promises stated once: a [`promises::Ledger`] of what each sender saw and each application received, checked by every scenario test and fuzz target | transport |
 //! | [`store`] | claims of delivered messages shared by replicas: the `DedupeStore` trait, `MemoryStore`, `PgStore` (feature `postgres`) | transport |
 //! | `sim` (feature `sim`, default) | the packet-loss simulator: a seeded link model, an in-memory network of quinn sockets on tokio's clock, the same model over a real UDP socket, an endpoint-pair harness | surelink's protocol: it works under any quinn application |
 //!
@@ -30,6 +31,7 @@
 
 pub mod channel;
 pub mod fec;
+pub mod promises;
 pub mod proto;
 #[cfg(feature = "sim")]
 pub mod sim;
