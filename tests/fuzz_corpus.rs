@@ -4,6 +4,8 @@
 
 #[path = "../fuzz/checks.rs"]
 mod checks;
+#[path = "../fuzz/world.rs"]
+mod world;
 
 use std::path::Path;
 
@@ -39,6 +41,11 @@ fn receiver_corpus() {
 }
 
 #[test]
+fn channel_corpus() {
+    replay("channel", world::channel);
+}
+
+#[test]
 fn random_inputs_smoke() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed);
     for _ in 0..300 {
@@ -47,5 +54,6 @@ fn random_inputs_smoke() {
         checks::frame_decode(&data);
         checks::reassembler(&data);
         checks::receiver(&data);
+        world::channel(&data);
     }
 }
