@@ -500,8 +500,18 @@ fn a_body_that_is_no_envelope_is_neither_delivered_nor_acked() {
         }
     }
     assert_eq!(r.poll_delivery(), None);
+    // Issue case 12: no ack for what was not delivered, but a refusal, counted.
+    let refuse = r.poll_transmit().expect("a refusal");
+    assert_eq!(
+        Frame::decode(refuse, &Limits::default()),
+        Ok(Frame::Refuse(crate::wire::RefuseFrame {
+            reason: crate::wire::REFUSE_MALFORMED,
+            ranges: vec![0..=0],
+        }))
+    );
     assert_eq!(r.poll_transmit(), None, "no ack for what was not delivered");
     assert_eq!(r.stats().invalid_envelopes, 1);
+    assert_eq!(r.stats().refused.malformed, 1);
     // The same over the stream path: refused.
     assert_eq!(
         r.handle_whole(t, 1, Bytes::from_static(&[0x80])),
@@ -765,7 +775,13 @@ fn a_taken_over_channel_starts_its_window_at_the_clients_floor() {
     let t = Instant::now();
     let mut b = claims_peer(16);
     b.receiver.start_at(1_000_000);
-    let mut a = Peer::new(plain(), ReceiverConfig::default());
+    let mut a = Peer::new(
+        SenderConfig {
+            max_id_span: u64::MAX,
+            ..plain()
+        },
+        ReceiverConfig::default(),
+    );
     // Ids far above the default window's reach from 0 are claimed, not refused.
     for _ in 0..1_000_000 {
         a.sender.reserve_id();
