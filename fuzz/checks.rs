@@ -13,6 +13,8 @@ use surelink::wire::{Frame, Limits};
 fn tight_limits() -> Limits {
     Limits {
         max_shards: 8,
+        max_data_shards: 8,
+        max_block_shards: 8,
         max_shard_size: 64,
         max_message_len: 100,
         max_block_messages: 3,
@@ -316,6 +318,8 @@ struct Book {
     entered: std::collections::VecDeque<std::time::Instant>,
     /// The receiver's `delivered` counter as last seen.
     delivered: u64,
+    /// Ids the receiver refused (the honest sender failed them as not delivered).
+    refused: HashSet<u64>,
 }
 
 impl Book {
@@ -369,7 +373,7 @@ impl Book {
     }
 
     /// Checks one message the application took.
-    fn check(&mut self, m: &surelink::proto::Delivered, keys_evicted: u64, hostile: bool) {
+    fn check(&mut self, m: &surelink::proto::Delivered, hostile: bool) {
         use surelink::proto::Claims;
         let now = self.entered.pop_front().expect("every delivery was noted");
         if !self.ids.insert(m.id) {
@@ -395,15 +399,21 @@ impl Book {
             .filter(|_| self.claims != Claims::Application)
         {
             if let Some(&at) = self.keys.get(k) {
-                // A key may come back only once it could have expired or been evicted.
+                // A key may come back only once it could have expired (keys are never
+                // forgotten early: a full window refuses new keys instead).
                 assert!(
-                    now.duration_since(at) >= std::time::Duration::from_secs(5) || keys_evicted > 0,
+                    now.duration_since(at) >= std::time::Duration::from_secs(5),
                     "key {k:?} delivered twice within its TTL"
                 );
             }
             self.keys.insert(k.clone(), now);
         }
         if !hostile {
+            assert!(
+                !self.refused.contains(&m.id),
+                "message {} delivered after it was refused",
+                m.id
+            );
             assert_eq!(
                 self.sent.get(&m.id),
                 Some(&m.payload),
@@ -577,9 +587,8 @@ pub fn receiver(data: &[u8]) {
                 // Messages already delivered (queued, perhaps unread) belong to the old
                 // incarnation, whose ids are about to be reused: check them against it.
                 book.note_deliveries(&peer, now);
-                let keys_evicted = peer.receiver.stats().keys_evicted;
                 while let Some(m) = peer.receiver.poll_delivery() {
-                    book.check(&m, keys_evicted, hostile);
+                    book.check(&m, hostile);
                 }
                 peer.receiver.peer_lost_state();
                 honest = surelink::proto::Sender::new(honest_config.clone());
@@ -592,6 +601,7 @@ pub fn receiver(data: &[u8]) {
                 book.granted.clear();
                 book.settled.clear();
                 book.released.clear();
+                book.refused.clear();
                 requests.clear();
                 unconfirmed.clear();
             }
@@ -617,22 +627,34 @@ pub fn receiver(data: &[u8]) {
         }
         // Acks go back to the honest sender (which also drives its hedges).
         while let Some(ack) = peer.poll_transmit() {
-            if let Ok(Frame::Ack(a)) = Frame::decode(ack, &Limits::default()) {
-                honest.handle_ack(now, &a);
+            match Frame::decode(ack, &Limits::default()) {
+                Ok(Frame::Ack(a)) => honest.handle_ack(now, &a),
+                Ok(Frame::Refuse(r)) => honest.handle_refuse(now, &r),
+                _ => {}
             }
         }
         while let Some(event) = honest.poll_event() {
-            if let surelink::proto::SenderEvent::Acked { id, .. } = event {
-                book.check_ack(id, hostile);
+            match event {
+                surelink::proto::SenderEvent::Acked { id, .. } => book.check_ack(id, hostile),
+                surelink::proto::SenderEvent::Failed {
+                    id,
+                    reason: surelink::proto::FailReason::Refused(_),
+                } => {
+                    assert!(
+                        hostile || !book.ids.contains(&id),
+                        "message {id} refused after it was delivered"
+                    );
+                    book.refused.insert(id);
+                }
+                _ => {}
             }
         }
         while let Some(request) = peer.receiver.poll_claim() {
             requests.push(request);
         }
         book.note_deliveries(&peer, now);
-        let keys_evicted = peer.receiver.stats().keys_evicted;
         while let Some(m) = reading.then(|| peer.receiver.poll_delivery()).flatten() {
-            book.check(&m, keys_evicted, hostile);
+            book.check(&m, hostile);
             if claims == Claims::Application {
                 unconfirmed.push((m.id, m.key.clone()));
             }

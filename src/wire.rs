@@ -74,6 +74,38 @@
 //! | reason_len | varint     | `≤ Limits::max_close_reason`                     |
 //! | reason     | bytes      | human-readable reason (not interpreted)          |
 //!
+//! ## Floor (`0x16`), sender → receiver
+//!
+//! | field | encoding    | meaning                                                          |
+//! |-------|-------------|------------------------------------------------------------------|
+//! | type  | u8 = `0x16` |                                                                  |
+//! | floor | varint      | every message id below it has its outcome at the sender (acked, or given up at its deadline, or refused): the receiver may treat them as settled |
+//!
+//! The receiver moves its dedupe window's low watermark up to `floor` (never down, and never
+//! past a message whose claim is still pending), so one lost message frees the window at
+//! the sender's deadline, and a receiver that restarted without state catches up with the
+//! sender's ids. The sender repeats it (rate-limited) until an ack's range from id 0 shows
+//! the receiver caught up, so one lost FLOOR costs little.
+//!
+//! ## Refuse (`0x17`), receiver → sender
+//!
+//! The receiver will not deliver these messages, now or later: the sender fails them at
+//! once (definitely not delivered; a retry with the same idempotency key is safe).
+//!
+//! | field  | encoding    | meaning                                                         |
+//! |--------|-------------|-----------------------------------------------------------------|
+//! | type   | u8 = `0x17` |                                                                 |
+//! | reason | varint      | why, one of the `REFUSE_*` codes below (others: unknown reason) |
+//! | count  | varint      | ranges that follow, `1 ..= Limits::max_ack_ranges`              |
+//! | (first, extra) ×count | varint, varint | refused ids `first ..= first + extra` (≤ 2^62 - 1) |
+//!
+//! Reason codes: [`REFUSE_MALFORMED`] (1) the envelope is malformed (reserved flag bits, an
+//! empty or oversized key); [`REFUSE_OUT_OF_WINDOW`] (2) the id is too far above the
+//! receiver's dedupe window; [`REFUSE_KEYS_FULL`] (3) the receiver holds its most
+//! idempotency keys and cannot take a new one; [`REFUSE_BLOCK`] (4) the block's code
+//! parameters (`k`, `n`) are above what the receiver accepts; [`REFUSE_CLOSED`] (5) the
+//! receiving application is gone.
+//!
 //! ## Envelope (inside every message)
 //!
 //! What the application sends is wrapped before it is coded into blocks (or written to a
@@ -115,6 +147,22 @@ const TYPE_ACK: u8 = 0x2;
 const TYPE_HELLO: u8 = 0x3;
 const TYPE_CLOSE: u8 = 0x4;
 const TYPE_STREAM_MESSAGE: u8 = 0x5;
+const TYPE_FLOOR: u8 = 0x6;
+const TYPE_REFUSE: u8 = 0x7;
+
+/// REFUSE reason: the message's envelope is malformed (reserved flag bits, an empty or
+/// oversized idempotency key).
+pub const REFUSE_MALFORMED: u64 = 1;
+/// REFUSE reason: the message id is too far above the receiver's dedupe window.
+pub const REFUSE_OUT_OF_WINDOW: u64 = 2;
+/// REFUSE reason: the receiver holds as many idempotency keys as it may and cannot take a
+/// new one before some expire.
+pub const REFUSE_KEYS_FULL: u64 = 3;
+/// REFUSE reason: the block's code parameters (`k` data shards, `n` shards) are above what
+/// the receiver accepts ([`Limits::max_data_shards`], [`Limits::max_block_shards`]).
+pub const REFUSE_BLOCK: u64 = 4;
+/// REFUSE reason: the receiving application is gone; nothing more will be delivered.
+pub const REFUSE_CLOSED: u64 = 5;
 
 const fn type_byte(frame_type: u8) -> u8 {
     (VERSION << 4) | frame_type
@@ -126,8 +174,22 @@ const fn type_byte(frame_type: u8) -> u8 {
 /// its own limits would reject.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Most shards (`n`) a block may have. Default 256, which is also the ceiling.
+    /// Most shards (`n`) a block may have: the format's ceiling, checked by the decoder.
+    /// Default 256, which is also the ceiling.
     pub max_shards: u16,
+    /// Most data shards (`k`) of a block a receiver accepts: blocks above it decode but are
+    /// refused ([`REFUSE_BLOCK`]) before any rebuild, because a wide code with tiny shards
+    /// costs the receiver far more per byte (inverting a `k × k` matrix). Default 64: the
+    /// encoder cuts a message of `max_message_len` (64 KiB) into 58 data shards at the
+    /// smallest datagram size QUIC allows (1162 bytes of datagram payload), the tuner plans
+    /// at most 8 (`TunerConfig::max_data_shards`) and batching at most 16. The encoder never
+    /// builds a block above it.
+    pub max_data_shards: u16,
+    /// Most shards (`n`, data and parity) of a block a receiver accepts; above it the block
+    /// is refused like one above `max_data_shards`. Default 128: the encoder codes a block
+    /// of `k` data shards for `max(k × repair_ratio, min_repair)` parity (at most 58 + 58
+    /// with the defaults) and never above this.
+    pub max_block_shards: u16,
     /// Largest shard size `S` in bytes. Default 16 KiB (QUIC datagrams are bounded by the path
     /// MTU, about 1.2–1.5 KB on the Internet; loopback allows more).
     pub max_shard_size: u32,
@@ -146,6 +208,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_shards: MAX_SHARDS,
+            max_data_shards: 64,
+            max_block_shards: 128,
             max_shard_size: 16 * 1024,
             max_message_len: 64 * 1024,
             max_block_messages: 64,
@@ -161,6 +225,8 @@ impl Limits {
     pub fn clamped(&self) -> Limits {
         Limits {
             max_shards: self.max_shards.clamp(1, MAX_SHARDS),
+            max_data_shards: self.max_data_shards.clamp(1, MAX_SHARDS),
+            max_block_shards: self.max_block_shards.clamp(2, MAX_SHARDS),
             max_shard_size: self.max_shard_size.max(1),
             max_message_len: self.max_message_len,
             max_block_messages: self.max_block_messages.clamp(1, 64),
@@ -277,6 +343,9 @@ pub enum DecodeError {
     /// An ack range would extend below message id 0.
     #[error("ack range underflows")]
     InvalidAckRange,
+    /// A refuse frame had no ranges, or a range past 2^62 - 1.
+    #[error("refuse frame without ranges or with a range past 2^62 - 1")]
+    InvalidRefuseRange,
     /// A close reason was longer than the limit.
     #[error("close reason of {len} bytes, limit {max}")]
     ReasonTooLong {
@@ -318,6 +387,7 @@ impl DecodeError {
             DecodeError::TrailingBytes(_) => "trailing_bytes",
             DecodeError::TooManyAckRanges { .. } => "too_many_ack_ranges",
             DecodeError::InvalidAckRange => "invalid_ack_range",
+            DecodeError::InvalidRefuseRange => "invalid_refuse_range",
             DecodeError::ReasonTooLong { .. } => "reason_too_long",
             DecodeError::UnknownFlags(_) => "unknown_envelope_flags",
             DecodeError::KeyLength { .. } => "key_length",
@@ -392,6 +462,34 @@ pub enum Frame {
     Hello(HelloFrame),
     /// The peer is closing the channel.
     Close(CloseFrame),
+    /// Sender → receiver: every message id below `floor` has its outcome at the sender.
+    Floor(FloorFrame),
+    /// Receiver → sender: these messages will not be delivered.
+    Refuse(RefuseFrame),
+}
+
+/// Sender → receiver: every message id below `floor` has its outcome at the sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FloorFrame {
+    /// The sender's lowest id still awaiting its outcome (its next id when none is). At most
+    /// 2^62 - 1.
+    pub floor: u64,
+}
+
+/// Receiver → sender: messages the receiver will not deliver, now or later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefuseFrame {
+    /// Why (a `REFUSE_*` code; others are unknown reasons). At most 2^62 - 1.
+    pub reason: u64,
+    /// Refused ids, `1 ..= Limits::max_ack_ranges` ranges, each within `0 ..= 2^62 - 1`.
+    pub ranges: Vec<RangeInclusive<u64>>,
+}
+
+impl RefuseFrame {
+    /// Whether `id` is refused by this frame.
+    pub fn contains(&self, id: u64) -> bool {
+        self.ranges.iter().any(|r| r.contains(&id))
+    }
 }
 
 /// What every shard of one block carries: the code parameters and the block's layout.
@@ -615,6 +713,10 @@ impl Frame {
                 let reason = datagram.split_to(len as usize);
                 Frame::Close(CloseFrame { code, reason })
             }
+            TYPE_FLOOR => Frame::Floor(FloorFrame {
+                floor: get_varint(&mut datagram)?,
+            }),
+            TYPE_REFUSE => Frame::Refuse(decode_refuse(&mut datagram, &limits)?),
             _ => return Err(DecodeError::UnknownType(ty)),
         };
         if datagram.has_remaining() {
@@ -653,6 +755,19 @@ impl Frame {
                 put_varint(buf, c.code);
                 put_varint(buf, c.reason.len() as u64);
                 buf.put_slice(&c.reason);
+            }
+            Frame::Floor(f) => {
+                buf.put_u8(type_byte(TYPE_FLOOR));
+                put_varint(buf, f.floor);
+            }
+            Frame::Refuse(r) => {
+                buf.put_u8(type_byte(TYPE_REFUSE));
+                put_varint(buf, r.reason);
+                put_varint(buf, r.ranges.len() as u64);
+                for range in &r.ranges {
+                    put_varint(buf, *range.start());
+                    put_varint(buf, range.end().saturating_sub(*range.start()));
+                }
             }
         }
     }
@@ -906,6 +1021,35 @@ fn validate_shard(
         return Err(DecodeError::TrailingBytes((actual - expected) as usize));
     }
     Ok(())
+}
+
+fn decode_refuse(buf: &mut Bytes, limits: &Limits) -> Result<RefuseFrame, DecodeError> {
+    let reason = get_varint(buf)?;
+    let count = get_varint(buf)?;
+    if count == 0 {
+        return Err(DecodeError::InvalidRefuseRange);
+    }
+    if count > u64::from(limits.max_ack_ranges) {
+        return Err(DecodeError::TooManyAckRanges {
+            count,
+            max: limits.max_ack_ranges,
+        });
+    }
+    // Every range takes at least two bytes.
+    if (buf.remaining() as u64) < 2 * count {
+        return Err(DecodeError::Truncated);
+    }
+    let mut ranges = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let first = get_varint(buf)?;
+        let extra = get_varint(buf)?;
+        let last = first
+            .checked_add(extra)
+            .filter(|&l| l <= MAX_VARINT)
+            .ok_or(DecodeError::InvalidRefuseRange)?;
+        ranges.push(first..=last);
+    }
+    Ok(RefuseFrame { reason, ranges })
 }
 
 fn decode_ack(buf: &mut Bytes, limits: &Limits) -> Result<AckFrame, DecodeError> {
@@ -1223,6 +1367,8 @@ mod tests {
     fn limits_are_configurable() {
         let limits = Limits {
             max_shards: 8,
+            max_data_shards: 8,
+            max_block_shards: 8,
             max_shard_size: 100,
             max_message_len: 50,
             max_block_messages: 2,
@@ -1268,6 +1414,43 @@ mod tests {
             d(vec![0x14, 0x00, 0x04, 1, 2, 3, 4]),
             Err(DecodeError::ReasonTooLong { len: 4, max: 3 })
         );
+    }
+
+    #[test]
+    fn floor_and_refuse_golden_bytes_and_bounds() {
+        let floor = [0x16, 0x43, 0xe8];
+        let f = decode(&floor).unwrap();
+        assert_eq!(f, Frame::Floor(FloorFrame { floor: 1000 }));
+        assert_eq!(&f.to_bytes()[..], floor);
+        assert_eq!(decode(&[0x16]), Err(DecodeError::Truncated));
+        assert_eq!(decode(&[0x16, 1, 2]), Err(DecodeError::TrailingBytes(1)));
+
+        // Reason 2, two ranges: 7..=9 and 20..=20.
+        let refuse = [0x17, 0x02, 0x02, 0x07, 0x02, 0x14, 0x00];
+        let f = decode(&refuse).unwrap();
+        assert_eq!(
+            f,
+            Frame::Refuse(RefuseFrame {
+                reason: REFUSE_OUT_OF_WINDOW,
+                ranges: vec![7..=9, 20..=20],
+            })
+        );
+        assert_eq!(&f.to_bytes()[..], refuse);
+        assert_eq!(
+            decode(&[0x17, 0x02, 0x00]),
+            Err(DecodeError::InvalidRefuseRange)
+        );
+        // 65 ranges claimed with nothing behind them: refused before allocating.
+        assert_eq!(
+            decode(&[0x17, 0x02, 0x40, 0x41]),
+            Err(DecodeError::TooManyAckRanges { count: 65, max: 64 })
+        );
+        assert_eq!(decode(&[0x17, 0x02, 0x3f, 0]), Err(DecodeError::Truncated));
+        // first + extra past 2^62 - 1.
+        let mut over = vec![0x17, 0x01, 0x01];
+        put_varint(&mut over, MAX_VARINT);
+        put_varint(&mut over, 1);
+        assert_eq!(decode(&over), Err(DecodeError::InvalidRefuseRange));
     }
 
     #[test]
@@ -1439,6 +1622,24 @@ mod tests {
         #[test]
         fn hello_round_trip(id in any::<[u8; 16]>(), floor in 0..MAX_VARINT) {
             let f = Frame::Hello(HelloFrame { channel_id: id, floor });
+            prop_assert_eq!(Frame::decode(f.to_bytes(), &Limits::default()), Ok(f));
+        }
+
+        #[test]
+        fn floor_round_trip(floor in 0..MAX_VARINT) {
+            let f = Frame::Floor(FloorFrame { floor });
+            prop_assert_eq!(Frame::decode(f.to_bytes(), &Limits::default()), Ok(f));
+        }
+
+        #[test]
+        fn refuse_round_trip(
+            reason in 0..MAX_VARINT,
+            ranges in prop::collection::vec((0u64..(1 << 50), 0u64..1000), 1..=64),
+        ) {
+            let f = Frame::Refuse(RefuseFrame {
+                reason,
+                ranges: ranges.into_iter().map(|(a, n)| a..=a + n).collect(),
+            });
             prop_assert_eq!(Frame::decode(f.to_bytes(), &Limits::default()), Ok(f));
         }
 

@@ -286,8 +286,11 @@ fn plain_sender() -> SenderConfig {
     }
 }
 
+/// Issue cases 5 and 12: past the window an id is refused (a definite outcome, at once),
+/// and a lost message frees the window at the sender's deadline (its FLOOR), not after the
+/// receiver's hole TTL.
 #[test]
-fn the_dedupe_window_takes_its_last_id_refuses_the_next_and_moves_on_after_the_hole_ttl() {
+fn the_dedupe_window_takes_its_last_id_refuses_the_next_and_moves_on_at_the_deadline() {
     let t0 = Instant::now();
     let window = 16;
     let mut a = Peer::new(plain_sender(), ReceiverConfig::default());
@@ -295,7 +298,7 @@ fn the_dedupe_window_takes_its_last_id_refuses_the_next_and_moves_on_after_the_h
         plain_sender(),
         ReceiverConfig {
             dedupe_window: window,
-            hole_ttl: Duration::from_secs(1),
+            hole_ttl: Duration::from_secs(30),
             ..ReceiverConfig::default()
         },
     );
@@ -313,15 +316,26 @@ fn the_dedupe_window_takes_its_last_id_refuses_the_next_and_moves_on_after_the_h
     // At the limit: ids up to watermark + window - 1 are taken. Past it: refused, counted.
     assert_eq!(delivered, (1..window).collect::<Vec<_>>());
     assert_eq!(b.receiver.stats().out_of_window, 1);
+    assert_eq!(b.receiver.stats().refused.out_of_window, 1);
     assert!(b.receiver.stats().ids_tracked <= window as usize);
     carry(t0, &mut b, &mut a);
-    assert_eq!(
-        acked(&mut a),
-        (1..window).collect::<Vec<_>>(),
-        "the refused message is not acked"
-    );
+    let mut acked_ids = Vec::new();
+    let mut refused = Vec::new();
+    while let Some(e) = a.sender.poll_event() {
+        match e {
+            SenderEvent::Acked { id, .. } => acked_ids.push(id),
+            SenderEvent::Failed {
+                id,
+                reason: FailReason::Refused(code),
+            } => refused.push((id, code)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(acked_ids, (1..window).collect::<Vec<_>>());
+    assert_eq!(refused, vec![(window, 2)], "refused at once, not acked");
 
-    // The sender gives up on 0 and 16 at its deadline: outcome unknown, retry allowed.
+    // The sender gives up on 0 at its deadline (outcome unknown, retry allowed) and says so
+    // with a FLOOR: the receiver's window moves on at once.
     let t1 = t0 + Duration::from_millis(600);
     a.handle_timeout(t1);
     carry(t1, &mut a, &mut b);
@@ -332,26 +346,26 @@ fn the_dedupe_window_takes_its_last_id_refuses_the_next_and_moves_on_after_the_h
             failed.push(id);
         }
     }
-    failed.sort();
-    assert_eq!(failed, vec![0, window]);
+    assert_eq!(failed, vec![0]);
+    assert_eq!(b.receiver.floor(), window + 1);
 
-    // After the hole TTL the watermark skips the hole: the application's retry of payment
-    // 16 (a new id) is delivered, and so is what follows.
-    let t2 = t0 + Duration::from_millis(1100);
-    let retry = a.sender.send(t2, payment(window as u32)).unwrap();
-    let next = a.sender.send(t2, payment(99)).unwrap();
-    carry(t2, &mut a, &mut b);
+    // The application's retry of payment 16 (a new id) is delivered, and so is what follows.
+    let retry = a.sender.send(t1, payment(window as u32)).unwrap();
+    let next = a.sender.send(t1, payment(99)).unwrap();
+    carry(t1, &mut a, &mut b);
     let mut delivered = Vec::new();
     while let Some(d) = b.receiver.poll_delivery() {
         delivered.push(d.id);
     }
     assert_eq!(delivered, vec![retry, next]);
-    carry(t2, &mut b, &mut a);
+    carry(t1, &mut b, &mut a);
     assert_eq!(acked(&mut a), vec![retry, next]);
 }
 
+/// Issue case 6: keys are bounded by count and kept for their whole TTL: at `max_keys` a new
+/// key is refused (a definite "not delivered", REFUSE code 3), never an old one forgotten.
 #[test]
-fn idempotency_keys_are_bounded_by_count_and_ttl() {
+fn idempotency_keys_are_bounded_by_count_and_never_forgotten_early() {
     let t0 = Instant::now();
     let mut a = Peer::new(plain_sender(), ReceiverConfig::default());
     let mut b = Peer::new(
@@ -362,6 +376,7 @@ fn idempotency_keys_are_bounded_by_count_and_ttl() {
             ..ReceiverConfig::default()
         },
     );
+    // (acked, refused with this code, delivered, keys refused, duplicate keys)
     let mut send = |t: Instant, key: &str| {
         let id = a
             .sender
@@ -369,25 +384,43 @@ fn idempotency_keys_are_bounded_by_count_and_ttl() {
             .unwrap();
         carry(t, &mut a, &mut b);
         carry(t, &mut b, &mut a);
-        assert_eq!(acked(&mut a), vec![id], "{key} acked");
+        let mut acked = false;
+        let mut refused = None;
+        while let Some(e) = a.sender.poll_event() {
+            match e {
+                SenderEvent::Acked { id: i, .. } if i == id => acked = true,
+                SenderEvent::Failed {
+                    id: i,
+                    reason: FailReason::Refused(code),
+                } if i == id => refused = Some(code),
+                other => panic!("{other:?}"),
+            }
+        }
         let delivered = std::iter::from_fn(|| b.receiver.poll_delivery()).count();
         let st = b.receiver.stats();
         assert!(st.keys_held <= 2, "{st:?}");
-        (delivered, st.keys_evicted, st.duplicate_keys)
+        (
+            acked,
+            refused,
+            delivered,
+            st.keys_refused,
+            st.duplicate_keys,
+        )
     };
-    assert_eq!(send(t0, "k1"), (1, 0, 0));
-    assert_eq!(send(t0, "k2"), (1, 0, 0));
-    // Past max_keys: the oldest key is forgotten early, and counted.
-    assert_eq!(send(t0, "k3"), (1, 1, 0));
-    // A retry of a remembered key is acked, not delivered.
-    assert_eq!(send(t0, "k3"), (0, 1, 1));
-    // A retry of the evicted key is delivered again: the documented cost of the bound.
-    assert_eq!(send(t0, "k1"), (1, 2, 1));
-    // Within the TTL, remembered; after it, forgotten.
+    assert_eq!(send(t0, "k1"), (true, None, 1, 0, 0));
+    assert_eq!(send(t0, "k2"), (true, None, 1, 0, 0));
+    // Past max_keys: the new key is refused, definitely not delivered.
+    assert_eq!(send(t0, "k3"), (false, Some(3), 0, 1, 0));
+    // Every held key is still recognised: a retry is acked, not delivered.
+    assert_eq!(send(t0, "k1"), (true, None, 0, 1, 1));
+    assert_eq!(send(t0, "k2"), (true, None, 0, 1, 2));
+    // Within the TTL, remembered; after it, forgotten, and there is room again.
     let later = t0 + Duration::from_secs(9);
-    assert_eq!(send(later, "k1"), (0, 2, 2));
+    assert_eq!(send(later, "k1"), (true, None, 0, 1, 3));
     let expired = t0 + Duration::from_secs(11);
-    assert_eq!(send(expired, "k1"), (1, 2, 2));
+    assert_eq!(send(expired, "k3"), (true, None, 1, 1, 3));
+    assert_eq!(send(expired, "k1"), (true, None, 1, 1, 3));
+    assert_eq!(b.receiver.stats().refused.keys_full, 1);
 }
 
 #[tokio::test(start_paused = true)]

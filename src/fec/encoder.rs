@@ -42,7 +42,7 @@ pub struct EncoderConfig {
     pub limits: Limits,
     /// Parity shards a block may ever have, as a share of its data shards: a block of `k`
     /// data shards is coded for `m_max = max(ceil(k × repair_ratio), min_repair)` parity
-    /// shards (capped so `k + m_max ≤ Limits::max_shards`). Parity is computed lazily, so an
+    /// shards (capped so `k + m_max ≤ Limits::max_shards` and `≤ Limits::max_block_shards`). Parity is computed lazily, so an
     /// unused allowance costs nothing. Default 1.0.
     pub repair_ratio: f32,
     /// Least parity shards a block may ever have. Default 4.
@@ -89,7 +89,8 @@ pub enum EncodeError {
     TooManyShards {
         /// Data shards needed.
         k: u64,
-        /// `Limits::max_shards`.
+        /// The most shards a block may have (`Limits::max_shards`, `max_block_shards`, or
+        /// one more than `max_data_shards`).
         max: u16,
     },
     /// A block was asked for with no messages.
@@ -373,12 +374,15 @@ impl Encoder {
                 overhead,
             });
         }
-        let k = BlockHeader::data_shards_for(total, s_max as u32).max(want_k.min(total));
-        // At least one parity shard must remain possible.
-        if k >= u64::from(limits.max_shards) {
+        // What the peer's receiver accepts (with the same limits): `k ≤ max_data_shards`,
+        // `n ≤ max_block_shards`, and at least one parity shard must remain possible.
+        let max_n = limits.max_shards.min(limits.max_block_shards);
+        let max_k = u64::from(limits.max_data_shards);
+        let k = BlockHeader::data_shards_for(total, s_max as u32).max(want_k.min(total).min(max_k));
+        if k >= u64::from(max_n) || k > u64::from(limits.max_data_shards) {
             return Err(EncodeError::TooManyShards {
                 k,
-                max: limits.max_shards,
+                max: max_n.min(limits.max_data_shards.saturating_add(1)),
             });
         }
         let shard_size = total.div_ceil(k).max(1) as u32;
@@ -386,7 +390,7 @@ impl Encoder {
         let m_max = wanted
             .max(u64::from(self.config.min_repair))
             .max(extra_repair + u64::from(self.config.min_repair))
-            .clamp(1, u64::from(limits.max_shards) - k);
+            .clamp(1, u64::from(max_n) - k);
         Ok(Plan {
             k: k as u16,
             n: (k + m_max) as u16,

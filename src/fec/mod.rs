@@ -15,8 +15,9 @@
 //!   information rather than copies. Every block is coded for `n = k + m_max` shards; parity is
 //!   computed lazily, first only what the first flight needs.
 //! - [`Reassembler`] takes shard frames in any order, with duplicates and garbage, and yields
-//!   each message once: as soon as its own data shards are in, or when any `k` distinct shards
-//!   of its block rebuild the rest. Its memory is capped in blocks and in bytes.
+//!   each message once, when its whole block is known and matches the block's CRC: all its
+//!   data shards are in, or any `k` distinct shards of it rebuild the rest. Its memory is
+//!   capped in blocks and in bytes.
 //!
 //! # Send order and packet coalescing
 //!

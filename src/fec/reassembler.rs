@@ -57,8 +57,8 @@ pub enum RejectReason {
     Contradicts,
     /// It does not fit the byte budget even after evicting every other block.
     OverBudget,
-    /// With it the block was rebuilt, and the rebuilt bytes do not match the block checksum.
-    /// The block is dropped and remembered as finished.
+    /// With it the block's bytes were complete (received or rebuilt), and they do not match
+    /// the block checksum. Nothing of the block was delivered; the block is dropped.
     ChecksumMismatch,
 }
 
@@ -103,7 +103,8 @@ pub struct ReassemblerStats {
     pub blocks_rebuilt: u64,
     /// Incomplete blocks evicted to stay within the caps.
     pub blocks_evicted: u64,
-    /// Rebuilt blocks whose bytes did not match their checksum.
+    /// Blocks whose bytes (received or rebuilt) did not match their checksum: dropped, never
+    /// delivered.
     pub checksum_failures: u64,
     /// Messages delivered.
     pub messages_delivered: u64,
@@ -151,8 +152,9 @@ fn full_mask(count: usize) -> u64 {
 /// Rebuilds messages from shard frames. Sans-I/O and deterministic.
 ///
 /// Feed it every decoded [`ShardFrame`] with [`Reassembler::insert`], then drain
-/// [`Reassembler::poll_delivery`]. Each message of a block is delivered once: as soon as the
-/// data shards it spans are in, or when `k` distinct shards let the block be rebuilt. A block
+/// [`Reassembler::poll_delivery`]. Each message of a block is delivered once, when the whole
+/// block's bytes are known and match its checksum: all `k` data shards are in, or `k` distinct
+/// shards let the block be rebuilt. A block
 /// id it remembers as finished is never delivered again; dedupe across blocks (the same
 /// message re-sent in a new block) is the protocol layer's job.
 ///
@@ -334,9 +336,14 @@ impl Reassembler {
                 InsertOutcome::Accepted { delivered }
             }
             Progress::ChecksumMismatch => {
+                // Nothing of it was delivered (delivery waits for the checksum). Forgotten,
+                // not remembered as finished: shards sent later (a retransmission) may
+                // rebuild it intact.
                 self.stats.checksum_failures += 1;
                 let p = self.remove(id);
-                self.remember(&p.header, full_mask(p.header.lengths.len()));
+                if p.delivered != 0 {
+                    self.remember(&p.header, p.delivered);
+                }
                 InsertOutcome::Rejected(RejectReason::ChecksumMismatch)
             }
         }
@@ -405,8 +412,10 @@ enum Progress {
     ChecksumMismatch,
 }
 
-/// Delivers what the block now allows: messages whose own data shards are all in, then, once
-/// `k` distinct shards are in, everything else by rebuilding.
+/// Delivers the block's messages once its bytes are known and match the block checksum:
+/// every data shard here (checked as received), or `k` distinct shards (rebuilt, then
+/// checked). A message is never delivered from data shards alone before the whole block is
+/// checked: a shard with flipped bits must not be delivered (or acked).
 fn progress(
     p: &mut Partial,
     cache: &CodecCache,
@@ -419,28 +428,33 @@ fn progress(
     let count = h.lengths.len();
     let mut delivered = 0;
 
-    // Messages whose own data shards are all here.
-    let mut offset = 0u64;
-    for (j, &len) in h.lengths.iter().enumerate() {
-        let len = u64::from(len);
-        let span = shard_span(offset, len, s);
-        if p.delivered & (1 << j) == 0 && span.clone().all(|i| p.shards[i].is_some()) {
-            deliveries.push_back(Delivery {
-                message_id: h.first_message + j as u64,
-                block: h.block,
-                payload: gather(&p.shards, offset, len, s),
-                recovered: false,
-            });
-            p.delivered |= 1 << j;
-            delivered += 1;
+    if p.data_present == k {
+        // Data shards travel trimmed: in index order they are exactly the block's bytes.
+        let mut crc = crc32fast::Hasher::new();
+        for shard in p.shards[..usize::from(k)].iter().flatten() {
+            crc.update(shard);
         }
-        offset += len;
-    }
-
-    // Enough shards to rebuild what is missing?
-    if p.delivered != full_mask(count) && p.present >= k && p.data_present < k {
+        if crc.finalize() != h.checksum {
+            return Progress::ChecksumMismatch;
+        }
+        let mut offset = 0u64;
+        for (j, &len) in h.lengths.iter().enumerate() {
+            let len = u64::from(len);
+            if p.delivered & (1 << j) == 0 {
+                deliveries.push_back(Delivery {
+                    message_id: h.first_message + j as u64,
+                    block: h.block,
+                    payload: gather(&p.shards, offset, len, s),
+                    recovered: false,
+                });
+                p.delivered |= 1 << j;
+                delivered += 1;
+            }
+            offset += len;
+        }
+    } else if p.present >= k {
+        // Enough shards to rebuild what is missing (the checksum is checked there).
         let Some(data) = rebuild(cache, p) else {
-            stats.messages_delivered += delivered as u64;
             return Progress::ChecksumMismatch;
         };
         stats.blocks_rebuilt += 1;

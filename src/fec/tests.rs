@@ -70,8 +70,9 @@ fn frames_fit_the_datagram_and_padding_is_small() {
     for datagram in [200, 1162, 1452] {
         let mut enc = small_encoder(datagram);
         for len in [0, 1, 100, 511, 512, 1000, 1150, 1200, 3000, 20_000, 65_536] {
-            if datagram == 200 && len == 65_536 {
-                // 365 data shards: more than GF(2^8) allows.
+            if datagram == 200 && len >= 20_000 {
+                // 112 data shards or more: more than a receiver accepts
+                // (`Limits::max_data_shards`, 64).
                 assert!(matches!(
                     enc.encode(7, msg(len, 1)),
                     Err(EncodeError::TooManyShards { .. })
@@ -240,21 +241,18 @@ fn every_k_subset_rebuilds_small_blocks() {
                 checked += 1;
             }
         }
-        // Fewer than k shards: only messages whose own data shards all arrived come out.
+        // Fewer than k shards: nothing comes out (the block checksum cannot be checked).
         for subset in subsets(n, k - 1) {
             let (out, r) = reassemble(&frames, &subset);
             assert_eq!(r.stats().blocks_rebuilt, 0);
-            for d in &out {
-                assert!(!d.recovered);
-                assert_eq!(d.payload, messages[(d.message_id - 40) as usize]);
-            }
+            assert!(out.is_empty());
         }
     }
     assert!(checked > 100);
 }
 
 #[test]
-fn early_delivery_from_data_shards_and_zero_copy() {
+fn delivery_waits_for_the_checked_block_and_is_zero_copy() {
     let messages = vec![msg(100, 1), msg(100, 2), msg(100, 3)];
     let mut enc = Encoder::new(EncoderConfig {
         max_datagram_size: 130,
@@ -264,37 +262,97 @@ fn early_delivery_from_data_shards_and_zero_copy() {
     assert_eq!(block.header().data_shards, 3);
     let frames = all_frames(&mut block);
     let mut r = Reassembler::new(ReassemblerConfig::default());
-    // Shard 1 alone: message 1 fits in it exactly and comes out at once, zero-copy.
+    // Shard 1 alone holds message 1 exactly, but the block checksum cannot be checked yet.
     let frame = decode_shard(frames[1].clone());
     let payload_ptr = frame.payload.as_ptr();
-    assert_eq!(r.insert(frame), InsertOutcome::Accepted { delivered: 1 });
-    let d = r.poll_delivery().unwrap();
-    assert_eq!((d.message_id, d.recovered), (1, false));
-    assert_eq!(d.payload.as_ptr(), payload_ptr);
-    // Two parity shards rebuild shards 0 and 2; messages 0 and 2 come out recovered.
-    r.insert(decode_shard(frames[3].clone()));
+    assert_eq!(r.insert(frame), InsertOutcome::Accepted { delivered: 0 });
     assert!(r.poll_delivery().is_none());
+    // Shards 0 and 2: every data shard is in, the checksum matches, all three come out;
+    // message 1 as a zero-copy slice of its datagram.
+    r.insert(decode_shard(frames[0].clone()));
     assert_eq!(
-        r.insert(decode_shard(frames[4].clone())),
-        InsertOutcome::Accepted { delivered: 2 }
+        r.insert(decode_shard(frames[2].clone())),
+        InsertOutcome::Accepted { delivered: 3 }
     );
-    let rest = drain(&mut r);
-    assert_eq!(rest.len(), 2);
-    assert!(rest.iter().all(|d| d.recovered));
-    assert_eq!(rest[0].payload, messages[0]);
-    assert_eq!(rest[1].payload, messages[2]);
+    let out = drain(&mut r);
+    assert_eq!(out.len(), 3);
+    assert!(out.iter().all(|d| !d.recovered));
+    assert_eq!(out[1].payload.as_ptr(), payload_ptr);
+    for (d, m) in out.iter().zip(&messages) {
+        assert_eq!(&d.payload, m);
+    }
     // Late shards of the finished block are stale and deliver nothing.
     assert_eq!(
-        r.insert(decode_shard(frames[0].clone())),
+        r.insert(decode_shard(frames[3].clone())),
         InsertOutcome::Stale { messages: 0..=2 }
     );
     assert!(r.poll_delivery().is_none());
     let st = r.stats();
-    assert_eq!((st.messages_delivered, st.messages_recovered), (3, 2));
+    assert_eq!((st.messages_delivered, st.messages_recovered), (3, 0));
     assert_eq!(
         (st.blocks_completed, st.blocks_rebuilt, st.shards_stale),
-        (1, 1, 1)
+        (1, 0, 1)
     );
+}
+
+#[test]
+fn rebuilt_messages_are_marked_recovered() {
+    let messages = vec![msg(100, 1), msg(100, 2), msg(100, 3)];
+    let mut enc = Encoder::new(EncoderConfig {
+        max_datagram_size: 130,
+        ..EncoderConfig::default()
+    });
+    let mut block = enc.encode_block(0, &messages).unwrap();
+    let frames = all_frames(&mut block);
+    let mut r = Reassembler::new(ReassemblerConfig::default());
+    r.insert(decode_shard(frames[1].clone()));
+    r.insert(decode_shard(frames[3].clone()));
+    assert_eq!(
+        r.insert(decode_shard(frames[4].clone())),
+        InsertOutcome::Accepted { delivered: 3 }
+    );
+    let out = drain(&mut r);
+    assert!(out.iter().all(|d| d.recovered));
+    for (d, m) in out.iter().zip(&messages) {
+        assert_eq!(&d.payload, m);
+    }
+}
+
+/// Issue case 11: a data shard with flipped bits, on a block that needs no rebuild (k = 1,
+/// and every data shard of a wider block), is never delivered; counted.
+#[test]
+fn a_tampered_data_shard_is_never_delivered() {
+    for len in [300, 3000] {
+        let mut enc = Encoder::new(EncoderConfig::default());
+        let mut b = enc.encode(3, msg(len, 1)).unwrap();
+        let k = b.header().data_shards;
+        assert_eq!(k > 1, len > 1000);
+        let mut r = Reassembler::new(ReassemblerConfig::default());
+        for i in 0..k {
+            let mut f = decode_shard(b.frame(i).unwrap());
+            if i == k - 1 {
+                let mut bytes = f.payload.to_vec();
+                bytes[5] ^= 0x01;
+                f.payload = bytes.into();
+                assert_eq!(
+                    r.insert(f),
+                    InsertOutcome::Rejected(RejectReason::ChecksumMismatch)
+                );
+            } else {
+                r.insert(f);
+            }
+        }
+        assert!(r.poll_delivery().is_none(), "len {len}");
+        assert_eq!(r.stats().checksum_failures, 1);
+        assert_eq!(r.stats().bytes_buffered, 0);
+        // The block was dropped, not remembered: an intact retransmission delivers it.
+        for i in 0..k {
+            r.insert(decode_shard(b.frame(i).unwrap()));
+        }
+        let out = drain(&mut r);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].payload, msg(len, 1));
+    }
 }
 
 #[test]
@@ -492,7 +550,7 @@ fn completed_memory_is_bounded() {
 }
 
 #[test]
-fn evicted_partly_delivered_block_never_delivers_twice() {
+fn an_evicted_block_delivers_once_when_it_comes_back() {
     let mut r = Reassembler::new(ReassemblerConfig {
         max_blocks: 1,
         ..ReassemblerConfig::default()
@@ -504,17 +562,19 @@ fn evicted_partly_delivered_block_never_delivers_twice() {
     let messages = vec![msg(100, 1), msg(100, 2)];
     let mut a = enc.encode_block(0, &messages).unwrap();
     r.insert(decode_shard(a.frame(0).unwrap()));
-    assert_eq!(drain(&mut r)[0].message_id, 0);
+    assert!(drain(&mut r).is_empty());
     // Another block evicts `a`.
     let mut b = enc.encode(10, msg(500, 0)).unwrap();
     r.insert(decode_shard(b.frame(0).unwrap()));
     assert_eq!(r.stats().blocks_evicted, 1);
-    // `a` comes back through parity: only message 1 is delivered.
+    // `a` comes back through parity: both messages, once.
     r.insert(decode_shard(a.frame(2).unwrap()));
     r.insert(decode_shard(a.frame(3).unwrap()));
     let d = drain(&mut r);
-    assert_eq!(d.len(), 1);
-    assert_eq!((d[0].message_id, &d[0].payload), (1, &messages[1]));
+    assert_eq!(d.len(), 2);
+    assert_eq!((d[1].message_id, &d[1].payload), (1, &messages[1]));
+    r.insert(decode_shard(a.frame(1).unwrap()));
+    assert!(drain(&mut r).is_empty());
 }
 
 #[test]
@@ -657,8 +717,7 @@ fn zero_length_messages() {
     let mut r = Reassembler::new(ReassemblerConfig::default());
     r.insert(decode_shard(b.frame(1).unwrap()));
     let d = drain(&mut r);
-    // The parity shard alone: the two empty messages need no data and come out first; the
-    // 5-byte one is rebuilt.
+    // The parity shard alone rebuilds the block (checked against its CRC): all three.
     let got: Vec<(u64, Bytes, bool)> = d
         .into_iter()
         .map(|d| (d.message_id, d.payload, d.recovered))
@@ -666,9 +725,9 @@ fn zero_length_messages() {
     assert_eq!(
         got,
         vec![
-            (0, Bytes::new(), false),
-            (2, Bytes::new(), false),
-            (1, msg(5, 0), true)
+            (0, Bytes::new(), true),
+            (1, msg(5, 0), true),
+            (2, Bytes::new(), true)
         ]
     );
     let mut empty = enc.encode(9, Bytes::new()).unwrap();

@@ -13,9 +13,14 @@
 //!   (a hedge), again with backoff, within a byte budget; at the deadline a message fails with
 //!   an unknown outcome.
 //! - [`Receiver`]: reassembles, delivers each message once (a dedupe window with a low
-//!   watermark), and acks with ranges. Every ack repeats recent ranges, and a shard of an
-//!   already-delivered message triggers a repeat ack (rate-limited), so a lost ack costs one
-//!   hedge, not a failure.
+//!   watermark), and acks with ranges. Every ack names the range from id 0, the ids that
+//!   triggered it and recent ranges, and a shard of an already-delivered message triggers a
+//!   repeat ack (rate-limited), so a lost ack costs one hedge, not a failure. What it will
+//!   not deliver it refuses (a REFUSE frame with a reason), so the sender fails it at once.
+//!
+//! Each sender tells its peer's receiver its floor (a FLOOR frame: every id below has its
+//! outcome), so a message lost for good frees the receiver's dedupe window at the sender's
+//! deadline, and a receiver that restarted catches up with the sender's ids.
 
 mod dedupe;
 pub mod link;
@@ -27,10 +32,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-pub use dedupe::{DedupeWindow, KeyWindow, Seen};
+pub use dedupe::{DedupeWindow, KeySeen, KeyWindow, Seen, KEY_OVERHEAD_BYTES};
 pub use link::Link;
 pub use receiver::{
-    ClaimOutcome, ClaimRequest, Claims, Delivered, Receiver, ReceiverConfig, ReceiverStats, Whole,
+    ClaimOutcome, ClaimRequest, Claims, Delivered, Receiver, ReceiverConfig, ReceiverStats,
+    Refusals, Whole,
 };
 pub use rtt::RttEstimator;
 pub use sender::{FailReason, HedgeTo, SendError, Sender, SenderConfig, SenderEvent, SenderStats};
@@ -90,6 +96,8 @@ impl Peer {
         match Frame::decode(datagram, &self.limits) {
             Ok(Frame::Shard(shard)) => self.receiver.handle_shard(now, shard),
             Ok(Frame::Ack(ack)) => self.sender.handle_ack(now, &ack),
+            Ok(Frame::Floor(floor)) => self.receiver.handle_floor(now, floor.floor),
+            Ok(Frame::Refuse(refuse)) => self.sender.handle_refuse(now, &refuse),
             // Hello and Close are the channel's business (connection start and end).
             Ok(Frame::Hello(_)) | Ok(Frame::Close(_)) => {}
             Err(e) => self.count_invalid(&e),
@@ -143,7 +151,10 @@ impl Peer {
     /// When [`Peer::handle_timeout`] should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.sender.poll_timeout()
+        [self.sender.poll_timeout(), self.receiver.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The connection under this peer was replaced by a new one for the same channel: see
@@ -172,6 +183,7 @@ impl Peer {
     /// Fires what is due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.sender.handle_timeout(now);
+        self.receiver.handle_timeout(now);
     }
 }
 

@@ -1,13 +1,17 @@
 //! The receiving side: reassembly, exactly-once delivery, redundant acks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::dedupe::{DedupeWindow, KeyWindow, Seen};
+use super::dedupe::{DedupeWindow, KeySeen, KeyWindow, Seen};
 use crate::fec::{InsertOutcome, Reassembler, ReassemblerConfig};
-use crate::wire::{AckFrame, Envelope, Frame, ShardFrame, STREAM_DELIVERED, STREAM_REFUSED};
+use crate::wire::{
+    AckFrame, Envelope, Frame, RefuseFrame, ShardFrame, REFUSE_BLOCK, REFUSE_CLOSED,
+    REFUSE_KEYS_FULL, REFUSE_MALFORMED, REFUSE_OUT_OF_WINDOW, STREAM_DELIVERED, STREAM_REFUSED,
+};
 
 /// Settings of a [`Receiver`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,11 +28,18 @@ pub struct ReceiverConfig {
     /// Least time between two acks that only repeat what was acked (for shards of messages
     /// already delivered). Default 10 ms.
     pub reack_interval: Duration,
-    /// How long an idempotency key is remembered after its message was delivered. Default
-    /// 24 h (what payment APIs keep).
+    /// How long an idempotency key is remembered after its message was delivered: exactly
+    /// this long, never less. Default 24 h (what payment APIs keep).
     pub key_ttl: Duration,
-    /// Most idempotency keys remembered at once; past it the oldest is forgotten early
-    /// (counted in [`ReceiverStats::keys_evicted`]). Default 65536.
+    /// Most idempotency keys remembered at once. At the limit a message with a *new* key is
+    /// refused (REFUSE code 3, counted in [`Refusals::keys_full`]; definitely not delivered,
+    /// its sender may retry it later) until keys expire; a key is never forgotten early. Each
+    /// key costs its length plus about
+    /// [`KEY_OVERHEAD_BYTES`](super::dedupe::KEY_OVERHEAD_BYTES) (128) bytes, so the default
+    /// 1,048,576 keys take at most about 160 MiB with 36-byte keys (UUIDs as text), and hold
+    /// 24 h of keys up to about 12 keyed messages a second. A server that needs 24 h of keys
+    /// at higher rates claims its messages in a store ([`Claims::Owner`]), where keys are
+    /// not bounded by memory.
     pub max_keys: usize,
     /// Most payload bytes delivered but not yet taken by the application
     /// ([`Receiver::poll_delivery`]). At the limit the receiver is *backlogged*: shards of
@@ -48,6 +59,18 @@ pub struct ReceiverConfig {
     /// Most claims awaited at once; past it new messages are dropped unacked (counted in
     /// [`ReceiverStats::claims_refused`]) and their senders retry. Default 4096.
     pub max_pending_claims: usize,
+    /// Ack a delivered message only once the application took it ([`Receiver::taken`]),
+    /// rather than when it is queued for the application ([`Receiver::poll_delivery`]).
+    /// Copies arriving in between are neither delivered nor acked. A
+    /// [`Channel`](crate::channel::Channel) sets it; the default `false` suits a caller
+    /// that hands each message over as it polls it.
+    pub ack_on_take: bool,
+    /// Most refused message ids remembered (for `hole_ttl`), so that a copy arriving after a
+    /// refusal is refused again, never delivered (the sender was told "not delivered").
+    /// Past it, refusals that need remembering (out of window, keys full, block refused)
+    /// become counted drops without a REFUSE frame: the sender retries or times out.
+    /// Default 4096.
+    pub max_refused_ids: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -59,10 +82,12 @@ impl Default for ReceiverConfig {
             max_ack_ranges: 16,
             reack_interval: Duration::from_millis(10),
             key_ttl: Duration::from_secs(24 * 3600),
-            max_keys: 65_536,
+            max_keys: 1 << 20,
             max_queued_bytes: 16 << 20,
             claims: Claims::Off,
             max_pending_claims: 4096,
+            ack_on_take: false,
+            max_refused_ids: 4096,
         }
     }
 }
@@ -79,6 +104,55 @@ pub struct Delivered {
     pub payload: Bytes,
 }
 
+/// Messages a [`Receiver`] refused (answered with a REFUSE frame, or dropped counted when it
+/// could not remember the refusal), by reason. A copy refused again counts again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// Code 1: the envelope was malformed (reserved flag bits, an empty or oversized key).
+    pub malformed: u64,
+    /// Code 2: the id was too far above the dedupe window.
+    pub out_of_window: u64,
+    /// Code 3: `max_keys` unexpired keys were held and the message had a new key.
+    pub keys_full: u64,
+    /// Code 4: the block's `k` or `n` was above [`Limits`](crate::wire::Limits)'
+    /// `max_data_shards` / `max_block_shards`.
+    pub block: u64,
+    /// Code 5: the application was gone ([`Receiver::application_gone`]).
+    pub closed: u64,
+    /// Refusals that could not be remembered (`max_refused_ids`), so no REFUSE was sent:
+    /// dropped, counted here as well as by reason.
+    pub unsent: u64,
+}
+
+impl Refusals {
+    /// Refusals with reason `code` (a `REFUSE_*` code).
+    pub fn get(&self, code: u64) -> u64 {
+        match code {
+            REFUSE_MALFORMED => self.malformed,
+            REFUSE_OUT_OF_WINDOW => self.out_of_window,
+            REFUSE_KEYS_FULL => self.keys_full,
+            REFUSE_BLOCK => self.block,
+            REFUSE_CLOSED => self.closed,
+            _ => 0,
+        }
+    }
+
+    /// Every refusal.
+    pub fn total(&self) -> u64 {
+        self.malformed + self.out_of_window + self.keys_full + self.block + self.closed
+    }
+
+    fn count(&mut self, code: u64) {
+        match code {
+            REFUSE_MALFORMED => self.malformed += 1,
+            REFUSE_OUT_OF_WINDOW => self.out_of_window += 1,
+            REFUSE_KEYS_FULL => self.keys_full += 1,
+            REFUSE_BLOCK => self.block += 1,
+            _ => self.closed += 1,
+        }
+    }
+}
+
 /// Counters of a [`Receiver`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReceiverStats {
@@ -88,7 +162,7 @@ pub struct ReceiverStats {
     pub delivered: u64,
     /// Messages rebuilt again after delivery and suppressed.
     pub duplicates_suppressed: u64,
-    /// Messages too far ahead of the dedupe window, dropped unacked.
+    /// Messages too far ahead of the dedupe window: refused, not acked.
     pub out_of_window: u64,
     /// Acks sent.
     pub acks_sent: u64,
@@ -97,10 +171,23 @@ pub struct ReceiverStats {
     /// Messages whose idempotency key was delivered before (under another id): acked, not
     /// delivered again.
     pub duplicate_keys: u64,
-    /// Messages rebuilt intact whose envelope did not decode: dropped unacked.
+    /// Messages rebuilt intact whose envelope did not decode: refused, not acked.
     pub invalid_envelopes: u64,
-    /// Unexpired idempotency keys forgotten because `max_keys` were held.
-    pub keys_evicted: u64,
+    /// Messages with a new idempotency key refused because `max_keys` unexpired keys were
+    /// held (no key is ever forgotten early).
+    pub keys_refused: u64,
+    /// Refusals by reason.
+    pub refused: Refusals,
+    /// REFUSE frames sent.
+    pub refuse_frames: u64,
+    /// Shard frames of blocks whose code parameters were above the limits: refused before
+    /// reassembly.
+    pub shards_refused_block: u64,
+    /// The sender's FLOOR moved the dedupe window's low watermark.
+    pub floor_advances: u64,
+    /// Messages delivered but never taken by the application, discarded when it went away
+    /// ([`Receiver::application_gone`]): never acked.
+    pub discarded: u64,
     /// Gauge: ids the dedupe window tracks above its low watermark (at most `dedupe_window`).
     pub ids_tracked: usize,
     /// Gauge: idempotency keys remembered (at most `max_keys`).
@@ -123,6 +210,8 @@ pub struct ReceiverStats {
     pub claims_refused: u64,
     /// Gauge: claims awaited.
     pub claims_pending: usize,
+    /// Gauge: messages delivered but not yet taken (with `ack_on_take`): not acked yet.
+    pub awaiting_take: usize,
 }
 
 /// Who claims a new message before it is acked.
@@ -194,11 +283,15 @@ enum Accepted {
     KeyDuplicate,
     /// Its id was delivered before.
     Duplicate,
-    /// Out of the window, or not a valid envelope: neither delivered nor acked.
+    /// Refused, or dropped: neither delivered nor acked.
     Refused,
     /// Awaiting its claim: neither delivered nor acked yet.
     Pending,
 }
+
+/// Most ids waiting in REFUSE frames not yet sent; more are refused again when their copies
+/// come back.
+const MAX_REFUSE_QUEUE: usize = 64;
 
 /// The receiving half of a surelink peer. Sans-I/O.
 #[derive(Debug)]
@@ -218,6 +311,29 @@ pub struct Receiver {
     generation: u64,
     out: VecDeque<Bytes>,
     last_ack: Option<Instant>,
+    /// Delivered (recorded in the window) but not to be named in acks: awaiting
+    /// [`Receiver::taken`], or discarded when the application went away.
+    withheld: BTreeSet<u64>,
+    /// Keys of withheld messages in [`Claims::Owner`] mode, to release their claims.
+    withheld_keys: HashMap<u64, Option<Bytes>>,
+    /// Withheld messages that arrived (or were re-sent) on a stream: their status byte, like
+    /// their ack, waits for [`Receiver::taken`].
+    withheld_streams: std::collections::HashSet<u64>,
+    /// Keys of withheld messages: a retry under the same key (another id) is acked only
+    /// when the message itself is ([`Receiver::taken`]), and refused with it.
+    withheld_by_key: HashMap<Bytes, u64>,
+    /// Withheld message → retries of its key waiting for it to be taken.
+    followers: HashMap<u64, Vec<u64>>,
+    /// The application is gone: nothing more is delivered.
+    gone: bool,
+    /// Claims to release (owner mode): claimed messages the application never took.
+    releases: VecDeque<ClaimRequest>,
+    /// Refused ids (id → reason), remembered so a later copy is refused again.
+    refused: HashMap<u64, u64>,
+    refused_order: VecDeque<(Instant, u64)>,
+    /// Ids waiting to go out in REFUSE frames, by reason.
+    refuse_out: BTreeMap<u64, BTreeSet<u64>>,
+    last_refuse: Option<Instant>,
     stats: ReceiverStats,
 }
 
@@ -237,6 +353,17 @@ impl Receiver {
             generation: 0,
             out: VecDeque::new(),
             last_ack: None,
+            withheld: BTreeSet::new(),
+            withheld_keys: HashMap::new(),
+            withheld_streams: std::collections::HashSet::new(),
+            withheld_by_key: HashMap::new(),
+            followers: HashMap::new(),
+            gone: false,
+            releases: VecDeque::new(),
+            refused: HashMap::new(),
+            refused_order: VecDeque::new(),
+            refuse_out: BTreeMap::new(),
+            last_refuse: None,
             stats: ReceiverStats::default(),
         }
     }
@@ -244,12 +371,13 @@ impl Receiver {
     /// Counters.
     pub fn stats(&self) -> ReceiverStats {
         ReceiverStats {
-            keys_evicted: self.keys.evicted(),
+            keys_refused: self.keys.refused(),
             ids_tracked: self.dedupe.tracked(),
             keys_held: self.keys.len(),
             deliveries_queued: self.deliveries.len(),
             bytes_queued: self.queued_bytes,
             claims_pending: self.pending.len(),
+            awaiting_take: if self.gone { 0 } else { self.withheld.len() },
             ..self.stats
         }
     }
@@ -261,6 +389,8 @@ impl Receiver {
         self.reassembler = Reassembler::new(self.config.reassembler.clone());
         self.out.clear();
         self.last_ack = None;
+        self.refuse_out.clear();
+        self.last_refuse = None;
     }
 
     /// The peer came back without its state (it restarted): its message ids start over, so
@@ -275,6 +405,14 @@ impl Receiver {
             self.queued_bytes -= p.payload.map_or(0, |b| b.len());
         }
         self.claims_out.clear();
+        // The old incarnation's ids mean nothing now (a `taken` for one is ignored).
+        self.withheld.clear();
+        self.withheld_keys.clear();
+        self.withheld_streams.clear();
+        self.withheld_by_key.clear();
+        self.followers.clear();
+        self.refused.clear();
+        self.refused_order.clear();
         self.generation += 1;
     }
 
@@ -286,6 +424,20 @@ impl Receiver {
             self.dedupe =
                 DedupeWindow::starting_at(floor, self.config.dedupe_window, self.config.hole_ttl);
         }
+    }
+
+    /// The sender's FLOOR: every id below `floor` has its outcome at the sender. The dedupe
+    /// window's low watermark moves up to it (never down, never past a pending claim), so
+    /// ids beyond the old window are accepted again.
+    pub fn handle_floor(&mut self, now: Instant, floor: u64) {
+        if self.dedupe.advance_to(now, floor) {
+            self.stats.floor_advances += 1;
+        }
+    }
+
+    /// The dedupe window's low watermark: every id below it was delivered or settled.
+    pub fn floor(&self) -> u64 {
+        self.dedupe.floor()
     }
 
     /// The next claim to ask of the owner (claims mode).
@@ -302,6 +454,7 @@ impl Receiver {
             return;
         }
         self.settle(now, request.id, outcome);
+        self.flush_refusals(now);
     }
 
     /// The application's answer for message `id` in [`Claims::Application`] mode, after
@@ -318,6 +471,7 @@ impl Receiver {
         let Some(p) = self.pending.remove(&id) else {
             return;
         };
+        self.dedupe.unpin(id);
         if let Some(payload) = &p.payload {
             self.queued_bytes -= payload.len();
         }
@@ -326,16 +480,49 @@ impl Receiver {
                 self.stats.claim_failures += 1;
                 STREAM_REFUSED
             }
-            ClaimOutcome::Now | ClaimOutcome::Before => {
-                // Pending ids are held out of the window until now: this records them.
-                let fresh = self.dedupe.check(now, id) == Seen::New;
-                if let Some(k) = &p.key {
-                    self.keys.check(now, k);
+            ClaimOutcome::Now if self.gone && p.payload.is_some() => {
+                // Claimed while the application went away: the claim is the record of
+                // delivery (another replica acks a re-send as claimed before), so the message
+                // counts as handed over, to an application that is gone, like one that
+                // crashed. It is neither acked nor refused here: its sender learns an
+                // unknown outcome, or an ack from a replica that finds the claim.
+                self.dedupe.check(now, id);
+                self.stats.delivered += 1;
+                self.stats.discarded += 1;
+                if let Some(payload) = p.payload {
+                    self.deliveries.push_back(Delivered {
+                        id,
+                        key: p.key,
+                        payload,
+                    });
+                    self.queued_bytes += self.deliveries.back().map_or(0, |d| d.payload.len());
                 }
-                match p.payload {
-                    Some(payload) if outcome == ClaimOutcome::Now && fresh => {
+                return;
+            }
+            ClaimOutcome::Now | ClaimOutcome::Before => {
+                // Pending ids are held out of the window (and the floor stops below them)
+                // until now: this records them.
+                self.dedupe.check(now, id);
+                if let Some(k) = &p.key {
+                    // The store holds the keys in claims mode: the window only caches them,
+                    // so a full window is no reason to refuse here.
+                    let _ = self.keys.check(now, k);
+                }
+                let mut withhold = false;
+                match (outcome, p.payload) {
+                    // A `Now` means this receiver owns the message: nobody else will
+                    // deliver it, so it is delivered, whatever the window says.
+                    (ClaimOutcome::Now, Some(payload)) => {
                         self.stats.delivered += 1;
                         self.queued_bytes += payload.len();
+                        withhold = self.config.ack_on_take;
+                        if withhold {
+                            self.withheld.insert(id);
+                            if let Some(k) = &p.key {
+                                self.withheld_by_key.insert(k.clone(), id);
+                                self.withheld_keys.insert(id, p.key.clone());
+                            }
+                        }
                         self.deliveries.push_back(Delivered {
                             id,
                             key: p.key,
@@ -343,16 +530,140 @@ impl Receiver {
                         });
                     }
                     // Delivered already (application claims) and claimed now: nothing more.
-                    None if outcome == ClaimOutcome::Now => {}
+                    (ClaimOutcome::Now, None) => {}
                     _ => self.stats.claimed_before += 1,
                 }
-                self.ack(now, false);
+                if !withhold {
+                    self.ack(now, false, &[id]);
+                } else if p.via_stream {
+                    // Answered once taken, like the ack.
+                    self.withheld_streams.insert(id);
+                    return;
+                }
                 STREAM_DELIVERED
             }
         };
         if p.via_stream {
             self.stream_answers.push_back((id, status));
         }
+    }
+
+    /// The application took delivered message `id` (with `ack_on_take`): it is acked now.
+    /// Ids not awaiting a take are ignored.
+    pub fn taken(&mut self, now: Instant, id: u64) {
+        if self.gone || !self.withheld.remove(&id) {
+            return;
+        }
+        self.withheld_keys.remove(&id);
+        self.withheld_by_key.retain(|_, v| *v != id);
+        let mut acked = vec![id];
+        acked.extend(self.followers.remove(&id).unwrap_or_default());
+        for &a in &acked {
+            self.withheld.remove(&a);
+            if self.withheld_streams.remove(&a) {
+                self.stream_answers.push_back((a, STREAM_DELIVERED));
+            }
+        }
+        self.ack(now, false, &acked);
+    }
+
+    /// The application will never take another message. Messages delivered but not taken
+    /// are discarded: never acked (counted in [`ReceiverStats::discarded`]; with
+    /// `ack_on_take` off they were acked already, which is why a channel sets it), their
+    /// senders told they were not delivered (REFUSE code 5), and in [`Claims::Owner`] mode
+    /// their claims are to be released ([`Receiver::poll_release`]). New messages are
+    /// refused with code 5. Claims still pending are released as they answer.
+    pub fn application_gone(&mut self, now: Instant) {
+        if self.gone {
+            return;
+        }
+        self.gone = true;
+        if self.config.claims == Claims::Owner {
+            self.owner_gone(now);
+            return;
+        }
+        let queued: Vec<Delivered> = self.deliveries.drain(..).collect();
+        for d in queued {
+            self.queued_bytes -= d.payload.len();
+            if self.withheld.contains(&d.id) {
+                continue;
+            }
+            self.stats.discarded += 1;
+            if self.pending.get(&d.id).is_some_and(|p| p.payload.is_none()) {
+                // Application claims: never handed over, so never claimed either.
+                let p = self.pending.remove(&d.id).expect("checked");
+                self.dedupe.unpin(d.id);
+                self.refuse(now, d.id, REFUSE_CLOSED, p.via_stream);
+                if p.via_stream {
+                    self.stream_answers.push_back((d.id, STREAM_REFUSED));
+                }
+            }
+            // Otherwise acked already (`ack_on_take` off): nothing to take back.
+        }
+        let discarded: Vec<u64> = self.withheld.iter().copied().collect();
+        for id in discarded {
+            self.stats.discarded += 1;
+            if self.config.claims == Claims::Owner {
+                let key = self.withheld_keys.remove(&id).flatten();
+                self.releases.push_back(ClaimRequest {
+                    id,
+                    key,
+                    generation: self.generation,
+                });
+            }
+            self.refuse(now, id, REFUSE_CLOSED, false);
+            if self.withheld_streams.remove(&id) {
+                self.stream_answers.push_back((id, STREAM_REFUSED));
+            }
+        }
+        self.withheld_by_key.clear();
+        self.followers.clear();
+        self.flush_refusals(now);
+    }
+
+    /// Message `id` repeats the key of a message delivered but not yet taken: it is acked (or
+    /// refused) together with that message.
+    fn follow(&mut self, id: u64, key: &Bytes) {
+        if let Some(&original) = self.withheld_by_key.get(key) {
+            if self.withheld.contains(&original) {
+                self.withheld.insert(id);
+                self.followers.entry(original).or_default().push(id);
+            }
+        }
+    }
+
+    /// [`Receiver::application_gone`] in [`Claims::Owner`] mode. A claimed message is the
+    /// record of a delivery (another replica acks a re-send of it as claimed before), so
+    /// what was claimed stays handed over: delivered messages not yet taken stay unacked
+    /// (their senders learn an unknown outcome, or an ack from a replica that finds the
+    /// claim) and are still handed out by [`Receiver::poll_delivery`] (the owner passes them
+    /// on to a queue nobody reads); claims in flight that answer `Now` are handed over the
+    /// same way. Messages whose claim was not asked yet are refused (code 5), and so are new
+    /// ones.
+    fn owner_gone(&mut self, now: Instant) {
+        self.stats.discarded += self.withheld.len() as u64;
+        self.withheld.clear();
+        self.withheld_keys.clear();
+        self.withheld_by_key.clear();
+        self.followers.clear();
+        for request in std::mem::take(&mut self.claims_out) {
+            if let Some(p) = self.pending.remove(&request.id) {
+                self.queued_bytes -= p.payload.as_ref().map_or(0, Bytes::len);
+                self.dedupe.unpin(request.id);
+                self.refuse(now, request.id, REFUSE_CLOSED, p.via_stream);
+                if p.via_stream {
+                    self.stream_answers.push_back((request.id, STREAM_REFUSED));
+                }
+            }
+        }
+        self.flush_refusals(now);
+    }
+
+    /// A claim to release ([`Claims::Owner`] mode): the message was claimed but the
+    /// application went away before taking it, so it was not delivered.
+    #[must_use]
+    pub fn poll_release(&mut self) -> Option<ClaimRequest> {
+        self.releases.pop_front()
     }
 
     /// The answer to a stream message whose claim was pending: (message id, status byte).
@@ -380,6 +691,21 @@ impl Receiver {
 
     /// Takes one shard frame.
     pub fn handle_shard(&mut self, now: Instant, frame: ShardFrame) {
+        let limits = &self.config.reassembler.limits;
+        if frame.header.data_shards > limits.max_data_shards
+            || frame.header.total_shards > limits.max_block_shards
+        {
+            // A code wider than any our encoder builds: refused before any rebuild work.
+            self.stats.shards_received += 1;
+            self.stats.shards_refused_block += 1;
+            for id in frame.header.messages() {
+                if !self.dedupe.contains(id) && !self.pending.contains_key(&id) {
+                    self.refuse(now, id, REFUSE_BLOCK, false);
+                }
+            }
+            self.flush_refusals(now);
+            return;
+        }
         if self.backlogged() && !self.reassembler.is_finished(frame.header.block) {
             // It arrived (the sender's loss estimate must not count it lost), but holding it
             // would buffer without bound behind a slow application. Shards of finished blocks
@@ -395,87 +721,162 @@ impl Receiver {
             self.stats.shards_received += 1;
         }
         let mut fresh = false;
-        let mut repeat = false;
+        let mut triggers: Vec<u64> = Vec::new();
         while let Some(d) = self.reassembler.poll_delivery() {
             match self.accept(now, d.message_id, d.payload, false) {
-                Accepted::Delivered | Accepted::KeyDuplicate => fresh = true,
-                Accepted::Duplicate => repeat = true,
+                Accepted::Delivered => {
+                    if !self.config.ack_on_take {
+                        fresh = true;
+                        triggers.push(d.message_id);
+                    }
+                }
+                Accepted::KeyDuplicate => {
+                    fresh = true;
+                    triggers.push(d.message_id);
+                }
+                Accepted::Duplicate => triggers.push(d.message_id),
                 Accepted::Refused | Accepted::Pending => {}
             }
         }
         if let InsertOutcome::Stale { messages } = outcome {
             // A shard of a finished block: its ack was probably lost.
-            repeat |= messages.clone().any(|id| self.dedupe.contains(id));
+            for id in messages {
+                if self.refused.contains_key(&id) && !self.dedupe.contains(id) {
+                    let reason = self.refused[&id];
+                    self.refuse(now, id, reason, false);
+                } else if self.dedupe.contains(id) {
+                    triggers.push(id);
+                }
+            }
         }
         let reack_due = self
             .last_ack
             .is_none_or(|t| now.saturating_duration_since(t) >= self.config.reack_interval);
-        if fresh || (repeat && reack_due) {
-            self.ack(now, !fresh);
+        if fresh || (!triggers.is_empty() && reack_due) {
+            self.ack(now, !fresh, &triggers);
         }
+        self.flush_refusals(now);
     }
 
     /// Takes a whole message body (an envelope) that arrived outside the datagram path (a
-    /// stream message). It is delivered if new, and acked unless it is out of the window or
-    /// malformed; in claims mode a new message waits for its claim first.
+    /// stream message). It is delivered if new, and acked unless it is refused (out of the
+    /// window, malformed, ...); in claims mode a new message waits for its claim first.
+    /// With `ack_on_take`, a new message is acked once taken; the stream's answer
+    /// ([`Whole::New`]) is the caller's to hold until then.
     pub fn handle_whole(&mut self, now: Instant, id: u64, body: Bytes) -> Whole {
-        match self.accept(now, id, body, true) {
-            Accepted::Delivered | Accepted::KeyDuplicate => {
-                self.ack(now, false);
+        let whole = match self.accept(now, id, body, true) {
+            Accepted::Delivered if self.config.ack_on_take => {
+                // Answered once the application took it (`taken`), like its ack.
+                self.withheld_streams.insert(id);
+                Whole::Pending
+            }
+            Accepted::Delivered => {
+                self.ack(now, false, &[id]);
                 Whole::New
             }
+            Accepted::KeyDuplicate if self.withheld.contains(&id) => {
+                // Its key's message is not taken yet: answered with it.
+                self.withheld_streams.insert(id);
+                Whole::Pending
+            }
+            Accepted::KeyDuplicate => {
+                self.ack(now, false, &[id]);
+                Whole::New
+            }
+            Accepted::Duplicate if self.withheld.contains(&id) && !self.gone => {
+                // Delivered but not yet taken: this copy is answered with the first.
+                self.withheld_streams.insert(id);
+                Whole::Pending
+            }
             Accepted::Duplicate => {
-                self.ack(now, true);
+                self.ack(now, true, &[id]);
                 Whole::Duplicate
             }
             Accepted::Refused => Whole::Refused,
             Accepted::Pending => Whole::Pending,
-        }
+        };
+        self.flush_refusals(now);
+        whole
     }
 
     /// Opens a rebuilt message body and delivers it unless its id, or its idempotency key,
-    /// was delivered before. A body that is not a valid envelope is dropped unacked (counted):
-    /// only a broken or hostile sender produces one, and acking it would claim a delivery.
+    /// was delivered before. A body that is not a valid envelope is refused (counted): only
+    /// a broken or hostile sender produces one, and acking it would claim a delivery.
     fn accept(&mut self, now: Instant, id: u64, body: Bytes, via_stream: bool) -> Accepted {
+        if let Some(&reason) = self.refused.get(&id) {
+            if !self.dedupe.contains(id) {
+                // Refused before: the sender was told it is not delivered; it never will be.
+                self.refuse(now, id, reason, via_stream);
+                return Accepted::Refused;
+            }
+        }
+        if self.gone && (self.withheld.contains(&id) || !self.dedupe.contains(id)) {
+            if !self.pending.contains_key(&id) {
+                self.refuse(now, id, REFUSE_CLOSED, via_stream);
+            }
+            return Accepted::Refused;
+        }
         if self.dedupe.contains(id) {
             self.stats.duplicates_suppressed += 1;
             return Accepted::Duplicate;
         }
-        let Ok(envelope) = Envelope::decode(body) else {
-            self.stats.invalid_envelopes += 1;
-            return Accepted::Refused;
+        let envelope = match Envelope::decode(body) {
+            Ok(envelope) => envelope,
+            Err(_) => {
+                self.stats.invalid_envelopes += 1;
+                if !self.pending.contains_key(&id) {
+                    self.refuse(now, id, REFUSE_MALFORMED, via_stream);
+                }
+                return Accepted::Refused;
+            }
         };
         if self.config.claims != Claims::Off {
             return self.accept_claimed(now, id, envelope, via_stream);
         }
-        match self.dedupe.check(now, id) {
-            Seen::New => {
-                if let Some(key) = &envelope.key {
-                    if !self.keys.check(now, key) {
-                        // Delivered before under another id (an application retry): the
-                        // effect happened, so ack this id too, but deliver nothing.
-                        self.stats.duplicate_keys += 1;
-                        return Accepted::KeyDuplicate;
-                    }
-                }
-                self.stats.delivered += 1;
-                self.queued_bytes += envelope.payload.len();
-                self.deliveries.push_back(Delivered {
-                    id,
-                    key: envelope.key,
-                    payload: envelope.payload,
-                });
-                Accepted::Delivered
-            }
+        match self.dedupe.peek(now, id) {
+            Seen::New => {}
             Seen::Duplicate => {
                 self.stats.duplicates_suppressed += 1;
-                Accepted::Duplicate
+                return Accepted::Duplicate;
             }
             Seen::OutOfWindow => {
                 self.stats.out_of_window += 1;
-                Accepted::Refused
+                self.refuse(now, id, REFUSE_OUT_OF_WINDOW, via_stream);
+                return Accepted::Refused;
             }
         }
+        if let Some(key) = &envelope.key {
+            match self.keys.check(now, key) {
+                KeySeen::New => {}
+                KeySeen::Seen => {
+                    // Delivered before under another id (an application retry): the effect
+                    // happened, so ack this id too, but deliver nothing.
+                    self.dedupe.check(now, id);
+                    self.stats.duplicate_keys += 1;
+                    self.follow(id, key);
+                    return Accepted::KeyDuplicate;
+                }
+                KeySeen::Full => {
+                    self.refuse(now, id, REFUSE_KEYS_FULL, via_stream);
+                    return Accepted::Refused;
+                }
+            }
+        }
+        self.dedupe.check(now, id);
+        self.stats.delivered += 1;
+        self.queued_bytes += envelope.payload.len();
+        if self.config.ack_on_take {
+            self.withheld.insert(id);
+            if let Some(k) = &envelope.key {
+                self.withheld_by_key.insert(k.clone(), id);
+            }
+        }
+        self.deliveries.push_back(Delivered {
+            id,
+            key: envelope.key,
+            payload: envelope.payload,
+        });
+        Accepted::Delivered
     }
 
     /// Claims mode: a new id waits for its claim; the window and keys only answer for what
@@ -492,14 +893,23 @@ impl Receiver {
             p.via_stream |= via_stream;
             return Accepted::Pending;
         }
-        if self.dedupe.peek(now, id) == Seen::OutOfWindow {
-            self.stats.out_of_window += 1;
-            return Accepted::Refused;
+        match self.dedupe.peek(now, id) {
+            Seen::New => {}
+            Seen::Duplicate => {
+                self.stats.duplicates_suppressed += 1;
+                return Accepted::Duplicate;
+            }
+            Seen::OutOfWindow => {
+                self.stats.out_of_window += 1;
+                self.refuse(now, id, REFUSE_OUT_OF_WINDOW, via_stream);
+                return Accepted::Refused;
+            }
         }
         if let Some(key) = &envelope.key {
             if self.keys.contains(now, key) {
                 self.dedupe.check(now, id);
                 self.stats.duplicate_keys += 1;
+                self.follow(id, key);
                 return Accepted::KeyDuplicate;
             }
         }
@@ -527,6 +937,8 @@ impl Receiver {
             });
             Some(envelope.payload)
         };
+        // The floor must not pass it while its claim is out (the claim may answer late).
+        self.dedupe.pin(id);
         self.pending.insert(
             id,
             Pending {
@@ -538,8 +950,98 @@ impl Receiver {
         Accepted::Pending
     }
 
-    fn ack(&mut self, now: Instant, repeat: bool) {
-        let ranges = self.dedupe.ranges(self.config.max_ack_ranges.max(1));
+    /// Refuses message `id` (definitely not delivered, and never will be): remembered, so a
+    /// later copy is refused again, and queued for a REFUSE frame (unless it came on a
+    /// stream, which answers for itself). A refusal that cannot be remembered is a counted
+    /// drop, except for reasons that hold for every copy anyway (malformed, closed).
+    fn refuse(&mut self, now: Instant, id: u64, reason: u64, via_stream: bool) {
+        self.stats.refused.count(reason);
+        self.expire_refused(now);
+        // A malformed envelope is malformed in every copy, and a gone application stays
+        // gone: only the other reasons could change, and must be remembered.
+        let lasting = matches!(reason, REFUSE_MALFORMED | REFUSE_CLOSED);
+        if !lasting && !self.refused.contains_key(&id) {
+            if self.refused.len() >= self.config.max_refused_ids.max(1) {
+                self.stats.refused.unsent += 1;
+                return;
+            }
+            self.refused.insert(id, reason);
+            self.refused_order.push_back((now, id));
+        }
+        if via_stream {
+            return;
+        }
+        let queued: usize = self.refuse_out.values().map(BTreeSet::len).sum();
+        if queued < MAX_REFUSE_QUEUE {
+            self.refuse_out.entry(reason).or_default().insert(id);
+        }
+    }
+
+    fn expire_refused(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.refused_order.front() {
+            if now.saturating_duration_since(at) < self.config.hole_ttl {
+                break;
+            }
+            self.refused_order.pop_front();
+            self.refused.remove(&id);
+        }
+    }
+
+    /// Sends the queued refusals, at most once per `reack_interval`.
+    fn flush_refusals(&mut self, now: Instant) {
+        if self.refuse_out.is_empty()
+            || self
+                .last_refuse
+                .is_some_and(|t| now.saturating_duration_since(t) < self.config.reack_interval)
+        {
+            return;
+        }
+        let max = self.config.max_ack_ranges.clamp(
+            1,
+            usize::from(self.config.reassembler.limits.max_ack_ranges.max(1)),
+        );
+        for (reason, ids) in std::mem::take(&mut self.refuse_out) {
+            let mut ranges: Vec<RangeInclusive<u64>> = Vec::new();
+            for id in ids {
+                match ranges.last_mut() {
+                    Some(r) if *r.end() + 1 == id => *r = *r.start()..=id,
+                    _ => ranges.push(id..=id),
+                }
+            }
+            for chunk in ranges.chunks(max) {
+                let frame = Frame::Refuse(RefuseFrame {
+                    reason,
+                    ranges: chunk.to_vec(),
+                });
+                self.out.push_back(frame.to_bytes());
+                self.stats.refuse_frames += 1;
+            }
+        }
+        self.last_refuse = Some(now);
+    }
+
+    /// When [`Receiver::handle_timeout`] should next be called: refusals wait out
+    /// `reack_interval`.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        // Refusals are queued only while one was sent within `reack_interval`.
+        if self.refuse_out.is_empty() {
+            return None;
+        }
+        self.last_refuse.map(|t| t + self.config.reack_interval)
+    }
+
+    /// Fires what is due at `now` (queued refusals).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.flush_refusals(now);
+    }
+
+    fn ack(&mut self, now: Instant, repeat: bool, triggers: &[u64]) {
+        let max = self.config.max_ack_ranges.clamp(
+            1,
+            usize::from(self.config.reassembler.limits.max_ack_ranges.max(1)),
+        );
+        let ranges = self.dedupe.ack_ranges(max, triggers, &self.withheld);
         if ranges.is_empty() {
             return;
         }
@@ -562,7 +1064,7 @@ impl Receiver {
         Some(d)
     }
 
-    /// The next datagram (an ack) to send.
+    /// The next datagram (an ack or a refusal) to send.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
         self.out.pop_front()

@@ -1,6 +1,6 @@
 //! The sending side: ids, first flight, acks, hedges, deadlines.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -8,7 +8,12 @@ use bytes::Bytes;
 use super::rtt::RttEstimator;
 use crate::fec::{Block, EncodeError, Encoder, EncoderConfig};
 use crate::tune::{self, EstimatorConfig, LossEstimator, LossModel, Target, TunerConfig};
-use crate::wire::{AckFrame, Envelope, MAX_KEY_LEN};
+use crate::wire::{
+    AckFrame, Envelope, FloorFrame, Frame, RefuseFrame, MAX_KEY_LEN, REFUSE_OUT_OF_WINDOW,
+};
+
+/// How many times the same FLOOR is sent without an ack showing the receiver caught up.
+const FLOOR_REPEATS: u32 = 3;
 
 /// Adaptive redundancy: the sender estimates the link's loss per shard from its acks
 /// ([`LossEstimator`]) and plans each message's code from it ([`tune::plan`]).
@@ -80,6 +85,19 @@ pub struct SenderConfig {
     pub deadline: Duration,
     /// Most messages in flight; `send` refuses more (backpressure). Default 4096.
     pub max_in_flight: usize,
+    /// Most ids between the sender's floor (its lowest id awaiting an outcome) and a new
+    /// id: `send` refuses an id at `floor + max_id_span` or beyond with
+    /// [`SendError::Backpressure`], because the receiver's dedupe window (its
+    /// `ReceiverConfig::dedupe_window`, which this must not exceed) would refuse it. One
+    /// message that never gets through holds the floor until its deadline. Default 65536,
+    /// the receiver's default window.
+    pub max_id_span: u64,
+    /// The most of the peer's reported `ack_delay` subtracted from a round-trip sample, and
+    /// a sample is never cut below the least round trip measured: a peer cannot shrink the
+    /// hedge delay by claiming long ack delays. Default 25 ms.
+    pub max_ack_delay: Duration,
+    /// Least time between two FLOOR frames. Default 10 ms.
+    pub floor_interval: Duration,
     /// Round-trip estimate before the first ack. Default 100 ms.
     pub initial_rtt: Duration,
     /// Ack round-trip samples kept for the percentile. Default 512.
@@ -109,6 +127,9 @@ impl Default for SenderConfig {
             hedge_burst: 64 * 1024,
             deadline: Duration::from_secs(5),
             max_in_flight: 4096,
+            max_id_span: 65_536,
+            max_ack_delay: Duration::from_millis(25),
+            floor_interval: Duration::from_millis(10),
             initial_rtt: Duration::from_millis(100),
             rtt_samples: 512,
             hedge_to: HedgeTo::Same,
@@ -119,7 +140,8 @@ impl Default for SenderConfig {
 /// Why [`Sender::send`] refused a message. Nothing was sent; the application may retry.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
-    /// `max_in_flight` messages are awaiting acks; wait for an outcome and retry.
+    /// `max_in_flight` messages are awaiting acks, or the next id would be `max_id_span`
+    /// past the oldest awaiting its outcome; wait for an outcome and retry.
     #[error("{in_flight} messages in flight, the limit")]
     Backpressure {
         /// Messages in flight.
@@ -150,6 +172,10 @@ pub enum FailReason {
     /// re-sending with the same id could deliver the message twice, so it is not re-sent.
     /// The outcome is unknown: the peer may have delivered it before it lost its state.
     PeerLostState,
+    /// The receiver refused it (a REFUSE frame, with one of the wire's `REFUSE_*` reason
+    /// codes): it was not delivered and will not be. A retry with the same idempotency key
+    /// is safe (it may be refused again for the same reason).
+    Refused(u64),
 }
 
 /// What happened to a message.
@@ -210,6 +236,10 @@ pub struct SenderStats {
     pub hedges_to_secondary: u64,
     /// Shard frames sent to a secondary replica.
     pub secondary_shards: u64,
+    /// Messages the receiver refused ([`FailReason::Refused`]).
+    pub refused: u64,
+    /// FLOOR frames sent.
+    pub floors_sent: u64,
 }
 
 /// Where a hedge goes when a secondary replica is available (see
@@ -274,6 +304,16 @@ pub struct Sender {
     loss: LossEstimator,
     /// `(coded length, loss step) → (k, m)`.
     plans: HashMap<(usize, u32), (u16, u16)>,
+    /// Ids handed out by [`Sender::reserve_id`] whose outcome the caller has not reported.
+    reserved: BTreeSet<u64>,
+    /// The least raw ack round trip seen (before any ack delay is subtracted).
+    min_latency: Option<Duration>,
+    /// The last FLOOR sent, when, and how many times that value went out.
+    floor_sent: u64,
+    floor_sent_at: Option<Instant>,
+    floor_repeats: u32,
+    /// What the peer's acks say its floor is at least (from their range starting at 0).
+    peer_floor: u64,
 }
 
 impl Sender {
@@ -301,6 +341,12 @@ impl Sender {
             stats: SenderStats::default(),
             loss: LossEstimator::new(estimator),
             plans: HashMap::new(),
+            reserved: BTreeSet::new(),
+            min_latency: None,
+            floor_sent: 0,
+            floor_sent_at: None,
+            floor_repeats: 0,
+            peer_floor: 0,
         }
     }
 
@@ -406,22 +452,39 @@ impl Sender {
     }
 
     /// The lowest id still awaiting its outcome, or the next id when none is: every id
-    /// below was acked or given up (ids reserved with [`Sender::reserve_id`] are the
-    /// caller's to account for).
+    /// below was acked, given up or refused. Ids reserved with [`Sender::reserve_id`] count
+    /// as awaiting until [`Sender::reserved_done`]. This is what FLOOR frames tell the
+    /// receiver.
     pub fn floor(&self) -> u64 {
-        self.messages
-            .first_key_value()
-            .map_or(self.next_id, |(&id, _)| id)
+        let messages = self.messages.first_key_value().map(|(&id, _)| id);
+        let reserved = self.reserved.first().copied();
+        [messages, reserved]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.next_id)
     }
 
     /// Takes the next message id for a message sent outside the datagram path (a stream
     /// message), so that both paths share one id space and the receiver one dedupe window.
-    /// The sender does not track it: acks for it are ignored.
+    /// The sender does not track its delivery (acks for it are ignored), but its FLOOR stays
+    /// below it until the caller reports its outcome with [`Sender::reserved_done`]: the
+    /// receiver must not settle an id whose message may still arrive. The id is not checked
+    /// against `max_id_span`.
     pub fn reserve_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.stats.messages_sent += 1;
+        self.reserved.insert(id);
         id
+    }
+
+    /// A reserved id ([`Sender::reserve_id`]) has its outcome (answered, failed or given
+    /// up): the floor may pass it.
+    pub fn reserved_done(&mut self, now: Instant, id: u64) {
+        if self.reserved.remove(&id) {
+            self.maybe_send_floor(now);
+        }
     }
 
     /// Sends a message without an idempotency key; see [`Sender::send_keyed`].
@@ -444,12 +507,14 @@ impl Sender {
             }
         }
         let payload = Envelope::encode(key, payload);
-        if self.messages.len() >= self.config.max_in_flight {
+        let id = self.next_id;
+        if self.messages.len() >= self.config.max_in_flight
+            || id - self.floor() >= self.config.max_id_span.max(1)
+        {
             return Err(SendError::Backpressure {
                 in_flight: self.messages.len(),
             });
         }
-        let id = self.next_id;
         if self.config.batching {
             self.encoder.push(now, id, payload.clone())?;
         } else {
@@ -482,6 +547,11 @@ impl Sender {
     /// ids start over: the peer's reassembly state belongs to the old connection). Its RTT
     /// samples, counters and next message id carry over.
     pub fn new_connection(&mut self, now: Instant) {
+        // The peer (perhaps another server) learns the floor afresh, before any shard.
+        self.peer_floor = 0;
+        self.floor_sent = 0;
+        self.floor_sent_at = None;
+        self.floor_repeats = 0;
         self.encoder = Encoder::new(self.config.encoder.clone());
         self.blocks.clear();
         self.pending.clear();
@@ -552,12 +622,74 @@ impl Sender {
         // queueing, and a guard too long shifts shards in flight into the count).
         let guard = self.rtt.quantile(0.0);
         self.loss.on_ack(now, ack.shards_received, guard);
+        if let Some(lowest) = ack.ranges.last().filter(|r| *r.start() == 0) {
+            self.peer_floor = self.peer_floor.max(lowest.end().saturating_add(1));
+        }
         self.ack_ranges(now, ack);
+        self.maybe_send_floor(now);
+    }
+
+    /// Takes a refusal from the peer: each refused message in flight fails at once with
+    /// [`FailReason::Refused`] (not delivered; safe to retry).
+    pub fn handle_refuse(&mut self, now: Instant, refuse: &RefuseFrame) {
+        for range in &refuse.ranges {
+            let ids: Vec<u64> = self
+                .messages
+                .range(range.clone())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in ids {
+                let m = self.messages.remove(&id).expect("listed above");
+                self.stats.failed += 1;
+                self.stats.refused += 1;
+                self.events.push_back(SenderEvent::Failed {
+                    id,
+                    reason: FailReason::Refused(refuse.reason),
+                });
+                self.release(m.block);
+            }
+        }
+        if refuse.reason == REFUSE_OUT_OF_WINDOW {
+            // The peer's window lags ours (a lost FLOOR, or it restarted): tell it again.
+            self.floor_repeats = 0;
+            self.floor_sent_at = None;
+            self.peer_floor = 0;
+        }
+        self.maybe_send_floor(now);
+    }
+
+    /// Whether a FLOOR should go out (now or at its interval): the floor is above what the
+    /// peer's acks show, and this value was sent fewer than `FLOOR_REPEATS` times.
+    fn floor_wanted(&self) -> bool {
+        let floor = self.floor();
+        floor > self.peer_floor && (floor != self.floor_sent || self.floor_repeats < FLOOR_REPEATS)
+    }
+
+    /// Sends a FLOOR if one is wanted and `floor_interval` passed since the last.
+    fn maybe_send_floor(&mut self, now: Instant) {
+        if !self.floor_wanted()
+            || self
+                .floor_sent_at
+                .is_some_and(|t| now.saturating_duration_since(t) < self.config.floor_interval)
+        {
+            return;
+        }
+        let floor = self.floor();
+        if floor != self.floor_sent {
+            self.floor_sent = floor;
+            self.floor_repeats = 0;
+        }
+        self.floor_repeats += 1;
+        self.floor_sent_at = Some(now);
+        self.stats.floors_sent += 1;
+        self.out
+            .push_back(Frame::Floor(FloorFrame { floor }).to_bytes());
     }
 
     /// Completes every message an ack's ranges name.
     fn ack_ranges(&mut self, now: Instant, ack: &AckFrame) {
-        let ack_delay = Duration::from_micros(ack.ack_delay_us);
+        // A peer's claimed delay is trusted only up to `max_ack_delay`.
+        let ack_delay = Duration::from_micros(ack.ack_delay_us).min(self.config.max_ack_delay);
         for range in &ack.ranges {
             let ids: Vec<u64> = self
                 .messages
@@ -584,7 +716,13 @@ impl Sender {
                 // Hedging `hedge_slack` beyond the p95 keeps the cut above almost every sample,
                 // so the estimate is stable.
                 if attempts == 0 {
-                    self.rtt.push(latency.saturating_sub(ack_delay));
+                    let least = self.min_latency.map_or(latency, |m| m.min(latency));
+                    self.min_latency = Some(least);
+                    // The delay is subtracted only while the sample stays at or above the
+                    // least round trip measured (as QUIC does, RFC 9002 §5.3).
+                    let adjusted = latency.saturating_sub(ack_delay);
+                    self.rtt
+                        .push(if adjusted >= least { adjusted } else { latency });
                 }
                 self.stats.acked += 1;
                 self.events.push_back(SenderEvent::Acked {
@@ -623,6 +761,8 @@ impl Sender {
             });
             self.release(m.block);
         }
+        // Given-up ids no longer hold the receiver's window.
+        self.maybe_send_floor(now);
 
         let due: Vec<u64> = self
             .blocks
@@ -641,7 +781,11 @@ impl Sender {
         let hedge = self.blocks.values().map(|b| b.next_hedge).min();
         let deadline = self.messages.values().map(|m| m.deadline).min();
         let spaced = self.spaced.front().map(|(at, _)| *at);
-        [hedge, deadline, self.encoder.poll_timeout(), spaced]
+        let floor = self
+            .floor_wanted()
+            .then(|| self.floor_sent_at.map(|t| t + self.config.floor_interval))
+            .flatten();
+        [hedge, deadline, self.encoder.poll_timeout(), spaced, floor]
             .into_iter()
             .flatten()
             .min()
@@ -716,8 +860,10 @@ impl Sender {
         .min(self.config.max_hedge_interval.max(base))
     }
 
-    /// Sends the first flight of every block that is ready.
+    /// Sends the first flight of every block that is ready (after a FLOOR, if one is due,
+    /// so the receiver's window has moved before the shards arrive).
     fn start_blocks(&mut self, now: Instant) {
+        self.maybe_send_floor(now);
         while let Some(block) = self.encoder.poll_block() {
             self.pending.push_back((block, None));
         }

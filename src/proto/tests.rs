@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::sim::{GilbertElliott, Link, LinkConfig, Loss};
-use crate::wire::{Envelope, Frame, Limits};
+use crate::wire::{AckFrame, Envelope, Frame, Limits};
 
 const DELAY: Duration = Duration::from_millis(20);
 const INTERVAL: Duration = Duration::from_millis(5);
@@ -23,6 +23,8 @@ struct Harness {
     links: [Link; 2],
     queue: BinaryHeap<InFlight>,
     seq: u64,
+    /// Messages whose shards peer 0 sends into the void (lost for good).
+    lost_for_good: BTreeSet<u64>,
 }
 
 /// Fixed redundancy (one parity shard per block): the older tests reason about it.
@@ -39,8 +41,17 @@ impl Harness {
     }
 
     fn with_sender(link: LinkConfig, seed: u64, sender: SenderConfig) -> Self {
+        Self::with_configs(link, seed, sender, ReceiverConfig::default())
+    }
+
+    fn with_configs(
+        link: LinkConfig,
+        seed: u64,
+        sender: SenderConfig,
+        receiver: ReceiverConfig,
+    ) -> Self {
         let now = Instant::now();
-        let peer = || Peer::new(sender.clone(), ReceiverConfig::default());
+        let peer = || Peer::new(sender.clone(), receiver.clone());
         Harness {
             now,
             peers: [peer(), peer()],
@@ -50,6 +61,7 @@ impl Harness {
             ],
             queue: BinaryHeap::new(),
             seq: 0,
+            lost_for_good: BTreeSet::new(),
         }
     }
 
@@ -57,6 +69,16 @@ impl Harness {
     fn flush(&mut self) {
         for i in 0..2 {
             while let Some(d) = self.peers[i].poll_transmit() {
+                if i == 0 && !self.lost_for_good.is_empty() {
+                    if let Ok(Frame::Shard(s)) = Frame::decode(d.clone(), &Limits::default()) {
+                        if s.header
+                            .messages()
+                            .any(|id| self.lost_for_good.contains(&id))
+                        {
+                            continue;
+                        }
+                    }
+                }
                 self.inject(i, d.to_vec());
             }
         }
@@ -500,8 +522,18 @@ fn a_body_that_is_no_envelope_is_neither_delivered_nor_acked() {
         }
     }
     assert_eq!(r.poll_delivery(), None);
+    // Issue case 12: no ack for what was not delivered, but a refusal, counted.
+    let refuse = r.poll_transmit().expect("a refusal");
+    assert_eq!(
+        Frame::decode(refuse, &Limits::default()),
+        Ok(Frame::Refuse(crate::wire::RefuseFrame {
+            reason: crate::wire::REFUSE_MALFORMED,
+            ranges: vec![0..=0],
+        }))
+    );
     assert_eq!(r.poll_transmit(), None, "no ack for what was not delivered");
     assert_eq!(r.stats().invalid_envelopes, 1);
+    assert_eq!(r.stats().refused.malformed, 1);
     // The same over the stream path: refused.
     assert_eq!(
         r.handle_whole(t, 1, Bytes::from_static(&[0x80])),
@@ -765,7 +797,13 @@ fn a_taken_over_channel_starts_its_window_at_the_clients_floor() {
     let t = Instant::now();
     let mut b = claims_peer(16);
     b.receiver.start_at(1_000_000);
-    let mut a = Peer::new(plain(), ReceiverConfig::default());
+    let mut a = Peer::new(
+        SenderConfig {
+            max_id_span: u64::MAX,
+            ..plain()
+        },
+        ReceiverConfig::default(),
+    );
     // Ids far above the default window's reach from 0 are claimed, not refused.
     for _ in 0..1_000_000 {
         a.sender.reserve_id();
@@ -787,4 +825,491 @@ fn a_taken_over_channel_starts_its_window_at_the_clients_floor() {
     );
     assert!(b.receiver.poll_claim().is_none());
     assert!(b.receiver.poll_delivery().is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 13: the promises under hostile peers, restarts, lost messages and slow applications.
+// ---------------------------------------------------------------------------------------------
+
+/// The message ids a shard datagram carries, if it is one.
+fn shard_ids(d: &Bytes) -> Option<std::ops::RangeInclusive<u64>> {
+    match Frame::decode(d.clone(), &Limits::default()) {
+        Ok(Frame::Shard(s)) => Some(s.header.messages()),
+        _ => None,
+    }
+}
+
+/// Carries only the datagrams that are not shards of messages outside `keep`; returns the
+/// shard datagrams held back.
+fn carry_only(
+    now: Instant,
+    from: &mut Peer,
+    to: &mut Peer,
+    keep: impl Fn(u64) -> bool,
+) -> Vec<Bytes> {
+    let mut held = Vec::new();
+    while let Some(d) = from.poll_transmit() {
+        match shard_ids(&d) {
+            Some(ids) if !ids.clone().any(&keep) => held.push(d),
+            _ => to.handle_datagram(now, d),
+        }
+    }
+    held
+}
+
+fn failures(peer: &mut Peer) -> Vec<(u64, FailReason)> {
+    std::iter::from_fn(|| peer.sender.poll_event())
+        .filter_map(|e| match e {
+            SenderEvent::Failed { id, reason } => Some((id, reason)),
+            SenderEvent::Acked { .. } => None,
+        })
+        .collect()
+}
+
+fn events(peer: &mut Peer) -> (Vec<u64>, Vec<(u64, FailReason)>) {
+    let mut acked = Vec::new();
+    let mut failed = Vec::new();
+    while let Some(e) = peer.sender.poll_event() {
+        match e {
+            SenderEvent::Acked { id, .. } => acked.push(id),
+            SenderEvent::Failed { id, reason } => failed.push((id, reason)),
+        }
+    }
+    (acked, failed)
+}
+
+/// Issue case 7: with many more holes above the floor than an ack has ranges (16), a newly
+/// delivered id below them, and a re-sent copy of an old one, are named in the ack and
+/// completed at the sender.
+#[test]
+fn acks_name_new_and_resent_ids_below_many_holes() {
+    let t = Instant::now();
+    let mut a = Peer::new(plain(), ReceiverConfig::default());
+    let mut b = Peer::new(plain(), ReceiverConfig::default());
+    for i in 0..60 {
+        a.sender.send(t, payload(i)).unwrap();
+    }
+    // 0 and every odd id from 3 arrive: 1, 2, 4, 6, ... are holes (29 ranges above).
+    let held = carry_only(t, &mut a, &mut b, |id| id == 0 || (id >= 3 && id % 2 == 1));
+    carry(t, &mut b, &mut a);
+    let (acked, _) = events(&mut a);
+    assert_eq!(acked.len(), 30, "{acked:?}");
+
+    // Id 10 arrives late: the ack after its delivery names it.
+    for d in held.iter().filter(|d| shard_ids(d).unwrap().contains(&10)) {
+        b.handle_datagram(t, d.clone());
+    }
+    carry(t, &mut b, &mut a);
+    assert_eq!(events(&mut a).0, vec![10], "the fresh delivery is acked");
+
+    // Id 1 arrives: the floor moves to 2; the ack names the range from 0.
+    for d in held.iter().filter(|d| shard_ids(d).unwrap().contains(&1)) {
+        b.handle_datagram(t, d.clone());
+    }
+    carry(t, &mut b, &mut a);
+    assert_eq!(events(&mut a).0, vec![1], "the floor range is acked");
+    assert_eq!(b.receiver.floor(), 2);
+
+    // Id 20 is delivered but its ack is lost; the sender's hedge (a re-sent copy) gets a
+    // repeat ack that names it.
+    let t1 = t + Duration::from_millis(50);
+    for d in held.iter().filter(|d| shard_ids(d).unwrap().contains(&20)) {
+        b.handle_datagram(t1, d.clone());
+    }
+    while b.poll_transmit().is_some() {}
+    assert_eq!(b.receiver.stats().delivered, 33);
+    let t2 = t + Duration::from_millis(500);
+    a.handle_timeout(t2);
+    carry_only(t2, &mut a, &mut b, |id| id == 20);
+    assert!(
+        b.receiver.stats().duplicates_suppressed > 0 || b.receiver.reassembly().shards_stale > 0
+    );
+    carry(t2, &mut b, &mut a);
+    assert_eq!(
+        events(&mut a).0,
+        vec![20],
+        "the re-sent copy's repeat ack names it"
+    );
+    assert_eq!(b.receiver.stats().delivered, 33, "nothing delivered twice");
+}
+
+/// Issue case 3: a claim that hangs holds the floor (neither the hole TTL nor the sender's
+/// FLOOR passes it), and when it finally answers `Now` the message is delivered, not
+/// counted as "claimed before".
+#[test]
+fn a_hanging_claim_holds_the_floor_and_a_late_now_delivers() {
+    let t = Instant::now();
+    let mut a = Peer::new(plain(), ReceiverConfig::default());
+    let mut b = Peer::new(
+        plain(),
+        ReceiverConfig {
+            claims: Claims::Owner,
+            hole_ttl: Duration::from_secs(1),
+            ..ReceiverConfig::default()
+        },
+    );
+    for i in 0..3 {
+        a.sender.send(t, payload(i)).unwrap();
+    }
+    carry(t, &mut a, &mut b);
+    let requests: Vec<ClaimRequest> = std::iter::from_fn(|| b.receiver.poll_claim()).collect();
+    assert_eq!(requests.len(), 3);
+    // 1 and 2 are claimed at once; 0's claim hangs.
+    b.receiver.claim_done(t, &requests[1], ClaimOutcome::Now);
+    b.receiver.claim_done(t, &requests[2], ClaimOutcome::Now);
+    carry(t, &mut b, &mut a);
+    assert_eq!(acked_ids(&mut a), vec![1, 2]);
+
+    // Past the hole TTL (another message arrives) and past the sender's deadline (its
+    // FLOOR says every id below 4 has its outcome): the floor stays at 0.
+    let t1 = t + Duration::from_secs(6);
+    a.sender.send(t1, payload(3)).unwrap();
+    a.handle_timeout(t1);
+    carry(t1, &mut a, &mut b);
+    assert_eq!(failures(&mut a), vec![(0, FailReason::DeadlineExceeded)]);
+    assert!(b.receiver.stats().floor_advances <= 1);
+    assert_eq!(
+        b.receiver.floor(),
+        0,
+        "the floor never passes a pending claim"
+    );
+    let request3 = b.receiver.poll_claim().unwrap();
+    b.receiver.claim_done(t1, &request3, ClaimOutcome::Now);
+
+    // The claim answers at last: we own the message, so it is delivered.
+    b.receiver.claim_done(t1, &requests[0], ClaimOutcome::Now);
+    let delivered: Vec<u64> = std::iter::from_fn(|| b.receiver.poll_delivery())
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(delivered, vec![1, 2, 3, 0]);
+    assert_eq!(b.receiver.stats().claimed_before, 0);
+    assert_eq!(b.receiver.floor(), 4);
+}
+
+/// Issue case 4: a server that restarted without state (window from 0, here 64 wide) while
+/// the client's ids are at 1000 catches up from the client's FLOOR: messages are delivered
+/// and acked, none refused. If that FLOOR is lost, the first message is refused (definitely
+/// not delivered), the FLOOR is sent again, and the next is delivered.
+#[test]
+fn a_restarted_receiver_catches_up_with_the_senders_ids() {
+    let t = Instant::now();
+    let mut a = Peer::new(plain(), ReceiverConfig::default());
+    let mut b = Peer::new(plain(), ReceiverConfig::default());
+    for i in 0..1000 {
+        a.sender.send(t, payload(i)).unwrap();
+        carry(t, &mut a, &mut b);
+        carry(t, &mut b, &mut a);
+    }
+    assert_eq!(acked_ids(&mut a).len(), 1000);
+    let restarted = || {
+        Peer::new(
+            plain(),
+            ReceiverConfig {
+                dedupe_window: 64,
+                ..ReceiverConfig::default()
+            },
+        )
+    };
+
+    let mut b = restarted();
+    a.peer_lost_state(t);
+    for i in 0..10 {
+        assert_eq!(a.sender.send(t, payload(1000 + i)).unwrap(), 1000 + i);
+    }
+    carry(t, &mut a, &mut b);
+    carry(t, &mut b, &mut a);
+    assert_eq!(acked_ids(&mut a), (1000..1010).collect::<Vec<_>>());
+    let delivered: Vec<u64> = std::iter::from_fn(|| b.receiver.poll_delivery())
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(delivered, (1000..1010).collect::<Vec<_>>());
+    assert_eq!(b.receiver.stats().refused.total(), 0);
+
+    // Again, but the FLOOR sent on the new connection is lost.
+    let mut b = restarted();
+    a.peer_lost_state(t);
+    let floor = a.poll_transmit().expect("a FLOOR first");
+    assert!(matches!(
+        Frame::decode(floor, &Limits::default()),
+        Ok(Frame::Floor(crate::wire::FloorFrame { floor: 1010 }))
+    ));
+    let first = a.sender.send(t, payload(1010)).unwrap();
+    carry(t, &mut a, &mut b);
+    carry(t, &mut b, &mut a);
+    assert_eq!(failures(&mut a), vec![(first, FailReason::Refused(2))]);
+    let t1 = t + Duration::from_millis(20);
+    a.handle_timeout(t1);
+    let second = a.sender.send(t1, payload(1011)).unwrap();
+    carry(t1, &mut a, &mut b);
+    carry(t1, &mut b, &mut a);
+    assert_eq!(acked_ids(&mut a), vec![second]);
+    assert_eq!(b.receiver.poll_delivery().map(|d| d.id), Some(second));
+}
+
+/// Issue case 5: at a rate well above `window / hole_ttl`, one message lost for good holds
+/// the receiver's window only until the sender's deadline (its FLOOR), and the sender never
+/// sends an id the window would refuse (`max_id_span`): no out-of-window refusal, every
+/// other accepted message acked, sends resume after the deadline.
+#[test]
+fn one_lost_message_frees_the_window_at_the_senders_deadline() {
+    let window = 512;
+    let mut h = Harness::with_configs(
+        LinkConfig::lossy(DELAY, 0.0),
+        5,
+        SenderConfig {
+            max_id_span: window,
+            deadline: Duration::from_secs(1),
+            ..fixed()
+        },
+        ReceiverConfig {
+            dedupe_window: window,
+            ..ReceiverConfig::default()
+        },
+    );
+    h.lost_for_good.insert(10);
+    let start = h.now;
+    let interval = Duration::from_micros(500); // 2,000 messages a second
+    let mut accepted = BTreeSet::new();
+    let mut backpressure = 0;
+    let mut out = Outcome::default();
+    for i in 0..6000u32 {
+        h.run_until(start + interval * i);
+        match h.peers[0].sender.send(h.now, payload(u64::from(i))) {
+            Ok(id) => {
+                accepted.insert(id);
+            }
+            Err(SendError::Backpressure { .. }) => backpressure += 1,
+            Err(e) => panic!("{e}"),
+        }
+        h.flush();
+        collect_any(&mut h, &mut out);
+    }
+    h.run_until(h.now + Duration::from_secs(3));
+    collect_any(&mut h, &mut out);
+    let st = h.peers[1].receiver.stats();
+    assert_eq!(st.out_of_window, 0, "{st:?}");
+    assert_eq!(st.refused.total(), 0);
+    assert_eq!(out.failed, BTreeSet::from([10]));
+    for id in &accepted {
+        assert!(out.acked.contains_key(id) ^ (*id == 10), "message {id}");
+    }
+    // The window was held for about the deadline (1 s at 2,000/s, less the 512 ids it
+    // spans), not the hole TTL (30 s): most sends went through.
+    assert!(backpressure > 0 && backpressure < 2000, "{backpressure}");
+    assert!(accepted.len() > 4000, "{}", accepted.len());
+    let unique: BTreeSet<u64> = out.delivered.iter().copied().collect();
+    assert_eq!(unique.len(), out.delivered.len(), "delivered twice");
+}
+
+/// Like `collect`, for payloads that are not `payload(id)` (ids and payload numbers differ
+/// once sends were refused).
+fn collect_any(h: &mut Harness, out: &mut Outcome) {
+    while let Some(e) = h.peers[0].sender.poll_event() {
+        match e {
+            SenderEvent::Acked { id, latency, .. } => {
+                assert!(out.acked.insert(id, latency).is_none(), "{id} acked twice");
+            }
+            SenderEvent::Failed { id, .. } => assert!(out.failed.insert(id), "{id} failed twice"),
+        }
+    }
+    while let Some(d) = h.peers[1].receiver.poll_delivery() {
+        out.delivered.push(d.id);
+    }
+}
+
+/// Issue case 11: a data shard with a flipped bit (k = 1: no rebuild happens) is neither
+/// delivered nor acked, and is counted.
+#[test]
+fn a_tampered_data_shard_is_neither_delivered_nor_acked() {
+    let t = Instant::now();
+    let mut a = Peer::new(plain(), ReceiverConfig::default());
+    let mut b = Peer::new(plain(), ReceiverConfig::default());
+    a.sender.send(t, payload(0)).unwrap();
+    let shard = a.poll_transmit().unwrap();
+    assert!(a.poll_transmit().is_none(), "one data shard, no parity");
+    let mut bad = shard.to_vec();
+    *bad.last_mut().unwrap() ^= 0x01;
+    b.handle_datagram(t, Bytes::from(bad));
+    assert!(b.receiver.poll_delivery().is_none());
+    assert!(b.poll_transmit().is_none(), "no ack");
+    assert_eq!(b.receiver.reassembly().checksum_failures, 1);
+    // The intact shard (a retransmission) is delivered.
+    b.handle_datagram(t, shard);
+    assert_eq!(b.receiver.poll_delivery().unwrap().payload, payload(0));
+}
+
+/// Issue case 13(a): a peer claiming a huge ack delay cannot shrink the round-trip samples
+/// below what was measured, so the hedge delay does not collapse to its floor.
+#[test]
+fn a_claimed_ack_delay_cannot_shrink_the_round_trip() {
+    let t = Instant::now();
+    let mut s = Sender::new(plain());
+    for i in 0..50u64 {
+        let sent = t + Duration::from_millis(100) * i as u32;
+        let id = s.send(sent, payload(i)).unwrap();
+        while s.poll_transmit().is_some() {}
+        s.handle_ack(
+            sent + Duration::from_millis(40),
+            &AckFrame {
+                ack_delay_us: 10_000_000,
+                shards_received: i + 1,
+                ranges: vec![0..=id],
+            },
+        );
+    }
+    assert_eq!(s.stats().acked, 50);
+    assert!(s.rtt().quantile(0.0) >= Duration::from_millis(40) - Duration::from_millis(25));
+    assert!(
+        s.rtt().quantile(0.95) >= Duration::from_millis(40),
+        "{:?}",
+        s.rtt().quantile(0.95)
+    );
+}
+
+/// Issue case 13(b): a block wider than any our encoder builds (k = 100 one-byte shards) is
+/// refused before any rebuild work: counted, and its message refused (REFUSE code 4), so
+/// the sender fails it at once.
+#[test]
+fn blocks_wider_than_the_caps_are_refused_before_reassembly() {
+    let t = Instant::now();
+    let mut b = Peer::new(plain(), ReceiverConfig::default());
+    let body = Envelope::encode(None, &[7u8; 99]);
+    let header = crate::wire::BlockHeader {
+        block: 0,
+        data_shards: 100,
+        total_shards: 101,
+        shard_size: 1,
+        first_message: 0,
+        lengths: [100u32].into_iter().collect(),
+        checksum: crc32fast::hash(&body),
+    };
+    for index in 0..101u16 {
+        let mut d = Vec::new();
+        let piece = if index < 100 {
+            vec![body[usize::from(index)]]
+        } else {
+            vec![0]
+        };
+        header.encode_shard(index, &piece, &mut d);
+        b.handle_datagram(t, Bytes::from(d));
+    }
+    assert!(b.receiver.poll_delivery().is_none());
+    assert_eq!(b.receiver.reassembly().shards_accepted, 0);
+    let st = b.receiver.stats();
+    assert_eq!(st.shards_refused_block, 101);
+    assert!(st.refused.block >= 1);
+    let frames: Vec<Frame> = std::iter::from_fn(|| b.poll_transmit())
+        .map(|d| Frame::decode(d, &Limits::default()).unwrap())
+        .collect();
+    assert_eq!(
+        frames,
+        vec![Frame::Refuse(crate::wire::RefuseFrame {
+            reason: crate::wire::REFUSE_BLOCK,
+            ranges: vec![0..=0],
+        })],
+        "one refusal, rate-limited"
+    );
+    // What the sender does with it.
+    let mut a = Peer::new(plain(), ReceiverConfig::default());
+    a.sender.send(t, payload(0)).unwrap();
+    while a.poll_transmit().is_some() {}
+    a.handle_datagram(t, frames[0].to_bytes());
+    assert_eq!(failures(&mut a), vec![(0, FailReason::Refused(4))]);
+}
+
+/// Issue case 12: a flood of malformed messages is counted by reason and answered with
+/// refusals whose queue stays bounded.
+#[test]
+fn refusals_are_counted_and_bounded_under_a_flood() {
+    let t = Instant::now();
+    let mut b = Peer::new(plain(), ReceiverConfig::default());
+    let mut enc = crate::fec::Encoder::new(Default::default());
+    for id in 0..10_000u64 {
+        // Reserved flag bits: not an envelope this version knows.
+        let block = enc.encode(id, Bytes::from_static(&[0x80, 1, 2])).unwrap();
+        for f in block.data_frames() {
+            b.handle_datagram(t, f);
+        }
+    }
+    let st = b.receiver.stats();
+    assert_eq!(
+        (st.invalid_envelopes, st.refused.malformed),
+        (10_000, 10_000)
+    );
+    let frames = std::iter::from_fn(|| b.poll_transmit()).count();
+    assert!(frames <= 4, "{frames} refusal frames at one instant");
+    assert!(st.delivered == 0 && st.acks_sent == 0);
+}
+
+/// The channel's hand-off (issue case 1): with `ack_on_take`, a message is acked only once
+/// the application took it; copies before that are neither delivered nor acked. When the
+/// application goes away, what it never took is discarded, refused (code 5) and, in owner
+/// claims mode, handed back for release; new messages are refused.
+#[test]
+fn acks_wait_for_the_application_and_a_gone_application_refuses() {
+    let t = Instant::now();
+    for claims in [Claims::Off, Claims::Owner] {
+        let mut a = Peer::new(plain(), ReceiverConfig::default());
+        let mut b = Peer::new(
+            plain(),
+            ReceiverConfig {
+                ack_on_take: true,
+                claims,
+                ..ReceiverConfig::default()
+            },
+        );
+        for i in 0..3 {
+            a.sender
+                .send_keyed(t, Some(format!("k{i}").as_bytes()), &payload(i))
+                .unwrap();
+        }
+        let wire = carry(t, &mut a, &mut b);
+        while let Some(r) = b.receiver.poll_claim() {
+            b.receiver.claim_done(t, &r, ClaimOutcome::Now);
+        }
+        let polled: Vec<u64> = std::iter::from_fn(|| b.receiver.poll_delivery())
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(polled, vec![0, 1, 2], "{claims:?}");
+        assert!(b.poll_transmit().is_none(), "nothing taken, nothing acked");
+        // Copies arrive: neither delivered nor acked.
+        for d in wire {
+            b.handle_datagram(t + Duration::from_millis(20), d);
+        }
+        assert!(b.receiver.poll_delivery().is_none());
+        carry(t, &mut b, &mut a);
+        assert!(acked_ids(&mut a).is_empty(), "{claims:?}");
+        // The application takes 1: acked, alone.
+        b.receiver.taken(t, 1);
+        carry(t, &mut b, &mut a);
+        assert_eq!(acked_ids(&mut a), vec![1]);
+        assert_eq!(b.receiver.stats().awaiting_take, 2);
+
+        // The application goes away: 0 and 2 are discarded and refused, never acked.
+        b.receiver.application_gone(t);
+        carry(t, &mut b, &mut a);
+        let mut failed = failures(&mut a);
+        failed.sort_by_key(|f| f.0);
+        assert_eq!(
+            failed,
+            vec![(0, FailReason::Refused(5)), (2, FailReason::Refused(5))]
+        );
+        assert_eq!(b.receiver.stats().discarded, 2);
+        let released: Vec<u64> = std::iter::from_fn(|| b.receiver.poll_release())
+            .map(|r| r.id)
+            .collect();
+        if claims == Claims::Owner {
+            assert_eq!(released, vec![0, 2]);
+        } else {
+            assert!(released.is_empty());
+        }
+        // A late take changes nothing; a new message is refused.
+        b.receiver.taken(t, 0);
+        let id = a.sender.send(t, payload(9)).unwrap();
+        let t1 = t + Duration::from_millis(50);
+        carry(t1, &mut a, &mut b);
+        carry(t1, &mut b, &mut a);
+        assert_eq!(failures(&mut a), vec![(id, FailReason::Refused(5))]);
+        assert!(b.receiver.poll_delivery().is_none());
+    }
 }

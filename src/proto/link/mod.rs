@@ -436,6 +436,14 @@ pub enum Action {
         /// Longest the attempt may take.
         timeout: Duration,
     },
+    /// Release the claim of message `id` (best effort: the store deletes it only if it is
+    /// this receiver's): it was claimed but never handed to the application, which went away.
+    Release {
+        /// The message id.
+        id: u64,
+        /// Its idempotency key.
+        key: Option<Bytes>,
+    },
     /// Hand a message to the application.
     Deliver(Delivered),
     /// A send has its outcome.
@@ -627,7 +635,15 @@ pub struct Link {
     switching: bool,
     stats: LinkStats,
     actions: VecDeque<Action>,
+    /// Messages in flight that may have reached another replica than the one in use (sent
+    /// before a failover to a replica sharing the claims store, or copied to the standby): a
+    /// refusal by the replica in use does not say they were not delivered.
+    crossed: std::collections::HashSet<u64>,
 }
+
+/// Why a refused message's outcome is unknown all the same.
+const REFUSED_AFTER_FAILOVER: &str = "refused by the replica in use, but it was sent to another \
+     replica before, which may have delivered it";
 
 impl Link {
     /// A link over its first connection `conn` (datagram size `max_datagram_size`), as
@@ -641,6 +657,8 @@ impl Link {
         floor: u64,
     ) -> Self {
         config.sender.encoder.max_datagram_size = max_datagram_size;
+        // A message is acked only once the application took it (`Input::Took`).
+        config.receiver.ack_on_take = true;
         let mut peer = Peer::new(config.sender.clone(), config.receiver.clone());
         peer.receiver.start_at(floor);
         let (current, primary_attached) = match &role {
@@ -679,6 +697,7 @@ impl Link {
             switching: false,
             stats: LinkStats::default(),
             actions: VecDeque::new(),
+            crossed: std::collections::HashSet::new(),
         };
         link.start_standby(now);
         if link.replicas() >= 2 {
@@ -825,8 +844,14 @@ impl Link {
             }
             Input::StreamInvalid { reason } => self.peer.count_invalid_reason(reason),
             Input::ClaimAnswered { attempt, result } => self.claim_answered(now, attempt, result),
-            Input::Took { .. } => self.room += 1,
-            Input::AppGone => self.app_gone = true,
+            Input::Took { id } => {
+                self.peer.receiver.taken(now, id);
+                self.room += 1;
+            }
+            Input::AppGone => {
+                self.peer.receiver.application_gone(now);
+                self.app_gone = true;
+            }
             Input::Send {
                 token,
                 key,
@@ -876,8 +901,14 @@ impl Link {
     fn handle_finishing(&mut self, now: Instant, input: Input) {
         match input {
             Input::ClaimAnswered { attempt, result } => self.claim_answered(now, attempt, result),
-            Input::Took { .. } => self.room += 1,
-            Input::AppGone => self.app_gone = true,
+            Input::Took { id } => {
+                self.peer.receiver.taken(now, id);
+                self.room += 1;
+            }
+            Input::AppGone => {
+                self.peer.receiver.application_gone(now);
+                self.app_gone = true;
+            }
             Input::Send { token, .. } => self.complete(token, Err(SendError::Closed)),
             Input::DialDone { result: Ok(d), .. } => self.close(d.conn, 0, "channel stopped"),
             Input::Reattached { conn, .. } => self.close(conn, 0, "channel stopped"),
@@ -1039,6 +1070,11 @@ impl Link {
         }
         let outcome = match end {
             StreamEnd::Status(STREAM_DELIVERED) => Ok(()),
+            StreamEnd::Status(_) | StreamEnd::Refused if self.crossed.contains(&id) => {
+                Err(SendError::ConnectionLost {
+                    reason: REFUSED_AFTER_FAILOVER.into(),
+                })
+            }
             StreamEnd::Status(_) | StreamEnd::Refused => Err(SendError::Refused { id }),
             StreamEnd::Deadline => Err(SendError::Timeout { id }),
             StreamEnd::Connection(reason) => {
@@ -1061,6 +1097,7 @@ impl Link {
             }
         };
         let s = self.streams.remove(&id).expect("found above");
+        self.crossed.remove(&id);
         self.complete(
             s.token,
             outcome.map(|()| Receipt {
@@ -1363,6 +1400,8 @@ impl Link {
             Attached::Resumed => self.peer.new_connection(now),
             Attached::Claims => {
                 tracing::debug!("surelink channel: a replica sharing the claims store took over");
+                self.crossed
+                    .extend(self.waiting.keys().chain(self.streams.keys()).copied());
                 self.peer.peer_claims_only(now);
             }
             Attached::New => {
@@ -1389,6 +1428,12 @@ impl Link {
         }
         self.stats.reconnects += 1;
         self.waiting_since = None;
+        if replica.is_some_and(|r| r != self.current) {
+            // Another replica: whatever it answered, it may not know what the last one
+            // delivered (only the shared store does).
+            self.crossed
+                .extend(self.waiting.keys().chain(self.streams.keys()).copied());
+        }
         if let Some(index) = replica {
             if index != self.current && self.switching {
                 self.stats.switches += 1;
@@ -1716,8 +1761,11 @@ impl Link {
 
     fn hand_over(&mut self) {
         if self.app_gone {
-            // Nobody will take these.
-            while self.peer.receiver.poll_delivery().is_some() {}
+            // Nobody will take these; they were claimed (claims mode), so they count as
+            // handed over: the driver passes them to the closed queue, which drops them.
+            while let Some(message) = self.peer.receiver.poll_delivery() {
+                self.actions.push_back(Action::Deliver(message));
+            }
             return;
         }
         while self.room > 0 {
@@ -1738,8 +1786,21 @@ impl Link {
             self.take_stream_message(now, answer, message);
             self.hand_over();
         }
-        while let Some(request) = self.peer.receiver.poll_claim() {
+        // A claim is asked only when the application has room for its message: a claim is
+        // the record of a delivery, so a message is claimed only once it can be handed over
+        // at once (an application that stopped reading leaves messages unclaimed, for
+        // another replica to deliver after a failover).
+        while self.claims.len() + usize::from(self.peer.receiver.has_deliveries()) < self.room {
+            let Some(request) = self.peer.receiver.poll_claim() else {
+                break;
+            };
             self.start_claim(now, request);
+        }
+        while let Some(request) = self.peer.receiver.poll_release() {
+            self.actions.push_back(Action::Release {
+                id: request.id,
+                key: request.key,
+            });
         }
         while let Some((id, status)) = self.peer.receiver.poll_stream_answer() {
             if let Some(answer) = self.stream_waiting.remove(&id) {
@@ -1750,6 +1811,7 @@ impl Link {
             }
         }
         while let Some(datagram) = self.peer.sender.poll_secondary() {
+            self.crossed.extend(self.waiting.keys().copied());
             if let Some(s) = &self.standby {
                 self.actions.push_back(Action::Transmit {
                     conn: s.conn,
@@ -1763,6 +1825,11 @@ impl Link {
             if let Some(conn) = self.primary {
                 self.actions.push_back(Action::Transmit { conn, datagram });
             }
+        }
+        if self.crossed.len() > 2 * (self.waiting.len() + self.streams.len()) + 64 {
+            let (waiting, streams) = (&self.waiting, &self.streams);
+            self.crossed
+                .retain(|id| waiting.contains_key(id) || streams.contains_key(id));
         }
         while let Some(event) = self.peer.sender.poll_event() {
             let (id, outcome) = match event {
@@ -1789,8 +1856,22 @@ impl Link {
                         reason: PEER_LOST_STATE.into(),
                     }),
                 ),
+                SenderEvent::Failed {
+                    id,
+                    reason: FailReason::Refused(_),
+                } if self.crossed.contains(&id) => (
+                    id,
+                    Err(SendError::ConnectionLost {
+                        reason: REFUSED_AFTER_FAILOVER.into(),
+                    }),
+                ),
+                SenderEvent::Failed {
+                    id,
+                    reason: FailReason::Refused(_),
+                } => (id, Err(SendError::Refused { id })),
                 SenderEvent::Failed { id, .. } => (id, Err(SendError::Timeout { id })),
             };
+            self.crossed.remove(&id);
             if let Some(w) = self.waiting.remove(&id) {
                 if w.completed {
                     self.actions.push_back(Action::FreeSlot { token: w.token });
