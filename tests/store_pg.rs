@@ -21,7 +21,13 @@ fn claim(channel: u8, message: u64, key: Option<&str>) -> Claim {
         channel: [channel; 16],
         message,
         key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+        claimant: 0,
     }
+}
+
+/// `claim` by `claimant`.
+fn by(claimant: u64, claim: Claim) -> Claim {
+    Claim { claimant, ..claim }
 }
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -40,7 +46,7 @@ async fn replicas_racing_for_the_same_messages_claim_each_exactly_once() {
     let Some(url) = fresh_database("race").await else {
         return;
     };
-    // Three replicas, each with its own connection, all trying to claim the same 300
+    // Three replicas, each with its own pool and claimant, all trying to claim the same 300
     // messages (100 of them keyed) at once.
     let mut replicas = Vec::new();
     for _ in 0..3 {
@@ -54,7 +60,8 @@ async fn replicas_racing_for_the_same_messages_claim_each_exactly_once() {
                 // Replica r starts at a different point so they collide from all sides.
                 let m = (i + 100 * r as u64) % 300;
                 let key = m.is_multiple_of(3).then(|| format!("order-{m}"));
-                if store.claim(&claim(7, m, key.as_deref())).await.unwrap() == Claimed::Now {
+                let c = by(r as u64 + 1, claim(7, m, key.as_deref()));
+                if store.claim(&c).await.unwrap() == Claimed::Now {
                     won.push(m);
                 }
             }
@@ -88,10 +95,7 @@ async fn a_claim_inside_the_applications_transaction_commits_or_rolls_back_with_
 
     // The application fails after claiming: both roll back.
     let tx = app.transaction().await.unwrap();
-    assert_eq!(
-        PgStore::claim_in(&tx, &payment).await.unwrap(),
-        Claimed::Now
-    );
+    assert_eq!(store.claim_in(&tx, &payment).await.unwrap(), Claimed::Now);
     tx.execute("INSERT INTO ledger VALUES (42, 1000)", &[])
         .await
         .unwrap();
@@ -100,10 +104,7 @@ async fn a_claim_inside_the_applications_transaction_commits_or_rolls_back_with_
 
     // Again, committed: the claim and the ledger row together.
     let tx = app.transaction().await.unwrap();
-    assert_eq!(
-        PgStore::claim_in(&tx, &payment).await.unwrap(),
-        Claimed::Now
-    );
+    assert_eq!(store.claim_in(&tx, &payment).await.unwrap(), Claimed::Now);
     tx.execute("INSERT INTO ledger VALUES (42, 1000)", &[])
         .await
         .unwrap();
@@ -150,7 +151,8 @@ async fn an_unreachable_database_is_a_clear_error() {
     let err = PgStore::connect("postgres://postgres@127.0.0.1:9/postgres", DAY)
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::Postgres(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(!err.outcome_unknown(), "nothing was sent");
     assert!(
         err.to_string().starts_with("PostgreSQL dedupe store"),
         "{err}"
@@ -302,6 +304,8 @@ async fn three_replicas_share_one_postgres_store_through_a_blackout() {
     let store = PgStore::connect(&url, DAY).await.unwrap();
     let claims: i64 = store
         .client()
+        .await
+        .unwrap()
         .query_one("SELECT count(*) FROM surelink_claims", &[])
         .await
         .unwrap()
