@@ -107,7 +107,7 @@ pub enum StoreError {
     },
     /// PostgreSQL refused the statement, or the connection broke while it ran.
     #[cfg(feature = "postgres")]
-    #[error("PostgreSQL dedupe store: {0}")]
+    #[error("PostgreSQL dedupe store: {}", pg::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// No connection to PostgreSQL could be had (connecting failed or timed out, or every
     /// pooled connection stayed busy): nothing was sent.

@@ -446,6 +446,15 @@ pub(super) fn failed_definitely(e: &tokio_postgres::Error) -> bool {
         .is_some_and(|db| db.parsed_severity() == Some(Severity::Error))
 }
 
+/// A PostgreSQL error for people: the server's own message and code where it sent one
+/// (tokio-postgres says only "db error" then).
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
 /// The claim on `client` with the given statements (text or prepared).
 async fn claim_on<C, S>(
     client: &C,
@@ -552,13 +561,22 @@ impl PgStore {
     }
 
     /// The answer of an operation run on `conn` under its deadline. A connection whose
-    /// statement did not answer in time leaves the pool (it may still be busy with it).
+    /// statement did not answer in time leaves the pool (it may still be busy with it), and
+    /// so does one that failed otherwise than by a server ERROR.
     fn finish<T>(
         &self,
         conn: Object,
         answer: Result<Result<T, StoreError>, tokio::time::error::Elapsed>,
     ) -> Result<T, StoreError> {
         match answer {
+            // A connection that broke (or whose state is in doubt) leaves the pool at once
+            // rather than failing the next operation too before the pool notices.
+            Ok(Err(StoreError::Postgres(e))) => {
+                if !failed_definitely(&e) || conn.is_closed() {
+                    drop(Object::take(conn));
+                }
+                Err(StoreError::Postgres(e))
+            }
             Ok(r) => r,
             Err(_) => {
                 drop(Object::take(conn));
