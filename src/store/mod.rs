@@ -9,7 +9,8 @@
 //!
 //! Two stores: [`MemoryStore`] (the default, one process, no setup) and, with the `postgres`
 //! feature, `PgStore` (a table keyed by channel id + message id and by idempotency key,
-//! `INSERT … ON CONFLICT DO NOTHING`, expiry by TTL).
+//! `INSERT … ON CONFLICT DO NOTHING`, expiry by TTL; a pool of connections that replaces
+//! broken ones, a statement timeout and a client-side deadline on every operation).
 //!
 //! **Scope of keys.** Message ids are per channel; idempotency keys are global to the store
 //! (an application that retries after a restart comes back on a new channel, and its key must
@@ -43,7 +44,7 @@ use tokio::time::Instant;
 #[cfg(feature = "postgres")]
 mod pg;
 #[cfg(feature = "postgres")]
-pub use pg::{PgStore, PgStoreBuilder, DEFAULT_TABLE, PG_SCHEMA};
+pub use pg::{PgStore, PgStoreBuilder, PooledClient, DEFAULT_TABLE, PG_SCHEMA};
 
 /// What a server claims before it delivers a message.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

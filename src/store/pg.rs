@@ -16,6 +16,10 @@ use tokio_postgres::{GenericClient, NoTls, ToStatement};
 
 use super::{Claim, Claimed, DedupeStore, StoreError, StoreFuture};
 
+/// A connection from [`PgStore`]'s pool ([`PgStore::client`]): dereferences to a
+/// `tokio_postgres::Client`; dropping it returns it to the pool.
+pub type PooledClient = Object;
+
 /// The table [`PgStore::connect`] and [`PgStore::builder`] use unless told otherwise.
 pub const DEFAULT_TABLE: &str = "surelink_claims";
 
@@ -537,7 +541,7 @@ impl PgStore {
 
     /// A connection from the store's pool (it dereferences to a `tokio_postgres::Client`;
     /// dropping it returns it to the pool), for an application that wants to share them.
-    pub async fn client(&self) -> Result<Object, StoreError> {
+    pub async fn client(&self) -> Result<PooledClient, StoreError> {
         self.connection(Instant::now() + self.op_timeout).await
     }
 
