@@ -80,7 +80,8 @@ async fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
 
     let (mut db, connection) = tokio_postgres::connect(&url, NoTls).await?;
     tokio::spawn(connection);
-    PgStore::connect(&url, Duration::from_secs(24 * 3600)).await?; // creates surelink_claims
+    // Creates surelink_claims; the application claims in it inside its own transactions.
+    let store = PgStore::connect(&url, Duration::from_secs(24 * 3600)).await?;
     db.batch_execute(
         "CREATE TABLE IF NOT EXISTS ledger (payment bigint PRIMARY KEY, amount text NOT NULL);
          TRUNCATE ledger, surelink_claims;",
@@ -123,7 +124,7 @@ async fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
             while let Some(m) = messages.recv().await {
                 let n = number(&m.payload);
                 let tx = db.transaction().await?;
-                match PgStore::claim_in(&tx, &Claim::of(channel.id(), &m)).await? {
+                match store.claim_in(&tx, &Claim::of(channel.id(), &m)).await? {
                     Claimed::Now
                         if fail_every > 0
                             && n.is_multiple_of(fail_every)
@@ -182,9 +183,12 @@ async fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     app.abort();
 
-    let checker = PgStore::connect(&url, Duration::from_secs(24 * 3600)).await?;
+    let checker = PgStore::connect(&url, Duration::from_secs(24 * 3600))
+        .await?
+        .client()
+        .await?;
     let count = |sql: &'static str| {
-        let c = checker.client();
+        let c = &checker;
         async move { c.query_one(sql, &[]).await.map(|r| r.get::<_, i64>(0)) }
     };
     let rows = count("SELECT count(*) FROM ledger").await?;

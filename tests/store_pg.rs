@@ -21,7 +21,13 @@ fn claim(channel: u8, message: u64, key: Option<&str>) -> Claim {
         channel: [channel; 16],
         message,
         key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+        claimant: 0,
     }
+}
+
+/// `claim` by `claimant`.
+fn by(claimant: u64, claim: Claim) -> Claim {
+    Claim { claimant, ..claim }
 }
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -40,7 +46,7 @@ async fn replicas_racing_for_the_same_messages_claim_each_exactly_once() {
     let Some(url) = fresh_database("race").await else {
         return;
     };
-    // Three replicas, each with its own connection, all trying to claim the same 300
+    // Three replicas, each with its own pool and claimant, all trying to claim the same 300
     // messages (100 of them keyed) at once.
     let mut replicas = Vec::new();
     for _ in 0..3 {
@@ -54,7 +60,8 @@ async fn replicas_racing_for_the_same_messages_claim_each_exactly_once() {
                 // Replica r starts at a different point so they collide from all sides.
                 let m = (i + 100 * r as u64) % 300;
                 let key = m.is_multiple_of(3).then(|| format!("order-{m}"));
-                if store.claim(&claim(7, m, key.as_deref())).await.unwrap() == Claimed::Now {
+                let c = by(r as u64 + 1, claim(7, m, key.as_deref()));
+                if store.claim(&c).await.unwrap() == Claimed::Now {
                     won.push(m);
                 }
             }
@@ -88,10 +95,7 @@ async fn a_claim_inside_the_applications_transaction_commits_or_rolls_back_with_
 
     // The application fails after claiming: both roll back.
     let tx = app.transaction().await.unwrap();
-    assert_eq!(
-        PgStore::claim_in(&tx, &payment).await.unwrap(),
-        Claimed::Now
-    );
+    assert_eq!(store.claim_in(&tx, &payment).await.unwrap(), Claimed::Now);
     tx.execute("INSERT INTO ledger VALUES (42, 1000)", &[])
         .await
         .unwrap();
@@ -100,10 +104,7 @@ async fn a_claim_inside_the_applications_transaction_commits_or_rolls_back_with_
 
     // Again, committed: the claim and the ledger row together.
     let tx = app.transaction().await.unwrap();
-    assert_eq!(
-        PgStore::claim_in(&tx, &payment).await.unwrap(),
-        Claimed::Now
-    );
+    assert_eq!(store.claim_in(&tx, &payment).await.unwrap(), Claimed::Now);
     tx.execute("INSERT INTO ledger VALUES (42, 1000)", &[])
         .await
         .unwrap();
@@ -150,7 +151,8 @@ async fn an_unreachable_database_is_a_clear_error() {
     let err = PgStore::connect("postgres://postgres@127.0.0.1:9/postgres", DAY)
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::Postgres(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(!err.outcome_unknown(), "nothing was sent");
     assert!(
         err.to_string().starts_with("PostgreSQL dedupe store"),
         "{err}"
@@ -302,6 +304,8 @@ async fn three_replicas_share_one_postgres_store_through_a_blackout() {
     let store = PgStore::connect(&url, DAY).await.unwrap();
     let claims: i64 = store
         .client()
+        .await
+        .unwrap()
         .query_one("SELECT count(*) FROM surelink_claims", &[])
         .await
         .unwrap()
@@ -325,4 +329,622 @@ async fn three_replicas_share_one_postgres_store_through_a_blackout() {
     assert_eq!(total.len(), n as usize, "every payment delivered");
     assert_eq!(claims, i64::from(n), "one claim per payment");
     assert!(s.failovers >= 1, "the client failed over");
+}
+
+/// A TCP proxy in front of the test's PostgreSQL, to break the path the way networks and
+/// servers do: hold every byte (a server that does not answer at all), hold only the
+/// server's answers (a statement that ran but whose answer is lost), or drop every
+/// connection and refuse new ones (a server restarting).
+mod proxy {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
+
+    /// What the proxy does with traffic.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Mode {
+        /// Passes everything.
+        Forward,
+        /// Holds every byte, both ways (released when it forwards again).
+        Freeze,
+        /// Holds the server's answers only.
+        Mute,
+        /// Closes every connection and every new one at once.
+        Down,
+    }
+
+    /// A running proxy; stops when dropped.
+    pub struct Proxy {
+        /// The URL to reach PostgreSQL through it.
+        pub url: String,
+        mode: watch::Sender<Mode>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Proxy {
+        fn drop(&mut self) {
+            self.task.abort();
+            self.mode.send_replace(Mode::Down);
+        }
+    }
+
+    impl Proxy {
+        /// A proxy to the server of `url` (`postgres://user@host:port/db`).
+        pub async fn start(url: &str) -> Proxy {
+            let (head, rest) = url.split_once('@').unwrap();
+            let (server, db) = rest.split_once('/').unwrap();
+            let target: SocketAddr = server.parse().unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("{head}@{}/{db}", listener.local_addr().unwrap());
+            let (mode, watching) = watch::channel(Mode::Forward);
+            let task = tokio::spawn(async move {
+                while let Ok((inbound, _)) = listener.accept().await {
+                    if *watching.borrow() == Mode::Down {
+                        continue;
+                    }
+                    let watching = watching.clone();
+                    tokio::spawn(async move {
+                        let Ok(outbound) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        let (from_client, to_client) = inbound.into_split();
+                        let (from_server, to_server) = outbound.into_split();
+                        let mut down = watching.clone();
+                        tokio::select! {
+                            _ = pipe(from_client, to_server, watching.clone(), false) => {}
+                            _ = pipe(from_server, to_client, watching, true) => {}
+                            _ = down.wait_for(|m| *m == Mode::Down) => {}
+                        }
+                    });
+                }
+            });
+            Proxy { url, mode, task }
+        }
+
+        /// Sets what it does from now on.
+        pub fn set(&self, mode: Mode) {
+            self.mode.send_replace(mode);
+        }
+    }
+
+    async fn pipe(
+        mut from: impl AsyncReadExt + Unpin,
+        mut to: impl AsyncWriteExt + Unpin,
+        mut mode: watch::Receiver<Mode>,
+        answers: bool,
+    ) {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let held = |m: &Mode| *m == Mode::Freeze || (answers && *m == Mode::Mute);
+            if mode.wait_for(|m| !held(m)).await.is_err() || *mode.borrow() == Mode::Down {
+                return;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+use proxy::{Mode, Proxy};
+
+/// A direct connection to `url`, for the test's own look at the table.
+async fn direct(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// The claimant of (channel, message)'s row, if there is one.
+async fn claimant_of(db: &tokio_postgres::Client, table: &str, c: &Claim) -> Option<i64> {
+    db.query_opt(
+        &format!("SELECT claimant FROM {table} WHERE channel_id = $1 AND message_id = $2"),
+        &[&&c.channel[..], &(c.message as i64)],
+    )
+    .await
+    .unwrap()
+    .map(|r| r.get(0))
+}
+
+/// A store that claims in a real `PgStore` and then reports an error, as when the
+/// connection breaks after COMMIT: the first `failures` claims are written but answered with
+/// an error.
+#[derive(Debug)]
+struct CommitThenFail {
+    inner: PgStore,
+    failures: std::sync::atomic::AtomicU32,
+}
+
+impl DedupeStore for CommitThenFail {
+    fn claim<'a>(
+        &'a self,
+        claim: &'a Claim,
+    ) -> surelink::store::StoreFuture<'a, surelink::store::Claimed> {
+        Box::pin(async move {
+            let answer = self.inner.claim(claim).await?;
+            let left = self.failures.load(std::sync::atomic::Ordering::SeqCst);
+            if left > 0 {
+                self.failures
+                    .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+                return Err(StoreError::Timeout {
+                    after: Duration::from_secs(1),
+                });
+            }
+            Ok(answer)
+        })
+    }
+    fn lookup<'a>(&'a self, claim: &'a Claim) -> surelink::store::StoreFuture<'a, bool> {
+        self.inner.lookup(claim)
+    }
+    fn release<'a>(&'a self, claim: &'a Claim) -> surelink::store::StoreFuture<'a, bool> {
+        self.inner.release(claim)
+    }
+    fn expire(&self) -> surelink::store::StoreFuture<'_, u64> {
+        self.inner.expire()
+    }
+    fn ttl(&self) -> Duration {
+        self.inner.ttl()
+    }
+}
+
+/// Issue 13 case 2: a claim written but reported as an error. Retrying it with the same
+/// claimant answers `Now` (the claim is its own), where a replica with another claimant is
+/// refused; the claimant can release it. Before claimants, the retry answered `Before` and
+/// nobody delivered the message.
+#[tokio::test]
+async fn a_claim_committed_but_answered_with_an_error_is_the_retrys_own() {
+    let Some(url) = fresh_database("lost_answer").await else {
+        return;
+    };
+    let store = CommitThenFail {
+        inner: PgStore::connect(&url, DAY).await.unwrap(),
+        failures: 1.into(),
+    };
+    let replica = PgStore::connect(&url, DAY).await.unwrap();
+    let payment = by(0x5eed_0001, claim(3, 17, Some("order-17")));
+    let err = store.claim(&payment).await.unwrap_err();
+    assert!(err.outcome_unknown(), "{err}");
+    assert!(
+        store.lookup(&payment).await.unwrap(),
+        "the claim was written"
+    );
+    assert_eq!(store.claim(&payment).await.unwrap(), Claimed::Now, "retry");
+    // The replica the client fails over to has its own claimant: refused, by id or by key.
+    assert_eq!(
+        replica
+            .claim(&by(0x5eed_0002, claim(3, 17, Some("order-17"))))
+            .await
+            .unwrap(),
+        Claimed::Before
+    );
+    assert_eq!(
+        replica
+            .claim(&by(0x5eed_0002, claim(9, 1, Some("order-17"))))
+            .await
+            .unwrap(),
+        Claimed::Before
+    );
+    // Not handed to the application after all: released by its claimant only.
+    assert!(!replica
+        .release(&by(0x5eed_0002, claim(3, 17, Some("order-17"))))
+        .await
+        .unwrap());
+    assert!(store.release(&payment).await.unwrap());
+    assert!(!store.lookup(&payment).await.unwrap());
+    assert_eq!(
+        replica
+            .claim(&by(0x5eed_0002, claim(3, 17, Some("order-17"))))
+            .await
+            .unwrap(),
+        Claimed::Now
+    );
+}
+
+/// Issue 13 case 2 for real: the INSERT reaches PostgreSQL and commits, but its answer is
+/// lost on the way back (the proxy holds it). The store gives up at its deadline with an
+/// error whose outcome is unknown; the retry, on a fresh connection, answers `Now`.
+#[tokio::test]
+async fn a_claim_whose_answer_is_lost_in_the_network_is_claimed_by_its_retry() {
+    let Some(url) = fresh_database("lost_network").await else {
+        return;
+    };
+    let proxy = Proxy::start(&url).await;
+    let store = PgStore::builder(&proxy.url)
+        .create_schema(true)
+        .operation_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let db = direct(&url).await;
+    let payment = by(77, claim(4, 2, Some("order-2")));
+    proxy.set(Mode::Mute);
+    let err = store.claim(&payment).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Timeout { .. }) && err.outcome_unknown(),
+        "{err:?}"
+    );
+    // It committed all the same.
+    let mut committed = None;
+    for _ in 0..50 {
+        committed = claimant_of(&db, "surelink_claims", &payment).await;
+        if committed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(committed, Some(77), "the claim was written");
+    proxy.set(Mode::Forward);
+    assert_eq!(store.claim(&payment).await.unwrap(), Claimed::Now);
+    assert_eq!(
+        store
+            .claim(&by(78, claim(4, 2, Some("order-2"))))
+            .await
+            .unwrap(),
+        Claimed::Before
+    );
+}
+
+/// Issue 13 case 13d: the store's connections are killed (`pg_terminate_backend`, as a
+/// failover or a restart of the server does); the store reconnects by itself. Before the
+/// pool, every claim after the kill failed for good.
+#[tokio::test]
+async fn the_store_reconnects_after_its_connections_are_killed() {
+    let Some(url) = fresh_database("killed").await else {
+        return;
+    };
+    let store = PgStore::builder(&url)
+        .create_schema(true)
+        .pool_size(2)
+        .connect()
+        .await
+        .unwrap();
+    let db = direct(&url).await;
+    for round in 0..3u64 {
+        // Both pooled connections in use, then idle in the pool.
+        let (first, second) = (claim(1, round * 100, None), claim(1, round * 100 + 1, None));
+        let (a, b) = tokio::join!(store.claim(&first), store.claim(&second));
+        assert_eq!((a.unwrap(), b.unwrap()), (Claimed::Now, Claimed::Now));
+        let killed: i64 = db
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(killed >= 1, "round {round}: killed {killed}");
+        // A claim sent on a connection before its client saw it die fails (definitely or
+        // not: a retry with the claimant settles it); the store then reconnects.
+        let c = by(5, claim(1, round * 100 + 2, None));
+        let mut failures = 0;
+        let answer = loop {
+            match store.claim(&c).await {
+                Ok(answer) => break answer,
+                Err(e) => {
+                    eprintln!(
+                        "round {round}: {e} (outcome unknown: {})",
+                        e.outcome_unknown()
+                    );
+                    assert!(matches!(e, StoreError::Postgres(_)), "{e:?}");
+                    failures += 1;
+                    assert!(failures <= 2, "one failure per killed connection at most");
+                }
+            }
+        };
+        assert_eq!(answer, Claimed::Now, "round {round}");
+        assert!(store.lookup(&c).await.unwrap());
+    }
+}
+
+/// Issue 13 case 13d: a server restart seen from the client (every connection cut, new
+/// ones refused for a while, then accepted): claims fail while it is down, with errors
+/// that say whether they may have been written, and succeed once it is back.
+#[tokio::test]
+async fn the_store_recovers_when_the_server_comes_back() {
+    let Some(url) = fresh_database("restart").await else {
+        return;
+    };
+    let proxy = Proxy::start(&url).await;
+    let store = PgStore::builder(&proxy.url)
+        .create_schema(true)
+        .operation_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(store.claim(&claim(1, 0, None)).await.unwrap(), Claimed::Now);
+    proxy.set(Mode::Down);
+    for i in 1..4 {
+        let err = store.claim(&by(3, claim(1, i, None))).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Postgres(_) | StoreError::Unavailable(_)),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().starts_with("PostgreSQL dedupe store"),
+            "{err}"
+        );
+    }
+    // The last ones found no connection at all: nothing was sent.
+    let err = store.claim(&by(3, claim(1, 9, None))).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Unavailable(_)) && !err.outcome_unknown(),
+        "{err:?}"
+    );
+    proxy.set(Mode::Forward);
+    for i in 1..4 {
+        assert_eq!(
+            store.claim(&by(3, claim(1, i, None))).await.unwrap(),
+            Claimed::Now
+        );
+    }
+}
+
+/// Issue 13 case 13d: PostgreSQL that does not answer at all (every byte held). Each
+/// operation ends at the store's deadline with `StoreError::Timeout` (outcome unknown),
+/// connecting too (`Unavailable`: nothing was sent); the store works again once it
+/// answers. Before, a claim waited forever.
+#[tokio::test]
+async fn a_database_that_never_answers_is_a_timeout_not_a_hang() {
+    let Some(url) = fresh_database("silent").await else {
+        return;
+    };
+    let proxy = Proxy::start(&url).await;
+    let builder = PgStore::builder(&proxy.url)
+        .create_schema(true)
+        .operation_timeout(Duration::from_millis(300));
+    let store = builder.clone().connect().await.unwrap();
+    proxy.set(Mode::Freeze);
+    let guard = Duration::from_secs(30);
+    for op in 0..3 {
+        let c = by(1, claim(2, op, None));
+        let err = match op {
+            0 => tokio::time::timeout(guard, store.claim(&c))
+                .await
+                .unwrap()
+                .unwrap_err(),
+            1 => tokio::time::timeout(guard, store.lookup(&c))
+                .await
+                .unwrap()
+                .unwrap_err(),
+            _ => tokio::time::timeout(guard, store.expire())
+                .await
+                .unwrap()
+                .unwrap_err(),
+        };
+        // The first one timed out on the pooled connection; later ones on new connections
+        // that never finish connecting.
+        assert!(
+            matches!(err, StoreError::Timeout { .. } | StoreError::Unavailable(_)),
+            "op {op}: {err:?}"
+        );
+        if op == 0 {
+            assert!(matches!(err, StoreError::Timeout { .. }) && err.outcome_unknown());
+        }
+    }
+    let err = tokio::time::timeout(guard, builder.clone().connect())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Unavailable(_)) && !err.outcome_unknown(),
+        "{err:?}"
+    );
+    proxy.set(Mode::Forward);
+    assert_eq!(
+        store.claim(&by(1, claim(2, 0, None))).await.unwrap(),
+        Claimed::Now,
+        "its own claim, whether the frozen one reached the server or not"
+    );
+}
+
+/// Issue 13 case 13d: a statement that blocks (here on a lock another session holds on the
+/// table) is cancelled by the server at the statement timeout: a definite error, nothing
+/// written; the claim succeeds once the lock is gone.
+#[tokio::test]
+async fn a_blocked_claim_ends_at_the_statement_timeout() {
+    let Some(url) = fresh_database("blocked").await else {
+        return;
+    };
+    let store = PgStore::builder(&url)
+        .create_schema(true)
+        .statement_timeout(Duration::from_millis(300))
+        .operation_timeout(Duration::from_secs(20))
+        .connect()
+        .await
+        .unwrap();
+    let mut db = direct(&url).await;
+    let locker = db.transaction().await.unwrap();
+    locker
+        .batch_execute("LOCK TABLE surelink_claims IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let payment = by(4, claim(8, 1, Some("order-1")));
+    let err = tokio::time::timeout(Duration::from_secs(15), store.claim(&payment))
+        .await
+        .expect("the statement timeout ends it, long before the client's deadline")
+        .unwrap_err();
+    let StoreError::Postgres(pg) = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(
+        pg.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+    assert!(
+        !err.outcome_unknown(),
+        "cancelled by the server: not written"
+    );
+    locker.rollback().await.unwrap();
+    assert!(!store.lookup(&payment).await.unwrap());
+    assert_eq!(store.claim(&payment).await.unwrap(), Claimed::Now);
+}
+
+/// Issue 13 case 13d: the table is configurable, created only when asked, and `claim_in`
+/// (the application's transaction) uses it; a name that is not a plain identifier is
+/// refused before any SQL is sent.
+#[tokio::test]
+async fn the_table_is_configurable_and_created_only_when_asked() {
+    let Some(url) = fresh_database("table").await else {
+        return;
+    };
+    let err = PgStore::builder(&url)
+        .table("payment_claims")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)),
+        "no table and no create_schema: {err:?}"
+    );
+    for bad in ["claims; DROP TABLE ledger", "Claims", "x\"y", "a.b.c", ""] {
+        let err = PgStore::builder(&url)
+            .table(bad)
+            .create_schema(true)
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Config(_)), "{bad:?}: {err:?}");
+    }
+    let mut db = direct(&url).await;
+    db.batch_execute("CREATE SCHEMA pay").await.unwrap();
+    let store = PgStore::builder(&url)
+        .table("pay.claims")
+        .create_schema(true)
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(store.table(), "pay.claims");
+    common::check_claim_semantics(&store).await;
+    let tx = db.transaction().await.unwrap();
+    assert_eq!(
+        store
+            .claim_in(&tx, &claim(9, 9, Some("order-9")))
+            .await
+            .unwrap(),
+        Claimed::Now
+    );
+    tx.commit().await.unwrap();
+    assert!(claimant_of(&db, "pay.claims", &claim(9, 9, None))
+        .await
+        .is_some());
+    let default: Option<String> = db
+        .query_one("SELECT to_regclass('surelink_claims')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(default, None, "the default table was not created");
+    // Without create_schema, an existing table is used as it is.
+    let again = PgStore::builder(&url)
+        .table("pay.claims")
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(
+        again.claim(&claim(7, 9, Some("order-9"))).await.unwrap(),
+        Claimed::Before
+    );
+}
+
+/// Issue 13 case 2 / 13d: a table created by the previous schema (no claimant column) is
+/// migrated when `create_schema` is on; its claims are kept (anonymous) and still refuse
+/// their messages and keys.
+#[tokio::test]
+async fn a_table_of_the_previous_schema_is_migrated() {
+    let Some(url) = fresh_database("migrate").await else {
+        return;
+    };
+    let db = direct(&url).await;
+    db.batch_execute(
+        "CREATE TABLE surelink_claims (
+             channel_id bytea       NOT NULL,
+             message_id bigint      NOT NULL,
+             idem_key   bytea,
+             claimed_at timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (channel_id, message_id)
+         );
+         CREATE UNIQUE INDEX surelink_claims_idem_key
+             ON surelink_claims (idem_key) WHERE idem_key IS NOT NULL;
+         INSERT INTO surelink_claims (channel_id, message_id, idem_key)
+             VALUES ('\\x01010101010101010101010101010101', 5, 'old-5');",
+    )
+    .await
+    .unwrap();
+    let err = PgStore::builder(&url).connect().await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN)),
+        "an old table without create_schema: {err:?}"
+    );
+    let store = PgStore::connect(&url, DAY).await.unwrap();
+    assert_eq!(
+        claimant_of(&db, "surelink_claims", &claim(1, 5, None)).await,
+        Some(0)
+    );
+    assert_eq!(
+        store
+            .claim(&by(3, claim(1, 5, Some("old-5"))))
+            .await
+            .unwrap(),
+        Claimed::Before
+    );
+    assert_eq!(
+        store
+            .claim(&by(3, claim(2, 1, Some("old-5"))))
+            .await
+            .unwrap(),
+        Claimed::Before
+    );
+    assert_eq!(
+        store
+            .claim(&by(3, claim(2, 1, Some("new-1"))))
+            .await
+            .unwrap(),
+        Claimed::Now
+    );
+    let indexes: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE tablename = 'surelink_claims'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        indexes, 3,
+        "primary key, key index and the claimed_at index it lacked"
+    );
+    // Connecting again changes nothing.
+    PgStore::connect(&url, DAY).await.unwrap();
+}
+
+/// Expiry in batches: a backlog larger than one batch (10,000 rows) is removed in one call.
+#[tokio::test]
+async fn a_large_backlog_of_expired_claims_is_removed() {
+    let Some(url) = fresh_database("backlog").await else {
+        return;
+    };
+    let store = PgStore::connect(&url, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let db = direct(&url).await;
+    db.batch_execute(
+        "INSERT INTO surelink_claims (channel_id, message_id, claimed_at)
+         SELECT '\\x02020202020202020202020202020202', i, now() - interval '2 hours'
+         FROM generate_series(1, 25000) AS i",
+    )
+    .await
+    .unwrap();
+    store.claim(&claim(2, 0, None)).await.unwrap();
+    assert_eq!(store.expire().await.unwrap(), 25_000);
+    assert!(
+        store.lookup(&claim(2, 0, None)).await.unwrap(),
+        "the fresh claim stays"
+    );
 }

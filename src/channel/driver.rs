@@ -1040,6 +1040,8 @@ impl Driver {
             channel: self.id,
             message: request.id,
             key: request.key.clone(),
+            // Anonymous until the channel layer sets a per-receiver token (issue 13 case 2).
+            claimant: 0,
         };
         let (tx, timeout) = (self.claims_tx.clone(), self.config.claim_timeout);
         tokio::spawn(async move {

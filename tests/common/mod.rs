@@ -112,14 +112,18 @@ pub async fn fresh_database(name: &str) -> Option<String> {
 
 /// The claim semantics every `DedupeStore` must have, checked on a fresh `store`: a message
 /// (channel id + message id) or an idempotency key (across channels) is claimed once; a
-/// refused claim records nothing; message ids use the whole 62-bit range.
+/// refused claim records nothing; message ids use the whole 62-bit range; a claimant
+/// retrying its own claim (issue 13 case 2: the answer was lost) gets `Now`, anyone else
+/// `Before`; `release` undoes only the claimant's own claim.
 pub async fn check_claim_semantics(store: &dyn surelink::store::DedupeStore) {
     use surelink::store::{Claim, Claimed};
     let claim = |channel: u8, message: u64, key: Option<&str>| Claim {
         channel: [channel; 16],
         message,
         key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+        claimant: 0,
     };
+    let by = |claimant: u64, c: Claim| Claim { claimant, ..c };
     assert_eq!(store.claim(&claim(1, 0, None)).await.unwrap(), Claimed::Now);
     assert_eq!(
         store.claim(&claim(1, 0, None)).await.unwrap(),
@@ -148,4 +152,66 @@ pub async fn check_claim_semantics(store: &dyn surelink::store::DedupeStore) {
         Claimed::Now
     );
     assert!(store.lookup(&claim(1, big, None)).await.unwrap());
+
+    // Claimants. Anonymous (0) never matches: the first claim above is refused to itself.
+    assert_eq!(
+        store.claim(&claim(1, 0, None)).await.unwrap(),
+        Claimed::Before
+    );
+    let mine = by(u64::MAX, claim(4, 1, Some("order-4")));
+    assert_eq!(store.claim(&mine).await.unwrap(), Claimed::Now);
+    assert_eq!(
+        store.claim(&mine).await.unwrap(),
+        Claimed::Now,
+        "the same claimant retrying: its own claim"
+    );
+    for (other, what) in [
+        (by(7, claim(4, 1, Some("order-4"))), "another claimant"),
+        (claim(4, 1, Some("order-4")), "anonymous"),
+        (
+            by(u64::MAX, claim(4, 2, Some("order-4"))),
+            "the key under another id",
+        ),
+        (
+            by(u64::MAX, claim(5, 1, Some("order-4"))),
+            "the key on another channel",
+        ),
+        (
+            by(u64::MAX, claim(4, 1, Some("order-5"))),
+            "the id under another key",
+        ),
+        (by(u64::MAX, claim(4, 1, None)), "the id without its key"),
+    ] {
+        assert_eq!(
+            store.claim(&other).await.unwrap(),
+            Claimed::Before,
+            "{what}"
+        );
+        assert!(!store.release(&other).await.unwrap(), "released by {what}");
+    }
+    // A claimant's claim of a message someone else claimed first is refused to it.
+    assert_eq!(
+        store
+            .claim(&by(9, claim(1, 1, Some("order-1"))))
+            .await
+            .unwrap(),
+        Claimed::Before
+    );
+    assert!(
+        !store.release(&claim(1, 0, None)).await.unwrap(),
+        "anonymous"
+    );
+    // Released by its claimant: gone, id and key; claimable again by anyone.
+    assert!(store.release(&mine).await.unwrap());
+    assert!(!store.release(&mine).await.unwrap(), "released once");
+    assert!(!store.lookup(&claim(9, 9, Some("order-4"))).await.unwrap());
+    assert!(!store.lookup(&claim(4, 1, None)).await.unwrap());
+    assert_eq!(
+        store
+            .claim(&by(7, claim(6, 3, Some("order-4"))))
+            .await
+            .unwrap(),
+        Claimed::Now
+    );
+    assert_eq!(store.claim(&claim(4, 1, None)).await.unwrap(), Claimed::Now);
 }
