@@ -609,7 +609,7 @@ impl Receiver {
 
     /// Takes one shard frame.
     pub fn handle_shard(&mut self, now: Instant, frame: ShardFrame) {
-        let limits = &self.config.reassembler.limits;
+        let limits = &self.reassembler.config().limits;
         if frame.header.data_shards > limits.max_data_shards
             || frame.header.total_shards > limits.max_block_shards
         {

@@ -1313,3 +1313,42 @@ fn acks_wait_for_the_application_and_a_gone_application_refuses() {
         assert!(b.receiver.poll_delivery().is_none());
     }
 }
+
+/// A stream message's reserved id holds the sender's floor (and so its FLOOR) until its
+/// outcome is reported, or at the latest until its deadline: the receiver must not settle
+/// an id whose message may still arrive, and a forgotten id must not hold the window.
+#[test]
+fn reserved_ids_hold_the_floor_until_done_or_their_deadline() {
+    let t = Instant::now();
+    let mut s = Sender::new(SenderConfig {
+        deadline: Duration::from_secs(1),
+        ..plain()
+    });
+    let a = s.reserve_id();
+    let b = s.reserve_id();
+    let m = s.send(t, payload(2)).unwrap();
+    s.handle_ack(
+        t,
+        &AckFrame {
+            ack_delay_us: 0,
+            shards_received: 1,
+            ranges: vec![m..=m],
+        },
+    );
+    assert_eq!(s.floor(), a);
+    s.reserved_done(t, a);
+    assert_eq!(s.floor(), b);
+    // `b`'s outcome is never reported: it is given up at its deadline.
+    assert!(s
+        .poll_timeout()
+        .is_some_and(|at| at <= t + Duration::from_secs(1)));
+    s.handle_timeout(t + Duration::from_secs(1));
+    assert_eq!(s.floor(), 3);
+    let floors: Vec<u64> = std::iter::from_fn(|| s.poll_transmit())
+        .filter_map(|d| match Frame::decode(d, &Limits::default()) {
+            Ok(Frame::Floor(f)) => Some(f.floor),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(floors.last(), Some(&3));
+}
