@@ -18,10 +18,15 @@ use crate::wire::{
 pub struct ReceiverConfig {
     /// Reassembly caps.
     pub reassembler: ReassemblerConfig,
-    /// Ids tracked above the dedupe window's low watermark. Default 65536.
+    /// Ids tracked above the dedupe window's low watermark; an id further above is refused
+    /// (REFUSE code 2). The peer's `SenderConfig::max_id_span` must not exceed it. Default
+    /// 65536.
     pub dedupe_window: u64,
-    /// How long a never-delivered id may hold the watermark before it is skipped; must exceed
-    /// the sender's deadline plus a round trip. Default 30 s.
+    /// How long a never-delivered id may hold the watermark before it is skipped, for a
+    /// sender that sends no FLOOR (a FLOOR moves the watermark at the sender's deadline);
+    /// must exceed the sender's deadline plus a round trip. The watermark never passes a
+    /// message whose claim is pending. Also how long refused ids are remembered. Default
+    /// 30 s.
     pub hole_ttl: Duration,
     /// Most ranges per ack. Default 16.
     pub max_ack_ranges: usize,
