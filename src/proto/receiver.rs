@@ -489,8 +489,10 @@ impl Receiver {
                 self.dedupe.check(now, id);
                 if let Some(k) = &p.key {
                     // The store holds the keys in claims mode: the window only caches them,
-                    // so a full window is no reason to refuse here.
-                    let _ = self.keys.check(now, k);
+                    // so a full window is no reason to refuse here (nor to count one).
+                    if !self.keys.is_full(now) {
+                        let _ = self.keys.check(now, k);
+                    }
                 }
                 let mut withhold = false;
                 match (outcome, p.payload) {

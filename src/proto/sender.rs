@@ -142,7 +142,7 @@ impl Default for SenderConfig {
 pub enum SendError {
     /// `max_in_flight` messages are awaiting acks, or the next id would be `max_id_span`
     /// past the oldest awaiting its outcome; wait for an outcome and retry.
-    #[error("{in_flight} messages in flight, the limit")]
+    #[error("backpressure: {in_flight} messages in flight (at max_in_flight, or the oldest holds max_id_span)")]
     Backpressure {
         /// Messages in flight.
         in_flight: usize,
