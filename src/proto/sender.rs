@@ -859,6 +859,13 @@ impl Sender {
             .filter(|(_, m)| m.block == Some(block))
             .map(|(&id, m)| (id, m.payload.clone()))
             .collect();
+        // The secondary sees only hedged messages, so its dedupe window would be all holes:
+        // each batch of copies starts with the floor (one small frame; hedges are rare).
+        let floor = self.floor();
+        if !ids.is_empty() && floor > 0 {
+            self.secondary_out
+                .push_back(Frame::Floor(FloorFrame { floor }).to_bytes());
+        }
         for (id, payload) in ids {
             let Ok(mut copy) = self.copies.encode(id, payload) else {
                 continue;

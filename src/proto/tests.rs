@@ -1352,3 +1352,45 @@ fn reserved_ids_hold_the_floor_until_done_or_their_deadline() {
         .collect();
     assert_eq!(floors.last(), Some(&3));
 }
+
+/// Issue cases 4 and 5 on a standby replica: it sees only hedge copies, so its window would
+/// be all holes (and, at ids past its window, refuse every copy); each batch of copies
+/// starts with the sender's floor.
+#[test]
+fn hedge_copies_to_a_secondary_carry_the_floor() {
+    let t = Instant::now();
+    let mut a = Peer::new(
+        SenderConfig {
+            hedge_to: HedgeTo::Other,
+            ..plain()
+        },
+        ReceiverConfig::default(),
+    );
+    let mut primary = Peer::new(plain(), ReceiverConfig::default());
+    for i in 0..1000 {
+        a.sender.send(t, payload(i)).unwrap();
+        carry(t, &mut a, &mut primary);
+        carry(t, &mut primary, &mut a);
+    }
+    assert_eq!(acked_ids(&mut a).len(), 1000);
+    let mut secondary = Peer::new(
+        plain(),
+        ReceiverConfig {
+            dedupe_window: 64,
+            claims: Claims::Owner,
+            ..ReceiverConfig::default()
+        },
+    );
+    a.sender.set_secondary(true);
+    let id = a.sender.send(t, payload(1000)).unwrap();
+    while a.poll_transmit().is_some() {} // the primary's copy is lost
+    let t1 = t + Duration::from_millis(300);
+    a.handle_timeout(t1);
+    let copies: Vec<Bytes> = std::iter::from_fn(|| a.sender.poll_secondary()).collect();
+    assert!(!copies.is_empty());
+    for d in copies {
+        secondary.handle_datagram(t1, d);
+    }
+    assert_eq!(secondary.receiver.poll_claim().map(|r| r.id), Some(id));
+    assert_eq!(secondary.receiver.stats().refused.total(), 0);
+}
