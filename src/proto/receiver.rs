@@ -292,6 +292,9 @@ enum Accepted {
     Refused,
     /// Awaiting its claim: neither delivered nor acked yet.
     Pending,
+    /// Its idempotency key's message awaits the application's take: neither delivered nor
+    /// acked now (not recorded either: a later copy is judged again).
+    Held,
 }
 
 /// Most ids waiting in REFUSE frames not yet sent; more are refused again when their copies
@@ -319,8 +322,10 @@ pub struct Receiver {
     /// Delivered (recorded in the window) but not to be named in acks: awaiting
     /// [`Receiver::taken`], or discarded when the application went away.
     withheld: BTreeSet<u64>,
-    /// Keys of withheld messages in [`Claims::Owner`] mode, to release their claims.
-    withheld_keys: HashMap<u64, Option<Bytes>>,
+    /// Keys of withheld messages (to release their claims in [`Claims::Owner`] mode), and
+    /// the other way round: a retry by key of a message not yet taken is not acked either.
+    withheld_keys: HashMap<u64, Bytes>,
+    withheld_by_key: HashMap<Bytes, u64>,
     /// The application is gone: nothing more is delivered.
     gone: bool,
     /// Claims to release (owner mode): claimed messages the application never took.
@@ -352,6 +357,7 @@ impl Receiver {
             last_ack: None,
             withheld: BTreeSet::new(),
             withheld_keys: HashMap::new(),
+            withheld_by_key: HashMap::new(),
             gone: false,
             releases: VecDeque::new(),
             refused: HashMap::new(),
@@ -402,6 +408,7 @@ impl Receiver {
         // The old incarnation's ids mean nothing now (a `taken` for one is ignored).
         self.withheld.clear();
         self.withheld_keys.clear();
+        self.withheld_by_key.clear();
         self.refused.clear();
         self.refused_order.clear();
         self.generation += 1;
@@ -503,10 +510,7 @@ impl Receiver {
                         self.queued_bytes += payload.len();
                         withhold = self.config.ack_on_take;
                         if withhold {
-                            self.withheld.insert(id);
-                            if p.key.is_some() {
-                                self.withheld_keys.insert(id, p.key.clone());
-                            }
+                            self.withhold(id, p.key.as_ref());
                         }
                         self.deliveries.push_back(Delivered {
                             id,
@@ -535,8 +539,19 @@ impl Receiver {
         if self.gone || !self.withheld.remove(&id) {
             return;
         }
-        self.withheld_keys.remove(&id);
+        if let Some(key) = self.withheld_keys.remove(&id) {
+            self.withheld_by_key.remove(&key);
+        }
         self.ack(now, false, &[id]);
+    }
+
+    /// Records delivered message `id` as not to be acked until taken.
+    fn withhold(&mut self, id: u64, key: Option<&Bytes>) {
+        self.withheld.insert(id);
+        if let Some(key) = key {
+            self.withheld_keys.insert(id, key.clone());
+            self.withheld_by_key.insert(key.clone(), id);
+        }
     }
 
     /// The application will never take another message. Messages delivered but not taken
@@ -572,7 +587,7 @@ impl Receiver {
         for id in discarded {
             self.stats.discarded += 1;
             if self.config.claims == Claims::Owner {
-                let key = self.withheld_keys.remove(&id).flatten();
+                let key = self.withheld_keys.remove(&id);
                 self.releases.push_back(ClaimRequest {
                     id,
                     key,
@@ -660,7 +675,7 @@ impl Receiver {
                     triggers.push(d.message_id);
                 }
                 Accepted::Duplicate => triggers.push(d.message_id),
-                Accepted::Refused | Accepted::Pending => {}
+                Accepted::Refused | Accepted::Pending | Accepted::Held => {}
             }
         }
         if let InsertOutcome::Stale { messages } = outcome {
@@ -704,7 +719,9 @@ impl Receiver {
                 self.ack(now, true, &[id]);
                 Whole::Duplicate
             }
-            Accepted::Refused => Whole::Refused,
+            // Held: not delivered (its key's message is, but not yet taken); the stream
+            // cannot wait for that, and a retry by key is then recognised.
+            Accepted::Refused | Accepted::Held => Whole::Refused,
             Accepted::Pending => Whole::Pending,
         };
         self.flush_refusals(now);
@@ -758,6 +775,11 @@ impl Receiver {
             }
         }
         if let Some(key) = &envelope.key {
+            if self.withheld_by_key.contains_key(key) {
+                // A retry by key of a message the application has not taken yet: like a
+                // copy of it, neither delivered nor acked (yet); the sender retries.
+                return Accepted::Held;
+            }
             match self.keys.check(now, key) {
                 KeySeen::New => {}
                 KeySeen::Seen => {
@@ -777,7 +799,7 @@ impl Receiver {
         self.stats.delivered += 1;
         self.queued_bytes += envelope.payload.len();
         if self.config.ack_on_take {
-            self.withheld.insert(id);
+            self.withhold(id, envelope.key.as_ref());
         }
         self.deliveries.push_back(Delivered {
             id,
@@ -814,6 +836,10 @@ impl Receiver {
             }
         }
         if let Some(key) = &envelope.key {
+            if self.withheld_by_key.contains_key(key) {
+                // Its key's message awaits the application: nothing to ack yet.
+                return Accepted::Held;
+            }
             if self.keys.contains(now, key) {
                 self.dedupe.check(now, id);
                 self.stats.duplicate_keys += 1;
