@@ -280,6 +280,8 @@ enum PeerOp {
     /// In a claims mode: the store (or the application) answers one outstanding claim;
     /// `outcome % 4 == 3` is a failure, otherwise the mock store decides Now or Before.
     Answer { index: u8, outcome: u8 },
+    /// The application goes away for good (`Receiver::application_gone`).
+    Gone,
 }
 
 const VARINT_MAX: u64 = (1 << 62) - 1;
@@ -320,6 +322,14 @@ struct Book {
     delivered: u64,
     /// Ids the receiver refused (the honest sender failed them as not delivered).
     refused: HashSet<u64>,
+    /// Whether the receiver acks only what the application took (`ack_on_take`).
+    ack_on_take: bool,
+    /// The application went away: in claims mode what was claimed for it counts as handed
+    /// over (the claim is the record of the delivery) and may be acked.
+    gone: bool,
+    /// Ids the application took (in the current incarnation), and keys it took (ever).
+    taken: HashSet<u64>,
+    taken_keys: HashSet<Bytes>,
 }
 
 impl Book {
@@ -358,8 +368,25 @@ impl Book {
     /// An ack from the receiver for `id`: in a claims mode it must have been claimed (or its
     /// key settled before, when the receiver already knew the key).
     fn check_ack(&self, id: u64, hostile: bool) {
+        use surelink::proto::Claims;
         // Forged frames may reuse the honest ids with other keys: only honest runs are judged.
-        if self.claims == surelink::proto::Claims::Off || hostile {
+        if hostile {
+            return;
+        }
+        if self.ack_on_take && self.claims != Claims::Application {
+            // Acked only once taken: this id, or (a retry by key) its key's first message;
+            // or, with a store, claimed before by someone else.
+            let key_taken = self
+                .sent_keys
+                .get(&id)
+                .is_some_and(|k| self.taken_keys.contains(k));
+            let before = self.claims == Claims::Owner && (!self.granted.contains(&id) || self.gone);
+            assert!(
+                self.taken.contains(&id) || key_taken || before,
+                "message {id} acked before the application took it"
+            );
+        }
+        if self.claims == Claims::Off {
             return;
         }
         let key_settled = self
@@ -436,13 +463,16 @@ pub fn receiver(data: &[u8]) {
 
     let mut u = Unstructured::new(data);
     let mut now = Instant::now();
-    let claims = match u.arbitrary::<u8>().unwrap_or(0) % 3 {
+    let mode = u.arbitrary::<u8>().unwrap_or(0);
+    let claims = match mode % 3 {
         0 => Claims::Off,
         1 => Claims::Owner,
         _ => Claims::Application,
     };
+    let ack_on_take = mode & 0x40 != 0;
     let receiver = ReceiverConfig {
         claims,
+        ack_on_take,
         max_pending_claims: PEER_MAX_PENDING,
         reassembler: ReassemblerConfig {
             max_blocks: PEER_MAX_BLOCKS,
@@ -472,6 +502,7 @@ pub fn receiver(data: &[u8]) {
     let mut next_fresh = 0usize;
     let mut book = Book {
         claims,
+        ack_on_take,
         ..Book::default()
     };
     let mut requests: Vec<surelink::proto::ClaimRequest> = Vec::new();
@@ -602,10 +633,20 @@ pub fn receiver(data: &[u8]) {
                 book.settled.clear();
                 book.released.clear();
                 book.refused.clear();
+                book.taken.clear();
                 requests.clear();
                 unconfirmed.clear();
             }
             PeerOp::Reading(r) => reading = r,
+            PeerOp::Gone => {
+                book.note_deliveries(&peer, now);
+                peer.receiver.application_gone(now);
+                book.gone = true;
+                reading = false;
+                // What it discarded never reaches the application.
+                book.entered.clear();
+                book.delivered = peer.receiver.stats().delivered;
+            }
             PeerOp::Answer { index, outcome } => {
                 let fail = outcome % 4 == 3;
                 if !requests.is_empty() {
@@ -655,6 +696,11 @@ pub fn receiver(data: &[u8]) {
         book.note_deliveries(&peer, now);
         while let Some(m) = reading.then(|| peer.receiver.poll_delivery()).flatten() {
             book.check(&m, hostile);
+            book.taken.insert(m.id);
+            if let Some(k) = &m.key {
+                book.taken_keys.insert(k.clone());
+            }
+            peer.receiver.taken(now, m.id);
             if claims == Claims::Application {
                 unconfirmed.push((m.id, m.key.clone()));
             }

@@ -205,14 +205,6 @@ struct Store {
 }
 
 impl Store {
-    /// Deletes the claim of `message` if `claimant` made it.
-    fn release(&mut self, message: u64, claimant: u64) {
-        if self.pairs.get(&message) == Some(&claimant) {
-            self.pairs.remove(&message);
-            self.keys.retain(|_, m| *m != message);
-        }
-    }
-
     fn claim(&mut self, message: u64, key: &Option<Bytes>, claimant: u64) -> ClaimOutcome {
         if let Some(&owner) = self.pairs.get(&message) {
             return if owner == claimant {
@@ -1029,7 +1021,6 @@ impl World {
                 }
                 // Nothing the server sends the client's application here.
                 Action::Deliver(_)
-                | Action::Release { .. }
                 | Action::FreeSlot { .. }
                 | Action::AnswerStream { .. }
                 | Action::Claim { .. } => {}
@@ -1140,11 +1131,6 @@ impl World {
                             result,
                         },
                     );
-                }
-                Action::Release { id, .. } => {
-                    let incarnation = self.servers[r].incarnation;
-                    let claimant = (r as u64 + 1) << 32 | (incarnation + 1);
-                    self.store.release(id, claimant);
                 }
                 Action::Deliver(d) => {
                     let send = u64::from_be_bytes(d.payload[..8].try_into().expect("8 bytes"));

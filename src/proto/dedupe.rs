@@ -484,6 +484,11 @@ mod tests {
         // A re-sent old id: named too.
         let r = w.ack_ranges(16, &[5], &none);
         assert!(r.contains(&(5..=5)), "{r:?}");
+        // More triggers than ranges: still at most `max` (the wire's limit holds), the
+        // range from 0 first.
+        let all: Vec<u64> = (0..=41).collect();
+        let r = w.ack_ranges(16, &all, &none);
+        assert_eq!((r.len(), r.last()), (16, Some(&(0..=0))));
         // Withheld ids are never named, even under the floor.
         let withheld: BTreeSet<u64> = [0, 10].into();
         let r = w.ack_ranges(64, &[10, 11], &withheld);

@@ -18,10 +18,15 @@ use crate::wire::{
 pub struct ReceiverConfig {
     /// Reassembly caps.
     pub reassembler: ReassemblerConfig,
-    /// Ids tracked above the dedupe window's low watermark. Default 65536.
+    /// Ids tracked above the dedupe window's low watermark; an id further above is refused
+    /// (REFUSE code 2). The peer's `SenderConfig::max_id_span` must not exceed it. Default
+    /// 65536.
     pub dedupe_window: u64,
-    /// How long a never-delivered id may hold the watermark before it is skipped; must exceed
-    /// the sender's deadline plus a round trip. Default 30 s.
+    /// How long a never-delivered id may hold the watermark before it is skipped, for a
+    /// sender that sends no FLOOR (a FLOOR moves the watermark at the sender's deadline);
+    /// must exceed the sender's deadline plus a round trip. The watermark never passes a
+    /// message whose claim is pending. Also how long refused ids are remembered. Default
+    /// 30 s.
     pub hole_ttl: Duration,
     /// Most ranges per ack. Default 16.
     pub max_ack_ranges: usize,
@@ -287,6 +292,9 @@ enum Accepted {
     Refused,
     /// Awaiting its claim: neither delivered nor acked yet.
     Pending,
+    /// Its idempotency key's message awaits the application's take: neither delivered nor
+    /// acked now (not recorded either: a later copy is judged again).
+    Held,
 }
 
 /// Most ids waiting in REFUSE frames not yet sent; more are refused again when their copies
@@ -314,20 +322,15 @@ pub struct Receiver {
     /// Delivered (recorded in the window) but not to be named in acks: awaiting
     /// [`Receiver::taken`], or discarded when the application went away.
     withheld: BTreeSet<u64>,
-    /// Keys of withheld messages in [`Claims::Owner`] mode, to release their claims.
-    withheld_keys: HashMap<u64, Option<Bytes>>,
+    /// Keys of withheld messages (to release their claims in [`Claims::Owner`] mode), and
+    /// the other way round: a retry by key of a message not yet taken is not acked either.
+    withheld_keys: HashMap<u64, Bytes>,
+    withheld_by_key: HashMap<Bytes, u64>,
     /// Withheld messages that arrived (or were re-sent) on a stream: their status byte, like
     /// their ack, waits for [`Receiver::taken`].
     withheld_streams: std::collections::HashSet<u64>,
-    /// Keys of withheld messages: a retry under the same key (another id) is acked only
-    /// when the message itself is ([`Receiver::taken`]), and refused with it.
-    withheld_by_key: HashMap<Bytes, u64>,
-    /// Withheld message → retries of its key waiting for it to be taken.
-    followers: HashMap<u64, Vec<u64>>,
     /// The application is gone: nothing more is delivered.
     gone: bool,
-    /// Claims to release (owner mode): claimed messages the application never took.
-    releases: VecDeque<ClaimRequest>,
     /// Refused ids (id → reason), remembered so a later copy is refused again.
     refused: HashMap<u64, u64>,
     refused_order: VecDeque<(Instant, u64)>,
@@ -355,11 +358,9 @@ impl Receiver {
             last_ack: None,
             withheld: BTreeSet::new(),
             withheld_keys: HashMap::new(),
-            withheld_streams: std::collections::HashSet::new(),
             withheld_by_key: HashMap::new(),
-            followers: HashMap::new(),
+            withheld_streams: std::collections::HashSet::new(),
             gone: false,
-            releases: VecDeque::new(),
             refused: HashMap::new(),
             refused_order: VecDeque::new(),
             refuse_out: BTreeMap::new(),
@@ -408,9 +409,8 @@ impl Receiver {
         // The old incarnation's ids mean nothing now (a `taken` for one is ignored).
         self.withheld.clear();
         self.withheld_keys.clear();
-        self.withheld_streams.clear();
         self.withheld_by_key.clear();
-        self.followers.clear();
+        self.withheld_streams.clear();
         self.refused.clear();
         self.refused_order.clear();
         self.generation += 1;
@@ -505,8 +505,10 @@ impl Receiver {
                 self.dedupe.check(now, id);
                 if let Some(k) = &p.key {
                     // The store holds the keys in claims mode: the window only caches them,
-                    // so a full window is no reason to refuse here.
-                    let _ = self.keys.check(now, k);
+                    // so a full window is no reason to refuse here (nor to count one).
+                    if !self.keys.is_full(now) {
+                        let _ = self.keys.check(now, k);
+                    }
                 }
                 let mut withhold = false;
                 match (outcome, p.payload) {
@@ -517,11 +519,7 @@ impl Receiver {
                         self.queued_bytes += payload.len();
                         withhold = self.config.ack_on_take;
                         if withhold {
-                            self.withheld.insert(id);
-                            if let Some(k) = &p.key {
-                                self.withheld_by_key.insert(k.clone(), id);
-                                self.withheld_keys.insert(id, p.key.clone());
-                            }
+                            self.withhold(id, p.key.as_ref());
                         }
                         self.deliveries.push_back(Delivered {
                             id,
@@ -554,25 +552,30 @@ impl Receiver {
         if self.gone || !self.withheld.remove(&id) {
             return;
         }
-        self.withheld_keys.remove(&id);
-        self.withheld_by_key.retain(|_, v| *v != id);
-        let mut acked = vec![id];
-        acked.extend(self.followers.remove(&id).unwrap_or_default());
-        for &a in &acked {
-            self.withheld.remove(&a);
-            if self.withheld_streams.remove(&a) {
-                self.stream_answers.push_back((a, STREAM_DELIVERED));
-            }
+        if let Some(key) = self.withheld_keys.remove(&id) {
+            self.withheld_by_key.remove(&key);
         }
-        self.ack(now, false, &acked);
+        if self.withheld_streams.remove(&id) {
+            self.stream_answers.push_back((id, STREAM_DELIVERED));
+        }
+        self.ack(now, false, &[id]);
+    }
+
+    /// Records delivered message `id` as not to be acked until taken.
+    fn withhold(&mut self, id: u64, key: Option<&Bytes>) {
+        self.withheld.insert(id);
+        if let Some(key) = key {
+            self.withheld_keys.insert(id, key.clone());
+            self.withheld_by_key.insert(key.clone(), id);
+        }
     }
 
     /// The application will never take another message. Messages delivered but not taken
     /// are discarded: never acked (counted in [`ReceiverStats::discarded`]; with
-    /// `ack_on_take` off they were acked already, which is why a channel sets it), their
-    /// senders told they were not delivered (REFUSE code 5), and in [`Claims::Owner`] mode
-    /// their claims are to be released ([`Receiver::poll_release`]). New messages are
-    /// refused with code 5. Claims still pending are released as they answer.
+    /// `ack_on_take` off they were acked already, which is why a channel sets it) and their
+    /// senders told they were not delivered (REFUSE code 5); new messages are refused with
+    /// code 5. In [`Claims::Owner`] mode a claimed message stays handed over instead (see
+    /// `owner_gone`: the claim is the record of its delivery).
     pub fn application_gone(&mut self, now: Instant) {
         if self.gone {
             return;
@@ -603,33 +606,13 @@ impl Receiver {
         let discarded: Vec<u64> = self.withheld.iter().copied().collect();
         for id in discarded {
             self.stats.discarded += 1;
-            if self.config.claims == Claims::Owner {
-                let key = self.withheld_keys.remove(&id).flatten();
-                self.releases.push_back(ClaimRequest {
-                    id,
-                    key,
-                    generation: self.generation,
-                });
-            }
             self.refuse(now, id, REFUSE_CLOSED, false);
             if self.withheld_streams.remove(&id) {
                 self.stream_answers.push_back((id, STREAM_REFUSED));
             }
         }
         self.withheld_by_key.clear();
-        self.followers.clear();
         self.flush_refusals(now);
-    }
-
-    /// Message `id` repeats the key of a message delivered but not yet taken: it is acked (or
-    /// refused) together with that message.
-    fn follow(&mut self, id: u64, key: &Bytes) {
-        if let Some(&original) = self.withheld_by_key.get(key) {
-            if self.withheld.contains(&original) {
-                self.withheld.insert(id);
-                self.followers.entry(original).or_default().push(id);
-            }
-        }
     }
 
     /// [`Receiver::application_gone`] in [`Claims::Owner`] mode. A claimed message is the
@@ -645,7 +628,6 @@ impl Receiver {
         self.withheld.clear();
         self.withheld_keys.clear();
         self.withheld_by_key.clear();
-        self.followers.clear();
         for request in std::mem::take(&mut self.claims_out) {
             if let Some(p) = self.pending.remove(&request.id) {
                 self.queued_bytes -= p.payload.as_ref().map_or(0, Bytes::len);
@@ -657,13 +639,6 @@ impl Receiver {
             }
         }
         self.flush_refusals(now);
-    }
-
-    /// A claim to release ([`Claims::Owner`] mode): the message was claimed but the
-    /// application went away before taking it, so it was not delivered.
-    #[must_use]
-    pub fn poll_release(&mut self) -> Option<ClaimRequest> {
-        self.releases.pop_front()
     }
 
     /// The answer to a stream message whose claim was pending: (message id, status byte).
@@ -691,7 +666,7 @@ impl Receiver {
 
     /// Takes one shard frame.
     pub fn handle_shard(&mut self, now: Instant, frame: ShardFrame) {
-        let limits = &self.config.reassembler.limits;
+        let limits = &self.reassembler.config().limits;
         if frame.header.data_shards > limits.max_data_shards
             || frame.header.total_shards > limits.max_block_shards
         {
@@ -735,7 +710,7 @@ impl Receiver {
                     triggers.push(d.message_id);
                 }
                 Accepted::Duplicate => triggers.push(d.message_id),
-                Accepted::Refused | Accepted::Pending => {}
+                Accepted::Refused | Accepted::Pending | Accepted::Held => {}
             }
         }
         if let InsertOutcome::Stale { messages } = outcome {
@@ -774,11 +749,6 @@ impl Receiver {
                 self.ack(now, false, &[id]);
                 Whole::New
             }
-            Accepted::KeyDuplicate if self.withheld.contains(&id) => {
-                // Its key's message is not taken yet: answered with it.
-                self.withheld_streams.insert(id);
-                Whole::Pending
-            }
             Accepted::KeyDuplicate => {
                 self.ack(now, false, &[id]);
                 Whole::New
@@ -792,7 +762,9 @@ impl Receiver {
                 self.ack(now, true, &[id]);
                 Whole::Duplicate
             }
-            Accepted::Refused => Whole::Refused,
+            // Held: not delivered (its key's message is, but not yet taken); the stream
+            // cannot wait for that, and a retry by key is then recognised.
+            Accepted::Refused | Accepted::Held => Whole::Refused,
             Accepted::Pending => Whole::Pending,
         };
         self.flush_refusals(now);
@@ -846,6 +818,11 @@ impl Receiver {
             }
         }
         if let Some(key) = &envelope.key {
+            if self.withheld_by_key.contains_key(key) {
+                // A retry by key of a message the application has not taken yet: like a
+                // copy of it, neither delivered nor acked (yet); the sender retries.
+                return Accepted::Held;
+            }
             match self.keys.check(now, key) {
                 KeySeen::New => {}
                 KeySeen::Seen => {
@@ -853,7 +830,6 @@ impl Receiver {
                     // happened, so ack this id too, but deliver nothing.
                     self.dedupe.check(now, id);
                     self.stats.duplicate_keys += 1;
-                    self.follow(id, key);
                     return Accepted::KeyDuplicate;
                 }
                 KeySeen::Full => {
@@ -866,10 +842,7 @@ impl Receiver {
         self.stats.delivered += 1;
         self.queued_bytes += envelope.payload.len();
         if self.config.ack_on_take {
-            self.withheld.insert(id);
-            if let Some(k) = &envelope.key {
-                self.withheld_by_key.insert(k.clone(), id);
-            }
+            self.withhold(id, envelope.key.as_ref());
         }
         self.deliveries.push_back(Delivered {
             id,
@@ -906,10 +879,13 @@ impl Receiver {
             }
         }
         if let Some(key) = &envelope.key {
+            if self.withheld_by_key.contains_key(key) {
+                // Its key's message awaits the application: nothing to ack yet.
+                return Accepted::Held;
+            }
             if self.keys.contains(now, key) {
                 self.dedupe.check(now, id);
                 self.stats.duplicate_keys += 1;
-                self.follow(id, key);
                 return Accepted::KeyDuplicate;
             }
         }

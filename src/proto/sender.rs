@@ -1,6 +1,6 @@
 //! The sending side: ids, first flight, acks, hedges, deadlines.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -142,7 +142,7 @@ impl Default for SenderConfig {
 pub enum SendError {
     /// `max_in_flight` messages are awaiting acks, or the next id would be `max_id_span`
     /// past the oldest awaiting its outcome; wait for an outcome and retry.
-    #[error("{in_flight} messages in flight, the limit")]
+    #[error("backpressure: {in_flight} messages in flight (at max_in_flight, or the oldest holds max_id_span)")]
     Backpressure {
         /// Messages in flight.
         in_flight: usize,
@@ -304,8 +304,12 @@ pub struct Sender {
     loss: LossEstimator,
     /// `(coded length, loss step) → (k, m)`.
     plans: HashMap<(usize, u32), (u16, u16)>,
-    /// Ids handed out by [`Sender::reserve_id`] whose outcome the caller has not reported.
-    reserved: BTreeSet<u64>,
+    /// Ids handed out by [`Sender::reserve_id`] whose outcome the caller has not reported,
+    /// with the time they are given up (the deadline; `None` until the sender next sees the
+    /// time).
+    reserved: BTreeMap<u64, Option<Instant>>,
+    /// Whether some reserved id has no deadline yet.
+    reserved_unstamped: bool,
     /// The least raw ack round trip seen (before any ack delay is subtracted).
     min_latency: Option<Duration>,
     /// The last FLOOR sent, when, and how many times that value went out.
@@ -341,7 +345,8 @@ impl Sender {
             stats: SenderStats::default(),
             loss: LossEstimator::new(estimator),
             plans: HashMap::new(),
-            reserved: BTreeSet::new(),
+            reserved: BTreeMap::new(),
+            reserved_unstamped: false,
             min_latency: None,
             floor_sent: 0,
             floor_sent_at: None,
@@ -453,11 +458,11 @@ impl Sender {
 
     /// The lowest id still awaiting its outcome, or the next id when none is: every id
     /// below was acked, given up or refused. Ids reserved with [`Sender::reserve_id`] count
-    /// as awaiting until [`Sender::reserved_done`]. This is what FLOOR frames tell the
-    /// receiver.
+    /// as awaiting until [`Sender::reserved_done`] (or their deadline). This is what FLOOR
+    /// frames tell the receiver.
     pub fn floor(&self) -> u64 {
         let messages = self.messages.first_key_value().map(|(&id, _)| id);
-        let reserved = self.reserved.first().copied();
+        let reserved = self.reserved.first_key_value().map(|(&id, _)| id);
         [messages, reserved]
             .into_iter()
             .flatten()
@@ -467,23 +472,39 @@ impl Sender {
 
     /// Takes the next message id for a message sent outside the datagram path (a stream
     /// message), so that both paths share one id space and the receiver one dedupe window.
-    /// The sender does not track its delivery (acks for it are ignored), but its FLOOR stays
-    /// below it until the caller reports its outcome with [`Sender::reserved_done`]: the
-    /// receiver must not settle an id whose message may still arrive. The id is not checked
-    /// against `max_id_span`.
+    /// The sender does not track its delivery (acks for it are ignored), but its floor (and
+    /// FLOOR) stays below it until the caller reports its outcome with
+    /// [`Sender::reserved_done`], or at the latest `deadline` after the sender next sees the
+    /// time (as for a datagram message, whose outcome is then unknown): the receiver must
+    /// not settle an id whose message may still arrive. The id is not checked against
+    /// `max_id_span`.
     pub fn reserve_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.stats.messages_sent += 1;
-        self.reserved.insert(id);
+        self.reserved.insert(id, None);
+        self.reserved_unstamped = true;
         id
     }
 
     /// A reserved id ([`Sender::reserve_id`]) has its outcome (answered, failed or given
     /// up): the floor may pass it.
     pub fn reserved_done(&mut self, now: Instant, id: u64) {
-        if self.reserved.remove(&id) {
+        self.stamp_reserved(now);
+        if self.reserved.remove(&id).is_some() {
             self.maybe_send_floor(now);
+        }
+    }
+
+    /// Gives reserved ids without one their deadline, from `now`.
+    fn stamp_reserved(&mut self, now: Instant) {
+        if !self.reserved_unstamped {
+            return;
+        }
+        self.reserved_unstamped = false;
+        let deadline = now + self.config.deadline;
+        for at in self.reserved.values_mut() {
+            at.get_or_insert(deadline);
         }
     }
 
@@ -507,6 +528,7 @@ impl Sender {
             }
         }
         let payload = Envelope::encode(key, payload);
+        self.stamp_reserved(now);
         let id = self.next_id;
         if self.messages.len() >= self.config.max_in_flight
             || id - self.floor() >= self.config.max_id_span.max(1)
@@ -588,6 +610,7 @@ impl Sender {
             }
         }
         self.start_blocks(now);
+        self.maybe_send_floor(now);
     }
 
     /// The new connection's peer has no state for this channel (it restarted): every message
@@ -616,6 +639,7 @@ impl Sender {
 
     /// Takes an ack from the peer.
     pub fn handle_ack(&mut self, now: Instant, ack: &AckFrame) {
+        self.stamp_reserved(now);
         self.stats.peer_shards_received = self.stats.peer_shards_received.max(ack.shards_received);
         // The peer's count covers shards sent up to about one round trip ago: the least
         // round trip seen (the path's own delay; the median would include shard spacing and
@@ -761,6 +785,10 @@ impl Sender {
             });
             self.release(m.block);
         }
+        // Reserved ids whose outcome was never reported are given up like messages.
+        self.stamp_reserved(now);
+        self.reserved
+            .retain(|_, at| at.is_none_or(|deadline| deadline > now));
         // Given-up ids no longer hold the receiver's window.
         self.maybe_send_floor(now);
 
@@ -779,7 +807,12 @@ impl Sender {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let hedge = self.blocks.values().map(|b| b.next_hedge).min();
-        let deadline = self.messages.values().map(|m| m.deadline).min();
+        let deadline = self
+            .messages
+            .values()
+            .map(|m| m.deadline)
+            .chain(self.reserved.values().flatten().copied())
+            .min();
         let spaced = self.spaced.front().map(|(at, _)| *at);
         let floor = self
             .floor_wanted()
@@ -826,6 +859,13 @@ impl Sender {
             .filter(|(_, m)| m.block == Some(block))
             .map(|(&id, m)| (id, m.payload.clone()))
             .collect();
+        // The secondary sees only hedged messages, so its dedupe window would be all holes:
+        // each batch of copies starts with the floor (one small frame; hedges are rare).
+        let floor = self.floor();
+        if !ids.is_empty() && floor > 0 {
+            self.secondary_out
+                .push_back(Frame::Floor(FloorFrame { floor }).to_bytes());
+        }
         for (id, payload) in ids {
             let Ok(mut copy) = self.copies.encode(id, payload) else {
                 continue;
@@ -863,9 +903,11 @@ impl Sender {
     /// Sends the first flight of every block that is ready (after a FLOOR, if one is due,
     /// so the receiver's window has moved before the shards arrive).
     fn start_blocks(&mut self, now: Instant) {
-        self.maybe_send_floor(now);
         while let Some(block) = self.encoder.poll_block() {
             self.pending.push_back((block, None));
+        }
+        if !self.pending.is_empty() {
+            self.maybe_send_floor(now);
         }
         while let Some((mut block, planned)) = self.pending.pop_front() {
             let mut frames = block.data_frames();

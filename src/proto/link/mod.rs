@@ -436,14 +436,6 @@ pub enum Action {
         /// Longest the attempt may take.
         timeout: Duration,
     },
-    /// Release the claim of message `id` (best effort: the store deletes it only if it is
-    /// this receiver's): it was claimed but never handed to the application, which went away.
-    Release {
-        /// The message id.
-        id: u64,
-        /// Its idempotency key.
-        key: Option<Bytes>,
-    },
     /// Hand a message to the application.
     Deliver(Delivered),
     /// A send has its outcome.
@@ -1796,12 +1788,7 @@ impl Link {
             };
             self.start_claim(now, request);
         }
-        while let Some(request) = self.peer.receiver.poll_release() {
-            self.actions.push_back(Action::Release {
-                id: request.id,
-                key: request.key,
-            });
-        }
+
         while let Some((id, status)) = self.peer.receiver.poll_stream_answer() {
             if let Some(answer) = self.stream_waiting.remove(&id) {
                 self.actions.push_back(Action::AnswerStream {
