@@ -245,18 +245,41 @@ pub enum AcceptError {
     /// The connection does not carry DATAGRAM frames; it was closed.
     #[error("the connection does not carry QUIC datagrams")]
     DatagramsUnsupported,
+    /// The connection named a channel that another client identity opened (its TLS
+    /// certificate differs from the one the channel started with); it was closed with the
+    /// refusal code and the channel was left untouched.
+    #[error("the channel belongs to another client identity; connection refused")]
+    NotOwner,
 }
 
 struct ServerInner {
     config: Config,
-    channels: Mutex<HashMap<ChannelId, mpsc::UnboundedSender<quinn::Connection>>>,
+    channels: Mutex<HashMap<ChannelId, Entry>>,
+    /// Reattaches refused because the client identity differed.
+    not_owner: std::sync::atomic::AtomicU64,
+}
+
+/// A channel the server holds: where its new connections go, and the client identity it
+/// started with (the end-entity certificate under mutual TLS, else `None`).
+struct Entry {
+    tx: mpsc::UnboundedSender<quinn::Connection>,
+    identity: Option<CertificateDer<'static>>,
+}
+
+/// The client's end-entity certificate on `conn`, if it presented one.
+fn client_identity(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?
+        .into_iter()
+        .next()
 }
 
 impl ServerInner {
     /// Forgets channel `id` if its driver has stopped.
     fn remove_closed(&self, id: &ChannelId) {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if channels.get(id).is_some_and(|tx| tx.is_closed()) {
+        if channels.get(id).is_some_and(|e| e.tx.is_closed()) {
             channels.remove(id);
         }
     }
@@ -285,6 +308,7 @@ impl Server {
             inner: Arc::new(ServerInner {
                 config,
                 channels: Mutex::new(HashMap::new()),
+                not_owner: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -296,6 +320,14 @@ impl Server {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .len()
+    }
+
+    /// Connections refused because they named a channel opened by another client identity
+    /// (under mutual TLS; see [`AcceptError::NotOwner`]).
+    pub fn reattaches_refused(&self) -> u64 {
+        self.inner
+            .not_owner
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Reads the Hello of an established connection and opens its channel: `Some` for a new
@@ -348,8 +380,23 @@ impl Server {
             .channels
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        let identity = client_identity(&conn);
         let conn = match channels.get(&channel_id) {
-            Some(tx) => match tx.send(conn) {
+            // A channel id alone must not be a bearer token: under mutual TLS only the
+            // client that opened the channel may reattach to it.
+            Some(entry) if !entry.tx.is_closed() && entry.identity != identity => {
+                self.inner
+                    .not_owner
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    channel = %driver::tag(&channel_id),
+                    remote = %conn.remote_address(),
+                    "surelink: a connection named a channel opened by another client identity; refused"
+                );
+                conn.close(REFUSED.into(), b"not this channel's client");
+                return Err(AcceptError::NotOwner);
+            }
+            Some(entry) => match entry.tx.send(conn) {
                 Ok(()) => return Ok((None, HELLO_RESUMED)),
                 // Its driver stopped just now: start the channel afresh.
                 Err(mpsc::error::SendError(conn)) => {
@@ -394,7 +441,7 @@ impl Server {
             conn.close(REFUSED.into(), b"datagrams required");
             AcceptError::DatagramsUnsupported
         })?;
-        channels.insert(channel_id, tx);
+        channels.insert(channel_id, Entry { tx, identity });
         Ok((Some(opened), status))
     }
 }

@@ -571,9 +571,11 @@ impl Driver {
         }
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.publish();
-        if let Reattach::Registry { on_stop, .. } =
+        if let Reattach::Registry { rx, on_stop } =
             std::mem::replace(&mut self.reattach, Reattach::Never)
         {
+            // Closed first, so that the registry sees the entry is stale.
+            drop(rx);
             on_stop();
         }
         for c in self.closers.drain(..) {
