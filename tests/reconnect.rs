@@ -178,3 +178,107 @@ async fn a_server_at_its_channel_limit_refuses_and_the_client_learns_it() {
         "the first is unaffected"
     );
 }
+
+async fn connected(
+    pair: &Pair,
+    listener: &mut Listener,
+) -> (
+    Channel,
+    surelink::channel::Messages,
+    Channel,
+    surelink::channel::Messages,
+) {
+    let (client, client_messages) = Channel::connect(
+        &pair.client,
+        pair.server_addr,
+        SERVER_NAME,
+        None,
+        Config::default(),
+    )
+    .await
+    .unwrap();
+    let (server, server_messages) = listener.accept().await.unwrap();
+    (client, client_messages, server, server_messages)
+}
+
+/// Waits (virtual time) until the server holds no channel; how long it took.
+async fn until_forgotten(listener: &Listener, within: Duration) -> Duration {
+    let start = tokio::time::Instant::now();
+    while listener.server().channels() > 0 {
+        assert!(
+            start.elapsed() < within,
+            "the server still holds the channel after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    start.elapsed()
+}
+
+/// Issue case 9: dropping every client handle (each `Channel` clone and the `Messages`)
+/// without `close()` ends the channel: its connection closes with a goodbye (no more
+/// keep-alives or reconnects) and the server ends its state for the channel at once, not
+/// after `channel_ttl`.
+#[tokio::test(start_paused = true)]
+async fn dropping_every_client_handle_ends_the_channel_and_the_server_forgets_it() {
+    let link = LinkConfig {
+        delay: Duration::from_millis(10),
+        ..LinkConfig::default()
+    };
+    let pair = pair(link.clone(), link, 5);
+    let mut listener = Listener::new(pair.server.clone(), Config::default());
+    let (client, client_messages, _server, mut server_messages) =
+        connected(&pair, &mut listener).await;
+    let other = client.clone();
+    client.send(payment(1)).await.unwrap();
+    assert!(server_messages.recv().await.is_some());
+    drop(client);
+    drop(client_messages);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(listener.server().channels(), 1, "a clone is still alive");
+    drop(other);
+    until_forgotten(&listener, Duration::from_secs(1)).await;
+    // The server's channel ended too: its messages end.
+    let end = tokio::time::timeout(Duration::from_secs(1), server_messages.recv()).await;
+    assert!(matches!(end, Ok(None)), "{end:?}");
+}
+
+/// Issue case 9: `close().await` drains: sends in flight get their outcomes (here all
+/// acked), sends after it fail with `Closed`, and the goodbye ends the server's state for
+/// the channel at once.
+#[tokio::test(start_paused = true)]
+async fn close_drains_the_sends_in_flight_then_says_goodbye() {
+    let link = LinkConfig {
+        delay: Duration::from_millis(50),
+        loss: Loss::Bernoulli(0.05),
+        ..LinkConfig::default()
+    };
+    let pair = pair(link.clone(), link, 6);
+    let mut listener = Listener::new(pair.server.clone(), Config::default());
+    let (client, _client_messages, _server, mut server_messages) =
+        connected(&pair, &mut listener).await;
+    let sends: Vec<_> = (0..20u32)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { c.send(payment(i)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(client.stats().in_flight, 20);
+    client.close().await;
+    for s in sends {
+        s.await
+            .unwrap()
+            .expect("a send in flight at close() is drained to its ack");
+    }
+    assert_eq!(client.send(payment(99)).await, Err(SendError::Closed));
+    let took = until_forgotten(&listener, Duration::from_millis(500)).await;
+    eprintln!("server forgot the channel {took:?} after close() returned");
+    let mut delivered = BTreeMap::new();
+    while let Ok(Some(m)) =
+        tokio::time::timeout(Duration::from_secs(1), server_messages.recv()).await
+    {
+        *delivered.entry(m.payload).or_insert(0u32) += 1;
+    }
+    assert_eq!(delivered.len(), 20);
+    assert!(delivered.values().all(|&n| n == 1));
+}

@@ -260,9 +260,7 @@ impl Driver {
             }
         }
         if self.link.is_closed() {
-            for c in self.closers.drain(..) {
-                let _ = c.send(());
-            }
+            self.closed();
         }
         self.publish();
     }
@@ -571,6 +569,12 @@ impl Driver {
         }
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.publish();
+        self.closed();
+    }
+
+    /// The link's connections are closed (it may still hand over deliveries and finish
+    /// claims): the registry forgets the channel, `close()` callers return.
+    fn closed(&mut self) {
         if let Reattach::Registry { rx, on_stop } =
             std::mem::replace(&mut self.reattach, Reattach::Never)
         {
