@@ -531,3 +531,33 @@ async fn futures_join(
     }
     out
 }
+
+/// Issue case 1: once the receiving application dropped its `Messages` (its consumer task
+/// panicked), the channel acks nothing more: messages sent after that are neither delivered
+/// nor acked, so their senders learn an unknown outcome (not a receipt for a payment
+/// nobody took).
+#[tokio::test(start_paused = true)]
+async fn after_the_application_drops_its_messages_nothing_more_is_acked() {
+    let e = ends(
+        LinkConfig {
+            delay: Duration::from_millis(10),
+            ..LinkConfig::default()
+        },
+        3,
+    )
+    .await;
+    let first = e.client.send(payment(0)).await;
+    assert!(first.is_ok(), "{first:?}");
+    drop(e.server_messages);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let options = surelink::channel::SendOptions::default().deadline(Duration::from_secs(1));
+    let mut acked = 0;
+    for i in 1..=20 {
+        match e.client.send_with(payment(i), options.clone()).await {
+            Ok(_) => acked += 1,
+            Err(SendError::Timeout { .. }) => {}
+            Err(other) => panic!("payment {i}: {other}"),
+        }
+    }
+    assert_eq!(acked, 0, "nothing acked that nobody took");
+}

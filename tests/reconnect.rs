@@ -282,3 +282,43 @@ async fn close_drains_the_sends_in_flight_then_says_goodbye() {
     assert_eq!(delivered.len(), 20);
     assert!(delivered.values().all(|&n| n == 1));
 }
+
+/// Issue case 9: `Listener::shutdown(grace)` stops accepting, drains every channel and
+/// closes it with a goodbye: the server forgets its channels, what it delivered still
+/// reaches the application, and the client's later sends end with a definite error.
+#[tokio::test(start_paused = true)]
+async fn a_listener_shutdown_drains_its_channels_and_says_goodbye() {
+    let link = LinkConfig {
+        delay: Duration::from_millis(10),
+        ..LinkConfig::default()
+    };
+    let pair = pair(link.clone(), link, 8);
+    let mut listener = Listener::new(pair.server.clone(), Config::default());
+    let (client, _client_messages, _server, mut server_messages) =
+        connected(&pair, &mut listener).await;
+    for i in 0..5 {
+        client.send(payment(i)).await.unwrap();
+    }
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        listener.shutdown(Duration::from_secs(1)),
+    )
+    .await
+    .expect("the shutdown ends within its grace");
+    assert_eq!(listener.server().channels(), 0);
+    let mut taken = 0;
+    while let Some(_m) = server_messages.recv().await {
+        taken += 1;
+    }
+    assert_eq!(taken, 5, "every delivery handed over, then the end");
+    let late = tokio::time::timeout(Duration::from_secs(30), client.send(payment(9)))
+        .await
+        .expect("a definite outcome");
+    assert!(
+        matches!(
+            late,
+            Err(SendError::Timeout { .. } | SendError::ConnectionLost { .. })
+        ),
+        "{late:?}"
+    );
+}

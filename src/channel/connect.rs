@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::dial::{Dialer, REFUSED};
 use super::driver::{self, Reattach};
-use super::{Channel, ChannelId, Config, Messages, SendError};
+use super::{Channel, ChannelId, Command, Config, Messages, SendError};
 use crate::proto::link::Attached;
 use crate::wire::{Frame, HelloFrame, Limits, HELLO_CLAIMS, HELLO_NEW, HELLO_RESUMED};
 
@@ -250,6 +250,10 @@ pub enum AcceptError {
     /// refusal code and the channel was left untouched.
     #[error("the channel belongs to another client identity; connection refused")]
     NotOwner,
+    /// The server is shutting down ([`Server::shutdown`]); the connection was closed with
+    /// the goodbye code, so the client tries elsewhere (another replica) or later.
+    #[error("the server is shutting down; connection closed")]
+    ShuttingDown,
 }
 
 struct ServerInner {
@@ -257,6 +261,8 @@ struct ServerInner {
     channels: Mutex<HashMap<ChannelId, Entry>>,
     /// Reattaches refused because the client identity differed.
     not_owner: std::sync::atomic::AtomicU64,
+    /// Set by [`Server::shutdown`]: no channel opens or reattaches any more.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 /// A channel the server holds: where its new connections go, and the client identity it
@@ -264,6 +270,8 @@ struct ServerInner {
 struct Entry {
     tx: mpsc::UnboundedSender<quinn::Connection>,
     identity: Option<CertificateDer<'static>>,
+    /// The channel's driver, to close it at a shutdown.
+    commands: mpsc::UnboundedSender<Command>,
 }
 
 /// The client's end-entity certificate on `conn`, if it presented one.
@@ -309,6 +317,7 @@ impl Server {
                 config,
                 channels: Mutex::new(HashMap::new()),
                 not_owner: std::sync::atomic::AtomicU64::new(0),
+                shutting_down: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -328,6 +337,51 @@ impl Server {
         self.inner
             .not_owner
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Shuts the server down in order: no channel opens or reattaches any more (such
+    /// connections are closed with [`GOODBYE`](super::GOODBYE), so clients fail over or come
+    /// back later); every channel drains (its own sends and the claims in flight finish, so
+    /// their acks go out) for up to `grace`, then closes its connection with a goodbye.
+    /// Deliveries already made are still handed to the application's `Messages`. Returns
+    /// once every channel's connection is closed.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let commands: Vec<_> = {
+            let channels = self
+                .inner
+                .channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            channels.values().map(|e| e.commands.clone()).collect()
+        };
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut closing = Vec::new();
+        for c in &commands {
+            let (done, closed) = tokio::sync::oneshot::channel();
+            let drain = Command::Close {
+                drain: true,
+                done: Some(done),
+            };
+            if c.send(drain).is_ok() {
+                closing.push(closed);
+            }
+        }
+        for closed in closing {
+            let _ = tokio::time::timeout_at(deadline, closed).await;
+        }
+        for c in commands {
+            let (done, closed) = tokio::sync::oneshot::channel();
+            let abort = Command::Close {
+                drain: false,
+                done: Some(done),
+            };
+            if c.send(abort).is_ok() {
+                let _ = closed.await;
+            }
+        }
     }
 
     /// Reads the Hello of an established connection and opens its channel: `Some` for a new
@@ -380,6 +434,14 @@ impl Server {
             .channels
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        if self
+            .inner
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            conn.close(super::GOODBYE.into(), b"shutting down");
+            return Err(AcceptError::ShuttingDown);
+        }
         let identity = client_identity(&conn);
         let conn = match channels.get(&channel_id) {
             // A channel id alone must not be a bearer token: under mutual TLS only the
@@ -441,7 +503,15 @@ impl Server {
             conn.close(REFUSED.into(), b"datagrams required");
             AcceptError::DatagramsUnsupported
         })?;
-        channels.insert(channel_id, Entry { tx, identity });
+        let commands = opened.0.inner.commands.clone();
+        channels.insert(
+            channel_id,
+            Entry {
+                tx,
+                identity,
+                commands,
+            },
+        );
         Ok((Some(opened), status))
     }
 }
@@ -504,6 +574,16 @@ impl Listener {
     /// The registry behind this listener.
     pub fn server(&self) -> &Server {
         &self.server
+    }
+
+    /// Stops accepting and shuts every channel down in order ([`Server::shutdown`]):
+    /// channels drain for up to `grace`, then close with a goodbye. Channels not yet taken
+    /// with [`Listener::accept`] are dropped (nothing of theirs is acked any more).
+    pub async fn shutdown(&mut self, grace: Duration) {
+        self.server.shutdown(grace).await;
+        self.task.abort();
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
     }
 }
 

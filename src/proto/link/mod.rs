@@ -852,7 +852,13 @@ impl Link {
         if !self.is_closed() {
             self.flush(now);
         }
-        if self.phase == Phase::Draining && self.waiting.is_empty() && self.streams.is_empty() {
+        // A draining channel also lets its claims in flight finish, so that their acks go
+        // out before the goodbye.
+        if self.phase == Phase::Draining
+            && self.waiting.is_empty()
+            && self.streams.is_empty()
+            && self.claims.is_empty()
+        {
             self.finish(
                 now,
                 "the channel was closed by the application".into(),
@@ -1073,6 +1079,14 @@ impl Link {
     }
 
     fn take_stream_message(&mut self, now: Instant, answer: u64, message: Bytes) {
+        if self.app_gone {
+            // Nobody takes messages: refused, not delivered (the sender learns it).
+            self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: Some(crate::wire::STREAM_REFUSED),
+            });
+            return;
+        }
         match self.peer.handle_stream_message(now, message) {
             StreamStatus::Now(status) => self.actions.push_back(Action::AnswerStream {
                 answer,
@@ -1756,6 +1770,12 @@ impl Link {
                     datagram,
                 });
             }
+        }
+        if self.app_gone {
+            // Once the application dropped its `Messages`, nothing more is acked: what
+            // arrives now is never delivered (issue case 1), so its sender must not learn
+            // "delivered". It times out with an unknown outcome instead.
+            while self.peer.receiver.poll_transmit().is_some() {}
         }
         while let Some(datagram) = self.peer.poll_transmit() {
             // Without a connection, datagrams are dropped: what matters is re-sent on the
