@@ -487,11 +487,16 @@ impl Server {
         // run on another replica: take it over from the client's floor, and let the store
         // judge re-sent messages.
         let config = &self.inner.config;
-        let (floor, status) = if config.store.is_some() || config.application_claims {
-            (hello.floor, HELLO_CLAIMS)
+        // Without a store the client must not re-send what it had in flight (HELLO_NEW), but
+        // its window still starts at its floor: its next ids are above it, and a window
+        // starting at 0 would refuse them all once it used more than `dedupe_window` ids
+        // (issue case 4).
+        let status = if config.store.is_some() || config.application_claims {
+            HELLO_CLAIMS
         } else {
-            (0, HELLO_NEW)
+            HELLO_NEW
         };
+        let floor = hello.floor;
         let opened = driver::spawn(
             conn.clone(),
             self.inner.config.clone(),
