@@ -322,3 +322,38 @@ async fn a_listener_shutdown_drains_its_channels_and_says_goodbye() {
         "{late:?}"
     );
 }
+
+/// Issue case 6: with the default `Config` (no store) idempotency keys are not scoped to one
+/// channel. A client that restarts comes back on a new channel; its retry of `order-42` is
+/// acked there without a second delivery.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_client_retrying_a_key_on_a_new_channel_is_not_delivered_twice() {
+    let link = LinkConfig {
+        delay: Duration::from_millis(10),
+        ..LinkConfig::default()
+    };
+    let pair = pair(link.clone(), link, 9);
+    let mut listener = Listener::new(pair.server.clone(), Config::default());
+    let (before, before_messages, _s1, mut first) = connected(&pair, &mut listener).await;
+    before.send_with_key("order-42", payment(42)).await.unwrap();
+    assert_eq!(
+        first.recv().await.unwrap().key.as_deref(),
+        Some(&b"order-42"[..])
+    );
+    // The client process restarts: a new channel, the same key.
+    drop(before);
+    drop(before_messages);
+    let (after, _after_messages, s2, mut second) = connected(&pair, &mut listener).await;
+    after
+        .send_with_key("order-42", payment(42))
+        .await
+        .expect("the retry is acked");
+    after.send_with_key("order-43", payment(43)).await.unwrap();
+    let next = second.recv().await.unwrap();
+    assert_eq!(
+        next.key.as_deref(),
+        Some(&b"order-43"[..]),
+        "order-42 came once"
+    );
+    assert_eq!(s2.stats().duplicate_keys_elsewhere, 1);
+}

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::dial::{Dialer, REFUSED};
 use super::driver::{self, Reattach};
 use super::{Channel, ChannelId, Command, Config, Messages, SendError};
-use crate::proto::link::Attached;
+use crate::proto::link::{Attached, SharedKeys};
 use crate::wire::{Frame, HelloFrame, Limits, HELLO_CLAIMS, HELLO_NEW, HELLO_RESUMED};
 
 /// The ALPN protocol id of a surelink connection.
@@ -219,7 +219,7 @@ impl Channel {
             current,
             attached,
         };
-        driver::spawn(conn, config, id, reattach, 0).map_err(|e| match e {
+        driver::spawn(conn, config, id, reattach, 0, None).map_err(|e| match e {
             SendError::DatagramsUnsupported => ConnectError::DatagramsUnsupported,
             other => ConnectError::Hello(other.to_string()),
         })
@@ -263,6 +263,8 @@ struct ServerInner {
     not_owner: std::sync::atomic::AtomicU64,
     /// Set by [`Server::shutdown`]: no channel opens or reattaches any more.
     shutting_down: std::sync::atomic::AtomicBool,
+    /// Without a claims store: idempotency keys delivered by any of this server's channels.
+    keys: Option<SharedKeys>,
 }
 
 /// A channel the server holds: where its new connections go, and the client identity it
@@ -314,10 +316,12 @@ impl Server {
     pub fn new(config: Config) -> Self {
         Server {
             inner: Arc::new(ServerInner {
-                config,
                 channels: Mutex::new(HashMap::new()),
                 not_owner: std::sync::atomic::AtomicU64::new(0),
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
+                keys: (config.store.is_none() && !config.application_claims)
+                    .then(|| SharedKeys::new(config.receiver.key_ttl, config.receiver.max_keys)),
+                config,
             }),
         }
     }
@@ -503,6 +507,7 @@ impl Server {
             channel_id,
             reattach,
             floor,
+            self.inner.keys.clone(),
         )
         .map_err(|_| {
             conn.close(REFUSED.into(), b"datagrams required");

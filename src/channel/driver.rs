@@ -15,7 +15,7 @@ use super::dial::{classify, refused, Dialer};
 use super::{Channel, ChannelId, ChannelStats, Command, Config, Handle, Messages};
 use crate::proto::link::{
     claims_mode, Action, Attached, ConnId, DialFailure, Dialed, Input, Link, LinkConfig,
-    PathSample, Role, StreamEnd,
+    PathSample, Role, SharedKeys, StreamEnd,
 };
 use crate::proto::{ClaimOutcome, Delivered};
 use crate::wire::MAX_KEY_LEN;
@@ -79,6 +79,7 @@ pub(super) fn spawn(
     id: ChannelId,
     reattach: Reattach,
     floor: u64,
+    shared_keys: Option<SharedKeys>,
 ) -> Result<(Channel, Messages), super::SendError> {
     let size = connection
         .max_datagram_size()
@@ -117,6 +118,7 @@ pub(super) fn spawn(
         claim_timeout: config.claim_timeout,
         claim_attempt_timeout: config.claim_attempt_timeout,
         handoff: HANDOFF,
+        shared_keys,
     };
     let first = ConnId(0);
     let link = Link::new(now(), link_config, role, first, size, floor);
@@ -557,6 +559,7 @@ impl Driver {
         st.udp_bytes_received = self.counters.udp_bytes_received;
         st.in_flight = link.in_flight;
         st.sends_abandoned = self.counters.sends_abandoned;
+        st.duplicate_keys_elsewhere = link.duplicate_keys_elsewhere;
     }
 
     /// The link stopped: close what is left, tell the registry, wake `close()` callers.

@@ -94,7 +94,10 @@ pub struct Config {
     /// 10,000.
     pub max_channels: usize,
     /// Where deliveries are claimed before they are acked (see [`crate::store`]). `None`
-    /// (the default): this channel's dedupe window and keys decide alone. With a store
+    /// (the default): this channel's dedupe window decides, and idempotency keys are
+    /// shared by every channel of one [`Server`] (kept `receiver.key_ttl`, in this process's
+    /// memory): a client that restarts and retries a key on a new channel is acked without a
+    /// second delivery. A channel from [`Channel::open`] keeps its keys to itself. With a store
     /// shared by replicas, a message is delivered at most once across them; a [`Server`]
     /// with a store also takes over channels it never held (a client that failed over from
     /// another replica re-sends its unacked messages, and the store recognises those
@@ -227,6 +230,9 @@ pub struct ChannelStats {
     /// Sends whose caller stopped waiting (the `send` future was dropped) before the outcome
     /// came: the message kept its slot until then, and its outcome was counted in `sender`.
     pub sends_abandoned: u64,
+    /// Messages whose idempotency key another channel of the same [`Server`] delivered
+    /// (a client that restarted and retried on a new channel): acked, not delivered again.
+    pub duplicate_keys_elsewhere: u64,
 }
 
 enum Command {
@@ -345,6 +351,7 @@ impl Channel {
             rand::random(),
             driver::Reattach::Never,
             0,
+            None,
         )
     }
 

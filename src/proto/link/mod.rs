@@ -21,13 +21,14 @@
 //! store calls, and moves messages to and from the application. It decides nothing.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::{
-    ClaimOutcome, ClaimRequest, Claims, Delivered, FailReason, Peer, ReceiverConfig, SenderConfig,
-    SenderEvent, StreamStatus,
+    ClaimOutcome, ClaimRequest, Claims, Delivered, FailReason, KeyWindow, Peer, ReceiverConfig,
+    SenderConfig, SenderEvent, StreamStatus,
 };
 use crate::wire::{encode_stream_head, Envelope, Frame, Limits, MAX_KEY_LEN, STREAM_DELIVERED};
 
@@ -127,6 +128,43 @@ pub struct LinkConfig {
     pub claim_attempt_timeout: Duration,
     /// Delivered messages handed to the application and not yet taken ([`Input::Took`]).
     pub handoff: usize,
+    /// Idempotency keys shared with the other channels of the same server (without a
+    /// claims store): a key delivered on any of them is not delivered again on this one.
+    pub shared_keys: Option<SharedKeys>,
+}
+
+/// Idempotency keys delivered by any channel of one server, for servers without a claims
+/// store: an application that restarts comes back on a new channel, and its retry of key
+/// `order-42` must be recognised there too. Keys are kept for the receiver's `key_ttl`
+/// (default 24 h), at most `max_keys` of them (past it the oldest is forgotten early and
+/// counted, as in [`KeyWindow`]). Cheap to clone: clones share the record.
+#[derive(Clone, Debug)]
+pub struct SharedKeys(Arc<Mutex<KeyWindow>>);
+
+impl SharedKeys {
+    /// A record keeping keys for `ttl`, at most `max_keys` at once.
+    pub fn new(ttl: Duration, max_keys: usize) -> Self {
+        SharedKeys(Arc::new(Mutex::new(KeyWindow::new(ttl, max_keys))))
+    }
+
+    /// Records `key` as delivered at `now`; `false` if some channel delivered it within the
+    /// TTL.
+    pub fn first(&self, now: Instant, key: &Bytes) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(now, key)
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Default for LinkConfig {
@@ -144,6 +182,7 @@ impl Default for LinkConfig {
             claim_timeout: Duration::from_secs(5),
             claim_attempt_timeout: Duration::from_secs(1),
             handoff: 4,
+            shared_keys: None,
         }
     }
 }
@@ -487,6 +526,9 @@ pub struct LinkStats {
     pub slots_held: usize,
     /// Claim attempts that failed or timed out.
     pub claim_attempts_failed: u64,
+    /// Messages whose idempotency key another channel of the same server delivered: acked,
+    /// not delivered again ([`LinkConfig::shared_keys`]).
+    pub duplicate_keys_elsewhere: u64,
 }
 
 /// Why messages in flight failed when the server came back without the channel.
@@ -1725,10 +1767,10 @@ impl Link {
         self.phase = Phase::Finishing {
             until: now + self.config.claim_timeout,
         };
-        self.hand_over();
+        self.hand_over(now);
     }
 
-    fn hand_over(&mut self) {
+    fn hand_over(&mut self, now: Instant) {
         if self.app_gone {
             // Nobody will take these.
             while self.peer.receiver.poll_delivery().is_some() {}
@@ -1738,6 +1780,14 @@ impl Link {
             let Some(message) = self.peer.receiver.poll_delivery() else {
                 return;
             };
+            // This channel's receiver saw the key for the first time; another channel of
+            // the same server may have delivered it (an application that restarted).
+            if let (Some(keys), Some(key)) = (&self.config.shared_keys, &message.key) {
+                if !keys.first(now, key) {
+                    self.stats.duplicate_keys_elsewhere += 1;
+                    continue;
+                }
+            }
             self.room -= 1;
             self.actions.push_back(Action::Deliver(message));
         }
@@ -1746,11 +1796,11 @@ impl Link {
     /// Collects what the peer produced: deliveries, claims, stream answers, datagrams and
     /// outcomes.
     fn flush(&mut self, now: Instant) {
-        self.hand_over();
+        self.hand_over(now);
         while !self.parked.is_empty() && !self.peer.receiver.backlogged() {
             let (answer, message) = self.parked.pop_front().expect("not empty");
             self.take_stream_message(now, answer, message);
-            self.hand_over();
+            self.hand_over(now);
         }
         while let Some(request) = self.peer.receiver.poll_claim() {
             self.start_claim(now, request);
