@@ -591,3 +591,51 @@ async fn a_channel_moves_to_a_much_better_replica() {
 async fn the_memory_store_has_the_claim_semantics() {
     common::check_claim_semantics(&MemoryStore::default()).await;
 }
+
+/// A store whose first claim of each message hangs forever (no error, no answer); later
+/// claims go through.
+#[derive(Debug, Default)]
+struct HangsOnce {
+    inner: MemoryStore,
+    seen: std::sync::Mutex<std::collections::HashSet<u64>>,
+}
+
+impl DedupeStore for HangsOnce {
+    fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
+        if self.seen.lock().unwrap().insert(claim.message) {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.claim(claim)
+    }
+    fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
+        self.inner.lookup(claim)
+    }
+    fn expire(&self) -> StoreFuture<'_, u64> {
+        self.inner.expire()
+    }
+    fn ttl(&self) -> Duration {
+        self.inner.ttl()
+    }
+}
+
+/// Issue case 3: a claim that hangs (no error, no answer) is bounded by
+/// `claim_attempt_timeout` and retried: the message is claimed, delivered once and acked
+/// within its deadline (on main it stayed pending and its sender timed out).
+#[tokio::test(start_paused = true)]
+async fn a_hung_claim_times_out_and_is_retried() {
+    let pair = pair(41);
+    let mut listener = Listener::new(
+        pair.server.clone(),
+        with_store(Arc::new(HangsOnce::default())),
+    );
+    let (client, _client_messages) = connect(&pair).await;
+    let (_server, messages) = listener.accept().await.unwrap();
+    let delivered = collect(messages, Duration::from_secs(3));
+    let outcomes = send_paced(&client, 0..20, Duration::from_millis(10)).await;
+    for (i, r) in &outcomes {
+        assert!(r.is_ok(), "payment {i}: {r:?}");
+    }
+    let delivered = delivered.await.unwrap();
+    assert_once(&delivered);
+    assert_eq!(delivered.len(), 20);
+}

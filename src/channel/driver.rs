@@ -119,6 +119,7 @@ pub(super) fn spawn(
         claim_attempt_timeout: config.claim_attempt_timeout,
         handoff: HANDOFF,
         shared_keys,
+        claimant_seed: rand::random(),
     };
     let first = ConnId(0);
     let link = Link::new(now(), link_config, role, first, size, floor);
@@ -440,12 +441,20 @@ impl Driver {
                     let _ = reply.send(status);
                 }
             }
+            // `claimant` goes into `store::Claim` once the store carries it (issue case 2).
             Action::Claim {
                 attempt,
                 id,
                 key,
+                claimant: _,
                 timeout,
             } => self.claim(attempt, id, key, timeout),
+            Action::ReleaseClaim { id, .. } => {
+                // Best-effort: `DedupeStore::release` (delete the row only if it is this
+                // claimant's) is being added to the store; until then the row stays and a
+                // retry of this message is answered "claimed before".
+                tracing::warn!(id, "surelink: claim given up with its outcome unknown");
+            }
             Action::Deliver(message) => {
                 let span = tracing::debug_span!(
                     "surelink.deliver",

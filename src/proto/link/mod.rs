@@ -131,6 +131,8 @@ pub struct LinkConfig {
     /// Idempotency keys shared with the other channels of the same server (without a
     /// claims store): a key delivered on any of them is not delivered again on this one.
     pub shared_keys: Option<SharedKeys>,
+    /// Random bits that make this link's claimant tokens ([`Action::Claim`]) its own.
+    pub claimant_seed: u64,
 }
 
 /// Idempotency keys delivered by any channel of one server, for servers without a claims
@@ -183,6 +185,7 @@ impl Default for LinkConfig {
             claim_attempt_timeout: Duration::from_secs(1),
             handoff: 4,
             shared_keys: None,
+            claimant_seed: 0,
         }
     }
 }
@@ -464,7 +467,9 @@ pub enum Action {
         status: Option<u8>,
     },
     /// Claim message `id` in the store within `timeout`; answer with
-    /// [`Input::ClaimAnswered`].
+    /// [`Input::ClaimAnswered`]. Every attempt for one message carries the same `claimant`,
+    /// so a store that committed an earlier attempt whose answer was lost can recognise the
+    /// row as this claim's own (and answer "claimed now").
     Claim {
         /// The attempt's id.
         attempt: u64,
@@ -472,8 +477,21 @@ pub enum Action {
         id: u64,
         /// Its idempotency key.
         key: Option<Bytes>,
+        /// Who claims: the same for every attempt of this message on this link.
+        claimant: u64,
         /// Longest the attempt may take.
         timeout: Duration,
+    },
+    /// A claim was given up with its outcome unknown (an attempt may have committed):
+    /// release it in the store if it is `claimant`'s, best-effort, so that a retry (here or
+    /// on another replica) is not answered "claimed before" for a message nobody delivered.
+    ReleaseClaim {
+        /// The message id.
+        id: u64,
+        /// Its idempotency key.
+        key: Option<Bytes>,
+        /// Whose claim.
+        claimant: u64,
     },
     /// Hand a message to the application.
     Deliver(Delivered),
@@ -616,6 +634,9 @@ struct StandbyDial {
 #[derive(Debug)]
 struct ClaimJob {
     request: ClaimRequest,
+    claimant: u64,
+    /// Whether any attempt may have reached the store (its outcome is unknown).
+    tried: bool,
     give_up: Instant,
     backoff: Duration,
     /// The attempt in flight.
@@ -1630,15 +1651,17 @@ impl Link {
     }
 
     fn start_claim(&mut self, now: Instant, request: ClaimRequest) {
+        self.next_claim += 1;
+        let key = self.next_claim;
         let job = ClaimJob {
             request,
+            claimant: self.config.claimant_seed.wrapping_add(key),
+            tried: false,
             give_up: now + self.config.claim_timeout,
             backoff: Duration::from_millis(10),
             attempt: None,
             retry_at: None,
         };
-        self.next_claim += 1;
-        let key = self.next_claim;
         self.claims.insert(key, job);
         self.claim_attempt(key);
     }
@@ -1654,14 +1677,16 @@ impl Link {
             attempt,
             id: job.request.id,
             key: job.request.key.clone(),
+            claimant: job.claimant,
             timeout,
         });
-        // Jobs are keyed by their attempt in flight, or by their first key while waiting.
+        // Jobs are keyed by their attempt in flight, or by their last attempt while waiting.
         self.claims.insert(
             attempt,
             ClaimJob {
                 attempt: Some(attempt),
                 retry_at: None,
+                tried: true,
                 ..job
             },
         );
@@ -1683,17 +1708,32 @@ impl Link {
                     tracing::warn!(error = %e, id = job.request.id, "surelink: claim failed");
                 }
                 if now + job.backoff > job.give_up {
-                    ClaimOutcome::Failed
-                } else {
-                    job.attempt = None;
-                    job.retry_at = Some(now + job.backoff);
-                    job.backoff = (job.backoff * 2).min(Duration::from_secs(1));
-                    self.claims.insert(attempt, job);
+                    self.give_up_claim(now, job);
                     return;
                 }
+                job.attempt = None;
+                job.retry_at = Some(now + job.backoff);
+                job.backoff = (job.backoff * 2).min(Duration::from_secs(1));
+                self.claims.insert(attempt, job);
+                return;
             }
         };
         self.peer.receiver.claim_done(now, &job.request, outcome);
+    }
+
+    /// A claim whose outcome stays unknown: released in the store (best-effort) and its
+    /// message dropped unacked; its sender retries or learns an unknown outcome.
+    fn give_up_claim(&mut self, now: Instant, job: ClaimJob) {
+        if job.tried {
+            self.actions.push_back(Action::ReleaseClaim {
+                id: job.request.id,
+                key: job.request.key.clone(),
+                claimant: job.claimant,
+            });
+        }
+        self.peer
+            .receiver
+            .claim_done(now, &job.request, ClaimOutcome::Failed);
     }
 
     fn claim_timers(&mut self, now: Instant) {
@@ -1708,7 +1748,10 @@ impl Link {
         }
         if let Phase::Finishing { until } = self.phase {
             if now >= until {
-                self.claims.clear();
+                let jobs: Vec<ClaimJob> = self.claims.drain().map(|(_, j)| j).collect();
+                for job in jobs {
+                    self.give_up_claim(now, job);
+                }
             }
         }
     }

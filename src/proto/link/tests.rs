@@ -852,3 +852,79 @@ fn a_much_better_standby_takes_over_after_three_samples() {
     assert_eq!(link.stats().failovers, 0);
     assert!(closes(&actions).contains(&(ConnId(1), 0)));
 }
+
+/// Issue case 2: every attempt of one claim carries the same claimant token (so a store
+/// that committed an attempt whose answer was lost can recognise its own row), and a claim
+/// given up after attempts that may have committed is released.
+#[test]
+fn claim_retries_reuse_the_claimant_and_a_given_up_claim_is_released() {
+    let (mut now, mut link, mut client) = claims_server(LinkConfig {
+        claim_timeout: Duration::from_millis(100),
+        ..LinkConfig::default()
+    });
+    let mut claimants = Vec::new();
+    let mut actions = deliver_one(&mut link, &mut client, now);
+    let start = now;
+    loop {
+        let Some((attempt, claimant)) = actions.iter().find_map(|a| match a {
+            Action::Claim {
+                attempt, claimant, ..
+            } => Some((*attempt, *claimant)),
+            _ => None,
+        }) else {
+            break;
+        };
+        claimants.push(claimant);
+        link.handle(
+            now,
+            Input::ClaimAnswered {
+                attempt,
+                result: Err("connection reset after commit".into()),
+            },
+        );
+        actions = drain(&mut link);
+        if let Some(t) = link
+            .poll_timeout()
+            .filter(|t| *t < start + Duration::from_secs(1))
+        {
+            now = t;
+            link.handle(now, Input::Timer);
+            actions.extend(drain(&mut link));
+        }
+        if actions
+            .iter()
+            .any(|a| matches!(a, Action::ReleaseClaim { .. }))
+        {
+            break;
+        }
+    }
+    assert!(claimants.len() >= 3, "{claimants:?}");
+    assert!(
+        claimants.iter().all(|c| *c == claimants[0]),
+        "{claimants:?}"
+    );
+    let released: Vec<u64> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ReleaseClaim { claimant, .. } => Some(*claimant),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released, vec![claimants[0]]);
+    assert_eq!(delivered(&actions), 0);
+    assert_eq!(transmits_to(&actions, ConnId(1)), 0, "nothing acked");
+}
+
+/// Issue case 3: a store that never answers is bounded by the attempt timeout the driver
+/// enforces; the core asks each attempt with it and keeps retrying until `claim_timeout`.
+#[test]
+fn every_claim_attempt_is_bounded_by_its_own_timeout() {
+    let (now, mut link, mut client) = claims_server(LinkConfig {
+        claim_attempt_timeout: Duration::from_millis(250),
+        ..LinkConfig::default()
+    });
+    let actions = deliver_one(&mut link, &mut client, now);
+    assert!(claim_attempts(&actions)
+        .iter()
+        .all(|(_, t)| *t == Duration::from_millis(250)));
+}
