@@ -865,15 +865,12 @@ fn claim_retries_reuse_the_claimant_and_a_given_up_claim_is_released() {
     let mut claimants = Vec::new();
     let mut actions = deliver_one(&mut link, &mut client, now);
     let start = now;
-    loop {
-        let Some((attempt, claimant)) = actions.iter().find_map(|a| match a {
-            Action::Claim {
-                attempt, claimant, ..
-            } => Some((*attempt, *claimant)),
-            _ => None,
-        }) else {
-            break;
-        };
+    while let Some((attempt, claimant)) = actions.iter().find_map(|a| match a {
+        Action::Claim {
+            attempt, claimant, ..
+        } => Some((*attempt, *claimant)),
+        _ => None,
+    }) {
         claimants.push(claimant);
         link.handle(
             now,
