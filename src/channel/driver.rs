@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use super::dial::{classify, refused, Dialer};
+use super::dial::{refused, Dialer};
+use super::io::{self, Event};
 use super::{Channel, ChannelId, ChannelStats, Command, Config, Handle, Messages};
 use crate::proto::link::{
-    claims_mode, Action, Attached, ConnId, DialFailure, Dialed, Input, Link, LinkConfig,
-    PathSample, Role, SharedKeys, StreamEnd,
+    Action, Attached, ConnId, DialFailure, Dialed, Input, Link, LinkConfig, Role, SharedKeys,
+    StreamEnd,
 };
-use crate::proto::{ClaimOutcome, Delivered};
+use crate::proto::Delivered;
 use crate::wire::MAX_KEY_LEN;
 
 /// Where a new connection comes from when the current one is lost.
@@ -37,16 +38,6 @@ pub(super) enum Reattach {
         rx: mpsc::UnboundedReceiver<quinn::Connection>,
         on_stop: Box<dyn FnOnce() + Send>,
     },
-}
-
-/// What the driver's helper tasks report.
-enum Event {
-    Input(Input),
-    Dialed(
-        u64,
-        Result<(quinn::Connection, Attached), super::ConnectError>,
-    ),
-    Inbound(Bytes, oneshot::Sender<u8>),
 }
 
 /// What woke the driver.
@@ -103,23 +94,11 @@ pub(super) fn spawn(
         },
         Reattach::Registry { .. } => Role::Server,
     };
-    let mut receiver = config.receiver.clone();
-    receiver.claims = claims_mode(config.store.is_some(), config.application_claims);
     let link_config = LinkConfig {
-        sender: config.sender.clone(),
-        receiver,
-        stream_threshold: config.stream_threshold,
-        streams: config.streams,
-        reconnect: config.reconnect.clone(),
-        channel_ttl: config.channel_ttl,
-        failover_after: config.failover_after,
-        warm_standby: config.warm_standby,
-        switch_ratio: config.switch_ratio,
-        claim_timeout: config.claim_timeout,
-        claim_attempt_timeout: config.claim_attempt_timeout,
         handoff: HANDOFF,
         shared_keys,
         claimant_seed: rand::random(),
+        ..config.link()
     };
     let first = ConnId(0);
     let link = Link::new(now(), link_config, role, first, size, floor);
@@ -346,36 +325,7 @@ impl Driver {
         let streams = self.config.streams;
         let limit = self.config.max_message_size + MAX_KEY_LEN + 32;
         let timeout = self.config.sender.deadline;
-        tokio::spawn(async move {
-            let lost = loop {
-                let event = tokio::select! {
-                    biased;
-                    d = conn.read_datagram() => d.map(|data| Input::Datagram { conn: id, data }),
-                    s = conn.accept_bi(), if streams => match s {
-                        Ok((send, recv)) => {
-                            tokio::spawn(read_stream_message(send, recv, limit, timeout, tx.clone()));
-                            continue;
-                        }
-                        Err(e) => Err(e),
-                    },
-                };
-                match event {
-                    Ok(input) => {
-                        if tx.send(Event::Input(input)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => break e,
-                }
-            };
-            let _ = tx
-                .send(Event::Input(Input::ConnectionLost {
-                    conn: id,
-                    how: classify(&lost),
-                    reason: lost.to_string(),
-                }))
-                .await;
-        });
+        tokio::spawn(io::read_connection(id, conn, streams, limit, timeout, tx));
     }
 
     /// Forgets a connection, keeping its byte counts.
@@ -430,7 +380,7 @@ impl Driver {
                 };
                 let tx = self.events_tx.clone();
                 tokio::spawn(async move {
-                    let end = send_stream_message(c, head, body, deadline).await;
+                    let end = io::send_stream_message(c, head, body, deadline).await;
                     let _ = tx
                         .send(Event::Input(Input::StreamDone { id, conn, end }))
                         .await;
@@ -478,16 +428,7 @@ impl Driver {
             Action::SamplePaths { conns } => {
                 let samples = conns
                     .into_iter()
-                    .filter_map(|id| {
-                        let c = self.conns.get(&id)?;
-                        let path = c.stats().path;
-                        let sample = PathSample {
-                            rtt: c.rtt(),
-                            sent_packets: path.sent_packets,
-                            lost_packets: path.lost_packets,
-                        };
-                        Some((id, sample))
-                    })
+                    .filter_map(|id| Some((id, io::sample(self.conns.get(&id)?))))
                     .collect();
                 self.followups.push(Input::Samples(samples));
             }
@@ -499,33 +440,13 @@ impl Driver {
 
     /// One claim attempt in the store, within `timeout` (a hung store becomes an error).
     fn claim(&self, attempt: u64, id: u64, key: Option<Bytes>, timeout: Duration) {
-        let tx = self.events_tx.clone();
-        let Some(store) = self.config.store.clone() else {
-            // Claims mode without a store cannot happen (spawn sets one with the other);
-            // answer anyway so nothing waits forever.
-            let input = Input::ClaimAnswered {
-                attempt,
-                result: Err("no store".into()),
-            };
-            tokio::spawn(async move { tx.send(Event::Input(input)).await });
-            return;
-        };
         let claim = crate::store::Claim {
             channel: self.id,
             message: id,
             key,
         };
-        tokio::spawn(async move {
-            let result = match tokio::time::timeout(timeout, store.claim(&claim)).await {
-                Ok(Ok(crate::store::Claimed::Now)) => Ok(ClaimOutcome::Now),
-                Ok(Ok(crate::store::Claimed::Before)) => Ok(ClaimOutcome::Before),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer from the store within {timeout:?}")),
-            };
-            let _ = tx
-                .send(Event::Input(Input::ClaimAnswered { attempt, result }))
-                .await;
-        });
+        let (store, tx) = (self.config.store.clone(), self.events_tx.clone());
+        tokio::spawn(io::claim(store, claim, attempt, timeout, tx));
     }
 
     /// Copies the link's and the driver's counters into the handles' stats.
@@ -541,34 +462,8 @@ impl Driver {
                 *current = primary;
             }
         }
-        let (peer, link) = (self.link.peer(), self.link.stats());
         let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        st.sender = peer.sender.stats();
-        st.loss_estimate = peer.sender.loss_estimate();
-        st.loss_observed = peer.sender.loss_observed();
-        st.rtt_p50 = peer.sender.rtt().quantile(0.5);
-        st.rtt_p95 = peer.sender.rtt().quantile(0.95);
-        st.hedge_budget_used = peer.sender.hedge_budget_used();
-        st.receiver = peer.receiver.stats();
-        st.reassembly = peer.receiver.reassembly();
-        // Cloned only when it changed: this runs once per datagram.
-        if peer.invalid_frames().total() != st.invalid_frames.values().sum::<u64>() {
-            st.invalid_frames = peer.invalid_frames().by_reason.clone();
-        }
-        st.send_errors = self.counters.send_errors;
-        st.reconnects = link.reconnects;
-        st.failovers = link.failovers;
-        st.standby_failovers = link.standby_failovers;
-        st.switches = link.switches;
-        st.standby_ready = link.standby_ready;
-        st.replica_scores = link.replica_scores;
-        st.stream_messages_sent = link.stream_messages_sent;
-        st.stream_messages_received = link.stream_messages_received;
-        st.udp_bytes_sent = self.counters.udp_bytes_sent;
-        st.udp_bytes_received = self.counters.udp_bytes_received;
-        st.in_flight = link.in_flight;
-        st.sends_abandoned = self.counters.sends_abandoned;
-        st.duplicate_keys_elsewhere = link.duplicate_keys_elsewhere;
+        st.publish(&self.link, &self.counters);
     }
 
     /// The link stopped: close what is left, tell the registry, wake `close()` callers.
@@ -597,80 +492,5 @@ impl Driver {
         for c in self.closers.drain(..) {
             let _ = c.send(());
         }
-    }
-}
-
-async fn send_stream_message(
-    conn: quinn::Connection,
-    head: Bytes,
-    body: Bytes,
-    deadline: Instant,
-) -> StreamEnd {
-    let work = async {
-        let lost = |e: &dyn std::fmt::Display| StreamEnd::Connection(e.to_string());
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-        for part in [&head, &body] {
-            send.write_all(part).await.map_err(|e| match e {
-                quinn::WriteError::Stopped(_) => StreamEnd::Refused,
-                e => lost(&e),
-            })?;
-        }
-        send.finish().map_err(|e| lost(&e))?;
-        let status = recv.read_to_end(1).await.map_err(|e| match e {
-            quinn::ReadToEndError::Read(quinn::ReadError::Reset(_)) => StreamEnd::Refused,
-            e => lost(&e),
-        })?;
-        status
-            .first()
-            .copied()
-            .map(StreamEnd::Status)
-            .ok_or_else(|| StreamEnd::Connection("the stream ended without a status".into()))
-    };
-    match tokio::time::timeout_at(deadline.into(), work).await {
-        Ok(Ok(end)) | Ok(Err(end)) => end,
-        Err(_) => StreamEnd::Deadline,
-    }
-}
-
-/// Reads one stream message (at most `limit` bytes, within `timeout`), hands it to the driver
-/// and writes back the status it answers.
-async fn read_stream_message(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    limit: usize,
-    timeout: Duration,
-    events: mpsc::Sender<Event>,
-) {
-    let invalid = |reason| Event::Input(Input::StreamInvalid { reason });
-    let message = match tokio::time::timeout(timeout, recv.read_to_end(limit)).await {
-        Ok(Ok(m)) => m,
-        Ok(Err(quinn::ReadToEndError::TooLong)) => {
-            let _ = events.send(invalid("stream_too_long")).await;
-            let _ = send.reset(1u32.into());
-            let _ = recv.stop(1u32.into());
-            return;
-        }
-        // The connection or the stream broke: the sender retries or reports.
-        Ok(Err(_)) => return,
-        Err(_) => {
-            let _ = events.send(invalid("stream_timeout")).await;
-            let _ = send.reset(1u32.into());
-            let _ = recv.stop(1u32.into());
-            return;
-        }
-    };
-    let (reply, status) = oneshot::channel();
-    if events
-        .send(Event::Inbound(Bytes::from(message), reply))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let Ok(status) = status.await else {
-        return;
-    };
-    if send.write_all(&[status]).await.is_ok() {
-        let _ = send.finish();
     }
 }

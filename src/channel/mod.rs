@@ -44,6 +44,7 @@ mod connect;
 mod dial;
 mod driver;
 mod identity;
+mod io;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -156,6 +157,29 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// The core's share of these settings.
+    fn link(&self) -> crate::proto::link::LinkConfig {
+        let mut receiver = self.receiver.clone();
+        receiver.claims =
+            crate::proto::link::claims_mode(self.store.is_some(), self.application_claims);
+        crate::proto::link::LinkConfig {
+            sender: self.sender.clone(),
+            receiver,
+            stream_threshold: self.stream_threshold,
+            streams: self.streams,
+            reconnect: self.reconnect.clone(),
+            channel_ttl: self.channel_ttl,
+            failover_after: self.failover_after,
+            warm_standby: self.warm_standby,
+            switch_ratio: self.switch_ratio,
+            claim_timeout: self.claim_timeout,
+            claim_attempt_timeout: self.claim_attempt_timeout,
+            ..crate::proto::link::LinkConfig::default()
+        }
+    }
+}
+
 /// A channel's random 128-bit id, stable across reconnects.
 pub type ChannelId = [u8; 16];
 
@@ -233,6 +257,40 @@ pub struct ChannelStats {
     /// Messages whose idempotency key another channel of the same [`Server`] delivered
     /// (a client that restarted and retried on a new channel): acked, not delivered again.
     pub duplicate_keys_elsewhere: u64,
+}
+
+impl ChannelStats {
+    /// Copies the core's counters, and the driver's own (`driver`: send errors, bytes of
+    /// closed connections, abandoned sends), into these stats.
+    fn publish(&mut self, link: &crate::proto::Link, driver: &ChannelStats) {
+        let (peer, counters) = (link.peer(), link.stats());
+        self.sender = peer.sender.stats();
+        self.loss_estimate = peer.sender.loss_estimate();
+        self.loss_observed = peer.sender.loss_observed();
+        self.rtt_p50 = peer.sender.rtt().quantile(0.5);
+        self.rtt_p95 = peer.sender.rtt().quantile(0.95);
+        self.hedge_budget_used = peer.sender.hedge_budget_used();
+        self.receiver = peer.receiver.stats();
+        self.reassembly = peer.receiver.reassembly();
+        // Cloned only when it changed: this runs once per datagram.
+        if peer.invalid_frames().total() != self.invalid_frames.values().sum::<u64>() {
+            self.invalid_frames = peer.invalid_frames().by_reason.clone();
+        }
+        self.send_errors = driver.send_errors;
+        self.reconnects = counters.reconnects;
+        self.failovers = counters.failovers;
+        self.standby_failovers = counters.standby_failovers;
+        self.switches = counters.switches;
+        self.standby_ready = counters.standby_ready;
+        self.replica_scores = counters.replica_scores;
+        self.stream_messages_sent = counters.stream_messages_sent;
+        self.stream_messages_received = counters.stream_messages_received;
+        self.udp_bytes_sent = driver.udp_bytes_sent;
+        self.udp_bytes_received = driver.udp_bytes_received;
+        self.in_flight = counters.in_flight;
+        self.sends_abandoned = driver.sends_abandoned;
+        self.duplicate_keys_elsewhere = counters.duplicate_keys_elsewhere;
+    }
 }
 
 enum Command {
