@@ -34,6 +34,25 @@
 //! retry with the same idempotency key ([`Channel::send_with_key`]) and the peer delivers it
 //! at most once.
 //!
+//! # Cancellation and shutdown
+//!
+//! A `send` whose future is dropped is not cancelled: once handed to the channel the
+//! message keeps its in-flight slot until its outcome, which is counted
+//! ([`ChannelStats::sends_abandoned`]). [`Channel::close`] drains (sends in flight get their
+//! outcomes, new ones fail with [`SendError::Closed`]) and then closes the connection with
+//! [`GOODBYE`]; the server then ends its state for the channel at once. Dropping every
+//! `Channel` clone and the [`Messages`] ends the channel the same way. Once [`Messages`] is
+//! dropped nothing more is acked: messages arriving after it are not delivered, and their
+//! senders learn an unknown outcome (or, on the stream path, [`SendError::Refused`]).
+//! [`Listener::shutdown`] / [`Server::shutdown`] stop accepting and drain every channel
+//! within a grace period.
+//!
+//! # Who decides
+//!
+//! Every decision (which connection, when to redial or fail over, when a send has its
+//! outcome, when to claim and hand over, when to stop) is made by the sans-I/O
+//! [`Link`](crate::proto::link::Link); the driver task only performs its actions.
+//!
 //! # No 0-RTT
 //!
 //! Payment data never travels in 0-RTT (RFC 9001 §9.2, RFC 8446 §8: early data can be
