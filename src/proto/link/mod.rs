@@ -996,6 +996,10 @@ impl Link {
     }
 
     fn in_flight(&self) -> usize {
+        if self.is_closed() {
+            // Every send has its outcome; what the sender still holds goes nowhere.
+            return 0;
+        }
         self.peer.sender.in_flight() + self.streams.len()
     }
 

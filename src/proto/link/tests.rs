@@ -925,3 +925,221 @@ fn every_claim_attempt_is_bounded_by_its_own_timeout() {
         .iter()
         .all(|(_, t)| *t == Duration::from_millis(250)));
 }
+
+/// Every send gets exactly one outcome and its slot back, whatever happens around it:
+/// random sequences of losses, dial results, stream ends, timers, garbage datagrams, the
+/// application going away and closes, for each role (seeded; the fuzz target's smaller
+/// sibling).
+#[test]
+fn every_send_gets_one_outcome_and_its_slot_back_under_random_events() {
+    use rand::{Rng, SeedableRng};
+    use std::collections::{HashMap, HashSet};
+    for seed in 0..300u64 {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let now0 = Instant::now();
+        let role = match seed % 3 {
+            0 => Role::Plain,
+            1 => Role::Server,
+            _ => Role::Client {
+                replicas: 1 + (seed as usize % 3),
+                current: 0,
+                attached: Attached::Claims,
+            },
+        };
+        let mut config = LinkConfig::default();
+        config.receiver.claims = if seed % 5 == 0 {
+            Claims::Owner
+        } else {
+            Claims::Off
+        };
+        let mut link = Link::new(now0, config, role, ConnId(1), SIZE, 0);
+        let mut now = now0;
+        let mut next_conn = 2;
+        let mut dials: Vec<u64> = Vec::new();
+        let mut streams: Vec<(u64, ConnId)> = Vec::new();
+        let mut claims: Vec<u64> = Vec::new();
+        let mut conns: HashSet<ConnId> = [ConnId(1)].into();
+        let mut completed: HashMap<u64, usize> = HashMap::new();
+        let mut freed: HashSet<u64> = HashSet::new();
+        let mut tokens = 0u64;
+        let mut client = Peer::new(SenderConfig::default(), ReceiverConfig::default());
+        for step in 0..400 {
+            let input = match rng.gen_range(0..14) {
+                0..=2 => {
+                    tokens += 1;
+                    let len = if rng.gen_bool(0.2) { 20_000 } else { 100 };
+                    Input::Send {
+                        token: tokens,
+                        key: rng
+                            .gen_bool(0.3)
+                            .then(|| Bytes::from(format!("k{}", tokens % 7))),
+                        payload: Bytes::from(vec![1u8; len]),
+                        deadline: rng
+                            .gen_bool(0.3)
+                            .then(|| Duration::from_millis(rng.gen_range(1..8000))),
+                    }
+                }
+                3 => {
+                    let conn = *conns.iter().next().unwrap_or(&ConnId(1));
+                    Input::ConnectionLost {
+                        conn,
+                        how: [
+                            Lost::Retryable,
+                            Lost::Fatal,
+                            Lost::Goodbye,
+                            Lost::LocallyClosed,
+                        ][rng.gen_range(0..4)],
+                        reason: "x".into(),
+                    }
+                }
+                4 if !dials.is_empty() => {
+                    let dial = dials.swap_remove(rng.gen_range(0..dials.len()));
+                    let result = if rng.gen_bool(0.6) {
+                        next_conn += 1;
+                        conns.insert(ConnId(next_conn));
+                        dialed(
+                            next_conn,
+                            [Attached::New, Attached::Resumed, Attached::Claims]
+                                [rng.gen_range(0..3)],
+                        )
+                    } else {
+                        Err(DialFailure {
+                            refused: rng.gen_bool(0.1),
+                            reason: "no".into(),
+                        })
+                    };
+                    Input::DialDone { dial, result }
+                }
+                5 if !streams.is_empty() => {
+                    let (id, conn) = streams.swap_remove(rng.gen_range(0..streams.len()));
+                    let end = match rng.gen_range(0..4) {
+                        0 => StreamEnd::Status(crate::wire::STREAM_DELIVERED),
+                        1 => StreamEnd::Refused,
+                        2 => StreamEnd::Deadline,
+                        _ => StreamEnd::Connection("gone".into()),
+                    };
+                    Input::StreamDone { id, conn, end }
+                }
+                6 if !claims.is_empty() => {
+                    let attempt = claims.swap_remove(rng.gen_range(0..claims.len()));
+                    let result = match rng.gen_range(0..3) {
+                        0 => Ok(ClaimOutcome::Now),
+                        1 => Ok(ClaimOutcome::Before),
+                        _ => Err("store down".into()),
+                    };
+                    Input::ClaimAnswered { attempt, result }
+                }
+                7 => {
+                    client.sender.send(now, Bytes::from_static(b"in")).ok();
+                    match client.poll_transmit() {
+                        Some(d) => Input::Datagram {
+                            conn: ConnId(1),
+                            data: d,
+                        },
+                        None => Input::Timer,
+                    }
+                }
+                8 => Input::Datagram {
+                    conn: ConnId(rng.gen_range(0..next_conn + 1)),
+                    data: Bytes::from(
+                        (0..rng.gen_range(0..40))
+                            .map(|_| rng.gen())
+                            .collect::<Vec<u8>>(),
+                    ),
+                },
+                9 => Input::Took {
+                    id: rng.gen_range(0..10),
+                },
+                10 if step > 300 && rng.gen_bool(0.1) => Input::Close {
+                    drain: rng.gen_bool(0.5),
+                },
+                11 if rng.gen_bool(0.05) => Input::AppGone,
+                12 if rng.gen_bool(0.05) => Input::HandlesDropped,
+                _ => {
+                    now = link
+                        .poll_timeout()
+                        .map_or(now, |t| t.max(now))
+                        .min(now + Duration::from_secs(2));
+                    Input::Timer
+                }
+            };
+            link.handle(now, input);
+            while let Some(a) = link.poll_action() {
+                match a {
+                    Action::Dial { dial, .. } => dials.push(dial),
+                    Action::OpenStream { id, conn, .. } => streams.push((id, conn)),
+                    Action::Claim { attempt, .. } => claims.push(attempt),
+                    Action::Complete { token, .. } => *completed.entry(token).or_default() += 1,
+                    Action::FreeSlot { token } => {
+                        assert!(freed.insert(token), "seed {seed}: slot {token} freed twice")
+                    }
+                    Action::Close { conn, .. } => {
+                        conns.remove(&conn);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // The end: a close (draining for odd seeds), then time enough for every timer, with
+        // the driver's tasks reporting as they would (streams and claims end by their
+        // deadlines, dials fail).
+        link.handle(
+            now,
+            Input::Close {
+                drain: seed % 2 == 1,
+            },
+        );
+        for _ in 0..10_000 {
+            let mut inputs = Vec::new();
+            while let Some(a) = link.poll_action() {
+                match a {
+                    Action::Complete { token, .. } => *completed.entry(token).or_default() += 1,
+                    Action::FreeSlot { token } => {
+                        assert!(freed.insert(token), "seed {seed}: slot {token} freed twice")
+                    }
+                    Action::Dial { dial, .. } => dials.push(dial),
+                    Action::OpenStream { id, conn, .. } => streams.push((id, conn)),
+                    Action::Claim { attempt, .. } => claims.push(attempt),
+                    _ => {}
+                }
+            }
+            for dial in dials.drain(..) {
+                inputs.push(Input::DialDone {
+                    dial,
+                    result: failed(),
+                });
+            }
+            for (id, conn) in streams.drain(..) {
+                inputs.push(Input::StreamDone {
+                    id,
+                    conn,
+                    end: StreamEnd::Deadline,
+                });
+            }
+            for attempt in claims.drain(..) {
+                inputs.push(Input::ClaimAnswered {
+                    attempt,
+                    result: Err("down".into()),
+                });
+            }
+            if inputs.is_empty() {
+                let Some(t) = link.poll_timeout() else { break };
+                now = t.max(now);
+                inputs.push(Input::Timer);
+            }
+            for i in inputs {
+                link.handle(now, i);
+            }
+        }
+        assert!(link.is_closed(), "seed {seed}: the close ended the link");
+        for token in 1..=tokens {
+            assert_eq!(
+                completed.get(&token),
+                Some(&1),
+                "seed {seed}: send {token}'s outcomes"
+            );
+            assert!(freed.contains(&token), "seed {seed}: send {token}'s slot");
+        }
+        assert_eq!(link.stats().in_flight, 0, "seed {seed}");
+    }
+}
