@@ -1,5 +1,6 @@
 //! Connect and accept helpers: configs with surelink's transport settings, the client's
-//! dialer (first connection and reconnects), and the server's registry of channels.
+//! first connection (later ones are the core's decision, see [`crate::proto::link`]), and
+//! the server's registry of channels (reattach by id, identity check, shutdown).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

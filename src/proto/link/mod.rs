@@ -647,8 +647,12 @@ struct ClaimJob {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Running,
-    /// Closing with a drain: new sends refused, in-flight ones finish.
-    Draining,
+    /// Closing with a drain: new sends refused, in-flight ones finish; claims in flight
+    /// are waited for until `claims_until` (traffic that keeps coming cannot hold the
+    /// close back: claims left then finish after the goodbye).
+    Draining {
+        claims_until: Instant,
+    },
     /// The connection is closed; queued deliveries and pending claims finish until `until`.
     Finishing {
         until: Instant,
@@ -806,6 +810,7 @@ impl Link {
         let claims = self.claims.values().filter_map(|c| c.retry_at);
         let finishing = match self.phase {
             Phase::Finishing { until } if !self.claims.is_empty() => Some(until),
+            Phase::Draining { claims_until } if !self.claims.is_empty() => Some(claims_until),
             _ => None,
         };
         let redial = self
@@ -905,7 +910,9 @@ impl Link {
             ),
             Input::Close { drain: true } => {
                 if self.phase == Phase::Running {
-                    self.phase = Phase::Draining;
+                    self.phase = Phase::Draining {
+                        claims_until: now + self.config.claim_timeout,
+                    };
                 }
             }
             Input::HandlesDropped => self.handles_dropped = true,
@@ -917,17 +924,18 @@ impl Link {
         }
         // A draining channel also lets its claims in flight finish, so that their acks go
         // out before the goodbye.
-        if self.phase == Phase::Draining
-            && self.waiting.is_empty()
-            && self.streams.is_empty()
-            && self.claims.is_empty()
-        {
-            self.finish(
-                now,
-                "the channel was closed by the application".into(),
-                GOODBYE,
-                "goodbye",
-            );
+        if let Phase::Draining { claims_until } = self.phase {
+            if self.waiting.is_empty()
+                && self.streams.is_empty()
+                && (self.claims.is_empty() || now >= claims_until)
+            {
+                self.finish(
+                    now,
+                    "the channel was closed by the application".into(),
+                    GOODBYE,
+                    "goodbye",
+                );
+            }
         }
         // Nobody can send and nobody takes deliveries: the channel has no use. Sends in
         // flight get their outcomes first (a dropped `send` future's message still counts).

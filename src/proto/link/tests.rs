@@ -1143,3 +1143,40 @@ fn every_send_gets_one_outcome_and_its_slot_back_under_random_events() {
         assert_eq!(link.stats().in_flight, 0, "seed {seed}");
     }
 }
+
+/// Issue case 9: a draining server channel lets its claims in flight finish, so their acks
+/// go out before the goodbye; a claim that never answers holds the close back at most
+/// `claim_timeout`.
+#[test]
+fn a_draining_close_waits_for_claims_in_flight_within_the_claim_timeout() {
+    let (now, mut link, mut client) = claims_server(LinkConfig::default());
+    let (attempt, _) = claim_attempts(&deliver_one(&mut link, &mut client, now))[0];
+    link.handle(now, Input::Close { drain: true });
+    assert!(closes(&drain(&mut link)).is_empty());
+    link.handle(
+        now,
+        Input::ClaimAnswered {
+            attempt,
+            result: Ok(ClaimOutcome::Now),
+        },
+    );
+    let actions = drain(&mut link);
+    let ack = actions
+        .iter()
+        .position(|a| matches!(a, Action::Transmit { .. }))
+        .expect("the ack");
+    let bye = actions
+        .iter()
+        .position(|a| matches!(a, Action::Close { code: GOODBYE, .. }))
+        .expect("the goodbye");
+    assert!(ack < bye, "{actions:?}");
+
+    let (mut now, mut link, mut client) = claims_server(LinkConfig::default());
+    deliver_one(&mut link, &mut client, now);
+    link.handle(now, Input::Close { drain: true });
+    let start = now;
+    let actions = run_until(&mut link, &mut now, start + Duration::from_millis(4990));
+    assert!(closes(&actions).is_empty(), "the claim still has time");
+    let actions = run_until(&mut link, &mut now, start + Duration::from_secs(5));
+    assert_eq!(closes(&actions), vec![(ConnId(1), GOODBYE)]);
+}
