@@ -353,8 +353,10 @@ async fn a_client_of_three_replicas_fails_over_when_its_replica_dies() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(net.crash(addrs[0]));
     let outcomes = sender.await.unwrap();
-    let (by, all) = gather(collectors).await;
+    // Counters as the sends ended: afterwards the servers' collectors stop, their channels
+    // say goodbye and the client moves again.
     let s = client.stats();
+    let (by, all) = gather(collectors).await;
     eprintln!(
         "delivered by replica {:?}; failovers {}, reconnects {}; claims {}",
         by.iter().map(BTreeMap::len).collect::<Vec<_>>(),
@@ -444,6 +446,9 @@ async fn degraded_primary(
     net.set_link(client_addr, addrs[0], lossy(0.3));
     net.set_link(addrs[0], client_addr, lossy(0.3));
     let outcomes = sender.await.unwrap();
+    // Counters as the sends ended: afterwards the servers' collectors stop, their channels
+    // say goodbye and the client moves again.
+    let stats = client.stats();
     let (_, total) = gather(collectors).await;
     let mut latencies = Vec::new();
     for (i, r) in outcomes {
@@ -453,7 +458,7 @@ async fn degraded_primary(
     }
     assert_eq!(store.len(), 600);
     latencies.sort();
-    (latencies, client.stats())
+    (latencies, stats)
 }
 
 #[tokio::test(start_paused = true)]
@@ -523,8 +528,10 @@ async fn a_recovered_replica_rejoins_as_the_standby() {
     assert!(client.stats().standby_ready);
     assert!(net.crash(addrs[1]), "B was up");
     let outcomes = sender.await.unwrap();
-    let (by, total) = gather(collectors).await;
+    // Counters as the sends ended: afterwards the servers' collectors stop, their channels
+    // say goodbye and the client moves again.
     let s = client.stats();
+    let (by, total) = gather(collectors).await;
     eprintln!(
         "delivered by A, B, C: {:?}; failovers {} ({} to the standby)",
         by.iter().map(BTreeMap::len).collect::<Vec<_>>(),
@@ -567,8 +574,10 @@ async fn a_channel_moves_to_a_much_better_replica() {
     net.set_link(client_addr, addrs[0], bad.clone());
     net.set_link(addrs[0], client_addr, bad);
     let outcomes = sender.await.unwrap();
-    let (by, total) = gather(collectors).await;
+    // Counters as the sends ended: afterwards the servers' collectors stop, their channels
+    // say goodbye and the client moves again.
     let s = client.stats();
+    let (by, total) = gather(collectors).await;
     eprintln!(
         "delivered by A, B: {:?}; switches {}, failovers {}; scores {:?}",
         by.iter().map(BTreeMap::len).collect::<Vec<_>>(),
