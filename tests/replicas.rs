@@ -648,3 +648,59 @@ async fn a_hung_claim_times_out_and_is_retried() {
     assert_once(&delivered);
     assert_eq!(delivered.len(), 20);
 }
+
+/// Issue case 13c: hedge copies go to a standby only when the primary judges by the shared
+/// claims store too. Here the preferred replica has no store (it answers that the channel
+/// is new) and the standby has one: a copy delivered there would be a second delivery, so
+/// none is sent, whatever `hedge_to` says.
+#[tokio::test(start_paused = true)]
+async fn no_hedge_copies_to_a_standby_when_the_primary_does_not_claim() {
+    let pair = pair(37);
+    let net = pair.net.clone().unwrap();
+    let client_addr = pair.client.local_addr().unwrap();
+    let endpoints = replicas(&pair, 2, &lossy(0.05));
+    let store = Arc::new(MemoryStore::default());
+    let mut collectors = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, (addr, endpoint)) in endpoints.into_iter().enumerate() {
+        addrs.push(addr);
+        let config = if i == 0 {
+            Config::default()
+        } else {
+            with_store(store.clone())
+        };
+        let mut listener = Listener::new(endpoint, config);
+        collectors.push(tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            let idle = Duration::from_secs(10);
+            while let Ok(Some((_c, m))) = tokio::time::timeout(idle, listener.accept()).await {
+                tasks.push(collect(m, idle));
+            }
+            let mut all = BTreeMap::new();
+            for t in tasks {
+                for (i, n) in t.await.unwrap() {
+                    *all.entry(i).or_insert(0u32) += n;
+                }
+            }
+            all
+        }));
+    }
+    let mut config = Config::default();
+    config.sender.hedge_to = surelink::proto::HedgeTo::Other;
+    config.switch_ratio = 0.0;
+    let (client, _m, sender) = start_client(&pair, &addrs, config, 300, 5).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(client.stats().standby_ready, "the standby is up");
+    net.set_link(client_addr, addrs[0], lossy(0.3));
+    net.set_link(addrs[0], client_addr, lossy(0.3));
+    let outcomes = sender.await.unwrap();
+    let s = client.stats();
+    let (_, total) = gather(collectors).await;
+    assert!(s.sender.hedges_fired > 0, "the lossy primary needed hedges");
+    assert_eq!(s.sender.hedges_to_secondary, 0, "no copy to the standby");
+    for (i, r) in &outcomes {
+        if r.is_ok() {
+            assert!(total.contains_key(i), "payment {i} acked, not delivered");
+        }
+    }
+}
