@@ -246,6 +246,19 @@ pub enum SendError {
     Closed,
 }
 
+impl SendError {
+    /// Whether the message may have been delivered: `true` for an unknown outcome
+    /// ([`SendError::Timeout`], [`SendError::ConnectionLost`]; retry with the same idempotency
+    /// key, and the peer delivers it at most once), `false` when it certainly was not (retrying
+    /// is safe with or without the key).
+    pub fn may_have_been_delivered(&self) -> bool {
+        matches!(
+            self,
+            SendError::Timeout { .. } | SendError::ConnectionLost { .. }
+        )
+    }
+}
+
 /// How a connection ended, as the driver classifies it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lost {
