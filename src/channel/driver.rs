@@ -249,7 +249,13 @@ impl Driver {
 
     fn event(&mut self, event: Event) -> Option<Input> {
         match event {
-            Event::Input(i) => Some(i),
+            Event::Input(i) => {
+                if let Input::ConnectionLost { conn, .. } = &i {
+                    // Gone: keep its byte counts, forget it.
+                    self.retire(*conn);
+                }
+                Some(i)
+            }
             Event::Dialed(dial, result) => Some(Input::DialDone {
                 dial,
                 result: match result {
