@@ -1349,6 +1349,18 @@ impl Link {
     }
 
     fn dial_done(&mut self, now: Instant, dial: u64, result: Result<Dialed, DialFailure>) {
+        // A connection without datagrams cannot carry the channel: a failed attempt (another
+        // replica, or a later attempt, may do better).
+        let result = match result {
+            Ok(d) if d.max_datagram_size.is_none() => {
+                self.close(d.conn, 1, "datagrams required");
+                Err(DialFailure {
+                    refused: false,
+                    reason: "the connection does not carry QUIC datagrams".into(),
+                })
+            }
+            other => other,
+        };
         if let Some(r) = &mut self.redial {
             if r.dial == Some(dial) {
                 r.dial = None;

@@ -1180,3 +1180,32 @@ fn a_draining_close_waits_for_claims_in_flight_within_the_claim_timeout() {
     let actions = run_until(&mut link, &mut now, start + Duration::from_secs(5));
     assert_eq!(closes(&actions), vec![(ConnId(1), GOODBYE)]);
 }
+
+/// A redial that reaches a server without datagrams counts as a failed attempt: the link
+/// keeps redialling instead of waiting forever without a connection.
+#[test]
+fn a_redialled_connection_without_datagrams_is_a_failed_attempt() {
+    let (mut now, mut link) = client(1, Attached::Resumed);
+    lose(&mut link, now, 1);
+    let (dial, _) = dials(&drain(&mut link))[0];
+    link.handle(
+        now,
+        Input::DialDone {
+            dial,
+            result: Ok(Dialed {
+                conn: ConnId(2),
+                attached: Attached::Resumed,
+                max_datagram_size: None,
+            }),
+        },
+    );
+    assert_eq!(closes(&drain(&mut link)), vec![(ConnId(2), 1)]);
+    assert_eq!(link.primary(), None);
+    let start = now;
+    let actions = run_until(&mut link, &mut now, start + Duration::from_millis(20));
+    assert_eq!(
+        dials(&actions).len(),
+        1,
+        "the next attempt after the backoff"
+    );
+}
