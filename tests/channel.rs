@@ -44,6 +44,22 @@ async fn ends(link: LinkConfig, seed: u64) -> Ends {
     }
 }
 
+/// Takes every message as it arrives (a message is acked once the application took it), for
+/// tests that await their sends before they look at what arrived.
+fn reader(
+    mut messages: Messages,
+) -> tokio::sync::mpsc::UnboundedReceiver<surelink::proto::Delivered> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(m) = messages.recv().await {
+            if tx.send(m).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 struct Run {
     acked: HashMap<u32, Duration>,
     failed: Vec<(u32, SendError)>,
@@ -369,9 +385,10 @@ async fn large_messages_take_the_stream_path_with_the_same_semantics() {
         pair: _pair,
         client,
         server,
-        mut server_messages,
+        server_messages,
         ..
     } = ends(link, 9).await;
+    let mut server_messages = reader(server_messages);
     let big = |i: u8| Bytes::from(vec![i; 100_000 + usize::from(i)]);
     let mut tasks = Vec::new();
     for i in 0..10u8 {
@@ -442,9 +459,10 @@ async fn a_retry_with_the_same_idempotency_key_is_acked_but_delivered_once() {
         pair: _pair,
         client,
         server,
-        mut server_messages,
+        server_messages,
         ..
     } = ends(link, 0).await;
+    let mut server_messages = reader(server_messages);
     for attempt in 0..3 {
         let r = client
             .send_with_key("order-42", payment(42))
@@ -560,4 +578,42 @@ async fn after_the_application_drops_its_messages_nothing_more_is_acked() {
         }
     }
     assert_eq!(acked, 0, "nothing acked that nobody took");
+}
+
+/// Issue case 1, stream path: a large message handed to the application's queue is
+/// acknowledged only once the application takes it. When the application drops its
+/// `Messages` without taking it, the sender learns it was refused (not delivered), not a
+/// receipt.
+#[tokio::test(start_paused = true)]
+async fn a_stream_message_is_acked_only_once_the_application_took_it() {
+    let mut e = ends(
+        LinkConfig {
+            delay: Duration::from_millis(10),
+            ..LinkConfig::default()
+        },
+        4,
+    )
+    .await;
+    let big = |i: u8| Bytes::from(vec![i; 20_000]);
+    // Taken: acked.
+    let client = e.client.clone();
+    let first = tokio::spawn(async move { client.send(big(1)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !first.is_finished(),
+        "no ack before the application took it"
+    );
+    assert_eq!(e.server_messages.recv().await.unwrap().payload, big(1));
+    assert!(first.await.unwrap().is_ok());
+    // Handed over, never taken: refused when the application goes away.
+    let client = e.client.clone();
+    let second = tokio::spawn(async move { client.send(big(2)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!second.is_finished());
+    drop(e.server_messages);
+    let outcome = second.await.unwrap();
+    assert!(
+        matches!(outcome, Err(SendError::Refused { .. })),
+        "{outcome:?}"
+    );
 }

@@ -696,6 +696,8 @@ pub struct Link {
     streams: HashMap<u64, StreamSend>,
     parked: VecDeque<(u64, Bytes)>,
     stream_waiting: HashMap<u64, u64>,
+    /// Stream messages delivered to the hand-off and not yet taken: their answers, by id.
+    untaken: HashMap<u64, u64>,
     claims: HashMap<u64, ClaimJob>,
     next_claim: u64,
     room: usize,
@@ -749,6 +751,7 @@ impl Link {
             streams: HashMap::new(),
             parked: VecDeque::new(),
             stream_waiting: HashMap::new(),
+            untaken: HashMap::new(),
             claims: HashMap::new(),
             next_claim: 0,
             app_gone: false,
@@ -906,8 +909,8 @@ impl Link {
             }
             Input::StreamInvalid { reason } => self.peer.count_invalid_reason(reason),
             Input::ClaimAnswered { attempt, result } => self.claim_answered(now, attempt, result),
-            Input::Took { .. } => self.room += 1,
-            Input::AppGone => self.app_gone = true,
+            Input::Took { id } => self.took(id),
+            Input::AppGone => self.app_gone(),
             Input::Send {
                 token,
                 key,
@@ -966,8 +969,8 @@ impl Link {
     fn handle_finishing(&mut self, now: Instant, input: Input) {
         match input {
             Input::ClaimAnswered { attempt, result } => self.claim_answered(now, attempt, result),
-            Input::Took { .. } => self.room += 1,
-            Input::AppGone => self.app_gone = true,
+            Input::Took { id } => self.took(id),
+            Input::AppGone => self.app_gone(),
             Input::Send { token, .. } => self.complete(token, Err(SendError::Closed)),
             Input::DialDone { result: Ok(d), .. } => self.close(d.conn, 0, "channel stopped"),
             Input::Reattached { conn, .. } => self.close(conn, 0, "channel stopped"),
@@ -978,6 +981,29 @@ impl Link {
             Input::Timer => self.claim_timers(now),
             Input::Confirm { id, outcome } => self.peer.receiver.confirm(now, id, outcome),
             _ => {}
+        }
+    }
+
+    /// The application took message `id`: room for another, and a stream message's answer.
+    fn took(&mut self, id: u64) {
+        self.room += 1;
+        if let Some(answer) = self.untaken.remove(&id) {
+            self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: Some(STREAM_DELIVERED),
+            });
+        }
+    }
+
+    /// Nobody takes messages any more: stream messages handed over but not taken were not
+    /// delivered, and their senders learn it.
+    fn app_gone(&mut self) {
+        self.app_gone = true;
+        for (_, answer) in std::mem::take(&mut self.untaken) {
+            self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: Some(crate::wire::STREAM_REFUSED),
+            });
         }
     }
 
@@ -1175,7 +1201,27 @@ impl Link {
             });
             return;
         }
+        let id = crate::wire::decode_stream_message(message.clone())
+            .ok()
+            .map(|(id, _)| id);
+        let delivered = self.peer.receiver.stats().delivered;
         match self.peer.handle_stream_message(now, message) {
+            // Delivered to the hand-off just now, or a copy of one still there: the answer
+            // (the stream path's ack) waits until the application took it (issue case 1).
+            StreamStatus::Now(STREAM_DELIVERED)
+                if id.is_some_and(|id| {
+                    self.untaken.contains_key(&id)
+                        || self.peer.receiver.stats().delivered > delivered
+                }) =>
+            {
+                let id = id.expect("checked");
+                if let Some(old) = self.untaken.insert(id, answer) {
+                    self.actions.push_back(Action::AnswerStream {
+                        answer: old,
+                        status: None,
+                    });
+                }
+            }
             StreamStatus::Now(status) => self.actions.push_back(Action::AnswerStream {
                 answer,
                 status: Some(status),
@@ -1827,6 +1873,12 @@ impl Link {
         if let Some(s) = self.standby.take() {
             self.close(s.conn, code, close);
         }
+        for (_, answer) in std::mem::take(&mut self.untaken) {
+            self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: None,
+            });
+        }
         for (_, answer) in std::mem::take(&mut self.stream_waiting) {
             self.actions.push_back(Action::AnswerStream {
                 answer,
@@ -1865,6 +1917,13 @@ impl Link {
             if let (Some(keys), Some(key)) = (&self.config.shared_keys, &message.key) {
                 if !keys.first(now, key) {
                     self.stats.duplicate_keys_elsewhere += 1;
+                    // Acked, not delivered again: a stream message's answer says so now.
+                    if let Some(answer) = self.untaken.remove(&message.id) {
+                        self.actions.push_back(Action::AnswerStream {
+                            answer,
+                            status: Some(STREAM_DELIVERED),
+                        });
+                    }
                     continue;
                 }
             }
