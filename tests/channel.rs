@@ -60,6 +60,12 @@ fn reader(
     rx
 }
 
+/// Takes and drops every message, for tests that do not look at deliveries (a message is
+/// acked once the application took it).
+fn drain(mut messages: Messages) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { while messages.recv().await.is_some() {} })
+}
+
 struct Run {
     acked: HashMap<u32, Duration>,
     failed: Vec<(u32, SendError)>,
@@ -207,7 +213,8 @@ async fn a_lost_connection_gives_every_pending_send_a_definite_error() {
     .unwrap();
     let (client_conn, server_conn) = pair.connect().await.unwrap();
     let (client, _m) = Channel::open(client_conn.clone(), Config::default()).unwrap();
-    let (_server, _sm) = Channel::open(server_conn, Config::default()).unwrap();
+    let (_server, sm) = Channel::open(server_conn, Config::default()).unwrap();
+    let _sm = drain(sm);
     assert!(client.send(payment(0)).await.is_ok(), "before the blackout");
     tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(1)).await;
     let pending: Vec<_> = (1..=10)
@@ -279,9 +286,10 @@ async fn garbage_and_contradictory_frames_from_an_authenticated_peer_are_counted
         client_conn,
         client,
         server,
-        mut server_messages,
+        server_messages,
         ..
     } = ends(link, 5).await;
+    let mut server_messages = reader(server_messages);
     // The hostile part of the client: raw datagrams beside the real channel.
     let hostile = tokio::spawn(async move {
         let mut sent = 0u64;
@@ -439,7 +447,8 @@ async fn without_streams_a_large_message_is_refused_before_sending() {
         ..Config::default()
     };
     let (client, _cm) = Channel::open(client_conn, config.clone()).unwrap();
-    let (_server, _sm) = Channel::open(server_conn, config).unwrap();
+    let (_server, sm) = Channel::open(server_conn, config).unwrap();
+    let _sm = drain(sm);
     let r = client.send(Bytes::from(vec![1u8; 20_000])).await;
     assert!(
         matches!(r, Err(SendError::TooLarge { max: 8192, .. })),
@@ -506,6 +515,7 @@ async fn stats_describe_the_path_and_the_work() {
         ..LinkConfig::default()
     };
     let e = ends(link, 31).await;
+    let _taken = drain(e.server_messages);
     let outcomes = futures_join(&e.client, 400).await;
     assert!(outcomes.iter().all(Result::is_ok), "all acked at 10% loss");
     let (c, s) = (e.client.stats(), e.server.stats());
@@ -564,9 +574,11 @@ async fn after_the_application_drops_its_messages_nothing_more_is_acked() {
         3,
     )
     .await;
-    let first = e.client.send(payment(0)).await;
+    let mut messages = e.server_messages;
+    let (first, got) = tokio::join!(e.client.send(payment(0)), messages.recv());
     assert!(first.is_ok(), "{first:?}");
-    drop(e.server_messages);
+    assert!(got.is_some());
+    drop(messages);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let options = surelink::channel::SendOptions::default().deadline(Duration::from_secs(1));
     let mut acked = 0;

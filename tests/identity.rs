@@ -123,8 +123,10 @@ async fn mutual_tls_names_the_client_to_the_server_application() {
     .unwrap();
     let client = connect(&w, config).await.expect("the handshake succeeds");
     let (server_channel, mut messages) = listener.accept().await.unwrap();
-    client.send(common::payment(1)).await.unwrap();
-    assert_eq!(common::number(&messages.recv().await.unwrap().payload), 1);
+    // A message is acked once the server's application took it: receive while sending.
+    let (sent, got) = tokio::join!(client.send(common::payment(1)), messages.recv());
+    sent.unwrap();
+    assert_eq!(common::number(&got.unwrap().payload), 1);
     let seen = server_channel.peer_identity().expect("the client's chain");
     assert_eq!(
         seen[0], shop.cert,
@@ -195,7 +197,13 @@ async fn a_pinned_server_certificate_is_trusted_and_any_other_is_not() {
         surelink::channel::server_config(vec![real.cert.clone()], real.key.clone_key().into())
             .unwrap();
     let (w, server) = world(server_config);
-    let _listener = Listener::new(server, Config::default());
+    let mut listener = Listener::new(server, Config::default());
+    // The server's application takes what arrives (a message is acked once taken).
+    tokio::spawn(async move {
+        while let Some((_channel, mut messages)) = listener.accept().await {
+            tokio::spawn(async move { while messages.recv().await.is_some() {} });
+        }
+    });
     let pinned = client_config_with(ServerTrust::pinned_file(&real_pin).unwrap(), None).unwrap();
     let client = connect(&w, pinned)
         .await
@@ -274,8 +282,9 @@ async fn another_client_identity_cannot_take_over_a_channel_by_its_id() {
     let mut listener = Listener::new(server, Config::default());
     let client = connect(&w, client_as(&server_ca, &shop)).await.unwrap();
     let (_server_channel, mut messages) = listener.accept().await.unwrap();
-    client.send(common::payment(1)).await.unwrap();
-    assert_eq!(common::number(&messages.recv().await.unwrap().payload), 1);
+    let (sent, got) = tokio::join!(client.send(common::payment(1)), messages.recv());
+    sent.unwrap();
+    assert_eq!(common::number(&got.unwrap().payload), 1);
 
     // The other client, with a valid certificate of its own, learned the channel id.
     let conn = w
@@ -307,8 +316,9 @@ async fn another_client_identity_cannot_take_over_a_channel_by_its_id() {
     }
     assert_eq!(listener.server().reattaches_refused(), 1);
     // The channel stays with its client: its messages still arrive and are acked.
-    client.send(common::payment(2)).await.unwrap();
-    assert_eq!(common::number(&messages.recv().await.unwrap().payload), 2);
+    let (sent, got) = tokio::join!(client.send(common::payment(2)), messages.recv());
+    sent.unwrap();
+    assert_eq!(common::number(&got.unwrap().payload), 2);
     assert_eq!(client.stats().reconnects, 0);
     drop(w.net);
 }

@@ -162,7 +162,8 @@ async fn a_server_at_its_channel_limit_refuses_and_the_client_learns_it() {
         )
     };
     let (first, _m1) = connect().await.unwrap();
-    let (_s1, _sm1) = listener.accept().await.unwrap();
+    let (_s1, sm1) = listener.accept().await.unwrap();
+    let _sm1 = reader(sm1);
     assert!(first.send(payment(1)).await.is_ok());
     // The client waits for the server's answer to its Hello, so the refusal is the
     // connect's error, with the server's reason.
@@ -182,6 +183,24 @@ async fn a_server_at_its_channel_limit_refuses_and_the_client_learns_it() {
     );
 }
 
+/// The application's side of `messages`: a task takes each message as it arrives (a
+/// message is acked once taken) and passes it on; the receiver ends with the channel.
+fn reader(
+    mut messages: surelink::channel::Messages,
+) -> tokio::sync::mpsc::UnboundedReceiver<surelink::proto::Delivered> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(m) = messages.recv().await {
+            if tx.send(m).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// A client channel and the server's end of it, whose messages are taken as they arrive
+/// ([`reader`]).
 async fn connected(
     pair: &Pair,
     listener: &mut Listener,
@@ -189,7 +208,7 @@ async fn connected(
     Channel,
     surelink::channel::Messages,
     Channel,
-    surelink::channel::Messages,
+    tokio::sync::mpsc::UnboundedReceiver<surelink::proto::Delivered>,
 ) {
     let (client, client_messages) = Channel::connect(
         &pair.client,
@@ -201,7 +220,7 @@ async fn connected(
     .await
     .unwrap();
     let (server, server_messages) = listener.accept().await.unwrap();
-    (client, client_messages, server, server_messages)
+    (client, client_messages, server, reader(server_messages))
 }
 
 /// Waits (virtual time) until the server holds no channel; how long it took.

@@ -395,7 +395,13 @@ async fn a_silent_replica_is_given_up_after_failover_after_not_the_idle_timeout(
     let mut listeners = Vec::new();
     for (addr, endpoint) in replicas(&pair, 2, &lossy(0.05)) {
         addrs.push(addr);
-        listeners.push(Listener::new(endpoint, with_store(store.clone())));
+        let mut listener = Listener::new(endpoint, with_store(store.clone()));
+        // The replica's application takes what arrives (a message is acked once taken).
+        listeners.push(tokio::spawn(async move {
+            while let Some((_channel, mut messages)) = listener.accept().await {
+                tokio::spawn(async move { while messages.recv().await.is_some() {} });
+            }
+        }));
     }
     let (client, _m, sender) = start_client(&pair, &addrs, Config::default(), 600, 5).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -418,7 +424,9 @@ async fn a_silent_replica_is_given_up_after_failover_after_not_the_idle_timeout(
     assert_eq!(s.failovers, 1);
     assert_eq!(s.standby_failovers, 1, "the warm standby took over");
     assert_eq!(store.len(), 600);
-    drop(listeners);
+    for l in listeners {
+        l.abort();
+    }
 }
 
 /// One run of 600 payments over two replicas sharing a store, the primary's path degraded to
