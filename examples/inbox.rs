@@ -179,7 +179,7 @@ async fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     for t in tasks {
         client_retries += t.await??;
     }
-    client.close();
+    client.close().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     app.abort();
 

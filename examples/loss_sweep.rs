@@ -273,7 +273,7 @@ async fn run_surelink(args: &Args, case: &Case, bar: &ProgressBar) -> Row {
         );
     }
     drop(client);
-    server.close();
+    server.close().await;
     pair.client.close(0u32.into(), b"done");
     pair.server.close(0u32.into(), b"done");
     let duplicates = tokio::time::timeout(Duration::from_secs(30), collector)

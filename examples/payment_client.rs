@@ -267,7 +267,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         hedges_to_secondary,
     );
     if let Some(c) = &channel {
-        c.close();
+        c.close().await;
     }
     if let Some(conn) = &conn {
         conn.close(0u32.into(), b"done");

@@ -144,7 +144,7 @@ async fn run(args: &Args, mode: Mode, seed: u64) -> (Vec<Duration>, usize, u64) 
         }
     }
     let copies = client.stats().sender.hedges_to_secondary;
-    client.close();
+    client.close().await;
     for s in servers {
         s.abort();
     }

@@ -337,14 +337,9 @@ impl World {
                 server_open: true,
             },
         );
-        world.servers[0].link = Some(Link::new(
-            start,
-            world.server_config.clone(),
-            Role::Server,
-            ConnId(0),
-            SIZE,
-            0,
-        ));
+        let mut config = world.server_config.clone();
+        config.claimant_seed = claimant_seed(0, 0);
+        world.servers[0].link = Some(Link::new(start, config, Role::Server, ConnId(0), SIZE, 0));
         world.drain_all();
         world
     }
@@ -674,14 +669,9 @@ impl World {
                     }
                     _ => {
                         // A new channel here: its window starts at the client's floor.
-                        server.link = Some(Link::new(
-                            now,
-                            self.server_config.clone(),
-                            Role::Server,
-                            conn,
-                            SIZE,
-                            floor,
-                        ));
+                        let mut config = self.server_config.clone();
+                        config.claimant_seed = claimant_seed(replica, incarnation);
+                        server.link = Some(Link::new(now, config, Role::Server, conn, SIZE, floor));
                         server.app = App {
                             stopped: server.app.stopped,
                             ..App::default()
@@ -1099,11 +1089,10 @@ impl World {
                     attempt,
                     id,
                     key,
+                    claimant,
                     timeout,
                 } => {
                     let incarnation = self.servers[r].incarnation;
-                    // The claimant: this server process (never 0).
-                    let claimant = (r as u64 + 1) << 32 | (incarnation + 1);
                     let result = match self.store.faults.pop_front() {
                         None => Ok(self.store.claim(id, &key, claimant)),
                         Some(StoreFault::Error) => Err("store unreachable".to_string()),
@@ -1188,6 +1177,11 @@ impl World {
             }
         }
     }
+}
+
+/// A server process's claimant tokens: its own range (the driver draws a random seed).
+fn claimant_seed(replica: usize, incarnation: u64) -> u64 {
+    ((replica as u64 + 1) << 48) | (incarnation << 32)
 }
 
 /// Whether to print every event and action (`SURELINK_WORLD_TRACE`).

@@ -50,8 +50,10 @@ async fn the_largest_message_is_sent_and_one_byte_more_is_refused_before_sending
         channels(Duration::from_millis(10), config.clone(), config).await;
 
     let at_limit = Bytes::from(vec![7u8; 20_000]);
-    client.send(at_limit.clone()).await.expect("at the limit");
-    assert_eq!(messages.recv().await.unwrap().payload, at_limit);
+    // A stream message is acked once the application took it: receive while sending.
+    let (sent, got) = tokio::join!(client.send(at_limit.clone()), messages.recv());
+    sent.expect("at the limit");
+    assert_eq!(got.unwrap().payload, at_limit);
 
     let before = client.stats();
     let past = client.send(Bytes::from(vec![7u8; 20_001])).await;
@@ -446,9 +448,10 @@ async fn stream_messages_wait_for_a_slow_application_too() {
     );
     assert_eq!(stalled.stream_messages_received, u64::from(n));
     // Four in the hand-off, one in the receiver (which is then over its cap); the rest are
-    // held unanswered, so their senders wait.
+    // held unanswered, so their senders wait. None was taken, so none is acked: a stream
+    // message is acked once the application took it (issue case 1).
     assert_eq!(stalled.receiver.delivered, 5);
-    assert_eq!(acked, 5, "acked means delivered");
+    assert_eq!(acked, 0, "acked means taken by the application");
     let mut got = Vec::new();
     for _ in 0..n {
         got.push(messages.recv().await.unwrap().payload);
@@ -462,4 +465,72 @@ async fn stream_messages_wait_for_a_slow_application_too() {
         (0..n).map(big).collect::<Vec<_>>(),
         "each once, intact"
     );
+}
+
+/// Issue case 8: a `send` whose future is dropped (here by a timeout) keeps its in-flight
+/// slot until its message has an outcome: backpressure holds (a later send waits for room
+/// instead of failing with `Backpressure`), `in_flight` stays truthful, and the abandoned
+/// outcomes are counted.
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_send_keeps_its_slot_until_its_message_has_an_outcome() {
+    let config = Config {
+        sender: SenderConfig {
+            max_in_flight: 4,
+            ..SenderConfig::default()
+        },
+        ..Config::default()
+    };
+    let (_pair, _conn, client, _server, messages) =
+        channels(Duration::from_millis(50), config, Config::default()).await;
+    let delivered = collect(messages, Duration::from_secs(2));
+    for i in 0..4 {
+        let cancelled = tokio::time::timeout(Duration::from_millis(5), client.send(payment(i)));
+        assert!(cancelled.await.is_err(), "no ack within 5 ms");
+    }
+    assert_eq!(
+        client.stats().in_flight,
+        4,
+        "the cancelled messages are in flight"
+    );
+    let started = tokio::time::Instant::now();
+    let fifth = client.send(payment(4)).await;
+    assert!(fifth.is_ok(), "the fifth waited for a slot: {fifth:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(50),
+        "it waited for an outcome of the first four"
+    );
+    let stats = client.stats();
+    assert_eq!(stats.sends_abandoned, 4);
+    assert_eq!(
+        stats.sender.acked, 5,
+        "the abandoned sends' outcomes are counted"
+    );
+    assert_eq!(stats.in_flight, 0);
+    let delivered = delivered.await.unwrap();
+    assert_once(&delivered);
+    assert_eq!(delivered.len(), 5);
+}
+
+/// Issue case 8: a per-send deadline replaces the channel's for that message.
+#[tokio::test(start_paused = true)]
+async fn a_per_send_deadline_bounds_that_send_alone() {
+    let (_pair, _conn, client, _server, messages) = channels(
+        Duration::from_millis(200),
+        Config::default(),
+        Config::default(),
+    )
+    .await;
+    let delivered = collect(messages, Duration::from_secs(2));
+    let options = surelink::channel::SendOptions::default().deadline(Duration::from_millis(100));
+    let started = tokio::time::Instant::now();
+    let short = client.send_with(payment(1), options).await;
+    assert!(
+        matches!(short, Err(SendError::Timeout { id: 0 })),
+        "{short:?}"
+    );
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+    // The same channel's default deadline (5 s) covers the 400 ms round trip.
+    client.send(payment(2)).await.unwrap();
+    let delivered = delivered.await.unwrap();
+    assert_once(&delivered);
 }

@@ -44,6 +44,28 @@ async fn ends(link: LinkConfig, seed: u64) -> Ends {
     }
 }
 
+/// Takes every message as it arrives (a message is acked once the application took it), for
+/// tests that await their sends before they look at what arrived.
+fn reader(
+    mut messages: Messages,
+) -> tokio::sync::mpsc::UnboundedReceiver<surelink::proto::Delivered> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(m) = messages.recv().await {
+            if tx.send(m).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Takes and drops every message, for tests that do not look at deliveries (a message is
+/// acked once the application took it).
+fn drain(mut messages: Messages) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { while messages.recv().await.is_some() {} })
+}
+
 struct Run {
     acked: HashMap<u32, Duration>,
     failed: Vec<(u32, SendError)>,
@@ -191,7 +213,8 @@ async fn a_lost_connection_gives_every_pending_send_a_definite_error() {
     .unwrap();
     let (client_conn, server_conn) = pair.connect().await.unwrap();
     let (client, _m) = Channel::open(client_conn.clone(), Config::default()).unwrap();
-    let (_server, _sm) = Channel::open(server_conn, Config::default()).unwrap();
+    let (_server, sm) = Channel::open(server_conn, Config::default()).unwrap();
+    let _sm = drain(sm);
     assert!(client.send(payment(0)).await.is_ok(), "before the blackout");
     tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(1)).await;
     let pending: Vec<_> = (1..=10)
@@ -263,9 +286,10 @@ async fn garbage_and_contradictory_frames_from_an_authenticated_peer_are_counted
         client_conn,
         client,
         server,
-        mut server_messages,
+        server_messages,
         ..
     } = ends(link, 5).await;
+    let mut server_messages = reader(server_messages);
     // The hostile part of the client: raw datagrams beside the real channel.
     let hostile = tokio::spawn(async move {
         let mut sent = 0u64;
@@ -369,9 +393,10 @@ async fn large_messages_take_the_stream_path_with_the_same_semantics() {
         pair: _pair,
         client,
         server,
-        mut server_messages,
+        server_messages,
         ..
     } = ends(link, 9).await;
+    let mut server_messages = reader(server_messages);
     let big = |i: u8| Bytes::from(vec![i; 100_000 + usize::from(i)]);
     let mut tasks = Vec::new();
     for i in 0..10u8 {
@@ -422,7 +447,8 @@ async fn without_streams_a_large_message_is_refused_before_sending() {
         ..Config::default()
     };
     let (client, _cm) = Channel::open(client_conn, config.clone()).unwrap();
-    let (_server, _sm) = Channel::open(server_conn, config).unwrap();
+    let (_server, sm) = Channel::open(server_conn, config).unwrap();
+    let _sm = drain(sm);
     let r = client.send(Bytes::from(vec![1u8; 20_000])).await;
     assert!(
         matches!(r, Err(SendError::TooLarge { max: 8192, .. })),
@@ -442,9 +468,10 @@ async fn a_retry_with_the_same_idempotency_key_is_acked_but_delivered_once() {
         pair: _pair,
         client,
         server,
-        mut server_messages,
+        server_messages,
         ..
     } = ends(link, 0).await;
+    let mut server_messages = reader(server_messages);
     for attempt in 0..3 {
         let r = client
             .send_with_key("order-42", payment(42))
@@ -488,6 +515,7 @@ async fn stats_describe_the_path_and_the_work() {
         ..LinkConfig::default()
     };
     let e = ends(link, 31).await;
+    let _taken = drain(e.server_messages);
     let outcomes = futures_join(&e.client, 400).await;
     assert!(outcomes.iter().all(Result::is_ok), "all acked at 10% loss");
     let (c, s) = (e.client.stats(), e.server.stats());
@@ -530,4 +558,75 @@ async fn futures_join(
         out.push(t.await.unwrap());
     }
     out
+}
+
+/// Issue case 1: once the receiving application dropped its `Messages` (its consumer task
+/// panicked), the channel acks nothing more: messages sent after that are neither delivered
+/// nor acked, so their senders learn an unknown outcome (not a receipt for a payment
+/// nobody took).
+#[tokio::test(start_paused = true)]
+async fn after_the_application_drops_its_messages_nothing_more_is_acked() {
+    let e = ends(
+        LinkConfig {
+            delay: Duration::from_millis(10),
+            ..LinkConfig::default()
+        },
+        3,
+    )
+    .await;
+    let mut messages = e.server_messages;
+    let (first, got) = tokio::join!(e.client.send(payment(0)), messages.recv());
+    assert!(first.is_ok(), "{first:?}");
+    assert!(got.is_some());
+    drop(messages);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let options = surelink::channel::SendOptions::default().deadline(Duration::from_secs(1));
+    let mut acked = 0;
+    for i in 1..=20 {
+        match e.client.send_with(payment(i), options.clone()).await {
+            Ok(_) => acked += 1,
+            // Not delivered: refused (REFUSE frame), or unknown if the refusal is lost.
+            Err(SendError::Refused { .. } | SendError::Timeout { .. }) => {}
+            Err(other) => panic!("payment {i}: {other}"),
+        }
+    }
+    assert_eq!(acked, 0, "nothing acked that nobody took");
+}
+
+/// Issue case 1, stream path: a large message handed to the application's queue is
+/// acknowledged only once the application takes it. When the application drops its
+/// `Messages` without taking it, the sender learns it was refused (not delivered), not a
+/// receipt.
+#[tokio::test(start_paused = true)]
+async fn a_stream_message_is_acked_only_once_the_application_took_it() {
+    let mut e = ends(
+        LinkConfig {
+            delay: Duration::from_millis(10),
+            ..LinkConfig::default()
+        },
+        4,
+    )
+    .await;
+    let big = |i: u8| Bytes::from(vec![i; 20_000]);
+    // Taken: acked.
+    let client = e.client.clone();
+    let first = tokio::spawn(async move { client.send(big(1)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !first.is_finished(),
+        "no ack before the application took it"
+    );
+    assert_eq!(e.server_messages.recv().await.unwrap().payload, big(1));
+    assert!(first.await.unwrap().is_ok());
+    // Handed over, never taken: refused when the application goes away.
+    let client = e.client.clone();
+    let second = tokio::spawn(async move { client.send(big(2)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!second.is_finished());
+    drop(e.server_messages);
+    let outcome = second.await.unwrap();
+    assert!(
+        matches!(outcome, Err(SendError::Refused { .. })),
+        "{outcome:?}"
+    );
 }

@@ -243,9 +243,10 @@ async fn channels_connect_through_30_percent_loss() {
             .expect("connected within 30 s");
         times.push(start.elapsed());
         let (_server, mut messages) = listener.accept().await.unwrap();
-        let receipt = client.send(common::payment(seed as u32)).await;
+        // A message is acked once the server's application took it: receive while sending.
+        let (receipt, m) = tokio::join!(client.send(common::payment(seed as u32)), messages.recv());
         assert!(receipt.is_ok(), "seed {seed}: {receipt:?}");
-        let m = messages.recv().await.unwrap();
+        let m = m.unwrap();
         assert_eq!(common::number(&m.payload), seed as u32);
     }
     times.sort();
@@ -300,4 +301,55 @@ async fn a_link_that_turns_one_way_for_two_seconds_delays_acks_but_loses_and_dup
         "payments sent as the link turned waited for it to heal"
     );
     assert_eq!((c.reconnects, s.reconnects), (0, 0));
+}
+
+/// Issue case 4: a server restarted without state, after the client used more ids than the
+/// server's dedupe window, starts the channel's window at the client's floor: the client's
+/// later messages are inside it and acked (on main every later send timed out, forever).
+#[tokio::test(start_paused = true)]
+async fn a_server_restarted_without_state_takes_later_ids_past_its_window() {
+    let mut server_config = Config::default();
+    server_config.receiver.dedupe_window = 64;
+    let pair = pair(lossy(0.0), lossy(0.0), 23);
+    let net = pair.net.clone().unwrap();
+    let mut first = Listener::new(pair.server.clone(), server_config.clone());
+    let (client, _client_messages) = connect(&pair).await;
+    let (_old, old_messages) = first.accept().await.unwrap();
+    let _old = collect(old_messages, Duration::from_secs(5));
+    for i in 0..100 {
+        client.send(common::payment(i)).await.unwrap();
+    }
+    assert!(net.crash(pair.server_addr), "the server was bound");
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let endpoint =
+        Pair::server_endpoint(&net, pair.server_addr, pair.server_config.clone()).unwrap();
+    let mut second = Listener::new(endpoint, server_config);
+    let later = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in 100..120 {
+                out.push(client.send(common::payment(i)).await);
+            }
+            out
+        })
+    };
+    let (_new, new_messages) = second.accept().await.unwrap();
+    let new = collect(new_messages, Duration::from_secs(5));
+    let outcomes = later.await.unwrap();
+    // Payment 100 was in flight when the client learned the server lost its state: it
+    // fails with an unknown outcome (never re-sent). Every later one is acked.
+    assert!(
+        matches!(&outcomes[0], Err(e) if lost_state(e)),
+        "{:?}",
+        outcomes[0]
+    );
+    for (i, r) in outcomes.iter().enumerate().skip(1) {
+        assert!(r.is_ok(), "payment {}: {r:?}", 100 + i);
+    }
+    let new = new.await.unwrap();
+    assert_once(&new);
+    assert_eq!(new.len(), 19);
+    assert_eq!(client.stats().reconnects, 1);
 }

@@ -12,6 +12,7 @@ use surelink::channel::{
     ServerTrust,
 };
 use surelink::sim::{LinkConfig, SimNetwork, TestCa, TestCert, SERVER_NAME};
+use surelink::wire::{Frame, HelloFrame};
 
 /// A directory of its own for one test's files.
 fn dir(test: &str) -> PathBuf {
@@ -122,8 +123,10 @@ async fn mutual_tls_names_the_client_to_the_server_application() {
     .unwrap();
     let client = connect(&w, config).await.expect("the handshake succeeds");
     let (server_channel, mut messages) = listener.accept().await.unwrap();
-    client.send(common::payment(1)).await.unwrap();
-    assert_eq!(common::number(&messages.recv().await.unwrap().payload), 1);
+    // A message is acked once the server's application took it: receive while sending.
+    let (sent, got) = tokio::join!(client.send(common::payment(1)), messages.recv());
+    sent.unwrap();
+    assert_eq!(common::number(&got.unwrap().payload), 1);
     let seen = server_channel.peer_identity().expect("the client's chain");
     assert_eq!(
         seen[0], shop.cert,
@@ -194,7 +197,13 @@ async fn a_pinned_server_certificate_is_trusted_and_any_other_is_not() {
         surelink::channel::server_config(vec![real.cert.clone()], real.key.clone_key().into())
             .unwrap();
     let (w, server) = world(server_config);
-    let _listener = Listener::new(server, Config::default());
+    let mut listener = Listener::new(server, Config::default());
+    // The server's application takes what arrives (a message is acked once taken).
+    tokio::spawn(async move {
+        while let Some((_channel, mut messages)) = listener.accept().await {
+            tokio::spawn(async move { while messages.recv().await.is_some() {} });
+        }
+    });
     let pinned = client_config_with(ServerTrust::pinned_file(&real_pin).unwrap(), None).unwrap();
     let client = connect(&w, pinned)
         .await
@@ -240,4 +249,76 @@ fn certificate_and_key_files_in_pem_and_der_load_and_bad_ones_say_why() {
     );
     let no_cert = surelink::channel::load_certs(&key_pem).unwrap_err();
     assert!(no_cert.to_string().contains("no CERTIFICATE"), "{no_cert}");
+}
+
+/// A client config trusting `server_ca`, presenting `who`'s certificate.
+fn client_as(server_ca: &TestCa, who: &TestCert) -> quinn::ClientConfig {
+    let mut roots = quinn::rustls::RootCertStore::empty();
+    roots.add(server_ca.cert()).unwrap();
+    client_config_with(
+        ServerTrust::Roots(roots),
+        Some(Identity {
+            cert_chain: vec![who.cert.clone()],
+            key: who.key.clone_key().into(),
+        }),
+    )
+    .unwrap()
+}
+
+/// Issue case 10: a channel id is not a bearer token. Under mutual TLS, a connection from
+/// another valid client that names an existing channel's id is refused (REFUSED, counted),
+/// and the channel stays with its own client.
+#[tokio::test(start_paused = true)]
+async fn another_client_identity_cannot_take_over_a_channel_by_its_id() {
+    let (server_ca, client_ca) = (
+        TestCa::new("servers").unwrap(),
+        TestCa::new("shops").unwrap(),
+    );
+    let (shop, thief) = (
+        client_ca.client("shop-17").unwrap(),
+        client_ca.client("shop-99").unwrap(),
+    );
+    let (w, server) = world(mtls_server(&server_ca, &client_ca));
+    let mut listener = Listener::new(server, Config::default());
+    let client = connect(&w, client_as(&server_ca, &shop)).await.unwrap();
+    let (_server_channel, mut messages) = listener.accept().await.unwrap();
+    let (sent, got) = tokio::join!(client.send(common::payment(1)), messages.recv());
+    sent.unwrap();
+    assert_eq!(common::number(&got.unwrap().payload), 1);
+
+    // The other client, with a valid certificate of its own, learned the channel id.
+    let conn = w
+        .client
+        .connect_with(client_as(&server_ca, &thief), w.server_addr, SERVER_NAME)
+        .unwrap()
+        .await
+        .expect("its own handshake is valid");
+    let hello = Frame::Hello(HelloFrame {
+        channel_id: client.id(),
+        floor: 0,
+    })
+    .to_bytes();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&hello).await.unwrap();
+    send.finish().unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1))
+        .await
+        .expect("an answer, not a hang");
+    assert!(answer.is_err(), "no hello answer: {answer:?}");
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("the server closed the connection");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(2), "REFUSED")
+        }
+        other => panic!("expected a refusal, got {other}"),
+    }
+    assert_eq!(listener.server().reattaches_refused(), 1);
+    // The channel stays with its client: its messages still arrive and are acked.
+    let (sent, got) = tokio::join!(client.send(common::payment(2)), messages.recv());
+    sent.unwrap();
+    assert_eq!(common::number(&got.unwrap().payload), 2);
+    assert_eq!(client.stats().reconnects, 0);
+    drop(w.net);
 }

@@ -353,8 +353,10 @@ async fn a_client_of_three_replicas_fails_over_when_its_replica_dies() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(net.crash(addrs[0]));
     let outcomes = sender.await.unwrap();
-    let (by, all) = gather(collectors).await;
+    // Counters as the sends ended: afterwards the servers' collectors stop, their channels
+    // say goodbye and the client moves again.
     let s = client.stats();
+    let (by, all) = gather(collectors).await;
     eprintln!(
         "delivered by replica {:?}; failovers {}, reconnects {}; claims {}",
         by.iter().map(BTreeMap::len).collect::<Vec<_>>(),
@@ -393,7 +395,13 @@ async fn a_silent_replica_is_given_up_after_failover_after_not_the_idle_timeout(
     let mut listeners = Vec::new();
     for (addr, endpoint) in replicas(&pair, 2, &lossy(0.05)) {
         addrs.push(addr);
-        listeners.push(Listener::new(endpoint, with_store(store.clone())));
+        let mut listener = Listener::new(endpoint, with_store(store.clone()));
+        // The replica's application takes what arrives (a message is acked once taken).
+        listeners.push(tokio::spawn(async move {
+            while let Some((_channel, mut messages)) = listener.accept().await {
+                tokio::spawn(async move { while messages.recv().await.is_some() {} });
+            }
+        }));
     }
     let (client, _m, sender) = start_client(&pair, &addrs, Config::default(), 600, 5).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -416,7 +424,9 @@ async fn a_silent_replica_is_given_up_after_failover_after_not_the_idle_timeout(
     assert_eq!(s.failovers, 1);
     assert_eq!(s.standby_failovers, 1, "the warm standby took over");
     assert_eq!(store.len(), 600);
-    drop(listeners);
+    for l in listeners {
+        l.abort();
+    }
 }
 
 /// One run of 600 payments over two replicas sharing a store, the primary's path degraded to
@@ -444,6 +454,9 @@ async fn degraded_primary(
     net.set_link(client_addr, addrs[0], lossy(0.3));
     net.set_link(addrs[0], client_addr, lossy(0.3));
     let outcomes = sender.await.unwrap();
+    // Counters as the sends ended: afterwards the servers' collectors stop, their channels
+    // say goodbye and the client moves again.
+    let stats = client.stats();
     let (_, total) = gather(collectors).await;
     let mut latencies = Vec::new();
     for (i, r) in outcomes {
@@ -453,7 +466,7 @@ async fn degraded_primary(
     }
     assert_eq!(store.len(), 600);
     latencies.sort();
-    (latencies, client.stats())
+    (latencies, stats)
 }
 
 #[tokio::test(start_paused = true)]
@@ -523,8 +536,10 @@ async fn a_recovered_replica_rejoins_as_the_standby() {
     assert!(client.stats().standby_ready);
     assert!(net.crash(addrs[1]), "B was up");
     let outcomes = sender.await.unwrap();
-    let (by, total) = gather(collectors).await;
+    // Counters as the sends ended: afterwards the servers' collectors stop, their channels
+    // say goodbye and the client moves again.
     let s = client.stats();
+    let (by, total) = gather(collectors).await;
     eprintln!(
         "delivered by A, B, C: {:?}; failovers {} ({} to the standby)",
         by.iter().map(BTreeMap::len).collect::<Vec<_>>(),
@@ -567,8 +582,10 @@ async fn a_channel_moves_to_a_much_better_replica() {
     net.set_link(client_addr, addrs[0], bad.clone());
     net.set_link(addrs[0], client_addr, bad);
     let outcomes = sender.await.unwrap();
-    let (by, total) = gather(collectors).await;
+    // Counters as the sends ended: afterwards the servers' collectors stop, their channels
+    // say goodbye and the client moves again.
     let s = client.stats();
+    let (by, total) = gather(collectors).await;
     eprintln!(
         "delivered by A, B: {:?}; switches {}, failovers {}; scores {:?}",
         by.iter().map(BTreeMap::len).collect::<Vec<_>>(),
@@ -590,4 +607,108 @@ async fn a_channel_moves_to_a_much_better_replica() {
 #[tokio::test]
 async fn the_memory_store_has_the_claim_semantics() {
     common::check_claim_semantics(&MemoryStore::default()).await;
+}
+
+/// A store whose first claim of each message hangs forever (no error, no answer); later
+/// claims go through.
+#[derive(Debug, Default)]
+struct HangsOnce {
+    inner: MemoryStore,
+    seen: std::sync::Mutex<std::collections::HashSet<u64>>,
+}
+
+impl DedupeStore for HangsOnce {
+    fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
+        if self.seen.lock().unwrap().insert(claim.message) {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.claim(claim)
+    }
+    fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
+        self.inner.lookup(claim)
+    }
+    fn expire(&self) -> StoreFuture<'_, u64> {
+        self.inner.expire()
+    }
+    fn ttl(&self) -> Duration {
+        self.inner.ttl()
+    }
+}
+
+/// Issue case 3: a claim that hangs (no error, no answer) is bounded by
+/// `claim_attempt_timeout` and retried: the message is claimed, delivered once and acked
+/// within its deadline (on main it stayed pending and its sender timed out).
+#[tokio::test(start_paused = true)]
+async fn a_hung_claim_times_out_and_is_retried() {
+    let pair = pair(41);
+    let mut listener = Listener::new(
+        pair.server.clone(),
+        with_store(Arc::new(HangsOnce::default())),
+    );
+    let (client, _client_messages) = connect(&pair).await;
+    let (_server, messages) = listener.accept().await.unwrap();
+    let delivered = collect(messages, Duration::from_secs(3));
+    let outcomes = send_paced(&client, 0..20, Duration::from_millis(10)).await;
+    for (i, r) in &outcomes {
+        assert!(r.is_ok(), "payment {i}: {r:?}");
+    }
+    let delivered = delivered.await.unwrap();
+    assert_once(&delivered);
+    assert_eq!(delivered.len(), 20);
+}
+
+/// Issue case 13c: hedge copies go to a standby only when the primary judges by the shared
+/// claims store too. Here the preferred replica has no store (it answers that the channel
+/// is new) and the standby has one: a copy delivered there would be a second delivery, so
+/// none is sent, whatever `hedge_to` says.
+#[tokio::test(start_paused = true)]
+async fn no_hedge_copies_to_a_standby_when_the_primary_does_not_claim() {
+    let pair = pair(37);
+    let net = pair.net.clone().unwrap();
+    let client_addr = pair.client.local_addr().unwrap();
+    let endpoints = replicas(&pair, 2, &lossy(0.05));
+    let store = Arc::new(MemoryStore::default());
+    let mut collectors = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, (addr, endpoint)) in endpoints.into_iter().enumerate() {
+        addrs.push(addr);
+        let config = if i == 0 {
+            Config::default()
+        } else {
+            with_store(store.clone())
+        };
+        let mut listener = Listener::new(endpoint, config);
+        collectors.push(tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            let idle = Duration::from_secs(10);
+            while let Ok(Some((_c, m))) = tokio::time::timeout(idle, listener.accept()).await {
+                tasks.push(collect(m, idle));
+            }
+            let mut all = BTreeMap::new();
+            for t in tasks {
+                for (i, n) in t.await.unwrap() {
+                    *all.entry(i).or_insert(0u32) += n;
+                }
+            }
+            all
+        }));
+    }
+    let mut config = Config::default();
+    config.sender.hedge_to = surelink::proto::HedgeTo::Other;
+    config.switch_ratio = 0.0;
+    let (client, _m, sender) = start_client(&pair, &addrs, config, 300, 5).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(client.stats().standby_ready, "the standby is up");
+    net.set_link(client_addr, addrs[0], lossy(0.3));
+    net.set_link(addrs[0], client_addr, lossy(0.3));
+    let outcomes = sender.await.unwrap();
+    let s = client.stats();
+    let (_, total) = gather(collectors).await;
+    assert!(s.sender.hedges_fired > 0, "the lossy primary needed hedges");
+    assert_eq!(s.sender.hedges_to_secondary, 0, "no copy to the standby");
+    for (i, r) in &outcomes {
+        if r.is_ok() {
+            assert!(total.contains_key(i), "payment {i} acked, not delivered");
+        }
+    }
 }

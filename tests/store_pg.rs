@@ -286,7 +286,7 @@ async fn three_replicas_share_one_postgres_store_through_a_blackout() {
         }
     }
     let s = client.stats();
-    client.close();
+    client.close().await;
     done_tx.send(true).unwrap();
     let mut total = BTreeMap::new();
     let mut per_replica = Vec::new();

@@ -1,5 +1,6 @@
 //! Connect and accept helpers: configs with surelink's transport settings, the client's
-//! dialer (first connection and reconnects), and the server's registry of channels.
+//! first connection (later ones are the core's decision, see [`crate::proto::link`]), and
+//! the server's registry of channels (reattach by id, identity check, shutdown).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,15 +12,14 @@ use quinn::rustls;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 
+use super::dial::{Dialer, REFUSED};
 use super::driver::{self, Reattach};
-use super::{Channel, ChannelId, Config, Messages, Reconnect, SendError};
+use super::{Channel, ChannelId, Command, Config, Messages, SendError};
+use crate::proto::link::{Attached, SharedKeys};
 use crate::wire::{Frame, HelloFrame, Limits, HELLO_CLAIMS, HELLO_NEW, HELLO_RESUMED};
 
 /// The ALPN protocol id of a surelink connection.
 pub const ALPN: &[u8] = b"surelink/1";
-
-/// Application close code a server uses when it refuses a channel.
-const REFUSED: u32 = 2;
 
 /// Transport settings for surelink connections.
 ///
@@ -117,21 +117,6 @@ pub fn server_config_with_protocols(
     Ok(config)
 }
 
-/// Whether a connection lost this way may be dialled again: not after this side closed it,
-/// a server refused the channel, a protocol violation, or a TLS failure (RFC 9001 §4.8:
-/// crypto errors are transport codes 0x0100–0x01ff), which another attempt would meet again.
-/// A server that closed the connection otherwise (it is shutting down or restarting) may be
-/// back, or have a replica.
-pub(super) fn retryable(e: &quinn::ConnectionError) -> bool {
-    use quinn::ConnectionError as E;
-    match e {
-        E::TimedOut | E::Reset | E::CidsExhausted => true,
-        E::ConnectionClosed(close) => !(0x100..0x200).contains(&u64::from(close.error_code)),
-        E::ApplicationClosed(close) => close.error_code != quinn::VarInt::from_u32(REFUSED),
-        _ => false,
-    }
-}
-
 /// Why [`Channel::connect`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -147,163 +132,6 @@ pub enum ConnectError {
     /// The connection does not carry DATAGRAM frames.
     #[error("the connection does not carry QUIC datagrams")]
     DatagramsUnsupported,
-}
-
-/// What a client needs to (re)connect its channel.
-#[derive(Clone)]
-pub(super) struct Dialer {
-    endpoint: quinn::Endpoint,
-    /// The replicas, the preferred first.
-    addrs: Vec<SocketAddr>,
-    /// The replica in use (or last tried).
-    pub(super) current: usize,
-    server_name: String,
-    client_config: Option<quinn::ClientConfig>,
-    channel_id: ChannelId,
-    /// Sent in the Hello: every id below has its outcome.
-    pub(super) floor: u64,
-}
-
-/// What a server said, answering a Hello, about the channel's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Attached {
-    /// It holds no state for the channel: unacked messages must not be re-sent.
-    New,
-    /// It still holds the channel: unacked messages are re-sent with their ids.
-    Resumed,
-    /// It did not hold the channel but claims every delivery in a shared store: unacked
-    /// messages are re-sent with their ids; its own ids start over.
-    Claims,
-}
-
-impl Dialer {
-    /// One connection attempt: the full handshake (never 0-RTT), then the Hello and the
-    /// server's answer. `Ok((connection, resumed))`: `resumed` says whether the server still
-    /// held the channel's state. Waiting for the answer costs one round trip and means a
-    /// connection the server refuses (a client certificate it does not accept, its channel
-    /// limit) fails here, not at the first message.
-    async fn dial(&self, addr: SocketAddr) -> Result<(quinn::Connection, Attached), ConnectError> {
-        let connecting = match &self.client_config {
-            Some(c) => self
-                .endpoint
-                .connect_with(c.clone(), addr, &self.server_name)?,
-            None => self.endpoint.connect(addr, &self.server_name)?,
-        };
-        let conn = connecting.await?;
-        let hello = Frame::Hello(HelloFrame {
-            channel_id: self.channel_id,
-            floor: self.floor,
-        })
-        .to_bytes();
-        let (mut send, mut recv) = conn.open_bi().await?;
-        let hello_failed = |e: &dyn std::fmt::Display| ConnectError::Hello(e.to_string());
-        send.write_all(&hello).await.map_err(|e| match e {
-            quinn::WriteError::ConnectionLost(c) => ConnectError::Connection(c),
-            e => hello_failed(&e),
-        })?;
-        send.finish().map_err(|e| hello_failed(&e))?;
-        let answer = recv.read_to_end(1).await.map_err(|e| match e {
-            quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => {
-                ConnectError::Connection(c)
-            }
-            e => hello_failed(&e),
-        })?;
-        match answer.first() {
-            Some(&HELLO_NEW) => Ok((conn, Attached::New)),
-            Some(&HELLO_RESUMED) => Ok((conn, Attached::Resumed)),
-            Some(&HELLO_CLAIMS) => Ok((conn, Attached::Claims)),
-            other => {
-                conn.close(REFUSED.into(), b"invalid hello answer");
-                Err(ConnectError::Hello(format!(
-                    "invalid answer to the hello: {other:?}"
-                )))
-            }
-        }
-    }
-
-    /// How many replicas there are.
-    pub(super) fn replicas(&self) -> usize {
-        self.addrs.len()
-    }
-
-    /// A warm standby: a connection (handshake and Hello done) to the first of `candidates`
-    /// (replica indices, preferred first) that answers, trying each once per round and
-    /// waiting `pause` between rounds (`None`: one round only). The Hello carries `floor`;
-    /// the replica takes the channel over from it.
-    pub(super) async fn standby(
-        self,
-        candidates: Vec<usize>,
-        timeout: Duration,
-        pause: Option<Duration>,
-    ) -> Option<(quinn::Connection, Attached)> {
-        loop {
-            for &index in &candidates {
-                match self.attempt(index, timeout).await {
-                    Ok(ready) => return Some(ready),
-                    Err(e) => tracing::debug!(error = %e, replica = index, "standby failed"),
-                }
-            }
-            tokio::time::sleep(pause?).await;
-        }
-    }
-
-    /// Which replica `addr` is.
-    pub(super) fn replica_of(&self, addr: SocketAddr) -> Option<usize> {
-        self.addrs.iter().position(|a| *a == addr)
-    }
-
-    /// One attempt on replica `index`, within `timeout`.
-    async fn attempt(
-        &self,
-        index: usize,
-        timeout: Duration,
-    ) -> Result<(quinn::Connection, Attached), ConnectError> {
-        let addr = self.addrs[index];
-        let span = tracing::info_span!("surelink.connect", server = %addr, replica = index);
-        let attempt = tracing::Instrument::instrument(self.dial(addr), span);
-        tokio::time::timeout(timeout, attempt)
-            .await
-            .map_err(|_| ConnectError::Hello(format!("no answer from {addr} within {timeout:?}")))?
-    }
-
-    /// Dials until a connection is up, with doubling backoff, giving up after
-    /// `policy.give_up_after`. With several replicas, the first attempt goes to the one after
-    /// the replica lost (failover) and each failed attempt moves on to the next.
-    /// A handshake the server refused (e.g. its TLS checks) ends redialling at once: another
-    /// attempt would be refused the same way.
-    pub(super) async fn redial(
-        self,
-        policy: Reconnect,
-        lost: String,
-    ) -> Result<(quinn::Connection, Attached), String> {
-        let give_up = tokio::time::Instant::now() + policy.give_up_after;
-        let mut backoff = policy.first_backoff;
-        let mut last = lost;
-        let mut index = self.current;
-        loop {
-            if self.addrs.len() > 1 {
-                index = (index + 1) % self.addrs.len();
-            }
-            let attempt = self.attempt(index, policy.attempt_timeout);
-            match tokio::time::timeout_at(give_up, attempt).await {
-                Ok(Ok(attached)) => return Ok(attached),
-                Ok(Err(ConnectError::Connection(e))) if !retryable(&e) => {
-                    return Err(format!("reconnecting was refused: {e}"));
-                }
-                Ok(Err(e)) => last = e.to_string(),
-                Err(_) => break,
-            }
-            if tokio::time::Instant::now() + backoff >= give_up {
-                break;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(policy.max_backoff);
-        }
-        Err(format!(
-            "no connection within {:?}; last error: {last}",
-            policy.give_up_after
-        ))
-    }
 }
 
 impl Channel {
@@ -322,15 +150,13 @@ impl Channel {
         let dialer = Dialer {
             endpoint: endpoint.clone(),
             addrs: vec![addr],
-            current: 0,
             server_name: server_name.to_owned(),
             client_config,
             channel_id: rand::random(),
-            floor: 0,
         };
         let span = tracing::info_span!("surelink.connect", server = %addr, name = server_name);
-        let dialed = tracing::Instrument::instrument(dialer.dial(addr), span.clone()).await;
-        let (conn, _attached) = span.in_scope(|| match dialed {
+        let dialed = tracing::Instrument::instrument(dialer.dial(addr, 0), span.clone()).await;
+        let (conn, attached) = span.in_scope(|| match dialed {
             Ok(c) => {
                 tracing::debug!("connected");
                 Ok(c)
@@ -340,7 +166,7 @@ impl Channel {
                 Err(e)
             }
         })?;
-        Self::start(dialer, conn, config)
+        Self::start(dialer, 0, attached, conn, config)
     }
 
     /// Like [`Channel::connect`], over several replicas of one service (`replicas[0]`
@@ -356,24 +182,21 @@ impl Channel {
         client_config: Option<quinn::ClientConfig>,
         config: Config,
     ) -> Result<(Channel, Messages), ConnectError> {
-        let mut dialer = Dialer {
+        let dialer = Dialer {
             endpoint: endpoint.clone(),
             addrs: replicas.to_vec(),
-            current: 0,
             server_name: server_name.to_owned(),
             client_config,
             channel_id: rand::random(),
-            floor: 0,
         };
         let mut last = ConnectError::Hello("no replica given".into());
         for index in 0..replicas.len() {
             match dialer
-                .attempt(index, config.reconnect.attempt_timeout)
+                .attempt(index, 0, config.reconnect.attempt_timeout)
                 .await
             {
-                Ok((conn, _attached)) => {
-                    dialer.current = index;
-                    return Self::start(dialer, conn, config);
+                Ok((conn, attached)) => {
+                    return Self::start(dialer, index, attached, conn, config);
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, replica = index, "connect failed");
@@ -386,11 +209,18 @@ impl Channel {
 
     fn start(
         dialer: Dialer,
+        current: usize,
+        attached: Attached,
         conn: quinn::Connection,
         config: Config,
     ) -> Result<(Channel, Messages), ConnectError> {
         let id = dialer.channel_id;
-        driver::spawn(conn, config, id, Reattach::Dial(Box::new(dialer)), 0).map_err(|e| match e {
+        let reattach = Reattach::Dial {
+            dialer: Box::new(dialer),
+            current,
+            attached,
+        };
+        driver::spawn(conn, config, id, reattach, 0, None).map_err(|e| match e {
             SendError::DatagramsUnsupported => ConnectError::DatagramsUnsupported,
             other => ConnectError::Hello(other.to_string()),
         })
@@ -416,18 +246,51 @@ pub enum AcceptError {
     /// The connection does not carry DATAGRAM frames; it was closed.
     #[error("the connection does not carry QUIC datagrams")]
     DatagramsUnsupported,
+    /// The connection named a channel that another client identity opened (its TLS
+    /// certificate differs from the one the channel started with); it was closed with the
+    /// refusal code and the channel was left untouched.
+    #[error("the channel belongs to another client identity; connection refused")]
+    NotOwner,
+    /// The server is shutting down ([`Server::shutdown`]); the connection was closed with
+    /// the goodbye code, so the client tries elsewhere (another replica) or later.
+    #[error("the server is shutting down; connection closed")]
+    ShuttingDown,
 }
 
-pub(super) struct ServerInner {
+struct ServerInner {
     config: Config,
-    channels: Mutex<HashMap<ChannelId, mpsc::UnboundedSender<quinn::Connection>>>,
+    channels: Mutex<HashMap<ChannelId, Entry>>,
+    /// Reattaches refused because the client identity differed.
+    not_owner: std::sync::atomic::AtomicU64,
+    /// Set by [`Server::shutdown`]: no channel opens or reattaches any more.
+    shutting_down: std::sync::atomic::AtomicBool,
+    /// Without a claims store: idempotency keys delivered by any of this server's channels.
+    keys: Option<SharedKeys>,
+}
+
+/// A channel the server holds: where its new connections go, and the client identity it
+/// started with (the end-entity certificate under mutual TLS, else `None`).
+struct Entry {
+    tx: mpsc::UnboundedSender<quinn::Connection>,
+    identity: Option<CertificateDer<'static>>,
+    /// The channel's driver, to close it at a shutdown.
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// The client's end-entity certificate on `conn`, if it presented one.
+fn client_identity(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?
+        .into_iter()
+        .next()
 }
 
 impl ServerInner {
     /// Forgets channel `id` if its driver has stopped.
-    pub(super) fn remove_closed(&self, id: &ChannelId) {
+    fn remove_closed(&self, id: &ChannelId) {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if channels.get(id).is_some_and(|tx| tx.is_closed()) {
+        if channels.get(id).is_some_and(|e| e.tx.is_closed()) {
             channels.remove(id);
         }
     }
@@ -454,8 +317,12 @@ impl Server {
     pub fn new(config: Config) -> Self {
         Server {
             inner: Arc::new(ServerInner {
-                config,
                 channels: Mutex::new(HashMap::new()),
+                not_owner: std::sync::atomic::AtomicU64::new(0),
+                shutting_down: std::sync::atomic::AtomicBool::new(false),
+                keys: (config.store.is_none() && !config.application_claims)
+                    .then(|| SharedKeys::new(config.receiver.key_ttl, config.receiver.max_keys)),
+                config,
             }),
         }
     }
@@ -467,6 +334,59 @@ impl Server {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .len()
+    }
+
+    /// Connections refused because they named a channel opened by another client identity
+    /// (under mutual TLS; see [`AcceptError::NotOwner`]).
+    pub fn reattaches_refused(&self) -> u64 {
+        self.inner
+            .not_owner
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Shuts the server down in order: no channel opens or reattaches any more (such
+    /// connections are closed with [`GOODBYE`](super::GOODBYE), so clients fail over or come
+    /// back later); every channel drains (its own sends and the claims in flight finish, so
+    /// their acks go out) for up to `grace`, then closes its connection with a goodbye.
+    /// Deliveries already made are still handed to the application's `Messages`. Returns
+    /// once every channel's connection is closed.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let commands: Vec<_> = {
+            let channels = self
+                .inner
+                .channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            channels.values().map(|e| e.commands.clone()).collect()
+        };
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut closing = Vec::new();
+        for c in &commands {
+            let (done, closed) = tokio::sync::oneshot::channel();
+            let drain = Command::Close {
+                drain: true,
+                done: Some(done),
+            };
+            if c.send(drain).is_ok() {
+                closing.push(closed);
+            }
+        }
+        for closed in closing {
+            let _ = tokio::time::timeout_at(deadline, closed).await;
+        }
+        for c in commands {
+            let (done, closed) = tokio::sync::oneshot::channel();
+            let abort = Command::Close {
+                drain: false,
+                done: Some(done),
+            };
+            if c.send(abort).is_ok() {
+                let _ = closed.await;
+            }
+        }
     }
 
     /// Reads the Hello of an established connection and opens its channel: `Some` for a new
@@ -519,8 +439,31 @@ impl Server {
             .channels
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        if self
+            .inner
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            conn.close(super::GOODBYE.into(), b"shutting down");
+            return Err(AcceptError::ShuttingDown);
+        }
+        let identity = client_identity(&conn);
         let conn = match channels.get(&channel_id) {
-            Some(tx) => match tx.send(conn) {
+            // A channel id alone must not be a bearer token: under mutual TLS only the
+            // client that opened the channel may reattach to it.
+            Some(entry) if !entry.tx.is_closed() && entry.identity != identity => {
+                self.inner
+                    .not_owner
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    channel = %driver::tag(&channel_id),
+                    remote = %conn.remote_address(),
+                    "surelink: a connection named a channel opened by another client identity; refused"
+                );
+                conn.close(REFUSED.into(), b"not this channel's client");
+                return Err(AcceptError::NotOwner);
+            }
+            Some(entry) => match entry.tx.send(conn) {
                 Ok(()) => return Ok((None, HELLO_RESUMED)),
                 // Its driver stopped just now: start the channel afresh.
                 Err(mpsc::error::SendError(conn)) => {
@@ -535,31 +478,51 @@ impl Server {
             return Err(AcceptError::TooManyChannels(channels.len()));
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let server = Arc::downgrade(&self.inner);
         let reattach = Reattach::Registry {
             rx,
-            server: Arc::downgrade(&self.inner),
+            on_stop: Box::new(move || {
+                // The driver's receiver was dropped just now, so the registry entry is stale.
+                if let Some(server) = server.upgrade() {
+                    server.remove_closed(&channel_id);
+                }
+            }),
         };
         // With a claims store shared by replicas, a channel this server never held may have
         // run on another replica: take it over from the client's floor, and let the store
         // judge re-sent messages.
         let config = &self.inner.config;
-        let (floor, status) = if config.store.is_some() || config.application_claims {
-            (hello.floor, HELLO_CLAIMS)
+        // Without a store the client must not re-send what it had in flight (HELLO_NEW), but
+        // its window still starts at its floor: its next ids are above it, and a window
+        // starting at 0 would refuse them all once it used more than `dedupe_window` ids
+        // (issue case 4).
+        let status = if config.store.is_some() || config.application_claims {
+            HELLO_CLAIMS
         } else {
-            (0, HELLO_NEW)
+            HELLO_NEW
         };
+        let floor = hello.floor;
         let opened = driver::spawn(
             conn.clone(),
             self.inner.config.clone(),
             channel_id,
             reattach,
             floor,
+            self.inner.keys.clone(),
         )
         .map_err(|_| {
             conn.close(REFUSED.into(), b"datagrams required");
             AcceptError::DatagramsUnsupported
         })?;
-        channels.insert(channel_id, tx);
+        let commands = opened.0.inner.commands.clone();
+        channels.insert(
+            channel_id,
+            Entry {
+                tx,
+                identity,
+                commands,
+            },
+        );
         Ok((Some(opened), status))
     }
 }
@@ -622,6 +585,16 @@ impl Listener {
     /// The registry behind this listener.
     pub fn server(&self) -> &Server {
         &self.server
+    }
+
+    /// Stops accepting and shuts every channel down in order ([`Server::shutdown`]):
+    /// channels drain for up to `grace`, then close with a goodbye. Channels not yet taken
+    /// with [`Listener::accept`] are dropped (nothing of theirs is acked any more).
+    pub async fn shutdown(&mut self, grace: Duration) {
+        self.server.shutdown(grace).await;
+        self.task.abort();
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
     }
 }
 

@@ -34,6 +34,25 @@
 //! retry with the same idempotency key ([`Channel::send_with_key`]) and the peer delivers it
 //! at most once.
 //!
+//! # Cancellation and shutdown
+//!
+//! A `send` whose future is dropped is not cancelled: once handed to the channel the
+//! message keeps its in-flight slot until its outcome, which is counted
+//! ([`ChannelStats::sends_abandoned`]). [`Channel::close`] drains (sends in flight get their
+//! outcomes, new ones fail with [`SendError::Closed`]) and then closes the connection with
+//! [`GOODBYE`]; the server then ends its state for the channel at once. Dropping every
+//! `Channel` clone and the [`Messages`] ends the channel the same way. Once [`Messages`] is
+//! dropped nothing more is acked: messages arriving after it are not delivered, and their
+//! senders learn an unknown outcome (or, on the stream path, [`SendError::Refused`]).
+//! [`Listener::shutdown`] / [`Server::shutdown`] stop accepting and drain every channel
+//! within a grace period.
+//!
+//! # Who decides
+//!
+//! Every decision (which connection, when to redial or fail over, when a send has its
+//! outcome, when to claim and hand over, when to stop) is made by the sans-I/O
+//! [`Link`](crate::proto::link::Link); the driver task only performs its actions.
+//!
 //! # No 0-RTT
 //!
 //! Payment data never travels in 0-RTT (RFC 9001 §9.2, RFC 8446 §8: early data can be
@@ -41,16 +60,19 @@
 //! and [`server_config`] turns 0-RTT off on the server.
 
 mod connect;
+mod dial;
 mod driver;
 mod identity;
+mod io;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::rustls;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+pub use crate::proto::link::{Receipt, Reconnect, SendError, GOODBYE};
 pub use connect::{
     ack_frequency_config, client_config, server_config, server_config_with_protocols,
     transport_config, AcceptError, ConfigError, ConnectError, Listener, Server, ALPN,
@@ -92,7 +114,10 @@ pub struct Config {
     /// 10,000.
     pub max_channels: usize,
     /// Where deliveries are claimed before they are acked (see [`crate::store`]). `None`
-    /// (the default): this channel's dedupe window and keys decide alone. With a store
+    /// (the default): this channel's dedupe window decides, and idempotency keys are
+    /// shared by every channel of one [`Server`] (kept `receiver.key_ttl`, in this process's
+    /// memory): a client that restarts and retries a key on a new channel is acked without a
+    /// second delivery. A channel from [`Channel::open`] keeps its keys to itself. With a store
     /// shared by replicas, a message is delivered at most once across them; a [`Server`]
     /// with a store also takes over channels it never held (a client that failed over from
     /// another replica re-sends its unacked messages, and the store recognises those
@@ -119,9 +144,16 @@ pub struct Config {
     /// this share of the primary's for three samples in a row. `0` never switches. Default
     /// 0.5: a replica must be twice as good to be worth a move.
     pub switch_ratio: f64,
-    /// How long a claim may keep failing (the store unreachable) before the message is
-    /// dropped unacked; claims are retried with doubling backoff meanwhile. Default 5 s.
+    /// How long a stopping channel waits for its claims in flight. While the channel runs, a
+    /// failed claim is retried (same claimant, doubling backoff up to 1 s) for as long as it
+    /// takes, its message neither delivered nor acked meanwhile: the failed attempt may have
+    /// been written, and giving up could leave a message claimed that nobody delivers.
+    /// Default 5 s.
     pub claim_timeout: Duration,
+    /// Longest one claim attempt may take; past it the attempt counts as failed and is
+    /// retried (a store that hangs becomes an error, not a claim pending forever). Default
+    /// 1 s.
+    pub claim_attempt_timeout: Duration,
 }
 
 impl Default for Config {
@@ -139,6 +171,7 @@ impl Default for Config {
             store: None,
             application_claims: false,
             claim_timeout: Duration::from_secs(5),
+            claim_attempt_timeout: Duration::from_secs(1),
             failover_after: Duration::from_secs(1),
             warm_standby: true,
             switch_ratio: 0.5,
@@ -146,103 +179,31 @@ impl Default for Config {
     }
 }
 
-/// How a client channel reconnects after its connection is lost.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reconnect {
-    /// Wait before the second attempt (the first is immediate). Default 20 ms.
-    pub first_backoff: Duration,
-    /// Longest wait between attempts (the wait doubles). Default 1 s.
-    pub max_backoff: Duration,
-    /// Give up this long after the loss; every message in flight then fails with
-    /// [`SendError::ConnectionLost`]. Default 10 s.
-    pub give_up_after: Duration,
-    /// Longest one connection attempt (handshake and Hello) may take before the next one
-    /// starts (on the next replica, for a channel with several). Default 2 s.
-    pub attempt_timeout: Duration,
-}
-
-impl Default for Reconnect {
-    fn default() -> Self {
-        Reconnect {
-            first_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_secs(1),
-            give_up_after: Duration::from_secs(10),
-            attempt_timeout: Duration::from_secs(2),
+impl Config {
+    /// The core's share of these settings.
+    fn link(&self) -> crate::proto::link::LinkConfig {
+        let mut receiver = self.receiver.clone();
+        receiver.claims =
+            crate::proto::link::claims_mode(self.store.is_some(), self.application_claims);
+        crate::proto::link::LinkConfig {
+            sender: self.sender.clone(),
+            receiver,
+            stream_threshold: self.stream_threshold,
+            streams: self.streams,
+            reconnect: self.reconnect.clone(),
+            channel_ttl: self.channel_ttl,
+            failover_after: self.failover_after,
+            warm_standby: self.warm_standby,
+            switch_ratio: self.switch_ratio,
+            claim_timeout: self.claim_timeout,
+            claim_attempt_timeout: self.claim_attempt_timeout,
+            ..crate::proto::link::LinkConfig::default()
         }
     }
 }
 
 /// A channel's random 128-bit id, stable across reconnects.
 pub type ChannelId = [u8; 16];
-
-/// What the application learns when a message was acknowledged: it was delivered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Receipt {
-    /// The message id on this channel.
-    pub id: u64,
-    /// From `send` to the ack.
-    pub latency: Duration,
-    /// Shards sent for the message's block (0 for a message sent on a stream).
-    pub shards_sent: usize,
-    /// Hedges and retransmissions sent for it.
-    pub hedges: u32,
-}
-
-/// Why a message has no receipt. Every variant says whether the message may have been
-/// delivered; where it may, retry with the same idempotency key.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum SendError {
-    /// No ack before the deadline: the outcome is unknown.
-    #[error("message {id}: no ack before the deadline; outcome unknown, retry with the same idempotency key")]
-    Timeout {
-        /// The message id.
-        id: u64,
-    },
-    /// The connection was lost (and not regained) while the message was in flight: the
-    /// outcome is unknown.
-    #[error("connection lost while the message was in flight; outcome unknown, retry with the same idempotency key: {reason}")]
-    ConnectionLost {
-        /// What quinn reported.
-        reason: String,
-    },
-    /// The message was refused before anything was sent (it was not delivered).
-    #[error("message refused, nothing sent: {0}")]
-    Rejected(#[from] crate::proto::SendError),
-    /// The message is larger than this channel carries; nothing was sent.
-    #[error("message of {len} bytes, this channel carries at most {max}; nothing sent")]
-    TooLarge {
-        /// The message's length (payload and key).
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// The peer refused the message (outside its dedupe window, or malformed): it was not
-    /// delivered.
-    #[error("message {id}: refused by the peer, not delivered")]
-    Refused {
-        /// The message id.
-        id: u64,
-    },
-    /// The peer does not accept QUIC DATAGRAM frames, or the path is too small for them.
-    #[error("the connection does not carry QUIC datagrams")]
-    DatagramsUnsupported,
-    /// The channel's driver has stopped; nothing was sent.
-    #[error("channel closed; nothing sent")]
-    Closed,
-}
-
-impl SendError {
-    /// Whether the message may have been delivered: `true` for an unknown outcome
-    /// ([`SendError::Timeout`], [`SendError::ConnectionLost`]; retry with the same idempotency
-    /// key, and the peer delivers it at most once), `false` when it certainly was not (retrying
-    /// is safe with or without the key).
-    pub fn may_have_been_delivered(&self) -> bool {
-        matches!(
-            self,
-            SendError::Timeout { .. } | SendError::ConnectionLost { .. }
-        )
-    }
-}
 
 /// Counters of a [`Channel`], and the estimates its sender plans with.
 ///
@@ -309,45 +270,149 @@ pub struct ChannelStats {
     /// UDP bytes received, over every connection this channel used.
     pub udp_bytes_received: u64,
     /// Gauge: messages sent and awaiting their outcome, datagram and stream path together
-    /// (at most [`SenderConfig::max_in_flight`]; further sends wait).
+    /// (at most [`SenderConfig::max_in_flight`]; further sends wait). A send whose own
+    /// deadline passed stays counted while the sender still carries its message.
     pub in_flight: usize,
+    /// Sends whose caller stopped waiting (the `send` future was dropped) before the outcome
+    /// came: the message kept its slot until then, and its outcome was counted in `sender`.
+    pub sends_abandoned: u64,
+    /// Messages whose idempotency key another channel of the same [`Server`] delivered
+    /// (a client that restarted and retried on a new channel): acked, not delivered again.
+    pub duplicate_keys_elsewhere: u64,
+}
+
+impl ChannelStats {
+    /// Copies the core's counters, and the driver's own (`driver`: send errors, bytes of
+    /// closed connections, abandoned sends), into these stats.
+    fn publish(&mut self, link: &crate::proto::Link, driver: &ChannelStats) {
+        let (peer, counters) = (link.peer(), link.stats());
+        self.sender = peer.sender.stats();
+        self.loss_estimate = peer.sender.loss_estimate();
+        self.loss_observed = peer.sender.loss_observed();
+        self.rtt_p50 = peer.sender.rtt().quantile(0.5);
+        self.rtt_p95 = peer.sender.rtt().quantile(0.95);
+        self.hedge_budget_used = peer.sender.hedge_budget_used();
+        self.receiver = peer.receiver.stats();
+        self.reassembly = peer.receiver.reassembly();
+        // Cloned only when it changed: this runs once per datagram.
+        if peer.invalid_frames().total() != self.invalid_frames.values().sum::<u64>() {
+            self.invalid_frames = peer.invalid_frames().by_reason.clone();
+        }
+        self.send_errors = driver.send_errors;
+        self.reconnects = counters.reconnects;
+        self.failovers = counters.failovers;
+        self.standby_failovers = counters.standby_failovers;
+        self.switches = counters.switches;
+        self.standby_ready = counters.standby_ready;
+        self.replica_scores = counters.replica_scores;
+        self.stream_messages_sent = counters.stream_messages_sent;
+        self.stream_messages_received = counters.stream_messages_received;
+        self.udp_bytes_sent = driver.udp_bytes_sent;
+        self.udp_bytes_received = driver.udp_bytes_received;
+        self.in_flight = counters.in_flight;
+        self.sends_abandoned = driver.sends_abandoned;
+        self.duplicate_keys_elsewhere = counters.duplicate_keys_elsewhere;
+    }
 }
 
 enum Command {
     Send {
         key: Option<Bytes>,
         payload: Bytes,
+        deadline: Option<Duration>,
         reply: oneshot::Sender<Result<Receipt, SendError>>,
+        /// The message's in-flight slot: the driver holds it until the outcome.
+        permit: OwnedSemaphorePermit,
     },
-    Close,
+    Close {
+        drain: bool,
+        done: Option<oneshot::Sender<()>>,
+    },
     Confirm {
         id: u64,
         outcome: crate::proto::ClaimOutcome,
     },
+    /// The application took message `id` from [`Messages`].
+    Took { id: u64 },
+    /// [`Messages`] was dropped.
+    AppGone,
+    /// The last [`Channel`] handle was dropped.
+    HandlesDropped,
 }
 
-/// The sending side of a channel; cheap to clone.
-#[derive(Clone, Debug)]
-pub struct Channel {
+/// How one message is sent: [`Channel::send_with`].
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct SendOptions {
+    key: Option<Bytes>,
+    deadline: Option<Duration>,
+}
+
+impl SendOptions {
+    /// The application's idempotency key (1 to 255 bytes): the peer delivers at most one
+    /// message per key within its key TTL, however often the application retries.
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// This message's own deadline, instead of the channel's ([`SenderConfig::deadline`]);
+    /// at most the channel's (a longer one is cut to it). When it passes without an ack the
+    /// send fails with [`SendError::Timeout`] (outcome unknown); the message keeps its
+    /// in-flight slot while the sender still carries it.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+}
+
+/// What every clone of a [`Channel`] shares; dropping the last tells the driver.
+#[derive(Debug)]
+struct Handle {
     id: ChannelId,
     commands: mpsc::UnboundedSender<Command>,
     permits: Arc<Semaphore>,
     stats: Arc<Mutex<ChannelStats>>,
-    /// The connection in use, for its byte counters.
+    /// The connection in use, for its byte counters and peer identity.
     current: Arc<Mutex<Option<quinn::Connection>>>,
     max_message_size: usize,
 }
 
-/// The receiving side of a channel: messages delivered by the peer, each once.
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::HandlesDropped);
+    }
+}
+
+/// The sending side of a channel; cheap to clone. When every clone and the channel's
+/// [`Messages`] are dropped, the channel ends (after the sends in flight have their
+/// outcomes) and closes its connection with a goodbye.
+#[derive(Clone, Debug)]
+pub struct Channel {
+    inner: Arc<Handle>,
+}
+
+/// The receiving side of a channel: messages delivered by the peer, each once. Dropping it
+/// tells the channel that nobody takes messages any more.
 #[derive(Debug)]
 pub struct Messages {
-    rx: mpsc::Receiver<Delivered>,
+    rx: mpsc::UnboundedReceiver<Delivered>,
+    commands: mpsc::UnboundedSender<Command>,
 }
 
 impl Messages {
     /// The next message, or `None` once the channel has stopped and every message was taken.
+    /// Cancel-safe: a message is taken (and reported taken) only when this returns it.
     pub async fn recv(&mut self) -> Option<Delivered> {
-        self.rx.recv().await
+        let message = self.rx.recv().await?;
+        let _ = self.commands.send(Command::Took { id: message.id });
+        Some(message)
+    }
+}
+
+impl Drop for Messages {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::AppGone);
     }
 }
 
@@ -366,18 +431,25 @@ impl Channel {
             rand::random(),
             driver::Reattach::Never,
             0,
+            None,
         )
     }
 
-    /// This channel's id.
+    /// This channel's id. It names the channel to the server: keep it secret (the server
+    /// also checks, under mutual TLS, that a reconnecting client is the same one).
     pub fn id(&self) -> ChannelId {
-        self.id
+        self.inner.id
     }
 
     /// Sends `payload` and waits for its outcome. Waits first while `max_in_flight` messages
     /// are awaiting theirs (backpressure, not an unbounded queue).
+    ///
+    /// Cancel-safe in the sense a payment needs: once the message was handed to the channel,
+    /// dropping this future (e.g. under `tokio::time::timeout`) does not cancel it. It keeps
+    /// its in-flight slot until its outcome, which is still counted (`stats().sender`,
+    /// `stats().sends_abandoned`); retry it with the same idempotency key to learn it.
     pub async fn send(&self, payload: Bytes) -> Result<Receipt, SendError> {
-        self.submit(None, payload).await
+        self.send_with(payload, SendOptions::default()).await
     }
 
     /// Like [`Channel::send`], with the application's idempotency key (1 to 255 bytes): the
@@ -389,18 +461,24 @@ impl Channel {
         key: impl Into<Bytes>,
         payload: Bytes,
     ) -> Result<Receipt, SendError> {
-        self.submit(Some(key.into()), payload).await
+        self.send_with(payload, SendOptions::default().key(key))
+            .await
     }
 
-    async fn submit(&self, key: Option<Bytes>, payload: Bytes) -> Result<Receipt, SendError> {
+    /// Like [`Channel::send`], with per-send options (an idempotency key, a deadline).
+    pub async fn send_with(
+        &self,
+        payload: Bytes,
+        options: SendOptions,
+    ) -> Result<Receipt, SendError> {
         let span = tracing::debug_span!(
             "surelink.send",
             len = payload.len(),
-            keyed = key.is_some(),
+            keyed = options.key.is_some(),
             id = tracing::field::Empty
         );
         let result =
-            tracing::Instrument::instrument(self.submit_inner(key, payload), span.clone()).await;
+            tracing::Instrument::instrument(self.submit(payload, options), span.clone()).await;
         let _entered = span.enter();
         match &result {
             Ok(r) => {
@@ -412,31 +490,33 @@ impl Channel {
         result
     }
 
-    async fn submit_inner(&self, key: Option<Bytes>, payload: Bytes) -> Result<Receipt, SendError> {
+    async fn submit(&self, payload: Bytes, options: SendOptions) -> Result<Receipt, SendError> {
+        let SendOptions { key, deadline } = options;
         let len = payload.len() + key.as_ref().map_or(0, Bytes::len);
-        if len > self.max_message_size {
-            return Err(SendError::TooLarge {
-                len,
-                max: self.max_message_size,
-            });
+        let max = self.inner.max_message_size;
+        if len > max {
+            return Err(SendError::TooLarge { len, max });
         }
         let permit = self
+            .inner
             .permits
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| SendError::Closed)?;
         let (reply, outcome) = oneshot::channel();
-        self.commands
+        // From here on the driver owns the message and its slot.
+        self.inner
+            .commands
             .send(Command::Send {
                 key,
                 payload,
+                deadline,
                 reply,
+                permit,
             })
             .map_err(|_| SendError::Closed)?;
-        let result = outcome.await.unwrap_or(Err(SendError::Closed));
-        drop(permit);
-        result
+        outcome.await.unwrap_or(Err(SendError::Closed))
     }
 
     /// Inbox pattern ([`Config::application_claims`]): the application's transaction for
@@ -448,23 +528,41 @@ impl Channel {
             crate::store::Claimed::Now => crate::proto::ClaimOutcome::Now,
             crate::store::Claimed::Before => crate::proto::ClaimOutcome::Before,
         };
-        let _ = self.commands.send(Command::Confirm { id, outcome });
+        let _ = self.inner.commands.send(Command::Confirm { id, outcome });
     }
 
     /// Inbox pattern: the application's transaction for message `id` rolled back. The
     /// message stays unacked: its sender retries (a copy may be delivered again) or learns an
     /// unknown outcome.
     pub fn release(&self, id: u64) {
-        let _ = self.commands.send(Command::Confirm {
+        let _ = self.inner.commands.send(Command::Confirm {
             id,
             outcome: crate::proto::ClaimOutcome::Failed,
         });
     }
 
-    /// Closes the channel and its connection. Messages still in flight fail with
-    /// [`SendError::ConnectionLost`] (their outcome is unknown).
-    pub fn close(&self) {
-        let _ = self.commands.send(Command::Close);
+    /// Closes the channel in order: new sends fail with [`SendError::Closed`], sends in
+    /// flight get their outcomes (each within its deadline), then the connection closes with
+    /// a goodbye ([`GOODBYE`]), on which the peer ends its state for this channel at once.
+    /// Returns once the connection is closed.
+    pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        let command = Command::Close {
+            drain: true,
+            done: Some(done),
+        };
+        if self.inner.commands.send(command).is_ok() {
+            let _ = closed.await;
+        }
+    }
+
+    /// Closes the channel and its connection now, without draining: messages still in
+    /// flight fail with [`SendError::ConnectionLost`] (their outcome is unknown).
+    pub fn abort(&self) {
+        let _ = self.inner.commands.send(Command::Close {
+            drain: false,
+            done: None,
+        });
     }
 
     /// The certificate chain the peer presented in the TLS handshake (end entity first), on
@@ -472,7 +570,7 @@ impl Channel {
     /// server requires client certificates ([`server_config_mtls`]), otherwise `None`. `None`
     /// too while the channel has no connection.
     pub fn peer_identity(&self) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
-        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
         current
             .as_ref()?
             .peer_identity()?
@@ -483,8 +581,13 @@ impl Channel {
 
     /// Counters, as of the driver's last step (UDP bytes as of now).
     pub fn stats(&self) -> ChannelStats {
-        let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self
+            .inner
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let current = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = current.as_ref() {
             let s = c.stats();
             st.udp_bytes_sent += s.udp_tx.bytes;

@@ -782,10 +782,14 @@ impl Receiver {
                 return Accepted::Refused;
             }
         }
+        if let Some(p) = self.pending.get_mut(&id) {
+            // Its claim is being made: this copy waits for the same answer (a stream re-send
+            // takes the answer over), whether or not the application is still there.
+            p.via_stream |= via_stream;
+            return Accepted::Pending;
+        }
         if self.gone && (self.withheld.contains(&id) || !self.dedupe.contains(id)) {
-            if !self.pending.contains_key(&id) {
-                self.refuse(now, id, REFUSE_CLOSED, via_stream);
-            }
+            self.refuse(now, id, REFUSE_CLOSED, via_stream);
             return Accepted::Refused;
         }
         if self.dedupe.contains(id) {

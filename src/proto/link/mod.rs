@@ -21,13 +21,14 @@
 //! store calls, and moves messages to and from the application. It decides nothing.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::{
-    ClaimOutcome, ClaimRequest, Claims, Delivered, FailReason, Peer, ReceiverConfig, SenderConfig,
-    SenderEvent, StreamStatus,
+    ClaimOutcome, ClaimRequest, Claims, Delivered, FailReason, KeyWindow, Peer, ReceiverConfig,
+    SenderConfig, SenderEvent, StreamStatus,
 };
 use crate::wire::{encode_stream_head, Envelope, Frame, Limits, MAX_KEY_LEN, STREAM_DELIVERED};
 
@@ -120,13 +121,59 @@ pub struct LinkConfig {
     /// The standby's score must stay below this share of the primary's to switch (`0`:
     /// never).
     pub switch_ratio: f64,
-    /// How long a claim may keep failing before its message is dropped unacked.
+    /// How long a stopping channel waits for its claims in flight. While the channel runs a
+    /// failed claim is retried for as long as it takes: the failed attempt may have been
+    /// written (an error after COMMIT), so giving up could leave a message claimed that
+    /// nobody delivers.
     pub claim_timeout: Duration,
     /// Longest one claim attempt may take; past it the attempt counts as failed (a hung
-    /// store becomes an error, retried until `claim_timeout`).
+    /// store becomes an error, retried with the same claimant).
     pub claim_attempt_timeout: Duration,
     /// Delivered messages handed to the application and not yet taken ([`Input::Took`]).
     pub handoff: usize,
+    /// Idempotency keys shared with the other channels of the same server (without a
+    /// claims store): a key delivered on any of them is not delivered again on this one.
+    pub shared_keys: Option<SharedKeys>,
+    /// Random bits that make this link's claimant tokens ([`Action::Claim`]) its own.
+    pub claimant_seed: u64,
+}
+
+/// Idempotency keys delivered by any channel of one server, for servers without a claims
+/// store: an application that restarts comes back on a new channel, and its retry of key
+/// `order-42` must be recognised there too. Keys are kept for the receiver's `key_ttl`
+/// (default 24 h), at most `max_keys` of them (past it new keys are not recorded here,
+/// counted as in [`KeyWindow`]; none is forgotten early). Cheap to clone: clones share the record.
+#[derive(Clone, Debug)]
+pub struct SharedKeys(Arc<Mutex<KeyWindow>>);
+
+impl SharedKeys {
+    /// A record keeping keys for `ttl`, at most `max_keys` at once.
+    pub fn new(ttl: Duration, max_keys: usize) -> Self {
+        SharedKeys(Arc::new(Mutex::new(KeyWindow::new(ttl, max_keys))))
+    }
+
+    /// Records `key` as delivered at `now`; `false` if some channel delivered it within the
+    /// TTL. A full record remembers nothing more (the channel's own receiver still refuses
+    /// its repeats; `KeyWindow` counts it) and answers `true`.
+    pub fn first(&self, now: Instant, key: &Bytes) -> bool {
+        !matches!(
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .check(now, key),
+            crate::proto::KeySeen::Seen
+        )
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Default for LinkConfig {
@@ -144,6 +191,8 @@ impl Default for LinkConfig {
             claim_timeout: Duration::from_secs(5),
             claim_attempt_timeout: Duration::from_secs(1),
             handoff: 4,
+            shared_keys: None,
+            claimant_seed: 0,
         }
     }
 }
@@ -202,6 +251,19 @@ pub enum SendError {
     /// The channel is closing or has stopped; nothing was sent.
     #[error("channel closed; nothing sent")]
     Closed,
+}
+
+impl SendError {
+    /// Whether the message may have been delivered: `true` for an unknown outcome
+    /// ([`SendError::Timeout`], [`SendError::ConnectionLost`]; retry with the same idempotency
+    /// key, and the peer delivers it at most once), `false` when it certainly was not (retrying
+    /// is safe with or without the key).
+    pub fn may_have_been_delivered(&self) -> bool {
+        matches!(
+            self,
+            SendError::Timeout { .. } | SendError::ConnectionLost { .. }
+        )
+    }
 }
 
 /// How a connection ended, as the driver classifies it.
@@ -425,7 +487,9 @@ pub enum Action {
         status: Option<u8>,
     },
     /// Claim message `id` in the store within `timeout`; answer with
-    /// [`Input::ClaimAnswered`].
+    /// [`Input::ClaimAnswered`]. Every attempt for one message carries the same `claimant`,
+    /// so a store that committed an earlier attempt whose answer was lost can recognise the
+    /// row as this claim's own (and answer "claimed now").
     Claim {
         /// The attempt's id.
         attempt: u64,
@@ -433,6 +497,8 @@ pub enum Action {
         id: u64,
         /// Its idempotency key.
         key: Option<Bytes>,
+        /// Who claims: the same for every attempt of this message on this link.
+        claimant: u64,
         /// Longest the attempt may take.
         timeout: Duration,
     },
@@ -487,6 +553,9 @@ pub struct LinkStats {
     pub slots_held: usize,
     /// Claim attempts that failed or timed out.
     pub claim_attempts_failed: u64,
+    /// Messages whose idempotency key another channel of the same server delivered: acked,
+    /// not delivered again ([`LinkConfig::shared_keys`]).
+    pub duplicate_keys_elsewhere: u64,
 }
 
 /// Why messages in flight failed when the server came back without the channel.
@@ -574,7 +643,7 @@ struct StandbyDial {
 #[derive(Debug)]
 struct ClaimJob {
     request: ClaimRequest,
-    give_up: Instant,
+    claimant: u64,
     backoff: Duration,
     /// The attempt in flight.
     attempt: Option<u64>,
@@ -584,8 +653,12 @@ struct ClaimJob {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Running,
-    /// Closing with a drain: new sends refused, in-flight ones finish.
-    Draining,
+    /// Closing with a drain: new sends refused, in-flight ones finish; claims in flight
+    /// are waited for until `claims_until` (traffic that keeps coming cannot hold the
+    /// close back: claims left then finish after the goodbye).
+    Draining {
+        claims_until: Instant,
+    },
     /// The connection is closed; queued deliveries and pending claims finish until `until`.
     Finishing {
         until: Instant,
@@ -616,6 +689,8 @@ pub struct Link {
     streams: HashMap<u64, StreamSend>,
     parked: VecDeque<(u64, Bytes)>,
     stream_waiting: HashMap<u64, u64>,
+    /// Stream messages delivered to the hand-off and not yet taken: their answers, by id.
+    untaken: HashMap<u64, u64>,
     claims: HashMap<u64, ClaimJob>,
     next_claim: u64,
     room: usize,
@@ -679,6 +754,7 @@ impl Link {
             streams: HashMap::new(),
             parked: VecDeque::new(),
             stream_waiting: HashMap::new(),
+            untaken: HashMap::new(),
             claims: HashMap::new(),
             next_claim: 0,
             app_gone: false,
@@ -754,6 +830,12 @@ impl Link {
         let claims = self.claims.values().filter_map(|c| c.retry_at);
         let finishing = match self.phase {
             Phase::Finishing { until } if !self.claims.is_empty() => Some(until),
+            Phase::Draining { claims_until }
+                if !self.claims.is_empty()
+                    || (!self.app_gone && self.peer.receiver.stats().awaiting_take > 0) =>
+            {
+                Some(claims_until)
+            }
             _ => None,
         };
         let redial = self
@@ -836,14 +918,8 @@ impl Link {
             }
             Input::StreamInvalid { reason } => self.peer.count_invalid_reason(reason),
             Input::ClaimAnswered { attempt, result } => self.claim_answered(now, attempt, result),
-            Input::Took { id } => {
-                self.peer.receiver.taken(now, id);
-                self.room += 1;
-            }
-            Input::AppGone => {
-                self.peer.receiver.application_gone(now);
-                self.app_gone = true;
-            }
+            Input::Took { id } => self.took(now, id),
+            Input::AppGone => self.app_gone(now),
             Input::Send {
                 token,
                 key,
@@ -859,7 +935,9 @@ impl Link {
             ),
             Input::Close { drain: true } => {
                 if self.phase == Phase::Running {
-                    self.phase = Phase::Draining;
+                    self.phase = Phase::Draining {
+                        claims_until: now + self.config.claim_timeout,
+                    };
                 }
             }
             Input::HandlesDropped => self.handles_dropped = true,
@@ -869,13 +947,24 @@ impl Link {
         if !self.is_closed() {
             self.flush(now);
         }
-        if self.phase == Phase::Draining && self.waiting.is_empty() && self.streams.is_empty() {
-            self.finish(
-                now,
-                "the channel was closed by the application".into(),
-                GOODBYE,
-                "goodbye",
-            );
+        // A draining channel also lets its claims in flight finish, and its application take
+        // what it was handed (within `claim_timeout`), so that their acks go out before the
+        // goodbye.
+        if let Phase::Draining { claims_until } = self.phase {
+            // Messages delivered but not yet taken are acked when the application takes
+            // them: a closing application that still reads gets those acks out first.
+            let untaken = !self.app_gone && self.peer.receiver.stats().awaiting_take > 0;
+            if self.waiting.is_empty()
+                && self.streams.is_empty()
+                && ((self.claims.is_empty() && !untaken) || now >= claims_until)
+            {
+                self.finish(
+                    now,
+                    "the channel was closed by the application".into(),
+                    GOODBYE,
+                    "goodbye",
+                );
+            }
         }
         // Nobody can send and nobody takes deliveries: the channel has no use. Sends in
         // flight get their outcomes first (a dropped `send` future's message still counts).
@@ -893,14 +982,8 @@ impl Link {
     fn handle_finishing(&mut self, now: Instant, input: Input) {
         match input {
             Input::ClaimAnswered { attempt, result } => self.claim_answered(now, attempt, result),
-            Input::Took { id } => {
-                self.peer.receiver.taken(now, id);
-                self.room += 1;
-            }
-            Input::AppGone => {
-                self.peer.receiver.application_gone(now);
-                self.app_gone = true;
-            }
+            Input::Took { id } => self.took(now, id),
+            Input::AppGone => self.app_gone(now),
             Input::Send { token, .. } => self.complete(token, Err(SendError::Closed)),
             Input::DialDone { result: Ok(d), .. } => self.close(d.conn, 0, "channel stopped"),
             Input::Reattached { conn, .. } => self.close(conn, 0, "channel stopped"),
@@ -911,6 +994,31 @@ impl Link {
             Input::Timer => self.claim_timers(now),
             Input::Confirm { id, outcome } => self.peer.receiver.confirm(now, id, outcome),
             _ => {}
+        }
+    }
+
+    /// The application took message `id`: room for another, and a stream message's answer.
+    fn took(&mut self, now: Instant, id: u64) {
+        self.peer.receiver.taken(now, id);
+        self.room += 1;
+        if let Some(answer) = self.untaken.remove(&id) {
+            self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: Some(STREAM_DELIVERED),
+            });
+        }
+    }
+
+    /// Nobody takes messages any more: stream messages handed over but not taken were not
+    /// delivered, and their senders learn it.
+    fn app_gone(&mut self, now: Instant) {
+        self.peer.receiver.application_gone(now);
+        self.app_gone = true;
+        for (_, answer) in std::mem::take(&mut self.untaken) {
+            self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: Some(crate::wire::STREAM_REFUSED),
+            });
         }
     }
 
@@ -950,6 +1058,10 @@ impl Link {
     }
 
     fn in_flight(&self) -> usize {
+        if self.is_closed() {
+            // Every send has its outcome; what the sender still holds goes nowhere.
+            return 0;
+        }
         self.peer.sender.in_flight() + self.streams.len()
     }
 
@@ -1102,7 +1214,29 @@ impl Link {
     }
 
     fn take_stream_message(&mut self, now: Instant, answer: u64, message: Bytes) {
+        // Once the application is gone the receiver refuses new messages (and a copy of one
+        // whose claim is in flight waits for that claim).
+        let id = crate::wire::decode_stream_message(message.clone())
+            .ok()
+            .map(|(id, _)| id);
+        let delivered = self.peer.receiver.stats().delivered;
         match self.peer.handle_stream_message(now, message) {
+            // Delivered to the hand-off just now, or a copy of one still there: the answer
+            // (the stream path's ack) waits until the application took it (issue case 1).
+            StreamStatus::Now(STREAM_DELIVERED)
+                if id.is_some_and(|id| {
+                    self.untaken.contains_key(&id)
+                        || self.peer.receiver.stats().delivered > delivered
+                }) =>
+            {
+                let id = id.expect("checked");
+                if let Some(old) = self.untaken.insert(id, answer) {
+                    self.actions.push_back(Action::AnswerStream {
+                        answer: old,
+                        status: None,
+                    });
+                }
+            }
             StreamStatus::Now(status) => self.actions.push_back(Action::AnswerStream {
                 answer,
                 status: Some(status),
@@ -1276,6 +1410,18 @@ impl Link {
     }
 
     fn dial_done(&mut self, now: Instant, dial: u64, result: Result<Dialed, DialFailure>) {
+        // A connection without datagrams cannot carry the channel: a failed attempt (another
+        // replica, or a later attempt, may do better).
+        let result = match result {
+            Ok(d) if d.max_datagram_size.is_none() => {
+                self.close(d.conn, 1, "datagrams required");
+                Err(DialFailure {
+                    refused: false,
+                    reason: "the connection does not carry QUIC datagrams".into(),
+                })
+            }
+            other => other,
+        };
         if let Some(r) = &mut self.redial {
             if r.dial == Some(dial) {
                 r.dial = None;
@@ -1610,16 +1756,16 @@ impl Link {
         streams.map_or(sender, |s| s.min(sender))
     }
 
-    fn start_claim(&mut self, now: Instant, request: ClaimRequest) {
+    fn start_claim(&mut self, request: ClaimRequest) {
+        self.next_claim += 1;
+        let key = self.next_claim;
         let job = ClaimJob {
             request,
-            give_up: now + self.config.claim_timeout,
+            claimant: self.config.claimant_seed.wrapping_add(key),
             backoff: Duration::from_millis(10),
             attempt: None,
             retry_at: None,
         };
-        self.next_claim += 1;
-        let key = self.next_claim;
         self.claims.insert(key, job);
         self.claim_attempt(key);
     }
@@ -1635,9 +1781,10 @@ impl Link {
             attempt,
             id: job.request.id,
             key: job.request.key.clone(),
+            claimant: job.claimant,
             timeout,
         });
-        // Jobs are keyed by their attempt in flight, or by their first key while waiting.
+        // Jobs are keyed by their attempt in flight, or by their last attempt while waiting.
         self.claims.insert(
             attempt,
             ClaimJob {
@@ -1663,18 +1810,26 @@ impl Link {
                 if let Err(e) = &result {
                     tracing::warn!(error = %e, id = job.request.id, "surelink: claim failed");
                 }
-                if now + job.backoff > job.give_up {
-                    ClaimOutcome::Failed
-                } else {
-                    job.attempt = None;
-                    job.retry_at = Some(now + job.backoff);
-                    job.backoff = (job.backoff * 2).min(Duration::from_secs(1));
-                    self.claims.insert(attempt, job);
-                    return;
-                }
+                // Retried for as long as the channel runs, with the same claimant: the
+                // failed attempt may have been written, and a message claimed but never
+                // handed over would be acked by any replica that finds the claim.
+                job.attempt = None;
+                job.retry_at = Some(now + job.backoff);
+                job.backoff = (job.backoff * 2).min(Duration::from_secs(1));
+                self.claims.insert(attempt, job);
+                return;
             }
         };
         self.peer.receiver.claim_done(now, &job.request, outcome);
+    }
+
+    /// The channel stops with this claim unresolved: its message is dropped unacked (its
+    /// sender learns an unknown outcome, or an ack from a replica that finds the claim if an
+    /// attempt was written: the known gap of a claim whose answer never came).
+    fn give_up_claim(&mut self, now: Instant, job: ClaimJob) {
+        self.peer
+            .receiver
+            .claim_done(now, &job.request, ClaimOutcome::Failed);
     }
 
     fn claim_timers(&mut self, now: Instant) {
@@ -1689,7 +1844,10 @@ impl Link {
         }
         if let Phase::Finishing { until } = self.phase {
             if now >= until {
-                self.claims.clear();
+                let jobs: Vec<ClaimJob> = self.claims.drain().map(|(_, j)| j).collect();
+                for job in jobs {
+                    self.give_up_claim(now, job);
+                }
             }
         }
     }
@@ -1728,6 +1886,12 @@ impl Link {
         if let Some(s) = self.standby.take() {
             self.close(s.conn, code, close);
         }
+        for (_, answer) in std::mem::take(&mut self.untaken) {
+            self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: None,
+            });
+        }
         for (_, answer) in std::mem::take(&mut self.stream_waiting) {
             self.actions.push_back(Action::AnswerStream {
                 answer,
@@ -1748,10 +1912,10 @@ impl Link {
         self.phase = Phase::Finishing {
             until: now + self.config.claim_timeout,
         };
-        self.hand_over();
+        self.hand_over(now);
     }
 
-    fn hand_over(&mut self) {
+    fn hand_over(&mut self, now: Instant) {
         if self.app_gone {
             // Nobody will take these; they were claimed (claims mode), so they count as
             // handed over: the driver passes them to the closed queue, which drops them.
@@ -1764,6 +1928,23 @@ impl Link {
             let Some(message) = self.peer.receiver.poll_delivery() else {
                 return;
             };
+            // This channel's receiver saw the key for the first time; another channel of
+            // the same server may have delivered it (an application that restarted).
+            if let (Some(keys), Some(key)) = (&self.config.shared_keys, &message.key) {
+                if !keys.first(now, key) {
+                    self.stats.duplicate_keys_elsewhere += 1;
+                    // Its effect happened on the other channel: acked, as if taken.
+                    self.peer.receiver.taken(now, message.id);
+                    // Acked, not delivered again: a stream message's answer says so now.
+                    if let Some(answer) = self.untaken.remove(&message.id) {
+                        self.actions.push_back(Action::AnswerStream {
+                            answer,
+                            status: Some(STREAM_DELIVERED),
+                        });
+                    }
+                    continue;
+                }
+            }
             self.room -= 1;
             self.actions.push_back(Action::Deliver(message));
         }
@@ -1772,11 +1953,11 @@ impl Link {
     /// Collects what the peer produced: deliveries, claims, stream answers, datagrams and
     /// outcomes.
     fn flush(&mut self, now: Instant) {
-        self.hand_over();
+        self.hand_over(now);
         while !self.parked.is_empty() && !self.peer.receiver.backlogged() {
             let (answer, message) = self.parked.pop_front().expect("not empty");
             self.take_stream_message(now, answer, message);
-            self.hand_over();
+            self.hand_over(now);
         }
         // A claim is asked only when the application has room for its message: a claim is
         // the record of a delivery, so a message is claimed only once it can be handed over
@@ -1786,7 +1967,7 @@ impl Link {
             let Some(request) = self.peer.receiver.poll_claim() else {
                 break;
             };
-            self.start_claim(now, request);
+            self.start_claim(request);
         }
 
         while let Some((id, status)) = self.peer.receiver.poll_stream_answer() {
@@ -1805,6 +1986,12 @@ impl Link {
                     datagram,
                 });
             }
+        }
+        if self.app_gone {
+            // Once the application dropped its `Messages`, nothing more is acked: what
+            // arrives now is never delivered (issue case 1), so its sender must not learn
+            // "delivered". It times out with an unknown outcome instead.
+            while self.peer.receiver.poll_transmit().is_some() {}
         }
         while let Some(datagram) = self.peer.poll_transmit() {
             // Without a connection, datagrams are dropped: what matters is re-sent on the

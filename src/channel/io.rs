@@ -1,0 +1,171 @@
+//! The driver's helper tasks: reading a connection, one stream message each way, one claim
+//! attempt. Each reports to the driver as an [`Event`]; none decides anything.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::dial::classify;
+use crate::proto::link::{Attached, ConnId, Input, PathSample, StreamEnd};
+use crate::proto::ClaimOutcome;
+
+/// What the driver's helper tasks report.
+pub(super) enum Event {
+    Input(Input),
+    Dialed(
+        u64,
+        Result<(quinn::Connection, Attached), super::ConnectError>,
+    ),
+    Inbound(Bytes, oneshot::Sender<u8>),
+}
+
+/// Reads connection `id` until it ends: its datagrams, its inbound streams (each read by a
+/// task of its own, at most `limit` bytes within `timeout`) and finally its end.
+pub(super) async fn read_connection(
+    id: ConnId,
+    conn: quinn::Connection,
+    streams: bool,
+    limit: usize,
+    timeout: Duration,
+    tx: mpsc::Sender<Event>,
+) {
+    let lost = loop {
+        let event = tokio::select! {
+            biased;
+            d = conn.read_datagram() => d.map(|data| Input::Datagram { conn: id, data }),
+            s = conn.accept_bi(), if streams => match s {
+                Ok((send, recv)) => {
+                    tokio::spawn(read_stream_message(send, recv, limit, timeout, tx.clone()));
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match event {
+            Ok(input) => {
+                if tx.send(Event::Input(input)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => break e,
+        }
+    };
+    let _ = tx
+        .send(Event::Input(Input::ConnectionLost {
+            conn: id,
+            how: classify(&lost),
+            reason: lost.to_string(),
+        }))
+        .await;
+}
+
+/// One path measurement of `conn`, for ranking replicas.
+pub(super) fn sample(conn: &quinn::Connection) -> PathSample {
+    let path = conn.stats().path;
+    PathSample {
+        rtt: conn.rtt(),
+        sent_packets: path.sent_packets,
+        lost_packets: path.lost_packets,
+    }
+}
+
+/// One claim attempt, within `timeout`: a store that hangs becomes an error.
+pub(super) async fn claim(
+    store: Option<Arc<dyn crate::store::DedupeStore>>,
+    claim: crate::store::Claim,
+    attempt: u64,
+    timeout: Duration,
+    tx: mpsc::Sender<Event>,
+) {
+    let result = match store {
+        // Claims mode without a store cannot happen (spawn sets one with the other);
+        // answer anyway so nothing waits forever.
+        None => Err("no store".to_owned()),
+        Some(store) => match tokio::time::timeout(timeout, store.claim(&claim)).await {
+            Ok(Ok(crate::store::Claimed::Now)) => Ok(ClaimOutcome::Now),
+            Ok(Ok(crate::store::Claimed::Before)) => Ok(ClaimOutcome::Before),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer from the store within {timeout:?}")),
+        },
+    };
+    let _ = tx
+        .send(Event::Input(Input::ClaimAnswered { attempt, result }))
+        .await;
+}
+
+pub(super) async fn send_stream_message(
+    conn: quinn::Connection,
+    head: Bytes,
+    body: Bytes,
+    deadline: Instant,
+) -> StreamEnd {
+    let work = async {
+        let lost = |e: &dyn std::fmt::Display| StreamEnd::Connection(e.to_string());
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+        for part in [&head, &body] {
+            send.write_all(part).await.map_err(|e| match e {
+                quinn::WriteError::Stopped(_) => StreamEnd::Refused,
+                e => lost(&e),
+            })?;
+        }
+        send.finish().map_err(|e| lost(&e))?;
+        let status = recv.read_to_end(1).await.map_err(|e| match e {
+            quinn::ReadToEndError::Read(quinn::ReadError::Reset(_)) => StreamEnd::Refused,
+            e => lost(&e),
+        })?;
+        status
+            .first()
+            .copied()
+            .map(StreamEnd::Status)
+            .ok_or_else(|| StreamEnd::Connection("the stream ended without a status".into()))
+    };
+    match tokio::time::timeout_at(deadline.into(), work).await {
+        Ok(Ok(end)) | Ok(Err(end)) => end,
+        Err(_) => StreamEnd::Deadline,
+    }
+}
+
+/// Reads one stream message (at most `limit` bytes, within `timeout`), hands it to the driver
+/// and writes back the status it answers.
+pub(super) async fn read_stream_message(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    limit: usize,
+    timeout: Duration,
+    events: mpsc::Sender<Event>,
+) {
+    let invalid = |reason| Event::Input(Input::StreamInvalid { reason });
+    let message = match tokio::time::timeout(timeout, recv.read_to_end(limit)).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(quinn::ReadToEndError::TooLong)) => {
+            let _ = events.send(invalid("stream_too_long")).await;
+            let _ = send.reset(1u32.into());
+            let _ = recv.stop(1u32.into());
+            return;
+        }
+        // The connection or the stream broke: the sender retries or reports.
+        Ok(Err(_)) => return,
+        Err(_) => {
+            let _ = events.send(invalid("stream_timeout")).await;
+            let _ = send.reset(1u32.into());
+            let _ = recv.stop(1u32.into());
+            return;
+        }
+    };
+    let (reply, status) = oneshot::channel();
+    if events
+        .send(Event::Inbound(Bytes::from(message), reply))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let Ok(status) = status.await else {
+        return;
+    };
+    if send.write_all(&[status]).await.is_ok() {
+        let _ = send.finish();
+    }
+}
