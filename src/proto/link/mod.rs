@@ -1202,6 +1202,7 @@ impl Link {
         };
         let s = self.streams.remove(&id).expect("found above");
         self.crossed.remove(&id);
+        self.peer.sender.reserved_done(now, id);
         self.complete(
             s.token,
             outcome.map(|()| Receipt {
@@ -1317,6 +1318,7 @@ impl Link {
             .collect();
         for id in expired {
             if let Some(s) = self.streams.remove(&id) {
+                self.peer.sender.reserved_done(now, id);
                 self.complete(s.token, Err(SendError::Timeout { id }));
             }
         }
@@ -1554,6 +1556,7 @@ impl Link {
                     .collect();
                 for id in lost {
                     if let Some(s) = self.streams.remove(&id) {
+                        self.peer.sender.reserved_done(now, id);
                         self.complete(
                             s.token,
                             Err(SendError::ConnectionLost {
@@ -1872,7 +1875,8 @@ impl Link {
             }
         }
         let streams: Vec<(u64, StreamSend)> = self.streams.drain().collect();
-        for (_, s) in streams {
+        for (id, s) in streams {
+            self.peer.sender.reserved_done(now, id);
             self.complete(
                 s.token,
                 Err(SendError::ConnectionLost {
