@@ -379,3 +379,45 @@ async fn a_restarted_client_retrying_a_key_on_a_new_channel_is_not_delivered_twi
     );
     assert_eq!(s2.stats().duplicate_keys_elsewhere, 1);
 }
+
+/// Issue case 1: a `Listener` dropped with channels not yet accepted: their messages were
+/// never taken by an application, so none is acked; their senders learn they were refused
+/// (or, if the refusal is lost, an unknown outcome), never a receipt.
+#[tokio::test(start_paused = true)]
+async fn messages_of_a_channel_never_accepted_are_not_acked() {
+    let link = LinkConfig {
+        delay: Duration::from_millis(10),
+        ..LinkConfig::default()
+    };
+    let pair = pair(link.clone(), link, 10);
+    let listener = Listener::new(pair.server.clone(), Config::default());
+    let (client, _client_messages) = Channel::connect(
+        &pair.client,
+        pair.server_addr,
+        SERVER_NAME,
+        None,
+        Config::default(),
+    )
+    .await
+    .unwrap();
+    let sends: Vec<_> = (0..5u32)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { c.send(payment(i)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(listener);
+    for s in sends {
+        let outcome = s.await.unwrap();
+        assert!(
+            matches!(
+                outcome,
+                Err(SendError::Refused { .. }
+                    | SendError::Timeout { .. }
+                    | SendError::ConnectionLost { .. })
+            ),
+            "{outcome:?}"
+        );
+    }
+}
