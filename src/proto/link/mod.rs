@@ -708,6 +708,9 @@ pub struct Link {
     crossed: std::collections::HashSet<u64>,
 }
 
+/// Claims a server asks beyond its application's free room in the hand-off.
+const CLAIMS_AHEAD: usize = 64;
+
 /// Why a refused message's outcome is unknown all the same.
 const REFUSED_AFTER_FAILOVER: &str = "refused by the replica in use, but it was sent to another \
      replica before, which may have delivered it";
@@ -1963,11 +1966,13 @@ impl Link {
             self.take_stream_message(now, answer, message);
             self.hand_over(now);
         }
-        // A claim is asked only when the application has room for its message: a claim is
-        // the record of a delivery, so a message is claimed only once it can be handed over
-        // at once (an application that stopped reading leaves messages unclaimed, for
-        // another replica to deliver after a failover).
-        while self.claims.len() + usize::from(self.peer.receiver.has_deliveries()) < self.room {
+        // A claim is the record of a delivery, so messages are claimed only about as fast as
+        // the application takes them: at most `CLAIMS_AHEAD` beyond its free room, so that an
+        // application that stopped reading leaves messages unclaimed, for another replica to
+        // deliver after a failover, while a slow store still has claims in parallel.
+        while self.claims.len() + self.peer.receiver.stats().deliveries_queued
+            < self.room + CLAIMS_AHEAD
+        {
             let Some(request) = self.peer.receiver.poll_claim() else {
                 break;
             };
@@ -1991,12 +1996,9 @@ impl Link {
                 });
             }
         }
-        if self.app_gone {
-            // Once the application dropped its `Messages`, nothing more is acked: what
-            // arrives now is never delivered (issue case 1), so its sender must not learn
-            // "delivered". It times out with an unknown outcome instead.
-            while self.peer.receiver.poll_transmit().is_some() {}
-        }
+        // Once the application dropped its `Messages` the receiver acks nothing it was not
+        // given (acks wait for the take) and refuses what arrives (REFUSE code 5), so its
+        // output still goes out.
         while let Some(datagram) = self.peer.poll_transmit() {
             // Without a connection, datagrams are dropped: what matters is re-sent on the
             // next connection (`Peer::new_connection`).
