@@ -637,7 +637,8 @@ pub fn receiver(data: &[u8]) {
                 requests.clear();
                 unconfirmed.clear();
             }
-            PeerOp::Reading(r) => reading = r,
+            // An application that dropped its `Messages` never reads again.
+            PeerOp::Reading(r) => reading = r && !book.gone,
             PeerOp::Gone => {
                 book.note_deliveries(&peer, now);
                 peer.receiver.application_gone(now);

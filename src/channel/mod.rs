@@ -1,9 +1,10 @@
-//! The async shell: a [`Channel`] runs one [`proto::Peer`](crate::proto::Peer) over a
-//! `quinn::Connection`.
+//! The async shell: a [`Channel`] runs one [`Link`](crate::proto::link::Link) (the channel's
+//! policy, around a [`proto::Peer`](crate::proto::Peer)) over quinn connections.
 //!
-//! One driver task per channel owns the peer. It feeds it received datagrams and timeouts,
-//! sends what it produces, completes each `send` with the message's outcome, and forwards
-//! delivered messages to [`Messages`]. Time is tokio's clock, so a channel over the simulator
+//! One driver task per channel owns the link. It feeds it received datagrams, stream
+//! messages, dial and claim results and timeouts, performs what it asks (sends, dials, store
+//! calls), completes each `send` with the message's outcome, and forwards delivered messages
+//! to [`Messages`]. Time is tokio's clock, so a channel over the simulator
 //! runs in virtual time under a paused clock.
 //!
 //! # Three ways to get a channel
@@ -29,10 +30,13 @@
 //!
 //! # What an outcome means
 //!
-//! `Ok(Receipt)`: the peer's channel delivered the message to its [`Messages`] (once). An
-//! error says whether the message may have been delivered ([`SendError`]); where it may,
-//! retry with the same idempotency key ([`Channel::send_with_key`]) and the peer delivers it
-//! at most once.
+//! `Ok(Receipt)`: the peer's application took the message from its [`Messages`] (once), or
+//! (with a claims store, [`Config::store`]) a replica claimed it and handed it over. So
+//! `send` completes only while the other end reads: a test that awaits a send and only then
+//! reads the other end's `Messages` in the same task waits for ever. An error says whether
+//! the message may have been delivered ([`SendError::may_have_been_delivered`]); where it
+//! may, retry with the same idempotency key ([`Channel::send_with_key`]) and the peer
+//! delivers it at most once.
 //!
 //! # Cancellation and shutdown
 //!
@@ -42,8 +46,9 @@
 //! outcomes, new ones fail with [`SendError::Closed`]) and then closes the connection with
 //! [`GOODBYE`]; the server then ends its state for the channel at once. Dropping every
 //! `Channel` clone and the [`Messages`] ends the channel the same way. Once [`Messages`] is
-//! dropped nothing more is acked: messages arriving after it are not delivered, and their
-//! senders learn an unknown outcome (or, on the stream path, [`SendError::Refused`]).
+//! dropped nothing more is acked: messages handed over but not taken, and those arriving
+//! after it, are not delivered, and their senders get [`SendError::Refused`] (with a claims
+//! store, a message already claimed counts as handed over instead: it stays unacked here).
 //! [`Listener::shutdown`] / [`Server::shutdown`] stop accepting and drain every channel
 //! within a grace period.
 //!

@@ -708,9 +708,6 @@ pub struct Link {
     crossed: std::collections::HashSet<u64>,
 }
 
-/// Claims a server asks beyond its application's free room in the hand-off.
-const CLAIMS_AHEAD: usize = 64;
-
 /// Why a refused message's outcome is unknown all the same.
 const REFUSED_AFTER_FAILOVER: &str = "refused by the replica in use, but it was sent to another \
      replica before, which may have delivered it";
@@ -1966,13 +1963,14 @@ impl Link {
             self.take_stream_message(now, answer, message);
             self.hand_over(now);
         }
-        // A claim is the record of a delivery, so messages are claimed only about as fast as
-        // the application takes them: at most `CLAIMS_AHEAD` beyond its free room, so that an
+        // A claim is the record of a delivery, so a message is claimed only when the
+        // application has room for it, and handed over as soon as the claim succeeds: a
+        // replica that crashes cannot hold messages claimed but not handed over, and an
         // application that stopped reading leaves messages unclaimed, for another replica to
-        // deliver after a failover, while a slow store still has claims in parallel.
-        while self.claims.len() + self.peer.receiver.stats().deliveries_queued
-            < self.room + CLAIMS_AHEAD
-        {
+        // deliver after a failover. (Claims in flight are thereby at most the hand-off's
+        // room: four per channel by default, enough for a store that answers in a
+        // millisecond; a store that hangs slows the channel down rather than widen the gap.)
+        while self.claims.len() + self.peer.receiver.stats().deliveries_queued < self.room {
             let Some(request) = self.peer.receiver.poll_claim() else {
                 break;
             };
