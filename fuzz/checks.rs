@@ -511,7 +511,11 @@ pub fn receiver(data: &[u8]) {
     let mut reading = true;
 
     for _ in 0..MAX_OPS {
-        let Ok(op) = PeerOp::arbitrary(&mut u) else {
+        let Ok(op) = PeerOp::arbitrary(&mut u).inspect(|op| {
+            if std::env::var_os("SURELINK_RECEIVER_TRACE").is_some() {
+                eprintln!("{claims:?} take={ack_on_take} {op:?}");
+            }
+        }) else {
             break;
         };
         let mut datagrams = Vec::new();

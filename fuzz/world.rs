@@ -255,10 +255,10 @@ pub struct World {
     answered: std::collections::HashSet<u64>,
     /// Stream sends running at the client: (connection, message id).
     streams: std::collections::HashSet<(ConnId, u64)>,
-    /// (replica, message) whose claim was written while its replica was told it failed or
-    /// timed out, and which that replica has not handed over yet. A crash of such a replica
-    /// is not simulated: another replica would ack the message as claimed before while
-    /// nobody delivers it. That is a known gap (claims are one-phase; closing it needs a
+    /// (replica, message) whose claim was written (its answer on its way, late, or reported
+    /// as a failure) and which that replica has not handed over yet. A crash of such a
+    /// replica is not simulated: another replica would ack the message as claimed before
+    /// while nobody delivers it. That is a known gap (claims are one-phase; closing it needs a
     /// claim that others see as settled only once its owner hands the message over, with a
     /// lease for owners that died), stated in the README's guarantees.
     unresolved: std::collections::HashSet<(usize, u64)>,
@@ -1094,7 +1094,14 @@ impl World {
                 } => {
                     let incarnation = self.servers[r].incarnation;
                     let result = match self.store.faults.pop_front() {
-                        None => Ok(self.store.claim(id, &key, claimant)),
+                        None => {
+                            let outcome = self.store.claim(id, &key, claimant);
+                            if outcome == ClaimOutcome::Now {
+                                // Written; its answer is on its way (see `unresolved`).
+                                self.unresolved.insert((r, id));
+                            }
+                            Ok(outcome)
+                        }
                         Some(StoreFault::Error) => Err("store unreachable".to_string()),
                         Some(StoreFault::ErrorAfterCommit) => {
                             self.store.claim(id, &key, claimant);

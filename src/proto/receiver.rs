@@ -329,6 +329,9 @@ pub struct Receiver {
     /// Withheld messages that arrived (or were re-sent) on a stream: their status byte, like
     /// their ack, waits for [`Receiver::taken`].
     withheld_streams: std::collections::HashSet<u64>,
+    /// Messages of the sender's previous incarnations delivered but not yet taken, with their
+    /// keys (see [`Receiver::peer_lost_state`]).
+    old_withheld: HashMap<u64, Option<Bytes>>,
     /// The application is gone: nothing more is delivered.
     gone: bool,
     /// Refused ids (id → reason), remembered so a later copy is refused again.
@@ -360,6 +363,7 @@ impl Receiver {
             withheld_keys: HashMap::new(),
             withheld_by_key: HashMap::new(),
             withheld_streams: std::collections::HashSet::new(),
+            old_withheld: HashMap::new(),
             gone: false,
             refused: HashMap::new(),
             refused_order: VecDeque::new(),
@@ -406,10 +410,16 @@ impl Receiver {
             self.queued_bytes -= p.payload.map_or(0, |b| b.len());
         }
         self.claims_out.clear();
-        // The old incarnation's ids mean nothing now (a `taken` for one is ignored).
-        self.withheld.clear();
+        // The old incarnation's ids mean nothing to its successor (their acks go nowhere),
+        // but a message of it still waiting for the application keeps holding its key: a
+        // retry under that key from the new incarnation is not acked before the application
+        // took the message (it could still drop it). The application takes messages in the
+        // order they were handed over, so an old id is taken before a new one equal to it.
+        for id in std::mem::take(&mut self.withheld) {
+            let key = self.withheld_keys.remove(&id);
+            self.old_withheld.insert(id, key);
+        }
         self.withheld_keys.clear();
-        self.withheld_by_key.clear();
         self.withheld_streams.clear();
         self.refused.clear();
         self.refused_order.clear();
@@ -549,6 +559,14 @@ impl Receiver {
     /// The application took delivered message `id` (with `ack_on_take`): it is acked now.
     /// Ids not awaiting a take are ignored.
     pub fn taken(&mut self, now: Instant, id: u64) {
+        if let Some(key) = self.old_withheld.remove(&id) {
+            // A message of the sender's previous incarnation: nothing to ack; its key no
+            // longer holds retries back.
+            if let Some(key) = key {
+                self.withheld_by_key.remove(&key);
+            }
+            return;
+        }
         if self.gone || !self.withheld.remove(&id) {
             return;
         }
@@ -581,6 +599,8 @@ impl Receiver {
             return;
         }
         self.gone = true;
+        self.stats.discarded += self.old_withheld.len() as u64;
+        self.old_withheld.clear();
         if self.config.claims == Claims::Owner {
             self.owner_gone(now);
             return;
