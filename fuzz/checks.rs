@@ -623,7 +623,11 @@ pub fn receiver(data: &[u8]) {
                 // incarnation, whose ids are about to be reused: check them against it.
                 book.note_deliveries(&peer, now);
                 while let Some(m) = peer.receiver.poll_delivery() {
-                    book.check(&m, hostile);
+                    // Once the application is gone nobody reads them (claims mode hands
+                    // claimed messages to the closed queue).
+                    if !book.gone {
+                        book.check(&m, hostile);
+                    }
                 }
                 peer.receiver.peer_lost_state();
                 honest = surelink::proto::Sender::new(honest_config.clone());

@@ -233,7 +233,7 @@ pub struct World {
     client: Link,
     client_stopped: bool,
     servers: Vec<Server>,
-    conns: HashMap<ConnId, Conn>,
+    conns: BTreeMap<ConnId, Conn>,
     next_conn: u64,
     store_mode: bool,
     store: Store,
@@ -254,7 +254,7 @@ pub struct World {
     /// Dials already answered (a real driver answers each once).
     answered: std::collections::HashSet<u64>,
     /// Stream sends running at the client: (connection, message id).
-    streams: std::collections::HashSet<(ConnId, u64)>,
+    streams: std::collections::BTreeSet<(ConnId, u64)>,
     /// (replica, message) whose claim was written (its answer on its way, late, or reported
     /// as a failure) and which that replica has not handed over yet. A crash of such a
     /// replica is not simulated: another replica would ack the message as claimed before
@@ -310,7 +310,7 @@ impl World {
                     next_answer: 0,
                 })
                 .collect(),
-            conns: HashMap::new(),
+            conns: BTreeMap::new(),
             next_conn: 1,
             store_mode: store,
             store: Store::default(),

@@ -149,7 +149,8 @@ pub struct Config {
     /// this share of the primary's for three samples in a row. `0` never switches. Default
     /// 0.5: a replica must be twice as good to be worth a move.
     pub switch_ratio: f64,
-    /// How long a stopping channel waits for its claims in flight. While the channel runs, a
+    /// How long a draining close waits for claims in flight before its goodbye (a stopped
+    /// channel still waits for them at least a minute). While the channel runs, a
     /// failed claim is retried (same claimant, doubling backoff up to 1 s) for as long as it
     /// takes, its message neither delivered nor acked meanwhile: the failed attempt may have
     /// been written, and giving up could leave a message claimed that nobody delivers.

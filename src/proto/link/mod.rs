@@ -121,7 +121,8 @@ pub struct LinkConfig {
     /// The standby's score must stay below this share of the primary's to switch (`0`:
     /// never).
     pub switch_ratio: f64,
-    /// How long a stopping channel waits for its claims in flight. While the channel runs a
+    /// How long a draining close waits for claims in flight before its goodbye (a stopped
+    /// channel still waits for them at least a minute). While the channel runs a
     /// failed claim is retried for as long as it takes: the failed attempt may have been
     /// written (an error after COMMIT), so giving up could leave a message claimed that
     /// nobody delivers.
@@ -707,6 +708,9 @@ pub struct Link {
     /// refusal by the replica in use does not say they were not delivered.
     crossed: std::collections::HashSet<u64>,
 }
+
+/// Least time a stopping channel waits for its claims in flight.
+const STOPPING_CLAIMS_WAIT: Duration = Duration::from_secs(60);
 
 /// Why a refused message's outcome is unknown all the same.
 const REFUSED_AFTER_FAILOVER: &str = "refused by the replica in use, but it was sent to another \
@@ -1913,8 +1917,12 @@ impl Link {
         self.detached_until = None;
         self.ranking.next = None;
         self.standby_upgrade_at = None;
+        // Claims in flight get `claim_timeout` to finish, or a minute when that is shorter: a
+        // claim that may have been written and is given up leaves a message claimed that
+        // nobody delivers (the one-phase claim's gap), so a stopping channel waits longer
+        // for a store that is briefly away.
         self.phase = Phase::Finishing {
-            until: now + self.config.claim_timeout,
+            until: now + self.config.claim_timeout.max(STOPPING_CLAIMS_WAIT),
         };
         self.hand_over(now);
     }
