@@ -950,11 +950,7 @@ impl World {
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.client_open = false;
                         let replica = c.replica;
-                        let how = match code {
-                            GOODBYE => Lost::Goodbye,
-                            REFUSED => Lost::Fatal,
-                            _ => Lost::Retryable,
-                        };
+                        let how = lost_by(code);
                         self.at(
                             now + DELAY,
                             Event::Lost {
@@ -991,29 +987,10 @@ impl World {
                     self.at(deadline.max(now), Event::StreamDeadline { conn, id });
                 }
                 Action::Complete { token, outcome } => {
-                    use surelink::proto::link::SendError as E;
-                    let seen = match outcome {
-                        Ok(_) => Outcome::Acked,
-                        Err(E::Timeout { .. } | E::ConnectionLost { .. }) => Outcome::Unknown,
-                        Err(_) => Outcome::NotDelivered,
-                    };
-                    self.ledger.outcome(token, seen);
+                    self.ledger.outcome(token, Outcome::of(&outcome));
                 }
                 Action::SamplePaths { conns } => {
-                    let samples = conns
-                        .into_iter()
-                        .map(|c| {
-                            (
-                                c,
-                                surelink::proto::link::PathSample {
-                                    rtt: 2 * DELAY,
-                                    sent_packets: 0,
-                                    lost_packets: 0,
-                                },
-                            )
-                        })
-                        .collect();
-                    self.client.handle(now, Input::Samples(samples));
+                    self.client.handle(now, Input::Samples(samples(conns)));
                 }
                 Action::Stop { .. } => {
                     self.client_stopped = true;
@@ -1062,11 +1039,7 @@ impl World {
                 Action::Close { conn, code, .. } => {
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.server_open = false;
-                        let how = match code {
-                            GOODBYE => Lost::Goodbye,
-                            REFUSED => Lost::Fatal,
-                            _ => Lost::Retryable,
-                        };
+                        let how = lost_by(code);
                         self.at(
                             now + DELAY,
                             Event::Lost {
@@ -1159,21 +1132,8 @@ impl World {
                     self.servers[r].link = None;
                 }
                 Action::SamplePaths { conns } => {
-                    let samples = conns
-                        .into_iter()
-                        .map(|c| {
-                            (
-                                c,
-                                surelink::proto::link::PathSample {
-                                    rtt: 2 * DELAY,
-                                    sent_packets: 0,
-                                    lost_packets: 0,
-                                },
-                            )
-                        })
-                        .collect();
                     if let Some(link) = self.servers[r].link.as_mut() {
-                        link.handle(now, Input::Samples(samples));
+                        link.handle(now, Input::Samples(samples(conns)));
                     }
                 }
                 // A server sends nothing of its own in this world.
@@ -1183,6 +1143,25 @@ impl World {
                 | Action::FreeSlot { .. } => {}
             }
         }
+    }
+}
+
+/// Every path as the world's links see it: the round trip, no packet counts.
+fn samples(conns: Vec<ConnId>) -> Vec<(ConnId, surelink::proto::link::PathSample)> {
+    let sample = surelink::proto::link::PathSample {
+        rtt: 2 * DELAY,
+        sent_packets: 0,
+        lost_packets: 0,
+    };
+    conns.into_iter().map(|c| (c, sample)).collect()
+}
+
+/// How a peer's close code reaches the other end.
+fn lost_by(code: u32) -> Lost {
+    match code {
+        GOODBYE => Lost::Goodbye,
+        REFUSED => Lost::Fatal,
+        _ => Lost::Retryable,
     }
 }
 

@@ -679,6 +679,17 @@ impl Receiver {
             && self.queued_bytes >= self.config.max_queued_bytes
     }
 
+    /// Delivered messages waiting for [`Receiver::poll_delivery`] (cheaper than
+    /// [`Receiver::stats`], for per-datagram use).
+    pub fn deliveries_queued(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    /// Whether delivered messages wait for [`Receiver::taken`] (with `ack_on_take`).
+    pub fn awaiting_take(&self) -> bool {
+        !self.gone && !self.withheld.is_empty()
+    }
+
     /// Whether a delivered message waits for [`Receiver::poll_delivery`].
     pub fn has_deliveries(&self) -> bool {
         !self.deliveries.is_empty()
@@ -826,9 +837,6 @@ impl Receiver {
                 return Accepted::Refused;
             }
         };
-        if self.config.claims != Claims::Off {
-            return self.accept_claimed(now, id, envelope, via_stream);
-        }
         match self.dedupe.peek(now, id) {
             Seen::New => {}
             Seen::Duplicate => {
@@ -840,6 +848,9 @@ impl Receiver {
                 self.refuse(now, id, REFUSE_OUT_OF_WINDOW, via_stream);
                 return Accepted::Refused;
             }
+        }
+        if self.config.claims != Claims::Off {
+            return self.accept_claimed(now, id, envelope, via_stream);
         }
         if let Some(key) = &envelope.key {
             if self.withheld_by_key.contains_key(key) {
@@ -885,23 +896,7 @@ impl Receiver {
         envelope: Envelope,
         via_stream: bool,
     ) -> Accepted {
-        if let Some(p) = self.pending.get_mut(&id) {
-            // Already asked; a stream re-send takes over the answer.
-            p.via_stream |= via_stream;
-            return Accepted::Pending;
-        }
-        match self.dedupe.peek(now, id) {
-            Seen::New => {}
-            Seen::Duplicate => {
-                self.stats.duplicates_suppressed += 1;
-                return Accepted::Duplicate;
-            }
-            Seen::OutOfWindow => {
-                self.stats.out_of_window += 1;
-                self.refuse(now, id, REFUSE_OUT_OF_WINDOW, via_stream);
-                return Accepted::Refused;
-            }
-        }
+        // (`accept` has answered copies of pending ids and judged the window.)
         if let Some(key) = &envelope.key {
             if self.withheld_by_key.contains_key(key) {
                 // Its key's message awaits the application: nothing to ack yet.

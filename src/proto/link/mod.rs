@@ -836,7 +836,7 @@ impl Link {
             Phase::Finishing { until } if !self.claims.is_empty() => Some(until),
             Phase::Draining { claims_until }
                 if !self.claims.is_empty()
-                    || (!self.app_gone && self.peer.receiver.stats().awaiting_take > 0) =>
+                    || (!self.app_gone && self.peer.receiver.awaiting_take()) =>
             {
                 Some(claims_until)
             }
@@ -957,7 +957,7 @@ impl Link {
         if let Phase::Draining { claims_until } = self.phase {
             // Messages delivered but not yet taken are acked when the application takes
             // them: a closing application that still reads gets those acks out first.
-            let untaken = !self.app_gone && self.peer.receiver.stats().awaiting_take > 0;
+            let untaken = !self.app_gone && self.peer.receiver.awaiting_take();
             if self.waiting.is_empty()
                 && self.streams.is_empty()
                 && ((self.claims.is_empty() && !untaken) || now >= claims_until)
@@ -1978,7 +1978,7 @@ impl Link {
         // deliver after a failover. (Claims in flight are thereby at most the hand-off's
         // room: four per channel by default, enough for a store that answers in a
         // millisecond; a store that hangs slows the channel down rather than widen the gap.)
-        while self.claims.len() + self.peer.receiver.stats().deliveries_queued < self.room {
+        while self.claims.len() + self.peer.receiver.deliveries_queued() < self.room {
             let Some(request) = self.peer.receiver.poll_claim() else {
                 break;
             };
