@@ -118,6 +118,7 @@ pub(super) fn spawn(
         id,
         reattach,
         conns: HashMap::new(),
+        writers: HashMap::new(),
         next_conn: 1,
         events,
         events_tx,
@@ -140,6 +141,18 @@ pub(super) fn spawn(
     Ok((channel, Messages { rx, commands }))
 }
 
+/// Bytes in quinn's datagram send buffer above which a connection counts as congested:
+/// about 24 full datagrams, a couple of milliseconds at the rates a channel sustains.
+const CONGESTED_BYTES: usize = 32 * 1024;
+
+/// Events taken without waiting after each wake-up before the stats are published.
+const READY_BATCH: usize = 64;
+
+/// Most datagrams queued in front of quinn's send buffer per connection; beyond it a
+/// datagram is not sent (counted in `send_errors`; the sender's hedges and
+/// retransmissions recover it). The sender's `max_in_flight` bounds it long before.
+const MAX_QUEUED_DATAGRAMS: usize = 65_536;
+
 /// Delivered messages handed to [`Messages`] and not yet taken; the rest wait in the
 /// receiver, which bounds them by bytes (`ReceiverConfig::max_queued_bytes`).
 const HANDOFF: usize = 4;
@@ -152,6 +165,10 @@ struct Driver {
     id: ChannelId,
     reattach: Reattach,
     conns: HashMap<ConnId, quinn::Connection>,
+    /// Each connection's queue in front of quinn's datagram send buffer, the buffer's
+    /// free space when the connection was new, and whether the link was last told it is
+    /// congested.
+    writers: HashMap<ConnId, (io::Writer, usize, bool)>,
     next_conn: u64,
     events: mpsc::Receiver<Event>,
     events_tx: mpsc::Sender<Event>,
@@ -215,11 +232,28 @@ impl Driver {
                         max_datagram_size,
                     })
                 }
-                Wake::Timer => Some(Input::Timer),
+                Wake::Timer => {
+                    self.recheck_congestion();
+                    Some(Input::Timer)
+                }
             };
             if let Some(input) = input {
                 self.step(input);
             }
+            // What else is ready is taken before the stats are published again: at high
+            // message rates publishing after every datagram cost more than the datagrams.
+            for _ in 0..READY_BATCH {
+                if self.link.is_stopped() {
+                    break;
+                }
+                let Ok(e) = self.events.try_recv() else {
+                    break;
+                };
+                if let Some(input) = self.event(e) {
+                    self.handle(input);
+                }
+            }
+            self.publish();
             if self.link.is_stopped() {
                 break;
             }
@@ -229,6 +263,12 @@ impl Driver {
 
     /// Hands one input to the link and performs what it decides.
     fn step(&mut self, input: Input) {
+        self.handle(input);
+        self.publish();
+    }
+
+    /// [`Driver::step`] without publishing the stats.
+    fn handle(&mut self, input: Input) {
         self.link.handle(now(), input);
         loop {
             while let Some(action) = self.link.poll_action() {
@@ -244,7 +284,6 @@ impl Driver {
         if self.link.is_closed() {
             self.closed();
         }
-        self.publish();
     }
 
     fn event(&mut self, event: Event) -> Option<Input> {
@@ -327,6 +366,9 @@ impl Driver {
     /// Starts reading `conn`: its datagrams, its streams and its end go to the driver.
     fn register(&mut self, id: ConnId, conn: quinn::Connection) {
         self.conns.insert(id, conn.clone());
+        let capacity = conn.datagram_send_buffer_space();
+        self.writers
+            .insert(id, (io::Writer::spawn(conn.clone()), capacity, false));
         let tx = self.events_tx.clone();
         let streams = self.config.streams;
         let limit = self.config.max_message_size + MAX_KEY_LEN + 32;
@@ -336,6 +378,7 @@ impl Driver {
 
     /// Forgets a connection, keeping its byte counts.
     fn retire(&mut self, id: ConnId) -> Option<quinn::Connection> {
+        self.writers.remove(&id);
         let conn = self.conns.remove(&id)?;
         let s = conn.stats();
         self.counters.udp_bytes_sent += s.udp_tx.bytes;
@@ -343,15 +386,59 @@ impl Driver {
         Some(conn)
     }
 
+    /// Hands a datagram to quinn, or to the connection's writer when quinn's buffer cannot
+    /// take it now (quinn would discard older datagrams to make room), and tells the link
+    /// when the connection turns congested or clear.
+    fn transmit(&mut self, conn: ConnId, datagram: Bytes) {
+        let (Some(c), Some((writer, capacity, _))) =
+            (self.conns.get(&conn), self.writers.get(&conn))
+        else {
+            return;
+        };
+        let space = c.datagram_send_buffer_space();
+        if writer.queued() == 0 && space >= datagram.len() {
+            if c.send_datagram(datagram).is_err() {
+                self.counters.send_errors += 1;
+            }
+        } else if writer.queued() < MAX_QUEUED_DATAGRAMS {
+            writer.push(datagram);
+        } else {
+            self.counters.send_errors += 1;
+        }
+        let (capacity, queued) = (*capacity, writer.queued());
+        self.congestion(
+            conn,
+            queued > 0 || capacity.saturating_sub(space) > CONGESTED_BYTES,
+        );
+    }
+
+    /// Re-reads whether the primary connection is congested (its writer drained).
+    fn recheck_congestion(&mut self) {
+        let Some(conn) = self.link.primary() else {
+            return;
+        };
+        let (Some(c), Some((writer, capacity, true))) =
+            (self.conns.get(&conn), self.writers.get(&conn))
+        else {
+            return;
+        };
+        let buffered = capacity.saturating_sub(c.datagram_send_buffer_space());
+        let congested = writer.queued() > 0 || buffered > CONGESTED_BYTES;
+        self.congestion(conn, congested);
+    }
+
+    fn congestion(&mut self, conn: ConnId, congested: bool) {
+        if let Some((_, _, told)) = self.writers.get_mut(&conn) {
+            if *told != congested {
+                *told = congested;
+                self.followups.push(Input::Congestion { conn, congested });
+            }
+        }
+    }
+
     fn perform(&mut self, action: Action) {
         match action {
-            Action::Transmit { conn, datagram } => {
-                if let Some(c) = self.conns.get(&conn) {
-                    if c.send_datagram(datagram).is_err() {
-                        self.counters.send_errors += 1;
-                    }
-                }
-            }
+            Action::Transmit { conn, datagram } => self.transmit(conn, datagram),
             Action::Dial {
                 dial,
                 replica,

@@ -1,6 +1,7 @@
 //! The driver's helper tasks: reading a connection, one stream message each way, one claim
 //! attempt. Each reports to the driver as an [`Event`]; none decides anything.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,52 @@ pub(super) async fn read_connection(
             reason: lost.to_string(),
         }))
         .await;
+}
+
+/// Datagrams the transport's send buffer could not take at once, for one connection: the
+/// driver queues them here instead of letting quinn discard its oldest queued datagrams
+/// (which would look exactly like path loss to the peer's shard count), and this task hands
+/// them to quinn in order as its buffer frees. `queued` counts what waits here.
+pub(super) struct Writer {
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Writer {
+    /// A writer for `conn`, with its task.
+    pub(super) fn spawn(conn: quinn::Connection) -> Writer {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let count = queued.clone();
+        tokio::spawn(async move {
+            while let Some(datagram) = rx.recv().await {
+                let sent = conn.send_datagram_wait(datagram).await;
+                count.fetch_sub(1, Ordering::Relaxed);
+                if sent.is_err() {
+                    // The connection is gone (its reader reports it); drop what is left.
+                    rx.close();
+                    while rx.recv().await.is_some() {
+                        count.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
+            }
+        });
+        Writer { tx, queued }
+    }
+
+    /// Datagrams waiting for the transport's buffer.
+    pub(super) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Queues `datagram` behind the others.
+    pub(super) fn push(&self, datagram: Bytes) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(datagram).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One path measurement of `conn`, for ranking replicas.

@@ -1,6 +1,6 @@
 //! The sending side: ids, first flight, acks, hedges, deadlines.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -98,6 +98,12 @@ pub struct SenderConfig {
     pub max_ack_delay: Duration,
     /// Least time between two FLOOR frames. Default 10 ms.
     pub floor_interval: Duration,
+    /// Queueing delay that counts as congestion: when the smoothed round trip of first
+    /// flights exceeds the least one seen by more than this (or by more than the least
+    /// round trip itself, whichever is longer), the path is queueing what it is offered,
+    /// and the sender sheds redundancy as for [`Sender::set_congested`]; loss seen then is
+    /// left out of the loss estimate. Default 5 ms.
+    pub congestion_delay: Duration,
     /// Round-trip estimate before the first ack. Default 100 ms.
     pub initial_rtt: Duration,
     /// Ack round-trip samples kept for the percentile. Default 512.
@@ -130,6 +136,7 @@ impl Default for SenderConfig {
             max_id_span: 65_536,
             max_ack_delay: Duration::from_millis(25),
             floor_interval: Duration::from_millis(10),
+            congestion_delay: Duration::from_millis(5),
             initial_rtt: Duration::from_millis(100),
             rtt_samples: 512,
             hedge_to: HedgeTo::Same,
@@ -240,6 +247,10 @@ pub struct SenderStats {
     pub refused: u64,
     /// FLOOR frames sent.
     pub floors_sent: u64,
+    /// Parity shards and speculative hedges not sent because the path was congested
+    /// ([`Sender::set_congested`]): redundancy shed first, so it never adds to the
+    /// congestion.
+    pub shed_congested: u64,
 }
 
 /// Where a hedge goes when a secondary replica is available (see
@@ -286,7 +297,13 @@ pub struct Sender {
     encoder: Encoder,
     next_id: u64,
     messages: BTreeMap<u64, Message>,
+    /// `(deadline, id)` of every message in `messages`: the next deadline without a scan.
+    deadlines: BTreeSet<(Instant, u64)>,
     blocks: HashMap<u64, BlockState>,
+    /// `(next hedge, block)` of every block in `blocks`: due hedges without a scan (at
+    /// 20,000 messages a second, scanning every block and message on each timer took more
+    /// than half of the sender's CPU and the channel fell behind).
+    hedge_due: BTreeSet<(Instant, u64)>,
     rtt: RttEstimator,
     /// Blocks built, first flight not yet sent, with their planned parity (`None`: choose
     /// when sent).
@@ -318,6 +335,10 @@ pub struct Sender {
     floor_repeats: u32,
     /// What the peer's acks say its floor is at least (from their range starting at 0).
     peer_floor: u64,
+    /// The path does not carry what is offered ([`Sender::set_congested`]).
+    congested: bool,
+    /// Smoothed round trip of first flights (gain 1/8, as QUIC's `smoothed_rtt`).
+    srtt: Option<Duration>,
 }
 
 impl Sender {
@@ -335,7 +356,9 @@ impl Sender {
             config,
             next_id: 0,
             messages: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
             blocks: HashMap::new(),
+            hedge_due: BTreeSet::new(),
             pending: VecDeque::new(),
             spaced: VecDeque::new(),
             out: VecDeque::new(),
@@ -352,6 +375,32 @@ impl Sender {
             floor_sent_at: None,
             floor_repeats: 0,
             peer_floor: 0,
+            congested: false,
+            srtt: None,
+        }
+    }
+
+    /// Whether the path is congested now (the transport queues what it is given): while
+    /// it is, first flights carry their data shards only and speculative hedges are
+    /// skipped (both counted in [`SenderStats::shed_congested`]); retransmissions of blocks
+    /// still unacked after twice the hedge delay go on. The caller learns it from the
+    /// transport (e.g. quinn's datagram send buffer filling up).
+    pub fn set_congested(&mut self, congested: bool) {
+        self.congested = congested;
+    }
+
+    /// Whether the sender is shedding redundancy for congestion: the transport said so
+    /// ([`Sender::set_congested`]), or first flights' smoothed round trip sits
+    /// [`SenderConfig::congestion_delay`] above the least one (queueing).
+    pub fn congested(&self) -> bool {
+        self.congested || self.queueing()
+    }
+
+    /// Whether the smoothed round trip shows the path queueing.
+    fn queueing(&self) -> bool {
+        match (self.srtt, self.min_latency) {
+            (Some(srtt), Some(least)) => srtt > least + least.max(self.config.congestion_delay),
+            _ => false,
         }
     }
 
@@ -551,12 +600,14 @@ impl Sender {
         }
         self.next_id += 1;
         self.stats.messages_sent += 1;
+        let deadline = now + self.config.deadline;
+        self.deadlines.insert((deadline, id));
         self.messages.insert(
             id,
             Message {
                 block: None,
                 sent_at: now,
-                deadline: now + self.config.deadline,
+                deadline,
                 payload,
             },
         );
@@ -576,6 +627,7 @@ impl Sender {
         self.floor_repeats = 0;
         self.encoder = Encoder::new(self.config.encoder.clone());
         self.blocks.clear();
+        self.hedge_due.clear();
         self.pending.clear();
         self.spaced.clear();
         self.out.clear();
@@ -600,7 +652,7 @@ impl Sender {
                 Ok(block) => self.pending.push_back(block),
                 Err(_) => {
                     // Possible only if the datagram size shrank below what this message needs.
-                    self.messages.remove(&id);
+                    self.remove_message(id);
                     self.stats.failed += 1;
                     self.events.push_back(SenderEvent::Failed {
                         id,
@@ -620,7 +672,7 @@ impl Sender {
     pub fn peer_lost_state(&mut self, now: Instant) {
         let ids: Vec<u64> = self.messages.keys().copied().collect();
         for id in ids {
-            self.messages.remove(&id);
+            self.remove_message(id);
             self.stats.failed += 1;
             self.events.push_back(SenderEvent::Failed {
                 id,
@@ -645,7 +697,11 @@ impl Sender {
         // round trip seen (the path's own delay; the median would include shard spacing and
         // queueing, and a guard too long shifts shards in flight into the count).
         let guard = self.rtt.quantile(0.0);
-        self.loss.on_ack(now, ack.shards_received, guard);
+        if self.congested() {
+            self.loss.on_ack_excluded(now, ack.shards_received, guard);
+        } else {
+            self.loss.on_ack(now, ack.shards_received, guard);
+        }
         if let Some(lowest) = ack.ranges.last().filter(|r| *r.start() == 0) {
             self.peer_floor = self.peer_floor.max(lowest.end().saturating_add(1));
         }
@@ -663,7 +719,7 @@ impl Sender {
                 .map(|(&id, _)| id)
                 .collect();
             for id in ids {
-                let m = self.messages.remove(&id).expect("listed above");
+                let m = self.remove_message(id).expect("listed above");
                 self.stats.failed += 1;
                 self.stats.refused += 1;
                 self.events.push_back(SenderEvent::Failed {
@@ -721,7 +777,7 @@ impl Sender {
                 .map(|(&id, _)| id)
                 .collect();
             for id in ids {
-                let Some(m) = self.messages.remove(&id) else {
+                let Some(m) = self.remove_message(id) else {
                     continue;
                 };
                 let latency = now.saturating_duration_since(m.sent_at);
@@ -745,8 +801,12 @@ impl Sender {
                     // The delay is subtracted only while the sample stays at or above the
                     // least round trip measured (as QUIC does, RFC 9002 §5.3).
                     let adjusted = latency.saturating_sub(ack_delay);
-                    self.rtt
-                        .push(if adjusted >= least { adjusted } else { latency });
+                    let sample = if adjusted >= least { adjusted } else { latency };
+                    self.rtt.push(sample);
+                    self.srtt = Some(match self.srtt {
+                        Some(s) => (s * 7 + sample) / 8,
+                        None => sample,
+                    });
                 }
                 self.stats.acked += 1;
                 self.events.push_back(SenderEvent::Acked {
@@ -770,14 +830,11 @@ impl Sender {
         self.encoder.handle_timeout(now);
         self.start_blocks(now);
 
-        let expired: Vec<u64> = self
-            .messages
-            .iter()
-            .filter(|(_, m)| m.deadline <= now)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in expired {
-            let m = self.messages.remove(&id).expect("listed above");
+        while self.deadlines.first().is_some_and(|&(at, _)| at <= now) {
+            let (_, id) = self.deadlines.pop_first().expect("checked");
+            let Some(m) = self.messages.remove(&id) else {
+                continue;
+            };
             self.stats.failed += 1;
             self.events.push_back(SenderEvent::Failed {
                 id,
@@ -793,10 +850,11 @@ impl Sender {
         self.maybe_send_floor(now);
 
         let due: Vec<u64> = self
-            .blocks
+            .hedge_due
             .iter()
-            .filter(|(_, b)| b.next_hedge <= now)
-            .map(|(&id, _)| id)
+            .take_while(|(at, _)| *at <= now)
+            .map(|&(_, id)| id)
+            .filter(|id| self.blocks.contains_key(id))
             .collect();
         for id in due {
             self.hedge(now, id);
@@ -806,11 +864,12 @@ impl Sender {
     /// When [`Sender::handle_timeout`] should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let hedge = self.blocks.values().map(|b| b.next_hedge).min();
+        let hedge = self.hedge_due.first().map(|&(at, _)| at);
         let deadline = self
-            .messages
-            .values()
-            .map(|m| m.deadline)
+            .deadlines
+            .first()
+            .map(|&(at, _)| at)
+            .into_iter()
             .chain(self.reserved.values().flatten().copied())
             .min();
         let spaced = self.spaced.front().map(|(at, _)| *at);
@@ -912,7 +971,11 @@ impl Sender {
         while let Some((mut block, planned)) = self.pending.pop_front() {
             let mut frames = block.data_frames();
             self.stats.data_shards += frames.len() as u64;
-            let wanted = planned.unwrap_or_else(|| self.repair_for(&block));
+            let mut wanted = planned.unwrap_or_else(|| self.repair_for(&block));
+            if self.congested() {
+                self.stats.shed_congested += wanted as u64;
+                wanted = 0;
+            }
             let repair = block.next_repair(wanted);
             self.stats.repair_shards += repair.len() as u64;
             let bytes: usize = frames.iter().chain(&repair).map(Bytes::len).sum();
@@ -928,6 +991,8 @@ impl Sender {
                     unacked += 1;
                 }
             }
+            let next_hedge = now + self.hedge_delay(0);
+            self.hedge_due.insert((next_hedge, id));
             self.blocks.insert(
                 id,
                 BlockState {
@@ -936,7 +1001,7 @@ impl Sender {
                     shards_sent,
                     hedges: 0,
                     attempts: 0,
-                    next_hedge: now + self.hedge_delay(0),
+                    next_hedge,
                 },
             );
         }
@@ -950,10 +1015,17 @@ impl Sender {
             let b = self.blocks.get(&id).expect("caller listed it");
             self.hedge_delay(b.attempts + 1)
         };
+        let congested = self.congested();
         let b = self.blocks.get_mut(&id).expect("caller listed it");
         b.attempts += 1;
+        self.hedge_due.remove(&(b.next_hedge, id));
         b.next_hedge = now + delay;
+        self.hedge_due.insert((b.next_hedge, id));
         let speculative = b.attempts == 1;
+        if speculative && congested {
+            self.stats.shed_congested += 1;
+            return;
+        }
         if speculative {
             // Checked before taking parity, so a skipped hedge spends no repair shard.
             let estimate =
@@ -983,7 +1055,9 @@ impl Sender {
         // under independent loss). A block still silent after that lost more, or all of it (a
         // burst, a blackout): each later resend carries a block's worth, `k` shards, so one
         // that gets through rebuilds it instead of adding one shard per doubling backoff.
-        let count = if speculative {
+        // Under congestion a late ack is more likely queued than lost: a retransmission
+        // then adds one shard, not a block's worth.
+        let count = if speculative || congested {
             self.config.hedge_repair.max(1)
         } else {
             usize::from(b.block.header().data_shards).max(self.config.hedge_repair.max(1))
@@ -1035,8 +1109,16 @@ impl Sender {
         if let Some(b) = self.blocks.get_mut(&id) {
             b.unacked = b.unacked.saturating_sub(1);
             if b.unacked == 0 {
+                self.hedge_due.remove(&(b.next_hedge, id));
                 self.blocks.remove(&id);
             }
         }
+    }
+
+    /// Forgets a message and its deadline.
+    fn remove_message(&mut self, id: u64) -> Option<Message> {
+        let m = self.messages.remove(&id)?;
+        self.deadlines.remove(&(m.deadline, id));
+        Some(m)
     }
 }

@@ -67,6 +67,8 @@ pub struct LossEstimator {
     /// [`LossEstimator::estimate`], recomputed when a chunk is judged (the sender asks on
     /// every send).
     cached: f64,
+    /// Shards accounted without being judged ([`LossEstimator::on_ack_excluded`]).
+    excluded: u64,
 }
 
 impl LossEstimator {
@@ -82,6 +84,7 @@ impl LossEstimator {
             lost_all: 0,
             total_all: 0,
             cached: config.initial,
+            excluded: 0,
         }
     }
 
@@ -108,6 +111,17 @@ impl LossEstimator {
     /// An ack arrived at `now` saying the peer has received `peer_received` distinct shards on
     /// this connection. Shards sent after `now - guard` are not judged yet.
     pub fn on_ack(&mut self, now: Instant, peer_received: u64, guard: Duration) {
+        self.account(now, peer_received, guard, true);
+    }
+
+    /// Like [`LossEstimator::on_ack`], but the interval it closes is left out of the
+    /// estimate: shards lost while the sender itself congested the path (its queues
+    /// overflowed) are congestion, not the path's loss, and must not buy more redundancy.
+    pub fn on_ack_excluded(&mut self, now: Instant, peer_received: u64, guard: Duration) {
+        self.account(now, peer_received, guard, false);
+    }
+
+    fn account(&mut self, now: Instant, peer_received: u64, guard: Duration, judge: bool) {
         let Some(cutoff) = now.checked_sub(guard) else {
             return;
         };
@@ -127,7 +141,11 @@ impl LossEstimator {
         let d_received = peer_received - self.accounted_received;
         self.accounted_sent = sent_upto;
         self.accounted_received = peer_received;
-        self.push_chunk(d_sent as i64 - d_received as i64, d_sent);
+        if judge {
+            self.push_chunk(d_sent as i64 - d_received as i64, d_sent);
+        } else {
+            self.excluded += d_sent;
+        }
     }
 
     fn push_chunk(&mut self, lost: i64, total: u64) {
@@ -151,6 +169,11 @@ impl LossEstimator {
         self.total_sent = 0;
         self.accounted_sent = 0;
         self.accounted_received = 0;
+    }
+
+    /// Shards left out of the estimate because they were sent into congestion.
+    pub fn excluded(&self) -> u64 {
+        self.excluded
     }
 
     /// Shards judged in the long window, and how many of them were lost.

@@ -20,7 +20,7 @@
 //! performs each [`Action`]: it sends datagrams, dials, closes connections, runs streams and
 //! store calls, and moves messages to and from the application. It decides nothing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -421,6 +421,18 @@ pub enum Input {
     HandlesDropped,
     /// Path samples asked by [`Action::SamplePaths`].
     Samples(Vec<(ConnId, PathSample)>),
+    /// Whether connection `conn` carries what is offered to it: `congested` when datagrams
+    /// queue up before the wire (the transport's send buffer holds more than a few packets'
+    /// worth). While the primary is congested the sender sheds redundancy: first flights
+    /// carry data shards only and speculative hedges are skipped (data and
+    /// retransmissions still go), so redundancy never adds to the congestion it would
+    /// otherwise read as loss.
+    Congestion {
+        /// The connection.
+        conn: ConnId,
+        /// Whether it is congested now.
+        congested: bool,
+    },
     /// Time passed: [`Link::poll_timeout`] is due.
     Timer,
 }
@@ -606,8 +618,6 @@ struct StreamSend {
 #[derive(Debug)]
 struct Waiting {
     token: u64,
-    /// A per-send deadline before the sender's own.
-    deadline: Option<Instant>,
     /// Completed already (its own deadline passed); the slot is freed when the sender
     /// lets go of the message.
     completed: bool,
@@ -687,6 +697,9 @@ pub struct Link {
     next_dial: u64,
     detached_until: Option<Instant>,
     waiting: HashMap<u64, Waiting>,
+    /// `(deadline, id)` of sends in `waiting` with a per-send deadline (entries of sends
+    /// gone are skipped when they come due): no scan of every send on each timer.
+    send_deadlines: BTreeSet<(Instant, u64)>,
     streams: HashMap<u64, StreamSend>,
     parked: VecDeque<(u64, Bytes)>,
     stream_waiting: HashMap<u64, u64>,
@@ -755,6 +768,7 @@ impl Link {
             next_dial: 0,
             detached_until: None,
             waiting: HashMap::new(),
+            send_deadlines: BTreeSet::new(),
             streams: HashMap::new(),
             parked: VecDeque::new(),
             stream_waiting: HashMap::new(),
@@ -826,11 +840,7 @@ impl Link {
             .values()
             .filter(|s| s.running_on.is_none())
             .map(|s| s.deadline);
-        let sends = self
-            .waiting
-            .values()
-            .filter(|w| !w.completed)
-            .filter_map(|w| w.deadline);
+        let sends = self.send_deadlines.first().map(|&(at, _)| at);
         let claims = self.claims.values().filter_map(|c| c.retry_at);
         let finishing = match self.phase {
             Phase::Finishing { until } if !self.claims.is_empty() => Some(until),
@@ -946,6 +956,11 @@ impl Link {
             }
             Input::HandlesDropped => self.handles_dropped = true,
             Input::Samples(samples) => self.rank(now, &samples),
+            Input::Congestion { conn, congested } => {
+                if self.primary == Some(conn) {
+                    self.peer.sender.set_congested(congested);
+                }
+            }
             Input::Timer => self.timer(now),
         }
         if !self.is_closed() {
@@ -1102,11 +1117,14 @@ impl Link {
         if len <= threshold {
             match self.peer.sender.send_keyed(now, key.as_deref(), &payload) {
                 Ok(id) => {
+                    let deadline = deadline.map(|d| now + d);
+                    if let Some(at) = deadline {
+                        self.send_deadlines.insert((at, id));
+                    }
                     self.waiting.insert(
                         id,
                         Waiting {
                             token,
-                            deadline: deadline.map(|d| now + d),
                             completed: false,
                         },
                     );
@@ -1328,14 +1346,15 @@ impl Link {
         }
         // Per-send deadlines shorter than the sender's: the outcome is unknown now; the
         // slot stays held until the sender lets the message go.
-        let due: Vec<u64> = self
-            .waiting
-            .iter()
-            .filter(|(_, w)| !w.completed && w.deadline.is_some_and(|d| d <= now))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in due {
-            let w = self.waiting.get_mut(&id).expect("listed above");
+        while self
+            .send_deadlines
+            .first()
+            .is_some_and(|&(at, _)| at <= now)
+        {
+            let (_, id) = self.send_deadlines.pop_first().expect("checked");
+            let Some(w) = self.waiting.get_mut(&id).filter(|w| !w.completed) else {
+                continue;
+            };
             w.completed = true;
             let token = w.token;
             self.actions.push_back(Action::Complete {
@@ -1865,6 +1884,7 @@ impl Link {
     fn finish(&mut self, now: Instant, reason: String, code: u32, close: &'static str) {
         tracing::debug!(%reason, "surelink channel: stopped");
         self.flush(now);
+        self.send_deadlines.clear();
         let waiting: Vec<(u64, Waiting)> = self.waiting.drain().collect();
         for (_, w) in waiting {
             if w.completed {
