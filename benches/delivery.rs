@@ -64,7 +64,7 @@ struct SurelinkEnds {
 }
 
 async fn surelink_ends(loss: f64) -> SurelinkEnds {
-    let pair = pair(loss, Congestion::Bbr, true);
+    let pair = pair(loss, Congestion::Surelink, true);
     let (c, s) = pair.connect().await.expect("handshake");
     let (client, _client_messages) = Channel::open(c, Config::default()).expect("open");
     let (server, mut messages) = Channel::open(s, Config::default()).expect("open");

@@ -227,7 +227,7 @@ fn pair(args: &Args, case: &Case, congestion: Congestion, surelink: bool) -> Pai
 
 async fn run_surelink(args: &Args, case: &Case, bar: &ProgressBar) -> Row {
     let wall = std::time::Instant::now();
-    let pair = pair(args, case, Congestion::Bbr, true);
+    let pair = pair(args, case, Congestion::Surelink, true);
     let (client_conn, server_conn) = pair.connect().await.expect("handshake");
     let (client, _client_messages) = Channel::open(client_conn, Config::default()).expect("open");
     let (server, mut server_messages) =

@@ -12,6 +12,7 @@ use quinn::rustls;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 
+use super::congestion::SilenceFloorConfig;
 use super::dial::{Dialer, REFUSED};
 use super::driver::{self, Reattach};
 use super::{Channel, ChannelId, Command, Config, Messages, SendError};
@@ -29,11 +30,16 @@ pub const ALPN: &[u8] = b"surelink/1";
 ///   paces by measured bandwidth and round trip rather than by loss, all were acked with a
 ///   p99 near one round trip. BBR still bounds what is in flight by its bandwidth-delay
 ///   estimate, so redundancy cannot flood a path that is truly congested.
+/// - **Probes get through an outage.** BBR is wrapped in a [`SilenceFloorConfig`]: after
+///   100 ms without an acknowledgement a few packets may go beyond the congestion window
+///   (which is full of packets lost in the outage), so the surelink sender's probes leave
+///   at their fixed interval instead of waiting for quinn's doubling probe timeout, and the
+///   first one through the returned link ends the silence.
 /// - Keep-alives every second and a 10 s idle timeout, so a dead path is noticed (and a
 ///   client reconnects) in seconds while a 2 s blackout does not end the connection.
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    t.congestion_controller_factory(congestion_controller());
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(10)).expect("10 s is a valid timeout"),
@@ -41,6 +47,23 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.ack_frequency_config(Some(ack_frequency_config()));
     t
 }
+
+/// surelink's congestion controller: BBR, wrapped so that a silent path stays probe-able
+/// ([`SilenceFloorConfig`]). Part of [`transport_config`]; for transport configs built
+/// another way.
+pub fn congestion_controller() -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+    Arc::new(SilenceFloorConfig::new(
+        Arc::new(quinn::congestion::BbrConfig::default()),
+        SILENCE,
+        SILENCE_FLOOR,
+    ))
+}
+
+/// No acknowledgement for this long makes the path silent ([`SilenceFloorConfig`]).
+const SILENCE: Duration = Duration::from_millis(100);
+
+/// Bytes a silent path may carry beyond what is in flight: a few probes.
+const SILENCE_FLOOR: u64 = 4 * 1500;
 
 /// The QUIC ACK frequency surelink asks of its peer: an ACK after 8 ack-eliciting packets
 /// (quinn's default is every other one) or after the peer's usual `max_ack_delay`.

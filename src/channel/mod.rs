@@ -64,6 +64,7 @@
 //! replayed). [`Channel::connect`] waits for the full handshake before it sends anything,
 //! and [`server_config`] turns 0-RTT off on the server.
 
+pub mod congestion;
 mod connect;
 mod dial;
 mod driver;
@@ -79,8 +80,9 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use crate::proto::link::{Receipt, Reconnect, SendError, GOODBYE};
 pub use connect::{
-    ack_frequency_config, client_config, server_config, server_config_with_protocols,
-    transport_config, AcceptError, ConfigError, ConnectError, Listener, Server, ALPN,
+    ack_frequency_config, client_config, congestion_controller, server_config,
+    server_config_with_protocols, transport_config, AcceptError, ConfigError, ConnectError,
+    Listener, Server, ALPN,
 };
 pub use identity::{
     client_config_with, load_certs, load_key, server_config_mtls,

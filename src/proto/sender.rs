@@ -104,6 +104,12 @@ pub struct SenderConfig {
     /// and the sender sheds redundancy as for [`Sender::set_congested`]; loss seen then is
     /// left out of the loss estimate. Default 5 ms.
     pub congestion_delay: Duration,
+    /// While the path is silent (no ack for three median round trips, at least
+    /// `2 × hedge delay` and 50 ms, while messages await acks) per-block hedges stop and one
+    /// probe (the oldest unacked block, whole) goes at this interval, so the first packet
+    /// through a returned link is at most this late; the first ack after the silence sends
+    /// every block then due again at once. Default 100 ms.
+    pub probe_interval: Duration,
     /// Round-trip estimate before the first ack. Default 100 ms.
     pub initial_rtt: Duration,
     /// Ack round-trip samples kept for the percentile. Default 512.
@@ -137,6 +143,7 @@ impl Default for SenderConfig {
             max_ack_delay: Duration::from_millis(25),
             floor_interval: Duration::from_millis(10),
             congestion_delay: Duration::from_millis(5),
+            probe_interval: Duration::from_millis(100),
             initial_rtt: Duration::from_millis(100),
             rtt_samples: 512,
             hedge_to: HedgeTo::Same,
@@ -247,6 +254,10 @@ pub struct SenderStats {
     pub refused: u64,
     /// FLOOR frames sent.
     pub floors_sent: u64,
+    /// Probes sent while the path was silent ([`SenderConfig::probe_interval`]).
+    pub probes: u64,
+    /// Times the path fell silent (no ack while messages awaited theirs).
+    pub silences: u64,
     /// Parity shards and speculative hedges not sent because the path was congested
     /// ([`Sender::set_congested`]): redundancy shed first, so it never adds to the
     /// congestion.
@@ -339,6 +350,10 @@ pub struct Sender {
     congested: bool,
     /// Smoothed round trip of first flights (gain 1/8, as QUIC's `smoothed_rtt`).
     srtt: Option<Duration>,
+    /// When the last ack arrived.
+    last_ack_at: Option<Instant>,
+    /// The path is silent: the next probe is due then.
+    next_probe: Option<Instant>,
 }
 
 impl Sender {
@@ -377,6 +392,8 @@ impl Sender {
             peer_floor: 0,
             congested: false,
             srtt: None,
+            last_ack_at: None,
+            next_probe: None,
         }
     }
 
@@ -394,6 +411,46 @@ impl Sender {
     /// [`SenderConfig::congestion_delay`] above the least one (queueing).
     pub fn congested(&self) -> bool {
         self.congested || self.queueing()
+    }
+
+    /// No ack for this long, while messages await theirs, makes the path silent.
+    fn silence_after(&self) -> Duration {
+        (self.rtt.quantile(0.5) * 3)
+            .max(self.hedge_delay(0) * 2)
+            .max(Duration::from_millis(50))
+    }
+
+    /// When the path counts as silent if no ack comes first: `silence_after` past both the
+    /// last ack and the oldest message awaiting one.
+    fn silence_at(&self) -> Option<Instant> {
+        let oldest = self.messages.values().next()?.sent_at;
+        let since = self.last_ack_at.map_or(oldest, |t| t.max(oldest));
+        Some(since + self.silence_after())
+    }
+
+    /// Whether the path is silent now (probing, per-block hedges paused).
+    pub fn silent(&self) -> bool {
+        self.next_probe.is_some()
+    }
+
+    /// Sends the oldest unacked block whole, as a probe of a silent path.
+    fn probe(&mut self, now: Instant) {
+        let Some(block) = self.messages.values().find_map(|m| m.block) else {
+            return;
+        };
+        let Some(b) = self.blocks.get_mut(&block) else {
+            return;
+        };
+        let count = usize::from(b.block.header().data_shards).max(1);
+        let mut frames = b.block.next_repair(count);
+        if frames.len() < count {
+            frames.extend(b.block.data_frames().into_iter().take(count - frames.len()));
+        }
+        b.shards_sent += frames.len();
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
+        self.stats.probes += 1;
+        self.stats.retransmit_bytes += bytes as u64;
+        self.emit(now, frames);
     }
 
     /// Whether the smoothed round trip shows the path queueing.
@@ -692,6 +749,10 @@ impl Sender {
     /// Takes an ack from the peer.
     pub fn handle_ack(&mut self, now: Instant, ack: &AckFrame) {
         self.stamp_reserved(now);
+        self.last_ack_at = Some(now);
+        // The silence ends: blocks whose hedge came due meanwhile go at the next timer,
+        // which is now.
+        self.next_probe = None;
         self.stats.peer_shards_received = self.stats.peer_shards_received.max(ack.shards_received);
         // The peer's count covers shards sent up to about one round trip ago: the least
         // round trip seen (the path's own delay; the median would include shard spacing and
@@ -849,6 +910,17 @@ impl Sender {
         // Given-up ids no longer hold the receiver's window.
         self.maybe_send_floor(now);
 
+        if let Some(at) = self.next_probe {
+            if self.messages.is_empty() {
+                self.next_probe = None;
+            } else {
+                if at <= now {
+                    self.probe(now);
+                    self.next_probe = Some(now + self.config.probe_interval);
+                }
+                return;
+            }
+        }
         let due: Vec<u64> = self
             .hedge_due
             .iter()
@@ -859,12 +931,35 @@ impl Sender {
         for id in due {
             self.hedge(now, id);
         }
+        // Silence (unless hedges go to a secondary replica, which is another path): the
+        // hedges due now were the last; a probe follows at each interval.
+        let to_secondary = self.secondary && self.config.hedge_to != HedgeTo::Same;
+        if !to_secondary
+            && !self.blocks.is_empty()
+            && self.silence_at().is_some_and(|at| at <= now)
+        {
+            self.stats.silences += 1;
+            self.next_probe = Some(now + self.config.probe_interval);
+        }
     }
 
     /// When [`Sender::handle_timeout`] should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let hedge = self.hedge_due.first().map(|&(at, _)| at);
+        // While silent, the probe replaces every hedge timer.
+        let hedge = match self.next_probe {
+            Some(probe) => Some(probe),
+            None => [
+                self.hedge_due.first().map(|&(at, _)| at),
+                self.silence_at().filter(|_| {
+                    !self.blocks.is_empty()
+                        && !(self.secondary && self.config.hedge_to != HedgeTo::Same)
+                }),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
+        };
         let deadline = self
             .deadlines
             .first()
@@ -974,6 +1069,10 @@ impl Sender {
             let mut wanted = planned.unwrap_or_else(|| self.repair_for(&block));
             if self.congested() {
                 self.stats.shed_congested += wanted as u64;
+                wanted = 0;
+            } else if self.silent() {
+                // No redundancy into a silent path: the block is sent whole once it
+                // returns.
                 wanted = 0;
             }
             let repair = block.next_repair(wanted);

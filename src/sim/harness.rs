@@ -25,6 +25,9 @@ pub enum Congestion {
     NewReno,
     /// BBR (quinn's experimental implementation).
     Bbr,
+    /// surelink's controller: BBR kept probe-able through a silence
+    /// ([`crate::channel::congestion_controller`]).
+    Surelink,
 }
 
 /// Settings of a [`Pair`].
@@ -125,6 +128,9 @@ pub fn transport_config(congestion: Congestion, initial_rtt: Duration) -> Transp
         }
         Congestion::Bbr => {
             t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        Congestion::Surelink => {
+            t.congestion_controller_factory(crate::channel::congestion_controller());
         }
     }
     t
