@@ -428,6 +428,13 @@ impl Sender {
         Some(since + self.silence_after())
     }
 
+    /// Whether silence can begin: blocks await acks, and hedges do not go to a secondary
+    /// replica (another path, which keeps hedging).
+    fn may_fall_silent(&self) -> bool {
+        let to_secondary = self.secondary && self.config.hedge_to != HedgeTo::Same;
+        !to_secondary && !self.blocks.is_empty()
+    }
+
     /// Whether the path is silent now (probing, per-block hedges paused).
     pub fn silent(&self) -> bool {
         self.next_probe.is_some()
@@ -933,11 +940,7 @@ impl Sender {
         }
         // Silence (unless hedges go to a secondary replica, which is another path): the
         // hedges due now were the last; a probe follows at each interval.
-        let to_secondary = self.secondary && self.config.hedge_to != HedgeTo::Same;
-        if !to_secondary
-            && !self.blocks.is_empty()
-            && self.silence_at().is_some_and(|at| at <= now)
-        {
+        if self.may_fall_silent() && self.silence_at().is_some_and(|at| at <= now) {
             self.stats.silences += 1;
             self.next_probe = Some(now + self.config.probe_interval);
         }
@@ -951,10 +954,7 @@ impl Sender {
             Some(probe) => Some(probe),
             None => [
                 self.hedge_due.first().map(|&(at, _)| at),
-                self.silence_at().filter(|_| {
-                    !self.blocks.is_empty()
-                        && !(self.secondary && self.config.hedge_to != HedgeTo::Same)
-                }),
+                self.silence_at().filter(|_| self.may_fall_silent()),
             ]
             .into_iter()
             .flatten()
