@@ -7,6 +7,10 @@
 //! Encoding cannot fail for frames that satisfy the documented invariants (every frame that
 //! `decode` returns does).
 //!
+//! The protocol as a whole (connection set-up, the Hello, the code's matrix, acks, refusals,
+//! what a receiver does with bad input) is specified in `docs/PROTOCOL.md`, whose test vectors
+//! `tests/protocol_vectors.rs` checks against this module.
+//!
 //! # Layout
 //!
 //! Every frame starts with one type byte: the high nibble is the wire version (`1`), the low
@@ -45,8 +49,8 @@
 //! | field           | encoding | meaning                                                       |
 //! |-----------------|----------|---------------------------------------------------------------|
 //! | type            | u8 = `0x12` |                                                            |
-//! | ack_delay       | varint   | microseconds between receiving the newest acked message and sending this ack |
-//! | shards_received | varint   | distinct shard frames received on this connection so far (for loss estimation) |
+//! | ack_delay       | varint   | microseconds between receiving the newest acked message and sending this ack (this crate's receiver acks at once and sends 0) |
+//! | shards_received | varint   | distinct shard frames the receiver has received from the peer so far, for loss estimation (not restarted when the channel moves to a new connection) |
 //! | largest         | varint   | largest acked message id                                      |
 //! | extra_ranges    | varint   | ranges after the first, `< Limits::max_ack_ranges`            |
 //! | first_range     | varint   | ids below `largest` also acked: the first range is `largest - first_range ..= largest` |
@@ -60,10 +64,11 @@
 //! | channel_id | 16 bytes   | random id of the channel, stable across reconnects  |
 //! | floor      | varint, optional | every message id below it has its outcome (acked or given up); absent means 0 |
 //!
-//! Sent by the client as the whole of the connection's first bidirectional stream. The server
-//! answers on that stream with one byte, [`HELLO_NEW`], [`HELLO_RESUMED`] or
-//! [`HELLO_CLAIMS`], once it has attached the connection to the channel; a refusal closes the
-//! connection instead.
+//! Sent by the client as the whole of the connection's first bidirectional stream (it
+//! finishes the stream after the frame). The server answers on that stream with one byte,
+//! [`HELLO_NEW`], [`HELLO_RESUMED`] or [`HELLO_CLAIMS`], once it has attached the connection
+//! to the channel; a refusal closes the connection instead. The client sends nothing else
+//! before it has read the answer. A Hello that arrives as a datagram is ignored.
 //!
 //! ## Close (`0x14`)
 //!
@@ -73,6 +78,9 @@
 //! | code       | varint     | application close code                           |
 //! | reason_len | varint     | `≤ Limits::max_close_reason`                     |
 //! | reason     | bytes      | human-readable reason (not interpreted)          |
+//!
+//! Not sent by this crate, and ignored when received: a channel ends with QUIC's
+//! CONNECTION_CLOSE and an application close code (`GOODBYE`, 3, for an orderly end).
 //!
 //! ## Floor (`0x16`), sender → receiver
 //!
@@ -84,8 +92,9 @@
 //! The receiver moves its dedupe window's low watermark up to `floor` (never down, and never
 //! past a message whose claim is still pending), so one lost message frees the window at
 //! the sender's deadline, and a receiver that restarted without state catches up with the
-//! sender's ids. The sender repeats it (rate-limited) until an ack's range from id 0 shows
-//! the receiver caught up, so one lost FLOOR costs little.
+//! sender's ids. The sender repeats it (at most every 10 ms, at most three times per value)
+//! until an ack's range from id 0 shows the receiver caught up, so one lost FLOOR costs
+//! little.
 //!
 //! ## Refuse (`0x17`), receiver → sender
 //!
@@ -123,7 +132,10 @@
 //! Messages too large for the datagram path travel one per bidirectional stream: the type
 //! byte, the message id (a varint, from the same id space as the datagram path) and the
 //! envelope up to the end of the stream. The receiver answers with one status byte and ends
-//! the stream: `0` delivered (now or before), `1` refused (not delivered).
+//! the stream: `0` delivered (now or before), `1` refused (not delivered). A stream that ends
+//! without a status byte is no answer (outcome unknown; the sender retries it with the same id
+//! on the next connection); a stream the receiver resets (error code 1: too long, or not
+//! finished in time) was not delivered.
 
 use std::ops::RangeInclusive;
 
@@ -632,10 +644,12 @@ impl ShardFrame {
 /// An acknowledgement of message ids.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AckFrame {
-    /// Microseconds between receiving the newest acked message and sending this ack.
+    /// Microseconds between receiving the newest acked message and sending this ack
+    /// ([`crate::proto::Receiver`] acks at once and sends 0).
     pub ack_delay_us: u64,
-    /// Distinct shard frames received on this connection so far (the sender's loss
-    /// estimate compares it with the shards it sent).
+    /// Distinct shard frames the receiver has received from the peer so far (the sender's
+    /// loss estimate compares it with the shards it sent). [`crate::proto::Receiver`] keeps
+    /// counting across the connections of a channel: it does not restart at a reconnect.
     pub shards_received: u64,
     /// Acked ids, as ranges in strictly descending order with at least one unacked id between
     /// neighbours. Never empty.
@@ -660,7 +674,8 @@ pub struct HelloFrame {
     pub floor: u64,
 }
 
-/// The peer is closing the channel.
+/// The peer is closing the channel. Reserved: this crate never sends it and ignores it when
+/// received (a channel ends with QUIC's CONNECTION_CLOSE and an application close code).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CloseFrame {
     /// Application close code.

@@ -256,11 +256,17 @@ pub enum AcceptError {
     /// The connection failed before its Hello arrived.
     #[error("connection failed before its hello: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    /// No Hello within [`Config::hello_timeout`]. The connection is left open (it may be a
-    /// non-surelink client on a shared endpoint); close it if it has no other use.
+    /// No Hello within [`Config::hello_timeout`]. The connection is not closed explicitly (it
+    /// may be a non-surelink client on a shared endpoint): it stays open while the caller
+    /// holds another handle to it, otherwise quinn closes it (code 0) once
+    /// [`Server::accept_connection`], which took it, drops it. [`Listener`] keeps no other
+    /// handle.
     #[error("no hello within {0:?}")]
     HelloTimeout(Duration),
-    /// The first unidirectional stream did not hold a valid Hello.
+    /// The connection's first bidirectional stream did not hold a valid Hello: its bytes did
+    /// not decode as one (the connection was closed with the refusal code, 2), or the stream
+    /// could not be read (reset, or longer than 64 bytes; the connection was not closed
+    /// explicitly, as for [`AcceptError::HelloTimeout`]).
     #[error("invalid hello: {0}")]
     InvalidHello(String),
     /// [`Config::max_channels`] channels are open; the connection was closed.

@@ -10,7 +10,8 @@ use crate::proto::link::{Attached, Lost, GOODBYE};
 use crate::wire::{Frame, HelloFrame, HELLO_CLAIMS, HELLO_NEW, HELLO_RESUMED};
 
 /// Application close code a server uses when it refuses a channel (or a connection that
-/// tries to reattach to a channel it does not own).
+/// tries to reattach to a channel it does not own), and a client when a server's answer to
+/// its Hello is not one it knows.
 pub(super) const REFUSED: u32 = 2;
 
 /// Whether a connection lost this way may be dialled again: not after this side closed it,

@@ -12,12 +12,16 @@
 //! - [`Channel::open`] over a `quinn::Connection` the application already has. Both ends call
 //!   it. The channel lives as long as that connection.
 //! - [`Channel::connect`] (client) and [`Listener`] / [`Server`] (server): the client sends a
-//!   Hello with a random 128-bit channel id on a unidirectional stream; the server keeps the
+//!   Hello with a random 128-bit channel id as the whole of the connection's first
+//!   bidirectional stream, and the server answers on that stream with one byte, whether it
+//!   still holds the channel (the protocol: `docs/PROTOCOL.md`). The server keeps the
 //!   channel's state (its dedupe window above all) by that id. When the connection is lost
-//!   the client reconnects with backoff and re-sends every unacked message with its original
-//!   id on the new connection; the server attaches the new connection to the same channel,
-//!   so nothing is delivered twice. The server keeps a detached channel for
-//!   [`Config::channel_ttl`], which must exceed the client's [`Reconnect::give_up_after`].
+//!   the client reconnects with backoff; the server attaches the new connection to the same
+//!   channel, and the client re-sends every unacked message with its original id on it, so
+//!   nothing is delivered twice. (A server that lost the channel says so, and the client's
+//!   unacked messages then fail with an unknown outcome instead.) The server keeps a detached
+//!   channel for [`Config::channel_ttl`], which must exceed the client's
+//!   [`Reconnect::give_up_after`].
 //!
 //! # Two paths
 //!
