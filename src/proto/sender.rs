@@ -71,7 +71,13 @@ pub struct SenderConfig {
     /// Longest wait between two resends of a block, whatever the backoff says, so a message
     /// gets several tries before its deadline even after an outage. Default 1 s.
     pub max_hedge_interval: Duration,
-    /// Fresh repair shards per hedge. Default 1.
+    /// Least fresh repair shards per hedge. Default 1. A hedge carries a block's worth
+    /// (`k` shards) when that is more: a first flight still unacked at the hedge time has
+    /// usually lost more than one shard too many, because losses come in bursts (measured
+    /// on the sweep, Gilbert-Elliott 5% with bursts of 4, seeds 1-5: p99 191-193 ms with one
+    /// shard, 92-104 ms with `k`, against quinn+BBR's 120-150; under independent loss of
+    /// 0-20% no change in p99 and under +0.05x wire bytes, since few blocks are hedged).
+    /// Under congestion a hedge is one shard.
     pub hedge_repair: usize,
     /// First-hedge bytes allowed as a share of first-flight bytes. Default 0.05. Only a
     /// block's first hedge is speculative and budgeted; later resends of a block still
@@ -1129,7 +1135,8 @@ impl Sender {
             // Checked before taking parity, so a skipped hedge spends no repair shard.
             let estimate =
                 b.block.header().frame_overhead(0) + b.block.header().shard_size as usize;
-            if spent as f64 + (estimate * self.config.hedge_repair.max(1)) as f64 > allowance {
+            let count = usize::from(b.block.header().data_shards).max(self.config.hedge_repair);
+            if spent as f64 + (estimate * count.max(1)) as f64 > allowance {
                 self.stats.hedges_skipped += 1;
                 return;
             }
@@ -1150,13 +1157,12 @@ impl Sender {
             }
         }
         let b = self.blocks.get_mut(&id).expect("caller listed it");
-        // The first hedge repairs a first flight that lost one shard too many (the usual case
-        // under independent loss). A block still silent after that lost more, or all of it (a
-        // burst, a blackout): each later resend carries a block's worth, `k` shards, so one
-        // that gets through rebuilds it instead of adding one shard per doubling backoff.
-        // Under congestion a late ack is more likely queued than lost: a retransmission
-        // then adds one shard, not a block's worth.
-        let count = if speculative || congested {
+        // Every resend carries a block's worth, `k` shards: a first flight still unacked at
+        // the hedge lost more than its parity covered, often all of it (a burst, a
+        // blackout), so one resend that gets through rebuilds it instead of adding one
+        // shard per doubling backoff. Under congestion a late ack is more likely queued than
+        // lost: one shard.
+        let count = if congested {
             self.config.hedge_repair.max(1)
         } else {
             usize::from(b.block.header().data_shards).max(self.config.hedge_repair.max(1))
