@@ -243,6 +243,12 @@ pub struct ChannelStats {
     pub rtt_p50: Duration,
     /// 95th percentile ack round trip.
     pub rtt_p95: Duration,
+    /// Loss structure: how much more often first flights miss than independent loss at the
+    /// measured rate explains (about 1 for independent loss, well above under bursts); see
+    /// [`crate::proto::Sender::loss_burstiness`]. Shards lost to the channel's own
+    /// congestion are counted apart ([`SenderStats::shards_excluded_congested`]), never as
+    /// the path's loss.
+    pub loss_burstiness: Option<f64>,
     /// Share of the first-hedge allowance spent (see [`SenderConfig::hedge_budget`]).
     pub hedge_budget_used: f64,
     /// The sending half's counters.
@@ -301,6 +307,7 @@ impl ChannelStats {
         self.sender = peer.sender.stats();
         self.loss_estimate = peer.sender.loss_estimate();
         self.loss_observed = peer.sender.loss_observed();
+        self.loss_burstiness = peer.sender.loss_burstiness();
         self.rtt_p50 = peer.sender.rtt().quantile(0.5);
         self.rtt_p95 = peer.sender.rtt().quantile(0.95);
         self.hedge_budget_used = peer.sender.hedge_budget_used();

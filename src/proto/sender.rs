@@ -264,6 +264,11 @@ pub struct SenderStats {
     pub probes: u64,
     /// Times the path fell silent (no ack while messages awaited theirs).
     pub silences: u64,
+    /// Messages acked only after their block was hedged: their first flight missed.
+    pub acked_after_hedge: u64,
+    /// Shards sent while the path was congested, whose loss was left out of the loss
+    /// estimate (congestion, not the path's loss).
+    pub shards_excluded_congested: u64,
     /// Parity shards and speculative hedges not sent because the path was congested
     /// ([`Sender::set_congested`]): redundancy shed first, so it never adds to the
     /// congestion.
@@ -299,6 +304,8 @@ struct Message {
 #[derive(Debug)]
 struct BlockState {
     block: Block,
+    /// Shards of its first flight.
+    first_flight: usize,
     unacked: usize,
     shards_sent: usize,
     hedges: u32,
@@ -358,6 +365,11 @@ pub struct Sender {
     srtt: Option<Duration>,
     /// When the last ack arrived.
     last_ack_at: Option<Instant>,
+    /// First flights of acked messages expected to miss under independent loss at the
+    /// measured rate, summed (the model side of [`Sender::loss_burstiness`]).
+    expected_misses: f64,
+    /// `(k, n, loss step) → residual loss` under independent loss; bounded.
+    residuals: HashMap<(usize, usize, u32), f64>,
     /// The path is silent: the next probe is due then.
     next_probe: Option<Instant>,
 }
@@ -400,6 +412,8 @@ impl Sender {
             srtt: None,
             last_ack_at: None,
             next_probe: None,
+            expected_misses: 0.0,
+            residuals: HashMap::new(),
         }
     }
 
@@ -439,6 +453,34 @@ impl Sender {
     fn may_fall_silent(&self) -> bool {
         let to_secondary = self.secondary && self.config.hedge_to != HedgeTo::Same;
         !to_secondary && !self.blocks.is_empty()
+    }
+
+    /// How much more often first flights miss than independent loss explains: messages acked
+    /// only after a hedge ([`SenderStats::acked_after_hedge`]) over the number the
+    /// binomial model predicts for their codes at the measured per-shard loss. About 1 under
+    /// independent loss; well above 1 when losses come in bursts that take several shards
+    /// of a block at once (or when acks are late for other reasons: a slow receiver).
+    /// `None` until the model expects at least one miss.
+    pub fn loss_burstiness(&self) -> Option<f64> {
+        (self.expected_misses >= 1.0)
+            .then(|| self.stats.acked_after_hedge as f64 / self.expected_misses)
+    }
+
+    /// What independent loss predicts for a first flight of `n` shards needing `k`.
+    fn expected_miss(&mut self, k: usize, n: usize) -> f64 {
+        let Some(p) = self.loss.observed() else {
+            return 0.0;
+        };
+        let step = (p * 1000.0).round().clamp(0.0, 1000.0) as u32;
+        if let Some(&r) = self.residuals.get(&(k, n, step)) {
+            return r;
+        }
+        let r = LossModel::Bernoulli(f64::from(step) / 1000.0).residual(k, n);
+        if self.residuals.len() >= PLAN_CACHE {
+            self.residuals.clear();
+        }
+        self.residuals.insert((k, n, step), r);
+        r
     }
 
     /// Whether the path is silent now (probing, per-block hedges paused).
@@ -773,6 +815,7 @@ impl Sender {
         let guard = self.rtt.quantile(0.0);
         if self.congested() {
             self.loss.on_ack_excluded(now, ack.shards_received, guard);
+            self.stats.shards_excluded_congested = self.loss.excluded();
         } else {
             self.loss.on_ack(now, ack.shards_received, guard);
         }
@@ -855,11 +898,20 @@ impl Sender {
                     continue;
                 };
                 let latency = now.saturating_duration_since(m.sent_at);
-                let (shards_sent, hedges, attempts) =
+                let (shards_sent, hedges, attempts, code) =
                     match m.block.and_then(|b| self.blocks.get(&b)) {
-                        Some(b) => (b.shards_sent, b.hedges, b.attempts),
-                        None => (0, 0, 0),
+                        Some(b) => (
+                            b.shards_sent,
+                            b.hedges,
+                            b.attempts,
+                            Some((usize::from(b.block.header().data_shards), b.first_flight)),
+                        ),
+                        None => (0, 0, 0, None),
                     };
+                if let Some((k, n)) = code {
+                    self.expected_misses += self.expected_miss(k, n);
+                    self.stats.acked_after_hedge += u64::from(attempts > 0);
+                }
                 // Samples come only from blocks acked before any resend: the round trip of a
                 // first flight that got through. Two other choices were measured and spiral:
                 // - with hedged blocks' latencies too, once more than 5% of first flights are
@@ -1102,6 +1154,7 @@ impl Sender {
                 id,
                 BlockState {
                     block,
+                    first_flight: shards_sent,
                     unacked,
                     shards_sent,
                     hedges: 0,
