@@ -148,3 +148,8 @@ pub mod sim;
 pub mod store;
 pub mod tune;
 pub mod wire;
+
+/// The README's Rust code blocks, compiled and run as doctests so its quickstart stays true.
+#[cfg(all(doctest, feature = "rcgen"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
