@@ -1,5 +1,8 @@
 //! The payment promises, stated once and checked by every scenario test and fuzz target.
 //!
+//! **Outside the stable API**: a checker for surelink's own tests and fuzz targets, public so
+//! they can share it; it may change in any release.
+//!
 //! surelink promises three things:
 //!
 //! 1. **Never twice.** A message reaches the receiving application at most once, across every
