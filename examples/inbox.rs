@@ -97,10 +97,8 @@ async fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
         congestion: Congestion::Bbr,
         ..PairConfig::symmetric(link)
     })?;
-    let server_config = Config {
-        application_claims: true,
-        ..Config::default()
-    };
+    let mut server_config = Config::default();
+    server_config.application_claims = true;
     let mut listener = Listener::new(pair.server.clone(), server_config);
     let mut client_config = Config::default();
     client_config.sender.deadline = Duration::from_secs(1);

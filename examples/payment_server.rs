@@ -70,13 +70,11 @@ async fn channel_config(args: &Args) -> Result<Config, Box<dyn std::error::Error
     #[cfg(feature = "postgres")]
     {
         let ttl = Duration::from_secs(24 * 3600);
-        let store: Arc<dyn surelink::store::DedupeStore> =
-            Arc::new(surelink::store::PgStore::connect(url, ttl).await?);
+        let store = Arc::new(surelink::store::PgStore::connect(url, ttl).await?);
         surelink::store::spawn_expiry(store.clone(), Duration::from_secs(600));
-        Ok(Config {
-            store: Some(store),
-            ..Config::default()
-        })
+        let mut config = Config::default();
+        config.store = Some(store);
+        Ok(config)
     }
     #[cfg(not(feature = "postgres"))]
     Err(format!(

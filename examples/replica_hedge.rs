@@ -92,10 +92,8 @@ async fn run(args: &Args, mode: Mode, seed: u64) -> (Vec<Duration>, usize, u64) 
     net.set_link(client_addr, standby, base.clone());
     net.set_link(standby, client_addr, base);
     let store = Arc::new(MemoryStore::default());
-    let server_config = Config {
-        store: Some(store),
-        ..Config::default()
-    };
+    let mut server_config = Config::default();
+    server_config.store = Some(store);
     let standby_endpoint =
         Pair::server_endpoint(&net, standby, pair.server_config.clone()).expect("standby endpoint");
     let mut servers = Vec::new();

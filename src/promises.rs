@@ -1,5 +1,8 @@
 //! The payment promises, stated once and checked by every scenario test and fuzz target.
 //!
+//! **Outside the stable API**: a checker for surelink's own tests and fuzz targets, public so
+//! they can share it; it may change in any release.
+//!
 //! surelink promises three things:
 //!
 //! 1. **Never twice.** A message reaches the receiving application at most once, across every
@@ -45,11 +48,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The outcome a channel's `send` result stands for.
-    pub fn of<T>(result: &Result<T, crate::channel::SendError>) -> Outcome {
+    /// The outcome a channel's `send` result stands for (a
+    /// [`channel::SendError`](crate::channel::SendError), or the core's
+    /// [`link::SendError`](crate::proto::link::SendError) it comes from).
+    pub fn of<T, E>(result: &Result<T, E>) -> Outcome
+    where
+        E: Clone + Into<crate::channel::SendError>,
+    {
         match result {
             Ok(_) => Outcome::Acked,
-            Err(e) if e.may_have_been_delivered() => Outcome::Unknown,
+            Err(e) if e.clone().into().may_have_been_delivered() => Outcome::Unknown,
             Err(_) => Outcome::NotDelivered,
         }
     }

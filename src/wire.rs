@@ -1,5 +1,9 @@
 //! The wire format: frames carried one per QUIC DATAGRAM.
 //!
+//! **Outside the stable API**: public for the fuzz targets, benchmarks and tests, and may
+//! change in any release. Applications use [`crate::channel`]; a peer in another language
+//! follows the protocol specification (`docs/PROTOCOL.md`), not this module.
+//!
 //! This module turns bytes into [`Frame`]s and back. It knows nothing of codes, time or
 //! sockets. [`Frame::decode`] never panics and never allocates in proportion to a length the
 //! peer claims: every count and length is checked against the bytes that remain and against

@@ -42,10 +42,8 @@ async fn channels(
 
 #[tokio::test(start_paused = true)]
 async fn the_largest_message_is_sent_and_one_byte_more_is_refused_before_sending() {
-    let config = Config {
-        max_message_size: 20_000,
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.max_message_size = 20_000;
     let (_pair, _conn, client, _server, mut messages) =
         channels(Duration::from_millis(10), config.clone(), config).await;
 
@@ -88,13 +86,8 @@ async fn the_largest_message_is_sent_and_one_byte_more_is_refused_before_sending
 
 #[tokio::test(start_paused = true)]
 async fn sends_past_max_in_flight_wait_for_room() {
-    let config = Config {
-        sender: SenderConfig {
-            max_in_flight: 8,
-            ..SenderConfig::default()
-        },
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.sender.max_in_flight = 8;
     let (_pair, _conn, client, _server, messages) =
         channels(Duration::from_millis(50), config, Config::default()).await;
     let delivered = collect(messages, Duration::from_secs(2));
@@ -477,13 +470,8 @@ async fn stream_messages_wait_for_a_slow_application_too() {
 /// outcomes are counted.
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_send_keeps_its_slot_until_its_message_has_an_outcome() {
-    let config = Config {
-        sender: SenderConfig {
-            max_in_flight: 4,
-            ..SenderConfig::default()
-        },
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.sender.max_in_flight = 4;
     let (_pair, _conn, client, _server, messages) =
         channels(Duration::from_millis(50), config, Config::default()).await;
     let delivered = collect(messages, Duration::from_secs(2));

@@ -443,10 +443,8 @@ async fn large_messages_take_the_stream_path_with_the_same_semantics() {
 async fn without_streams_a_large_message_is_refused_before_sending() {
     let pair = Pair::new(PairConfig::symmetric(LinkConfig::default())).unwrap();
     let (client_conn, server_conn) = pair.connect().await.unwrap();
-    let config = Config {
-        streams: false,
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.streams = false;
     let (client, _cm) = Channel::open(client_conn, config.clone()).unwrap();
     let (_server, sm) = Channel::open(server_conn, config).unwrap();
     let _sm = drain(sm);

@@ -487,10 +487,8 @@ async fn through_store(
     seed: u64,
 ) -> Ledger {
     let pair = pair(lossy(0.0), seed);
-    let server_config = Config {
-        store: Some(store),
-        ..Config::default()
-    };
+    let mut server_config = Config::default();
+    server_config.store = Some(store);
     let mut listener = Listener::new(pair.server.clone(), server_config);
     let mut client_config = Config::default();
     client_config.sender.deadline = deadline;

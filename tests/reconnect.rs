@@ -147,10 +147,8 @@ async fn a_server_at_its_channel_limit_refuses_and_the_client_learns_it() {
         ..LinkConfig::default()
     };
     let pair = pair(link.clone(), link, 3);
-    let config = Config {
-        max_channels: 1,
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.max_channels = 1;
     let mut listener = Listener::new(pair.server.clone(), config);
     let connect = || {
         Channel::connect(

@@ -39,10 +39,9 @@ fn pair(seed: u64) -> Pair {
 }
 
 fn with_store(store: Arc<dyn DedupeStore>) -> Config {
-    Config {
-        store: Some(store),
-        ..Config::default()
-    }
+    let mut config = Config::default();
+    config.store = Some(store);
+    config
 }
 
 async fn connect(pair: &Pair) -> (Channel, Messages) {

@@ -202,10 +202,8 @@ async fn three_replicas_share_one_postgres_store_through_a_blackout() {
     for (addr, endpoint) in common::replicas(&pair, 3, &link) {
         addrs.push(addr);
         let store: Arc<dyn DedupeStore> = Arc::new(PgStore::connect(&url, DAY).await.unwrap());
-        let config = Config {
-            store: Some(store),
-            ..Config::default()
-        };
+        let mut config = Config::default();
+        config.store = Some(store);
         let mut listener = Listener::new(endpoint, config);
         let mut done = done_rx.clone();
         collectors.push(tokio::spawn(async move {

@@ -159,10 +159,14 @@ pub enum ConnectError {
 
 impl Channel {
     /// Connects to a surelink server (a [`Listener`] or [`Server`]) at `addr` and opens a
-    /// channel with a new random id. `client_config` defaults to the endpoint's; build one
-    /// with [`client_config`] for surelink's transport settings. When the connection is lost
-    /// the channel reconnects as [`Config::reconnect`] says and re-sends unacked messages
-    /// with their ids; the server delivers none twice.
+    /// channel with a new random id. `server_name` is the name the server's certificate is
+    /// issued for. `client_config` defaults to the endpoint's; build one with
+    /// [`client_config`] or [`client_config_with`](super::client_config_with) for
+    /// surelink's ALPN and transport settings. Returns once the handshake and the Hello are
+    /// done. When the connection is lost the channel reconnects as [`Config::reconnect`]
+    /// says and re-sends unacked messages with their ids; the server delivers none twice.
+    ///
+    /// The crate root's quickstart shows a client and a server.
     pub async fn connect(
         endpoint: &quinn::Endpoint,
         addr: SocketAddr,
@@ -243,7 +247,7 @@ impl Channel {
             current,
             attached,
         };
-        driver::spawn(conn, config, id, reattach, 0, None).map_err(|e| match e {
+        driver::spawn(conn, config, id, reattach, 0, None).map_err(|e| match SendError::from(e) {
             SendError::DatagramsUnsupported => ConnectError::DatagramsUnsupported,
             other => ConnectError::Hello(other.to_string()),
         })
@@ -328,6 +332,53 @@ impl ServerInner {
 /// The server side's registry of channels by id: it opens a channel for a new id and hands
 /// a reconnecting client's new connection to its existing channel, whose dedupe state
 /// carries over. Cheap to clone.
+///
+/// A [`Listener`] runs one over an endpoint of its own. Use a `Server` directly when the
+/// application accepts connections itself, for example on an endpoint that also serves
+/// other ALPN protocols ([`server_config_with_protocols`]):
+///
+/// ```
+/// use surelink::channel::{self, Channel, Config, Identity, Server};
+/// use surelink::quinn::Endpoint;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let identity = Identity::self_signed(["localhost"])?;
+/// # let mut roots = surelink::rustls::RootCertStore::empty();
+/// # roots.add(identity.cert_chain[0].clone())?;
+/// let protocols = vec![channel::ALPN.to_vec(), b"admin/1".to_vec()];
+/// let tls = channel::server_config_with_protocols(identity.cert_chain, identity.key, protocols)?;
+/// let endpoint = Endpoint::server(tls, "127.0.0.1:0".parse()?)?;
+/// # let addr = endpoint.local_addr()?;
+/// let server = Server::new(Config::default());
+/// tokio::spawn(async move {
+///     while let Some(incoming) = endpoint.accept().await {
+///         let server = server.clone();
+///         tokio::spawn(async move {
+///             let Ok(conn) = incoming.await else { return };
+///             let alpn = conn.handshake_data().and_then(|d| {
+///                 d.downcast::<surelink::quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+///             });
+///             if alpn.as_deref() != Some(channel::ALPN) {
+///                 return; // another protocol's connection
+///             }
+///             // `None`: a client that reconnected, handed to its existing channel.
+///             if let Ok(Some((_channel, mut messages))) = server.accept_connection(conn).await {
+///                 while let Some(message) = messages.recv().await {
+///                     println!("{:?}", message.payload);
+///                 }
+///             }
+///         });
+///     }
+/// });
+/// # let client = Endpoint::client("127.0.0.1:0".parse()?)?;
+/// # let client_config = Some(channel::client_config(roots)?);
+/// # let (channel, _) = Channel::connect(&client, addr, "localhost", client_config, Config::default()).await?;
+/// # channel.send_with_key("order-1", "pay").await?;
+/// # channel.close().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Server {
     inner: Arc<ServerInner>,
@@ -557,7 +608,47 @@ impl Server {
 }
 
 /// Accepts surelink channels on an endpoint: handshakes and Hellos run concurrently in the
-/// background; [`Listener::accept`] yields each new channel.
+/// background; [`Listener::accept`] yields each new channel. A client that reconnects is
+/// handed to its existing channel (its messages keep their ids, none is delivered twice),
+/// so `accept` yields each channel once.
+///
+/// The usual server: one task per channel, and an orderly shutdown.
+///
+/// ```
+/// use std::time::Duration;
+/// use surelink::channel::{self, Channel, Config, Identity, Listener};
+/// use surelink::quinn::Endpoint;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let identity = Identity::self_signed(["localhost"])?;
+/// # let mut roots = surelink::rustls::RootCertStore::empty();
+/// # roots.add(identity.cert_chain[0].clone())?;
+/// let tls = channel::server_config(identity.cert_chain, identity.key)?;
+/// let endpoint = Endpoint::server(tls, "127.0.0.1:0".parse()?)?;
+/// # let addr = endpoint.local_addr()?;
+/// let mut listener = Listener::new(endpoint, Config::default());
+/// # let client = Endpoint::client("127.0.0.1:0".parse()?)?;
+/// # let client_config = Some(channel::client_config(roots)?);
+/// # let (channel, _) = Channel::connect(&client, addr, "localhost", client_config, Config::default()).await?;
+/// # let client = tokio::spawn(async move {
+/// #     channel.send_with_key("order-1", "pay 10.00 EUR").await.unwrap();
+/// #     channel.close().await;
+/// # });
+/// // Accept channels until it is time to stop (here: the first channel ended).
+/// let (_channel, mut messages) = listener.accept().await.expect("a channel");
+/// let worker = tokio::spawn(async move {
+///     while let Some(payment) = messages.recv().await {
+///         println!("{:?}: {:?}", payment.key, payment.payload);
+///     }
+/// });
+/// worker.await?;
+/// // Stop accepting; every channel drains for up to 5 s, then closes with a goodbye.
+/// listener.shutdown(Duration::from_secs(5)).await;
+/// # client.await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Listener {
     server: Server,

@@ -71,10 +71,10 @@ pub(super) fn spawn(
     reattach: Reattach,
     floor: u64,
     shared_keys: Option<SharedKeys>,
-) -> Result<(Channel, Messages), super::SendError> {
+) -> Result<(Channel, Messages), crate::proto::link::SendError> {
     let size = connection
         .max_datagram_size()
-        .ok_or(super::SendError::DatagramsUnsupported)?;
+        .ok_or(crate::proto::link::SendError::DatagramsUnsupported)?;
     let permits = Arc::new(Semaphore::new(config.sender.max_in_flight.max(1)));
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (delivered, rx) = mpsc::unbounded_channel();
@@ -157,7 +157,7 @@ const MAX_QUEUED_DATAGRAMS: usize = 65_536;
 /// receiver, which bounds them by bytes (`ReceiverConfig::max_queued_bytes`).
 const HANDOFF: usize = 4;
 
-type Reply = oneshot::Sender<Result<super::Receipt, super::SendError>>;
+type Reply = oneshot::Sender<Result<super::Receipt, crate::proto::link::SendError>>;
 
 struct Driver {
     link: Link,

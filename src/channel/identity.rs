@@ -18,8 +18,9 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use super::connect::{provider, transport_config, ConfigError, ALPN};
 
-/// Why a certificate or key file could not be used.
+/// Why a certificate or key could not be used or made.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IdentityError {
     /// The file could not be read.
     #[error("{path}: {source}")]
@@ -37,6 +38,10 @@ pub enum IdentityError {
         /// What was wrong.
         what: String,
     },
+    /// A self-signed certificate could not be made (`Identity::self_signed`; for example
+    /// a name that is neither a DNS name nor an IP address).
+    #[error("self-signed certificate: {0}")]
+    SelfSigned(String),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
@@ -135,6 +140,43 @@ impl Identity {
         Ok(Identity {
             cert_chain: load_certs(cert)?,
             key: load_key(key)?,
+        })
+    }
+}
+
+#[cfg(feature = "rcgen")]
+impl Identity {
+    /// A new self-signed certificate for `names` (DNS names or IP addresses, the names
+    /// clients dial) and its key, for development and tests (feature `rcgen`). Clients
+    /// trust it by adding its certificate to their roots (or pinning it:
+    /// [`ServerTrust::Pinned`]). In production, load a certificate issued for the service
+    /// instead ([`Identity::from_files`]).
+    ///
+    /// ```
+    /// use surelink::channel::{self, Identity};
+    ///
+    /// let identity = Identity::self_signed(["localhost"])?;
+    /// // The client side: trust exactly this certificate.
+    /// let mut roots = surelink::rustls::RootCertStore::empty();
+    /// roots.add(identity.cert_chain[0].clone())?;
+    /// let client_config = channel::client_config(roots)?;
+    /// // The server side: present it.
+    /// let server_config = channel::server_config(identity.cert_chain, identity.key)?;
+    /// # let _ = (client_config, server_config);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn self_signed<I>(names: I) -> Result<Identity, IdentityError>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        let names: Vec<String> = names.into_iter().map(Into::into).collect();
+        let generated = rcgen::generate_simple_self_signed(names)
+            .map_err(|e| IdentityError::SelfSigned(e.to_string()))?;
+        let key = PrivatePkcs8KeyDer::from(generated.key_pair.serialize_der());
+        Ok(Identity {
+            cert_chain: vec![generated.cert.der().clone()],
+            key: key.into(),
         })
     }
 }

@@ -1,36 +1,44 @@
-//! The async shell: a [`Channel`] runs one [`Link`](crate::proto::link::Link) (the channel's
-//! policy, around a [`proto::Peer`](crate::proto::Peer)) over quinn connections.
+//! The stable API: a [`Channel`] carries payments between two ends over QUIC, each send
+//! ending in a [`Receipt`] (delivered) or a [`SendError`] that says whether the payment may
+//! have been delivered.
 //!
-//! One driver task per channel owns the link. It feeds it received datagrams, stream
-//! messages, dial and claim results and timeouts, performs what it asks (sends, dials, store
-//! calls), completes each `send` with the message's outcome, and forwards delivered messages
-//! to [`Messages`]. Time is tokio's clock, so a channel over the simulator
-//! runs in virtual time under a paused clock.
+//! One driver task per channel owns the channel's protocol state. It feeds it received
+//! datagrams, stream messages, dial and claim results and timeouts, performs what it asks
+//! (sends, dials, store calls), completes each `send` with the message's outcome, and
+//! forwards delivered messages to [`Messages`]. Time is tokio's clock, so a channel over the
+//! simulator runs in virtual time under a paused clock.
 //!
 //! # Three ways to get a channel
 //!
-//! - [`Channel::open`] over a `quinn::Connection` the application already has. Both ends call
-//!   it. The channel lives as long as that connection.
 //! - [`Channel::connect`] (client) and [`Listener`] / [`Server`] (server): the client sends a
-//!   Hello with a random 128-bit channel id as the whole of the connection's first
-//!   bidirectional stream, and the server answers on that stream with one byte, whether it
-//!   still holds the channel (the protocol: `docs/PROTOCOL.md`). The server keeps the
+//!   Hello with a random 128-bit channel id on a bidirectional stream (the protocol: `docs/PROTOCOL.md`); the server keeps the
 //!   channel's state (its dedupe window above all) by that id. When the connection is lost
-//!   the client reconnects with backoff; the server attaches the new connection to the same
-//!   channel, and the client re-sends every unacked message with its original id on it, so
-//!   nothing is delivered twice. (A server that lost the channel says so, and the client's
-//!   unacked messages then fail with an unknown outcome instead.) The server keeps a detached
-//!   channel for [`Config::channel_ttl`], which must exceed the client's
-//!   [`Reconnect::give_up_after`].
+//!   the client reconnects with backoff and re-sends every unacked message with its original
+//!   id on the new connection; the server attaches the new connection to the same channel,
+//!   so nothing is delivered twice. The server keeps a detached channel for
+//!   [`Config::channel_ttl`], which must exceed the client's [`Reconnect::give_up_after`].
+//!   [`Channel::connect_replicas`] does the same over several replicas of one service.
+//! - [`Listener`] accepts on a `quinn::Endpoint` of its own; [`Server`] is the registry
+//!   behind it, for an application that runs its own accept loop (say, an endpoint that
+//!   serves other ALPN protocols too) and hands each connection to
+//!   [`Server::accept_connection`].
+//! - [`Channel::open`] over a `quinn::Connection` the application already has. Both ends
+//!   call it. The channel lives as long as that connection (no reconnects).
 //!
-//! # Two paths
+//! Each gives a pair: the [`Channel`] (the sending half, cheap to clone) and its
+//! [`Messages`] (what the peer sent, in order of arrival). The channel runs while either half
+//! is alive: a server that only receives may drop the `Channel` and keep the `Messages`; a
+//! client that only sends keeps the `Channel` (dropping its `Messages` refuses anything the
+//! server sends back).
 //!
-//! Messages up to [`Config::stream_threshold`] bytes travel as coded shards in DATAGRAM frames
-//! (the fast path). Larger ones, up to [`Config::max_message_size`], travel one per
-//! bidirectional QUIC stream, with the same ids, the same dedupe window and the same
-//! outcomes; the receiver answers on the stream once the message was handed to [`Messages`].
-//! A channel therefore owns its connection's bidirectional streams (set [`Config::streams`]
-//! to `false` on a connection whose streams the application uses itself).
+//! # Sending
+//!
+//! [`Channel::send`] takes anything that converts into [`Bytes`] (`Vec<u8>`, `String`,
+//! `&'static str`, `Bytes`) and waits for the outcome. Per send, [`SendOptions`] carries an
+//! idempotency key (the peer delivers at most one message per key, however often the
+//! application retries) and a deadline shorter than the channel's; [`Channel::send_with`]
+//! takes them, and [`Channel::send_with_key`] is the shorthand for a key alone. Payments
+//! should always carry a key: it is what makes a retry after an unknown outcome safe.
 //!
 //! # What an outcome means
 //!
@@ -56,6 +64,25 @@
 //! [`Listener::shutdown`] / [`Server::shutdown`] stop accepting and drain every channel
 //! within a grace period.
 //!
+//! # Configuration and TLS
+//!
+//! [`Config`] holds every setting and limit of a channel, each with its default in its
+//! documentation; start from `Config::default()` and change fields. TLS configs come from
+//! [`client_config`] / [`server_config`] (certificates you have), [`client_config_with`]
+//! (a CA file or a pinned certificate, a client certificate), [`server_config_mtls`]
+//! (clients must present a certificate), with certificates and keys read by
+//! [`Identity::from_files`], [`load_certs`] and [`load_key`] (PEM or DER). For development,
+//! `Identity::self_signed` (feature `rcgen`) makes a self-signed certificate for a name.
+//!
+//! # Two paths
+//!
+//! Messages up to [`Config::stream_threshold`] bytes travel as coded shards in DATAGRAM frames
+//! (the fast path). Larger ones, up to [`Config::max_message_size`], travel one per
+//! bidirectional QUIC stream, with the same ids, the same dedupe window and the same
+//! outcomes; the receiver answers on the stream once the message was handed to [`Messages`].
+//! A channel therefore owns its connection's bidirectional streams (set [`Config::streams`]
+//! to `false` on a connection whose streams the application uses itself).
+//!
 //! # Who decides
 //!
 //! Every decision (which connection, when to redial or fail over, when a send has its
@@ -72,6 +99,7 @@ pub mod congestion;
 mod connect;
 mod dial;
 mod driver;
+mod error;
 mod identity;
 mod io;
 
@@ -82,26 +110,55 @@ use bytes::Bytes;
 use quinn::rustls;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-pub use crate::proto::link::{Receipt, Reconnect, SendError, GOODBYE};
+pub use crate::proto::link::GOODBYE;
+#[doc(inline)]
+pub use crate::proto::link::{Receipt, Reconnect};
+#[doc(inline)]
+pub use crate::proto::{
+    Delivered, HedgeTo, ReceiverConfig, ReceiverStats, SenderConfig, SenderStats,
+};
 pub use connect::{
     ack_frequency_config, client_config, congestion_controller, server_config,
     server_config_with_protocols, transport_config, AcceptError, ConfigError, ConnectError,
     Listener, Server, ALPN,
 };
+pub use error::{RejectReason, SendError};
 pub use identity::{
     client_config_with, load_certs, load_key, server_config_mtls,
     server_config_mtls_with_protocols, Identity, IdentityError, ServerTrust,
 };
 
-use crate::proto::{Delivered, ReceiverConfig, ReceiverStats, SenderConfig, SenderStats};
-
-/// Settings of a [`Channel`]. Every limit has a documented default; the datagram size is
-/// taken from the connection.
+/// Settings of a [`Channel`], a [`Listener`] or a [`Server`]. Every field states its
+/// default; the datagram size is taken from the connection.
+///
+/// New fields may be added in minor releases (`#[non_exhaustive]`): start from
+/// `Config::default()` and change what you need.
+///
+/// ```
+/// use std::time::Duration;
+/// use surelink::channel::Config;
+///
+/// let mut config = Config::default();
+/// config.sender.deadline = Duration::from_secs(2); // every send's deadline (default 5 s)
+/// config.sender.max_in_flight = 256; // sends beyond it wait (default 4,096)
+/// config.receiver.key_ttl = Duration::from_secs(7 * 24 * 3600); // default 24 h
+/// config.reconnect.give_up_after = Duration::from_secs(30); // default 10 s
+/// assert_eq!(config.max_message_size, 256 * 1024);
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Config {
-    /// The sending half (redundancy, hedging, deadline, messages in flight).
+    /// The sending half: redundancy, hedging, the deadline of every send (`deadline`,
+    /// default 5 s; one send can ask for less with [`SendOptions::deadline`]), messages in
+    /// flight (`max_in_flight`, default 4,096: further sends wait). Every field of
+    /// [`SenderConfig`] states its default. Its fields below `deadline` and
+    /// `max_in_flight` tune the protocol itself: leave them unless a measurement says so.
     pub sender: SenderConfig,
-    /// The receiving half (reassembly caps, dedupe window, idempotency keys).
+    /// The receiving half: how long idempotency keys are kept (`key_ttl`, default 24 h) and
+    /// how many (`max_keys`, default 1,048,576), how many bytes may wait for the application
+    /// (`max_queued_bytes`, default 16 MiB), the dedupe window (65,536 ids) and reassembly
+    /// caps. Every field of [`ReceiverConfig`] states its default; its `claims` field is set
+    /// by the channel from [`Config::store`] and [`Config::application_claims`].
     pub receiver: ReceiverConfig,
     /// Largest message `send` takes, in bytes; above it `send` fails with
     /// [`SendError::TooLarge`] and sends nothing. Default 256 KiB.
@@ -116,7 +173,8 @@ pub struct Config {
     pub streams: bool,
     /// How long a server waits for a new connection's Hello. Default 10 s.
     pub hello_timeout: Duration,
-    /// How a client reconnects ([`Channel::connect`]).
+    /// How a client reconnects ([`Channel::connect`]): first retry after 20 ms, backoff
+    /// doubling up to 1 s, giving up after 10 s (the defaults of [`Reconnect`]).
     pub reconnect: Reconnect,
     /// How long a server keeps a channel whose connection was lost, waiting for the client
     /// to reconnect. Default 60 s.
@@ -133,6 +191,20 @@ pub struct Config {
     /// with a store also takes over channels it never held (a client that failed over from
     /// another replica re-sends its unacked messages, and the store recognises those
     /// delivered there).
+    ///
+    /// Any store converts, no annotation needed:
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use surelink::channel::Config;
+    /// use surelink::store::MemoryStore;
+    ///
+    /// let store = Arc::new(MemoryStore::default());
+    /// let mut replica_a = Config::default();
+    /// replica_a.store = Some(store.clone());
+    /// let mut replica_b = Config::default();
+    /// replica_b.store = Some(store);
+    /// ```
     pub store: Option<std::sync::Arc<dyn crate::store::DedupeStore>>,
     /// The inbox pattern: the application claims each message itself, in the same database
     /// transaction as its effect (e.g. `PgStore::claim_in` beside its ledger row), and then
@@ -233,6 +305,7 @@ pub type ChannelId = [u8; 16];
 /// | is memory bounded? | `reassembly.blocks_buffered`, `reassembly.bytes_buffered`, `reassembly.blocks_evicted`, `receiver.ids_tracked`, `receiver.keys_held` |
 /// | is someone sending garbage? | [`invalid_frames`](Self::invalid_frames) by reason, `reassembly.shards_contradicting`, `reassembly.checksum_failures` |
 #[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct ChannelStats {
     /// The per-shard loss rate the sender plans redundancy for (an upper confidence bound
     /// on recent loss; see [`crate::tune::LossEstimator`]).
@@ -339,7 +412,8 @@ enum Command {
         key: Option<Bytes>,
         payload: Bytes,
         deadline: Option<Duration>,
-        reply: oneshot::Sender<Result<Receipt, SendError>>,
+        /// The core's outcome; [`Channel::send_with`] turns its error into a [`SendError`].
+        reply: oneshot::Sender<Result<Receipt, crate::proto::link::SendError>>,
         /// The message's in-flight slot: the driver holds it until the outcome.
         permit: OwnedSemaphorePermit,
     },
@@ -359,7 +433,42 @@ enum Command {
     HandlesDropped,
 }
 
-/// How one message is sent: [`Channel::send_with`].
+/// How one message is sent: an idempotency key and a deadline of its own. Pass it to
+/// [`Channel::send_with`]; the default is no key and the channel's deadline
+/// ([`SenderConfig::deadline`], 5 s unless configured).
+///
+/// ```
+/// # use surelink::channel::{self, Channel, Config, Identity, Listener};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let identity = Identity::self_signed(["localhost"])?;
+/// # let mut roots = surelink::rustls::RootCertStore::empty();
+/// # roots.add(identity.cert_chain[0].clone())?;
+/// # let server_config = channel::server_config(identity.cert_chain, identity.key)?;
+/// # let endpoint = surelink::quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
+/// # let addr = endpoint.local_addr()?;
+/// # let mut listener = Listener::new(endpoint, Config::default());
+/// # let client = surelink::quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+/// # let client_config = Some(channel::client_config(roots)?);
+/// # let (channel, _) = Channel::connect(&client, addr, "localhost", client_config, Config::default()).await?;
+/// # let (_, mut messages) = listener.accept().await.expect("a channel");
+/// # let server = tokio::spawn(async move { while messages.recv().await.is_some() {} });
+/// use std::time::Duration;
+/// use surelink::channel::SendOptions;
+///
+/// let options = SendOptions::default()
+///     .key("order-7731/capture") // at most one delivery per key, however often retried
+///     .deadline(Duration::from_millis(800)); // this payment's own deadline
+/// match channel.send_with("capture 12.50 EUR", options).await {
+///     Ok(receipt) => println!("delivered as message {} in {:?}", receipt.id, receipt.latency),
+///     Err(e) if e.may_have_been_delivered() => println!("unknown outcome: retry with the same key"),
+///     Err(e) => println!("not delivered: {e}"),
+/// }
+/// # channel.close().await;
+/// # server.await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub struct SendOptions {
@@ -369,7 +478,10 @@ pub struct SendOptions {
 
 impl SendOptions {
     /// The application's idempotency key (1 to 255 bytes): the peer delivers at most one
-    /// message per key within its key TTL, however often the application retries.
+    /// message per key within its key TTL ([`ReceiverConfig::key_ttl`], 24 h by default),
+    /// however often the application retries. A retry of a message that was delivered is
+    /// acked without being delivered again. Keys must be unique across the application's
+    /// clients (a UUID, or a merchant id and order number). Default: no key.
     pub fn key(mut self, key: impl Into<Bytes>) -> Self {
         self.key = Some(key.into());
         self
@@ -378,7 +490,7 @@ impl SendOptions {
     /// This message's own deadline, instead of the channel's ([`SenderConfig::deadline`]);
     /// at most the channel's (a longer one is cut to it). When it passes without an ack the
     /// send fails with [`SendError::Timeout`] (outcome unknown); the message keeps its
-    /// in-flight slot while the sender still carries it.
+    /// in-flight slot while the sender still carries it. Default: the channel's.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self
@@ -403,16 +515,93 @@ impl Drop for Handle {
     }
 }
 
-/// The sending side of a channel; cheap to clone. When every clone and the channel's
-/// [`Messages`] are dropped, the channel ends (after the sends in flight have their
-/// outcomes) and closes its connection with a goodbye.
+/// The sending side of a channel; cheap to clone, and every clone sends on the same
+/// channel (concurrent sends are the normal case: up to [`SenderConfig::max_in_flight`]
+/// await their outcomes at once).
+///
+/// Get one from [`Channel::connect`] (a client), a [`Listener`] or [`Server`] (a server), or
+/// [`Channel::open`] (a connection you already have), with the channel's [`Messages`].
+/// When every clone and the `Messages` are dropped, the channel ends (after the sends in
+/// flight have their outcomes) and closes its connection with a goodbye.
+///
+/// ```
+/// # use surelink::channel::{self, Channel, Config, Identity, Listener};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let identity = Identity::self_signed(["localhost"])?;
+/// # let mut roots = surelink::rustls::RootCertStore::empty();
+/// # roots.add(identity.cert_chain[0].clone())?;
+/// # let server_config = channel::server_config(identity.cert_chain, identity.key)?;
+/// # let endpoint = surelink::quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
+/// # let addr = endpoint.local_addr()?;
+/// # let mut listener = Listener::new(endpoint, Config::default());
+/// # let client = surelink::quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+/// # let client_config = Some(channel::client_config(roots)?);
+/// # let (channel, _) = Channel::connect(&client, addr, "localhost", client_config, Config::default()).await?;
+/// # let (_, mut messages) = listener.accept().await.expect("a channel");
+/// # let server = tokio::spawn(async move { while messages.recv().await.is_some() {} });
+/// // Payments from many tasks share one channel.
+/// let mut sends = tokio::task::JoinSet::new();
+/// for n in 0..10 {
+///     let channel = channel.clone();
+///     sends.spawn(async move {
+///         channel.send_with_key(format!("till-7/{n}"), format!("payment {n}")).await
+///     });
+/// }
+/// while let Some(outcome) = sends.join_next().await {
+///     let receipt = outcome??;
+///     assert!(receipt.latency < std::time::Duration::from_secs(5));
+/// }
+/// assert_eq!(channel.stats().sender.acked, 10);
+/// # channel.close().await;
+/// # server.await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Channel {
     inner: Arc<Handle>,
 }
 
-/// The receiving side of a channel: messages delivered by the peer, each once. Dropping it
-/// tells the channel that nobody takes messages any more.
+/// The receiving side of a channel: messages delivered by the peer, each once, in order of
+/// arrival. Dropping it tells the channel that nobody takes messages any more (see
+/// [`Messages::recv`]).
+///
+/// A message is acked to its sender only when [`Messages::recv`] returns it, so a sender's
+/// `Ok(Receipt)` means this application took it. The queue is bounded
+/// ([`ReceiverConfig::max_queued_bytes`]): an application that stops reading slows its
+/// senders rather than growing memory.
+///
+/// ```
+/// # use surelink::channel::{self, Channel, Config, Identity, Listener};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let identity = Identity::self_signed(["localhost"])?;
+/// # let mut roots = surelink::rustls::RootCertStore::empty();
+/// # roots.add(identity.cert_chain[0].clone())?;
+/// # let server_config = channel::server_config(identity.cert_chain, identity.key)?;
+/// # let endpoint = surelink::quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
+/// # let addr = endpoint.local_addr()?;
+/// # let mut listener = Listener::new(endpoint, Config::default());
+/// # let client = surelink::quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+/// # let client_config = Some(channel::client_config(roots)?);
+/// # let (channel, _) = Channel::connect(&client, addr, "localhost", client_config, Config::default()).await?;
+/// # let sender = tokio::spawn(async move {
+/// #     channel.send_with_key("order-1", "pay 10.00 EUR").await.unwrap();
+/// #     channel.close().await;
+/// # });
+/// // A server's channel: it only receives, so the sending half can go.
+/// let (_channel, mut messages) = listener.accept().await.expect("a channel");
+/// while let Some(message) = messages.recv().await {
+///     // `message.id` is unique per channel; `message.key` is the sender's idempotency key.
+///     assert_eq!(message.key.as_deref(), Some(&b"order-1"[..]));
+///     assert_eq!(message.payload, "pay 10.00 EUR");
+/// }
+/// // `None`: the client closed the channel and every message was taken.
+/// # sender.await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Messages {
     rx: mpsc::UnboundedReceiver<Delivered>,
@@ -421,7 +610,8 @@ pub struct Messages {
 
 impl Messages {
     /// The next message, or `None` once the channel has stopped and every message was taken.
-    /// Cancel-safe: a message is taken (and reported taken) only when this returns it.
+    /// Cancel-safe: a message is taken (and reported taken, which acks it) only when this
+    /// returns it.
     pub async fn recv(&mut self) -> Option<Delivered> {
         let message = self.rx.recv().await?;
         let _ = self.commands.send(Command::Took { id: message.id });
@@ -440,6 +630,34 @@ impl Channel {
     /// default). Both ends call this; each end can send and receive. The channel ends with
     /// the connection (no reconnects: see [`Channel::connect`]). Must be called inside a
     /// tokio runtime.
+    ///
+    /// ```
+    /// use surelink::channel::{self, Channel, Config, Identity};
+    /// use surelink::quinn::Endpoint;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let identity = Identity::self_signed(["localhost"])?;
+    /// let mut roots = surelink::rustls::RootCertStore::empty();
+    /// roots.add(identity.cert_chain[0].clone())?;
+    /// let server_config = channel::server_config(identity.cert_chain, identity.key)?;
+    /// let server = Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
+    /// let mut client = Endpoint::client("127.0.0.1:0".parse()?)?;
+    /// client.set_default_client_config(channel::client_config(roots)?);
+    ///
+    /// // Connections the application made itself (surelink's configs, so the ALPN matches).
+    /// let connecting = client.connect(server.local_addr()?, "localhost")?;
+    /// let incoming = server.accept().await.expect("a connection");
+    /// let (client_conn, server_conn) = tokio::try_join!(connecting, incoming)?;
+    ///
+    /// let (a, _) = Channel::open(client_conn, Config::default())?;
+    /// let (_, mut b) = Channel::open(server_conn, Config::default())?;
+    /// let (receipt, message) = tokio::join!(a.send("hello"), b.recv());
+    /// assert_eq!(message.expect("a message").payload, "hello");
+    /// assert_eq!(receipt?.id, 0);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn open(
         connection: quinn::Connection,
         config: Config,
@@ -452,6 +670,7 @@ impl Channel {
             0,
             None,
         )
+        .map_err(SendError::from)
     }
 
     /// This channel's id. It names the channel to the server: keep it secret (the server
@@ -467,7 +686,11 @@ impl Channel {
     /// dropping this future (e.g. under `tokio::time::timeout`) does not cancel it. It keeps
     /// its in-flight slot until its outcome, which is still counted (`stats().sender`,
     /// `stats().sends_abandoned`); retry it with the same idempotency key to learn it.
-    pub async fn send(&self, payload: Bytes) -> Result<Receipt, SendError> {
+    ///
+    /// Without a key, a retry after an unknown outcome
+    /// ([`SendError::may_have_been_delivered`]) may deliver the payment twice: payments
+    /// should go through [`Channel::send_with_key`] or [`Channel::send_with`].
+    pub async fn send(&self, payload: impl Into<Bytes>) -> Result<Receipt, SendError> {
         self.send_with(payload, SendOptions::default()).await
     }
 
@@ -475,21 +698,54 @@ impl Channel {
     /// peer delivers at most one message per key within its key TTL (default 24 h), however
     /// often the application retries. A retry of a message that was delivered is acked
     /// without being delivered again.
+    ///
+    /// ```
+    /// # use surelink::channel::{self, Channel, Config, Identity, Listener};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let identity = Identity::self_signed(["localhost"])?;
+    /// # let mut roots = surelink::rustls::RootCertStore::empty();
+    /// # roots.add(identity.cert_chain[0].clone())?;
+    /// # let server_config = channel::server_config(identity.cert_chain, identity.key)?;
+    /// # let endpoint = surelink::quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
+    /// # let addr = endpoint.local_addr()?;
+    /// # let mut listener = Listener::new(endpoint, Config::default());
+    /// # let client = surelink::quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    /// # let client_config = Some(channel::client_config(roots)?);
+    /// # let (channel, _) = Channel::connect(&client, addr, "localhost", client_config, Config::default()).await?;
+    /// # let (_, mut messages) = listener.accept().await.expect("a channel");
+    /// # let server = tokio::spawn(async move {
+    /// #     let mut delivered = 0;
+    /// #     while messages.recv().await.is_some() { delivered += 1; }
+    /// #     delivered
+    /// # });
+    /// let first = channel.send_with_key("order-42", "pay 99.00 EUR").await?;
+    /// // The application did not hear the outcome (say it crashed) and retries: the
+    /// // receiver recognises the key, acks again, and does not deliver it twice.
+    /// let retry = channel.send_with_key("order-42", "pay 99.00 EUR").await?;
+    /// assert_ne!(first.id, retry.id);
+    /// # channel.close().await;
+    /// assert_eq!(server.await?, 1); // the server's application saw one payment
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn send_with_key(
         &self,
         key: impl Into<Bytes>,
-        payload: Bytes,
+        payload: impl Into<Bytes>,
     ) -> Result<Receipt, SendError> {
         self.send_with(payload, SendOptions::default().key(key))
             .await
     }
 
-    /// Like [`Channel::send`], with per-send options (an idempotency key, a deadline).
+    /// Like [`Channel::send`], with per-send options: an idempotency key and a deadline of
+    /// its own ([`SendOptions`], which has an example).
     pub async fn send_with(
         &self,
-        payload: Bytes,
+        payload: impl Into<Bytes>,
         options: SendOptions,
     ) -> Result<Receipt, SendError> {
+        let payload = payload.into();
         let span = tracing::debug_span!(
             "surelink.send",
             len = payload.len(),
@@ -535,7 +791,10 @@ impl Channel {
                 permit,
             })
             .map_err(|_| SendError::Closed)?;
-        outcome.await.unwrap_or(Err(SendError::Closed))
+        match outcome.await {
+            Ok(outcome) => outcome.map_err(SendError::from),
+            Err(_) => Err(SendError::Closed),
+        }
     }
 
     /// Inbox pattern ([`Config::application_claims`]): the application's transaction for

@@ -1,5 +1,8 @@
 //! Forward error correction: messages ⇄ Reed-Solomon shards.
 //!
+//! **Outside the stable API**: public for the fuzz targets, benchmarks and tests, and may
+//! change in any release. Applications use [`crate::channel`].
+//!
 //! A *block* is one or more messages with consecutive ids, concatenated and cut into `k`
 //! equal data shards of `S` bytes, plus parity shards computed by `reed-solomon-erasure` over
 //! GF(2^8). Any `k` distinct shards of a block rebuild it (the code is MDS). The byte layout of

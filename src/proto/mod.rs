@@ -1,5 +1,10 @@
 //! The sans-I/O protocol core: sender and receiver state machines.
 //!
+//! **Outside the stable API**: public for the fuzz targets, benchmarks and tests, and may
+//! change in any release. Applications use [`crate::channel`], which re-exports the types of
+//! this module that appear in its API ([`SenderConfig`], [`ReceiverConfig`], [`Delivered`],
+//! [`link::Receipt`], …); those are stable through `channel`.
+//!
 //! No sockets, no clock, no global RNG: a [`Peer`] is driven by `now` and incoming datagrams
 //! and produces datagrams to send, the next timer, and events. The async channel over quinn
 //! moves bytes and sleeps; everything that decides is here, and deterministic given its

@@ -1,5 +1,8 @@
 //! The packet-loss simulator: lossy, delaying, reordering sockets under a real quinn endpoint.
 //!
+//! For tests, benchmarks and demos (feature `sim`); outside the stable API, so it may change in
+//! any release.
+//!
 //! Everything above the socket (QUIC's TLS, loss recovery, congestion control, and surelink)
 //! runs unchanged; only the packets' fate is simulated, by a seeded [`Link`] model per
 //! direction.

@@ -175,7 +175,10 @@ pub trait DedupeStore: Send + Sync + fmt::Debug {
 /// Runs `store.expire()` every `every` on a tokio task until the handle is aborted (a
 /// [`Listener`](crate::channel::Listener) with a store does this itself). A failed sweep is
 /// logged and tried again at the next tick.
-pub fn spawn_expiry(store: Arc<dyn DedupeStore>, every: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn_expiry<S>(store: Arc<S>, every: Duration) -> tokio::task::JoinHandle<()>
+where
+    S: DedupeStore + ?Sized + 'static,
+{
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

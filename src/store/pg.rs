@@ -61,11 +61,15 @@ const EXPIRE_BATCH: i64 = 10_000;
 /// definite failure) and each operation under a client-side deadline
 /// ([`StoreError::Timeout`]: its outcome unknown), so nothing waits forever.
 ///
+/// Every replica of a service connects to the same database and puts the store in its
+/// [`Config::store`](crate::channel::Config::store):
+///
 /// ```no_run
-/// # async fn run() -> Result<(), surelink::store::StoreError> {
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use surelink::store::{DedupeStore, PgStore};
+/// use surelink::channel::{Config, Listener};
+/// use surelink::store::PgStore;
 ///
 /// let store = PgStore::builder("postgres://surelink@db.internal/payments")
 ///     .table("payments.surelink_claims")
@@ -75,8 +79,13 @@ const EXPIRE_BATCH: i64 = 10_000;
 ///     .create_schema(true)
 ///     .connect()
 ///     .await?;
-/// let store: Arc<dyn DedupeStore> = Arc::new(store);
-/// # let _ = store;
+/// let mut config = Config::default();
+/// config.store = Some(Arc::new(store));
+/// # let endpoint: surelink::quinn::Endpoint = unimplemented!();
+/// // The listener claims every delivery in the store before it acks it, and sweeps
+/// // expired claims.
+/// let listener = Listener::new(endpoint, config);
+/// # let _ = listener;
 /// # Ok(())
 /// # }
 /// ```

@@ -1,5 +1,8 @@
 //! The tuner: how much redundancy a link needs, from its loss model.
 //!
+//! **Outside the stable API**: public for the fuzz targets, benchmarks and tests, and may
+//! change in any release. The sender uses it on its own (adaptive redundancy is the default).
+//!
 //! Reed-Solomon codes are MDS: a block of `k` data shards sent as `n` shards is rebuilt from
 //! any `k`, so it fails exactly when more than `n - k` shards are lost. With each shard in a
 //! packet of its own, the residual loss after the first flight is a tail of the distribution

@@ -39,8 +39,10 @@ mod tests;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
 
-/// How a client channel reconnects after its connection is lost.
+/// How a client channel reconnects after its connection is lost. Every field states its
+/// default; new fields may be added (`#[non_exhaustive]`): change a `Reconnect::default()`.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Reconnect {
     /// Wait before the second attempt (the first is immediate). Default 20 ms.
     pub first_backoff: Duration,

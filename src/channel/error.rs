@@ -1,0 +1,211 @@
+//! The one error a `send` returns: [`SendError`], and why a message was refused before it
+//! was sent ([`RejectReason`]).
+
+use crate::proto::link::SendError as LinkError;
+
+/// Why a message has no [`Receipt`](super::Receipt): the one error every `send` of a
+/// [`Channel`](super::Channel) returns.
+///
+/// Every variant says whether the message may have been delivered
+/// ([`may_have_been_delivered`](Self::may_have_been_delivered)) and whether sending it again
+/// can end differently ([`is_retryable`](Self::is_retryable)):
+///
+/// | variant | may have been delivered | retryable |
+/// |---|---|---|
+/// | [`Timeout`](Self::Timeout), [`ConnectionLost`](Self::ConnectionLost) | **yes**: retry only with the same idempotency key | yes |
+/// | [`Refused`](Self::Refused) | no | yes (it may be refused again for the same reason) |
+/// | [`Rejected`](Self::Rejected) | no: nothing was sent | only for [`RejectReason::Backpressure`] |
+/// | [`TooLarge`](Self::TooLarge), [`DatagramsUnsupported`](Self::DatagramsUnsupported) | no: nothing was sent | no |
+/// | [`Closed`](Self::Closed) | no: nothing was sent | not on this channel |
+///
+/// A retry with the same idempotency key ([`SendOptions::key`](super::SendOptions::key)) is
+/// always safe: the peer delivers at most one message per key while it keeps the key
+/// (`ReceiverConfig::key_ttl`, 24 h by default). A retry without a key is safe only when
+/// [`may_have_been_delivered`](Self::may_have_been_delivered) is `false`.
+///
+/// ```
+/// use surelink::channel::{Channel, SendError, SendOptions};
+///
+/// /// Sends a payment until it has a definite outcome: retries under the same key
+/// /// while the outcome is unknown, gives up on a definite refusal.
+/// async fn pay(channel: &Channel, key: &str, payment: &[u8]) -> Result<u64, SendError> {
+///     loop {
+///         let options = SendOptions::default().key(key.to_owned());
+///         match channel.send_with(payment.to_vec(), options).await {
+///             Ok(receipt) => return Ok(receipt.id),
+///             // Delivered or not, the same key makes the retry safe.
+///             Err(e) if e.may_have_been_delivered() => continue,
+///             Err(e) => return Err(e),
+///         }
+///     }
+/// }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No ack before the deadline ([`SendOptions::deadline`](super::SendOptions::deadline),
+    /// else `SenderConfig::deadline`, 5 s by default): the outcome is unknown.
+    #[error("message {id}: no ack before the deadline; outcome unknown, retry with the same idempotency key")]
+    Timeout {
+        /// The message id on this channel.
+        id: u64,
+    },
+    /// The connection was lost (and not regained) while the message was in flight: the
+    /// outcome is unknown.
+    #[error("connection lost while the message was in flight; outcome unknown, retry with the same idempotency key: {reason}")]
+    ConnectionLost {
+        /// What happened.
+        reason: String,
+    },
+    /// The message was refused before anything was sent (it was not delivered).
+    #[error("message refused, nothing sent: {0}")]
+    Rejected(RejectReason),
+    /// The message is larger than this channel carries
+    /// ([`Config::max_message_size`](super::Config::max_message_size), or the stream
+    /// threshold when [`Config::streams`](super::Config::streams) is off); nothing was sent.
+    #[error("message of {len} bytes, this channel carries at most {max}; nothing sent")]
+    TooLarge {
+        /// The message's length (payload and key).
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The peer refused the message (outside its dedupe window, malformed, its key store
+    /// full, or its application gone): it was not delivered.
+    #[error("message {id}: refused by the peer, not delivered")]
+    Refused {
+        /// The message id on this channel.
+        id: u64,
+    },
+    /// The peer does not accept QUIC DATAGRAM frames, or the path is too small for them.
+    #[error("the connection does not carry QUIC datagrams")]
+    DatagramsUnsupported,
+    /// The channel is closing or has stopped; nothing was sent.
+    #[error("channel closed; nothing sent")]
+    Closed,
+}
+
+impl SendError {
+    /// Whether the message may have been delivered: `true` for an unknown outcome
+    /// ([`SendError::Timeout`], [`SendError::ConnectionLost`]), where a retry must carry the
+    /// same idempotency key (the peer then delivers it at most once); `false` when it
+    /// certainly was not, so a retry is safe with or without a key.
+    pub fn may_have_been_delivered(&self) -> bool {
+        matches!(
+            self,
+            SendError::Timeout { .. } | SendError::ConnectionLost { .. }
+        )
+    }
+
+    /// Whether sending the same message again on this channel can end differently. `false`
+    /// when a retry would fail the same way: the message is too large or cannot be coded,
+    /// its key is invalid, the connection carries no datagrams, or the channel is closed.
+    /// Whatever this says, retry with the same idempotency key when
+    /// [`may_have_been_delivered`](Self::may_have_been_delivered) is `true`.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SendError::Timeout { .. } | SendError::ConnectionLost { .. } => true,
+            SendError::Refused { .. } => true,
+            SendError::Rejected(reason) => matches!(reason, RejectReason::Backpressure { .. }),
+            SendError::TooLarge { .. } | SendError::DatagramsUnsupported | SendError::Closed => {
+                false
+            }
+        }
+    }
+}
+
+/// Why a message was refused before anything was sent ([`SendError::Rejected`]). It was not
+/// delivered.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The idempotency key is empty or longer than 255 bytes.
+    #[error("idempotency key of {len} bytes, allowed 1..=255")]
+    InvalidKey {
+        /// The key's length.
+        len: usize,
+    },
+    /// The oldest message still awaiting its outcome holds the id span the peer's dedupe
+    /// window allows (`SenderConfig::max_id_span`); retry once it has its outcome.
+    #[error("backpressure: {in_flight} messages in flight and the oldest holds the id span")]
+    Backpressure {
+        /// Messages in flight.
+        in_flight: usize,
+    },
+    /// The message cannot be coded into this connection's datagrams (the path's datagrams
+    /// are too small, or the configuration leaves no room for shards).
+    #[error("cannot be coded into datagrams: {reason}")]
+    Unencodable {
+        /// What the coder said.
+        reason: String,
+    },
+}
+
+impl From<crate::proto::SendError> for RejectReason {
+    fn from(e: crate::proto::SendError) -> Self {
+        match e {
+            crate::proto::SendError::InvalidKey { len } => RejectReason::InvalidKey { len },
+            crate::proto::SendError::Backpressure { in_flight } => {
+                RejectReason::Backpressure { in_flight }
+            }
+            crate::proto::SendError::Encode(e) => RejectReason::Unencodable {
+                reason: e.to_string(),
+            },
+        }
+    }
+}
+
+impl From<LinkError> for SendError {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Timeout { id } => SendError::Timeout { id },
+            LinkError::ConnectionLost { reason } => SendError::ConnectionLost { reason },
+            LinkError::Rejected(e) => SendError::Rejected(e.into()),
+            LinkError::TooLarge { len, max } => SendError::TooLarge { len, max },
+            LinkError::Refused { id } => SendError::Refused { id },
+            LinkError::DatagramsUnsupported => SendError::DatagramsUnsupported,
+            LinkError::Closed => SendError::Closed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_core_error_keeps_its_meaning() {
+        let cases = [
+            LinkError::Timeout { id: 3 },
+            LinkError::ConnectionLost {
+                reason: "gone".into(),
+            },
+            LinkError::Rejected(crate::proto::SendError::InvalidKey { len: 0 }),
+            LinkError::Rejected(crate::proto::SendError::Backpressure { in_flight: 9 }),
+            LinkError::TooLarge { len: 10, max: 5 },
+            LinkError::Refused { id: 4 },
+            LinkError::DatagramsUnsupported,
+            LinkError::Closed,
+        ];
+        for core in cases {
+            let public = SendError::from(core.clone());
+            assert_eq!(
+                public.may_have_been_delivered(),
+                core.may_have_been_delivered(),
+                "{core:?}"
+            );
+        }
+        assert!(
+            SendError::from(LinkError::Rejected(crate::proto::SendError::Backpressure {
+                in_flight: 9
+            }))
+            .is_retryable()
+        );
+        assert!(
+            !SendError::from(LinkError::Rejected(crate::proto::SendError::InvalidKey {
+                len: 0
+            }))
+            .is_retryable()
+        );
+    }
+}
