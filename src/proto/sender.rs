@@ -333,7 +333,9 @@ pub struct Sender {
     /// when sent).
     pending: VecDeque<(Block, Option<usize>)>,
     /// First-flight parity waiting out `repair_spacing`, in due order.
-    spaced: VecDeque<(Instant, Bytes)>,
+    spaced: BTreeMap<(Instant, u64), Bytes>,
+    /// Orders frames due at the same instant in `spaced`.
+    spaced_seq: u64,
     out: VecDeque<Bytes>,
     /// Whether a secondary replica can take hedge copies.
     secondary: bool,
@@ -393,7 +395,8 @@ impl Sender {
             blocks: HashMap::new(),
             hedge_due: BTreeSet::new(),
             pending: VecDeque::new(),
-            spaced: VecDeque::new(),
+            spaced: BTreeMap::new(),
+            spaced_seq: 0,
             out: VecDeque::new(),
             secondary: false,
             secondary_out: VecDeque::new(),
@@ -949,8 +952,12 @@ impl Sender {
     /// Fires what is due at `now`: closes lingering batches, hedges late blocks, fails
     /// messages past their deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while self.spaced.front().is_some_and(|(at, _)| *at <= now) {
-            let (_, frame) = self.spaced.pop_front().expect("checked");
+        while self
+            .spaced
+            .first_key_value()
+            .is_some_and(|((at, _), _)| *at <= now)
+        {
+            let (_, frame) = self.spaced.pop_first().expect("checked");
             self.emit(now, [frame]);
         }
         self.encoder.handle_timeout(now);
@@ -1025,7 +1032,7 @@ impl Sender {
             .into_iter()
             .chain(self.reserved.values().flatten().copied())
             .min();
-        let spaced = self.spaced.front().map(|(at, _)| *at);
+        let spaced = self.spaced.first_key_value().map(|((at, _), _)| *at);
         let floor = self
             .floor_wanted()
             .then(|| self.floor_sent_at.map(|t| t + self.config.floor_interval))
@@ -1139,7 +1146,7 @@ impl Sender {
             self.stats.first_flight_bytes += bytes as u64;
             let shards_sent = frames.len() + repair.len();
             frames.extend(repair);
-            self.send_spaced(now, frames);
+            self.send_spaced(now, now, frames);
             let id = block.id();
             let mut unacked = 0;
             for msg in block.messages() {
@@ -1235,12 +1242,16 @@ impl Sender {
             self.stats.retransmits += 1;
             self.stats.retransmit_bytes += bytes as u64;
         }
-        self.send_spaced(now, frames);
+        self.send_spaced(now, now, frames);
     }
 
-    /// Sends the first of `frames` now and each next one `repair_spacing` later, when two of
-    /// them could share a packet (so one lost packet costs one shard); otherwise all now.
-    fn send_spaced(&mut self, now: Instant, mut frames: Vec<Bytes>) {
+    /// Sends the first of `frames` at `at` (now, or a due time in the future) and each next
+    /// one `repair_spacing` later, when two of them could share a packet (so one lost packet
+    /// costs one shard); otherwise all at `at`.
+    fn send_spaced(&mut self, now: Instant, at: Instant, mut frames: Vec<Bytes>) {
+        if frames.is_empty() {
+            return;
+        }
         let small = frames
             .iter()
             .all(|f| 2 * f.len() <= self.config.encoder.max_datagram_size);
@@ -1251,12 +1262,18 @@ impl Sender {
         };
         let later = frames.split_off(first.min(frames.len()));
         for (j, frame) in later.into_iter().enumerate() {
-            let at = now + self.config.repair_spacing * (j as u32 + 1);
-            // Keep `spaced` in due order.
-            let pos = self.spaced.partition_point(|(t, _)| *t <= at);
-            self.spaced.insert(pos, (at, frame));
+            let due = at.max(now) + self.config.repair_spacing * (j as u32 + 1);
+            self.spaced_seq += 1;
+            self.spaced.insert((due, self.spaced_seq), frame);
         }
-        self.emit(now, frames);
+        if at <= now {
+            self.emit(now, frames);
+        } else {
+            for frame in frames {
+                self.spaced_seq += 1;
+                self.spaced.insert((at, self.spaced_seq), frame);
+            }
+        }
     }
 
     /// One message of `block` reached an outcome; forget the block when none is left.
