@@ -71,13 +71,18 @@ fn server_and_client_over_real_udp() {
     let dir = std::env::temp_dir().join(format!("surelink-pay-{}", std::process::id()));
     let (mut server, mut out, addr) = start_server(&dir, &[]);
 
-    for mode in ["surelink", "quinn-stream"] {
+    for mode in ["surelink", "quinn-stream", "quinn-stream-bbr"] {
+        // The BBR baseline gives a duration instead of a count: 200/s for 0.25 s is 50.
+        let count: &[&str] = if mode == "quinn-stream-bbr" {
+            &["--duration-s", "0.25"]
+        } else {
+            &["--count", "50"]
+        };
         let client = Command::new(example("payment_client"))
             .args(["--connect", &addr, "--ca"])
             .arg(dir.join("cert.der"))
-            .args([
-                "--count", "50", "--rate", "200", "--size", "300", "--mode", mode,
-            ])
+            .args(count)
+            .args(["--rate", "200", "--size", "300", "--mode", mode])
             .output()
             .unwrap();
         let json = String::from_utf8(client.stdout).unwrap();
@@ -94,12 +99,15 @@ fn server_and_client_over_real_udp() {
             "p999_ms",
             "max_ms",
             "wire_bytes",
+            "elapsed_s",
         ] {
             assert!(
                 field(&json, key).parse::<f64>().unwrap() > 0.0,
                 "{key} in {json}"
             );
         }
+        assert!(field(&json, "send_lag_p99_ms").parse::<f64>().unwrap() >= 0.0);
+        assert_eq!(field(&json, "rate"), "200", "{json}");
     }
 
     // SIGTERM: the server prints its tally and exits.
@@ -111,7 +119,7 @@ fn server_and_client_over_real_udp() {
     let mut tally = String::new();
     out.read_line(&mut tally).unwrap();
     server.wait().unwrap();
-    assert_eq!(field(&tally, "delivered"), "100", "{tally}");
+    assert_eq!(field(&tally, "delivered"), "150", "{tally}");
     assert_eq!(field(&tally, "duplicates"), "0", "{tally}");
     assert_eq!(field(&tally, "invalid_frames"), "0", "{tally}");
     let _ = std::fs::remove_dir_all(dir);
