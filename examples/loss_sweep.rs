@@ -56,7 +56,7 @@
 //! Wire bytes are every UDP payload byte offered to the links, both ways; realized loss is
 //! the share of packets the links dropped (for any cause), both ways.
 //!
-//! JSON rows (`--json`) carry `transport`, `model`, `loss`, `realized_loss`, `messages`,
+//! JSON rows (`--json` on stdout instead of the table, or `--json-out FILE` beside it) carry `transport`, `model`, `loss`, `realized_loss`, `messages`,
 //! `acked`, `failed`, `duplicates`, `p50_ms`, `p90_ms`, `p99_ms`, `p999_ms`, `max_ms`,
 //! `wire_bytes`, `payload_bytes`, and: `seed`, `clock` (`virtual` or `real`), `rate`,
 //! `delay_ms`, `deadline_s` (surelink's deadline, or the quinn rows' `--quinn-timeout-s`),
@@ -143,6 +143,9 @@ struct Args {
     /// One JSON object per row instead of the table.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON rows to FILE (one object a line), beside the table.
+    #[arg(long, value_name = "FILE")]
+    json_out: Option<std::path::PathBuf>,
     /// Draw p99 latency against loss per transport into this SVG file (the worst seed's).
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
@@ -1069,6 +1072,12 @@ async fn sweep(args: Args, cases: Vec<Case>) {
             .expect("template")
             .progress_chars("=> "),
     );
+    let mut json_out = args.json_out.as_ref().map(|path| {
+        std::fs::File::create(path).unwrap_or_else(|e| {
+            eprintln!("loss_sweep: {}: {e}", path.display());
+            std::process::exit(2);
+        })
+    });
     let mut rows = Vec::new();
     let wall = std::time::Instant::now();
     for case in &cases {
@@ -1093,6 +1102,13 @@ async fn sweep(args: Args, cases: Vec<Case>) {
                 tracing::debug!(wall = ?row.wall, "row done");
                 if args.json {
                     println!("{}", row.json(&args));
+                }
+                if let Some(f) = &mut json_out {
+                    use std::io::Write;
+                    if let Err(e) = writeln!(f, "{}", row.json(&args)) {
+                        eprintln!("loss_sweep: writing the JSON rows: {e}");
+                        std::process::exit(1);
+                    }
                 }
                 rows.push(row);
             }
