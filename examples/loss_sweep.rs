@@ -56,9 +56,10 @@
 //! Wire bytes are every UDP payload byte offered to the links, both ways; realized loss is
 //! the share of packets the links dropped (for any cause), both ways.
 //!
-//! JSON rows (`--json` on stdout instead of the table, or `--json-out FILE` beside it) carry `transport`, `model`, `loss`, `realized_loss`, `messages`,
-//! `acked`, `failed`, `duplicates`, `p50_ms`, `p90_ms`, `p99_ms`, `p999_ms`, `max_ms`,
-//! `wire_bytes`, `payload_bytes`, and: `seed`, `clock` (`virtual` or `real`), `rate`,
+//! JSON rows (`--json` on stdout instead of the table, or `--json-out FILE` beside it)
+//! carry `transport`, `model`, `loss`, `realized_loss`, `messages`, `acked`, `failed`,
+//! `duplicates`, `p50_ms`, `p90_ms`, `p99_ms`, `p999_ms`, `max_ms`, `wire_bytes`,
+//! `payload_bytes`, and: `seed`, `clock` (`virtual` or `real`), `rate`,
 //! `delay_ms`, `deadline_s` (surelink's deadline, or the quinn rows' `--quinn-timeout-s`),
 //! `ge_burst`, `blackout_start_s`, `blackout_s`, `recovery_ms`, `outage_payments`,
 //! `outage_failed`, `bottleneck_kbps`, `bottleneck_queue_ms` (each `null` where the model has
