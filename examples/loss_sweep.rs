@@ -64,9 +64,15 @@
 //! `ge_burst`, `blackout_start_s`, `blackout_s`, `recovery_ms`, `outage_payments`,
 //! `outage_failed`, `bottleneck_kbps`, `bottleneck_queue_ms` (each `null` where the model has
 //! no such parameter), `delivered_bytes`, `dropped_loss`, `dropped_blackout`, `dropped_queue`
-//! (the links' counters, both ways), `hedges`, `retransmits`, `datagram_send_errors`
-//! (surelink's sender: first hedges, later resends, datagrams quinn refused; `null` for the
-//! quinn rows), and `wall_s`.
+//! (the links' counters, both ways), `hedges`, `retransmits`, `datagram_send_errors`,
+//! `data_shards`, `repair_shards` (surelink's sender: first hedges, later resends, datagrams
+//! quinn refused, first-flight data and parity shards; `null` for the quinn rows), and
+//! `wall_s`.
+//!
+//! `--timeline MS` prints each row's course to stderr, one line per window: packets each way
+//! and how many the link dropped, the client connection's congestion window, packets quinn
+//! declared lost and its RTT, payments sent and acked, and surelink's shards, first hedges and
+//! resends; for looking into a blackout's recovery or a bottleneck.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -150,6 +156,12 @@ struct Args {
     /// Draw p99 latency against loss per transport into this SVG file (the worst seed's).
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
+    /// Print each row's timeline to stderr, one line per MS milliseconds: packets each link
+    /// carried and dropped, the client connection's congestion window, packets quinn declared
+    /// lost and its RTT estimate, payments sent and acked, and surelink's shards, hedges and
+    /// resends.
+    #[arg(long, value_name = "MS")]
+    timeline: Option<u64>,
     /// Give up on a quinn request after this many seconds (counted as failed).
     #[arg(long, default_value_t = 60)]
     quinn_timeout_s: u64,
@@ -295,11 +307,126 @@ struct Outcome {
 }
 
 /// surelink's sender counters for a row.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct SenderCounts {
     hedges: u64,
     retransmits: u64,
     send_errors: u64,
+    data_shards: u64,
+    repair_shards: u64,
+    shards_sent: u64,
+}
+
+impl SenderCounts {
+    fn of(channel: &Channel) -> SenderCounts {
+        let st = channel.stats();
+        SenderCounts {
+            hedges: st.sender.hedges_fired,
+            retransmits: st.sender.retransmits,
+            send_errors: st.send_errors,
+            data_shards: st.sender.data_shards,
+            repair_shards: st.sender.repair_shards,
+            shards_sent: st.sender.shards_sent,
+        }
+    }
+}
+
+/// One line of `--timeline`: counters at `at` after the first payment.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    at: Duration,
+    up: LinkStats,
+    down: LinkStats,
+    path: quinn::PathStats,
+    sender: Option<SenderCounts>,
+}
+
+/// Samples the links, the client's connection and surelink's sender every `every` until
+/// `done` is set.
+async fn sample_until(
+    done: &std::sync::atomic::AtomicBool,
+    every: Option<u64>,
+    start: Instant,
+    pair: &Pair,
+    conn: &quinn::Connection,
+    channel: Option<&Channel>,
+) -> Vec<Sample> {
+    let Some(ms) = every else {
+        return Vec::new();
+    };
+    let every = Duration::from_millis(ms.max(1));
+    let mut samples = Vec::new();
+    let mut at = start;
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        samples.push(Sample {
+            at: at - start,
+            up: pair.up(),
+            down: pair.down(),
+            path: conn.stats().path,
+            sender: channel.map(SenderCounts::of),
+        });
+        at += every;
+        tokio::time::sleep_until(at).await;
+    }
+    samples
+}
+
+fn print_timeline(row: &Row, samples: &[Sample]) {
+    eprintln!(
+        "timeline: {} {} seed {} (Δ per window; cwnd and rtt at the window's end)",
+        row.transport.name(),
+        row.case.label(),
+        row.seed
+    );
+    eprintln!(
+        "{:>7} {:>6} {:>6} {:>6} {:>6} {:>8} {:>6} {:>6} {:>5} {:>5} {:>7} {:>5} {:>5}",
+        "t_ms",
+        "up",
+        "up_x",
+        "down",
+        "down_x",
+        "cwnd",
+        "qlost",
+        "rtt",
+        "sent",
+        "acked",
+        "shards",
+        "hedge",
+        "resnd"
+    );
+    for w in samples.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        let in_window = |t: Duration| t >= a.at && t < b.at;
+        let sent = row.outcomes.iter().filter(|o| in_window(o.sent)).count();
+        let acked = row
+            .outcomes
+            .iter()
+            .filter(|o| o.acked.is_some_and(in_window))
+            .count();
+        let sl = match (a.sender, b.sender) {
+            (Some(x), Some(y)) => format!(
+                "{:>7} {:>5} {:>5}",
+                y.shards_sent - x.shards_sent,
+                y.hedges - x.hedges,
+                y.retransmits - x.retransmits
+            ),
+            _ => String::new(),
+        };
+        eprintln!(
+            "{:>7} {:>6} {:>6} {:>6} {:>6} {:>8} {:>6} {:>6.0} {:>5} {:>5} {}",
+            a.at.as_millis(),
+            b.up.offered_packets - a.up.offered_packets,
+            b.up.dropped() - a.up.dropped(),
+            b.down.offered_packets - a.down.offered_packets,
+            b.down.dropped() - a.down.dropped(),
+            b.path.cwnd,
+            b.path.lost_packets - a.path.lost_packets,
+            b.path.rtt.as_secs_f64() * 1000.0,
+            sent,
+            acked,
+            sl
+        );
+    }
 }
 
 struct Row {
@@ -316,6 +443,7 @@ struct Row {
     down: LinkStats,
     payload_bytes: u64,
     sender: Option<SenderCounts>,
+    timeline: Vec<Sample>,
     wall: Duration,
 }
 
@@ -328,6 +456,7 @@ struct Run {
     links: (LinkStats, LinkStats),
     deadline: Duration,
     sender: Option<SenderCounts>,
+    timeline: Vec<Sample>,
 }
 
 impl Row {
@@ -356,6 +485,7 @@ impl Row {
             down: run.links.1,
             payload_bytes: (args.messages * args.size) as u64,
             sender: run.sender,
+            timeline: run.timeline,
             wall: wall.elapsed(),
         }
     }
@@ -442,7 +572,8 @@ impl Row {
                 "\"bottleneck_kbps\":{},\"bottleneck_queue_ms\":{},",
                 "\"delivered_bytes\":{},\"dropped_loss\":{},\"dropped_blackout\":{},",
                 "\"dropped_queue\":{},\"hedges\":{},\"retransmits\":{},",
-                "\"datagram_send_errors\":{},\"wall_s\":{:.3}}}"
+                "\"datagram_send_errors\":{},\"data_shards\":{},\"repair_shards\":{},",
+                "\"wall_s\":{:.3}}}"
             ),
             self.transport.name(),
             self.case.model,
@@ -479,6 +610,8 @@ impl Row {
             int(sender.map(|s| s.hedges)),
             int(sender.map(|s| s.retransmits)),
             int(sender.map(|s| s.send_errors)),
+            int(sender.map(|s| s.data_shards)),
+            int(sender.map(|s| s.repair_shards)),
             self.wall.as_secs_f64(),
         )
     }
@@ -564,6 +697,7 @@ fn deadline(args: &Args, case: &Case) -> Duration {
 async fn run_surelink(args: &Args, case: &Case, seed: u64, bar: &ProgressBar) -> Run {
     let (pair, created) = pair(args, case, seed, Congestion::Bbr, true);
     let (client_conn, server_conn) = pair.connect().await.expect("handshake");
+    let quic = client_conn.clone();
     let mut config = Config::default();
     config.sender.deadline = deadline(args, case);
     let deadline = config.sender.deadline;
@@ -584,50 +718,53 @@ async fn run_surelink(args: &Args, case: &Case, seed: u64, bar: &ProgressBar) ->
     });
     let interval = Duration::from_secs_f64(1.0 / args.rate);
     let start = start_sending(args, case, &pair, created);
-    let mut tasks = Vec::with_capacity(args.messages);
-    for i in 0..args.messages {
-        tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
-        let client = client.clone();
-        let p = payment(i, args.size);
-        tasks.push(tokio::spawn(async move {
-            let sent = Instant::now();
-            let r = client.send(p).await;
-            (sent - start, Instant::now() - start, r)
-        }));
-        bar.set_position(i as u64 + 1);
-    }
-    let mut latencies = Vec::new();
-    let mut outcomes = Vec::new();
-    let mut failed = 0;
-    for t in tasks {
-        let (sent, done, r) = t.await.expect("send task");
-        let acked = match r {
-            Ok(receipt) => {
-                latencies.push(receipt.latency);
-                Some(done)
-            }
-            Err(_) => {
-                failed += 1;
-                None
-            }
-        };
-        outcomes.push(Outcome { sent, acked });
-    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let sampling = sample_until(&done, args.timeline, start, &pair, &quic, Some(&client));
+    let sending = async {
+        let mut tasks = Vec::with_capacity(args.messages);
+        for i in 0..args.messages {
+            tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
+            let client = client.clone();
+            let p = payment(i, args.size);
+            tasks.push(tokio::spawn(async move {
+                let sent = Instant::now();
+                let r = client.send(p).await;
+                (sent - start, Instant::now() - start, r)
+            }));
+            bar.set_position(i as u64 + 1);
+        }
+        let mut latencies = Vec::new();
+        let mut outcomes = Vec::new();
+        let mut failed = 0;
+        for t in tasks {
+            let (sent, acked_at, r) = t.await.expect("send task");
+            let acked = match r {
+                Ok(receipt) => {
+                    latencies.push(receipt.latency);
+                    Some(acked_at)
+                }
+                Err(_) => {
+                    failed += 1;
+                    None
+                }
+            };
+            outcomes.push(Outcome { sent, acked });
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (latencies, outcomes, failed)
+    };
+    let (timeline, (latencies, outcomes, failed)) = tokio::join!(sampling, sending);
     // Let late deliveries land, then close; the collector ends when the channel does.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (up, down) = (pair.up(), pair.down());
-    let st = client.stats();
     if std::env::var_os("SWEEP_DEBUG").is_some() {
         eprintln!(
-            "up {up:?}\ndown {down:?}\nclient {st:?}\nserver {:?}",
+            "up {up:?}\ndown {down:?}\nclient {:?}\nserver {:?}",
+            client.stats(),
             server.stats()
         );
     }
-    let sender = SenderCounts {
-        hedges: st.sender.hedges_fired,
-        retransmits: st.sender.retransmits,
-        send_errors: st.send_errors,
-    };
+    let sender = SenderCounts::of(&client);
     drop(client);
     server.close().await;
     pair.client.close(0u32.into(), b"done");
@@ -644,6 +781,7 @@ async fn run_surelink(args: &Args, case: &Case, seed: u64, bar: &ProgressBar) ->
         links: (up, down),
         deadline,
         sender: Some(sender),
+        timeline,
     }
 }
 
@@ -677,39 +815,46 @@ async fn run_quinn(args: &Args, case: &Case, seed: u64, bbr: bool, bar: &Progres
     let interval = Duration::from_secs_f64(1.0 / args.rate);
     let timeout = Duration::from_secs(args.quinn_timeout_s);
     let start = start_sending(args, case, &pair, created);
-    let mut tasks = Vec::with_capacity(args.messages);
-    for i in 0..args.messages {
-        tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
-        let client = client.clone();
-        let p = payment(i, args.size);
-        tasks.push(tokio::spawn(async move {
-            let t0 = Instant::now();
-            let exchange = async {
-                let (mut send, mut recv) = client.open_bi().await.ok()?;
-                send.write_all(&p).await.ok()?;
-                send.finish().ok()?;
-                let answer = recv.read_to_end(64).await.ok()?;
-                (answer == b"ok").then_some(())
-            };
-            let ok = matches!(tokio::time::timeout(timeout, exchange).await, Ok(Some(())));
-            (t0 - start, ok.then(|| t0.elapsed()))
-        }));
-        bar.set_position(i as u64 + 1);
-    }
-    let mut latencies = Vec::new();
-    let mut outcomes = Vec::new();
-    let mut failed = 0;
-    for t in tasks {
-        let (sent, latency) = t.await.expect("request task");
-        match latency {
-            Some(l) => latencies.push(l),
-            None => failed += 1,
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let sampling = sample_until(&done, args.timeline, start, &pair, &client, None);
+    let sending = async {
+        let mut tasks = Vec::with_capacity(args.messages);
+        for i in 0..args.messages {
+            tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
+            let client = client.clone();
+            let p = payment(i, args.size);
+            tasks.push(tokio::spawn(async move {
+                let t0 = Instant::now();
+                let exchange = async {
+                    let (mut send, mut recv) = client.open_bi().await.ok()?;
+                    send.write_all(&p).await.ok()?;
+                    send.finish().ok()?;
+                    let answer = recv.read_to_end(64).await.ok()?;
+                    (answer == b"ok").then_some(())
+                };
+                let ok = matches!(tokio::time::timeout(timeout, exchange).await, Ok(Some(())));
+                (t0 - start, ok.then(|| t0.elapsed()))
+            }));
+            bar.set_position(i as u64 + 1);
         }
-        outcomes.push(Outcome {
-            sent,
-            acked: latency.map(|l| sent + l),
-        });
-    }
+        let mut latencies = Vec::new();
+        let mut outcomes = Vec::new();
+        let mut failed = 0;
+        for t in tasks {
+            let (sent, latency) = t.await.expect("request task");
+            match latency {
+                Some(l) => latencies.push(l),
+                None => failed += 1,
+            }
+            outcomes.push(Outcome {
+                sent,
+                acked: latency.map(|l| sent + l),
+            });
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (latencies, outcomes, failed)
+    };
+    let (timeline, (latencies, outcomes, failed)) = tokio::join!(sampling, sending);
     let (up, down) = (pair.up(), pair.down());
     pair.client.close(0u32.into(), b"done");
     pair.server.close(0u32.into(), b"done");
@@ -722,6 +867,7 @@ async fn run_quinn(args: &Args, case: &Case, seed: u64, bbr: bool, bar: &Progres
         links: (up, down),
         deadline: timeout,
         sender: None,
+        timeline,
     }
 }
 
@@ -1100,6 +1246,9 @@ async fn sweep(args: Args, cases: Vec<Case>) {
                     Transport::QuinnStreamBbr => run_quinn(&args, case, seed, true, &bar).await,
                 };
                 let row = Row::new(&args, t, case, seed, run, started);
+                if args.timeline.is_some() {
+                    print_timeline(&row, &row.timeline);
+                }
                 tracing::debug!(wall = ?row.wall, "row done");
                 if args.json {
                     println!("{}", row.json(&args));
