@@ -32,10 +32,13 @@
 //!
 //! Prints one JSON line: `{"mode":..,"sent":N,"acked":A,"failed":F,"p50_ms":..,"p90_ms":..,
 //! "p99_ms":..,"p999_ms":..,"max_ms":..,"wire_bytes":..,"payload_bytes":..,"failovers":..,
-//! "hedges_to_secondary":..,"send_lag_p99_ms":..,"elapsed_s":..,"rate":..}`; `failovers` counts moves to another replica and
-//! `hedges_to_secondary` hedges sent as copies to the warm standby replica (`--hedge-to
-//! other|both`; both 0 for the baseline); latencies are of
-//! acked payments; `wire_bytes` counts UDP payload bytes both ways. Exits 0 when every payment
+//! "hedges_to_secondary":..,"send_lag_p99_ms":..,"elapsed_s":..,"rate":..,"data_shards":..,
+//! "repair_shards":..,"hedges":..,"retransmits":..,"datagram_send_errors":..}`; the last five
+//! are surelink's sender counters (first-flight data and parity shards, first hedges, later
+//! resends, datagrams quinn refused), `null` for the baselines; `failovers` counts moves to
+//! another replica and `hedges_to_secondary` hedges sent as copies to the warm standby replica
+//! (`--hedge-to other|both`; both 0 for the baseline); latencies are of acked payments;
+//! `wire_bytes` counts UDP payload bytes both ways. Exits 0 when every payment
 //! was acked; exits 1 when some were not, 2 (with a message on stderr) when it could not
 //! connect at all, for instance because the server requires a client certificate
 //! (`payment_server --client-ca`) and none valid was given with `--cert FILE --key FILE`.
@@ -295,8 +298,24 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         let st = c.stats();
         (st.failovers, st.sender.hedges_to_secondary)
     });
+    // surelink's sender, `null` for the baseline: first-flight data and parity shards, first
+    // hedges, later resends, datagrams quinn refused.
+    let sender = channel.as_ref().map_or_else(
+        || "\"data_shards\":null,\"repair_shards\":null,\"hedges\":null,\"retransmits\":null,\"datagram_send_errors\":null".to_string(),
+        |c| {
+            let st = c.stats();
+            format!(
+                "\"data_shards\":{},\"repair_shards\":{},\"hedges\":{},\"retransmits\":{},\"datagram_send_errors\":{}",
+                st.sender.data_shards,
+                st.sender.repair_shards,
+                st.sender.hedges_fired,
+                st.sender.retransmits,
+                st.send_errors
+            )
+        },
+    );
     println!(
-        "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{},\"failovers\":{},\"hedges_to_secondary\":{},\"send_lag_p99_ms\":{:.3},\"elapsed_s\":{:.3},\"rate\":{}}}",
+        "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{},\"failovers\":{},\"hedges_to_secondary\":{},\"send_lag_p99_ms\":{:.3},\"elapsed_s\":{:.3},\"rate\":{},{}}}",
         args.mode.name(),
         count,
         acked,
@@ -313,6 +332,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         percentile_ms(&lags, 0.99),
         elapsed.as_secs_f64(),
         args.rate,
+        sender,
     );
     if let Some(c) = &channel {
         c.close().await;

@@ -108,6 +108,14 @@ fn server_and_client_over_real_udp() {
         }
         assert!(field(&json, "send_lag_p99_ms").parse::<f64>().unwrap() >= 0.0);
         assert_eq!(field(&json, "rate"), "200", "{json}");
+        // surelink's sender counters; null for the baselines.
+        let data_shards = field(&json, "data_shards");
+        if mode == "surelink" {
+            assert!(data_shards.parse::<u64>().unwrap() >= 50, "{json}");
+            field(&json, "datagram_send_errors").parse::<u64>().unwrap();
+        } else {
+            assert_eq!(data_shards, "null", "{json}");
+        }
     }
 
     // SIGTERM: the server prints its tally and exits.
