@@ -3,8 +3,25 @@
 //!
 //! ```text
 //! cargo run --release --example payment_client -- --connect 127.0.0.1:4433 \
-//!     --ca /tmp/pay/cert.der --count 2000 --rate 200 --size 512 [--mode surelink|quinn-stream]
+//!     --ca /tmp/pay/cert.der --count 2000 --rate 200 --size 512 \
+//!     [--mode surelink|quinn-stream|quinn-stream-bbr]
+//! # a high-rate run: 50,000 payments a second for 3 s
+//! cargo run --release --example payment_client -- --connect 127.0.0.1:4433 \
+//!     --ca /tmp/pay/cert.der --rate 50000 --duration-s 3 --size 512
 //! ```
+//!
+//! Modes: `surelink` (a channel: coded shards in QUIC datagrams); `quinn-stream`, the
+//! baseline: each payment a request on its own quinn bi-stream, quinn's defaults (Cubic);
+//! `quinn-stream-bbr`, the same with quinn's BBR congestion controller, the stream baseline a
+//! knowledgeable user would pick. The server's side of every connection uses surelink's
+//! transport settings (`payment_server`).
+//!
+//! Payments leave open loop: payment `i` is due `i / rate` seconds after the first, whatever
+//! became of the earlier ones (`--count N`, or `--duration-s S` for `rate × S` payments).
+//! Each latency runs from the moment the payment's task starts; at high rates the client
+//! itself can fall behind its schedule, so `send_lag_p99_ms` reports how late (p99) tasks
+//! started against their due time, and `elapsed_s` the time from the first payment due to
+//! the last outcome.
 //!
 //! `--connect A,B,C` names replicas of one service (the first preferred): the surelink mode
 //! fails over between them (`Channel::connect_replicas`), which needs the replicas to share a
@@ -15,10 +32,13 @@
 //!
 //! Prints one JSON line: `{"mode":..,"sent":N,"acked":A,"failed":F,"p50_ms":..,"p90_ms":..,
 //! "p99_ms":..,"p999_ms":..,"max_ms":..,"wire_bytes":..,"payload_bytes":..,"failovers":..,
-//! "hedges_to_secondary":..}`; `failovers` counts moves to another replica and
-//! `hedges_to_secondary` hedges sent as copies to the warm standby replica (`--hedge-to
-//! other|both`; both 0 for the baseline); latencies are of
-//! acked payments; `wire_bytes` counts UDP payload bytes both ways. Exits 0 when every payment
+//! "hedges_to_secondary":..,"send_lag_p99_ms":..,"elapsed_s":..,"rate":..,"data_shards":..,
+//! "repair_shards":..,"hedges":..,"retransmits":..,"datagram_send_errors":..}`; the last five
+//! are surelink's sender counters (first-flight data and parity shards, first hedges, later
+//! resends, datagrams quinn refused), `null` for the baselines; `failovers` counts moves to
+//! another replica and `hedges_to_secondary` hedges sent as copies to the warm standby replica
+//! (`--hedge-to other|both`; both 0 for the baseline); latencies are of acked payments;
+//! `wire_bytes` counts UDP payload bytes both ways. Exits 0 when every payment
 //! was acked; exits 1 when some were not, 2 (with a message on stderr) when it could not
 //! connect at all, for instance because the server requires a client certificate
 //! (`payment_server --client-ca`) and none valid was given with `--cert FILE --key FILE`.
@@ -45,8 +65,10 @@ enum HedgeTarget {
 enum Mode {
     /// surelink: coded shards in QUIC datagrams, acks, hedges.
     Surelink,
-    /// Each payment a request/response on its own quinn bi-stream (quinn defaults).
+    /// Each payment a request/response on its own quinn bi-stream (quinn defaults: Cubic).
     QuinnStream,
+    /// The same with quinn's BBR congestion controller.
+    QuinnStreamBbr,
 }
 
 impl Mode {
@@ -54,6 +76,7 @@ impl Mode {
         match self {
             Mode::Surelink => "surelink",
             Mode::QuinnStream => "quinn-stream",
+            Mode::QuinnStreamBbr => "quinn-stream-bbr",
         }
     }
 }
@@ -76,8 +99,15 @@ struct Args {
     #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
     /// Payments to send.
+    #[arg(
+        long,
+        required_unless_present = "duration_s",
+        conflicts_with = "duration_s"
+    )]
+    count: Option<u64>,
+    /// Send for this many seconds instead: `rate × duration` payments.
     #[arg(long)]
-    count: u64,
+    duration_s: Option<f64>,
     /// Payments per second (open loop).
     #[arg(long)]
     rate: f64,
@@ -172,18 +202,25 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 connected.map_err(|e| format!("connecting to {}: {e}", shown(&args.connect)))?;
             (Some(channel), None)
         }
-        Mode::QuinnStream => {
-            // The baseline: quinn's defaults (Cubic); QUIC requires an ALPN id, so it offers
-            // `quinn-stream`, which is how the server tells it from a surelink channel.
+        Mode::QuinnStream | Mode::QuinnStreamBbr => {
+            // The baseline: quinn's defaults (Cubic, or BBR); QUIC requires an ALPN id, so it
+            // offers `quinn-stream`, which is how the server tells it from a surelink channel.
             let builder = quinn::rustls::ClientConfig::builder().with_root_certificates(roots);
             let mut tls = match identity(&args)? {
                 Some(id) => builder.with_client_auth_cert(id.cert_chain, id.key)?,
                 None => builder.with_no_client_auth(),
             };
             tls.alpn_protocols = vec![b"quinn-stream".to_vec()];
-            let config = quinn::ClientConfig::new(Arc::new(
+            let mut config = quinn::ClientConfig::new(Arc::new(
                 quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
             ));
+            if args.mode == Mode::QuinnStreamBbr {
+                let mut transport = quinn::TransportConfig::default();
+                transport.congestion_controller_factory(Arc::new(
+                    quinn::congestion::BbrConfig::default(),
+                ));
+                config.transport_config(Arc::new(transport));
+            }
             let conn = endpoint
                 .connect_with(config, primary, SERVER_NAME)?
                 .await
@@ -194,15 +231,22 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
 
     // Payment ids unique across runs: a random prefix for this run, then a sequence number.
     let run_prefix = u64::from(rand::random::<u32>()) << 32;
-    let interval = Duration::from_secs_f64(1.0 / args.rate.max(1e-3));
+    let rate = args.rate.max(1e-3);
+    // clap requires one of --count and --duration-s.
+    let count = args
+        .count
+        .unwrap_or_else(|| (rate * args.duration_s.unwrap_or(0.0)).round().max(1.0) as u64);
+    let interval = Duration::from_secs_f64(1.0 / rate);
     let start = tokio::time::Instant::now();
-    let mut tasks = Vec::with_capacity(args.count as usize);
-    for i in 0..args.count {
-        tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
+    let mut tasks = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let due = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due).await;
         let p = payment(run_prefix | i, args.size);
         let (channel, conn) = (channel.clone(), conn.clone());
         tasks.push(tokio::spawn(async move {
             let t0 = tokio::time::Instant::now();
+            let lag = t0 - due;
             let ok = match (channel, conn) {
                 (Some(c), _) => c.send(p).await.is_ok(),
                 (None, None) => false,
@@ -216,16 +260,20 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 .await
                 .is_some(),
             };
-            ok.then(|| t0.elapsed())
+            (lag, ok.then(|| t0.elapsed()))
         }));
     }
     let mut latencies = Vec::with_capacity(tasks.len());
+    let mut lags = Vec::with_capacity(tasks.len());
     for t in tasks {
-        if let Ok(Some(l)) = t.await {
-            latencies.push(l);
+        if let Ok((lag, latency)) = t.await {
+            lags.push(lag);
+            latencies.extend(latency);
         }
     }
+    let elapsed = start.elapsed();
     latencies.sort();
+    lags.sort();
     // A TLS 1.3 client finishes its handshake before the server has judged its certificate,
     // so a baseline connection the server refuses (mutual TLS) only learns so a round trip
     // later: report that as the connection failure it is, like the surelink mode does.
@@ -250,21 +298,41 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         let st = c.stats();
         (st.failovers, st.sender.hedges_to_secondary)
     });
+    // surelink's sender, `null` for the baseline: first-flight data and parity shards, first
+    // hedges, later resends, datagrams quinn refused.
+    let sender = channel.as_ref().map_or_else(
+        || "\"data_shards\":null,\"repair_shards\":null,\"hedges\":null,\"retransmits\":null,\"datagram_send_errors\":null".to_string(),
+        |c| {
+            let st = c.stats();
+            format!(
+                "\"data_shards\":{},\"repair_shards\":{},\"hedges\":{},\"retransmits\":{},\"datagram_send_errors\":{}",
+                st.sender.data_shards,
+                st.sender.repair_shards,
+                st.sender.hedges_fired,
+                st.sender.retransmits,
+                st.send_errors
+            )
+        },
+    );
     println!(
-        "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{},\"failovers\":{},\"hedges_to_secondary\":{}}}",
+        "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{},\"failovers\":{},\"hedges_to_secondary\":{},\"send_lag_p99_ms\":{:.3},\"elapsed_s\":{:.3},\"rate\":{},{}}}",
         args.mode.name(),
-        args.count,
+        count,
         acked,
-        args.count - acked,
+        count - acked,
         percentile_ms(&latencies, 0.5),
         percentile_ms(&latencies, 0.9),
         percentile_ms(&latencies, 0.99),
         percentile_ms(&latencies, 0.999),
         percentile_ms(&latencies, 1.0),
         wire_bytes,
-        args.count * args.size.max(8) as u64,
+        count * args.size.max(8) as u64,
         failovers,
         hedges_to_secondary,
+        percentile_ms(&lags, 0.99),
+        elapsed.as_secs_f64(),
+        args.rate,
+        sender,
     );
     if let Some(c) = &channel {
         c.close().await;
@@ -273,5 +341,5 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         conn.close(0u32.into(), b"done");
     }
     endpoint.wait_idle().await;
-    Ok(acked == args.count)
+    Ok(acked == count)
 }

@@ -71,13 +71,18 @@ fn server_and_client_over_real_udp() {
     let dir = std::env::temp_dir().join(format!("surelink-pay-{}", std::process::id()));
     let (mut server, mut out, addr) = start_server(&dir, &[]);
 
-    for mode in ["surelink", "quinn-stream"] {
+    for mode in ["surelink", "quinn-stream", "quinn-stream-bbr"] {
+        // The BBR baseline gives a duration instead of a count: 200/s for 0.25 s is 50.
+        let count: &[&str] = if mode == "quinn-stream-bbr" {
+            &["--duration-s", "0.25"]
+        } else {
+            &["--count", "50"]
+        };
         let client = Command::new(example("payment_client"))
             .args(["--connect", &addr, "--ca"])
             .arg(dir.join("cert.der"))
-            .args([
-                "--count", "50", "--rate", "200", "--size", "300", "--mode", mode,
-            ])
+            .args(count)
+            .args(["--rate", "200", "--size", "300", "--mode", mode])
             .output()
             .unwrap();
         let json = String::from_utf8(client.stdout).unwrap();
@@ -94,11 +99,22 @@ fn server_and_client_over_real_udp() {
             "p999_ms",
             "max_ms",
             "wire_bytes",
+            "elapsed_s",
         ] {
             assert!(
                 field(&json, key).parse::<f64>().unwrap() > 0.0,
                 "{key} in {json}"
             );
+        }
+        assert!(field(&json, "send_lag_p99_ms").parse::<f64>().unwrap() >= 0.0);
+        assert_eq!(field(&json, "rate"), "200", "{json}");
+        // surelink's sender counters; null for the baselines.
+        let data_shards = field(&json, "data_shards");
+        if mode == "surelink" {
+            assert!(data_shards.parse::<u64>().unwrap() >= 50, "{json}");
+            field(&json, "datagram_send_errors").parse::<u64>().unwrap();
+        } else {
+            assert_eq!(data_shards, "null", "{json}");
         }
     }
 
@@ -111,7 +127,7 @@ fn server_and_client_over_real_udp() {
     let mut tally = String::new();
     out.read_line(&mut tally).unwrap();
     server.wait().unwrap();
-    assert_eq!(field(&tally, "delivered"), "100", "{tally}");
+    assert_eq!(field(&tally, "delivered"), "150", "{tally}");
     assert_eq!(field(&tally, "duplicates"), "0", "{tally}");
     assert_eq!(field(&tally, "invalid_frames"), "0", "{tally}");
     let _ = std::fs::remove_dir_all(dir);
@@ -262,6 +278,97 @@ fn loss_sweep_json_rows() {
     let realized: f64 = field(lossy, "realized_loss").parse().unwrap();
     assert!(realized > 0.05 && realized < 0.15, "{lossy}");
     assert_eq!(field(lossy, "model"), "bernoulli");
+}
+
+/// Issue 14's cases in the loss sweep: Gilbert-Elliott bursts as a list, a blackout, a
+/// bottleneck, several seeds. Each row names its model and parameters; a blackout row reports
+/// its recovery and the payments caught by the outage; every row accounts for every payment.
+#[test]
+fn loss_sweep_burst_blackout_bottleneck_and_seeds() {
+    let out = Command::new(example("loss_sweep"))
+        .args(["--loss", "0", "--ge-loss", "0.05", "--ge-burst", "4,8"])
+        .args(["--blackout", "0.3,0.4", "--bottleneck-kbps", "1000"])
+        .args(["--messages", "200", "--size", "256", "--delay-ms", "10"])
+        .args(["--seeds", "1-2", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
+    // One Bernoulli case, two Gilbert-Elliott, one blackout, one bottleneck; two seeds; three
+    // transports.
+    assert_eq!(rows.len(), 5 * 2 * 3, "{stdout}");
+    let of = |model: &str| -> Vec<&str> {
+        rows.iter()
+            .copied()
+            .filter(|r| field(r, "model") == model)
+            .collect()
+    };
+    for row in &rows {
+        let acked: u64 = field(row, "acked").parse().unwrap();
+        let failed: u64 = field(row, "failed").parse().unwrap();
+        assert_eq!(acked + failed, 200, "{row}");
+        assert_eq!(field(row, "clock"), "virtual", "{row}");
+        assert!(["1", "2"].contains(&field(row, "seed").as_str()), "{row}");
+        let delivered: u64 = field(row, "delivered_bytes").parse().unwrap();
+        let wire: u64 = field(row, "wire_bytes").parse().unwrap();
+        assert!(delivered > 0 && delivered <= wire, "{row}");
+    }
+    let ge = of("gilbert-elliott");
+    assert_eq!(ge.len(), 12);
+    for burst in ["4.000", "8.000"] {
+        assert_eq!(
+            ge.iter().filter(|r| field(r, "ge_burst") == burst).count(),
+            6
+        );
+    }
+    let blackout = of("blackout");
+    assert_eq!(blackout.len(), 6);
+    for row in &blackout {
+        assert_eq!(field(row, "blackout_start_s"), "0.300", "{row}");
+        assert_eq!(field(row, "blackout_s"), "0.400", "{row}");
+        assert!(
+            field(row, "dropped_blackout").parse::<u64>().unwrap() > 0,
+            "{row}"
+        );
+        // 0.4 s at 200/s: about 80 payments sent into the outage, and those in flight.
+        let caught: u64 = field(row, "outage_payments").parse().unwrap();
+        assert!((80..=100).contains(&caught), "{row}");
+        field(row, "outage_failed").parse::<u64>().unwrap();
+        field(row, "recovery_ms").parse::<f64>().unwrap();
+        assert_eq!(field(row, "ge_burst"), "null", "{row}");
+    }
+    let surelink_blackout = blackout
+        .iter()
+        .find(|r| field(r, "transport") == "surelink")
+        .unwrap();
+    // The deadline outlasts the outage by default: max(5, 0.4 + 2) s.
+    assert_eq!(
+        field(surelink_blackout, "deadline_s"),
+        "5",
+        "{surelink_blackout}"
+    );
+    let bottleneck = of("bottleneck");
+    assert_eq!(bottleneck.len(), 6);
+    for row in &bottleneck {
+        assert_eq!(field(row, "bottleneck_kbps"), "1000.000", "{row}");
+        assert_eq!(field(row, "bottleneck_queue_ms"), "50.000", "{row}");
+        assert_eq!(field(row, "dropped_blackout"), "0", "{row}");
+    }
+    for row in of("bernoulli") {
+        for k in ["ge_burst", "blackout_s", "recovery_ms", "bottleneck_kbps"] {
+            assert_eq!(field(row, k), "null", "{k} in {row}");
+        }
+        if field(row, "transport") == "surelink" {
+            field(row, "hedges").parse::<u64>().unwrap();
+        } else {
+            assert_eq!(field(row, "hedges"), "null", "{row}");
+        }
+    }
 }
 
 /// Issue 7's flags over real UDP: three `payment_server --dedupe-url` replicas sharing one

@@ -156,6 +156,8 @@ pub struct Pair {
     pub server_config: ServerConfig,
     up: Arc<LinkCounters>,
     down: Arc<LinkCounters>,
+    /// The client's and the server's sockets, over loopback (for [`Pair::set_links`]).
+    sockets: Option<(Arc<LossyUdpSocket>, Arc<LossyUdpSocket>)>,
 }
 
 /// Client and server configs sharing a fresh test identity and a transport config.
@@ -210,6 +212,7 @@ impl Pair {
             server_addr,
             client_config,
             server_config,
+            sockets: None,
         })
     }
 
@@ -226,6 +229,7 @@ impl Pair {
             quinn::AsyncUdpSocket::local_addr(&*server_socket)?,
         );
         let (up, down) = (client_socket.counters(), server_socket.counters());
+        let sockets = Some((client_socket.clone(), server_socket.clone()));
         let (client_config, server_config) = configs(&config)?;
         let server = endpoint(server_socket, Some(server_config.clone()))?;
         let mut client = endpoint(client_socket, None)?;
@@ -240,7 +244,23 @@ impl Pair {
             server_config,
             up,
             down,
+            sockets,
         })
+    }
+
+    /// Changes both links from the next packet on, keeping their random state, queues and
+    /// counters: `up` (client → server) and `down` (server → client). Works over a
+    /// [`SimNetwork`] and over loopback alike. Blackouts stay measured from the links' start
+    /// (when the pair was built), so a blackout "`s` after some instant" is `s` plus that
+    /// instant's distance from the pair's construction.
+    pub fn set_links(&self, up: LinkConfig, down: LinkConfig) {
+        if let Some(net) = &self.net {
+            net.set_link(self.client_addr, self.server_addr, up);
+            net.set_link(self.server_addr, self.client_addr, down);
+        } else if let Some((client, server)) = &self.sockets {
+            client.set_link(up);
+            server.set_link(down);
+        }
     }
 
     /// A server endpoint bound at `addr` on `net` (e.g. to restart a server).
@@ -364,5 +384,47 @@ impl TestCa {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A blackout put on both links after the handshake drops what follows, and the links'
+    /// counters carry over.
+    async fn blackout_after_connect(pair: Pair) {
+        let (client, server) = pair.connect().await.expect("handshake");
+        // Let the handshake's last packets settle (no keep-alive: the links then stay quiet).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = (pair.up(), pair.down());
+        assert!(before.0.delivered_packets > 0 && before.1.delivered_packets > 0);
+        let dark = LinkConfig {
+            blackouts: vec![Duration::ZERO..Duration::from_secs(3600)],
+            ..LinkConfig::default()
+        };
+        pair.set_links(dark.clone(), dark);
+        client
+            .send_datagram(bytes::Bytes::from_static(b"lost"))
+            .expect("datagram");
+        let read = tokio::time::timeout(Duration::from_millis(300), server.read_datagram());
+        assert!(read.await.is_err(), "a datagram crossed a blackout");
+        let (up, down) = (pair.up(), pair.down());
+        assert!(up.dropped_blackout > 0, "{up:?}");
+        assert_eq!(up.delivered_packets, before.0.delivered_packets);
+        assert_eq!(
+            down.offered_packets - down.dropped_blackout,
+            before.1.offered_packets
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn set_links_over_a_simulated_network() {
+        blackout_after_connect(Pair::new(PairConfig::default()).expect("pair")).await;
+    }
+
+    #[tokio::test]
+    async fn set_links_over_loopback() {
+        blackout_after_connect(Pair::over_loopback(PairConfig::default()).expect("pair")).await;
     }
 }
