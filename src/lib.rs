@@ -16,7 +16,7 @@
 //! | [`channel`] | the async shell: one driver task performs what a `proto::link::Link` decides over quinn connections (datagrams, plus streams for large messages, dials, store calls); `Channel::open`/`connect`, `Listener`/`Server` (channel ids, reconnects), `send` → `Receipt`, `Messages` (bounded), `stats()`, TLS config helpers (PEM/DER identities, CA trust or pinning, mutual TLS; never 0-RTT) | codes |
 //! | [`promises`] | the payment promises stated once: a [`promises::Ledger`] of what each sender saw and each application received, checked by every scenario test and fuzz target | transport |
 //! | [`store`] | claims of delivered messages shared by replicas: the `DedupeStore` trait, `MemoryStore`, `PgStore` (feature `postgres`) | transport |
-//! | `sim` (feature `sim`, default) | the packet-loss simulator: a seeded link model, an in-memory network of quinn sockets on tokio's clock, the same model over a real UDP socket, an endpoint-pair harness | surelink's protocol: it works under any quinn application |
+//! | `sim` (feature `sim`) | the packet-loss simulator: a seeded link model, an in-memory network of quinn sockets on tokio's clock, the same model over a real UDP socket, an endpoint-pair harness | surelink's protocol: it works under any quinn application |
 //!
 //! `wire`, `fec`, `proto` and `tune` are pure: they take bytes, messages and `now` as inputs and return bytes,
 //! blocks, deadlines and events. Nothing in them spawns a task or reads a clock, which keeps the
@@ -27,6 +27,8 @@
 //! acks and plans each message's code with [`tune::plan`] (see `proto::SenderConfig::adaptive`).
 
 #![forbid(unsafe_code)]
+// docs.rs (all features, nightly) labels feature-gated items with the feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod channel;
