@@ -15,8 +15,8 @@
 
 use bytes::Bytes;
 use clap::Parser;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
 use surelink::fec::{Encoder, EncoderConfig, Reassembler, ReassemblerConfig};
 use surelink::wire::{Frame, Limits};
 
@@ -60,11 +60,11 @@ fn binomial_below(n: usize, q: f64, k: usize) -> f64 {
 fn payment(rng: &mut ChaCha8Rng, id: usize, size: usize) -> Bytes {
     let mut p = format!(
         "{{\"id\":{id},\"amount_minor\":{},\"currency\":\"EUR\",\"payee\":\"DE89370400440532013000\",\"memo\":\"",
-        rng.gen_range(1..1_000_000)
+        rng.random_range(1..1_000_000)
     )
     .into_bytes();
     while p.len() + 2 < size {
-        p.push(b'a' + rng.gen_range(0..26));
+        p.push(b'a' + rng.random_range(0..26));
     }
     p.extend_from_slice(b"\"}");
     p.truncate(size);
@@ -114,7 +114,7 @@ fn main() {
                 let mut arrived = 0;
                 for f in frames {
                     wire += f.len();
-                    if drop_rng.gen_bool(p) {
+                    if drop_rng.random_bool(p) {
                         continue;
                     }
                     arrived += 1;

@@ -124,9 +124,7 @@ async fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
                 let tx = db.transaction().await?;
                 match store.claim_in(&tx, &Claim::of(channel.id(), &m)).await? {
                     Claimed::Now
-                        if fail_every > 0
-                            && n.is_multiple_of(fail_every)
-                            && failed_once.insert(n) =>
+                        if fail_every > 0 && n % fail_every == 0 && failed_once.insert(n) =>
                     {
                         // The effect fails: roll back, claim included; the sender retries.
                         tx.rollback().await?;

@@ -133,6 +133,8 @@
 //! [`Identity::from_files`]: channel::Identity::from_files
 
 #![forbid(unsafe_code)]
+// docs.rs (all features, nightly) labels feature-gated items with the feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub)]
 
 pub use bytes;

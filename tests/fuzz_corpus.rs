@@ -9,7 +9,7 @@ mod world;
 
 use std::path::Path;
 
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 fn replay(target: &str, check: fn(&[u8])) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -47,10 +47,10 @@ fn channel_corpus() {
 
 #[test]
 fn random_inputs_smoke() {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed);
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(0x5eed);
     for _ in 0..300 {
-        let len = rng.gen_range(0..600);
-        let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        let len = rng.random_range(0..600);
+        let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
         checks::frame_decode(&data);
         checks::reassembler(&data);
         checks::receiver(&data);

@@ -21,9 +21,9 @@ use std::collections::BTreeSet;
 use std::ops::RangeInclusive;
 
 use bytes::Bytes;
+use rand::rngs::ChaCha8Rng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
 use surelink::fec::{CodecCache, Encoder, EncoderConfig, Reassembler, ReassemblerConfig};
 use surelink::wire::{
     self, AckFrame, BlockHeader, CloseFrame, Envelope, FloorFrame, Frame, HelloFrame, Limits,
@@ -733,32 +733,32 @@ fn the_documented_matrix_is_the_codecs_matrix() {
 
 /// A value of a random varint width.
 fn any_varint(rng: &mut ChaCha8Rng) -> u64 {
-    match rng.gen_range(0..4) {
-        0 => rng.gen_range(0..64),
-        1 => rng.gen_range(64..16384),
-        2 => rng.gen_range(16384..1 << 30),
-        _ => rng.gen_range(1 << 30..=spec::MAX_VARINT),
+    match rng.random_range(0..4) {
+        0 => rng.random_range(0..64),
+        1 => rng.random_range(64..16384),
+        2 => rng.random_range(16384..1 << 30),
+        _ => rng.random_range(1 << 30..=spec::MAX_VARINT),
     }
 }
 
 fn random_bytes(rng: &mut ChaCha8Rng, len: usize) -> Vec<u8> {
-    (0..len).map(|_| rng.gen()).collect()
+    (0..len).map(|_| rng.random()).collect()
 }
 
 /// Descending ranges with at least one id between neighbours, none below 0.
 fn random_ack_ranges(rng: &mut ChaCha8Rng, count: usize) -> Vec<RangeInclusive<u64>> {
-    let width = rng.gen_range(1..62);
-    let mut end = rng.gen_range(0..1u64 << width);
+    let width = rng.random_range(1..62);
+    let mut end = rng.random_range(0..1u64 << width);
     let mut out = Vec::new();
     for i in 0..count {
         if i > 0 {
-            let gap = rng.gen_range(0..1000);
+            let gap = rng.random_range(0..1000);
             match end.checked_sub(gap + 2) {
                 Some(e) => end = e,
                 None => break,
             }
         }
-        let start = end.saturating_sub(rng.gen_range(0..1000));
+        let start = end.saturating_sub(rng.random_range(0..1000));
         out.push(start..=end);
         end = start;
     }
@@ -766,34 +766,34 @@ fn random_ack_ranges(rng: &mut ChaCha8Rng, count: usize) -> Vec<RangeInclusive<u
 }
 
 fn random_frame(rng: &mut ChaCha8Rng) -> Frame {
-    match rng.gen_range(0..6) {
+    match rng.random_range(0..6) {
         0 => {
-            let count = rng.gen_range(1..=6);
+            let count = rng.random_range(1..=6);
             let lengths: Vec<u32> = (0..count)
                 .map(|_| {
-                    if rng.gen_bool(0.1) {
-                        rng.gen_range(0..=65536)
+                    if rng.random_bool(0.1) {
+                        rng.random_range(0..=65536)
                     } else {
-                        rng.gen_range(0..300)
+                        rng.random_range(0..300)
                     }
                 })
                 .collect();
             let total: u64 = lengths.iter().map(|&l| u64::from(l)).sum();
             // S so that k stays within a code over GF(2^8).
             let least = total.div_ceil(200).max(1);
-            let size = rng.gen_range(least..=(least + 2000).min(16384).max(least)) as u32;
+            let size = rng.random_range(least..=(least + 2000).min(16384).max(least)) as u32;
             let k = BlockHeader::data_shards_for(total, size) as u16;
-            let n = (k + rng.gen_range(0..=6)).min(256);
+            let n = (k + rng.random_range(0..=6)).min(256);
             let header = BlockHeader {
                 block: any_varint(rng),
                 data_shards: k,
                 total_shards: n,
                 shard_size: size,
-                first_message: rng.gen_range(0..1 << 40),
+                first_message: rng.random_range(0..1 << 40),
                 lengths: lengths.into_iter().collect(),
-                checksum: rng.gen(),
+                checksum: rng.random(),
             };
-            let index = rng.gen_range(0..n);
+            let index = rng.random_range(0..n);
             let payload = random_bytes(rng, header.shard_wire_len(index));
             Frame::Shard(ShardFrame {
                 header,
@@ -802,7 +802,7 @@ fn random_frame(rng: &mut ChaCha8Rng) -> Frame {
             })
         }
         1 => {
-            let count = rng.gen_range(1..=64);
+            let count = rng.random_range(1..=64);
             Frame::Ack(AckFrame {
                 ack_delay_us: any_varint(rng),
                 shards_received: any_varint(rng),
@@ -810,11 +810,11 @@ fn random_frame(rng: &mut ChaCha8Rng) -> Frame {
             })
         }
         2 => Frame::Hello(HelloFrame {
-            channel_id: rng.gen(),
+            channel_id: rng.random(),
             floor: any_varint(rng),
         }),
         3 => {
-            let len = rng.gen_range(0..=256);
+            let len = rng.random_range(0..=256);
             Frame::Close(CloseFrame {
                 code: any_varint(rng),
                 reason: Bytes::from(random_bytes(rng, len)),
@@ -824,13 +824,13 @@ fn random_frame(rng: &mut ChaCha8Rng) -> Frame {
             floor: any_varint(rng),
         }),
         _ => {
-            let count = rng.gen_range(1..=64);
+            let count = rng.random_range(1..=64);
             Frame::Refuse(RefuseFrame {
                 reason: any_varint(rng),
                 ranges: (0..count)
                     .map(|_| {
                         let first = any_varint(rng);
-                        let extra = rng.gen_range(0..=1000).min(spec::MAX_VARINT - first);
+                        let extra = rng.random_range(0..=1000).min(spec::MAX_VARINT - first);
                         first..=first + extra
                     })
                     .collect(),
@@ -860,18 +860,18 @@ fn damaged_bytes_get_the_same_answer() {
     let mut rejected = BTreeSet::new();
     for round in 0..20_000 {
         let mut bytes = random_frame(&mut rng).to_bytes().to_vec();
-        for _ in 0..rng.gen_range(1..=3) {
-            let at = rng.gen_range(0..=bytes.len());
-            match rng.gen_range(0..6) {
-                0 if at < bytes.len() => bytes[at] ^= 1 << rng.gen_range(0..8),
-                1 if at < bytes.len() => bytes[at] = rng.gen(),
+        for _ in 0..rng.random_range(1..=3) {
+            let at = rng.random_range(0..=bytes.len());
+            match rng.random_range(0..6) {
+                0 if at < bytes.len() => bytes[at] ^= 1 << rng.random_range(0..8),
+                1 if at < bytes.len() => bytes[at] = rng.random(),
                 2 => bytes.truncate(at),
-                3 => bytes.insert(at, rng.gen()),
+                3 => bytes.insert(at, rng.random()),
                 4 if at < bytes.len() => {
                     bytes.remove(at);
                 }
                 // A header field rewritten as a non-minimal varint, or another type.
-                _ if !bytes.is_empty() => bytes[0] = 0x10 | rng.gen_range(0..8u8),
+                _ if !bytes.is_empty() => bytes[0] = 0x10 | rng.random_range(0..8u8),
                 _ => {}
             }
         }
@@ -907,22 +907,22 @@ fn random_blocks_agree() {
     let (mut built, mut broken_layouts) = (0, 0);
     for round in 0..400 {
         let config = EncoderConfig {
-            max_datagram_size: rng.gen_range(60..=1500),
-            repair_ratio: rng.gen_range(0.0..2.0),
-            min_repair: rng.gen_range(0..=6),
+            max_datagram_size: rng.random_range(60..=1500),
+            repair_ratio: rng.random_range(0.0..2.0),
+            min_repair: rng.random_range(0..=6),
             ..EncoderConfig::default()
         };
         let mut encoder = Encoder::starting_at(config, any_varint(&mut rng) >> 2);
-        let count = rng.gen_range(1..=4);
+        let count = rng.random_range(1..=4);
         let messages: Vec<Bytes> = (0..count)
             .map(|_| {
-                let len = rng.gen_range(0..400);
+                let len = rng.random_range(0..400);
                 Bytes::from(random_bytes(&mut rng, len))
             })
             .collect();
-        let first = rng.gen_range(0..1u64 << 40);
-        let block = if count == 1 && rng.gen_bool(0.5) {
-            let (k, m) = (rng.gen_range(1..=12), rng.gen_range(0..=4));
+        let first = rng.random_range(0..1u64 << 40);
+        let block = if count == 1 && rng.random_bool(0.5) {
+            let (k, m) = (rng.random_range(1..=12), rng.random_range(0..=4));
             encoder.encode_split(first, messages[0].clone(), k, m)
         } else {
             encoder.encode_block(first, &messages)

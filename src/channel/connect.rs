@@ -98,9 +98,27 @@ pub enum ConfigError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
+/// The rustls crypto provider of every TLS config surelink builds: aws-lc-rs with the
+/// `aws-lc-rs` feature, else ring (the `ring` feature, on by default). With both features
+/// aws-lc-rs wins: `ring` comes with the default features unless a dependent opts out, so
+/// `aws-lc-rs` is the one somebody asked for.
+///
+/// This decides the TLS handshake and packet protection of surelink's configs only. quinn's
+/// own helpers (`quinn::ServerConfig::with_single_cert`, `quinn::ClientConfig::
+/// with_root_certificates`) and its stateless-reset and token keys prefer ring when both are
+/// compiled in; a build without ring needs `default-features = false` on surelink.
 pub(super) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    #[cfg(feature = "aws-lc-rs")]
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+    let provider = rustls::crypto::ring::default_provider();
+    Arc::new(provider)
 }
+
+#[cfg(not(any(feature = "ring", feature = "aws-lc-rs")))]
+compile_error!(
+    "surelink needs a crypto provider: enable its feature `ring` (the default) or `aws-lc-rs`"
+);
 
 /// A client config trusting `roots`, with ALPN [`ALPN`], TLS 1.3 only, no early data, and
 /// [`transport_config`].
@@ -728,5 +746,20 @@ impl Drop for Listener {
         if let Some(expiry) = &self.expiry {
             expiry.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The crate features pick the provider (rustls names them only in `Debug`).
+    #[test]
+    fn the_crypto_provider_follows_the_features() {
+        let key_provider = format!("{:?}", super::provider().key_provider);
+        let expected = if cfg!(feature = "aws-lc-rs") {
+            "AwsLcRs"
+        } else {
+            "Ring"
+        };
+        assert_eq!(key_provider, expected);
     }
 }

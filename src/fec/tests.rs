@@ -3,9 +3,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use rand::rngs::ChaCha8Rng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
 
 use super::*;
 use crate::wire::{BlockHeader, Frame, Limits, ShardFrame};
@@ -765,8 +765,8 @@ proptest! {
         order.truncate((k + extra).min(frames.len()));
         // Duplicate a few.
         for _ in 0..3 {
-            let i = order[rng.gen_range(0..order.len())];
-            order.insert(rng.gen_range(0..=order.len()), i);
+            let i = order[rng.random_range(0..order.len())];
+            order.insert(rng.random_range(0..=order.len()), i);
         }
         let (out, r) = reassemble(&frames, &order);
         assert_delivered_once(&out, &messages, 1000);

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
 
 pub use crate::tune::GilbertElliott;
 
@@ -262,14 +262,14 @@ impl Link {
     fn decide(&mut self, now: Instant, len: usize) -> Verdict {
         // Every draw happens for every packet, whatever the outcome, so verdicts depend only on
         // the seed and the sequence of (time, length).
-        let u_state: f64 = self.rng.gen();
-        let u_loss: f64 = self.rng.gen();
-        let u_jitter: f64 = self.rng.gen();
-        let u_reorder: f64 = self.rng.gen();
-        let u_dup: f64 = self.rng.gen();
-        let u_dup_jitter: f64 = self.rng.gen();
-        let u_corrupt: f64 = self.rng.gen();
-        let u_bit: f64 = self.rng.gen();
+        let u_state: f64 = self.rng.random();
+        let u_loss: f64 = self.rng.random();
+        let u_jitter: f64 = self.rng.random();
+        let u_reorder: f64 = self.rng.random();
+        let u_dup: f64 = self.rng.random();
+        let u_dup_jitter: f64 = self.rng.random();
+        let u_corrupt: f64 = self.rng.random();
+        let u_bit: f64 = self.rng.random();
         let packet = self.sent;
         self.sent += 1;
 

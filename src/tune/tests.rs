@@ -1,8 +1,8 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
 
 use super::*;
 
@@ -304,7 +304,7 @@ impl Feed {
             self.now += Duration::from_millis(1);
             est.on_sent(self.now, 1);
             self.sent += 1;
-            if self.rng.gen::<f64>() >= p {
+            if self.rng.random::<f64>() >= p {
                 self.total_received += 1;
             }
             // Arrival times: sent + rtt / 2.

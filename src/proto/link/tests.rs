@@ -959,10 +959,10 @@ fn every_claim_attempt_is_bounded_by_its_own_timeout() {
 /// sibling).
 #[test]
 fn every_send_gets_one_outcome_and_its_slot_back_under_random_events() {
-    use rand::{Rng, SeedableRng};
+    use rand::{RngExt, SeedableRng};
     use std::collections::{HashMap, HashSet};
     for seed in 0..300u64 {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
         let now0 = Instant::now();
         let role = match seed % 3 {
             0 => Role::Plain,
@@ -991,19 +991,19 @@ fn every_send_gets_one_outcome_and_its_slot_back_under_random_events() {
         let mut tokens = 0u64;
         let mut client = Peer::new(SenderConfig::default(), ReceiverConfig::default());
         for step in 0..400 {
-            let input = match rng.gen_range(0..14) {
+            let input = match rng.random_range(0..14) {
                 0..=2 => {
                     tokens += 1;
-                    let len = if rng.gen_bool(0.2) { 20_000 } else { 100 };
+                    let len = if rng.random_bool(0.2) { 20_000 } else { 100 };
                     Input::Send {
                         token: tokens,
                         key: rng
-                            .gen_bool(0.3)
+                            .random_bool(0.3)
                             .then(|| Bytes::from(format!("k{}", tokens % 7))),
                         payload: Bytes::from(vec![1u8; len]),
                         deadline: rng
-                            .gen_bool(0.3)
-                            .then(|| Duration::from_millis(rng.gen_range(1..8000))),
+                            .random_bool(0.3)
+                            .then(|| Duration::from_millis(rng.random_range(1..8000))),
                     }
                 }
                 3 => {
@@ -1015,31 +1015,31 @@ fn every_send_gets_one_outcome_and_its_slot_back_under_random_events() {
                             Lost::Fatal,
                             Lost::Goodbye,
                             Lost::LocallyClosed,
-                        ][rng.gen_range(0..4)],
+                        ][rng.random_range(0..4)],
                         reason: "x".into(),
                     }
                 }
                 4 if !dials.is_empty() => {
-                    let dial = dials.swap_remove(rng.gen_range(0..dials.len()));
-                    let result = if rng.gen_bool(0.6) {
+                    let dial = dials.swap_remove(rng.random_range(0..dials.len()));
+                    let result = if rng.random_bool(0.6) {
                         next_conn += 1;
                         conns.insert(ConnId(next_conn));
                         dialed(
                             next_conn,
                             [Attached::New, Attached::Resumed, Attached::Claims]
-                                [rng.gen_range(0..3)],
+                                [rng.random_range(0..3)],
                         )
                     } else {
                         Err(DialFailure {
-                            refused: rng.gen_bool(0.1),
+                            refused: rng.random_bool(0.1),
                             reason: "no".into(),
                         })
                     };
                     Input::DialDone { dial, result }
                 }
                 5 if !streams.is_empty() => {
-                    let (id, conn) = streams.swap_remove(rng.gen_range(0..streams.len()));
-                    let end = match rng.gen_range(0..4) {
+                    let (id, conn) = streams.swap_remove(rng.random_range(0..streams.len()));
+                    let end = match rng.random_range(0..4) {
                         0 => StreamEnd::Status(crate::wire::STREAM_DELIVERED),
                         1 => StreamEnd::Refused,
                         2 => StreamEnd::Deadline,
@@ -1048,8 +1048,8 @@ fn every_send_gets_one_outcome_and_its_slot_back_under_random_events() {
                     Input::StreamDone { id, conn, end }
                 }
                 6 if !claims.is_empty() => {
-                    let attempt = claims.swap_remove(rng.gen_range(0..claims.len()));
-                    let result = match rng.gen_range(0..3) {
+                    let attempt = claims.swap_remove(rng.random_range(0..claims.len()));
+                    let result = match rng.random_range(0..3) {
                         0 => Ok(ClaimOutcome::Now),
                         1 => Ok(ClaimOutcome::Before),
                         _ => Err("store down".into()),
@@ -1067,21 +1067,21 @@ fn every_send_gets_one_outcome_and_its_slot_back_under_random_events() {
                     }
                 }
                 8 => Input::Datagram {
-                    conn: ConnId(rng.gen_range(0..next_conn + 1)),
+                    conn: ConnId(rng.random_range(0..next_conn + 1)),
                     data: Bytes::from(
-                        (0..rng.gen_range(0..40))
-                            .map(|_| rng.gen())
+                        (0..rng.random_range(0..40))
+                            .map(|_| rng.random())
                             .collect::<Vec<u8>>(),
                     ),
                 },
                 9 => Input::Took {
-                    id: rng.gen_range(0..10),
+                    id: rng.random_range(0..10),
                 },
-                10 if step > 300 && rng.gen_bool(0.1) => Input::Close {
-                    drain: rng.gen_bool(0.5),
+                10 if step > 300 && rng.random_bool(0.1) => Input::Close {
+                    drain: rng.random_bool(0.5),
                 },
-                11 if rng.gen_bool(0.05) => Input::AppGone,
-                12 if rng.gen_bool(0.05) => Input::HandlesDropped,
+                11 if rng.random_bool(0.05) => Input::AppGone,
+                12 if rng.random_bool(0.05) => Input::HandlesDropped,
                 _ => {
                     now = link
                         .poll_timeout()
