@@ -31,6 +31,7 @@
 
 pub mod channel;
 pub mod fec;
+pub mod metrics;
 pub mod promises;
 pub mod proto;
 #[cfg(feature = "sim")]
