@@ -453,9 +453,10 @@ impl ChannelMetrics {
         if invalid != self.invalid.values().sum::<u64>() {
             for (&reason, &n) in &stats.invalid_frames {
                 let before = self.invalid.get(reason).copied().unwrap_or(0);
-                if n > before {
+                if n != before {
+                    // (Below: counted again from zero, as the reassembly's counters.)
                     ::metrics::counter!(INVALID_FRAMES, "role" => self.role(), "reason" => reason)
-                        .increment(n - before);
+                        .increment(n.checked_sub(before).unwrap_or(n));
                 }
             }
             self.invalid = stats.invalid_frames.clone();

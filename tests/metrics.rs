@@ -157,6 +157,30 @@ fn client_with_alpn(roots: rustls::RootCertStore, alpn: &[u8]) -> quinn::ClientC
     ))
 }
 
+/// A hand-made surelink connection: the handshake, and a Hello for channel `[7; 16]`.
+async fn raw_channel(
+    endpoint: &quinn::Endpoint,
+    roots: &rustls::RootCertStore,
+    server: SocketAddr,
+) -> quinn::Connection {
+    let config = client_config(roots.clone()).unwrap();
+    let raw = endpoint
+        .connect_with(config, server, SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let hello = Frame::Hello(HelloFrame {
+        channel_id: [7; 16],
+        floor: 0,
+    })
+    .to_bytes();
+    let (mut send, mut recv) = raw.open_bi().await.unwrap();
+    send.write_all(&hello).await.unwrap();
+    send.finish().unwrap();
+    recv.read_to_end(1).await.unwrap();
+    raw
+}
+
 /// Waits (up to 20 s) until `ready` holds.
 async fn until(what: &str, mut ready: impl FnMut() -> bool) {
     for _ in 0..400 {
@@ -267,24 +291,7 @@ async fn scraped_figures_equal_stats() {
     let (main_channel, main_reader) = accepted.recv().await.unwrap();
 
     // Garbage: a hand-made connection with a valid Hello, then datagrams that do not decode.
-    let raw = client_endpoint
-        .connect_with(
-            client_config(roots.clone()).unwrap(),
-            server_addr,
-            SERVER_NAME,
-        )
-        .unwrap()
-        .await
-        .unwrap();
-    let hello = Frame::Hello(HelloFrame {
-        channel_id: [7; 16],
-        floor: 0,
-    })
-    .to_bytes();
-    let (mut send, mut recv) = raw.open_bi().await.unwrap();
-    send.write_all(&hello).await.unwrap();
-    send.finish().unwrap();
-    recv.read_to_end(1).await.unwrap();
+    let raw = raw_channel(&client_endpoint, &roots, server_addr).await;
     let (garbage_channel, garbage_reader) = accepted.recv().await.unwrap();
     // An unknown version, an unknown type, a truncated shard, a broken ack.
     let garbage: [&[u8]; 4] = [
@@ -306,6 +313,12 @@ async fn scraped_figures_equal_stats() {
         false
     })
     .await;
+
+    // A takeover: a second connection names the same channel while the first is open; the
+    // server moves the channel to it and closes the first.
+    let old = raw;
+    let raw = raw_channel(&client_endpoint, &roots, server_addr).await;
+    old.closed().await;
 
     // Refused connections: a client offering another ALPN, and one whose Hello is garbage.
     let bad_alpn = client_endpoint
@@ -368,6 +381,14 @@ async fn scraped_figures_equal_stats() {
         running.count("surelink_in_flight", &[("role", "client")]),
         0
     );
+    assert_eq!(
+        running.count("surelink_takeovers_total", &[("role", "server")]),
+        1
+    );
+    assert_eq!(
+        running.count("surelink_reconnects_total", &[("role", "server")]),
+        1
+    );
     let loss = running.sum("surelink_loss_estimate", &[("role", "client")]);
     assert!(loss > 0.0 && loss < 0.5, "client loss estimate {loss}");
     assert!(running
@@ -377,8 +398,16 @@ async fn scraped_figures_equal_stats() {
         .text
         .contains("# TYPE surelink_send_latency_seconds histogram"));
 
-    // End everything: the raw connection says goodbye, the client closes; once each
-    // channel's Messages ends, its driver has taken its last step.
+    // End everything: the raw connection says goodbye, the client closes (over a lossless
+    // link, so that no goodbye is lost); once each channel's Messages ends, its driver has
+    // taken its last step.
+    let lossless = LinkConfig {
+        delay: Duration::from_millis(5),
+        ..LinkConfig::default()
+    };
+    let client_addr = client_endpoint.local_addr().unwrap();
+    net.set_link(client_addr, server_addr, lossless.clone());
+    net.set_link(server_addr, client_addr, lossless);
     raw.close(GOODBYE.into(), b"done");
     client.close().await;
     assert!(client_messages.recv().await.is_none());
