@@ -3,34 +3,49 @@
 //! # Metrics
 //!
 //! surelink records counters, gauges and a histogram through the [`metrics`] facade. Until
-//! the application installs a recorder (once, before it opens channels) every call is a
-//! no-op; which exporter runs (Prometheus, StatsD, OpenTelemetry, …) is the application's
-//! choice. With Prometheus (`metrics-exporter-prometheus`), as in `examples/payment_server.rs`:
+//! the application installs a recorder every call is a no-op (a handle that does nothing);
+//! which exporter runs (Prometheus, StatsD, OpenTelemetry, …) is the application's choice.
+//! Install it before opening channels: a channel registers its series when it starts, so
+//! one opened earlier records nothing. With Prometheus (`metrics-exporter-prometheus`), as
+//! `payment_server --metrics ADDR` does:
 //!
-//! ```ignore
-//! metrics_exporter_prometheus::PrometheusBuilder::new()
-//!     .with_http_listener(addr) // serves the text format at http://addr/metrics
+//! ```no_run
+//! use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let addr: std::net::SocketAddr = "127.0.0.1:9464".parse()?;
+//! PrometheusBuilder::new()
+//!     .with_http_listener(addr) // Prometheus text at http://127.0.0.1:9464/metrics
 //!     .set_buckets_for_metric(
-//!         metrics_exporter_prometheus::Matcher::Full(surelink::metrics::SEND_LATENCY.into()),
+//!         Matcher::Full(surelink::metrics::SEND_LATENCY.into()),
 //!         surelink::metrics::LATENCY_BUCKETS,
 //!     )?
 //!     .install()?;
-//! surelink::metrics::describe();
+//! // Channels and servers opened from here on record into it.
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! Every channel records into the same series, summed over the process: a server's series
 //! are its figures over all its channels. Every series a channel records carries the label
-//! `role`: `client` (a channel from `Channel::connect` / `connect_replicas`), `server` (one
-//! accepted by a `Listener` / `Server`) or `plain` (one from `Channel::open`), so a process
-//! that is both a client and a server keeps the two apart.
+//! `role`: `client` (a channel from [`Channel::connect`] or [`Channel::connect_replicas`]),
+//! `server` (one accepted by a [`Listener`] or [`Server`]) or `plain` (one from
+//! [`Channel::open`]), so a process that is both a client and a server keeps the two apart.
 //!
 //! There is no per-channel label: a server holds up to `Config::max_channels` channels and a
 //! channel's id is a bearer token (never exported, never logged), so a label per channel
 //! would be unbounded and meaningless to an operator. Per-channel figures are in
-//! `Channel::stats()`; an application that wants them as series exports them with labels of
+//! [`Channel::stats`]; an application that wants them as series exports them with labels of
 //! its own (a terminal or merchant id it knows). Every counter below moves with one field of
-//! `ChannelStats` (named in the table), so summed over the process's channels the series
+//! [`ChannelStats`] (named in the table), so summed over the process's channels the series
 //! equal what `stats()` says, once each channel's driver has taken its last step.
+//!
+//! [`Channel::connect`]: crate::channel::Channel::connect
+//! [`Channel::connect_replicas`]: crate::channel::Channel::connect_replicas
+//! [`Channel::open`]: crate::channel::Channel::open
+//! [`Channel::stats`]: crate::channel::Channel::stats
+//! [`Listener`]: crate::channel::Listener
+//! [`Server`]: crate::channel::Server
 //!
 //! Counters recorded from `ChannelStats` are updated at each step of a channel's driver;
 //! outcomes, latency and deliveries as they happen; wire bytes and the loss estimate once a
@@ -40,9 +55,9 @@
 //!
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
-//! | `surelink_payments_sent_total` | counter | `role` | messages given an id and sent, on either path (`stats().sender.messages_sent`) |
-//! | `surelink_payments_acked_total` | counter | `role` | sends whose outcome was `Ok(Receipt)`: the peer's application took the message (or a replica claimed it) |
-//! | `surelink_payments_failed_total` | counter | `role`, `reason` | sends whose outcome was an error, by `reason`: `deadline` (no ack within the deadline; outcome unknown), `connection_lost` (outcome unknown), `peer_lost_state` (the server came back without the channel's state; outcome unknown), `refused` (the peer refused it; not delivered), `rejected` (refused before sending: bad key, backpressure, cannot be coded), `too_large`, `datagrams_unsupported`, `closed` (the channel was closing) |
+//! | `surelink_messages_sent_total` | counter | `role` | messages given an id and sent, on either path (`stats().sender.messages_sent`) |
+//! | `surelink_messages_acked_total` | counter | `role` | sends whose outcome was `Ok(Receipt)`: the peer's application took the message (or a replica claimed it) |
+//! | `surelink_messages_failed_total` | counter | `role`, `reason` | sends whose outcome was an error, by `reason`: `deadline` (no ack within the deadline; outcome unknown), `connection_lost` (outcome unknown), `peer_lost_state` (the server came back without the channel's state; outcome unknown), `refused` (the peer refused it; not delivered), `rejected` (refused before sending: bad key, backpressure, cannot be coded), `too_large`, `datagrams_unsupported`, `closed` (the channel was closing) |
 //! | `surelink_send_latency_seconds` | histogram | `role` | from `send` to the ack, of every acked send (`Receipt::latency`) |
 //! | `surelink_in_flight` | gauge | `role` | messages sent and awaiting their outcome, over the open channels (`stats().in_flight`) |
 //! | `surelink_loss_estimate` | gauge | `role` | mean over the open channels of the per-shard loss rate each plans its redundancy for (`stats().loss_estimate`) |
@@ -161,7 +176,7 @@ const BYTES: Unit = Unit::Bytes;
 /// again at each connection: a drop is a new connection, not a negative count.)
 #[rustfmt::skip]
 const FOLLOWED: &[Follow] = &[
-    follow("surelink_payments_sent_total", None, COUNT, "Messages given an id and sent, on either path.", |s| s.sender.messages_sent),
+    follow("surelink_messages_sent_total", None, COUNT, "Messages given an id and sent, on either path.", |s| s.sender.messages_sent),
     follow("surelink_shards_sent_total", None, COUNT, "Shard frames sent, of every kind.", |s| s.sender.shards_sent),
     follow("surelink_data_shards_sent_total", None, COUNT, "Data shards of first flights.", |s| s.sender.data_shards),
     follow("surelink_repair_shards_sent_total", None, COUNT, "Parity shards of first flights.", |s| s.sender.repair_shards),
@@ -196,8 +211,8 @@ const FOLLOWED: &[Follow] = &[
 
 const INVALID_FRAMES: &str = "surelink_invalid_frames_total";
 const INVALID_FRAMES_HELP: &str = "Input that broke the wire format, by reason.";
-const ACKED: &str = "surelink_payments_acked_total";
-const FAILED: &str = "surelink_payments_failed_total";
+const ACKED: &str = "surelink_messages_acked_total";
+const FAILED: &str = "surelink_messages_failed_total";
 const DELIVERED: &str = "surelink_messages_delivered_total";
 const IN_FLIGHT: &str = "surelink_in_flight";
 const LOSS: &str = "surelink_loss_estimate";
@@ -209,9 +224,9 @@ const TAKEOVERS: &str = "surelink_takeovers_total";
 const REFUSED: &str = "surelink_connections_refused_total";
 
 /// Gives the installed recorder the unit and help text of every surelink metric (an
-/// exporter prints them, e.g. Prometheus's `# HELP` lines). Channels and servers call it
-/// when they start; call it yourself after installing a recorder to have them described
-/// before the first channel opens.
+/// exporter prints them, e.g. Prometheus's `# HELP` lines). The first channel or server of
+/// the process calls it; call it yourself after installing a recorder if one was created
+/// before.
 pub fn describe() {
     let mut last = "";
     for f in FOLLOWED {
@@ -256,6 +271,12 @@ pub fn describe() {
         "Mean over the open channels of the per-shard loss rate they plan redundancy for."
     );
     ::metrics::describe_histogram!(SEND_LATENCY, Unit::Seconds, "From send to the ack.");
+}
+
+/// [`describe`], once per process (channels and servers start often).
+pub(crate) fn describe_once() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(describe);
 }
 
 /// The value of label `reason` for a failed send.
@@ -349,7 +370,7 @@ pub(crate) struct ChannelMetrics {
 impl ChannelMetrics {
     /// Registers a new channel's series and counts it open.
     pub(crate) fn new(role: &crate::proto::link::Role) -> Self {
-        describe();
+        describe_once();
         let role = role_index(role);
         let label = ROLES[role];
         let followed = FOLLOWED

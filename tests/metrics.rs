@@ -429,23 +429,23 @@ async fn scraped_figures_equal_stats() {
 
     // The client's sends: every outcome counted once, by kind.
     assert_eq!(
-        s.count("surelink_payments_sent_total", &client_role),
+        s.count("surelink_messages_sent_total", &client_role),
         c.sender.messages_sent
     );
     assert_eq!(c.sender.messages_sent, u64::from(PAYMENTS + LARGE));
     assert_eq!(
-        s.count("surelink_payments_acked_total", &client_role),
+        s.count("surelink_messages_acked_total", &client_role),
         latencies.len() as u64
     );
     assert_eq!(
         s.count(
-            "surelink_payments_failed_total",
+            "surelink_messages_failed_total",
             &[("role", "client"), ("reason", "rejected")]
         ),
         1
     );
     assert_eq!(
-        s.count("surelink_payments_failed_total", &client_role),
+        s.count("surelink_messages_failed_total", &client_role),
         1 + failed,
         "{failed} sends failed besides the rejected one"
     );

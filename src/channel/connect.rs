@@ -315,7 +315,7 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// A registry whose channels use `config`.
     pub fn new(config: Config) -> Self {
-        crate::metrics::describe();
+        crate::metrics::describe_once();
         Server {
             inner: Arc::new(ServerInner {
                 channels: Mutex::new(HashMap::new()),
