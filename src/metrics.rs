@@ -104,7 +104,7 @@
 //!
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
-//! | `surelink_channels_open` | gauge | `role` | channels whose driver runs (on a server: the channels it holds, a detached one waiting for its client included; `Server::channels()`) |
+//! | `surelink_channels_open` | gauge | `role` | channels whose driver runs (on a server: the channels it holds, `Server::channels()`, a detached one waiting for its client included; a closing channel counts until its last hand-over, a moment after the server forgot it) |
 //! | `surelink_connections_open` | gauge | `role` | QUIC connections the channels hold (a client's warm standby included) |
 //! | `surelink_reconnects_total` | counter | `role` | connections a channel moved to after losing one (on a server: clients that came back; `reconnects`) |
 //! | `surelink_failovers_total` | counter | `role` | of those, moves to another replica (`failovers`) |

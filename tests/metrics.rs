@@ -300,7 +300,7 @@ async fn scraped_figures_equal_stats() {
         &[0x11],
         &[0x12, 0xff, 0xff, 0xff],
     ];
-    // Sent until each arrived at least once (the link loses 5%).
+    // Sent in rounds until eight were counted (the link loses 5%).
     let mut sent_garbage = 0u64;
     until("invalid frames at the server", || {
         if garbage_channel.stats().invalid_frames.values().sum::<u64>() >= 8 {
