@@ -21,6 +21,16 @@
 //! With `--client-ca FILE` (PEM or DER) the server requires every client, surelink or
 //! baseline, to present a certificate issued by that CA (mutual TLS); a client without one
 //! fails the handshake, and the server notes each refused handshake on stderr.
+//!
+//! With `--metrics ADDR` the server serves its metrics (every `surelink_*` series of
+//! [`surelink::metrics`]: payments, deliveries, redundancy, invalid frames, channels open,
+//! refused connections) as Prometheus text at `http://ADDR/metrics`:
+//!
+//! ```text
+//! cargo run --release --example payment_server -- --listen 0.0.0.0:4433 --cert-dir /tmp/pay \
+//!     --metrics 127.0.0.1:9464
+//! curl -s http://127.0.0.1:9464/metrics | grep surelink_messages_delivered_total
+//! ```
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -59,6 +69,24 @@ struct Args {
     /// Needs the `postgres` feature.
     #[arg(long, value_name = "URL")]
     dedupe_url: Option<String>,
+    /// Serve metrics as Prometheus text at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+/// Installs the Prometheus exporter: an HTTP listener on `addr`, the send latency as a
+/// histogram with surelink's buckets.
+fn serve_metrics(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full(surelink::metrics::SEND_LATENCY.into()),
+            surelink::metrics::LATENCY_BUCKETS,
+        )?
+        .install()?;
+    surelink::metrics::describe();
+    Ok(())
 }
 
 /// The channel config: with `--dedupe-url`, claims in PostgreSQL (swept of claims older
@@ -127,6 +155,10 @@ fn identity(
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    if let Some(addr) = args.metrics {
+        // Before any channel opens: a channel registers its series when it starts.
+        serve_metrics(addr)?;
+    }
     let config = channel_config(&args).await?;
     let (cert, key) = identity(&args.cert_dir)?;
     // surelink's settings: BBR, 0-RTT off; ALPN surelink/1 for channels and
@@ -169,6 +201,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         Ok(conn) => conn,
                         Err(e) => {
                             eprintln!("payment_server: handshake with {peer} failed: {e}");
+                            surelink::metrics::handshake_failed(peer, &e);
                             return;
                         }
                     };

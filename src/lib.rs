@@ -143,6 +143,7 @@ pub use quinn::rustls;
 
 pub mod channel;
 pub mod fec;
+pub mod metrics;
 pub mod promises;
 pub mod proto;
 #[cfg(feature = "sim")]

@@ -417,6 +417,7 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// A registry whose channels use `config`.
     pub fn new(config: Config) -> Self {
+        crate::metrics::describe_once();
         Server {
             inner: Arc::new(ServerInner {
                 channels: Mutex::new(HashMap::new()),
@@ -493,8 +494,21 @@ impl Server {
 
     /// Reads the Hello of an established connection and opens its channel: `Some` for a new
     /// channel id, `None` when the connection was handed to an existing channel (a client
-    /// that reconnected).
+    /// that reconnected). A refusal is logged (at `warn` or `info`) and counted in
+    /// `surelink_connections_refused_total` (see [`crate::metrics`]).
     pub async fn accept_connection(
+        &self,
+        conn: quinn::Connection,
+    ) -> Result<Option<(Channel, Messages)>, AcceptError> {
+        let span = tracing::debug_span!("surelink.accept", remote = %conn.remote_address());
+        let result = tracing::Instrument::instrument(self.hello(conn), span.clone()).await;
+        if let Err(e) = &result {
+            span.in_scope(|| refused(e));
+        }
+        result
+    }
+
+    async fn hello(
         &self,
         conn: quinn::Connection,
     ) -> Result<Option<(Channel, Messages)>, AcceptError> {
@@ -629,6 +643,34 @@ impl Server {
     }
 }
 
+/// Logs and counts a connection the server refused.
+fn refused(e: &AcceptError) {
+    let reason = match e {
+        AcceptError::Connection(_) => "connection_lost",
+        AcceptError::HelloTimeout(_) => "hello_timeout",
+        AcceptError::InvalidHello(_) => "invalid_hello",
+        AcceptError::TooManyChannels(_) => "too_many_channels",
+        AcceptError::DatagramsUnsupported => "datagrams_unsupported",
+        AcceptError::NotOwner => "not_owner",
+        AcceptError::ShuttingDown => "shutting_down",
+    };
+    crate::metrics::connection_refused(reason);
+    match e {
+        // Not a refusal: the client went away (or the path failed) before its Hello.
+        AcceptError::Connection(_) => tracing::debug!(error = %e, "surelink: connection lost"),
+        // Logged where it was decided, with the channel's tag.
+        AcceptError::NotOwner => {}
+        AcceptError::HelloTimeout(_) | AcceptError::ShuttingDown => {
+            tracing::info!(error = %e, "surelink: connection refused")
+        }
+        AcceptError::InvalidHello(_)
+        | AcceptError::TooManyChannels(_)
+        | AcceptError::DatagramsUnsupported => {
+            tracing::warn!(error = %e, "surelink: connection refused")
+        }
+    }
+}
+
 /// Accepts surelink channels on an endpoint: handshakes and Hellos run concurrently in the
 /// background; [`Listener::accept`] yields each new channel. A client that reconnects is
 /// handed to its existing channel (its messages keep their ids, none is delivered twice),
@@ -694,19 +736,18 @@ impl Listener {
             while let Some(incoming) = endpoint.accept().await {
                 let (registry, tx) = (registry.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let remote = incoming.remote_address();
                     let conn = match incoming.await {
                         Ok(c) => c,
                         Err(e) => {
-                            tracing::debug!(error = %e, "surelink: handshake failed");
+                            crate::metrics::handshake_failed(remote, &e);
                             return;
                         }
                     };
-                    match registry.accept_connection(conn).await {
-                        Ok(Some(channel)) => {
-                            let _ = tx.send(channel).await;
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::debug!(error = %e, "surelink: connection refused"),
+                    // A reconnect (`None`) joined its channel; a refusal was logged and
+                    // counted by `accept_connection`.
+                    if let Ok(Some(channel)) = registry.accept_connection(conn).await {
+                        let _ = tx.send(channel).await;
                     }
                 });
             }

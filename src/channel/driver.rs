@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use super::dial::{refused, Dialer};
 use super::io::{self, Event};
 use super::{Channel, ChannelId, ChannelStats, Command, Config, Handle, Messages};
+use crate::metrics::ChannelMetrics;
 use crate::proto::link::{
     Action, Attached, ConnId, DialFailure, Dialed, Input, Link, LinkConfig, Role, SharedKeys,
     StreamEnd,
@@ -51,6 +52,18 @@ enum Wake {
 /// Bound of the queue from connection tasks to the driver: a slow driver holds the readers
 /// back (quinn then drops the oldest datagrams) instead of queueing without bound.
 const EVENTS: usize = 1024;
+
+/// UDP bytes sent and received over every connection: the closed ones (`counters`) and
+/// those still open.
+fn udp_bytes<'a>(
+    counters: &ChannelStats,
+    open: impl Iterator<Item = &'a quinn::Connection>,
+) -> (u64, u64) {
+    open.map(|c| c.stats()).fold(
+        (counters.udp_bytes_sent, counters.udp_bytes_received),
+        |(tx, rx), s| (tx + s.udp_tx.bytes, rx + s.udp_rx.bytes),
+    )
+}
 
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
@@ -101,6 +114,8 @@ pub(super) fn spawn(
         ..config.link()
     };
     let first = ConnId(0);
+    let metrics = ChannelMetrics::new(&role);
+    let span = tracing::debug_span!("surelink.channel", tag = %tag(&id), role = metrics.role());
     let link = Link::new(now(), link_config, role, first, size, floor);
     let channel = Channel {
         inner: Arc::new(Handle {
@@ -134,9 +149,9 @@ pub(super) fn spawn(
         stats,
         current,
         counters: ChannelStats::default(),
+        metrics,
     };
     driver.register(first, connection);
-    let span = tracing::debug_span!("surelink_channel", tag = %tag(&id));
     tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
     Ok((channel, Messages { rx, commands }))
 }
@@ -187,6 +202,7 @@ struct Driver {
     current: Arc<Mutex<Option<quinn::Connection>>>,
     /// The driver's own counters (send errors, bytes of closed connections, abandoned sends).
     counters: ChannelStats,
+    metrics: ChannelMetrics,
 }
 
 async fn next_registered(reattach: &mut Reattach) -> Option<quinn::Connection> {
@@ -225,6 +241,15 @@ impl Driver {
                     None
                 }
                 Wake::Registered(c) => {
+                    if self.link.primary().is_some() {
+                        tracing::warn!(
+                            remote = %c.remote_address(),
+                            "surelink: a new connection took the channel over from one still open \
+                             (its client reconnected before this side saw the loss, or another \
+                             client holds the channel id)"
+                        );
+                        self.metrics.takeover();
+                    }
                     let max_datagram_size = c.max_datagram_size();
                     let conn = self.register_new(c);
                     Some(Input::Reattached {
@@ -369,6 +394,7 @@ impl Driver {
         let capacity = conn.datagram_send_buffer_space();
         self.writers
             .insert(id, (io::Writer::spawn(conn.clone()), capacity, false));
+        self.metrics.connection_opened();
         let tx = self.events_tx.clone();
         let streams = self.config.streams;
         let limit = self.config.max_message_size + MAX_KEY_LEN + 32;
@@ -380,6 +406,7 @@ impl Driver {
     fn retire(&mut self, id: ConnId) -> Option<quinn::Connection> {
         self.writers.remove(&id);
         let conn = self.conns.remove(&id)?;
+        self.metrics.connection_closed();
         let s = conn.stats();
         self.counters.udp_bytes_sent += s.udp_tx.bytes;
         self.counters.udp_bytes_received += s.udp_rx.bytes;
@@ -499,9 +526,13 @@ impl Driver {
                 );
                 let _entered = span.enter();
                 tracing::trace!("handed to the application");
-                let _ = self.delivered.send(message);
+                if self.delivered.send(message).is_ok() {
+                    self.metrics.delivered();
+                }
             }
             Action::Complete { token, outcome } => {
+                self.metrics
+                    .outcome(&outcome.clone().map_err(super::SendError::from));
                 if let Some(reply) = self.replies.remove(&token) {
                     if reply.send(outcome).is_err() {
                         self.counters.sends_abandoned += 1;
@@ -551,6 +582,9 @@ impl Driver {
         }
         let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         st.publish(&self.link, &self.counters);
+        let (conns, counters) = (&self.conns, &self.counters);
+        self.metrics
+            .update(now(), &st, || udp_bytes(counters, conns.values()));
     }
 
     /// The link stopped: close what is left, tell the registry, wake `close()` callers.
@@ -563,6 +597,11 @@ impl Driver {
         }
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.publish();
+        let udp = (
+            self.counters.udp_bytes_sent,
+            self.counters.udp_bytes_received,
+        );
+        self.metrics.close(udp);
         self.closed();
     }
 
