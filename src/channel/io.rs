@@ -81,7 +81,9 @@ impl Writer {
             while let Some(datagram) = rx.recv().await {
                 let sent = conn.send_datagram_wait(datagram).await;
                 count.fetch_sub(1, Ordering::Relaxed);
-                if sent.is_err() {
+                // Only a lost connection ends the writer; a datagram too large for the path
+                // (its MTU shrank) is one datagram lost, which hedges recover.
+                if matches!(sent, Err(quinn::SendDatagramError::ConnectionLost(_))) {
                     // The connection is gone (its reader reports it); drop what is left.
                     rx.close();
                     while rx.recv().await.is_some() {

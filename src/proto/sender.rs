@@ -304,6 +304,9 @@ struct Message {
 #[derive(Debug)]
 struct BlockState {
     block: Block,
+    /// Whether anything of it was sent again (a hedge, a retransmission, a probe): an ack
+    /// then does not say which transmission it answers.
+    resent: bool,
     /// Shards of its first flight.
     first_flight: usize,
     unacked: usize,
@@ -505,6 +508,7 @@ impl Sender {
             frames.extend(b.block.data_frames().into_iter().take(count - frames.len()));
         }
         b.shards_sent += frames.len();
+        b.resent = true;
         let bytes: usize = frames.iter().map(Bytes::len).sum();
         self.stats.probes += 1;
         self.stats.retransmit_bytes += bytes as u64;
@@ -741,6 +745,10 @@ impl Sender {
         self.floor_sent_at = None;
         self.floor_repeats = 0;
         self.encoder = Encoder::new(self.config.encoder.clone());
+        // A new path: whatever was congested or silent was the old one's.
+        self.congested = false;
+        self.next_probe = None;
+        self.last_ack_at = Some(now);
         self.blocks.clear();
         self.hedge_due.clear();
         self.pending.clear();
@@ -901,15 +909,16 @@ impl Sender {
                     continue;
                 };
                 let latency = now.saturating_duration_since(m.sent_at);
-                let (shards_sent, hedges, attempts, code) =
+                let (shards_sent, hedges, attempts, resent, code) =
                     match m.block.and_then(|b| self.blocks.get(&b)) {
                         Some(b) => (
                             b.shards_sent,
                             b.hedges,
                             b.attempts,
+                            b.resent,
                             Some((usize::from(b.block.header().data_shards), b.first_flight)),
                         ),
-                        None => (0, 0, 0, None),
+                        None => (0, 0, 0, false, None),
                     };
                 if let Some((k, n)) = code {
                     self.expected_misses += self.expected_miss(k, n);
@@ -924,7 +933,10 @@ impl Sender {
                 //   cut at the previous one and slides down (4x the expected hedges).
                 // Hedging `hedge_slack` beyond the p95 keeps the cut above almost every sample,
                 // so the estimate is stable.
-                if attempts == 0 {
+                // A block whose hedge was skipped or shed was not resent: its ack is still an
+                // unambiguous sample (without it, a path whose round trip grew past the old
+                // hedge delay would never be measured again).
+                if !resent {
                     let least = self.min_latency.map_or(latency, |m| m.min(latency));
                     self.min_latency = Some(least);
                     // The delay is subtracted only while the sample stays at or above the
@@ -1161,6 +1173,7 @@ impl Sender {
                 id,
                 BlockState {
                     block,
+                    resent: false,
                     first_flight: shards_sent,
                     unacked,
                     shards_sent,
@@ -1206,6 +1219,9 @@ impl Sender {
         // primary. Copies go over another path and are not charged to the hedge budget.
         if self.secondary && self.config.hedge_to != HedgeTo::Same {
             self.copy_to_secondary(id);
+            if let Some(b) = self.blocks.get_mut(&id) {
+                b.resent = true;
+            }
             if self.config.hedge_to == HedgeTo::Other {
                 self.blocks.get_mut(&id).expect("caller listed it").hedges += 1;
                 if speculative {
@@ -1234,6 +1250,7 @@ impl Sender {
         }
         let bytes: usize = frames.iter().map(Bytes::len).sum();
         b.hedges += 1;
+        b.resent = true;
         b.shards_sent += frames.len();
         if speculative {
             self.stats.hedges_fired += 1;

@@ -858,8 +858,15 @@ impl Link {
             .redial
             .as_ref()
             .map(|r| r.retry_at.unwrap_or(r.give_up));
+        // A finishing link has settled every send and takes no datagram: the peer's timers
+        // (hedges, deadlines) are not handled then, so they must not wake it (a past one
+        // would wake it forever).
+        let peer = match self.phase {
+            Phase::Finishing { .. } => None,
+            _ => self.peer.poll_timeout(),
+        };
         [
-            self.peer.poll_timeout(),
+            peer,
             self.detached_until,
             self.failover_deadline(),
             self.standby_upgrade_at,
