@@ -816,20 +816,9 @@ impl Sender {
     pub fn handle_ack(&mut self, now: Instant, ack: &AckFrame) {
         self.stamp_reserved(now);
         self.last_ack_at = Some(now);
-        // The silence ends: every block still unacked is resent at the next timer, which is
-        // now (its retransmissions were spaced out by the backoff meanwhile).
-        if self.next_probe.take().is_some() {
-            let blocks: Vec<(Instant, u64)> = self.hedge_due.iter().copied().collect();
-            for (at, id) in blocks {
-                if at > now {
-                    self.hedge_due.remove(&(at, id));
-                    self.hedge_due.insert((now, id));
-                    if let Some(b) = self.blocks.get_mut(&id) {
-                        b.next_hedge = now;
-                    }
-                }
-            }
-        }
+        // The silence ends: blocks whose hedge came due meanwhile go at the next timer,
+        // which is now.
+        self.next_probe = None;
         self.stats.peer_shards_received = self.stats.peer_shards_received.max(ack.shards_received);
         // The peer's count covers shards sent up to about one round trip ago: the least
         // round trip seen (the path's own delay; the median would include shard spacing and
@@ -1008,9 +997,12 @@ impl Sender {
         if let Some(at) = self.next_probe {
             if self.messages.is_empty() {
                 self.next_probe = None;
-            } else if at <= now {
-                self.probe(now);
-                self.next_probe = Some(now + self.config.probe_interval);
+            } else {
+                if at <= now {
+                    self.probe(now);
+                    self.next_probe = Some(now + self.config.probe_interval);
+                }
+                return;
             }
         }
         let due: Vec<u64> = self
@@ -1035,15 +1027,16 @@ impl Sender {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         // While silent, the probe replaces every hedge timer.
-        let hedge = [
-            self.hedge_due.first().map(|&(at, _)| at),
-            self.next_probe,
-            self.silence_at()
-                .filter(|_| self.next_probe.is_none() && self.may_fall_silent()),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        let hedge = match self.next_probe {
+            Some(probe) => Some(probe),
+            None => [
+                self.hedge_due.first().map(|&(at, _)| at),
+                self.silence_at().filter(|_| self.may_fall_silent()),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
+        };
         let deadline = self
             .deadlines
             .first()
@@ -1209,11 +1202,6 @@ impl Sender {
         let speculative = b.attempts == 1;
         if speculative && congested {
             self.stats.shed_congested += 1;
-            return;
-        }
-        if speculative && self.next_probe.is_some() {
-            // Silent: no speculative repair into it; retransmissions (backed off up to
-            // `max_hedge_interval`) go on, since a path silent one way may carry the other.
             return;
         }
         if speculative {
