@@ -759,15 +759,12 @@ async fn stats_tell_bursty_loss_from_independent_loss() {
 }
 
 async fn burstiness_run(link: LinkConfig, seed: u64, n: u32) -> (Option<f64>, u64) {
-    let pair = Pair::new(PairConfig {
-        seed,
-        congestion: Congestion::Surelink,
-        ..PairConfig::symmetric(link)
-    })
-    .unwrap();
-    let (client_conn, server_conn) = pair.connect().await.unwrap();
-    let (client, _client_messages) = Channel::open(client_conn, Config::default()).unwrap();
-    let (_server, server_messages) = Channel::open(server_conn, Config::default()).unwrap();
+    let Ends {
+        pair: _pair,
+        client,
+        server_messages,
+        ..
+    } = ends(link, seed).await;
     let _reader = reader(server_messages);
     let mut tasks = Vec::new();
     for i in 0..n {
