@@ -377,6 +377,12 @@ pub struct Sender {
     residuals: HashMap<(usize, usize, u32), f64>,
     /// The path is silent: the next probe is due then.
     next_probe: Option<Instant>,
+    /// Round-trip samples come only from messages sent at or after this: the end of the last
+    /// silence, or the start of the current connection. A message that waited through an
+    /// outage measures the outage, not the path; taken as a sample it would push the hedge
+    /// delay (a high percentile) to seconds, and every block lost in the outage would wait
+    /// that long for its repair once the path returned.
+    samples_from: Option<Instant>,
 }
 
 impl Sender {
@@ -420,6 +426,7 @@ impl Sender {
             next_probe: None,
             expected_misses: 0.0,
             residuals: HashMap::new(),
+            samples_from: None,
         }
     }
 
@@ -749,6 +756,7 @@ impl Sender {
         self.congested = false;
         self.next_probe = None;
         self.last_ack_at = Some(now);
+        self.samples_from = Some(now);
         self.blocks.clear();
         self.hedge_due.clear();
         self.pending.clear();
@@ -818,7 +826,9 @@ impl Sender {
         self.last_ack_at = Some(now);
         // The silence ends: blocks whose hedge came due meanwhile go at the next timer,
         // which is now.
-        self.next_probe = None;
+        if self.next_probe.take().is_some() {
+            self.samples_from = Some(now);
+        }
         self.stats.peer_shards_received = self.stats.peer_shards_received.max(ack.shards_received);
         // The peer's count covers shards sent up to about one round trip ago: the least
         // round trip seen (the path's own delay; the median would include shard spacing and
@@ -936,7 +946,8 @@ impl Sender {
                 // A block whose hedge was skipped or shed was not resent: its ack is still an
                 // unambiguous sample (without it, a path whose round trip grew past the old
                 // hedge delay would never be measured again).
-                if !resent {
+                let fresh = self.samples_from.is_none_or(|from| m.sent_at >= from);
+                if !resent && fresh {
                     let least = self.min_latency.map_or(latency, |m| m.min(latency));
                     self.min_latency = Some(least);
                     // The delay is subtracted only while the sample stays at or above the

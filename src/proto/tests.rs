@@ -1166,6 +1166,59 @@ fn a_claimed_ack_delay_cannot_shrink_the_round_trip() {
     );
 }
 
+/// A message that waited through an outage measures the outage, not the path: its ack
+/// gives no round-trip sample, so once the path returns the hedge delay is what it was and
+/// the blocks lost in the outage are repaired within a round trip or so, not seconds later.
+#[test]
+fn messages_caught_in_a_silence_give_no_round_trip_samples() {
+    let t = Instant::now();
+    let mut s = Sender::new(plain());
+    let ack = |s: &mut Sender, at: Instant, id: u64| {
+        s.handle_ack(
+            at,
+            &AckFrame {
+                ack_delay_us: 0,
+                shards_received: id + 1,
+                ranges: vec![0..=id],
+            },
+        );
+    };
+    for i in 0..50u64 {
+        let sent = t + Duration::from_millis(10) * i as u32;
+        s.handle_timeout(sent);
+        let id = s.send(sent, payload(i)).unwrap();
+        while s.poll_transmit().is_some() {}
+        ack(&mut s, sent + Duration::from_millis(40), id);
+    }
+    let before = s.rtt().quantile(0.95);
+    assert!(before <= Duration::from_millis(45), "{before:?}");
+    // Two seconds without an ack while messages keep coming: the path falls silent.
+    let outage = t + Duration::from_millis(500);
+    let mut last = 0;
+    for i in 0..200u64 {
+        let now = outage + Duration::from_millis(10) * i as u32;
+        s.handle_timeout(now);
+        last = s.send(now, payload(50 + i)).unwrap();
+        while s.poll_transmit().is_some() {}
+    }
+    assert!(s.silent(), "no ack for 2 s");
+    // The path returns: one ack covers everything sent through the silence.
+    let back = outage + Duration::from_secs(2);
+    ack(&mut s, back, last);
+    assert!(!s.silent());
+    assert_eq!(s.stats().acked, 250);
+    assert_eq!(
+        s.rtt().quantile(0.95),
+        before,
+        "no sample spans the silence"
+    );
+    // Messages sent after it measure the path again.
+    let next = s.send(back, payload(250)).unwrap();
+    while s.poll_transmit().is_some() {}
+    ack(&mut s, back + Duration::from_millis(60), next);
+    assert_eq!(s.rtt().quantile(1.0), Duration::from_millis(60));
+}
+
 /// Issue case 13(b): a block wider than any our encoder builds (k = 100 one-byte shards) is
 /// refused before any rebuild work: counted, and its message refused (REFUSE code 4), so
 /// the sender fails it at once.
