@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use surelink::channel::{Channel, Config, Messages, SendError};
-use surelink::sim::{Congestion, GilbertElliott, LinkConfig, Loss, Pair, PairConfig};
+use surelink::sim::{Congestion, GilbertElliott, LinkConfig, Loss, Pair, PairConfig, RateLimit};
 use surelink::wire::BlockHeader;
 
 fn payment(i: u32) -> Bytes {
@@ -777,4 +777,61 @@ async fn burstiness_run(link: LinkConfig, seed: u64, n: u32) -> (Option<f64>, u6
     }
     let st = client.stats();
     (st.loss_burstiness, st.sender.acked_after_hedge)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bottleneck_gets_data_not_parity_that_would_overflow_it() {
+    // 1,000 kbit/s each way through a 50 ms drop-tail queue, no other loss; 200 payments
+    // of 512 B a second are about 92% of it with one shard each and their headers, so
+    // there is no room for redundancy. Drops here are the queue overflowing, which a
+    // sender reading them as path loss answers with more parity (measured before the
+    // queueing governor: 13 shards a payment, 8.6x what the link carried offered to it,
+    // payments failing). Each payment must be acked, and the sender may offer the link at
+    // most 1.2 times what it carries (measured 1.03-1.04 in the sweep).
+    let bytes_per_sec = 125_000;
+    let link = LinkConfig {
+        delay: Duration::from_millis(20),
+        rate: Some(RateLimit {
+            bytes_per_sec,
+            queue_bytes: bytes_per_sec as usize / 20,
+        }),
+        ..LinkConfig::default()
+    };
+    for seed in [31, 32] {
+        let Ends {
+            pair,
+            client,
+            server_messages,
+            ..
+        } = ends(link.clone(), seed).await;
+        let _reader = reader(server_messages);
+        let mut tasks = Vec::new();
+        for i in 0..1000 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move { client.send(payment(i)).await }));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for t in tasks {
+            t.await.unwrap().expect("every payment acked");
+        }
+        let up = pair.up();
+        let offered = up.offered_bytes as f64 / up.delivered_bytes as f64;
+        let st = client.stats();
+        eprintln!(
+            "seed {seed}: offered/carried {offered:.3}, queue drops {}, queueing {:?}, cap {:.2}, \
+             shed {}, data shards {}, parity {}",
+            up.dropped_queue,
+            st.queueing_delay,
+            st.redundancy_cap,
+            st.sender.shed_congested,
+            st.sender.data_shards,
+            st.sender.repair_shards
+        );
+        assert!(
+            offered <= 1.2,
+            "offered {offered:.2}x what the link carried"
+        );
+        assert!(st.queueing_delay.is_some(), "the queue was measured");
+        assert!(st.sender.shed_congested > 0, "redundancy was shed");
+    }
 }

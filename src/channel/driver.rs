@@ -146,6 +146,7 @@ pub(super) fn spawn(
         next_token: 0,
         closers: Vec::new(),
         followups: Vec::new(),
+        rtt_reported_at: None,
         stats,
         current,
         counters: ChannelStats::default(),
@@ -159,6 +160,9 @@ pub(super) fn spawn(
 /// Bytes in quinn's datagram send buffer above which a connection counts as congested:
 /// about 24 full datagrams, a couple of milliseconds at the rates a channel sustains.
 const CONGESTED_BYTES: usize = 32 * 1024;
+
+/// Least time between two reports of the primary connection's round trip to the link.
+const RTT_REPORT_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Events taken without waiting after each wake-up before the stats are published.
 const READY_BATCH: usize = 64;
@@ -198,6 +202,8 @@ struct Driver {
     next_token: u64,
     closers: Vec<oneshot::Sender<()>>,
     followups: Vec<Input>,
+    /// When the primary connection's round trip was last reported to the link.
+    rtt_reported_at: Option<Instant>,
     stats: Arc<Mutex<ChannelStats>>,
     current: Arc<Mutex<Option<quinn::Connection>>>,
     /// The driver's own counters (send errors, bytes of closed connections, abandoned sends).
@@ -278,6 +284,7 @@ impl Driver {
                     self.handle(input);
                 }
             }
+            self.report_rtt();
             self.publish();
             if self.link.is_stopped() {
                 break;
@@ -437,6 +444,26 @@ impl Driver {
             conn,
             queued > 0 || capacity.saturating_sub(space) > CONGESTED_BYTES,
         );
+    }
+
+    /// Tells the link the primary connection's round trip as quinn measures it, at most
+    /// every [`RTT_REPORT_INTERVAL`] (the sender's queueing measure).
+    fn report_rtt(&mut self) {
+        let now = now();
+        if self
+            .rtt_reported_at
+            .is_some_and(|t| now.saturating_duration_since(t) < RTT_REPORT_INTERVAL)
+        {
+            return;
+        }
+        let Some(conn) = self.link.primary() else {
+            return;
+        };
+        let Some(rtt) = self.conns.get(&conn).map(quinn::Connection::rtt) else {
+            return;
+        };
+        self.rtt_reported_at = Some(now);
+        self.handle(Input::PathRtt { conn, rtt });
     }
 
     /// Re-reads whether the primary connection is congested (its writer drained).

@@ -322,6 +322,14 @@ pub struct ChannelStats {
     /// congestion are counted apart ([`SenderStats::shards_excluded_congested`]), never as
     /// the path's loss.
     pub loss_burstiness: Option<f64>,
+    /// How far the path's round trip (quinn's) sits above its least of the last ten
+    /// minutes: the queue the channel's traffic stands in. Past a quarter of the least round
+    /// trip (5 ms at least) the sender sheds redundancy; see
+    /// [`crate::proto::Sender::queueing_delay`].
+    pub queueing_delay: Option<Duration>,
+    /// Parity shards per data shard the queueing delay leaves room for now (the planned
+    /// parity is cut to it; the ceiling on a path that does not queue).
+    pub redundancy_cap: f64,
     /// Share of the first-hedge allowance spent (see [`SenderConfig::hedge_budget`]).
     pub hedge_budget_used: f64,
     /// The sending half's counters.
@@ -381,6 +389,8 @@ impl ChannelStats {
         self.loss_estimate = peer.sender.loss_estimate();
         self.loss_observed = peer.sender.loss_observed();
         self.loss_burstiness = peer.sender.loss_burstiness();
+        self.queueing_delay = peer.sender.queueing_delay();
+        self.redundancy_cap = peer.sender.redundancy_cap();
         self.rtt_p50 = peer.sender.rtt().quantile(0.5);
         self.rtt_p95 = peer.sender.rtt().quantile(0.95);
         self.hedge_budget_used = peer.sender.hedge_budget_used();

@@ -28,6 +28,7 @@
 //! deadline, and a receiver that restarted catches up with the sender's ids.
 
 mod dedupe;
+mod governor;
 pub mod link;
 mod receiver;
 mod rtt;

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::governor::Governor;
 use super::rtt::RttEstimator;
 use crate::fec::{Block, EncodeError, Encoder, EncoderConfig};
 use crate::tune::{self, EstimatorConfig, LossEstimator, LossModel, Target, TunerConfig};
@@ -104,11 +105,13 @@ pub struct SenderConfig {
     pub max_ack_delay: Duration,
     /// Least time between two FLOOR frames. Default 10 ms.
     pub floor_interval: Duration,
-    /// Queueing delay that counts as congestion: when the smoothed round trip of first
-    /// flights exceeds the least one seen by more than this (or by more than the least
-    /// round trip itself, whichever is longer), the path is queueing what it is offered,
-    /// and the sender sheds redundancy as for [`Sender::set_congested`]; loss seen then is
-    /// left out of the loss estimate. Default 5 ms.
+    /// Queueing delay that counts as congestion: when the round trip (the least of the last
+    /// few; the transport's when it reports them, first flights' otherwise) exceeds the
+    /// least of the last ten minutes by more than this (or by more than a quarter of that
+    /// least round trip, whichever is longer), the path is queueing what it is offered: the
+    /// sender sheds redundancy as for [`Sender::set_congested`], loss seen then is left out
+    /// of the loss estimate, and the parity allowed per data shard halves every round trip
+    /// ([`Sender::redundancy_cap`]). Default 5 ms.
     pub congestion_delay: Duration,
     /// While the path is silent (no ack for three median round trips, at least
     /// `2 × hedge delay` and 50 ms, while messages await acks) per-block hedges stop and one
@@ -366,8 +369,11 @@ pub struct Sender {
     peer_floor: u64,
     /// The path does not carry what is offered ([`Sender::set_congested`]).
     congested: bool,
-    /// Smoothed round trip of first flights (gain 1/8, as QUIC's `smoothed_rtt`).
-    srtt: Option<Duration>,
+    /// Queueing delay and the redundancy cap it allows.
+    governor: Governor,
+    /// The transport reports its round trip ([`Sender::on_path_rtt`]): the governor takes
+    /// that instead of first flights' acks.
+    path_rtt: bool,
     /// When the last ack arrived.
     last_ack_at: Option<Instant>,
     /// First flights of acked messages expected to miss under independent loss at the
@@ -393,6 +399,14 @@ impl Sender {
             .as_ref()
             .map(|a| a.estimator)
             .unwrap_or_default();
+        // The most parity per data shard any plan asks for.
+        let ceiling = config
+            .adaptive
+            .as_ref()
+            .map_or(config.first_flight_repair as f64, |a| {
+                f64::from(a.tuner.max_repair)
+            });
+        let governor = Governor::new(config.congestion_delay, ceiling);
         Sender {
             encoder: Encoder::new(config.encoder.clone()),
             copies: Encoder::starting_at(config.encoder.clone(), SECONDARY_BLOCKS),
@@ -421,7 +435,8 @@ impl Sender {
             floor_repeats: 0,
             peer_floor: 0,
             congested: false,
-            srtt: None,
+            governor,
+            path_rtt: false,
             last_ack_at: None,
             next_probe: None,
             expected_misses: 0.0,
@@ -437,6 +452,37 @@ impl Sender {
     /// transport (e.g. quinn's datagram send buffer filling up).
     pub fn set_congested(&mut self, congested: bool) {
         self.congested = congested;
+    }
+
+    /// Takes the transport's smoothed round trip (e.g. quinn's, which measures every packet
+    /// unambiguously): from then on the queueing delay, and the redundancy it leaves room
+    /// for, come from these samples rather than from first flights' acks, which stop once
+    /// every block is resent before its ack.
+    pub fn on_path_rtt(&mut self, now: Instant, rtt: Duration) {
+        if !self.path_rtt {
+            self.path_rtt = true;
+            self.governor.reset();
+        }
+        self.governor.on_sample(now, rtt);
+    }
+
+    /// The queueing delay the sender measures: the least of the last few round trips (the
+    /// transport's, once [`Sender::on_path_rtt`] reports them; first flights' otherwise)
+    /// minus the least of the last ten minutes. Redundancy (parity, speculative hedges) is
+    /// spare traffic: past a target (a quarter of that least round trip, at least
+    /// [`SenderConfig::congestion_delay`]) it is shed, as LEDBAT (RFC 6817) yields to a
+    /// queue, so a bottleneck's drops never ask for more of it.
+    pub fn queueing_delay(&self) -> Option<Duration> {
+        self.governor.queueing_delay()
+    }
+
+    /// Parity shards per data shard the queueing delay allows now: halved every round trip
+    /// the queue stays past the target, grown by 0.1 a round trip below it, up to the most
+    /// any plan asks for. First flights carry at most this much parity (fractions carried
+    /// from block to block), and a message is not split into several data shards beyond
+    /// what this much parity can protect.
+    pub fn redundancy_cap(&self) -> f64 {
+        self.governor.cap()
     }
 
     /// Whether the sender is shedding redundancy for congestion: the transport said so
@@ -524,10 +570,7 @@ impl Sender {
 
     /// Whether the smoothed round trip shows the path queueing.
     fn queueing(&self) -> bool {
-        match (self.srtt, self.min_latency) {
-            (Some(srtt), Some(least)) => srtt > least + least.max(self.config.congestion_delay),
-            _ => false,
-        }
+        self.governor.queueing()
     }
 
     /// The link's loss rate the sender plans for (an upper confidence bound; see
@@ -549,6 +592,24 @@ impl Sender {
     }
 
     fn plan_for(&mut self, coded_len: usize) -> Option<(u16, u16)> {
+        let (k, m) = self.loss_plan(coded_len)?;
+        // Splitting a message into k shards pays off only with the parity to match; where
+        // the queueing delay leaves no room for it, k shards are k packets of headers for
+        // nothing (measured at a 1,000 kbit/s bottleneck: 4.6 data shards a message, twice
+        // the bytes). One shard then, with what parity the governor allows.
+        if k > 1 && (self.congested() || f64::from(m) > self.governor.cap() * f64::from(k)) {
+            let single = if self.congested() {
+                0
+            } else {
+                self.repair_for_k(1) as u16
+            };
+            return Some((1, single));
+        }
+        Some((k, m))
+    }
+
+    /// The code the loss estimate asks for, before the queueing delay has its say.
+    fn loss_plan(&mut self, coded_len: usize) -> Option<(u16, u16)> {
         let adaptive = self.config.adaptive.as_ref()?;
         let estimate = self.loss.estimate();
         // Planned for the top of the estimate's 0.1% step, so a cached plan is never weaker
@@ -584,10 +645,14 @@ impl Sender {
     /// Parity for a block built by the encoder alone (batched): the least `m` that meets the
     /// target for its `k`, or `first_flight_repair` when not adaptive.
     fn repair_for(&self, block: &Block) -> usize {
+        self.repair_for_k(usize::from(block.header().data_shards))
+    }
+
+    /// The least parity that meets the target for `k` data shards at the loss estimate.
+    fn repair_for_k(&self, k: usize) -> usize {
         let Some(adaptive) = &self.config.adaptive else {
             return self.config.first_flight_repair;
         };
-        let k = usize::from(block.header().data_shards);
         let model = LossModel::Bernoulli(self.loss.estimate());
         let table = model.loss_counts(k + usize::from(adaptive.tuner.max_repair));
         (0..=usize::from(adaptive.tuner.max_repair))
@@ -754,6 +819,7 @@ impl Sender {
         self.encoder = Encoder::new(self.config.encoder.clone());
         // A new path: whatever was congested or silent was the old one's.
         self.congested = false;
+        self.governor.reset();
         self.next_probe = None;
         self.last_ack_at = Some(now);
         self.samples_from = Some(now);
@@ -955,10 +1021,9 @@ impl Sender {
                     let adjusted = latency.saturating_sub(ack_delay);
                     let sample = if adjusted >= least { adjusted } else { latency };
                     self.rtt.push(sample);
-                    self.srtt = Some(match self.srtt {
-                        Some(s) => (s * 7 + sample) / 8,
-                        None => sample,
-                    });
+                    if !self.path_rtt {
+                        self.governor.on_sample(now, sample);
+                    }
                 }
                 self.stats.acked += 1;
                 self.events.push_back(SenderEvent::Acked {
@@ -1158,7 +1223,15 @@ impl Sender {
             if self.congested() {
                 self.stats.shed_congested += wanted as u64;
                 wanted = 0;
-            } else if self.silent() {
+            } else if !self.silent() {
+                // What the queueing delay leaves room for (all of it on a path that does
+                // not queue).
+                let allowed = self
+                    .governor
+                    .allow(usize::from(block.header().data_shards), wanted);
+                self.stats.shed_congested += (wanted - allowed) as u64;
+                wanted = allowed;
+            } else {
                 // No redundancy into a silent path: the block is sent whole once it
                 // returns.
                 wanted = 0;

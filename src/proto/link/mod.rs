@@ -435,6 +435,16 @@ pub enum Input {
         /// Whether it is congested now.
         congested: bool,
     },
+    /// The transport's smoothed round trip on connection `conn` (quinn's, from its own
+    /// acknowledgements of every packet): the sender's measure of queueing, which its own
+    /// acks cannot give once every block is resent before its ack (a queue longer than
+    /// the hedge delay). Reported every few milliseconds while the channel is busy.
+    PathRtt {
+        /// The connection.
+        conn: ConnId,
+        /// Its smoothed round trip.
+        rtt: Duration,
+    },
     /// Time passed: [`Link::poll_timeout`] is due.
     Timer,
 }
@@ -968,6 +978,11 @@ impl Link {
             Input::Congestion { conn, congested } => {
                 if self.primary == Some(conn) {
                     self.peer.sender.set_congested(congested);
+                }
+            }
+            Input::PathRtt { conn, rtt } => {
+                if self.primary == Some(conn) {
+                    self.peer.sender.on_path_rtt(now, rtt);
                 }
             }
             Input::Timer => self.timer(now),
