@@ -66,7 +66,9 @@
 //! no such parameter), `delivered_bytes`, `dropped_loss`, `dropped_blackout`, `dropped_queue`
 //! (the links' counters, both ways), `hedges`, `retransmits`, `datagram_send_errors`,
 //! `data_shards`, `repair_shards` (surelink's sender: first hedges, later resends, datagrams
-//! quinn refused, first-flight data and parity shards; `null` for the quinn rows), and
+//! quinn refused, first-flight data and parity shards; `null` for the quinn rows),
+//! `loss_burstiness`, `queueing_delay_ms`, `redundancy_cap` (the client channel's
+//! `ChannelStats` at the end of the row; `null` for the quinn rows or until measured), and
 //! `wall_s`.
 //!
 //! `--timeline MS` prints each row's course to stderr, one line per window: packets each way
@@ -315,6 +317,9 @@ struct SenderCounts {
     data_shards: u64,
     repair_shards: u64,
     shards_sent: u64,
+    loss_burstiness: Option<f64>,
+    queueing_delay: Option<Duration>,
+    redundancy_cap: f64,
 }
 
 impl SenderCounts {
@@ -327,6 +332,9 @@ impl SenderCounts {
             data_shards: st.sender.data_shards,
             repair_shards: st.sender.repair_shards,
             shards_sent: st.sender.shards_sent,
+            loss_burstiness: st.loss_burstiness,
+            queueing_delay: st.queueing_delay,
+            redundancy_cap: st.redundancy_cap,
         }
     }
 }
@@ -573,6 +581,7 @@ impl Row {
                 "\"delivered_bytes\":{},\"dropped_loss\":{},\"dropped_blackout\":{},",
                 "\"dropped_queue\":{},\"hedges\":{},\"retransmits\":{},",
                 "\"datagram_send_errors\":{},\"data_shards\":{},\"repair_shards\":{},",
+                "\"loss_burstiness\":{},\"queueing_delay_ms\":{},\"redundancy_cap\":{},",
                 "\"wall_s\":{:.3}}}"
             ),
             self.transport.name(),
@@ -612,6 +621,9 @@ impl Row {
             int(sender.map(|s| s.send_errors)),
             int(sender.map(|s| s.data_shards)),
             int(sender.map(|s| s.repair_shards)),
+            num(sender.and_then(|s| s.loss_burstiness)),
+            num(sender.and_then(|s| s.queueing_delay.map(|d| d.as_secs_f64() * 1000.0))),
+            num(sender.map(|s| s.redundancy_cap)),
             self.wall.as_secs_f64(),
         )
     }
