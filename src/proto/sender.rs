@@ -894,6 +894,21 @@ impl Sender {
         // which is now.
         if self.next_probe.take().is_some() {
             self.samples_from = Some(now);
+            // Blocks whose first hedge came due in the silence were sent into it, with no
+            // parity: their resend is a retransmission, not a speculative hedge that the
+            // hedge budget or a congested path may skip (which cost a hedge delay more
+            // after every outage).
+            let due: Vec<u64> = self
+                .hedge_due
+                .iter()
+                .take_while(|(at, _)| *at <= now)
+                .map(|&(_, id)| id)
+                .collect();
+            for id in due {
+                if let Some(b) = self.blocks.get_mut(&id) {
+                    b.attempts = b.attempts.max(1);
+                }
+            }
         }
         self.stats.peer_shards_received = self.stats.peer_shards_received.max(ack.shards_received);
         // The peer's count covers shards sent up to about one round trip ago: the least
