@@ -33,9 +33,12 @@
 //! Prints one JSON line: `{"mode":..,"sent":N,"acked":A,"failed":F,"p50_ms":..,"p90_ms":..,
 //! "p99_ms":..,"p999_ms":..,"max_ms":..,"wire_bytes":..,"payload_bytes":..,"failovers":..,
 //! "hedges_to_secondary":..,"send_lag_p99_ms":..,"elapsed_s":..,"rate":..,"data_shards":..,
-//! "repair_shards":..,"hedges":..,"retransmits":..,"datagram_send_errors":..}`; the last five
-//! are surelink's sender counters (first-flight data and parity shards, first hedges, later
-//! resends, datagrams quinn refused), `null` for the baselines; `failovers` counts moves to
+//! "repair_shards":..,"hedges":..,"retransmits":..,"datagram_send_errors":..,
+//! "loss_estimate":..,"queueing_delay_ms":..,"redundancy_cap":..,"shed_congested":..}`; the
+//! last nine are surelink's (first-flight data and parity shards, first hedges, later
+//! resends, datagrams quinn refused, and from `ChannelStats` at the end: the loss estimate,
+//! the queueing delay, the parity cap it allows, shards shed for congestion), `null` for the
+//! baselines; `failovers` counts moves to
 //! another replica and `hedges_to_secondary` hedges sent as copies to the warm standby replica
 //! (`--hedge-to other|both`; both 0 for the baseline); latencies are of acked payments;
 //! `wire_bytes` counts UDP payload bytes both ways. Exits 0 when every payment
@@ -301,16 +304,21 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     // surelink's sender, `null` for the baseline: first-flight data and parity shards, first
     // hedges, later resends, datagrams quinn refused.
     let sender = channel.as_ref().map_or_else(
-        || "\"data_shards\":null,\"repair_shards\":null,\"hedges\":null,\"retransmits\":null,\"datagram_send_errors\":null".to_string(),
+        || "\"data_shards\":null,\"repair_shards\":null,\"hedges\":null,\"retransmits\":null,\"datagram_send_errors\":null,\"loss_estimate\":null,\"queueing_delay_ms\":null,\"redundancy_cap\":null,\"shed_congested\":null".to_string(),
         |c| {
             let st = c.stats();
             format!(
-                "\"data_shards\":{},\"repair_shards\":{},\"hedges\":{},\"retransmits\":{},\"datagram_send_errors\":{}",
+                "\"data_shards\":{},\"repair_shards\":{},\"hedges\":{},\"retransmits\":{},\"datagram_send_errors\":{},\"loss_estimate\":{:.5},\"queueing_delay_ms\":{},\"redundancy_cap\":{:.3},\"shed_congested\":{}",
                 st.sender.data_shards,
                 st.sender.repair_shards,
                 st.sender.hedges_fired,
                 st.sender.retransmits,
-                st.send_errors
+                st.send_errors,
+                st.loss_estimate,
+                st.queueing_delay
+                    .map_or("null".to_string(), |d| format!("{:.3}", d.as_secs_f64() * 1000.0)),
+                st.redundancy_cap,
+                st.sender.shed_congested
             )
         },
     );
