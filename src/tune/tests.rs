@@ -409,3 +409,55 @@ fn wilson_bounds() {
     let (lo, hi) = wilson(50, 500, 1.0);
     assert!(lo < 0.1 && hi > 0.1 && hi - lo < 0.03);
 }
+
+/// At high rates the peer's count lags what was handed to the transport by a varying few
+/// milliseconds (its queues, the peer's scheduling): shards judged lost in one interval are
+/// found in a later one. Over windows of a few milliseconds (512 shards at 50 shards a
+/// millisecond) those errors stop cancelling; the windows' time spans keep a clean link
+/// reading clean.
+#[test]
+fn a_clean_link_at_a_high_rate_reads_clean_despite_a_varying_lag() {
+    const LAG_US: u64 = 400;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let run = |config: EstimatorConfig, rng: &mut ChaCha8Rng| {
+        let mut est = LossEstimator::new(config);
+        let t = Instant::now();
+        let guard = Duration::from_micros(200);
+        // (send time, count after it), 50 shards a millisecond for two seconds.
+        let mut sent = Vec::new();
+        for i in 0..100_000u64 {
+            let at = t + Duration::from_micros(20 * i);
+            est.on_sent(at, 1);
+            sent.push((at, i + 1));
+            if i % 25 == 24 {
+                // An ack every half millisecond; the peer has what was sent more than the
+                // guard plus a lag of 0-0.4 ms ago (nothing is lost).
+                let lag = Duration::from_micros(rng.random_range(0..LAG_US));
+                let seen = at.checked_sub(guard + lag).unwrap_or(t);
+                let count = sent
+                    .iter()
+                    .rev()
+                    .find(|(s, _)| *s <= seen)
+                    .map_or(0, |&(_, c)| c);
+                est.on_ack(at, count, guard);
+            }
+        }
+        est.estimate()
+    };
+    let windowed = run(EstimatorConfig::default(), &mut rng);
+    let shards_only = run(
+        EstimatorConfig {
+            window_time: Duration::ZERO,
+            short_window_time: Duration::ZERO,
+            ..EstimatorConfig::default()
+        },
+        &mut rng,
+    );
+    eprintln!("estimate {windowed:.5}; with windows of shards only {shards_only:.5}");
+    // 0.5% is where the tuner starts sending parity (its p99 target's residual).
+    assert!(windowed < 0.005, "clean link read as {windowed}");
+    assert!(
+        shards_only > 0.005,
+        "without the time spans the lag reads as loss: {shards_only}"
+    );
+}
