@@ -693,7 +693,8 @@ async fn after_an_outage_every_payment_in_flight_is_acked_soon_after_the_link_re
     // 40 ms): the last payment in flight acked 178 ms (2 s outage) and 245 ms (5 s: 1,000
     // payments to resend) after the link returned; 478 and 535 ms before the window was
     // kept and the resends counted as retransmissions, 0.6 s and 4.8 s before the probes.
-    // Bound: 400 ms, about RTT + 200 ms plus the second round trip the 5 s backlog needs.
+    // Bound: 280 ms, RTT + 200 ms plus the second round trip the 5 s backlog (1,000
+    // payments, more than the pre-outage window) needs.
     for (outage, seed) in [(Duration::from_secs(2), 3), (Duration::from_secs(5), 4)] {
         let t0 = tokio::time::Instant::now();
         let (acked, failed) = through_outage(outage, seed).await;
@@ -714,7 +715,7 @@ async fn after_an_outage_every_payment_in_flight_is_acked_soon_after_the_link_re
             last.saturating_duration_since(back)
         );
         assert!(
-            last <= back + Duration::from_millis(400),
+            last <= back + Duration::from_millis(280),
             "last ack {:?} after the link returned",
             last.saturating_duration_since(back)
         );
@@ -833,7 +834,13 @@ async fn a_bottleneck_gets_data_not_parity_that_would_overflow_it() {
             offered <= 1.2,
             "offered {offered:.2}x what the link carried"
         );
-        assert!(st.queueing_delay.is_some(), "the queue was measured");
-        assert!(st.sender.shed_congested > 0, "redundancy was shed");
+        // The loss the queue causes asked for up to 12 parity shards a payment before; now
+        // the queueing delay keeps parity to a fraction of the data shards.
+        assert!(
+            st.sender.repair_shards * 2 < st.sender.data_shards,
+            "parity {} for {} data shards",
+            st.sender.repair_shards,
+            st.sender.data_shards
+        );
     }
 }

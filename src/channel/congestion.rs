@@ -11,13 +11,17 @@
 //! path). The first ACK ends the silence and the inner controller's window applies
 //! again.
 //!
-//! The packets lost in the outage are declared lost at that first ACK, and an ACK
-//! spanning more than a few probe timeouts of losses is "persistent congestion" to quinn:
-//! the inner controller would collapse its window to the minimum (measured: BBR's went
-//! from 480 KB to 5.8 KB) just when the messages sent into the outage need resending. A
-//! path that went dead is not a congested one, so losses of packets sent before the
-//! silence ended are not passed to the inner controller; losses of packets sent after it
-//! are, as always.
+//! The packets lost in the outage are declared lost at that first ACK, and the inner
+//! controller would answer as to congestion (BBR's recovery cuts its window to what is in
+//! flight) just when the messages sent into the outage need resending. Worse, quinn's BBR
+//! on a channel that was app-limited until then enters PROBE_RTT (a window of four packets
+//! for 200 ms and more) the first time it is not, which is right after an outage (measured:
+//! 480 KB to 5.8 KB after a 2 s outage). A path that went dead is not a congested one, so:
+//! losses of packets sent before the silence ended are not passed to the inner controller
+//! (losses of packets sent after it are, as always); and for a few round trips after the
+//! silence the window is at least what it was before it, until the backlog fits the inner
+//! window past its PROBE_RTT, at most a second, and no longer once a packet sent after the
+//! silence is lost (the path may have come back narrower).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -80,7 +84,9 @@ pub struct SilenceFloor {
     /// outage's, not congestion.
     resumed_at: Option<Instant>,
     /// The inner window as the silence began, and until when it holds after the silence
-    /// ended (see [`SilenceFloor::window`]; cleared by the first acknowledgements after).
+    /// ended (see [`SilenceFloor::window`]): at least [`HOLD_ROUND_TRIPS`], then until the
+    /// backlog fits the inner window past its PROBE_RTT, at most [`MAX_HOLD`]; a loss of a
+    /// packet sent after the silence ends it at once.
     before_silence: u64,
     held_until: Option<Instant>,
     /// The path's current MTU.
@@ -99,6 +105,11 @@ const PROBE_RTT_PACKETS: u64 = 8;
 
 impl Controller for SilenceFloor {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
+        if self.in_flight == 0 && self.sent_since == 0 {
+            // The first packet after an idle spell (nothing in flight, nothing sent since
+            // the last ACK): a silence counts from here, not from the last ACK.
+            self.last_ack = now;
+        }
         self.sent_since = self.sent_since.saturating_add(bytes);
         let silent = now.saturating_duration_since(self.last_ack) >= self.silence;
         if silent && !self.silent {
@@ -159,6 +170,9 @@ impl Controller for SilenceFloor {
             // Packets sent into the outage (`sent` is the latest lost packet's send time).
             return;
         }
+        // A loss of a packet sent after the path returned: the window from before the
+        // outage no longer holds (the path may have come back narrower).
+        self.held_until = None;
         self.inner
             .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
     }

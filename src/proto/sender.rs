@@ -1,6 +1,6 @@
 //! The sending side: ids, first flight, acks, hedges, deadlines.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -111,7 +111,9 @@ pub struct SenderConfig {
     /// least round trip, whichever is longer), the path is queueing what it is offered: the
     /// sender sheds redundancy as for [`Sender::set_congested`], loss seen then is left out
     /// of the loss estimate, and the parity allowed per data shard halves every round trip
-    /// ([`Sender::redundancy_cap`]). Default 5 ms.
+    /// ([`Sender::redundancy_cap`]). Default 15 ms: jitter only adds to the round trip, and
+    /// a target under the jitter of a Wi-Fi or cellular path would shed the redundancy
+    /// that path needs.
     pub congestion_delay: Duration,
     /// While the path is silent (no ack for three median round trips, at least
     /// `2 × hedge delay` and 50 ms, while messages await acks) per-block hedges stop and one
@@ -151,7 +153,7 @@ impl Default for SenderConfig {
             max_id_span: 65_536,
             max_ack_delay: Duration::from_millis(25),
             floor_interval: Duration::from_millis(10),
-            congestion_delay: Duration::from_millis(5),
+            congestion_delay: Duration::from_millis(15),
             probe_interval: Duration::from_millis(100),
             initial_rtt: Duration::from_millis(100),
             rtt_samples: 512,
@@ -317,6 +319,8 @@ struct BlockState {
     hedges: u32,
     attempts: u32,
     next_hedge: Instant,
+    /// Its first flight went out while the path was silent (whole, without parity).
+    into_silence: bool,
 }
 
 /// The sending half of a surelink peer. Sans-I/O: feed it `now`, acks and timeouts; take
@@ -374,6 +378,8 @@ pub struct Sender {
     /// The transport reports its round trip ([`Sender::on_path_rtt`]): the governor takes
     /// that instead of first flights' acks.
     path_rtt: bool,
+    /// The transport's last reported round trip.
+    last_path_rtt: Option<Duration>,
     /// When the last ack arrived.
     last_ack_at: Option<Instant>,
     /// First flights of acked messages expected to miss under independent loss at the
@@ -437,6 +443,7 @@ impl Sender {
             congested: false,
             governor,
             path_rtt: false,
+            last_path_rtt: None,
             last_ack_at: None,
             next_probe: None,
             expected_misses: 0.0,
@@ -464,21 +471,25 @@ impl Sender {
             self.governor.reset();
         }
         self.governor.on_sample(now, rtt);
+        self.last_path_rtt = Some(rtt);
     }
 
     /// The queueing delay the sender measures: the least of the last few round trips (the
     /// transport's, once [`Sender::on_path_rtt`] reports them; first flights' otherwise)
-    /// minus the least of the last ten minutes. Redundancy (parity, speculative hedges) is
-    /// spare traffic: past a target (a quarter of that least round trip, at least
-    /// [`SenderConfig::congestion_delay`]) it is shed, as LEDBAT (RFC 6817) yields to a
-    /// queue, so a bottleneck's drops never ask for more of it.
+    /// minus the least of the last ten minutes (measured again when shedding does not
+    /// drain the queue for 32 round trips: a longer route, jitter, someone else's queue).
+    /// Redundancy (parity, speculative hedges) is spare traffic: past a target (a quarter
+    /// of that least round trip, at least [`SenderConfig::congestion_delay`]) it is shed, as
+    /// LEDBAT (RFC 6817) yields to a queue, so a bottleneck's drops never ask for more of
+    /// it.
     pub fn queueing_delay(&self) -> Option<Duration> {
         self.governor.queueing_delay()
     }
 
     /// Parity shards per data shard the queueing delay allows now: halved every round trip
-    /// the queue stays past the target, grown by 0.1 a round trip below it, up to the most
-    /// any plan asks for. First flights carry at most this much parity (fractions carried
+    /// the queue stays past the target; below it, grown each base round trip by up to 0.1
+    /// (in proportion to how far under the target the delay is), up to the most any plan
+    /// asks for. First flights carry at most this much parity (fractions carried
     /// from block to block), and a message is not split into several data shards beyond
     /// what this much parity can protect.
     pub fn redundancy_cap(&self) -> f64 {
@@ -486,8 +497,8 @@ impl Sender {
     }
 
     /// Whether the sender is shedding redundancy for congestion: the transport said so
-    /// ([`Sender::set_congested`]), or first flights' smoothed round trip sits
-    /// [`SenderConfig::congestion_delay`] above the least one (queueing).
+    /// ([`Sender::set_congested`]), or the queueing delay ([`Sender::queueing_delay`]) is
+    /// past its target (see [`SenderConfig::congestion_delay`]).
     pub fn congested(&self) -> bool {
         self.congested || self.queueing()
     }
@@ -589,23 +600,24 @@ impl Sender {
     /// when redundancy is not adaptive.
     pub fn current_plan(&mut self, len: usize) -> Option<(u16, u16)> {
         self.plan_for(Envelope::overhead(None) + len)
+            .map(|(k, m, _)| (k, m))
     }
 
-    fn plan_for(&mut self, coded_len: usize) -> Option<(u16, u16)> {
+    /// The code `(k, m)` for a message of `coded_len` bytes, and whether `m` is meant for
+    /// exactly that `k` (else the block's own parity is worked out once it is built: the
+    /// encoder may need more data shards than asked for).
+    fn plan_for(&mut self, coded_len: usize) -> Option<(u16, u16, bool)> {
         let (k, m) = self.loss_plan(coded_len)?;
         // Splitting a message into k shards pays off only with the parity to match; where
         // the queueing delay leaves no room for it, k shards are k packets of headers for
         // nothing (measured at a 1,000 kbit/s bottleneck: 4.6 data shards a message, twice
-        // the bytes). One shard then, with what parity the governor allows.
+        // the bytes). As few shards as the message needs then (one, unless it is larger
+        // than a datagram), with the parity the loss estimate asks for that block, cut to
+        // what the governor allows.
         if k > 1 && (self.congested() || f64::from(m) > self.governor.cap() * f64::from(k)) {
-            let single = if self.congested() {
-                0
-            } else {
-                self.repair_for_k(1) as u16
-            };
-            return Some((1, single));
+            return Some((1, 0, false));
         }
-        Some((k, m))
+        Some((k, m, true))
     }
 
     /// The code the loss estimate asks for, before the queueing delay has its say.
@@ -781,9 +793,9 @@ impl Sender {
             self.encoder.push(now, id, payload.clone())?;
         } else {
             let block = match self.plan_for(payload.len()) {
-                Some((k, m)) => (
+                Some((k, m, exact)) => (
                     self.encoder.encode_split(id, payload.clone(), k, m)?,
-                    Some(usize::from(m)),
+                    exact.then_some(usize::from(m)),
                 ),
                 None => (self.encoder.encode(id, payload.clone())?, None),
             };
@@ -820,6 +832,7 @@ impl Sender {
         // A new path: whatever was congested or silent was the old one's.
         self.congested = false;
         self.governor.reset();
+        self.last_path_rtt = None;
         self.next_probe = None;
         self.last_ack_at = Some(now);
         self.samples_from = Some(now);
@@ -839,10 +852,10 @@ impl Sender {
             .collect();
         for (id, payload) in in_flight {
             let encoded = match self.plan_for(payload.len()) {
-                Some((k, m)) => self
+                Some((k, m, exact)) => self
                     .encoder
                     .encode_split(id, payload, k, m)
-                    .map(|b| (b, Some(usize::from(m)))),
+                    .map(|b| (b, exact.then_some(usize::from(m)))),
                 None => self.encoder.encode(id, payload).map(|b| (b, None)),
             };
             match encoded {
@@ -892,23 +905,9 @@ impl Sender {
         self.last_ack_at = Some(now);
         // The silence ends: blocks whose hedge came due meanwhile go at the next timer,
         // which is now.
-        if self.next_probe.take().is_some() {
+        let silence_ended = self.next_probe.take().is_some();
+        if silence_ended {
             self.samples_from = Some(now);
-            // Blocks whose first hedge came due in the silence were sent into it, with no
-            // parity: their resend is a retransmission, not a speculative hedge that the
-            // hedge budget or a congested path may skip (which cost a hedge delay more
-            // after every outage).
-            let due: Vec<u64> = self
-                .hedge_due
-                .iter()
-                .take_while(|(at, _)| *at <= now)
-                .map(|&(_, id)| id)
-                .collect();
-            for id in due {
-                if let Some(b) = self.blocks.get_mut(&id) {
-                    b.attempts = b.attempts.max(1);
-                }
-            }
         }
         self.stats.peer_shards_received = self.stats.peer_shards_received.max(ack.shards_received);
         // The peer's count covers shards sent up to about one round trip ago: the least
@@ -925,6 +924,23 @@ impl Sender {
             self.peer_floor = self.peer_floor.max(lowest.end().saturating_add(1));
         }
         self.ack_ranges(now, ack);
+        if silence_ended {
+            // Blocks sent into the silence (whole, without parity) and still unacked, whose
+            // hedge came due: their resend is a retransmission, not a speculative hedge the
+            // hedge budget or a congested path may skip (which cost a hedge delay more after
+            // every outage). Blocks sent before the silence keep their own schedule.
+            let due: Vec<u64> = self
+                .hedge_due
+                .iter()
+                .take_while(|(at, _)| *at <= now)
+                .map(|&(_, id)| id)
+                .collect();
+            for id in due {
+                if let Some(b) = self.blocks.get_mut(&id).filter(|b| b.into_silence) {
+                    b.attempts = b.attempts.max(1);
+                }
+            }
+        }
         self.maybe_send_floor(now);
     }
 
@@ -1027,7 +1043,11 @@ impl Sender {
                 // A block whose hedge was skipped or shed was not resent: its ack is still an
                 // unambiguous sample (without it, a path whose round trip grew past the old
                 // hedge delay would never be measured again).
-                let fresh = self.samples_from.is_none_or(|from| m.sent_at >= from);
+                // Sent after the last silence (or connection) began, or acked within twice
+                // the transport's round trip (so a path whose round trip grew past the
+                // silence threshold is still measured).
+                let fresh = self.samples_from.is_none_or(|from| m.sent_at >= from)
+                    || self.last_path_rtt.is_some_and(|rtt| latency <= rtt * 2);
                 if !resent && fresh {
                     let least = self.min_latency.map_or(latency, |m| m.min(latency));
                     self.min_latency = Some(least);
@@ -1059,7 +1079,7 @@ impl Sender {
         // block's shards due, and handed over together they would share a packet (quinn
         // coalesces datagrams queued together), where one loss takes them all. Over real
         // UDP, 1.6 shards went per packet before this (1.05 in virtual time).
-        let mut woken: Vec<u64> = Vec::new();
+        let mut woken: HashSet<u64> = HashSet::new();
         let mut later = Vec::new();
         while self
             .spaced
@@ -1067,11 +1087,10 @@ impl Sender {
             .is_some_and(|((at, _), _)| *at <= now)
         {
             let (_, (block, frame)) = self.spaced.pop_first().expect("checked");
-            if woken.contains(&block) {
-                later.push((block, frame));
-            } else {
-                woken.push(block);
+            if woken.insert(block) {
                 self.emit(now, [frame]);
+            } else {
+                later.push((block, frame));
             }
         }
         let mut step: HashMap<u64, u32> = HashMap::new();
@@ -1256,10 +1275,11 @@ impl Sender {
             let mut frames = block.data_frames();
             self.stats.data_shards += frames.len() as u64;
             let mut wanted = planned.unwrap_or_else(|| self.repair_for(&block));
+            let silent = self.silent();
             if self.congested() {
                 self.stats.shed_congested += wanted as u64;
                 wanted = 0;
-            } else if !self.silent() {
+            } else if !silent {
                 // What the queueing delay leaves room for (all of it on a path that does
                 // not queue).
                 let allowed = self
@@ -1300,6 +1320,7 @@ impl Sender {
                     hedges: 0,
                     attempts: 0,
                     next_hedge,
+                    into_silence: silent,
                 },
             );
         }
@@ -1382,9 +1403,9 @@ impl Sender {
         self.send_spaced(now, id, frames);
     }
 
-    /// Sends the first of `frames` at `at` (now, or a due time in the future) and each next
-    /// one `repair_spacing` later, when two of them could share a packet (so one lost packet
-    /// costs one shard); otherwise all at `at`.
+    /// Sends the first of `frames` (shards of `block`) now and each next one
+    /// `repair_spacing` later, when two of them could share a packet (so one lost packet
+    /// costs one shard); otherwise all now.
     fn send_spaced(&mut self, now: Instant, block: u64, mut frames: Vec<Bytes>) {
         if frames.is_empty() {
             return;
