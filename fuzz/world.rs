@@ -73,6 +73,9 @@ pub enum Op {
     Close { drain: bool },
     /// The client drops every handle.
     DropHandles,
+    /// The shell reports the client's primary path: quinn's round trip (`rtt_ms × 4` ms,
+    /// arbitrary, so queueing comes and goes) and whether its send buffer is congested.
+    Path { rtt_ms: u8, congested: bool },
 }
 
 /// A scenario: the world's shape and its steps.
@@ -444,6 +447,14 @@ impl World {
                 if !self.handles_dropped && !self.client_stopped {
                     self.handles_dropped = true;
                     self.client.handle(self.now, Input::HandlesDropped);
+                }
+            }
+            Op::Path { rtt_ms, congested } => {
+                if let Some(conn) = self.client.primary() {
+                    let rtt = Duration::from_millis(4 * u64::from(rtt_ms));
+                    self.client.handle(self.now, Input::PathRtt { conn, rtt });
+                    self.client
+                        .handle(self.now, Input::Congestion { conn, congested });
                 }
             }
         }
