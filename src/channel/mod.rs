@@ -324,7 +324,7 @@ pub struct ChannelStats {
     pub loss_burstiness: Option<f64>,
     /// How far the path's round trip (quinn's) sits above its least of the last ten
     /// minutes: the queue the channel's traffic stands in. Past a quarter of the least round
-    /// trip (15 ms at least, [`SenderConfig::congestion_delay`]) the sender sheds
+    /// trip (5 ms at least, [`SenderConfig::congestion_delay`]) the sender sheds
     /// redundancy; see [`crate::proto::Sender::queueing_delay`].
     pub queueing_delay: Option<Duration>,
     /// Parity shards per data shard the queueing delay leaves room for now (the planned

@@ -111,9 +111,9 @@ pub struct SenderConfig {
     /// least round trip, whichever is longer), the path is queueing what it is offered: the
     /// sender sheds redundancy as for [`Sender::set_congested`], loss seen then is left out
     /// of the loss estimate, and the parity allowed per data shard halves every round trip
-    /// ([`Sender::redundancy_cap`]). Default 15 ms: jitter only adds to the round trip, and
-    /// a target under the jitter of a Wi-Fi or cellular path would shed the redundancy
-    /// that path needs.
+    /// ([`Sender::redundancy_cap`]). Default 5 ms. Jitter only adds to the round trip: on
+    /// a path whose smoothed round trip jitters by more than the target above its least,
+    /// parity is shed part of the time; raise it for such paths.
     pub congestion_delay: Duration,
     /// While the path is silent (no ack for three median round trips, at least
     /// `2 × hedge delay` and 50 ms, while messages await acks) per-block hedges stop and one
@@ -153,7 +153,7 @@ impl Default for SenderConfig {
             max_id_span: 65_536,
             max_ack_delay: Duration::from_millis(25),
             floor_interval: Duration::from_millis(10),
-            congestion_delay: Duration::from_millis(15),
+            congestion_delay: Duration::from_millis(5),
             probe_interval: Duration::from_millis(100),
             initial_rtt: Duration::from_millis(100),
             rtt_samples: 512,
@@ -476,8 +476,7 @@ impl Sender {
 
     /// The queueing delay the sender measures: the least of the last few round trips (the
     /// transport's, once [`Sender::on_path_rtt`] reports them; first flights' otherwise)
-    /// minus the least of the last ten minutes (measured again when shedding does not
-    /// drain the queue for 32 round trips: a longer route, jitter, someone else's queue).
+    /// minus the least of the last ten minutes.
     /// Redundancy (parity, speculative hedges) is spare traffic: past a target (a quarter
     /// of that least round trip, at least [`SenderConfig::congestion_delay`]) it is shed, as
     /// LEDBAT (RFC 6817) yields to a queue, so a bottleneck's drops never ask for more of
