@@ -127,6 +127,11 @@ struct Args {
     /// A payment not acked within this many milliseconds fails (surelink mode).
     #[arg(long, default_value_t = 5000)]
     deadline_ms: u64,
+    /// surelink mode: code payments sent within this many milliseconds of each other into
+    /// one block (`SenderConfig::batching`, `BatchConfig::linger`); fewer datagrams at high
+    /// rates, up to this much more latency. Off (0) by default.
+    #[arg(long, default_value_t = 0)]
+    batch_linger_ms: u64,
 }
 
 /// `A,B,C` for messages.
@@ -185,6 +190,10 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         Mode::Surelink => {
             let mut config = Config::default();
             config.sender.deadline = Duration::from_millis(args.deadline_ms);
+            if args.batch_linger_ms > 0 {
+                config.sender.batching = true;
+                config.sender.encoder.batch.linger = Duration::from_millis(args.batch_linger_ms);
+            }
             config.sender.hedge_to = match args.hedge_to {
                 HedgeTarget::Same => HedgeTo::Same,
                 HedgeTarget::Other => HedgeTo::Other,
