@@ -743,7 +743,7 @@ async fn stats_tell_bursty_loss_from_independent_loss() {
                 delay: Duration::from_millis(20),
                 ..LinkConfig::default()
             };
-            let (burstiness, _) = burstiness_run(link, seed, 1500).await;
+            let burstiness = paced_run(link, seed, 1500).await.0.loss_burstiness;
             figures.push(burstiness.expect("measured"));
         }
         eprintln!(
@@ -761,9 +761,15 @@ async fn stats_tell_bursty_loss_from_independent_loss() {
     }
 }
 
-async fn burstiness_run(link: LinkConfig, seed: u64, n: u32) -> (Option<f64>, u64) {
+/// 200 payments a second over a fresh pair on `link`, `n` of them, every one acked: the
+/// client's stats and the client-to-server link's counters after.
+async fn paced_run(
+    link: LinkConfig,
+    seed: u64,
+    n: u32,
+) -> (surelink::channel::ChannelStats, surelink::sim::LinkStats) {
     let Ends {
-        pair: _pair,
+        pair,
         client,
         server_messages,
         ..
@@ -776,10 +782,9 @@ async fn burstiness_run(link: LinkConfig, seed: u64, n: u32) -> (Option<f64>, u6
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for t in tasks {
-        t.await.unwrap().unwrap();
+        t.await.unwrap().expect("every payment acked");
     }
-    let st = client.stats();
-    (st.loss_burstiness, st.sender.acked_after_hedge)
+    (client.stats(), pair.up())
 }
 
 #[tokio::test(start_paused = true)]
@@ -801,25 +806,8 @@ async fn a_bottleneck_gets_data_not_parity_that_would_overflow_it() {
         ..LinkConfig::default()
     };
     for seed in [31, 32] {
-        let Ends {
-            pair,
-            client,
-            server_messages,
-            ..
-        } = ends(link.clone(), seed).await;
-        let _reader = reader(server_messages);
-        let mut tasks = Vec::new();
-        for i in 0..1000 {
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move { client.send(payment(i)).await }));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        for t in tasks {
-            t.await.unwrap().expect("every payment acked");
-        }
-        let up = pair.up();
+        let (st, up) = paced_run(link.clone(), seed, 1000).await;
         let offered = up.offered_bytes as f64 / up.delivered_bytes as f64;
-        let st = client.stats();
         eprintln!(
             "seed {seed}: offered/carried {offered:.3}, queue drops {}, queueing {:?}, cap {:.2}, \
              shed {}, data shards {}, parity {}",
@@ -860,23 +848,7 @@ async fn a_lossy_path_that_jitters_keeps_its_parity() {
         ..LinkConfig::default()
     };
     for seed in [41, 42] {
-        let Ends {
-            client,
-            server_messages,
-            pair: _pair,
-            ..
-        } = ends(link.clone(), seed).await;
-        let _reader = reader(server_messages);
-        let mut tasks = Vec::new();
-        for i in 0..1000 {
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move { client.send(payment(i)).await }));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        for t in tasks {
-            t.await.unwrap().expect("every payment acked");
-        }
-        let st = client.stats();
+        let (st, _) = paced_run(link.clone(), seed, 1000).await;
         eprintln!(
             "seed {seed}: queueing {:?}, cap {:.2}, parity {} for {} data shards, shed {}",
             st.queueing_delay,
