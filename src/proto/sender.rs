@@ -1,6 +1,6 @@
 //! The sending side: ids, first flight, acks, hedges, deadlines.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -375,10 +375,9 @@ pub struct Sender {
     congested: bool,
     /// Queueing delay and the redundancy cap it allows.
     governor: Governor,
-    /// The transport reports its round trip ([`Sender::on_path_rtt`]): the governor takes
-    /// that instead of first flights' acks.
-    path_rtt: bool,
-    /// The transport's last reported round trip.
+    /// The transport's last reported round trip on this connection
+    /// ([`Sender::on_path_rtt`]); while there is one, the governor takes the transport's
+    /// reports instead of first flights' acks.
     last_path_rtt: Option<Duration>,
     /// When the last ack arrived.
     last_ack_at: Option<Instant>,
@@ -442,7 +441,6 @@ impl Sender {
             peer_floor: 0,
             congested: false,
             governor,
-            path_rtt: false,
             last_path_rtt: None,
             last_ack_at: None,
             next_probe: None,
@@ -466,8 +464,8 @@ impl Sender {
     /// for, come from these samples rather than from first flights' acks, which stop once
     /// every block is resent before its ack.
     pub fn on_path_rtt(&mut self, now: Instant, rtt: Duration) {
-        if !self.path_rtt {
-            self.path_rtt = true;
+        if self.last_path_rtt.is_none() {
+            // The first report on this connection: first flights' samples give way.
             self.governor.reset();
         }
         self.governor.on_sample(now, rtt);
@@ -656,14 +654,10 @@ impl Sender {
     /// Parity for a block built by the encoder alone (batched): the least `m` that meets the
     /// target for its `k`, or `first_flight_repair` when not adaptive.
     fn repair_for(&self, block: &Block) -> usize {
-        self.repair_for_k(usize::from(block.header().data_shards))
-    }
-
-    /// The least parity that meets the target for `k` data shards at the loss estimate.
-    fn repair_for_k(&self, k: usize) -> usize {
         let Some(adaptive) = &self.config.adaptive else {
             return self.config.first_flight_repair;
         };
+        let k = usize::from(block.header().data_shards);
         let model = LossModel::Bernoulli(self.loss.estimate());
         let table = model.loss_counts(k + usize::from(adaptive.tuner.max_repair));
         (0..=usize::from(adaptive.tuner.max_repair))
@@ -1055,7 +1049,7 @@ impl Sender {
                     let adjusted = latency.saturating_sub(ack_delay);
                     let sample = if adjusted >= least { adjusted } else { latency };
                     self.rtt.push(sample);
-                    if !self.path_rtt {
+                    if self.last_path_rtt.is_none() {
                         self.governor.on_sample(now, sample);
                     }
                 }
@@ -1078,7 +1072,9 @@ impl Sender {
         // block's shards due, and handed over together they would share a packet (quinn
         // coalesces datagrams queued together), where one loss takes them all. Over real
         // UDP, 1.6 shards went per packet before this (1.05 in virtual time).
-        let mut woken: HashSet<u64> = HashSet::new();
+        // Each block's due shards in this wake-up: the first goes, the j-th after it waits
+        // j spacings more.
+        let mut due: HashMap<u64, u32> = HashMap::new();
         let mut later = Vec::new();
         while self
             .spaced
@@ -1086,19 +1082,18 @@ impl Sender {
             .is_some_and(|((at, _), _)| *at <= now)
         {
             let (_, (block, frame)) = self.spaced.pop_first().expect("checked");
-            if woken.insert(block) {
+            let j = due.entry(block).or_insert(0);
+            if *j == 0 {
                 self.emit(now, [frame]);
             } else {
-                later.push((block, frame));
+                later.push((*j, block, frame));
             }
-        }
-        let mut step: HashMap<u64, u32> = HashMap::new();
-        for (block, frame) in later {
-            let j = step.entry(block).or_insert(0);
             *j += 1;
+        }
+        for (j, block, frame) in later {
             self.spaced_seq += 1;
             self.spaced.insert(
-                (now + self.config.repair_spacing * *j, self.spaced_seq),
+                (now + self.config.repair_spacing * j, self.spaced_seq),
                 (block, frame),
             );
         }
