@@ -84,6 +84,11 @@ pub struct LossEstimator {
     chunks: VecDeque<(Instant, i64, u64)>,
     lost_all: i64,
     total_all: u64,
+    /// The newest chunks, as many as the short window holds, and their sums (kept as chunks
+    /// come, so the estimate costs the same at any rate).
+    short: VecDeque<(Instant, i64, u64)>,
+    lost_short: i64,
+    total_short: u64,
     /// [`LossEstimator::estimate`], recomputed when a chunk is judged (the sender asks on
     /// every send).
     cached: f64,
@@ -103,6 +108,9 @@ impl LossEstimator {
             chunks: VecDeque::new(),
             lost_all: 0,
             total_all: 0,
+            short: VecDeque::new(),
+            lost_short: 0,
+            total_short: 0,
             cached: config.initial,
             excluded: 0,
         }
@@ -182,7 +190,24 @@ impl LossEstimator {
             self.lost_all -= l;
             self.total_all -= t;
         }
-        self.cached = self.compute(now);
+        // The short window: the newest chunks, back to the first one that is old enough
+        // with enough shards newer than it (that one and older ones are out).
+        self.short.push_back((now, lost, total));
+        self.lost_short += lost;
+        self.total_short += total;
+        while let Some(&(at, l, t)) = self.short.front() {
+            let newer = self.total_short - t;
+            if self.short.len() <= MAX_CHUNKS
+                && (newer < self.config.short_window
+                    || now.saturating_duration_since(at) < self.config.short_window_time)
+            {
+                break;
+            }
+            self.short.pop_front();
+            self.lost_short -= l;
+            self.total_short -= t;
+        }
+        self.cached = self.compute();
     }
 
     /// The peer's count restarts: a new connection.
@@ -208,23 +233,18 @@ impl LossEstimator {
         self.cached
     }
 
-    fn compute(&self, now: Instant) -> f64 {
+    fn compute(&self) -> f64 {
         if self.total_all == 0 {
             return self.config.initial;
         }
         let z = self.config.z;
         let slow = wilson(clamp_lost(self.lost_all, self.total_all), self.total_all, z).1;
-        let (mut lost, mut total) = (0, 0);
-        for &(at, l, t) in self.chunks.iter().rev() {
-            if total >= self.config.short_window
-                && now.saturating_duration_since(at) >= self.config.short_window_time
-            {
-                break;
-            }
-            lost += l;
-            total += t;
-        }
-        let fast = wilson(clamp_lost(lost, total), total, self.config.z_short).0;
+        let fast = wilson(
+            clamp_lost(self.lost_short, self.total_short),
+            self.total_short,
+            self.config.z_short,
+        )
+        .0;
         slow.max(fast)
     }
 
