@@ -720,7 +720,13 @@ impl Receiver {
             self.stats.shards_refused_backlog += 1;
             return;
         }
-        let outcome = self.reassembler.insert(frame);
+        // Bounded by the frame's decoded length list (a few hundred ids at most).
+        let delivered = frame.header.messages().all(|id| self.dedupe.contains(id));
+        let outcome = if delivered {
+            self.reassembler.insert_delivered(frame)
+        } else {
+            self.reassembler.insert(frame)
+        };
         // Distinct shards only: the sender's loss estimate compares this with what it sent,
         // and a duplicated packet must not hide a lost one.
         if !matches!(outcome, InsertOutcome::Duplicate) {
