@@ -1371,13 +1371,11 @@ impl Sender {
         // Every resend carries a block's worth, `k` shards: a first flight still unacked at
         // the hedge lost more than its parity covered, often all of it (a burst, a
         // blackout), so one resend that gets through rebuilds it instead of adding one
-        // shard per doubling backoff. Under congestion a late ack is more likely queued than
-        // lost: one shard.
-        let count = if congested {
-            self.config.hedge_repair.max(1)
-        } else {
-            usize::from(b.block.header().data_shards).max(self.config.hedge_repair.max(1))
-        };
+        // shard per doubling backoff. Congestion too: one shard per resend (tried) left
+        // blocks whose earlier shards the peer had evicted, behind a backlog, short of `k`
+        // at every try until their deadline (loopback, 50,000 messages/s: p50 up to 970 ms
+        // against 0.8 ms with `k`).
+        let count = usize::from(b.block.header().data_shards).max(self.config.hedge_repair.max(1));
         // Fresh parity while there is some; then copies of the data shards.
         let mut frames = b.block.next_repair(count);
         if frames.len() < count {

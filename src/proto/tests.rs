@@ -1500,3 +1500,51 @@ fn a_late_shard_of_a_forgotten_delivered_block_evicts_nothing() {
     assert_eq!(delivered, (0..6).collect::<Vec<_>>());
 }
 
+/// A resend under congestion still carries a block's worth (`k` shards): the peer may have
+/// evicted or never had the earlier ones, and one shard per try leaves such a block short
+/// of `k` at every try until its deadline.
+#[test]
+fn a_resend_under_congestion_carries_k_shards() {
+    let t = Instant::now();
+    let mut s = Sender::new(plain());
+    let big = Bytes::from(vec![7u8; 3000]);
+    s.send(t, big).unwrap();
+    let k = std::iter::from_fn(|| s.poll_transmit()).count();
+    assert!(k >= 3, "a 3,000-byte message takes several shards: {k}");
+    s.set_congested(true);
+    // Other messages go on and are acked every 5 ms (the path is not silent); message 0's
+    // first hedge is speculative (shed under congestion), the next tries are resends.
+    let mut resends = Vec::new();
+    let mut now = t;
+    let mut next = 1u64;
+    while now < t + Duration::from_secs(1) {
+        now += Duration::from_millis(5);
+        if s.poll_timeout().is_some_and(|at| at <= now) {
+            s.handle_timeout(now);
+        }
+        let id = s.send(now, payload(next)).unwrap();
+        next += 1;
+        let sent: Vec<Bytes> = std::iter::from_fn(|| s.poll_transmit()).collect();
+        let of_zero = sent
+            .iter()
+            .filter(|d| shard_ids(d).is_some_and(|ids| ids.contains(&0)))
+            .count();
+        if of_zero > 0 {
+            resends.push(of_zero);
+        }
+        s.handle_ack(
+            now,
+            &AckFrame {
+                ack_delay_us: 0,
+                shards_received: s.stats().shards_sent,
+                ranges: vec![1..=id],
+            },
+        );
+    }
+    assert!(s.stats().shed_congested >= 1, "{:?}", s.stats());
+    assert_eq!(s.stats().probes, 0);
+    assert!(
+        !resends.is_empty() && resends.iter().all(|&n| n >= k),
+        "{resends:?}"
+    );
+}
