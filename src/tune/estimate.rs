@@ -39,6 +39,18 @@ pub struct EstimatorConfig {
     pub short_window_time: Duration,
     /// Send records kept to match acks against (bounded memory). Default 4096.
     pub history: usize,
+    /// Judged intervals younger than this, while they hold at least `short_window` shards,
+    /// are not in the windows yet; meanwhile only the shards they found count (negative
+    /// loss: shards judged lost earlier that arrived after all). A peer that pauses for a
+    /// few ms makes every shard sent meanwhile look lost until the next acks find them;
+    /// held back, the two cancel before the estimate sees either. Default 20 ms. Measured
+    /// on a clean loopback (payment_client, 3 runs each), without it / with it: 5,000
+    /// messages a second 1.31-1.34 / 1.06-1.12 data shards per message, 1.22 / 1.16-1.17x
+    /// wire bytes, p99 4.3 / 3.2-3.9 ms; 20,000 a second 1.60-1.64 / 1.30-1.43 shards,
+    /// 1.29-1.30 / 1.21-1.25x, p99 5.1-5.2 / 4.9-5.0 ms (the estimate had spiked to 0.6-5%,
+    /// splitting 512-byte messages into 3 shards plus parity). At 200 messages a second
+    /// the intervals never hold that many shards: nothing changes there.
+    pub maturity: Duration,
 }
 
 impl Default for EstimatorConfig {
@@ -52,6 +64,7 @@ impl Default for EstimatorConfig {
             window_time: Duration::from_millis(250),
             short_window_time: Duration::from_millis(50),
             history: 4096,
+            maturity: Duration::from_millis(20),
         }
     }
 }
@@ -94,6 +107,11 @@ pub struct LossEstimator {
     cached: f64,
     /// Shards accounted without being judged ([`LossEstimator::on_ack_excluded`]).
     excluded: u64,
+    /// Chunks younger than [`EstimatorConfig::maturity`], newest last, and their sums:
+    /// not in the windows yet.
+    young: VecDeque<(Instant, i64, u64)>,
+    lost_young: i64,
+    total_young: u64,
 }
 
 impl LossEstimator {
@@ -113,6 +131,9 @@ impl LossEstimator {
             total_short: 0,
             cached: config.initial,
             excluded: 0,
+            young: VecDeque::new(),
+            lost_young: 0,
+            total_young: 0,
         }
     }
 
@@ -150,6 +171,7 @@ impl LossEstimator {
     }
 
     fn account(&mut self, now: Instant, peer_received: u64, guard: Duration, judge: bool) {
+        self.mature(now);
         let Some(cutoff) = now.checked_sub(guard) else {
             return;
         };
@@ -170,10 +192,36 @@ impl LossEstimator {
         self.accounted_sent = sent_upto;
         self.accounted_received = peer_received;
         if judge {
-            self.push_chunk(now, d_sent as i64 - d_received as i64, d_sent);
+            let lost = d_sent as i64 - d_received as i64;
+            self.young.push_back((now, lost, d_sent));
+            self.lost_young += lost;
+            self.total_young += d_sent;
+            self.mature(now);
         } else {
             self.excluded += d_sent;
         }
+    }
+
+    /// Moves judged intervals old enough into the windows. They are held only while they
+    /// are many shards (a high rate, where the windows are bounded by time and a pause of
+    /// a few ms is a visible share of them); at low rates they join the windows at once.
+    fn mature(&mut self, now: Instant) {
+        if self.young.is_empty() {
+            return;
+        }
+        while let Some(&(at, l, t)) = self.young.front() {
+            if now.saturating_duration_since(at) < self.config.maturity
+                && self.total_young >= self.config.short_window
+                && self.young.len() <= MAX_CHUNKS
+            {
+                break;
+            }
+            self.young.pop_front();
+            self.lost_young -= l;
+            self.total_young -= t;
+            self.push_chunk(at, l, t);
+        }
+        self.cached = self.compute();
     }
 
     fn push_chunk(&mut self, now: Instant, lost: i64, total: u64) {
@@ -207,7 +255,6 @@ impl LossEstimator {
             self.lost_short -= l;
             self.total_short -= t;
         }
-        self.cached = self.compute();
     }
 
     /// The peer's count restarts: a new connection.
@@ -238,9 +285,17 @@ impl LossEstimator {
             return self.config.initial;
         }
         let z = self.config.z;
-        let slow = wilson(clamp_lost(self.lost_all, self.total_all), self.total_all, z).1;
+        // Young chunks count only when they found shards (negative loss): what they judged
+        // lost may be shards still in flight behind a pause, found a moment later.
+        let found = self.lost_young.min(0);
+        let slow = wilson(
+            clamp_lost(self.lost_all + found, self.total_all),
+            self.total_all,
+            z,
+        )
+        .1;
         let fast = wilson(
-            clamp_lost(self.lost_short, self.total_short),
+            clamp_lost(self.lost_short + found, self.total_short),
             self.total_short,
             self.config.z_short,
         )

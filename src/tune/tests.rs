@@ -397,6 +397,8 @@ fn estimator_memory_is_bounded_without_acks() {
     }
     // Everything sent is judged by one late ack that saw it all: nothing counted lost.
     est.on_ack(t + Duration::from_secs(10), 10_000, Duration::from_secs(1));
+    // (An interval that large waits `maturity` before it joins the windows.)
+    est.on_ack(t + Duration::from_secs(11), 10_000, Duration::from_secs(1));
     assert_eq!(est.window().0, 0);
     assert!(est.window().1 >= 512);
 }
