@@ -463,3 +463,48 @@ fn a_clean_link_at_a_high_rate_reads_clean_despite_a_varying_lag() {
         "without the time spans the lag reads as loss: {shards_only}"
     );
 }
+
+/// A clean link whose peer pauses now and then (a receiver descheduled for 3 ms every
+/// 100 ms, then working through its backlog for 3 ms) reads clean at 50 shards a
+/// millisecond: what a pause makes look lost is found by the next acks within the
+/// maturity. Without it, the estimate crosses the tuner's parity threshold after pauses.
+#[test]
+fn a_clean_link_whose_peer_pauses_reads_clean() {
+    let run = |config: EstimatorConfig| {
+        let mut est = LossEstimator::new(config);
+        let t = Instant::now();
+        let guard = Duration::from_micros(200);
+        let mut worst: f64 = 0.0;
+        for i in 0..100_000u64 {
+            let at = t + Duration::from_micros(20 * i);
+            est.on_sent(at, 1);
+            // An ack every half millisecond, none while the peer pauses (the first 3 ms of
+            // every 100); in the 3 ms after, its acks lag by what is left of the backlog
+            // (3 ms falling to 0). Otherwise the peer has everything sent more than the
+            // guard ago: nothing is lost.
+            let phase = (i * 20) % 100_000;
+            if i % 25 != 24 || phase < 3_000 {
+                continue;
+            }
+            let lag_us = 6_000u64.saturating_sub(phase).min(3_000);
+            let seen_us = (i * 20).saturating_sub(200 + lag_us);
+            est.on_ack(at, seen_us / 20 + 1, guard);
+            if i > 25_000 {
+                worst = worst.max(est.estimate());
+            }
+        }
+        worst
+    };
+    let held = run(EstimatorConfig::default());
+    let unheld = run(EstimatorConfig {
+        maturity: Duration::ZERO,
+        ..EstimatorConfig::default()
+    });
+    eprintln!("worst estimate {held:.5}; without maturity {unheld:.5}");
+    // 0.5% is where the tuner starts sending parity (its p99 target's residual).
+    assert!(held < 0.005, "clean link read as {held}");
+    assert!(
+        unheld > 0.005,
+        "without maturity the pauses read as loss: {unheld}"
+    );
+}
