@@ -355,8 +355,8 @@ pub struct Sender {
     events: VecDeque<SenderEvent>,
     stats: SenderStats,
     loss: LossEstimator,
-    /// `(coded length, loss step) → (k, m)`.
-    plans: HashMap<(usize, u32), (u16, u16)>,
+    /// `(coded length, loss step, further data shards the round trip allows) → (k, m)`.
+    plans: HashMap<(usize, u32, u32), (u16, u16)>,
     /// Ids handed out by [`Sender::reserve_id`] whose outcome the caller has not reported,
     /// with the time they are given up (the deadline; `None` until the sender next sees the
     /// time).
@@ -624,14 +624,33 @@ impl Sender {
         // Planned for the top of the estimate's 0.1% step, so a cached plan is never weaker
         // than a fresh one.
         let step = (estimate * 1000.0).ceil().clamp(0.0, 1000.0) as u32;
-        if let Some(&plan) = self.plans.get(&(coded_len, step)) {
+        // The round trip bounds how far a message is split (its data shards' spacing must
+        // not exceed it): plans are cached per the bound it gives.
+        // (The transport's, when lower: before the first ack its handshake has measured the
+        // path, while our estimate is still the configured initial round trip.)
+        let rtt = self
+            .rtt
+            .quantile(0.5)
+            .min(self.last_path_rtt.unwrap_or(Duration::MAX));
+        let spacing = self.config.repair_spacing;
+        let most = u128::from(adaptive.tuner.max_data_shards);
+        let splits = if spacing.is_zero() {
+            most
+        } else {
+            (rtt.as_nanos() / spacing.as_nanos()).min(most)
+        } as u32;
+        if let Some(&plan) = self.plans.get(&(coded_len, step, splits)) {
             return Some(plan);
         }
         let profile = tune::Profile {
             message_size: coded_len,
             rate: 0.0,
-            rtt: self.rtt.quantile(0.5),
+            rtt,
             max_datagram_size: self.config.encoder.max_datagram_size,
+        };
+        let tuner = TunerConfig {
+            spacing,
+            ..adaptive.tuner
         };
         let target = Target {
             max_linger: Duration::ZERO,
@@ -641,13 +660,13 @@ impl Sender {
             &LossModel::Bernoulli(f64::from(step) / 1000.0),
             &profile,
             &target,
-            &adaptive.tuner,
+            &tuner,
         );
         if self.plans.len() >= PLAN_CACHE {
             self.plans.clear();
         }
         let plan = (p.data_shards, p.repair_shards);
-        self.plans.insert((coded_len, step), plan);
+        self.plans.insert((coded_len, step, splits), plan);
         Some(plan)
     }
 

@@ -508,3 +508,36 @@ fn a_clean_link_whose_peer_pauses_reads_clean() {
         "without maturity the pauses read as loss: {unheld}"
     );
 }
+
+/// On a path whose round trip is shorter than the spacing of a split message's data
+/// shards, a message that fits one datagram is not split (its parity is whole copies);
+/// one that does not is split only as far as it must be. On a 40 ms path the same loss
+/// splits it (cheaper in bytes, and the spacing is small beside the round trip).
+#[test]
+fn a_message_is_not_split_wider_than_the_round_trip_allows() {
+    let model = LossModel::Bernoulli(0.01);
+    let target = Target::default();
+    let config = TunerConfig::default();
+    let at = |rtt_us: u64, message_size: usize| {
+        plan(
+            &model,
+            &Profile {
+                message_size,
+                rtt: Duration::from_micros(rtt_us),
+                ..Profile::default()
+            },
+            &target,
+            &config,
+        )
+    };
+    let far = at(40_000, 512);
+    assert!(far.data_shards > 1, "{far:?}");
+    let near = at(200, 512);
+    assert_eq!(near.data_shards, 1, "{near:?}");
+    assert!(near.meets_target, "{near:?}");
+    // Two datagrams' worth: two data shards, no more.
+    let big = at(200, 2000);
+    assert_eq!(big.data_shards, 2, "{big:?}");
+    // 2.5 ms: up to 3 data shards (their spacing 2 ms).
+    assert!(at(2_500, 512).data_shards <= 3);
+}
