@@ -30,7 +30,9 @@
 //! second. Measured on loopback at 20,000 messages a second: a 130-200 ms stall at the
 //! start in 3 runs of 4, 8,600-14,000 resends, p99 137-201 ms; Cubic, without the stall,
 //! 4.7-5.2 ms. So while the inner window is at PROBE_RTT's size and nothing was lost since
-//! it was larger, the window stays at that larger size.
+//! it was larger, the window stays at that larger size, for at most 300 ms (PROBE_RTT's
+//! 200 ms and a few round trips: on a path whose bandwidth-delay product is a few packets
+//! the inner window can stay that small for good).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -74,6 +76,7 @@ impl<F: ControllerFactory + Send + Sync + 'static> ControllerFactory for Silence
             held_until: None,
             hold_limit: None,
             steady: 0,
+            small_since: None,
         })
     }
 }
@@ -104,8 +107,11 @@ pub struct SilenceFloor {
     /// The latest a hold lasts.
     hold_limit: Option<Instant>,
     /// The inner window when it was last above PROBE_RTT's size with no loss since (0 after
-    /// a loss): the window while the inner one is at PROBE_RTT's size.
+    /// a loss, or once the inner window has been that small for [`PROBE_RTT_HOLD`]): the
+    /// window while the inner one is at PROBE_RTT's size.
     steady: u64,
+    /// Since when the inner window has been at PROBE_RTT's size.
+    small_since: Option<Instant>,
 }
 
 /// Round trips (the least seen) the window from before a silence holds after it ends, at
@@ -115,6 +121,8 @@ const HOLD_ROUND_TRIPS: u32 = 4;
 const MAX_HOLD: Duration = Duration::from_secs(1);
 /// An inner window at most this many packets is taken for PROBE_RTT's (four packets).
 const PROBE_RTT_PACKETS: u64 = 8;
+/// The longest the window from before a PROBE_RTT holds: its 200 ms and a few round trips.
+const PROBE_RTT_HOLD: Duration = Duration::from_millis(300);
 
 impl Controller for SilenceFloor {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
@@ -159,20 +167,32 @@ impl Controller for SilenceFloor {
     ) {
         self.in_flight = in_flight;
         self.sent_since = 0;
-        // The hold ends once the backlog fits the inner window, which is past PROBE_RTT.
+        // The inner controller answers these acks (and any loss reported before them) first:
+        // its window is read after.
+        self.inner
+            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
         let inner = self.inner.window();
         let probing_rtt = inner <= PROBE_RTT_PACKETS * self.mtu;
+        // PROBE_RTT's hold: from the larger window it fell from, for at most
+        // PROBE_RTT_HOLD (on a path whose BDP is a few packets the inner window may stay
+        // that small for good).
         if !probing_rtt {
             self.steady = inner;
+            self.small_since = None;
+        } else if self.steady > 0 {
+            let since = *self.small_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= PROBE_RTT_HOLD {
+                self.steady = 0;
+            }
         }
+        // The hold after a silence ends once the backlog fits the inner window, which is
+        // past PROBE_RTT.
         let settled = !probing_rtt && in_flight <= inner;
         if self.held_until.is_some_and(|until| now >= until)
             && (settled || self.hold_limit.is_some_and(|limit| now >= limit))
         {
             self.held_until = None;
         }
-        self.inner
-            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
     }
 
     fn on_congestion_event(
@@ -242,6 +262,7 @@ impl Controller for SilenceFloor {
             hold_limit: self.hold_limit,
             mtu: self.mtu,
             steady: self.steady,
+            small_since: self.small_since,
         })
     }
 
@@ -259,15 +280,23 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    /// An inner controller whose window the test sets (standing in for BBR's modes).
+    /// An inner controller whose window the test scripts; like quinn's BBR it takes its new
+    /// window when a batch of acks ends (after a loss too: its recovery window starts
+    /// there).
     #[derive(Clone)]
-    struct Scripted(Arc<AtomicU64>);
+    struct Scripted {
+        next: Arc<AtomicU64>,
+        window: u64,
+    }
 
     impl Controller for Scripted {
+        fn on_end_acks(&mut self, _: Instant, _: u64, _: bool, _: Option<u64>) {
+            self.window = self.next.load(Ordering::Relaxed);
+        }
         fn on_congestion_event(&mut self, _: Instant, _: Instant, _: bool, _: u64) {}
         fn on_mtu_update(&mut self, _: u16) {}
         fn window(&self) -> u64 {
-            self.0.load(Ordering::Relaxed)
+            self.window
         }
         fn clone_box(&self) -> Box<dyn Controller> {
             Box::new(self.clone())
@@ -284,37 +313,57 @@ mod tests {
 
     impl ControllerFactory for ScriptedConfig {
         fn build(self: Arc<Self>, _: Instant, _: u16) -> Box<dyn Controller> {
-            Box::new(Scripted(self.0.clone()))
+            Box::new(Scripted {
+                next: self.0.clone(),
+                window: 14_720,
+            })
         }
     }
 
-    /// The inner window falls to PROBE_RTT's size with no loss: the wrapper keeps the
-    /// window from before; after a loss it follows the inner window down.
-    #[test]
-    fn probe_rtt_is_held_unless_a_loss_came_first() {
-        let t = Instant::now();
-        let inner = Arc::new(AtomicU64::new(400_000));
+    fn wrapped(next: &Arc<AtomicU64>, t: Instant) -> Box<dyn Controller> {
         let config = Arc::new(SilenceFloorConfig::new(
-            Arc::new(ScriptedConfig(inner.clone())),
+            Arc::new(ScriptedConfig(next.clone())),
             Duration::from_millis(500),
             6000,
         ));
-        let mut c = config.build(t, 1200);
-        c.on_sent(t, 1200, 0);
+        config.build(t, 1200)
+    }
+
+    /// The inner window falls to PROBE_RTT's size with no loss: the wrapper keeps the
+    /// window from before, for at most PROBE_RTT_HOLD; then it follows the inner one.
+    #[test]
+    fn probe_rtt_is_held_for_a_while() {
+        let t = Instant::now();
+        let next = Arc::new(AtomicU64::new(400_000));
+        let mut c = wrapped(&next, t);
+        let acks = |c: &mut Box<dyn Controller>, ms: u64| {
+            c.on_end_acks(t + Duration::from_millis(ms), 1200, false, Some(ms));
+            c.window()
+        };
+        assert_eq!(acks(&mut c, 0), 400_000);
+        next.store(4 * 1200, Ordering::Relaxed);
+        assert_eq!(acks(&mut c, 10), 400_000);
+        assert_eq!(acks(&mut c, 250), 400_000);
+        assert_eq!(acks(&mut c, 320), 4 * 1200, "held past PROBE_RTT_HOLD");
+        assert_eq!(acks(&mut c, 400), 4 * 1200);
+        next.store(300_000, Ordering::Relaxed);
+        assert_eq!(acks(&mut c, 410), 300_000);
+    }
+
+    /// A loss answered by a small recovery window (applied, as quinn's BBR does, when the
+    /// next batch of acks ends) is followed, not held.
+    #[test]
+    fn a_loss_is_answered_by_the_inner_window() {
+        let t = Instant::now();
+        let next = Arc::new(AtomicU64::new(400_000));
+        let mut c = wrapped(&next, t);
         c.on_end_acks(t, 1200, false, Some(0));
         assert_eq!(c.window(), 400_000);
-        // PROBE_RTT: four packets.
-        inner.store(4 * 1200, Ordering::Relaxed);
-        c.on_end_acks(t, 1200, false, Some(1));
-        assert_eq!(c.window(), 400_000);
-        // Back past it, smaller: the new size.
-        inner.store(300_000, Ordering::Relaxed);
-        c.on_end_acks(t, 1200, false, Some(2));
-        assert_eq!(c.window(), 300_000);
-        // A loss, then a window that small again: followed, not held.
-        c.on_congestion_event(t, t, false, 1200);
-        inner.store(4 * 1200, Ordering::Relaxed);
-        c.on_end_acks(t, 1200, false, Some(3));
+        let later = t + Duration::from_millis(10);
+        c.on_sent(t, 1200, 1);
+        c.on_congestion_event(later, t, false, 1200);
+        next.store(4 * 1200, Ordering::Relaxed);
+        c.on_end_acks(later, 1200, false, Some(2));
         assert_eq!(c.window(), 4 * 1200);
     }
 }
