@@ -116,10 +116,10 @@ async fn a_client_that_loses_its_connection_reconnects_and_nothing_is_delivered_
         s.reconnects >= 1,
         "the server moved the channel to the new connection"
     );
-    // Recognised once rebuilt (duplicates), or by their shards before any rebuild (stale:
-    // every message of the block already delivered).
+    // Recognised once rebuilt (duplicates), or by their shards before any rebuild (every
+    // message of the block already delivered).
     assert!(
-        s.receiver.duplicates_suppressed + s.reassembly.shards_stale > 0,
+        s.receiver.duplicates_suppressed + s.receiver.shards_of_delivered > 0,
         "re-sent messages were recognised"
     );
     assert_eq!(listener.server().channels(), 1, "one channel, not two");

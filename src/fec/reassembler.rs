@@ -236,6 +236,11 @@ impl Reassembler {
         self.done.contains_key(&id)
     }
 
+    /// Whether block `id` is held, incomplete.
+    pub fn holds(&self, id: u64) -> bool {
+        self.blocks.contains_key(&id)
+    }
+
     /// Takes one shard frame of a block whose every message the caller knows was delivered
     /// (its dedupe window says so) and which this reassembler holds no part of: counted as
     /// stale, as if the block were still remembered as finished, instead of opening a new
@@ -243,7 +248,8 @@ impl Reassembler {
     /// queued behind a backlog) would otherwise fill the table of incomplete blocks and evict
     /// blocks still being rebuilt, whose later shards then start afresh and never reach `k`.
     pub fn insert_delivered(&mut self, frame: ShardFrame) -> InsertOutcome {
-        if self.blocks.contains_key(&frame.header.block) {
+        let id = frame.header.block;
+        if self.blocks.contains_key(&id) || self.done.contains_key(&id) {
             return self.insert(frame);
         }
         if frame.validate(&self.config.limits).is_err() {
@@ -347,12 +353,23 @@ impl Reassembler {
             p.data_present += 1;
         }
         p.bytes += cost;
-        p.shards[usize::from(frame.index)] = Some(frame.payload);
+        let index = usize::from(frame.index);
+        p.shards[index] = Some(frame.payload);
         self.bytes += cost;
         self.stats.shards_accepted += 1;
 
         match progress(p, &self.cache, &mut self.deliveries, &mut self.stats) {
-            Progress::Pending(delivered) => InsertOutcome::Accepted { delivered },
+            Progress::Pending(delivered) => {
+                // Held: copied. A received datagram is a slice of the transport's receive
+                // buffer (with GRO, a batch of up to ~64 KB), which a held slice would keep
+                // whole; copied, `max_bytes` bounds the memory held, not only the bytes
+                // counted. (A shard that completes its block is never held: the common
+                // one-shard message stays zero-copy.)
+                if let Some(held) = p.shards[index].as_mut() {
+                    *held = Bytes::copy_from_slice(held);
+                }
+                InsertOutcome::Accepted { delivered }
+            }
             Progress::Finished(delivered) => {
                 let p = self.remove(id);
                 self.stats.blocks_completed += 1;

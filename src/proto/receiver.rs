@@ -167,6 +167,10 @@ pub struct ReceiverStats {
     pub delivered: u64,
     /// Messages rebuilt again after delivery and suppressed.
     pub duplicates_suppressed: u64,
+    /// Shards of blocks the reassembler no longer held or remembered whose every message
+    /// had been delivered (late copies, resends after a reconnect): re-acked, not rebuilt
+    /// (also counted in `reassembly.shards_stale`).
+    pub shards_of_delivered: u64,
     /// Messages too far ahead of the dedupe window: refused, not acked.
     pub out_of_window: u64,
     /// Acks sent.
@@ -712,7 +716,18 @@ impl Receiver {
             self.flush_refusals(now);
             return;
         }
-        if self.backlogged() && !self.reassembler.is_finished(frame.header.block) {
+        // A shard of a block whose every message was delivered and handed over (the dedupe
+        // window holds it; none awaits the application): if the reassembler no longer holds
+        // or remembers the block, it is stale like a remembered finished block's, instead of
+        // opening an incomplete block that could evict one still being rebuilt. A message
+        // still awaiting the application goes the usual way (a gone application refuses
+        // it again). Validated first: the ids come from the header (at most 64).
+        let delivered = frame.validate(limits).is_ok()
+            && frame
+                .header
+                .messages()
+                .all(|id| self.dedupe.contains(id) && !self.withheld.contains(&id));
+        if self.backlogged() && !delivered && !self.reassembler.is_finished(frame.header.block) {
             // It arrived (the sender's loss estimate must not count it lost), but holding it
             // would buffer without bound behind a slow application. Shards of finished blocks
             // still pass: they only repeat acks.
@@ -720,10 +735,14 @@ impl Receiver {
             self.stats.shards_refused_backlog += 1;
             return;
         }
-        // Bounded by the frame's decoded length list (a few hundred ids at most).
-        let delivered = frame.header.messages().all(|id| self.dedupe.contains(id));
+        let block = frame.header.block;
         let outcome = if delivered {
-            self.reassembler.insert_delivered(frame)
+            let forgotten = !self.reassembler.holds(block) && !self.reassembler.is_finished(block);
+            let outcome = self.reassembler.insert_delivered(frame);
+            if forgotten && matches!(outcome, InsertOutcome::Stale { .. }) {
+                self.stats.shards_of_delivered += 1;
+            }
+            outcome
         } else {
             self.reassembler.insert(frame)
         };

@@ -410,10 +410,10 @@ fn a_new_connection_resends_in_flight_messages_without_double_delivery() {
     check(&out, n);
     assert!(out.failed.is_empty(), "{:?}", out.failed);
     // The scenario happened: messages delivered before the cut were sent again after it and
-    // suppressed: as duplicates once rebuilt, or as stale shards before any rebuild (a block
-    // whose every message the dedupe window holds).
-    let suppressed = h.peers[1].receiver.stats().duplicates_suppressed
-        + h.peers[1].receiver.reassembly().shards_stale;
+    // suppressed: as duplicates once rebuilt, or as shards of delivered messages before any
+    // rebuild (a block whose every message the dedupe window holds).
+    let st = h.peers[1].receiver.stats();
+    let suppressed = st.duplicates_suppressed + st.shards_of_delivered;
     assert!(
         suppressed >= 10,
         "only {suppressed} re-sent messages were already delivered"
@@ -1492,6 +1492,7 @@ fn a_late_shard_of_a_forgotten_delivered_block_evicts_nothing() {
         b.handle_datagram(t, f);
     }
     assert_eq!(b.receiver.reassembly().shards_stale, stale_before + 1);
+    assert_eq!(b.receiver.stats().shards_of_delivered, 1);
     assert_eq!(b.receiver.reassembly().blocks_evicted, 0);
     b.handle_datagram(t, halves[1].clone());
     let delivered: Vec<u64> = std::iter::from_fn(|| b.receiver.poll_delivery())
@@ -1547,4 +1548,45 @@ fn a_resend_under_congestion_carries_k_shards() {
         !resends.is_empty() && resends.iter().all(|&n| n >= k),
         "{resends:?}"
     );
+}
+
+/// Review case: a message handed to the application but never taken, whose application
+/// went away and whose refusal was lost, is refused again when its copy arrives after the
+/// reassembler forgot its block (here: a new connection). It must not be taken for a
+/// delivered block's stale shard and left unanswered.
+#[test]
+fn a_copy_of_an_untaken_message_is_refused_again_after_the_application_went() {
+    let t = Instant::now();
+    let mut a = Peer::new(plain(), ReceiverConfig::default());
+    let mut b = Peer::new(
+        plain(),
+        ReceiverConfig {
+            ack_on_take: true,
+            ..ReceiverConfig::default()
+        },
+    );
+    a.sender.send(t, payload(0)).unwrap();
+    let wire = carry(t, &mut a, &mut b);
+    assert_eq!(
+        std::iter::from_fn(|| b.receiver.poll_delivery())
+            .map(|d| d.id)
+            .collect::<Vec<_>>(),
+        vec![0]
+    );
+    b.receiver.application_gone(t);
+    // The refusal is lost.
+    while b.poll_transmit().is_some() {}
+    b.new_connection(t);
+    for d in wire {
+        b.handle_datagram(t + Duration::from_millis(10), d);
+    }
+    let frames: Vec<Frame> = std::iter::from_fn(|| b.poll_transmit())
+        .map(|d| Frame::decode(d, &Limits::default()).unwrap())
+        .collect();
+    assert!(
+        frames.iter().any(|f| matches!(f, Frame::Refuse(r)
+            if r.reason == crate::wire::REFUSE_CLOSED && r.ranges.iter().any(|x| x.contains(&0)))),
+        "{frames:?}"
+    );
+    assert_eq!(b.receiver.stats().shards_of_delivered, 0);
 }
