@@ -78,7 +78,7 @@ pub struct SenderConfig {
     /// on the sweep, Gilbert-Elliott 5% with bursts of 4, seeds 1-5: p99 191-193 ms with one
     /// shard, 92-104 ms with `k`, against quinn+BBR's 120-150; under independent loss of
     /// 0-20% no change in p99 and under +0.05x wire bytes, since few blocks are hedged).
-    /// Under congestion a hedge is one shard.
+    /// Under congestion the first (speculative) hedge is skipped; resends still carry `k`.
     pub hedge_repair: usize,
     /// First-hedge bytes allowed as a share of first-flight bytes. Default 0.05. Only a
     /// block's first hedge is speculative and budgeted; later resends of a block still
@@ -634,7 +634,7 @@ impl Sender {
             .min(self.last_path_rtt.unwrap_or(Duration::MAX));
         let spacing = self.config.repair_spacing;
         let most = u128::from(adaptive.tuner.max_data_shards);
-        let splits = if spacing.is_zero() {
+        let splits = if spacing.is_zero() || rtt.is_zero() {
             most
         } else {
             (rtt.as_nanos() / spacing.as_nanos()).min(most)

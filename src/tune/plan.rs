@@ -168,11 +168,16 @@ pub fn plan(model: &LossModel, profile: &Profile, target: &Target, config: &Tune
             // datagram size requires (its parity then whole copies). Measured on a clean
             // loopback at 5,000 messages a second: 6% of messages split into 3 shards when
             // the estimate spiked, and the p99 was 3.2-3.9 ms against a 0.2 ms round trip.
-            if k > k_min && !profile.rtt.is_zero() && config.spacing * (k as u32 - 1) > profile.rtt
+            let shard = total.div_ceil(k);
+            // (Shards too large for two to share a datagram are sent together, unspaced.)
+            let spaced = 2 * (shard + header) <= profile.max_datagram_size;
+            if k > k_min
+                && spaced
+                && !profile.rtt.is_zero()
+                && config.spacing * (k as u32 - 1) > profile.rtt
             {
                 break;
             }
-            let shard = total.div_ceil(k);
             let per_shard = (shard + header + config.packet_overhead) as f64;
             for m in 0..=max_m {
                 let n = k + m;
