@@ -67,7 +67,7 @@
 //! (the links' counters, both ways), `hedges`, `retransmits`, `datagram_send_errors`,
 //! `data_shards`, `repair_shards` (surelink's sender: first hedges, later resends, datagrams
 //! quinn refused, first-flight data and parity shards; `null` for the quinn rows),
-//! `loss_burstiness`, `queueing_delay_ms`, `redundancy_cap` (the client channel's
+//! `loss_burstiness`, `queueing_delay_ms`, `redundancy_cap`, `loss_dispersion` (the client channel's
 //! `ChannelStats` at the end of the row; `null` for the quinn rows or until measured), and
 //! `wall_s`.
 //!
@@ -318,6 +318,7 @@ struct SenderCounts {
     repair_shards: u64,
     shards_sent: u64,
     loss_burstiness: Option<f64>,
+    loss_dispersion: Option<f64>,
     queueing_delay: Option<Duration>,
     redundancy_cap: f64,
 }
@@ -333,6 +334,7 @@ impl SenderCounts {
             repair_shards: st.sender.repair_shards,
             shards_sent: st.sender.shards_sent,
             loss_burstiness: st.loss_burstiness,
+            loss_dispersion: st.loss_dispersion,
             queueing_delay: st.queueing_delay,
             redundancy_cap: st.redundancy_cap,
         }
@@ -582,6 +584,7 @@ impl Row {
                 "\"dropped_queue\":{},\"hedges\":{},\"retransmits\":{},",
                 "\"datagram_send_errors\":{},\"data_shards\":{},\"repair_shards\":{},",
                 "\"loss_burstiness\":{},\"queueing_delay_ms\":{},\"redundancy_cap\":{},",
+                "\"loss_dispersion\":{},",
                 "\"wall_s\":{:.3}}}"
             ),
             self.transport.name(),
@@ -624,6 +627,7 @@ impl Row {
             num(sender.and_then(|s| s.loss_burstiness)),
             num(sender.and_then(|s| s.queueing_delay.map(|d| d.as_secs_f64() * 1000.0))),
             num(sender.map(|s| s.redundancy_cap)),
+            num(sender.and_then(|s| s.loss_dispersion)),
             self.wall.as_secs_f64(),
         )
     }

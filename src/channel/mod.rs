@@ -322,6 +322,9 @@ pub struct ChannelStats {
     /// congestion are counted apart ([`SenderStats::shards_excluded_congested`]), never as
     /// the path's loss.
     pub loss_burstiness: Option<f64>,
+    /// Loss structure from the peer's shard counts: about 1 for independent loss, about
+    /// `2L - 1` for bursts of `L` packets; see [`crate::proto::Sender::loss_dispersion`].
+    pub loss_dispersion: Option<f64>,
     /// How far the path's round trip (quinn's) sits above its least of the last ten
     /// minutes: the queue the channel's traffic stands in. Past a quarter of the least round
     /// trip (5 ms at least, [`SenderConfig::congestion_delay`]) the sender sheds
@@ -389,6 +392,7 @@ impl ChannelStats {
         self.loss_estimate = peer.sender.loss_estimate();
         self.loss_observed = peer.sender.loss_observed();
         self.loss_burstiness = peer.sender.loss_burstiness();
+        self.loss_dispersion = peer.sender.loss_dispersion();
         self.queueing_delay = peer.sender.queueing_delay();
         self.redundancy_cap = peer.sender.redundancy_cap();
         self.rtt_p50 = peer.sender.rtt().quantile(0.5);

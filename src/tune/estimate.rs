@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 /// acks a second), so memory stays bounded whatever the rate.
 const MAX_CHUNKS: usize = 65_536;
 
+/// Judged shards per group, and groups kept, for [`LossEstimator::dispersion`].
+const GROUP: u64 = 32;
+const GROUPS: usize = 64;
+
 /// Settings of a [`LossEstimator`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EstimatorConfig {
@@ -112,6 +116,9 @@ pub struct LossEstimator {
     young: VecDeque<(Instant, i64, u64)>,
     lost_young: i64,
     total_young: u64,
+    /// The group being filled (lost, total) and the last finished groups' lost counts.
+    group: (i64, u64),
+    groups: VecDeque<i64>,
 }
 
 impl LossEstimator {
@@ -134,6 +141,8 @@ impl LossEstimator {
             young: VecDeque::new(),
             lost_young: 0,
             total_young: 0,
+            group: (0, 0),
+            groups: VecDeque::new(),
         }
     }
 
@@ -224,7 +233,37 @@ impl LossEstimator {
         self.cached = self.compute();
     }
 
+    /// Index of dispersion of the lost count per group of `GROUP` consecutive judged shards
+    /// (variance over mean) across the last groups: about `1 - p` when shards are lost
+    /// independently, several times more when they are lost in bursts.
+    pub fn dispersion(&self) -> Option<f64> {
+        if self.groups.len() < 8 {
+            return None;
+        }
+        let n = self.groups.len() as f64;
+        let mean = self.groups.iter().map(|&l| l.max(0) as f64).sum::<f64>() / n;
+        if mean <= 0.0 {
+            return None;
+        }
+        let var = self
+            .groups
+            .iter()
+            .map(|&l| (l.max(0) as f64 - mean).powi(2))
+            .sum::<f64>()
+            / (n - 1.0);
+        Some(var / mean)
+    }
+
     fn push_chunk(&mut self, now: Instant, lost: i64, total: u64) {
+        self.group.0 += lost;
+        self.group.1 += total;
+        if self.group.1 >= GROUP {
+            self.groups.push_back(self.group.0);
+            if self.groups.len() > GROUPS {
+                self.groups.pop_front();
+            }
+            self.group = (0, 0);
+        }
         self.chunks.push_back((now, lost, total));
         self.lost_all += lost;
         self.total_all += total;
