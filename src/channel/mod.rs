@@ -296,11 +296,12 @@ pub type ChannelId = [u8; 16];
 /// | question | field |
 /// |---|---|
 /// | how lossy is the path? | [`loss_estimate`](Self::loss_estimate), [`loss_observed`](Self::loss_observed) |
+/// | is the loss bursty? | [`loss_dispersion`](Self::loss_dispersion) (about 1 when independent), [`loss_burstiness`](Self::loss_burstiness) |
 /// | how fast are acks? | [`rtt_p50`](Self::rtt_p50), [`rtt_p95`](Self::rtt_p95) |
 /// | what did redundancy cost? | `sender.data_shards`, `sender.repair_shards`, `sender.first_flight_bytes` |
 /// | how often did it hedge? | `sender.hedges_fired`, `sender.hedges_skipped`, [`hedge_budget_used`](Self::hedge_budget_used), `sender.retransmits` |
 /// | what did parity save? | `reassembly.blocks_rebuilt` (messages rebuilt without waiting for a resend) |
-/// | were duplicates stopped? | `receiver.duplicates_suppressed`, `receiver.duplicate_keys`, `reassembly.shards_stale` |
+/// | were duplicates stopped? | `receiver.duplicates_suppressed`, `receiver.duplicate_keys`, `receiver.shards_of_delivered`, `reassembly.shards_stale` |
 /// | is the application keeping up? | [`in_flight`](Self::in_flight) (sends awaiting outcomes), `receiver.bytes_queued` and `receiver.shards_refused_backlog` (deliveries not yet taken) |
 /// | is memory bounded? | `reassembly.blocks_buffered`, `reassembly.bytes_buffered`, `reassembly.blocks_evicted`, `receiver.ids_tracked`, `receiver.keys_held` |
 /// | is someone sending garbage? | [`invalid_frames`](Self::invalid_frames) by reason, `reassembly.shards_contradicting`, `reassembly.checksum_failures` |
