@@ -716,18 +716,22 @@ impl Receiver {
             self.flush_refusals(now);
             return;
         }
-        // A shard of a block whose every message was delivered and handed over (the dedupe
-        // window holds it; none awaits the application): if the reassembler no longer holds
-        // or remembers the block, it is stale like a remembered finished block's, instead of
-        // opening an incomplete block that could evict one still being rebuilt. A message
-        // still awaiting the application goes the usual way (a gone application refuses
-        // it again). Validated first: the ids come from the header (at most 64).
-        let delivered = frame.validate(limits).is_ok()
+        // A shard of a block the reassembler no longer holds or remembers, whose every
+        // message was delivered and handed over (the dedupe window holds it; none awaits
+        // the application): stale like a remembered finished block's, instead of opening an
+        // incomplete block that could evict one still being rebuilt. A message still
+        // awaiting the application goes the usual way (a gone application refuses it
+        // again). Validated first: the ids come from the header (at most 64).
+        let block = frame.header.block;
+        let finished = self.reassembler.is_finished(block);
+        let forgotten_delivered = !finished
+            && !self.reassembler.holds(block)
+            && frame.validate(limits).is_ok()
             && frame
                 .header
                 .messages()
                 .all(|id| self.dedupe.contains(id) && !self.withheld.contains(&id));
-        if self.backlogged() && !delivered && !self.reassembler.is_finished(frame.header.block) {
+        if self.backlogged() && !forgotten_delivered && !finished {
             // It arrived (the sender's loss estimate must not count it lost), but holding it
             // would buffer without bound behind a slow application. Shards of finished blocks
             // still pass: they only repeat acks.
@@ -735,14 +739,9 @@ impl Receiver {
             self.stats.shards_refused_backlog += 1;
             return;
         }
-        let block = frame.header.block;
-        let outcome = if delivered {
-            let forgotten = !self.reassembler.holds(block) && !self.reassembler.is_finished(block);
-            let outcome = self.reassembler.insert_delivered(frame);
-            if forgotten && matches!(outcome, InsertOutcome::Stale { .. }) {
-                self.stats.shards_of_delivered += 1;
-            }
-            outcome
+        let outcome = if forgotten_delivered {
+            self.stats.shards_of_delivered += 1;
+            self.reassembler.insert_delivered(frame)
         } else {
             self.reassembler.insert(frame)
         };
