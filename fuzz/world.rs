@@ -1075,6 +1075,7 @@ impl World {
                     key,
                     claimant,
                     timeout,
+                    ..
                 } => {
                     let incarnation = self.servers[r].incarnation;
                     let result = match self.store.faults.pop_front() {

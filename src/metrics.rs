@@ -57,7 +57,7 @@
 //! |---|---|---|---|
 //! | `surelink_messages_sent_total` | counter | `role` | messages given an id and sent, on either path (`stats().sender.messages_sent`) |
 //! | `surelink_messages_acked_total` | counter | `role` | sends whose outcome was `Ok(Receipt)`: the peer's application took the message (or a replica claimed it) |
-//! | `surelink_messages_failed_total` | counter | `role`, `reason` | sends whose outcome was an error, by `reason`: `deadline` (no ack within the deadline; outcome unknown), `connection_lost` (outcome unknown), `peer_lost_state` (the server came back without the channel's state; outcome unknown), `refused` (the peer refused it; not delivered), `rejected` (refused before sending: bad key, backpressure, cannot be coded), `too_large`, `datagrams_unsupported`, `closed` (the channel was closing) |
+//! | `surelink_messages_failed_total` | counter | `role`, `reason` | sends whose outcome was an error, by `reason`: `deadline` (no ack within the deadline; outcome unknown), `connection_lost` (outcome unknown), `peer_lost_state` (the server came back without the channel's state; outcome unknown), `refused` (the peer refused it; not delivered), `rejected` (refused before sending: bad key, backpressure, cannot be coded), `too_large`, `key_reused` (its key was delivered before with another payload; not delivered), `datagrams_unsupported`, `closed` (the channel was closing) |
 //! | `surelink_send_latency_seconds` | histogram | `role` | from `send` to the ack, of every acked send (`Receipt::latency`) |
 //! | `surelink_in_flight` | gauge | `role` | messages sent and awaiting their outcome, over the open channels (`stats().in_flight`) |
 //! | `surelink_loss_estimate` | gauge | `role` | mean over the open channels of the per-shard loss rate each plans its redundancy for (`stats().loss_estimate`) |
@@ -96,7 +96,7 @@
 //! | `surelink_shards_received_total` | counter | `role` | distinct shard frames received (`receiver.shards_received`) |
 //! | `surelink_blocks_rebuilt_total` | counter | `role` | blocks finished with parity, without waiting for a resend (`reassembly.blocks_rebuilt`) |
 //! | `surelink_duplicates_suppressed_total` | counter | `role`, `kind` | copies acked and not delivered again: `kind="id"` (a message id delivered before; `receiver.duplicates_suppressed`), `"key"` (an idempotency key delivered before under another id; `receiver.duplicate_keys`), `"key_elsewhere"` (a key delivered by another channel of the same server; `duplicate_keys_elsewhere`), `"claimed_before"` (the claims store had it; `receiver.claimed_before`) |
-//! | `surelink_messages_refused_total` | counter | `role`, `reason` | messages refused (a REFUSE to the sender, never delivered), by `reason`: `malformed` (envelope), `out_of_window`, `keys_full`, `block` (code above the limits), `closed` (the application was gone) (`receiver.refused`) |
+//! | `surelink_messages_refused_total` | counter | `role`, `reason` | messages refused (a REFUSE to the sender, never delivered), by `reason`: `malformed` (envelope), `out_of_window`, `keys_full`, `block` (code above the limits), `closed` (the application was gone), `passed` (the floor passed the id before it was delivered), `key_reused` (its key was delivered with another payload) (`receiver.refused`) |
 //! | `surelink_invalid_frames_total` | counter | `role`, `reason` | input that broke the wire format: every datagram or stream message that did not decode, by the decoder's reason (`stats().invalid_frames`: `truncated`, `unknown_type`, `unsupported_version`, `index_out_of_range`, `trailing_bytes`, …, and `stream_too_long`, `stream_timeout`), and from reassembly `bad_checksum` (a block whose bytes failed their CRC; `reassembly.checksum_failures`), `contradicting_shard` (`reassembly.shards_contradicting`) and `malformed_shard` (`reassembly.shards_malformed`) |
 //! | `surelink_claim_failures_total` | counter | `role` | claims the store failed to answer (retried; `receiver.claim_failures`) |
 //!
@@ -199,6 +199,8 @@ const FOLLOWED: &[Follow] = &[
     follow("surelink_messages_refused_total", Some(("reason", "keys_full")), COUNT, "Messages refused (never delivered), by reason.", |s| s.receiver.refused.keys_full),
     follow("surelink_messages_refused_total", Some(("reason", "block")), COUNT, "Messages refused (never delivered), by reason.", |s| s.receiver.refused.block),
     follow("surelink_messages_refused_total", Some(("reason", "closed")), COUNT, "Messages refused (never delivered), by reason.", |s| s.receiver.refused.closed),
+    follow("surelink_messages_refused_total", Some(("reason", "passed")), COUNT, "Messages refused (never delivered), by reason.", |s| s.receiver.refused.passed),
+    follow("surelink_messages_refused_total", Some(("reason", "key_reused")), COUNT, "Messages refused (never delivered), by reason.", |s| s.receiver.refused.key_reused),
     follow(INVALID_FRAMES, Some(("reason", "bad_checksum")), COUNT, INVALID_FRAMES_HELP, |s| s.reassembly.checksum_failures),
     follow(INVALID_FRAMES, Some(("reason", "contradicting_shard")), COUNT, INVALID_FRAMES_HELP, |s| s.reassembly.shards_contradicting),
     follow(INVALID_FRAMES, Some(("reason", "malformed_shard")), COUNT, INVALID_FRAMES_HELP, |s| s.reassembly.shards_malformed),
@@ -290,6 +292,7 @@ pub(crate) fn failure_reason(e: &SendError) -> &'static str {
         SendError::Rejected(_) => "rejected",
         SendError::TooLarge { .. } => "too_large",
         SendError::Refused { .. } => "refused",
+        SendError::KeyReused { .. } => "key_reused",
         SendError::DatagramsUnsupported => "datagrams_unsupported",
         SendError::Closed => "closed",
     }

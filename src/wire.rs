@@ -165,6 +165,7 @@ const TYPE_CLOSE: u8 = 0x4;
 const TYPE_STREAM_MESSAGE: u8 = 0x5;
 const TYPE_FLOOR: u8 = 0x6;
 const TYPE_REFUSE: u8 = 0x7;
+const TYPE_REPLAYED: u8 = 0x8;
 
 /// REFUSE reason: the message's envelope is malformed (reserved flag bits, an empty or
 /// oversized idempotency key).
@@ -179,6 +180,12 @@ pub const REFUSE_KEYS_FULL: u64 = 3;
 pub const REFUSE_BLOCK: u64 = 4;
 /// REFUSE reason: the receiving application is gone; nothing more will be delivered.
 pub const REFUSE_CLOSED: u64 = 5;
+/// REFUSE reason: the receiver's floor passed the id before it was delivered (its hole
+/// outlived the receiver's hole TTL, or the sender's FLOOR passed it); it never will be.
+pub const REFUSE_PASSED: u64 = 6;
+/// REFUSE reason: the message's idempotency key was delivered (or waits for the application)
+/// with another payload. The message is not delivered; a retry under that key never will be.
+pub const REFUSE_KEY_REUSED: u64 = 7;
 
 const fn type_byte(frame_type: u8) -> u8 {
     (VERSION << 4) | frame_type
@@ -482,6 +489,25 @@ pub enum Frame {
     Floor(FloorFrame),
     /// Receiver → sender: these messages will not be delivered.
     Refuse(RefuseFrame),
+    /// Receiver → sender (protocol 2): these messages were not delivered again because their
+    /// idempotency key was delivered before with the same payload: they are acked as
+    /// replays.
+    Replayed(ReplayedFrame),
+}
+
+/// Receiver → sender (protocol 2): messages acked as replays of an earlier delivery of their
+/// idempotency key (same payload). The receiver names them here instead of in ACK ranges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayedFrame {
+    /// Replayed ids, `1 ..= Limits::max_ack_ranges` ranges, each within `0 ..= 2^62 - 1`.
+    pub ranges: Vec<RangeInclusive<u64>>,
+}
+
+impl ReplayedFrame {
+    /// Whether `id` is named by this frame.
+    pub fn contains(&self, id: u64) -> bool {
+        self.ranges.iter().any(|r| r.contains(&id))
+    }
 }
 
 /// Sender → receiver: every message id below `floor` has its outcome at the sender.
@@ -736,6 +762,9 @@ impl Frame {
                 floor: get_varint(&mut datagram)?,
             }),
             TYPE_REFUSE => Frame::Refuse(decode_refuse(&mut datagram, &limits)?),
+            TYPE_REPLAYED => Frame::Replayed(ReplayedFrame {
+                ranges: decode_id_ranges(&mut datagram, &limits)?,
+            }),
             _ => return Err(DecodeError::UnknownType(ty)),
         };
         if datagram.has_remaining() {
@@ -782,11 +811,11 @@ impl Frame {
             Frame::Refuse(r) => {
                 buf.put_u8(type_byte(TYPE_REFUSE));
                 put_varint(buf, r.reason);
-                put_varint(buf, r.ranges.len() as u64);
-                for range in &r.ranges {
-                    put_varint(buf, *range.start());
-                    put_varint(buf, range.end().saturating_sub(*range.start()));
-                }
+                put_id_ranges(buf, &r.ranges);
+            }
+            Frame::Replayed(r) => {
+                buf.put_u8(type_byte(TYPE_REPLAYED));
+                put_id_ranges(buf, &r.ranges);
             }
         }
     }
@@ -867,6 +896,9 @@ impl Envelope {
 pub const STREAM_DELIVERED: u8 = 0;
 /// Status byte a receiver answers a stream message with: refused, not delivered.
 pub const STREAM_REFUSED: u8 = 1;
+/// Status byte (protocol 2) a receiver answers a stream message with: not delivered again,
+/// because its idempotency key was delivered before with the same payload (a replay; acked).
+pub const STREAM_REPLAYED: u8 = 2;
 
 /// A server's answer to a Hello (one byte on the Hello's stream): the channel id is new to
 /// it, so it holds no state (no dedupe window) for the channel.
@@ -1042,8 +1074,25 @@ fn validate_shard(
     Ok(())
 }
 
+fn put_id_ranges<B: BufMut>(buf: &mut B, ranges: &[RangeInclusive<u64>]) {
+    put_varint(buf, ranges.len() as u64);
+    for range in ranges {
+        put_varint(buf, *range.start());
+        put_varint(buf, range.end().saturating_sub(*range.start()));
+    }
+}
+
 fn decode_refuse(buf: &mut Bytes, limits: &Limits) -> Result<RefuseFrame, DecodeError> {
     let reason = get_varint(buf)?;
+    let ranges = decode_id_ranges(buf, limits)?;
+    Ok(RefuseFrame { reason, ranges })
+}
+
+/// `count` then `(first, extra)` × count, as REFUSE and REPLAYED carry them.
+fn decode_id_ranges(
+    buf: &mut Bytes,
+    limits: &Limits,
+) -> Result<Vec<RangeInclusive<u64>>, DecodeError> {
     let count = get_varint(buf)?;
     if count == 0 {
         return Err(DecodeError::InvalidRefuseRange);
@@ -1068,7 +1117,7 @@ fn decode_refuse(buf: &mut Bytes, limits: &Limits) -> Result<RefuseFrame, Decode
             .ok_or(DecodeError::InvalidRefuseRange)?;
         ranges.push(first..=last);
     }
-    Ok(RefuseFrame { reason, ranges })
+    Ok(ranges)
 }
 
 fn decode_ack(buf: &mut Bytes, limits: &Limits) -> Result<AckFrame, DecodeError> {

@@ -27,7 +27,7 @@ use rand::{RngExt, SeedableRng};
 use surelink::fec::{CodecCache, Encoder, EncoderConfig, Reassembler, ReassemblerConfig};
 use surelink::wire::{
     self, AckFrame, BlockHeader, CloseFrame, Envelope, FloorFrame, Frame, HelloFrame, Limits,
-    RefuseFrame, ShardFrame,
+    RefuseFrame, ReplayedFrame, ShardFrame,
 };
 
 const SPEC: &str = include_str!("../docs/PROTOCOL.md");
@@ -181,7 +181,9 @@ fn hex(s: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
-const FRAME_KINDS: [&str; 6] = ["shard", "ack", "hello", "close", "floor", "refuse"];
+const FRAME_KINDS: [&str; 7] = [
+    "shard", "ack", "hello", "close", "floor", "refuse", "replayed",
+];
 
 /// The frame a vector of a frame kind describes, in the independent implementation's terms.
 fn described_frame(v: &Vector) -> spec::Frame {
@@ -216,6 +218,9 @@ fn described_frame(v: &Vector) -> spec::Frame {
         "floor" => spec::Frame::Floor(v.num("floor")),
         "refuse" => spec::Frame::Refuse {
             reason: v.num("reason"),
+            ranges: v.ranges("ranges"),
+        },
+        "replayed" => spec::Frame::Replayed {
             ranges: v.ranges("ranges"),
         },
         other => panic!("{}: {other} is not a frame kind", v.name),
@@ -264,6 +269,9 @@ fn from_surelink(f: &Frame) -> spec::Frame {
             reason: r.reason,
             ranges: r.ranges.iter().map(range).collect(),
         },
+        Frame::Replayed(r) => spec::Frame::Replayed {
+            ranges: r.ranges.iter().map(range).collect(),
+        },
     }
 }
 
@@ -305,6 +313,7 @@ fn to_surelink(f: &spec::Frame) -> Frame {
             reason: *reason,
             ranges: ranges(rs),
         }),
+        spec::Frame::Replayed { ranges: rs } => Frame::Replayed(ReplayedFrame { ranges: ranges(rs) }),
     }
 }
 
@@ -331,6 +340,7 @@ fn the_document_has_a_vector_of_every_kind() {
         "close",
         "floor",
         "refuse",
+        "replayed",
         "stream_message",
         "envelope",
         "invalid",
@@ -1067,6 +1077,9 @@ mod spec {
             reason: u64,
             ranges: Vec<(u64, u64)>,
         },
+        Replayed {
+            ranges: Vec<(u64, u64)>,
+        },
     }
 
     struct Reader<'a> {
@@ -1147,6 +1160,9 @@ mod spec {
             }
             0x6 => Frame::Floor(r.varint()?),
             0x7 => refuse(&mut r)?,
+            0x8 => Frame::Replayed {
+                ranges: id_ranges(&mut r)?,
+            },
             _ => return Err("unknown_type"),
         };
         if r.left() > 0 {
@@ -1258,6 +1274,12 @@ mod spec {
 
     fn refuse(r: &mut Reader<'_>) -> Result<Frame, Error> {
         let reason = r.varint()?;
+        let ranges = id_ranges(r)?;
+        Ok(Frame::Refuse { reason, ranges })
+    }
+
+    /// REFUSE's and REPLAYED's `count` and `(first, extra)` pairs.
+    fn id_ranges(r: &mut Reader<'_>) -> Result<Vec<(u64, u64)>, Error> {
         let count = r.varint()?;
         if count == 0 {
             return Err("invalid_refuse_range");
@@ -1278,7 +1300,15 @@ mod spec {
                 .ok_or("invalid_refuse_range")?;
             ranges.push((first, last));
         }
-        Ok(Frame::Refuse { reason, ranges })
+        Ok(ranges)
+    }
+
+    fn put_ranges(out: &mut Vec<u8>, ranges: &[(u64, u64)]) {
+        put_varint(out, ranges.len() as u64);
+        for &(first, last) in ranges {
+            put_varint(out, first);
+            put_varint(out, last - first);
+        }
     }
 
     pub fn encode(frame: &Frame) -> Vec<u8> {
@@ -1333,11 +1363,11 @@ mod spec {
             Frame::Refuse { reason, ranges } => {
                 out.push(0x17);
                 put_varint(&mut out, *reason);
-                put_varint(&mut out, ranges.len() as u64);
-                for &(first, last) in ranges {
-                    put_varint(&mut out, first);
-                    put_varint(&mut out, last - first);
-                }
+                put_ranges(&mut out, ranges);
+            }
+            Frame::Replayed { ranges } => {
+                out.push(0x18);
+                put_ranges(&mut out, ranges);
             }
         }
         out

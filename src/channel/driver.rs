@@ -544,6 +544,7 @@ impl Driver {
                 key,
                 claimant,
                 timeout,
+                ..
             } => self.claim(attempt, id, key, claimant, timeout),
             Action::Deliver(message) => {
                 let span = tracing::debug_span!(

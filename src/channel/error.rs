@@ -77,6 +77,15 @@ pub enum SendError {
         /// The message id on this channel.
         id: u64,
     },
+    /// The message's idempotency key was delivered before with another payload (another
+    /// amount, another terminal, a bug in the client): this message was not delivered, and
+    /// never will be under that key. Do not retry with the same key; find out which payment
+    /// the key was used for.
+    #[error("message {id}: its idempotency key was already used for another payload; not delivered")]
+    KeyReused {
+        /// The message id on this channel.
+        id: u64,
+    },
     /// The peer does not accept QUIC DATAGRAM frames, or the path is too small for them.
     #[error("the connection does not carry QUIC datagrams")]
     DatagramsUnsupported,
@@ -107,9 +116,10 @@ impl SendError {
             SendError::Timeout { .. } | SendError::ConnectionLost { .. } => true,
             SendError::Refused { .. } => true,
             SendError::Rejected(reason) => matches!(reason, RejectReason::Backpressure { .. }),
-            SendError::TooLarge { .. } | SendError::DatagramsUnsupported | SendError::Closed => {
-                false
-            }
+            SendError::TooLarge { .. }
+            | SendError::KeyReused { .. }
+            | SendError::DatagramsUnsupported
+            | SendError::Closed => false,
         }
     }
 }
@@ -163,6 +173,7 @@ impl From<LinkError> for SendError {
             LinkError::Rejected(e) => SendError::Rejected(e.into()),
             LinkError::TooLarge { len, max } => SendError::TooLarge { len, max },
             LinkError::Refused { id } => SendError::Refused { id },
+            LinkError::KeyReused { id } => SendError::KeyReused { id },
             LinkError::DatagramsUnsupported => SendError::DatagramsUnsupported,
             LinkError::Closed => SendError::Closed,
         }

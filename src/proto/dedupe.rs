@@ -1,7 +1,7 @@
-//! Which message ids were delivered (a bounded window above a low watermark), and which
-//! idempotency keys were (a bounded map with a TTL).
+//! Which message ids were delivered: a bounded window above a low watermark, and what the
+//! watermark passed without a delivery.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
@@ -10,31 +10,51 @@ use std::time::{Duration, Instant};
 pub enum Seen {
     /// Not delivered before: deliver it (the window now records it).
     New,
-    /// Delivered before (or below the watermark): do not deliver; re-ack.
+    /// Delivered before: do not deliver; re-ack.
     Duplicate,
     /// Too far above the watermark to track: neither deliver nor ack (the receiver refuses
     /// it).
     OutOfWindow,
+    /// Below the watermark, which passed it without a delivery (its hole outlived the TTL, or
+    /// the sender's FLOOR passed it): never delivered, and never will be (the receiver
+    /// refuses it).
+    Passed,
+    /// Below what the window remembers ([`DedupeWindow::base`]): it cannot tell whether the id
+    /// was delivered, so it neither delivers nor acks nor refuses it.
+    Unknown,
 }
 
-/// Delivered ids: every id below `floor`, plus a set above it of at most `window` ids' span.
+/// Most ranges of passed ids remembered below the floor; past it the oldest is let go and
+/// [`DedupeWindow::base`] rises above it.
+pub const MAX_PASSED_RANGES: usize = 1024;
+
+/// Delivered ids: every id in `base .. floor` except the *passed* ranges, plus a set above the
+/// floor of at most `window` ids' span.
 ///
-/// The floor advances past every id delivered contiguously. A hole (an id below delivered
-/// ones, never delivered) holds the floor up until one of:
-/// - the sender says every id below some point has its outcome ([`DedupeWindow::advance_to`],
-///   from a FLOOR frame): the floor moves there at once;
-/// - `hole_ttl` passes without progress: the floor jumps past the hole (a fallback for a
-///   sender that sends no FLOOR; the sender gives up on a message at its deadline, so
-///   `hole_ttl` must exceed the sender's deadline plus an RTT).
+/// Invariants:
+/// - **An id is named delivered only if it was delivered** ([`DedupeWindow::contains`],
+///   [`DedupeWindow::ack_ranges`]). Below the floor the window keeps the ranges the floor
+///   passed without a delivery (`passed`), and `base`: below it nothing is known (the window
+///   started there, or let the oldest passed ranges go), so nothing below it is ever acked.
+/// - The floor advances past every id delivered contiguously. A hole (an id below delivered
+///   ones, never delivered) holds the floor up until one of:
+///   - the sender says every id below some point has its outcome
+///     ([`DedupeWindow::advance_to`], from a FLOOR frame): the floor moves there at once;
+///   - `hole_ttl` passes without progress: the floor jumps past the hole (a fallback for a
+///     sender that sends no FLOOR).
 ///
-/// Neither ever moves the floor past a *pinned* id ([`DedupeWindow::pin`]: a message whose
-/// claim is pending), so a claim that answers late still finds its id above the floor.
-///
-/// Ids above the floor are held as disjoint ranges, so memory grows with the number of holes,
-/// not with the number of ids.
+///   Either way the ids it jumps over are *passed*: never delivered, refused if they come.
+/// - Neither ever moves the floor past a *pinned* id ([`DedupeWindow::pin`]: a message whose
+///   claim is pending), so a claim that answers late still finds its id above the floor.
+/// - Memory: ids above the floor are held as disjoint ranges (memory grows with the number of
+///   holes, not of ids), passed ranges are at most [`MAX_PASSED_RANGES`].
 #[derive(Clone, Debug)]
 pub struct DedupeWindow {
     floor: u64,
+    /// Below it, nothing is known.
+    base: u64,
+    /// Ids in `base .. floor` passed without a delivery: start → end (inclusive), disjoint.
+    passed: BTreeMap<u64, u64>,
     /// Delivered ids above the floor: start → end (inclusive), disjoint and never adjacent,
     /// every start above `floor`.
     above: BTreeMap<u64, u64>,
@@ -52,6 +72,8 @@ impl DedupeWindow {
     pub fn new(window: u64, hole_ttl: Duration) -> Self {
         DedupeWindow {
             floor: 0,
+            base: 0,
+            passed: BTreeMap::new(),
             above: BTreeMap::new(),
             tracked: 0,
             window: window.max(1),
@@ -61,12 +83,13 @@ impl DedupeWindow {
         }
     }
 
-    /// A window whose floor starts at `floor`: every id below it counts as delivered (for a
-    /// channel taken over from another server: the client says every id below was acked or
-    /// given up).
+    /// A window whose floor starts at `floor` (for a channel taken over from another server:
+    /// the client says every id below it was acked or given up). What happened to the ids
+    /// below is not known here: they are neither delivered nor acked ([`Seen::Unknown`]).
     pub fn starting_at(floor: u64, window: u64, hole_ttl: Duration) -> Self {
         DedupeWindow {
             floor,
+            base: floor,
             ..DedupeWindow::new(window, hole_ttl)
         }
     }
@@ -74,7 +97,11 @@ impl DedupeWindow {
     /// What [`DedupeWindow::check`] would answer for `id`, without recording it.
     pub fn peek(&mut self, now: Instant, id: u64) -> Seen {
         self.expire_holes(now);
-        if self.contains(id) {
+        if id < self.base {
+            Seen::Unknown
+        } else if self.is_passed(id) {
+            Seen::Passed
+        } else if self.contains(id) {
             Seen::Duplicate
         } else if id - self.floor >= self.window {
             Seen::OutOfWindow
@@ -126,19 +153,75 @@ impl DedupeWindow {
         }
     }
 
-    /// Whether `id` was delivered (or lies below the floor).
-    pub fn contains(&self, id: u64) -> bool {
+    /// Moves the floor up to `target`: the ids in between that were not delivered are passed.
+    fn pass_to(&mut self, target: u64) {
+        while self.floor < target {
+            match self.above.first_key_value().map(|(&s, &e)| (s, e)) {
+                Some((s, e)) if s <= target => {
+                    if s > self.floor {
+                        self.add_passed(self.floor, s - 1);
+                    }
+                    self.above.pop_first();
+                    self.tracked -= e - s + 1;
+                    self.floor = e + 1;
+                }
+                _ => {
+                    self.add_passed(self.floor, target - 1);
+                    self.floor = target;
+                }
+            }
+        }
+        self.absorb();
+    }
+
+    fn add_passed(&mut self, start: u64, end: u64) {
+        // Adjacent to the last passed range: extend it.
+        if let Some((_, e)) = self.passed.iter_mut().next_back() {
+            if *e + 1 == start {
+                *e = end;
+                return;
+            }
+        }
+        self.passed.insert(start, end);
+        while self.passed.len() > MAX_PASSED_RANGES {
+            let (_, e) = self.passed.pop_first().expect("not empty");
+            self.base = e + 1;
+        }
+    }
+
+    fn is_passed(&self, id: u64) -> bool {
         id < self.floor
-            || self
-                .above
+            && self
+                .passed
                 .range(..=id)
                 .next_back()
                 .is_some_and(|(_, &e)| e >= id)
     }
 
-    /// Every id below this is delivered or was given up on.
+    /// Whether `id` was delivered.
+    pub fn contains(&self, id: u64) -> bool {
+        if id < self.floor {
+            return id >= self.base && !self.is_passed(id);
+        }
+        self.above
+            .range(..=id)
+            .next_back()
+            .is_some_and(|(_, &e)| e >= id)
+    }
+
+    /// Whether `id` is below the floor (delivered, passed or unknown: never delivered again).
+    pub fn below_floor(&self, id: u64) -> bool {
+        id < self.floor
+    }
+
+    /// Every id below this is delivered, passed or below [`DedupeWindow::base`].
     pub fn floor(&self) -> u64 {
         self.floor
+    }
+
+    /// Below this the window does not know what was delivered.
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     /// Ids tracked above the floor.
@@ -160,38 +243,59 @@ impl DedupeWindow {
     }
 
     /// The sender says every id below `floor` has its outcome (acked or given up): the floor
-    /// moves up to it (never down, and never past a pinned id). Whether it moved.
+    /// moves up to it (never down, and never past a pinned id); the ids it passes that were
+    /// not delivered are passed. Whether it moved.
     pub fn advance_to(&mut self, now: Instant, floor: u64) -> bool {
         let target = self.pins.first().map_or(floor, |&p| p.min(floor));
         if target <= self.floor {
             return false;
         }
-        self.floor = target;
-        while let Some((&s, &e)) = self.above.first_key_value() {
-            if s > self.floor {
-                break;
-            }
-            self.above.pop_first();
-            self.tracked -= e - s + 1;
-            self.floor = self.floor.max(e + 1);
-        }
-        self.absorb();
+        self.pass_to(target);
         self.stuck_since = (!self.above.is_empty()).then_some(now);
         true
     }
 
+    /// The delivered runs below the floor, highest first: `[base, floor)` less the passed
+    /// ranges.
+    fn below_runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut hi = self.floor;
+        let mut gaps = self.passed.iter().rev();
+        let mut done = self.floor <= self.base;
+        std::iter::from_fn(move || loop {
+            if done {
+                return None;
+            }
+            match gaps.next() {
+                Some((&s, &e)) => {
+                    let run = (e + 1 < hi).then(|| (e + 1, hi - 1));
+                    hi = s;
+                    if run.is_some() {
+                        return run;
+                    }
+                }
+                None => {
+                    done = true;
+                    return (self.base < hi).then(|| (self.base, hi - 1));
+                }
+            }
+        })
+    }
+
     /// Delivered ids for an ack, as at most `max` ranges in descending order, leaving out
     /// the ids in `withheld` (delivered but not to be acked yet). In order of priority:
-    /// 1. the range from id 0 and the range just below the floor (everything below it);
+    /// 1. the lowest delivered run below the floor (the range from id 0 when nothing was
+    ///    passed) and the run just below the floor;
     /// 2. the range around each id in `triggers` (the ids that caused this ack: new
     ///    deliveries, re-sent copies), so an ack always names what it answers, however many
     ///    holes lie above;
     /// 3. the newest ranges.
-    pub fn ack_ranges(
+    ///
+    /// Passed ids and ids below [`DedupeWindow::base`] are never named.
+    pub fn ack_ranges<V>(
         &self,
         max: usize,
         triggers: &[u64],
-        withheld: &BTreeSet<u64>,
+        withheld: &BTreeMap<u64, V>,
     ) -> Vec<RangeInclusive<u64>> {
         let max = max.max(1);
         let mut out: Vec<RangeInclusive<u64>> = Vec::new();
@@ -202,20 +306,31 @@ impl DedupeWindow {
                 }
             }
         };
-        if self.floor > 0 {
-            add(self.piece_around(0, withheld), &mut out);
+        if self.floor > self.base {
+            let lowest = if self.passed.is_empty() {
+                Some(self.base)
+            } else {
+                self.below_runs().last().map(|(s, _)| s)
+            };
+            if let Some(low) = lowest {
+                add(self.piece_around(low, withheld), &mut out);
+            }
             add(self.piece_around(self.floor - 1, withheld), &mut out);
         }
         for &id in triggers {
             add(self.piece_around(id, withheld), &mut out);
         }
-        // Newest first: ranges above the floor from the top, then the floor range, each
+        // Newest first: ranges above the floor from the top, then the runs below it, each
         // split around withheld ids.
-        let below = (self.floor > 0).then(|| (0, self.floor - 1));
-        let spans = self.above.iter().rev().map(|(&s, &e)| (s, e)).chain(below);
+        let spans = self
+            .above
+            .iter()
+            .rev()
+            .map(|(&s, &e)| (s, e))
+            .chain(self.below_runs());
         'fill: for (s, e) in spans {
             let mut hi = e;
-            let mut cuts = withheld.range(s..=e).rev();
+            let mut cuts = withheld.range(s..=e).rev().map(|(id, _)| id);
             loop {
                 if out.len() >= max {
                     break 'fill;
@@ -242,22 +357,33 @@ impl DedupeWindow {
     }
 
     /// The largest run of ackable ids (delivered, not withheld) around `id`, if it is one.
-    fn piece_around(&self, id: u64, withheld: &BTreeSet<u64>) -> Option<RangeInclusive<u64>> {
-        if withheld.contains(&id) {
+    fn piece_around<V>(
+        &self,
+        id: u64,
+        withheld: &BTreeMap<u64, V>,
+    ) -> Option<RangeInclusive<u64>> {
+        if withheld.contains_key(&id) || !self.contains(id) {
             return None;
         }
         let (s, e) = if id < self.floor {
-            (0, self.floor - 1)
+            let s = self
+                .passed
+                .range(..id)
+                .next_back()
+                .map_or(self.base, |(_, &e)| e + 1);
+            let e = self
+                .passed
+                .range(id..)
+                .next()
+                .map_or(self.floor - 1, |(&s, _)| s - 1);
+            (s, e)
         } else {
             let (&s, &e) = self.above.range(..=id).next_back()?;
-            if e < id {
-                return None;
-            }
             (s, e)
         };
-        let lo = withheld.range(s..id).next_back().map_or(s, |&w| w + 1);
+        let lo = withheld.range(s..id).next_back().map_or(s, |(&w, _)| w + 1);
         let hi = if id < e {
-            withheld.range(id + 1..=e).next().map_or(e, |&w| w - 1)
+            withheld.range(id + 1..=e).next().map_or(e, |(&w, _)| w - 1)
         } else {
             e
         };
@@ -272,112 +398,14 @@ impl DedupeWindow {
             return;
         }
         // Skip the hole: the floor moves to the lowest delivered id above it (never past a
-        // pinned id), then on.
+        // pinned id), then on; the hole's ids are passed.
         if let Some((&lowest, _)) = self.above.first_key_value() {
             let target = self.pins.first().map_or(lowest, |&p| p.min(lowest));
-            self.floor = self.floor.max(target);
-            self.absorb();
+            if target > self.floor {
+                self.pass_to(target);
+            }
         }
         self.stuck_since = (!self.above.is_empty()).then_some(now);
-    }
-}
-
-/// What [`KeyWindow::check`] says about a key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeySeen {
-    /// Not delivered within the TTL: recorded now.
-    New,
-    /// Delivered within the TTL.
-    Seen,
-    /// Not held, and `max_keys` unexpired keys are: not recorded. The message must be
-    /// refused (it could not be recognised if retried).
-    Full,
-}
-
-/// Bytes a held key costs besides its own bytes: its map entry and its place in the
-/// expiry queue (a `Bytes` handle and an `Instant` in each, plus the map's overhead).
-pub const KEY_OVERHEAD_BYTES: usize = 128;
-
-/// Idempotency keys delivered within the last `ttl`, at most `max_keys` of them.
-///
-/// A key is kept exactly `ttl` after its delivery (payment APIs keep theirs 24 h), never
-/// less: when `max_keys` unexpired keys are held, a new key is *not* taken
-/// ([`KeySeen::Full`]; the receiver refuses its message, and the sender may retry it later)
-/// rather than forgetting an older one early. Memory is bounded by `max_keys × (key length +
-/// `[`KEY_OVERHEAD_BYTES`]`)`; keys are copied out of the datagram, so a held key never keeps a
-/// datagram alive.
-#[derive(Clone, Debug)]
-pub struct KeyWindow {
-    ttl: Duration,
-    max_keys: usize,
-    keys: HashMap<bytes::Bytes, Instant>,
-    order: VecDeque<(Instant, bytes::Bytes)>,
-    refused: u64,
-}
-
-impl KeyWindow {
-    /// A window remembering keys for `ttl`, at most `max_keys` (at least 1) at a time.
-    pub fn new(ttl: Duration, max_keys: usize) -> Self {
-        KeyWindow {
-            ttl,
-            max_keys: max_keys.max(1),
-            keys: HashMap::new(),
-            order: VecDeque::new(),
-            refused: 0,
-        }
-    }
-
-    /// Records `key` as delivered at `now` if it is new and there is room.
-    pub fn check(&mut self, now: Instant, key: &bytes::Bytes) -> KeySeen {
-        self.expire(now);
-        if self.keys.contains_key(key) {
-            return KeySeen::Seen;
-        }
-        if self.keys.len() >= self.max_keys {
-            self.refused += 1;
-            return KeySeen::Full;
-        }
-        let key = bytes::Bytes::copy_from_slice(key);
-        self.keys.insert(key.clone(), now);
-        self.order.push_back((now, key));
-        KeySeen::New
-    }
-
-    /// Whether `key` was delivered within the TTL, without recording it.
-    pub fn contains(&mut self, now: Instant, key: &bytes::Bytes) -> bool {
-        self.expire(now);
-        self.keys.contains_key(key)
-    }
-
-    /// Whether a new key would be refused now.
-    pub fn is_full(&mut self, now: Instant) -> bool {
-        self.expire(now);
-        self.keys.len() >= self.max_keys
-    }
-
-    /// Keys held.
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    /// Whether no key is held.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-
-    /// New keys not taken because `max_keys` unexpired keys were held.
-    pub fn refused(&self) -> u64 {
-        self.refused
-    }
-
-    fn expire(&mut self, now: Instant) {
-        while let Some((at, _)) = self.order.front() {
-            if now.saturating_duration_since(*at) < self.ttl {
-                break;
-            }
-            let (_, key) = self.order.pop_front().expect("checked");
-            self.keys.remove(&key);
-        }
     }
 }
 
@@ -385,50 +413,10 @@ impl KeyWindow {
 mod tests {
     use super::*;
 
-    /// Issue case 6: at `max_keys` a new key is refused, never an old one forgotten early.
-    #[test]
-    fn keys_dedupe_within_ttl_and_are_never_forgotten_early() {
-        let t0 = Instant::now();
-        let key = |s: &'static str| bytes::Bytes::from_static(s.as_bytes());
-        let mut w = KeyWindow::new(Duration::from_secs(10), 3);
-        assert_eq!(w.check(t0, &key("a")), KeySeen::New);
-        assert_eq!(
-            w.check(t0 + Duration::from_secs(9), &key("a")),
-            KeySeen::Seen,
-            "within the TTL"
-        );
-        assert_eq!(
-            w.check(t0 + Duration::from_secs(10), &key("a")),
-            KeySeen::New,
-            "expired, then new"
-        );
-        assert_eq!(
-            w.check(t0 + Duration::from_secs(10), &key("b")),
-            KeySeen::New
-        );
-        assert_eq!(
-            w.check(t0 + Duration::from_secs(10), &key("c")),
-            KeySeen::New
-        );
-        assert_eq!((w.len(), w.refused()), (3, 0));
-        // A fourth key is refused; every held key is still recognised.
-        let t1 = t0 + Duration::from_secs(11);
-        assert_eq!(w.check(t1, &key("d")), KeySeen::Full);
-        assert_eq!((w.len(), w.refused()), (3, 1));
-        for k in ["a", "b", "c"] {
-            assert_eq!(w.check(t1, &key(k)), KeySeen::Seen, "{k} kept");
-        }
-        // Once the oldest expire, there is room again.
-        assert_eq!(
-            w.check(t0 + Duration::from_secs(20), &key("d")),
-            KeySeen::New
-        );
-    }
-
     #[test]
     fn floor_window_ranges_and_holes() {
         let t0 = Instant::now();
-        let none = BTreeSet::new();
+        let none: BTreeMap<u64, ()> = BTreeMap::new();
         let mut w = DedupeWindow::new(100, Duration::from_secs(10));
         for id in [0, 1, 2, 5, 6, 9] {
             assert_eq!(w.check(t0, id), Seen::New);
@@ -454,7 +442,55 @@ mod tests {
         assert_eq!(w.floor(), 7);
         assert_eq!(w.check(t0 + Duration::from_secs(11), 20), Seen::New);
         assert_eq!(w.floor(), 10);
-        assert_eq!(w.check(t0 + Duration::from_secs(11), 8), Seen::Duplicate);
+        assert_eq!(w.check(t0 + Duration::from_secs(11), 8), Seen::Passed);
+        assert!(!w.contains(7) && !w.contains(8) && w.contains(9));
+    }
+
+    /// Issue 21 case 3: after the hole TTL (or a FLOOR) passes a missing id, acks never name
+    /// it, and a late copy of it is `Passed` (refused), not a duplicate (re-acked).
+    #[test]
+    fn acks_never_name_ids_the_floor_passed() {
+        let t0 = Instant::now();
+        let none: BTreeMap<u64, ()> = BTreeMap::new();
+        let ttl = Duration::from_secs(30);
+        let mut w = DedupeWindow::new(1000, ttl);
+        for id in [0, 2, 3] {
+            w.check(t0, id);
+        }
+        assert_eq!(w.check(t0 + ttl, 4), Seen::New, "the hole at 1 expires");
+        assert_eq!(w.floor(), 5);
+        let r = w.ack_ranges(16, &[4], &none);
+        assert_eq!(r, vec![2..=4, 0..=0]);
+        assert!(!r.iter().any(|r| r.contains(&1)), "{r:?}");
+        assert_eq!(w.check(t0 + ttl, 1), Seen::Passed);
+        // A FLOOR over undelivered ids passes them too.
+        w.check(t0 + ttl, 7);
+        assert!(w.advance_to(t0 + ttl, 10));
+        assert_eq!(w.ack_ranges(16, &[], &none), vec![7..=7, 2..=4, 0..=0]);
+        for id in [5, 6, 8, 9] {
+            assert_eq!(w.peek(t0 + ttl, id), Seen::Passed, "{id}");
+        }
+        // A window started above 0 (a channel taken over) knows nothing below its start.
+        let mut w = DedupeWindow::starting_at(100, 1000, ttl);
+        assert_eq!(w.check(t0, 50), Seen::Unknown);
+        assert_eq!(w.check(t0, 100), Seen::New);
+        assert_eq!(w.ack_ranges(16, &[], &none), vec![100..=100]);
+        // Passed ranges are bounded: the oldest are let go and the base rises above them.
+        let mut w = DedupeWindow::new(1 << 20, ttl);
+        for i in 0..(MAX_PASSED_RANGES as u64 + 10) {
+            w.check(t0, 2 * i + 1);
+            w.advance_to(t0, 2 * i + 2);
+        }
+        assert!(w.passed.len() <= MAX_PASSED_RANGES);
+        assert_eq!(w.peek(t0, 0), Seen::Unknown);
+        assert_eq!(w.peek(t0, 1), Seen::Unknown);
+        let top = 2 * (MAX_PASSED_RANGES as u64 + 9);
+        assert_eq!(w.peek(t0, top), Seen::Passed);
+        assert_eq!(w.peek(t0, top + 1), Seen::Duplicate);
+        assert!(w
+            .ack_ranges(16, &[], &none)
+            .iter()
+            .all(|r| r.start() % 2 == 1));
     }
 
     /// Issue case 7: with more holes above the floor than an ack has ranges, an ack still
@@ -462,7 +498,7 @@ mod tests {
     #[test]
     fn acks_name_the_floor_and_their_triggers_past_many_holes() {
         let t0 = Instant::now();
-        let none = BTreeSet::new();
+        let none: BTreeMap<u64, ()> = BTreeMap::new();
         let mut w = DedupeWindow::new(1000, Duration::from_secs(10));
         // 0 delivered, 1 missing, then 20 holes: 3, 5, ..., 41 delivered.
         w.check(t0, 0);
@@ -490,7 +526,7 @@ mod tests {
         let r = w.ack_ranges(16, &all, &none);
         assert_eq!((r.len(), r.last()), (16, Some(&(0..=0))));
         // Withheld ids are never named, even under the floor.
-        let withheld: BTreeSet<u64> = [0, 10].into();
+        let withheld: BTreeMap<u64, ()> = [(0, ()), (10, ())].into();
         let r = w.ack_ranges(64, &[10, 11], &withheld);
         assert!(
             !r.iter().any(|r| r.contains(&0) || r.contains(&10)),

@@ -28,6 +28,7 @@
 //! deadline, and a receiver that restarted catches up with the sender's ids.
 
 mod dedupe;
+mod keys;
 mod governor;
 pub mod link;
 mod receiver;
@@ -38,7 +39,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-pub use dedupe::{DedupeWindow, KeySeen, KeyWindow, Seen, KEY_OVERHEAD_BYTES};
+pub use dedupe::{DedupeWindow, Seen, MAX_PASSED_RANGES};
+pub use keys::{
+    payload_digest, Digest, Holder, KeyRecord, KeyVerdict, Scope, SharedKeys, ANONYMOUS,
+    KEY_OVERHEAD_BYTES,
+};
 pub use link::Link;
 pub use receiver::{
     ClaimOutcome, ClaimRequest, Claims, Delivered, Receiver, ReceiverConfig, ReceiverStats,
@@ -49,6 +54,7 @@ pub use sender::{FailReason, HedgeTo, SendError, Sender, SenderConfig, SenderEve
 
 use crate::wire::{
     decode_stream_message, DecodeError, Frame, Limits, STREAM_DELIVERED, STREAM_REFUSED,
+    STREAM_REPLAYED,
 };
 
 /// Frames a [`Peer`] dropped, by reason.
@@ -70,8 +76,11 @@ impl InvalidFrames {
 pub enum StreamStatus {
     /// Now: send this byte.
     Now(u8),
-    /// Once message `id`'s claim is answered ([`Receiver::poll_stream_answer`]).
+    /// Once message `id`'s claim is answered or the application took it
+    /// ([`Receiver::poll_stream_answer`]).
     Later(u64),
+    /// Never: end the stream without a status byte (outcome unknown to the sender).
+    Unanswered,
 }
 
 /// One end of a surelink connection: a [`Sender`] and a [`Receiver`] sharing one datagram
@@ -104,6 +113,7 @@ impl Peer {
             Ok(Frame::Ack(ack)) => self.sender.handle_ack(now, &ack),
             Ok(Frame::Floor(floor)) => self.receiver.handle_floor(now, floor.floor),
             Ok(Frame::Refuse(refuse)) => self.sender.handle_refuse(now, &refuse),
+            Ok(Frame::Replayed(replayed)) => self.sender.handle_replayed(now, &replayed),
             // Hello and Close are the channel's business (connection start and end).
             Ok(Frame::Hello(_)) | Ok(Frame::Close(_)) => {}
             Err(e) => self.count_invalid(&e),
@@ -121,8 +131,10 @@ impl Peer {
         match decode_stream_message(message) {
             Ok((id, body)) => match self.receiver.handle_whole(now, id, body) {
                 Whole::New | Whole::Duplicate => StreamStatus::Now(STREAM_DELIVERED),
+                Whole::Replayed => StreamStatus::Now(STREAM_REPLAYED),
                 Whole::Refused => StreamStatus::Now(STREAM_REFUSED),
                 Whole::Pending => StreamStatus::Later(id),
+                Whole::Unanswered => StreamStatus::Unanswered,
             },
             Err(e) => {
                 self.count_invalid(&e);

@@ -6,11 +6,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::dedupe::{DedupeWindow, KeySeen, KeyWindow, Seen};
+use super::dedupe::{DedupeWindow, Seen};
+use super::keys::{payload_digest, Digest, Holder, KeyVerdict, Scope, SharedKeys, ANONYMOUS};
 use crate::fec::{InsertOutcome, Reassembler, ReassemblerConfig};
 use crate::wire::{
-    AckFrame, Envelope, Frame, RefuseFrame, ShardFrame, REFUSE_BLOCK, REFUSE_CLOSED,
-    REFUSE_KEYS_FULL, REFUSE_MALFORMED, REFUSE_OUT_OF_WINDOW, STREAM_DELIVERED, STREAM_REFUSED,
+    AckFrame, Envelope, Frame, RefuseFrame, ReplayedFrame, ShardFrame, REFUSE_BLOCK,
+    REFUSE_CLOSED, REFUSE_KEYS_FULL, REFUSE_KEY_REUSED, REFUSE_MALFORMED, REFUSE_OUT_OF_WINDOW,
+    REFUSE_PASSED, STREAM_DELIVERED, STREAM_REFUSED, STREAM_REPLAYED,
 };
 
 /// Settings of a [`Receiver`].
@@ -40,8 +42,8 @@ pub struct ReceiverConfig {
     /// refused (REFUSE code 3, counted in [`Refusals::keys_full`]; definitely not delivered,
     /// its sender may retry it later) until keys expire; a key is never forgotten early. Each
     /// key costs its length plus about
-    /// [`KEY_OVERHEAD_BYTES`](super::dedupe::KEY_OVERHEAD_BYTES) (128) bytes, so the default
-    /// 1,048,576 keys take at most about 160 MiB with 36-byte keys (UUIDs as text), and hold
+    /// [`KEY_OVERHEAD_BYTES`](super::keys::KEY_OVERHEAD_BYTES) (192) bytes, so the default
+    /// 1,048,576 keys take at most about 240 MiB with 36-byte keys (UUIDs as text), and hold
     /// 24 h of keys up to about 12 keyed messages a second. A server that needs 24 h of keys
     /// at higher rates claims its messages in a store ([`Claims::Owner`]), where keys are
     /// not bounded by memory.
@@ -124,6 +126,10 @@ pub struct Refusals {
     pub block: u64,
     /// Code 5: the application was gone ([`Receiver::application_gone`]).
     pub closed: u64,
+    /// Code 6: the floor passed the id before it was delivered.
+    pub passed: u64,
+    /// Code 7: the key was delivered (or waits for the application) with another payload.
+    pub key_reused: u64,
     /// Refusals that could not be remembered (`max_refused_ids`), so no REFUSE was sent:
     /// dropped, counted here as well as by reason.
     pub unsent: u64,
@@ -138,13 +144,21 @@ impl Refusals {
             REFUSE_KEYS_FULL => self.keys_full,
             REFUSE_BLOCK => self.block,
             REFUSE_CLOSED => self.closed,
+            REFUSE_PASSED => self.passed,
+            REFUSE_KEY_REUSED => self.key_reused,
             _ => 0,
         }
     }
 
     /// Every refusal.
     pub fn total(&self) -> u64 {
-        self.malformed + self.out_of_window + self.keys_full + self.block + self.closed
+        self.malformed
+            + self.out_of_window
+            + self.keys_full
+            + self.block
+            + self.closed
+            + self.passed
+            + self.key_reused
     }
 
     fn count(&mut self, code: u64) {
@@ -153,6 +167,8 @@ impl Refusals {
             REFUSE_OUT_OF_WINDOW => self.out_of_window += 1,
             REFUSE_KEYS_FULL => self.keys_full += 1,
             REFUSE_BLOCK => self.block += 1,
+            REFUSE_PASSED => self.passed += 1,
+            REFUSE_KEY_REUSED => self.key_reused += 1,
             _ => self.closed += 1,
         }
     }
@@ -177,9 +193,15 @@ pub struct ReceiverStats {
     pub acks_sent: u64,
     /// Acks sent only to repeat earlier ones.
     pub reacks_sent: u64,
-    /// Messages whose idempotency key was delivered before (under another id): acked, not
-    /// delivered again.
+    /// Messages whose idempotency key was delivered before (under another id) by this
+    /// receiver: acked as replays, not delivered again.
     pub duplicate_keys: u64,
+    /// Messages whose idempotency key another receiver sharing the key record (another
+    /// channel of the same server) delivered before: acked as replays, not delivered again.
+    pub duplicate_keys_elsewhere: u64,
+    /// Copies of ids below what the dedupe window remembers (it cannot tell whether they were
+    /// delivered): neither delivered, nor acked, nor refused.
+    pub unknown_ids: u64,
     /// Messages rebuilt intact whose envelope did not decode: refused, not acked.
     pub invalid_envelopes: u64,
     /// Messages with a new idempotency key refused because `max_keys` unexpired keys were
@@ -246,6 +268,9 @@ pub struct ClaimRequest {
     pub id: u64,
     /// Its idempotency key, if it has one.
     pub key: Option<Bytes>,
+    /// SHA-256 of its payload (kept with the key: a key reused with another payload is a
+    /// conflict).
+    pub digest: Digest,
     /// The incarnation of the peer that sent it; an answer for an earlier one is ignored.
     pub generation: u64,
 }
@@ -260,13 +285,21 @@ pub enum ClaimOutcome {
     Before,
     /// No answer (the store failed): neither deliver nor ack.
     Failed,
+    /// The key was claimed before with another payload: refuse the message (REFUSE code 7),
+    /// deliver nothing.
+    Conflict,
 }
 
 /// What became of a whole (stream) message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Whole {
-    /// Delivered now (or its key was delivered before): acked.
+    /// Delivered now (or, with protocol 1, its key was delivered before): acked.
     New,
+    /// Protocol 2: its key was delivered before with the same payload: acked as a replay.
+    Replayed,
+    /// No answer can be given now (its key's message awaits the application, or the id is
+    /// below what the receiver remembers): outcome unknown to the sender.
+    Unanswered,
     /// Delivered before: acked again.
     Duplicate,
     /// Out of the window or malformed: neither delivered nor acked.
@@ -275,35 +308,87 @@ pub enum Whole {
     Pending,
 }
 
-/// A message awaiting its claim.
+/// Where one message stands, for as long as the receiver answers for it beyond the dedupe
+/// window. A message absent from [`Receiver::messages`] is either delivered and acked (the
+/// window holds it), or unknown (new, or forgotten).
+///
+/// ```text
+///            ┌──claim (claims mode)──▶ Claiming ──Now──▶ Handed ──take──▶ (acked; window)
+///  received ─┤                            ├──Before──▶ (acked, or Replayed)
+///            │                            └──Failed/Conflict──▶ (dropped / Refused)
+///            ├──new id, new key──────────────────────▶ Handed ──take──▶ (acked; window)
+///            │                                            └──application gone──▶ Discarded
+///            ├──key delivered, same payload (protocol 2)──▶ Replayed ──hole_ttl──▶ (window)
+///            └──refused (window, keys, block, passed, key reused, closed)──▶ Refused ──hole_ttl──▶ ·
+/// ```
+///
+/// Rules stated once:
+/// - An id in any state but `Claiming` is in the dedupe window as delivered or is not
+///   deliverable; an ack never names an id that has a state here (a `Handed` message is acked
+///   on its take, a `Replayed` one in REPLAYED frames, a `Discarded` one never).
+/// - `Refused` and `Replayed` are remembered for `hole_ttl`, at most `max_refused_ids` of
+///   them; `Handed` and `Discarded` are bounded by the delivery queue (`max_queued_bytes`),
+///   `Claiming` by `max_pending_claims`.
 #[derive(Debug)]
-struct Pending {
-    key: Option<Bytes>,
-    /// The message, until it is delivered (`None`: the application has it).
-    payload: Option<Bytes>,
-    via_stream: bool,
+enum Msg {
+    /// Awaiting its claim. `payload` until it is delivered (`None`: application claims, the
+    /// application has it).
+    Claiming {
+        key: Option<Bytes>,
+        digest: Digest,
+        payload: Option<Bytes>,
+        via_stream: bool,
+    },
+    /// Delivered to the queue, not yet taken by the application: not acked; its key is held.
+    Handed { key: Option<Bytes>, via_stream: bool },
+    /// Delivered to a queue the application dropped: never acked; copies are refused (5).
+    Discarded,
+    /// Refused with `reason`: a later copy is refused again.
+    Refused { reason: u64 },
+    /// Protocol 2: acked as a replay of its key; named in REPLAYED frames, not in ACKs.
+    Replayed,
+}
+
+impl Msg {
+    /// Whether the state expires after `hole_ttl` (and counts against `max_refused_ids`).
+    fn remembered(&self) -> bool {
+        matches!(self, Msg::Refused { .. } | Msg::Replayed)
+    }
 }
 
 /// What became of one rebuilt message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Accepted {
     /// Delivered to the application.
     Delivered,
     /// Its id is new but its idempotency key was delivered before: acked, not delivered.
     KeyDuplicate,
+    /// Protocol 2: as `KeyDuplicate`, answered with a REPLAYED frame instead of an ack.
+    Replayed,
     /// Its id was delivered before.
     Duplicate,
+    /// A copy of a message delivered and not yet taken: answered with it, on its take.
+    HandedCopy,
     /// Refused, or dropped: neither delivered nor acked.
     Refused,
     /// Awaiting its claim: neither delivered nor acked yet.
     Pending,
-    /// Its idempotency key's message awaits the application's take: neither delivered nor
-    /// acked now (not recorded either: a later copy is judged again).
+    /// Its idempotency key's message awaits the application's take (or its id is below what
+    /// the window remembers): neither delivered nor acked now, not recorded either (a later
+    /// copy is judged again).
     Held,
 }
 
-/// Most ids waiting in REFUSE frames not yet sent; more are refused again when their copies
-/// come back.
-const MAX_REFUSE_QUEUE: usize = 64;
+/// What a receiver sends besides acks, coalesced by kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Notice {
+    Refuse(u64),
+    Replayed,
+}
+
+/// Most ids waiting in REFUSE/REPLAYED frames not yet sent; more are answered again when their
+/// copies come back.
+const MAX_NOTICE_QUEUE: usize = 64;
 
 /// The receiving half of a surelink peer. Sans-I/O.
 #[derive(Debug)]
@@ -311,82 +396,102 @@ pub struct Receiver {
     config: ReceiverConfig,
     reassembler: Reassembler,
     dedupe: DedupeWindow,
-    keys: KeyWindow,
+    /// The idempotency-key record (this receiver's own, or shared by a server's channels).
+    keys: SharedKeys,
+    /// Whose keys this receiver's messages carry.
+    scope: Scope,
+    /// This receiver's name in the key record.
+    token: u64,
+    /// The protocol version the peer speaks (2: REPLAYED frames, stream status 2).
+    protocol: u8,
     deliveries: VecDeque<Delivered>,
-    /// Payload bytes in `deliveries` and `pending`.
+    /// Payload bytes in `deliveries` and in `Claiming` messages.
     queued_bytes: usize,
-    pending: HashMap<u64, Pending>,
+    /// Every message's state beyond the dedupe window; see [`Msg`].
+    messages: BTreeMap<u64, Msg>,
+    /// `Handed` messages in `messages`.
+    handed: usize,
+    /// `Claiming` messages in `messages`.
+    claiming: usize,
+    /// Remembered states (`Msg::remembered`) in `messages`.
+    remembered: usize,
+    /// When remembered states expire, in order: `(since, id)` (stale entries are skipped).
+    expiry: VecDeque<(Instant, u64)>,
     claims_out: VecDeque<ClaimRequest>,
-    /// (message id, status byte) for stream messages whose claim was answered.
+    /// (message id, status byte) for stream messages whose answer waited.
     stream_answers: VecDeque<(u64, u8)>,
     /// Counts the peer's incarnations (`peer_lost_state`).
     generation: u64,
+    /// Messages of the sender's previous incarnations delivered but not yet taken: their keys'
+    /// holders (see [`Receiver::peer_lost_state`]).
+    old_handed: HashMap<u64, Option<(Bytes, Holder)>>,
     out: VecDeque<Bytes>,
     last_ack: Option<Instant>,
-    /// Delivered (recorded in the window) but not to be named in acks: awaiting
-    /// [`Receiver::taken`], or discarded when the application went away.
-    withheld: BTreeSet<u64>,
-    /// Keys of withheld messages (to release their claims in [`Claims::Owner`] mode), and
-    /// the other way round: a retry by key of a message not yet taken is not acked either.
-    withheld_keys: HashMap<u64, Bytes>,
-    withheld_by_key: HashMap<Bytes, u64>,
-    /// Withheld messages that arrived (or were re-sent) on a stream: their status byte, like
-    /// their ack, waits for [`Receiver::taken`].
-    withheld_streams: std::collections::HashSet<u64>,
-    /// Messages of the sender's previous incarnations delivered but not yet taken, with their
-    /// keys (see [`Receiver::peer_lost_state`]).
-    old_withheld: HashMap<u64, Option<Bytes>>,
     /// The application is gone: nothing more is delivered.
     gone: bool,
-    /// Refused ids (id → reason), remembered so a later copy is refused again.
-    refused: HashMap<u64, u64>,
-    refused_order: VecDeque<(Instant, u64)>,
-    /// Ids waiting to go out in REFUSE frames, by reason.
-    refuse_out: BTreeMap<u64, BTreeSet<u64>>,
-    last_refuse: Option<Instant>,
+    /// Ids waiting to go out in REFUSE and REPLAYED frames.
+    notices_out: BTreeMap<Notice, BTreeSet<u64>>,
+    last_notice: Option<Instant>,
     stats: ReceiverStats,
 }
 
 impl Receiver {
-    /// A receiver with `config`.
+    /// A receiver with `config`, with its own key record, speaking protocol 2.
     pub fn new(config: ReceiverConfig) -> Self {
+        let keys = SharedKeys::new(config.key_ttl, config.max_keys);
+        let token = keys.with(|r| r.holder_token());
         Receiver {
             reassembler: Reassembler::new(config.reassembler.clone()),
             dedupe: DedupeWindow::new(config.dedupe_window, config.hole_ttl),
-            keys: KeyWindow::new(config.key_ttl, config.max_keys),
+            keys,
+            scope: ANONYMOUS,
+            token,
+            protocol: 2,
             config,
             deliveries: VecDeque::new(),
             queued_bytes: 0,
-            pending: HashMap::new(),
+            messages: BTreeMap::new(),
+            handed: 0,
+            claiming: 0,
+            remembered: 0,
+            expiry: VecDeque::new(),
             claims_out: VecDeque::new(),
             stream_answers: VecDeque::new(),
             generation: 0,
+            old_handed: HashMap::new(),
             out: VecDeque::new(),
             last_ack: None,
-            withheld: BTreeSet::new(),
-            withheld_keys: HashMap::new(),
-            withheld_by_key: HashMap::new(),
-            withheld_streams: std::collections::HashSet::new(),
-            old_withheld: HashMap::new(),
             gone: false,
-            refused: HashMap::new(),
-            refused_order: VecDeque::new(),
-            refuse_out: BTreeMap::new(),
-            last_refuse: None,
+            notices_out: BTreeMap::new(),
+            last_notice: None,
             stats: ReceiverStats::default(),
         }
+    }
+
+    /// Judges keys in `keys` (shared with the other channels of a server) under `scope` (the
+    /// client's identity) instead of in a record of its own. Call before anything is
+    /// received.
+    pub fn share_keys(&mut self, keys: SharedKeys, scope: Scope) {
+        self.token = keys.with(|r| r.holder_token());
+        self.keys = keys;
+        self.scope = scope;
+    }
+
+    /// The protocol version the peer speaks: with 1, a replay is acked like a delivery (no
+    /// REPLAYED frame, stream status 0).
+    pub fn set_protocol(&mut self, version: u8) {
+        self.protocol = version;
     }
 
     /// Counters.
     pub fn stats(&self) -> ReceiverStats {
         ReceiverStats {
-            keys_refused: self.keys.refused(),
             ids_tracked: self.dedupe.tracked(),
             keys_held: self.keys.len(),
             deliveries_queued: self.deliveries.len(),
             bytes_queued: self.queued_bytes,
-            claims_pending: self.pending.len(),
-            awaiting_take: if self.gone { 0 } else { self.withheld.len() },
+            claims_pending: self.claiming,
+            awaiting_take: if self.gone { 0 } else { self.handed },
             ..self.stats
         }
     }
@@ -398,8 +503,8 @@ impl Receiver {
         self.reassembler = Reassembler::new(self.config.reassembler.clone());
         self.out.clear();
         self.last_ack = None;
-        self.refuse_out.clear();
-        self.last_refuse = None;
+        self.notices_out.clear();
+        self.last_notice = None;
     }
 
     /// The peer came back without its state (it restarted): its message ids start over, so
@@ -409,24 +514,29 @@ impl Receiver {
     pub fn peer_lost_state(&mut self) {
         self.new_connection();
         self.dedupe = DedupeWindow::new(self.config.dedupe_window, self.config.hole_ttl);
-        // Claims awaited for the old incarnation's ids: their answers are ignored.
-        for (_, p) in self.pending.drain() {
-            self.queued_bytes -= p.payload.map_or(0, |b| b.len());
-        }
-        self.claims_out.clear();
         // The old incarnation's ids mean nothing to its successor (their acks go nowhere),
         // but a message of it still waiting for the application keeps holding its key: a
         // retry under that key from the new incarnation is not acked before the application
         // took the message (it could still drop it). The application takes messages in the
         // order they were handed over, so an old id is taken before a new one equal to it.
-        for id in std::mem::take(&mut self.withheld) {
-            let key = self.withheld_keys.remove(&id);
-            self.old_withheld.insert(id, key);
+        // Claims awaited for the old incarnation's ids: their answers are ignored.
+        for (id, m) in std::mem::take(&mut self.messages) {
+            match m {
+                Msg::Handed { key, .. } => {
+                    let holder = self.holder(id);
+                    self.old_handed.insert(id, key.map(|k| (k, holder)));
+                }
+                Msg::Claiming { payload, .. } => {
+                    self.queued_bytes -= payload.map_or(0, |b| b.len());
+                }
+                _ => {}
+            }
         }
-        self.withheld_keys.clear();
-        self.withheld_streams.clear();
-        self.refused.clear();
-        self.refused_order.clear();
+        self.handed = 0;
+        self.claiming = 0;
+        self.remembered = 0;
+        self.expiry.clear();
+        self.claims_out.clear();
         self.generation += 1;
     }
 
@@ -434,7 +544,7 @@ impl Receiver {
     /// was acked or given up (a server taking the channel over from another replica, with
     /// claims in a shared store). No effect once anything was received.
     pub fn start_at(&mut self, floor: u64) {
-        if self.dedupe.floor() == 0 && self.dedupe.tracked() == 0 && self.pending.is_empty() {
+        if self.dedupe.floor() == 0 && self.dedupe.tracked() == 0 && self.messages.is_empty() {
             self.dedupe =
                 DedupeWindow::starting_at(floor, self.config.dedupe_window, self.config.hole_ttl);
         }
@@ -442,14 +552,15 @@ impl Receiver {
 
     /// The sender's FLOOR: every id below `floor` has its outcome at the sender. The dedupe
     /// window's low watermark moves up to it (never down, never past a pending claim), so
-    /// ids beyond the old window are accepted again.
+    /// ids beyond the old window are accepted again; ids it passes undelivered are refused
+    /// if they ever come (REFUSE code 6).
     pub fn handle_floor(&mut self, now: Instant, floor: u64) {
         if self.dedupe.advance_to(now, floor) {
             self.stats.floor_advances += 1;
         }
     }
 
-    /// The dedupe window's low watermark: every id below it was delivered or settled.
+    /// The dedupe window's low watermark: every id below it was delivered, or passed.
     pub fn floor(&self) -> u64 {
         self.dedupe.floor()
     }
@@ -461,32 +572,97 @@ impl Receiver {
     }
 
     /// The owner's answer to a claim: the message is delivered and acked
-    /// ([`ClaimOutcome::Now`]), acked only ([`ClaimOutcome::Before`]), or dropped
-    /// ([`ClaimOutcome::Failed`]).
+    /// ([`ClaimOutcome::Now`]), acked only ([`ClaimOutcome::Before`]), refused
+    /// ([`ClaimOutcome::Conflict`]) or dropped ([`ClaimOutcome::Failed`]).
     pub fn claim_done(&mut self, now: Instant, request: &ClaimRequest, outcome: ClaimOutcome) {
         if request.generation != self.generation {
             return;
         }
         self.settle(now, request.id, outcome);
-        self.flush_refusals(now);
+        self.flush_notices(now);
     }
 
     /// The application's answer for message `id` in [`Claims::Application`] mode, after
     /// its transaction: [`ClaimOutcome::Now`] (committed with its claim) or
     /// [`ClaimOutcome::Before`] (the claim existed: another replica or an earlier delivery
-    /// handled it) ack it; [`ClaimOutcome::Failed`] (rolled back) leaves it unacked.
+    /// handled it) ack it; [`ClaimOutcome::Failed`] (rolled back) leaves it unacked;
+    /// [`ClaimOutcome::Conflict`] (its key was claimed with another payload) refuses it.
     pub fn confirm(&mut self, now: Instant, id: u64, outcome: ClaimOutcome) {
         if self.config.claims == Claims::Application {
             self.settle(now, id, outcome);
+            self.flush_notices(now);
+        }
+    }
+
+    fn holder(&self, id: u64) -> Holder {
+        Holder {
+            receiver: self.token,
+            generation: self.generation,
+            id,
+        }
+    }
+
+    /// Sets message `id`'s state (keeping the counts and the expiry queue).
+    fn set(&mut self, now: Instant, id: u64, m: Msg) {
+        if let Some(old) = self.messages.remove(&id) {
+            self.count(&old, false);
+        }
+        if m.remembered() {
+            self.expiry.push_back((now, id));
+        }
+        self.count(&m, true);
+        self.messages.insert(id, m);
+    }
+
+    /// Removes message `id`'s state.
+    fn unset(&mut self, id: u64) -> Option<Msg> {
+        let m = self.messages.remove(&id)?;
+        self.count(&m, false);
+        Some(m)
+    }
+
+    fn count(&mut self, m: &Msg, add: bool) {
+        let counter = match m {
+            Msg::Handed { .. } => &mut self.handed,
+            Msg::Claiming { .. } => &mut self.claiming,
+            m if m.remembered() => &mut self.remembered,
+            _ => return,
+        };
+        if add {
+            *counter += 1;
+        } else {
+            *counter -= 1;
+        }
+    }
+
+    /// Remembered states older than `hole_ttl` are forgotten.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.expiry.front() {
+            if now.saturating_duration_since(at) < self.config.hole_ttl {
+                break;
+            }
+            self.expiry.pop_front();
+            if self.messages.get(&id).is_some_and(Msg::remembered) {
+                self.unset(id);
+            }
         }
     }
 
     fn settle(&mut self, now: Instant, id: u64, outcome: ClaimOutcome) {
-        let Some(p) = self.pending.remove(&id) else {
+        if !matches!(self.messages.get(&id), Some(Msg::Claiming { .. })) {
             return;
+        }
+        let Some(Msg::Claiming {
+            key,
+            digest,
+            payload,
+            via_stream,
+        }) = self.unset(id)
+        else {
+            unreachable!("checked above");
         };
         self.dedupe.unpin(id);
-        if let Some(payload) = &p.payload {
+        if let Some(payload) = &payload {
             self.queued_bytes -= payload.len();
         }
         let status = match outcome {
@@ -494,7 +670,11 @@ impl Receiver {
                 self.stats.claim_failures += 1;
                 STREAM_REFUSED
             }
-            ClaimOutcome::Now if self.gone && p.payload.is_some() => {
+            ClaimOutcome::Conflict => {
+                self.refuse(now, id, REFUSE_KEY_REUSED, via_stream);
+                STREAM_REFUSED
+            }
+            ClaimOutcome::Now if self.gone && payload.is_some() => {
                 // Claimed while the application went away: the claim is the record of
                 // delivery (another replica acks a re-send as claimed before), so the message
                 // counts as handed over, to an application that is gone, like one that
@@ -503,13 +683,9 @@ impl Receiver {
                 self.dedupe.check(now, id);
                 self.stats.delivered += 1;
                 self.stats.discarded += 1;
-                if let Some(payload) = p.payload {
-                    self.deliveries.push_back(Delivered {
-                        id,
-                        key: p.key,
-                        payload,
-                    });
-                    self.queued_bytes += self.deliveries.back().map_or(0, |d| d.payload.len());
+                if let Some(payload) = payload {
+                    self.queued_bytes += payload.len();
+                    self.deliveries.push_back(Delivered { id, key, payload });
                 }
                 return;
             }
@@ -517,155 +693,237 @@ impl Receiver {
                 // Pending ids are held out of the window (and the floor stops below them)
                 // until now: this records them.
                 self.dedupe.check(now, id);
-                if let Some(k) = &p.key {
-                    // The store holds the keys in claims mode: the window only caches them,
-                    // so a full window is no reason to refuse here (nor to count one).
-                    if !self.keys.is_full(now) {
-                        let _ = self.keys.check(now, k);
-                    }
-                }
-                let mut withhold = false;
-                match (outcome, p.payload) {
+                match (outcome, payload) {
                     // A `Now` means this receiver owns the message: nobody else will
                     // deliver it, so it is delivered, whatever the window says.
                     (ClaimOutcome::Now, Some(payload)) => {
-                        self.stats.delivered += 1;
-                        self.queued_bytes += payload.len();
-                        withhold = self.config.ack_on_take;
-                        if withhold {
-                            self.withhold(id, p.key.as_ref());
+                        // The store holds the keys in claims mode: the record only caches
+                        // them, so a full record is no reason to refuse here.
+                        if let Some(k) = &key {
+                            let holder = self.holder(id);
+                            let scope = self.scope;
+                            self.keys.with(|r| {
+                                let _ = r.judge(now, scope, k, digest, holder);
+                                if !self.config.ack_on_take {
+                                    r.taken(now, scope, k, holder);
+                                }
+                            });
                         }
-                        self.deliveries.push_back(Delivered {
-                            id,
-                            key: p.key,
-                            payload,
-                        });
+                        self.deliver(now, id, key, payload, via_stream);
+                        if self.config.ack_on_take {
+                            // Answered once taken, like the ack.
+                            return;
+                        }
+                        self.ack(now, false, &[id]);
+                        STREAM_DELIVERED
                     }
                     // Delivered already (application claims) and claimed now: nothing more.
-                    (ClaimOutcome::Now, None) => {}
-                    _ => self.stats.claimed_before += 1,
+                    (ClaimOutcome::Now, None) => {
+                        if let Some(k) = &key {
+                            self.remember_key(now, k, digest);
+                        }
+                        self.ack(now, false, &[id]);
+                        STREAM_DELIVERED
+                    }
+                    _ => {
+                        self.stats.claimed_before += 1;
+                        if let Some(k) = &key {
+                            self.remember_key(now, k, digest);
+                        }
+                        self.replayed(now, id, false)
+                    }
                 }
-                if !withhold {
-                    self.ack(now, false, &[id]);
-                } else if p.via_stream {
-                    // Answered once taken, like the ack.
-                    self.withheld_streams.insert(id);
-                    return;
-                }
-                STREAM_DELIVERED
             }
         };
-        if p.via_stream {
+        if via_stream {
             self.stream_answers.push_back((id, status));
         }
     }
 
-    /// The application took delivered message `id` (with `ack_on_take`): it is acked now.
-    /// Ids not awaiting a take are ignored.
+    fn remember_key(&mut self, now: Instant, key: &Bytes, digest: Digest) {
+        let (scope, by) = (self.scope, self.token);
+        self.keys
+            .with(|r| r.remember(now, scope, key, digest, by));
+    }
+
+    /// Message `id` is acked without a delivery (its key, or its claim, was delivered
+    /// before): with protocol 2 it is remembered as `Replayed` and named in a REPLAYED frame
+    /// (never in an ACK); with protocol 1, or when it cannot be remembered, acked. Returns
+    /// the stream status for it.
+    fn replayed(&mut self, now: Instant, id: u64, via_stream: bool) -> u8 {
+        self.expire(now);
+        if self.protocol >= 2 && self.remembered < self.config.max_refused_ids.max(1) {
+            self.set(now, id, Msg::Replayed);
+            if !via_stream {
+                self.notice(Notice::Replayed, id);
+            }
+            STREAM_REPLAYED
+        } else {
+            self.ack(now, false, &[id]);
+            STREAM_DELIVERED
+        }
+    }
+
+    /// Delivers message `id` to the queue; with `ack_on_take` it is `Handed` until taken.
+    fn deliver(
+        &mut self,
+        now: Instant,
+        id: u64,
+        key: Option<Bytes>,
+        payload: Bytes,
+        via_stream: bool,
+    ) {
+        self.stats.delivered += 1;
+        self.queued_bytes += payload.len();
+        if self.config.ack_on_take {
+            self.set(
+                now,
+                id,
+                Msg::Handed {
+                    key: key.clone(),
+                    via_stream,
+                },
+            );
+        }
+        self.deliveries.push_back(Delivered { id, key, payload });
+    }
+
+    /// The application took delivered message `id` (with `ack_on_take`): it is acked now, and
+    /// its key counts as delivered from now. Ids not awaiting a take are ignored.
     pub fn taken(&mut self, now: Instant, id: u64) {
-        if let Some(key) = self.old_withheld.remove(&id) {
-            // A message of the sender's previous incarnation: nothing to ack; its key no
-            // longer holds retries back.
-            if let Some(key) = key {
-                self.withheld_by_key.remove(&key);
+        if let Some(old) = self.old_handed.remove(&id) {
+            // A message of the sender's previous incarnation: nothing to ack; its key is
+            // delivered now.
+            if let Some((key, holder)) = old {
+                let scope = self.scope;
+                self.keys.with(|r| r.taken(now, scope, &key, holder));
             }
             return;
         }
-        if self.gone || !self.withheld.remove(&id) {
+        if self.gone || !matches!(self.messages.get(&id), Some(Msg::Handed { .. })) {
             return;
         }
-        if let Some(key) = self.withheld_keys.remove(&id) {
-            self.withheld_by_key.remove(&key);
+        let Some(Msg::Handed { key, via_stream }) = self.unset(id) else {
+            unreachable!("checked above");
+        };
+        if let Some(key) = key {
+            let (scope, holder) = (self.scope, self.holder(id));
+            self.keys.with(|r| r.taken(now, scope, &key, holder));
         }
-        if self.withheld_streams.remove(&id) {
+        if via_stream {
             self.stream_answers.push_back((id, STREAM_DELIVERED));
         }
         self.ack(now, false, &[id]);
     }
 
-    /// Records delivered message `id` as not to be acked until taken.
-    fn withhold(&mut self, id: u64, key: Option<&Bytes>) {
-        self.withheld.insert(id);
-        if let Some(key) = key {
-            self.withheld_keys.insert(id, key.clone());
-            self.withheld_by_key.insert(key.clone(), id);
-        }
-    }
-
     /// The application will never take another message. Messages delivered but not taken
     /// are discarded: never acked (counted in [`ReceiverStats::discarded`]; with
-    /// `ack_on_take` off they were acked already, which is why a channel sets it) and their
-    /// senders told they were not delivered (REFUSE code 5); new messages are refused with
-    /// code 5. In [`Claims::Owner`] mode a claimed message stays handed over instead (see
-    /// `owner_gone`: the claim is the record of its delivery).
+    /// `ack_on_take` off they were acked already, which is why a channel sets it), their keys
+    /// released, and their senders told they were not delivered (REFUSE code 5); new messages
+    /// are refused with code 5. In [`Claims::Owner`] mode a claimed message stays handed over
+    /// instead (see `owner_gone`: the claim is the record of its delivery).
     pub fn application_gone(&mut self, now: Instant) {
         if self.gone {
             return;
         }
         self.gone = true;
-        self.stats.discarded += self.old_withheld.len() as u64;
-        self.old_withheld.clear();
+        self.stats.discarded += self.old_handed.len() as u64;
+        for (_, old) in std::mem::take(&mut self.old_handed) {
+            if let Some((key, holder)) = old {
+                let scope = self.scope;
+                self.keys.with(|r| r.release(scope, &key, holder));
+            }
+        }
         if self.config.claims == Claims::Owner {
             self.owner_gone(now);
             return;
         }
-        let queued: Vec<Delivered> = self.deliveries.drain(..).collect();
-        for d in queued {
+        for d in std::mem::take(&mut self.deliveries) {
             self.queued_bytes -= d.payload.len();
-            if self.withheld.contains(&d.id) {
-                continue;
-            }
-            self.stats.discarded += 1;
-            if self.pending.get(&d.id).is_some_and(|p| p.payload.is_none()) {
-                // Application claims: never handed over, so never claimed either.
-                let p = self.pending.remove(&d.id).expect("checked");
-                self.dedupe.unpin(d.id);
-                self.refuse(now, d.id, REFUSE_CLOSED, p.via_stream);
-                if p.via_stream {
-                    self.stream_answers.push_back((d.id, STREAM_REFUSED));
+            match self.messages.get(&d.id) {
+                Some(Msg::Handed { .. }) => {}
+                Some(Msg::Claiming { payload: None, .. }) => {
+                    // Application claims: never handed over, so never claimed either.
+                    self.stats.discarded += 1;
+                    if let Some(Msg::Claiming { via_stream, .. }) = self.unset(d.id) {
+                        self.dedupe.unpin(d.id);
+                        self.refuse(now, d.id, REFUSE_CLOSED, via_stream);
+                        if via_stream {
+                            self.stream_answers.push_back((d.id, STREAM_REFUSED));
+                        }
+                    }
                 }
+                // Otherwise acked already (`ack_on_take` off): nothing to take back.
+                _ => self.stats.discarded += 1,
             }
-            // Otherwise acked already (`ack_on_take` off): nothing to take back.
         }
-        let discarded: Vec<u64> = self.withheld.iter().copied().collect();
-        for id in discarded {
+        let handed: Vec<u64> = self
+            .messages
+            .iter()
+            .filter(|(_, m)| matches!(m, Msg::Handed { .. }))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in handed {
+            let Some(Msg::Handed { key, via_stream }) = self.unset(id) else {
+                continue;
+            };
             self.stats.discarded += 1;
-            self.refuse(now, id, REFUSE_CLOSED, false);
-            if self.withheld_streams.remove(&id) {
+            if let Some(key) = key {
+                let (scope, holder) = (self.scope, self.holder(id));
+                self.keys.with(|r| r.release(scope, &key, holder));
+            }
+            self.set(now, id, Msg::Discarded);
+            self.refuse(now, id, REFUSE_CLOSED, via_stream);
+            if via_stream {
                 self.stream_answers.push_back((id, STREAM_REFUSED));
             }
         }
-        self.withheld_by_key.clear();
-        self.flush_refusals(now);
+        self.flush_notices(now);
     }
 
     /// [`Receiver::application_gone`] in [`Claims::Owner`] mode. A claimed message is the
     /// record of a delivery (another replica acks a re-send of it as claimed before), so
     /// what was claimed stays handed over: delivered messages not yet taken stay unacked
-    /// (their senders learn an unknown outcome, or an ack from a replica that finds the
-    /// claim) and are still handed out by [`Receiver::poll_delivery`] (the owner passes them
-    /// on to a queue nobody reads); claims in flight that answer `Now` are handed over the
-    /// same way. Messages whose claim was not asked yet are refused (code 5), and so are new
-    /// ones.
+    /// until a copy comes (their senders learn an unknown outcome, or an ack from a replica
+    /// that finds the claim) and are still handed out by [`Receiver::poll_delivery`] (the
+    /// owner passes them on to a queue nobody reads); claims in flight that answer `Now` are
+    /// handed over the same way. Messages whose claim was not asked yet are refused (code 5),
+    /// and so are new ones.
     fn owner_gone(&mut self, now: Instant) {
-        self.stats.discarded += self.withheld.len() as u64;
-        self.withheld.clear();
-        self.withheld_keys.clear();
-        self.withheld_by_key.clear();
+        let handed: Vec<u64> = self
+            .messages
+            .iter()
+            .filter(|(_, m)| matches!(m, Msg::Handed { .. }))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in handed {
+            if let Some(Msg::Handed { key: Some(key), .. }) = self.unset(id) {
+                // The store has the claim: the record caches it as delivered.
+                let (scope, holder) = (self.scope, self.holder(id));
+                self.keys.with(|r| r.taken(now, scope, &key, holder));
+            }
+            self.stats.discarded += 1;
+        }
         for request in std::mem::take(&mut self.claims_out) {
-            if let Some(p) = self.pending.remove(&request.id) {
-                self.queued_bytes -= p.payload.as_ref().map_or(0, Bytes::len);
+            if let Some(Msg::Claiming {
+                payload,
+                via_stream,
+                ..
+            }) = self.unset(request.id)
+            {
+                self.queued_bytes -= payload.as_ref().map_or(0, Bytes::len);
                 self.dedupe.unpin(request.id);
-                self.refuse(now, request.id, REFUSE_CLOSED, p.via_stream);
-                if p.via_stream {
+                self.refuse(now, request.id, REFUSE_CLOSED, via_stream);
+                if via_stream {
                     self.stream_answers.push_back((request.id, STREAM_REFUSED));
                 }
             }
         }
-        self.flush_refusals(now);
+        self.flush_notices(now);
     }
 
-    /// The answer to a stream message whose claim was pending: (message id, status byte).
+    /// The answer to a stream message whose answer waited (its claim, or its take): (message
+    /// id, status byte).
     #[must_use]
     pub fn poll_stream_answer(&mut self) -> Option<(u64, u8)> {
         self.stream_answers.pop_front()
@@ -679,8 +937,14 @@ impl Receiver {
     /// Whether the application is behind: `max_queued_bytes` of delivered messages wait to
     /// be taken. New messages are refused (unacked) until it catches up.
     pub fn backlogged(&self) -> bool {
-        (!self.deliveries.is_empty() || !self.pending.is_empty())
+        (!self.deliveries.is_empty() || self.claiming > 0)
             && self.queued_bytes >= self.config.max_queued_bytes
+    }
+
+    /// Payload bytes delivered (or claimed) and not yet handed out, against
+    /// `max_queued_bytes`.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
     }
 
     /// Delivered messages waiting for [`Receiver::poll_delivery`] (cheaper than
@@ -691,7 +955,7 @@ impl Receiver {
 
     /// Whether delivered messages wait for [`Receiver::taken`] (with `ack_on_take`).
     pub fn awaiting_take(&self) -> bool {
-        !self.gone && !self.withheld.is_empty()
+        !self.gone && self.handed > 0
     }
 
     /// Whether a delivered message waits for [`Receiver::poll_delivery`].
@@ -709,19 +973,18 @@ impl Receiver {
             self.stats.shards_received += 1;
             self.stats.shards_refused_block += 1;
             for id in frame.header.messages() {
-                if !self.dedupe.contains(id) && !self.pending.contains_key(&id) {
+                if !self.dedupe.contains(id) && !self.messages.contains_key(&id) {
                     self.refuse(now, id, REFUSE_BLOCK, false);
                 }
             }
-            self.flush_refusals(now);
+            self.flush_notices(now);
             return;
         }
         // A shard of a block the reassembler no longer holds or remembers, whose every
-        // message was delivered and handed over (the dedupe window holds it; none awaits
-        // the application): stale like a remembered finished block's, instead of opening an
-        // incomplete block that could evict one still being rebuilt. A message still
-        // awaiting the application goes the usual way (a gone application refuses it
-        // again). Validated first: the ids come from the header (at most 64).
+        // message was delivered and acked (the dedupe window holds it; none has a state
+        // here): stale like a remembered finished block's, instead of opening an incomplete
+        // block that could evict one still being rebuilt. Validated first: the ids come from
+        // the header (at most 64).
         let block = frame.header.block;
         let finished = self.reassembler.is_finished(block);
         let forgotten_delivered = !finished
@@ -730,7 +993,7 @@ impl Receiver {
             && frame
                 .header
                 .messages()
-                .all(|id| self.dedupe.contains(id) && !self.withheld.contains(&id));
+                .all(|id| self.dedupe.contains(id) && !self.messages.contains_key(&id));
         if self.backlogged() && !forgotten_delivered && !finished {
             // It arrived (the sender's loss estimate must not count it lost), but holding it
             // would buffer without bound behind a slow application. Shards of finished blocks
@@ -765,16 +1028,17 @@ impl Receiver {
                     triggers.push(d.message_id);
                 }
                 Accepted::Duplicate => triggers.push(d.message_id),
-                Accepted::Refused | Accepted::Pending | Accepted::Held => {}
+                Accepted::Replayed
+                | Accepted::HandedCopy
+                | Accepted::Refused
+                | Accepted::Pending
+                | Accepted::Held => {}
             }
         }
         if let InsertOutcome::Stale { messages } = outcome {
-            // A shard of a finished block: its ack was probably lost.
+            // A shard of a finished block: its answer was probably lost.
             for id in messages {
-                if self.refused.contains_key(&id) && !self.dedupe.contains(id) {
-                    let reason = self.refused[&id];
-                    self.refuse(now, id, reason, false);
-                } else if self.dedupe.contains(id) {
+                if self.answer_copy(now, id, false) == Some(Accepted::Duplicate) {
                     triggers.push(id);
                 }
             }
@@ -785,44 +1049,85 @@ impl Receiver {
         if fresh || (!triggers.is_empty() && reack_due) {
             self.ack(now, !fresh, &triggers);
         }
-        self.flush_refusals(now);
+        self.flush_notices(now);
+    }
+
+    /// Answers a copy of message `id` that needs no rebuilding (its block finished before),
+    /// or judges a rebuilt copy before its envelope is opened: `None` when the id is new and
+    /// must be judged further, else what became of the copy.
+    fn answer_copy(&mut self, now: Instant, id: u64, via_stream: bool) -> Option<Accepted> {
+        self.expire(now);
+        let answer = match self.messages.get_mut(&id) {
+            Some(Msg::Refused { reason }) => {
+                // Refused before: the sender was told it is not delivered; it never will be.
+                let reason = *reason;
+                self.refuse(now, id, reason, via_stream);
+                Accepted::Refused
+            }
+            Some(Msg::Discarded) => {
+                self.refuse(now, id, REFUSE_CLOSED, via_stream);
+                Accepted::Refused
+            }
+            Some(Msg::Claiming { via_stream: v, .. }) => {
+                // Its claim is being made: this copy waits for the same answer (a stream
+                // re-send takes the answer over), whether or not the application is there.
+                *v |= via_stream;
+                Accepted::Pending
+            }
+            Some(Msg::Handed { via_stream: v, .. }) => {
+                // Delivered, not yet taken: this copy is answered with the first, on its take.
+                *v |= via_stream;
+                Accepted::HandedCopy
+            }
+            Some(Msg::Replayed) => {
+                if !via_stream {
+                    self.notice(Notice::Replayed, id);
+                }
+                Accepted::Replayed
+            }
+            None => match self.dedupe.peek(now, id) {
+                Seen::New | Seen::OutOfWindow => return None,
+                Seen::Duplicate => {
+                    self.stats.duplicates_suppressed += 1;
+                    Accepted::Duplicate
+                }
+                Seen::Passed => {
+                    self.refuse(now, id, REFUSE_PASSED, via_stream);
+                    Accepted::Refused
+                }
+                Seen::Unknown => {
+                    self.stats.unknown_ids += 1;
+                    Accepted::Held
+                }
+            },
+        };
+        Some(answer)
     }
 
     /// Takes a whole message body (an envelope) that arrived outside the datagram path (a
     /// stream message). It is delivered if new, and acked unless it is refused (out of the
     /// window, malformed, ...); in claims mode a new message waits for its claim first.
-    /// With `ack_on_take`, a new message is acked once taken; the stream's answer
-    /// ([`Whole::New`]) is the caller's to hold until then.
+    /// With `ack_on_take`, a new message is acked once taken; the stream's answer comes from
+    /// [`Receiver::poll_stream_answer`] then ([`Whole::Pending`]).
     pub fn handle_whole(&mut self, now: Instant, id: u64, body: Bytes) -> Whole {
         let whole = match self.accept(now, id, body, true) {
-            Accepted::Delivered if self.config.ack_on_take => {
-                // Answered once the application took it (`taken`), like its ack.
-                self.withheld_streams.insert(id);
-                Whole::Pending
-            }
-            Accepted::Delivered => {
+            Accepted::Delivered if self.config.ack_on_take => Whole::Pending,
+            Accepted::Delivered | Accepted::KeyDuplicate => {
                 self.ack(now, false, &[id]);
                 Whole::New
             }
-            Accepted::KeyDuplicate => {
-                self.ack(now, false, &[id]);
-                Whole::New
-            }
-            Accepted::Duplicate if self.withheld.contains(&id) && !self.gone => {
-                // Delivered but not yet taken: this copy is answered with the first.
-                self.withheld_streams.insert(id);
-                Whole::Pending
-            }
+            Accepted::Replayed => Whole::Replayed,
+            Accepted::HandedCopy | Accepted::Pending => Whole::Pending,
             Accepted::Duplicate => {
                 self.ack(now, true, &[id]);
                 Whole::Duplicate
             }
-            // Held: not delivered (its key's message is, but not yet taken); the stream
-            // cannot wait for that, and a retry by key is then recognised.
-            Accepted::Refused | Accepted::Held => Whole::Refused,
-            Accepted::Pending => Whole::Pending,
+            Accepted::Refused => Whole::Refused,
+            // Its key's message awaits the application (it may yet be taken, or dropped), or
+            // the id is below what the window remembers: no answer is true now.
+            Accepted::Held => Whole::Unanswered,
         };
-        self.flush_refusals(now);
+        self.flush_notices(now);
         whole
     }
 
@@ -830,109 +1135,97 @@ impl Receiver {
     /// was delivered before. A body that is not a valid envelope is refused (counted): only
     /// a broken or hostile sender produces one, and acking it would claim a delivery.
     fn accept(&mut self, now: Instant, id: u64, body: Bytes, via_stream: bool) -> Accepted {
-        if let Some(&reason) = self.refused.get(&id) {
-            if !self.dedupe.contains(id) {
-                // Refused before: the sender was told it is not delivered; it never will be.
-                self.refuse(now, id, reason, via_stream);
-                return Accepted::Refused;
-            }
+        if let Some(answer) = self.answer_copy(now, id, via_stream) {
+            return answer;
         }
-        if let Some(p) = self.pending.get_mut(&id) {
-            // Its claim is being made: this copy waits for the same answer (a stream re-send
-            // takes the answer over), whether or not the application is still there.
-            p.via_stream |= via_stream;
-            return Accepted::Pending;
-        }
-        if self.gone && (self.withheld.contains(&id) || !self.dedupe.contains(id)) {
+        if self.gone {
             self.refuse(now, id, REFUSE_CLOSED, via_stream);
             return Accepted::Refused;
-        }
-        if self.dedupe.contains(id) {
-            self.stats.duplicates_suppressed += 1;
-            return Accepted::Duplicate;
         }
         let envelope = match Envelope::decode(body) {
             Ok(envelope) => envelope,
             Err(_) => {
                 self.stats.invalid_envelopes += 1;
-                if !self.pending.contains_key(&id) {
-                    self.refuse(now, id, REFUSE_MALFORMED, via_stream);
-                }
+                self.refuse(now, id, REFUSE_MALFORMED, via_stream);
                 return Accepted::Refused;
             }
         };
-        match self.dedupe.peek(now, id) {
-            Seen::New => {}
-            Seen::Duplicate => {
-                self.stats.duplicates_suppressed += 1;
-                return Accepted::Duplicate;
-            }
-            Seen::OutOfWindow => {
-                self.stats.out_of_window += 1;
-                self.refuse(now, id, REFUSE_OUT_OF_WINDOW, via_stream);
-                return Accepted::Refused;
-            }
+        if self.dedupe.peek(now, id) == Seen::OutOfWindow {
+            self.stats.out_of_window += 1;
+            self.refuse(now, id, REFUSE_OUT_OF_WINDOW, via_stream);
+            return Accepted::Refused;
         }
+        let digest = payload_digest(&envelope.payload);
         if self.config.claims != Claims::Off {
-            return self.accept_claimed(now, id, envelope, via_stream);
+            return self.accept_claimed(now, id, envelope, digest, via_stream);
         }
         if let Some(key) = &envelope.key {
-            if self.withheld_by_key.contains_key(key) {
-                // A retry by key of a message the application has not taken yet: like a
-                // copy of it, neither delivered nor acked (yet); the sender retries.
-                return Accepted::Held;
-            }
-            match self.keys.check(now, key) {
-                KeySeen::New => {}
-                KeySeen::Seen => {
-                    // Delivered before under another id (an application retry): the effect
-                    // happened, so ack this id too, but deliver nothing.
-                    self.dedupe.check(now, id);
-                    self.stats.duplicate_keys += 1;
-                    return Accepted::KeyDuplicate;
+            let (scope, holder) = (self.scope, self.holder(id));
+            match self
+                .keys
+                .with(|r| r.judge(now, scope, key, digest, holder))
+            {
+                KeyVerdict::New => {}
+                KeyVerdict::Held(_) => return Accepted::Held,
+                KeyVerdict::Replay { by } => return self.key_replay(now, id, by, via_stream),
+                KeyVerdict::Conflict => {
+                    self.refuse(now, id, REFUSE_KEY_REUSED, via_stream);
+                    return Accepted::Refused;
                 }
-                KeySeen::Full => {
+                KeyVerdict::Full => {
+                    self.stats.keys_refused += 1;
                     self.refuse(now, id, REFUSE_KEYS_FULL, via_stream);
                     return Accepted::Refused;
                 }
             }
+            if !self.config.ack_on_take {
+                self.keys.with(|r| r.taken(now, scope, key, holder));
+            }
         }
         self.dedupe.check(now, id);
-        self.stats.delivered += 1;
-        self.queued_bytes += envelope.payload.len();
-        if self.config.ack_on_take {
-            self.withhold(id, envelope.key.as_ref());
-        }
-        self.deliveries.push_back(Delivered {
-            id,
-            key: envelope.key,
-            payload: envelope.payload,
-        });
+        self.deliver(now, id, envelope.key, envelope.payload, via_stream);
         Accepted::Delivered
     }
 
-    /// Claims mode: a new id waits for its claim; the window and keys only answer for what
-    /// this receiver itself saw claimed.
+    /// A new id whose key was delivered before (by receiver `by`) with the same payload: the
+    /// effect happened, so the id is recorded and acked (as a replay), and nothing delivered.
+    fn key_replay(&mut self, now: Instant, id: u64, by: u64, via_stream: bool) -> Accepted {
+        self.dedupe.check(now, id);
+        if by == self.token {
+            self.stats.duplicate_keys += 1;
+        } else {
+            self.stats.duplicate_keys_elsewhere += 1;
+        }
+        if self.replayed(now, id, via_stream) == STREAM_REPLAYED {
+            Accepted::Replayed
+        } else {
+            Accepted::KeyDuplicate
+        }
+    }
+
+    /// Claims mode: a new id waits for its claim; the key record only answers for what this
+    /// receiver itself saw claimed.
     fn accept_claimed(
         &mut self,
         now: Instant,
         id: u64,
         envelope: Envelope,
+        digest: Digest,
         via_stream: bool,
     ) -> Accepted {
-        // (`accept` has answered copies of pending ids and judged the window.)
         if let Some(key) = &envelope.key {
-            if self.withheld_by_key.contains_key(key) {
-                // Its key's message awaits the application: nothing to ack yet.
-                return Accepted::Held;
-            }
-            if self.keys.contains(now, key) {
-                self.dedupe.check(now, id);
-                self.stats.duplicate_keys += 1;
-                return Accepted::KeyDuplicate;
+            let scope = self.scope;
+            match self.keys.with(|r| r.peek(now, scope, key, digest)) {
+                Some(KeyVerdict::Held(_)) => return Accepted::Held,
+                Some(KeyVerdict::Replay { by }) => return self.key_replay(now, id, by, via_stream),
+                Some(KeyVerdict::Conflict) => {
+                    self.refuse(now, id, REFUSE_KEY_REUSED, via_stream);
+                    return Accepted::Refused;
+                }
+                _ => {}
             }
         }
-        if self.pending.len() >= self.config.max_pending_claims {
+        if self.claiming >= self.config.max_pending_claims {
             self.stats.claims_refused += 1;
             return Accepted::Refused;
         }
@@ -952,16 +1245,19 @@ impl Receiver {
             self.claims_out.push_back(ClaimRequest {
                 id,
                 key: envelope.key.clone(),
+                digest,
                 generation: self.generation,
             });
             Some(envelope.payload)
         };
         // The floor must not pass it while its claim is out (the claim may answer late).
         self.dedupe.pin(id);
-        self.pending.insert(
+        self.set(
+            now,
             id,
-            Pending {
+            Msg::Claiming {
                 key: envelope.key,
+                digest,
                 payload,
                 via_stream,
             },
@@ -972,54 +1268,44 @@ impl Receiver {
     /// Refuses message `id` (definitely not delivered, and never will be): remembered, so a
     /// later copy is refused again, and queued for a REFUSE frame (unless it came on a
     /// stream, which answers for itself). A refusal that cannot be remembered is a counted
-    /// drop, except for reasons that hold for every copy anyway (malformed, closed).
+    /// drop, except for reasons that hold for every copy anyway (malformed, closed, passed).
     fn refuse(&mut self, now: Instant, id: u64, reason: u64, via_stream: bool) {
         self.stats.refused.count(reason);
-        self.expire_refused(now);
-        // A malformed envelope is malformed in every copy, and a gone application stays
-        // gone: only the other reasons could change, and must be remembered.
-        let lasting = matches!(reason, REFUSE_MALFORMED | REFUSE_CLOSED);
-        if !lasting && !self.refused.contains_key(&id) {
-            if self.refused.len() >= self.config.max_refused_ids.max(1) {
+        self.expire(now);
+        // A malformed envelope is malformed in every copy, a gone application stays gone and
+        // a passed id stays passed: only the other reasons could change, and must be
+        // remembered.
+        let lasting = matches!(reason, REFUSE_MALFORMED | REFUSE_CLOSED | REFUSE_PASSED);
+        if !lasting && !self.messages.contains_key(&id) {
+            if self.remembered >= self.config.max_refused_ids.max(1) {
                 self.stats.refused.unsent += 1;
                 return;
             }
-            self.refused.insert(id, reason);
-            self.refused_order.push_back((now, id));
+            self.set(now, id, Msg::Refused { reason });
         }
-        if via_stream {
-            return;
-        }
-        let queued: usize = self.refuse_out.values().map(BTreeSet::len).sum();
-        if queued < MAX_REFUSE_QUEUE {
-            self.refuse_out.entry(reason).or_default().insert(id);
+        if !via_stream {
+            self.notice(Notice::Refuse(reason), id);
         }
     }
 
-    fn expire_refused(&mut self, now: Instant) {
-        while let Some(&(at, id)) = self.refused_order.front() {
-            if now.saturating_duration_since(at) < self.config.hole_ttl {
-                break;
-            }
-            self.refused_order.pop_front();
-            self.refused.remove(&id);
+    fn notice(&mut self, notice: Notice, id: u64) {
+        let queued: usize = self.notices_out.values().map(BTreeSet::len).sum();
+        if queued < MAX_NOTICE_QUEUE {
+            self.notices_out.entry(notice).or_default().insert(id);
         }
     }
 
-    /// Sends the queued refusals, at most once per `reack_interval`.
-    fn flush_refusals(&mut self, now: Instant) {
-        if self.refuse_out.is_empty()
+    /// Sends the queued refusals and replays, at most once per `reack_interval`.
+    fn flush_notices(&mut self, now: Instant) {
+        if self.notices_out.is_empty()
             || self
-                .last_refuse
+                .last_notice
                 .is_some_and(|t| now.saturating_duration_since(t) < self.config.reack_interval)
         {
             return;
         }
-        let max = self.config.max_ack_ranges.clamp(
-            1,
-            usize::from(self.config.reassembler.limits.max_ack_ranges.max(1)),
-        );
-        for (reason, ids) in std::mem::take(&mut self.refuse_out) {
+        let max = self.max_ranges();
+        for (notice, ids) in std::mem::take(&mut self.notices_out) {
             let mut ranges: Vec<RangeInclusive<u64>> = Vec::new();
             for id in ids {
                 match ranges.last_mut() {
@@ -1028,39 +1314,48 @@ impl Receiver {
                 }
             }
             for chunk in ranges.chunks(max) {
-                let frame = Frame::Refuse(RefuseFrame {
-                    reason,
-                    ranges: chunk.to_vec(),
-                });
+                let ranges = chunk.to_vec();
+                let frame = match notice {
+                    Notice::Refuse(reason) => {
+                        self.stats.refuse_frames += 1;
+                        Frame::Refuse(RefuseFrame { reason, ranges })
+                    }
+                    Notice::Replayed => Frame::Replayed(ReplayedFrame { ranges }),
+                };
                 self.out.push_back(frame.to_bytes());
-                self.stats.refuse_frames += 1;
             }
         }
-        self.last_refuse = Some(now);
+        self.last_notice = Some(now);
     }
 
-    /// When [`Receiver::handle_timeout`] should next be called: refusals wait out
+    fn max_ranges(&self) -> usize {
+        self.config.max_ack_ranges.clamp(
+            1,
+            usize::from(self.config.reassembler.limits.max_ack_ranges.max(1)),
+        )
+    }
+
+    /// When [`Receiver::handle_timeout`] should next be called: notices wait out
     /// `reack_interval`.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        // Refusals are queued only while one was sent within `reack_interval`.
-        if self.refuse_out.is_empty() {
+        // Notices are queued only while one was sent within `reack_interval`.
+        if self.notices_out.is_empty() {
             return None;
         }
-        self.last_refuse.map(|t| t + self.config.reack_interval)
+        self.last_notice.map(|t| t + self.config.reack_interval)
     }
 
-    /// Fires what is due at `now` (queued refusals).
+    /// Fires what is due at `now` (queued notices).
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.flush_refusals(now);
+        self.flush_notices(now);
     }
 
     fn ack(&mut self, now: Instant, repeat: bool, triggers: &[u64]) {
-        let max = self.config.max_ack_ranges.clamp(
-            1,
-            usize::from(self.config.reassembler.limits.max_ack_ranges.max(1)),
-        );
-        let ranges = self.dedupe.ack_ranges(max, triggers, &self.withheld);
+        // Ids with a state here are never named: see `Msg`.
+        let ranges = self
+            .dedupe
+            .ack_ranges(self.max_ranges(), triggers, &self.messages);
         if ranges.is_empty() {
             return;
         }
@@ -1083,7 +1378,7 @@ impl Receiver {
         Some(d)
     }
 
-    /// The next datagram (an ack or a refusal) to send.
+    /// The next datagram (an ack, a refusal or a replay notice) to send.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
         self.out.pop_front()

@@ -216,6 +216,9 @@ pub enum SenderEvent {
         shards_sent: usize,
         /// Hedges fired for its block.
         hedges: u32,
+        /// Protocol 2: the receiver did not deliver it again because its idempotency key
+        /// was delivered before with the same payload (a replay of an earlier delivery).
+        replayed: bool,
     },
     /// It failed; see the reason.
     Failed {
@@ -1035,8 +1038,32 @@ impl Sender {
                 .map(|(&id, _)| id)
                 .collect();
             for id in ids {
+                self.acked(now, id, ack_delay, false);
+            }
+        }
+    }
+
+    /// Takes a REPLAYED frame (protocol 2): each message in flight it names is acked as a
+    /// replay (its key was delivered before with the same payload).
+    pub fn handle_replayed(&mut self, now: Instant, replayed: &crate::wire::ReplayedFrame) {
+        for range in &replayed.ranges {
+            let ids: Vec<u64> = self
+                .messages
+                .range(range.clone())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in ids {
+                self.acked(now, id, Duration::ZERO, true);
+            }
+        }
+    }
+
+    /// Message `id` (if in flight) is acked: its event, its round-trip sample.
+    fn acked(&mut self, now: Instant, id: u64, ack_delay: Duration, replayed: bool) {
+        {
+            {
                 let Some(m) = self.remove_message(id) else {
-                    continue;
+                    return;
                 };
                 let latency = now.saturating_duration_since(m.sent_at);
                 let (shards_sent, hedges, attempts, resent, code) =
@@ -1089,6 +1116,7 @@ impl Sender {
                     latency,
                     shards_sent,
                     hedges,
+                    replayed,
                 });
                 self.release(m.block);
             }

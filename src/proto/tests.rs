@@ -774,11 +774,18 @@ fn in_claims_mode_a_stream_message_is_answered_once_claimed() {
         Some((7, crate::wire::STREAM_DELIVERED))
     );
     assert_eq!(b.receiver.poll_delivery().unwrap().id, 7);
-    // The key is now known here: a retry under a new id is acked without a claim.
+    // The key is now known here: a retry under a new id is acked without a claim, as a
+    // replay (protocol 2; a protocol-1 peer gets "delivered").
     assert_eq!(
         b.handle_stream_message(t, message(8, b"order-7")),
+        StreamStatus::Now(crate::wire::STREAM_REPLAYED)
+    );
+    b.receiver.set_protocol(1);
+    assert_eq!(
+        b.handle_stream_message(t, message(10, b"order-7")),
         StreamStatus::Now(crate::wire::STREAM_DELIVERED)
     );
+    b.receiver.set_protocol(2);
     assert!(b.receiver.poll_claim().is_none());
     assert!(b.receiver.poll_delivery().is_none());
     // A failed claim refuses the stream message.
@@ -818,12 +825,13 @@ fn a_taken_over_channel_starts_its_window_at_the_clients_floor() {
     b.receiver.claim_done(t, &request, ClaimOutcome::Now);
     assert_eq!(b.receiver.poll_delivery().unwrap().id, id);
     assert_eq!(b.receiver.stats().out_of_window, 0);
-    // Below the floor: already handled (the client said so), acked without a claim.
+    // Below the floor: the client said it has its outcome, but this receiver does not know
+    // whether it was delivered (issue 21 case 3): no answer, no claim, no delivery.
     let mut m = crate::wire::encode_stream_head(5).to_vec();
     m.extend_from_slice(&Envelope::encode(None, b"old"));
     assert_eq!(
         b.handle_stream_message(t, Bytes::from(m)),
-        StreamStatus::Now(crate::wire::STREAM_DELIVERED)
+        StreamStatus::Unanswered
     );
     assert!(b.receiver.poll_claim().is_none());
     assert!(b.receiver.poll_delivery().is_none());

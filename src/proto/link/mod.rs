@@ -21,16 +21,18 @@
 //! store calls, and moves messages to and from the application. It decides nothing.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::{
-    ClaimOutcome, ClaimRequest, Claims, Delivered, FailReason, KeyWindow, Peer, ReceiverConfig,
-    SenderConfig, SenderEvent, StreamStatus,
+    ClaimOutcome, ClaimRequest, Claims, Delivered, Digest, FailReason, Peer, ReceiverConfig,
+    Scope, SenderConfig, SenderEvent, StreamStatus, ANONYMOUS,
 };
-use crate::wire::{encode_stream_head, Envelope, Frame, Limits, MAX_KEY_LEN, STREAM_DELIVERED};
+use crate::wire::{
+    encode_stream_head, Envelope, Frame, Limits, MAX_KEY_LEN, REFUSE_KEY_REUSED,
+    STREAM_DELIVERED, STREAM_REPLAYED,
+};
 
 #[cfg(test)]
 mod tests;
@@ -134,50 +136,22 @@ pub struct LinkConfig {
     pub claim_attempt_timeout: Duration,
     /// Delivered messages handed to the application and not yet taken ([`Input::Took`]).
     pub handoff: usize,
-    /// Idempotency keys shared with the other channels of the same server (without a
-    /// claims store): a key delivered on any of them is not delivered again on this one.
+    /// Idempotency keys shared with the other channels of the same server (without a claims
+    /// store): a key delivered on any of them is not delivered again on this one, and a key
+    /// whose message waits for the application on one of them is not acked on another.
     pub shared_keys: Option<SharedKeys>,
+    /// Whose idempotency keys this channel's peer sends: the SHA-256 of the client's
+    /// certificate under mutual TLS, else [`ANONYMOUS`] (every client without an identity
+    /// shares one namespace). Default [`ANONYMOUS`].
+    pub key_scope: Scope,
+    /// The protocol version the connection negotiated (ALPN `surelink/1` or `surelink/2`):
+    /// with 1, replays are acked like deliveries. Default 2.
+    pub protocol: u8,
     /// Random bits that make this link's claimant tokens ([`Action::Claim`]) its own.
     pub claimant_seed: u64,
 }
 
-/// Idempotency keys delivered by any channel of one server, for servers without a claims
-/// store: an application that restarts comes back on a new channel, and its retry of key
-/// `order-42` must be recognised there too. Keys are kept for the receiver's `key_ttl`
-/// (default 24 h), at most `max_keys` of them (past it new keys are not recorded here,
-/// counted as in [`KeyWindow`]; none is forgotten early). Cheap to clone: clones share the record.
-#[derive(Clone, Debug)]
-pub struct SharedKeys(Arc<Mutex<KeyWindow>>);
-
-impl SharedKeys {
-    /// A record keeping keys for `ttl`, at most `max_keys` at once.
-    pub fn new(ttl: Duration, max_keys: usize) -> Self {
-        SharedKeys(Arc::new(Mutex::new(KeyWindow::new(ttl, max_keys))))
-    }
-
-    /// Records `key` as delivered at `now`; `false` if some channel delivered it within the
-    /// TTL. A full record remembers nothing more (the channel's own receiver still refuses
-    /// its repeats; `KeyWindow` counts it) and answers `true`.
-    pub fn first(&self, now: Instant, key: &Bytes) -> bool {
-        !matches!(
-            self.0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .check(now, key),
-            crate::proto::KeySeen::Seen
-        )
-    }
-
-    /// Keys held.
-    pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether no key is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+pub use crate::proto::SharedKeys;
 
 impl Default for LinkConfig {
     fn default() -> Self {
@@ -195,6 +169,8 @@ impl Default for LinkConfig {
             claim_attempt_timeout: Duration::from_secs(1),
             handoff: 4,
             shared_keys: None,
+            key_scope: ANONYMOUS,
+            protocol: 2,
             claimant_seed: 0,
         }
     }
@@ -211,6 +187,11 @@ pub struct Receipt {
     pub shards_sent: usize,
     /// Hedges and retransmissions sent for it.
     pub hedges: u32,
+    /// The peer did not deliver this message again: its idempotency key was delivered before
+    /// with the same payload (by this channel or another of the same server, or a replica
+    /// sharing its store), so this receipt acknowledges that earlier delivery. Only a
+    /// protocol-2 peer says so; with protocol 1 it is always `false`.
+    pub replayed: bool,
 }
 
 /// Why a message has no receipt. Every variant says whether the message may have been
@@ -245,6 +226,14 @@ pub enum SendError {
     /// delivered.
     #[error("message {id}: refused by the peer, not delivered")]
     Refused {
+        /// The message id.
+        id: u64,
+    },
+    /// The idempotency key was delivered before with another payload (another amount,
+    /// another terminal, a bug): this message was not delivered, and never will be under that
+    /// key. Do not retry it with the same key: find out which payment the key was used for.
+    #[error("message {id}: its idempotency key was already used for another payload; not delivered")]
+    KeyReused {
         /// The message id.
         id: u64,
     },
@@ -522,6 +511,9 @@ pub enum Action {
         id: u64,
         /// Its idempotency key.
         key: Option<Bytes>,
+        /// SHA-256 of its payload (a key claimed before with another digest is a
+        /// conflict: [`ClaimOutcome::Conflict`]).
+        digest: Digest,
         /// Who claims: the same for every attempt of this message on this link.
         claimant: u64,
         /// Longest the attempt may take.
@@ -581,6 +573,9 @@ pub struct LinkStats {
     /// Messages whose idempotency key another channel of the same server delivered: acked,
     /// not delivered again ([`LinkConfig::shared_keys`]).
     pub duplicate_keys_elsewhere: u64,
+    /// Stream messages answered "no answer" because the parked ones (waiting while the
+    /// application is behind) already held `max_queued_bytes`.
+    pub streams_refused_parked: u64,
 }
 
 /// Why messages in flight failed when the server came back without the channel.
@@ -713,10 +708,14 @@ pub struct Link {
     /// gone are skipped when they come due): no scan of every send on each timer.
     send_deadlines: BTreeSet<(Instant, u64)>,
     streams: HashMap<u64, StreamSend>,
+    /// Stream messages that arrived while the application was behind, with their answers'
+    /// names: judged once it catches up. At most `max_queued_bytes` of them; dropped (no
+    /// answer) when the connection they came on is replaced.
     parked: VecDeque<(u64, Bytes)>,
+    /// Bytes in `parked`.
+    parked_bytes: usize,
+    /// Stream messages whose answer waits (their claim, or their take): answer names by id.
     stream_waiting: HashMap<u64, u64>,
-    /// Stream messages delivered to the hand-off and not yet taken: their answers, by id.
-    untaken: HashMap<u64, u64>,
     claims: HashMap<u64, ClaimJob>,
     next_claim: u64,
     room: usize,
@@ -756,6 +755,10 @@ impl Link {
         // A message is acked only once the application took it (`Input::Took`).
         config.receiver.ack_on_take = true;
         let mut peer = Peer::new(config.sender.clone(), config.receiver.clone());
+        if let Some(keys) = &config.shared_keys {
+            peer.receiver.share_keys(keys.clone(), config.key_scope);
+        }
+        peer.receiver.set_protocol(config.protocol);
         peer.receiver.start_at(floor);
         let (current, primary_attached) = match &role {
             Role::Client {
@@ -783,8 +786,8 @@ impl Link {
             send_deadlines: BTreeSet::new(),
             streams: HashMap::new(),
             parked: VecDeque::new(),
+            parked_bytes: 0,
             stream_waiting: HashMap::new(),
-            untaken: HashMap::new(),
             claims: HashMap::new(),
             next_claim: 0,
             app_gone: false,
@@ -816,6 +819,7 @@ impl Link {
         s.in_flight = self.in_flight();
         s.slots_held = self.waiting.len() + self.streams.len();
         s.replica_scores = self.ranking.scores.clone();
+        s.duplicate_keys_elsewhere = self.peer.receiver.stats().duplicate_keys_elsewhere;
         s
     }
 
@@ -944,7 +948,7 @@ impl Link {
             Input::StreamMessage { answer, message } => {
                 self.stats.stream_messages_received += 1;
                 if self.peer.receiver.backlogged() || !self.parked.is_empty() {
-                    self.parked.push_back((answer, message));
+                    self.park(answer, message);
                 } else {
                     self.take_stream_message(now, answer, message);
                 }
@@ -1040,27 +1044,43 @@ impl Link {
         }
     }
 
-    /// The application took message `id`: room for another, and a stream message's answer.
+    /// The application took message `id`: room for another (its ack, and a stream message's
+    /// answer, come from the receiver).
     fn took(&mut self, now: Instant, id: u64) {
         self.peer.receiver.taken(now, id);
         self.room += 1;
-        if let Some(answer) = self.untaken.remove(&id) {
-            self.actions.push_back(Action::AnswerStream {
-                answer,
-                status: Some(STREAM_DELIVERED),
-            });
-        }
     }
 
-    /// Nobody takes messages any more: stream messages handed over but not taken were not
-    /// delivered, and their senders learn it.
+    /// Nobody takes messages any more (the receiver refuses what it handed over and was not
+    /// taken, stream messages included).
     fn app_gone(&mut self, now: Instant) {
         self.peer.receiver.application_gone(now);
         self.app_gone = true;
-        for (_, answer) in std::mem::take(&mut self.untaken) {
+    }
+
+    /// Parks a stream message until the application catches up; past `max_queued_bytes`
+    /// parked it gets no answer (the sender learns an unknown outcome and may retry).
+    fn park(&mut self, answer: u64, message: Bytes) {
+        if self.parked_bytes + message.len() > self.config.receiver.max_queued_bytes {
+            self.stats.streams_refused_parked += 1;
             self.actions.push_back(Action::AnswerStream {
                 answer,
-                status: Some(crate::wire::STREAM_REFUSED),
+                status: None,
+            });
+            return;
+        }
+        self.parked_bytes += message.len();
+        self.parked.push_back((answer, message));
+    }
+
+    /// Parked stream messages are dropped unanswered (their streams belong to a connection
+    /// that was replaced, or the channel ends).
+    fn drop_parked(&mut self) {
+        self.parked_bytes = 0;
+        for (answer, _) in std::mem::take(&mut self.parked) {
+            self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: None,
             });
         }
     }
@@ -1219,7 +1239,8 @@ impl Link {
             return;
         }
         let outcome = match end {
-            StreamEnd::Status(STREAM_DELIVERED) => Ok(()),
+            StreamEnd::Status(STREAM_DELIVERED) => Ok(false),
+            StreamEnd::Status(STREAM_REPLAYED) if self.config.protocol >= 2 => Ok(true),
             StreamEnd::Status(_) | StreamEnd::Refused if self.crossed.contains(&id) => {
                 Err(SendError::ConnectionLost {
                     reason: REFUSED_AFTER_FAILOVER.into(),
@@ -1251,45 +1272,28 @@ impl Link {
         self.peer.sender.reserved_done(now, id);
         self.complete(
             s.token,
-            outcome.map(|()| Receipt {
+            outcome.map(|replayed| Receipt {
                 id,
                 latency: now.saturating_duration_since(s.started),
                 shards_sent: 0,
                 hedges: 0,
+                replayed,
             }),
         );
     }
 
     fn take_stream_message(&mut self, now: Instant, answer: u64, message: Bytes) {
-        // Once the application is gone the receiver refuses new messages (and a copy of one
-        // whose claim is in flight waits for that claim).
-        let id = crate::wire::decode_stream_message(message.clone())
-            .ok()
-            .map(|(id, _)| id);
-        let delivered = self.peer.receiver.stats().delivered;
         match self.peer.handle_stream_message(now, message) {
-            // Delivered to the hand-off just now, or a copy of one still there: the answer
-            // (the stream path's ack) waits until the application took it (issue case 1).
-            StreamStatus::Now(STREAM_DELIVERED)
-                if id.is_some_and(|id| {
-                    self.untaken.contains_key(&id)
-                        || self.peer.receiver.stats().delivered > delivered
-                }) =>
-            {
-                let id = id.expect("checked");
-                if let Some(old) = self.untaken.insert(id, answer) {
-                    self.actions.push_back(Action::AnswerStream {
-                        answer: old,
-                        status: None,
-                    });
-                }
-            }
             StreamStatus::Now(status) => self.actions.push_back(Action::AnswerStream {
                 answer,
                 status: Some(status),
             }),
-            // A re-send of a message still being claimed takes over the answer (the older
-            // stream's reader then gives up).
+            StreamStatus::Unanswered => self.actions.push_back(Action::AnswerStream {
+                answer,
+                status: None,
+            }),
+            // Answered once its claim is, or the application took it; a re-send of the same
+            // message takes over the answer (the older stream's reader then gives up).
             StreamStatus::Later(id) => {
                 if let Some(old) = self.stream_waiting.insert(id, answer) {
                     self.actions.push_back(Action::AnswerStream {
@@ -1581,6 +1585,9 @@ impl Link {
         }
         self.primary = Some(conn);
         self.primary_attached = attached;
+        // Parked stream messages came on the replaced connection: their streams are gone
+        // with it (issue 21 case 4: kept, they piled up with every reattach).
+        self.drop_parked();
         self.peer.sender.set_max_datagram_size(size);
         self.generation += 1;
         match attached {
@@ -1831,6 +1838,7 @@ impl Link {
             attempt,
             id: job.request.id,
             key: job.request.key.clone(),
+            digest: job.request.digest,
             claimant: job.claimant,
             timeout,
         });
@@ -1854,7 +1862,7 @@ impl Link {
             return;
         }
         let outcome = match result {
-            Ok(o @ (ClaimOutcome::Now | ClaimOutcome::Before)) => o,
+            Ok(o @ (ClaimOutcome::Now | ClaimOutcome::Before | ClaimOutcome::Conflict)) => o,
             Ok(ClaimOutcome::Failed) | Err(_) => {
                 self.stats.claim_attempts_failed += 1;
                 if let Err(e) = &result {
@@ -1938,24 +1946,13 @@ impl Link {
         if let Some(s) = self.standby.take() {
             self.close(s.conn, code, close);
         }
-        for (_, answer) in std::mem::take(&mut self.untaken) {
-            self.actions.push_back(Action::AnswerStream {
-                answer,
-                status: None,
-            });
-        }
         for (_, answer) in std::mem::take(&mut self.stream_waiting) {
             self.actions.push_back(Action::AnswerStream {
                 answer,
                 status: None,
             });
         }
-        for (answer, _) in std::mem::take(&mut self.parked) {
-            self.actions.push_back(Action::AnswerStream {
-                answer,
-                status: None,
-            });
-        }
+        self.drop_parked();
         self.redial = None;
         self.standby_dial = None;
         self.detached_until = None;
@@ -1968,10 +1965,10 @@ impl Link {
         self.phase = Phase::Finishing {
             until: now + self.config.claim_timeout.max(STOPPING_CLAIMS_WAIT),
         };
-        self.hand_over(now);
+        self.hand_over();
     }
 
-    fn hand_over(&mut self, now: Instant) {
+    fn hand_over(&mut self) {
         if self.app_gone {
             // Nobody will take these; they were claimed (claims mode), so they count as
             // handed over: the driver passes them to the closed queue, which drops them.
@@ -1984,23 +1981,6 @@ impl Link {
             let Some(message) = self.peer.receiver.poll_delivery() else {
                 return;
             };
-            // This channel's receiver saw the key for the first time; another channel of
-            // the same server may have delivered it (an application that restarted).
-            if let (Some(keys), Some(key)) = (&self.config.shared_keys, &message.key) {
-                if !keys.first(now, key) {
-                    self.stats.duplicate_keys_elsewhere += 1;
-                    // Its effect happened on the other channel: acked, as if taken.
-                    self.peer.receiver.taken(now, message.id);
-                    // Acked, not delivered again: a stream message's answer says so now.
-                    if let Some(answer) = self.untaken.remove(&message.id) {
-                        self.actions.push_back(Action::AnswerStream {
-                            answer,
-                            status: Some(STREAM_DELIVERED),
-                        });
-                    }
-                    continue;
-                }
-            }
             self.room -= 1;
             self.actions.push_back(Action::Deliver(message));
         }
@@ -2009,11 +1989,12 @@ impl Link {
     /// Collects what the peer produced: deliveries, claims, stream answers, datagrams and
     /// outcomes.
     fn flush(&mut self, now: Instant) {
-        self.hand_over(now);
+        self.hand_over();
         while !self.parked.is_empty() && !self.peer.receiver.backlogged() {
             let (answer, message) = self.parked.pop_front().expect("not empty");
+            self.parked_bytes -= message.len();
             self.take_stream_message(now, answer, message);
-            self.hand_over(now);
+            self.hand_over();
         }
         // A claim is the record of a delivery, so a message is claimed only when the
         // application has room for it, and handed over as soon as the claim succeeds: a
@@ -2068,6 +2049,7 @@ impl Link {
                     latency,
                     shards_sent,
                     hedges,
+                    replayed,
                 } => (
                     id,
                     Ok(Receipt {
@@ -2075,6 +2057,7 @@ impl Link {
                         latency,
                         shards_sent,
                         hedges,
+                        replayed,
                     }),
                 ),
                 SenderEvent::Failed {
@@ -2095,6 +2078,10 @@ impl Link {
                         reason: REFUSED_AFTER_FAILOVER.into(),
                     }),
                 ),
+                SenderEvent::Failed {
+                    id,
+                    reason: FailReason::Refused(REFUSE_KEY_REUSED),
+                } => (id, Err(SendError::KeyReused { id })),
                 SenderEvent::Failed {
                     id,
                     reason: FailReason::Refused(_),
