@@ -188,10 +188,17 @@ impl Encoder {
         self.encode_block(message_id, &[payload])
     }
 
-    /// Encodes one message as its own block of at least `data_shards` data shards (fewer only
-    /// if the message has fewer bytes), coded for at least `repair` parity shards beyond the
-    /// configured allowance (so a first flight of `repair` parity still leaves some for
-    /// hedges). This is how a tuner's plan (`k`, `m`) is applied to one message.
+    /// Encodes one message as its own block of at least `data_shards` data shards (fewer when
+    /// the message is short: at most one per byte, and only as many as its shard size needs),
+    /// coded for at least `repair` parity shards beyond the configured allowance (so a first
+    /// flight of `repair` parity still leaves some for hedges). This is how a tuner's plan
+    /// (`k`, `m`) is applied to one message.
+    ///
+    /// The shard size is `S = ceil(len / data_shards)`, and then the block has
+    /// `k = ceil(len / S)` data shards (PROTOCOL.md §9.1), which is below `data_shards` for
+    /// some short messages: 5 bytes asked for in 4 shards take shards of 2 bytes, so 3 of
+    /// them. A header with `k = 4` and `S = 2` would break the layout rule every receiver
+    /// checks (§5.1, `layout_mismatch`).
     pub fn encode_split(
         &mut self,
         message_id: u64,
@@ -386,6 +393,11 @@ impl Encoder {
             });
         }
         let shard_size = total.div_ceil(k).max(1) as u32;
+        // §9.1: `k` follows from `S`. For a `k` asked for above (a tuner's), `S` rounds up
+        // and may need fewer data shards than asked (5 bytes in 4 shards: S = 2, k = 3); a
+        // header with the `k` asked for would be dropped as a layout mismatch. Never more
+        // than asked, so the limits checked above still hold.
+        let k = BlockHeader::data_shards_for(total, shard_size);
         let wanted = ((k as f32) * self.config.repair_ratio.max(0.0)).ceil() as u64;
         let m_max = wanted
             .max(u64::from(self.config.min_repair))
