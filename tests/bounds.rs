@@ -430,10 +430,22 @@ async fn stream_messages_wait_for_a_slow_application_too() {
         channels(Duration::from_millis(10), Config::default(), server).await;
     let big = |i: u8| Bytes::from(vec![i; 20_000]);
     let n = 8u8;
+    // Stream messages parked behind the slow application hold at most `max_queued_bytes` (or
+    // one message; issue 21 case 4): a new one past that is refused, definitely not
+    // delivered, and its sender retries under its key.
     let tasks: Vec<_> = (0..n)
         .map(|i| {
             let c = client.clone();
-            tokio::spawn(async move { c.send(big(i)).await })
+            tokio::spawn(async move {
+                loop {
+                    match c.send_with_key(format!("big-{i}"), big(i)).await {
+                        Err(e) if !e.may_have_been_delivered() && e.is_retryable() => {
+                            tokio::time::sleep(Duration::from_millis(200)).await
+                        }
+                        other => return other,
+                    }
+                }
+            })
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -443,7 +455,7 @@ async fn stream_messages_wait_for_a_slow_application_too() {
         "stalled: {acked} acked, {} received on streams, {:?}",
         stalled.stream_messages_received, stalled.receiver
     );
-    assert_eq!(stalled.stream_messages_received, u64::from(n));
+    assert!(stalled.stream_messages_received >= u64::from(n));
     // Four in the hand-off, one in the receiver (which is then over its cap); the rest are
     // held unanswered, so their senders wait. None was taken, so none is acked: a stream
     // message is acked once the application took it (issue case 1).

@@ -81,7 +81,9 @@ pub enum SendError {
     /// amount, another terminal, a bug in the client): this message was not delivered, and
     /// never will be under that key. Do not retry with the same key; find out which payment
     /// the key was used for.
-    #[error("message {id}: its idempotency key was already used for another payload; not delivered")]
+    #[error(
+        "message {id}: its idempotency key was already used for another payload; not delivered"
+    )]
     KeyReused {
         /// The message id on this channel.
         id: u64,

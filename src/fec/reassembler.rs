@@ -236,6 +236,31 @@ impl Reassembler {
         self.done.contains_key(&id)
     }
 
+    /// Message `message` of block `block` was rebuilt but its receiver could not take it yet
+    /// (its idempotency key's message waits for the application elsewhere): it counts as not
+    /// delivered, so a later shard of the block rebuilds it again and the receiver judges it
+    /// anew. No effect on a block this reassembler does not know.
+    pub fn undeliver(&mut self, block: u64, message: u64) {
+        if let Some(p) = self.blocks.get_mut(&block) {
+            if let Some(bit) = message.checked_sub(p.header.first_message) {
+                if bit < 64 {
+                    p.delivered &= !(1u64 << bit);
+                }
+            }
+            return;
+        }
+        if let Some(d) = self.done.get_mut(&block) {
+            if let Some(bit) = message.checked_sub(d.first_message) {
+                if bit < 64 {
+                    d.delivered &= !(1u64 << bit);
+                }
+            }
+            if d.delivered == 0 {
+                self.done.remove(&block);
+            }
+        }
+    }
+
     /// Whether block `id` is held, incomplete.
     pub fn holds(&self, id: u64) -> bool {
         self.blocks.contains_key(&id)

@@ -357,11 +357,7 @@ impl DedupeWindow {
     }
 
     /// The largest run of ackable ids (delivered, not withheld) around `id`, if it is one.
-    fn piece_around<V>(
-        &self,
-        id: u64,
-        withheld: &BTreeMap<u64, V>,
-    ) -> Option<RangeInclusive<u64>> {
+    fn piece_around<V>(&self, id: u64, withheld: &BTreeMap<u64, V>) -> Option<RangeInclusive<u64>> {
         if withheld.contains_key(&id) || !self.contains(id) {
             return None;
         }

@@ -67,7 +67,10 @@ pub struct Holder {
 
 #[derive(Clone, Copy, Debug)]
 enum KeyState {
-    Held { holder: Holder, digest: Digest },
+    Held {
+        holder: Holder,
+        digest: Digest,
+    },
     Delivered {
         at: Instant,
         digest: Digest,
@@ -201,8 +204,14 @@ impl KeyRecord {
         if self.keys.contains_key(&k) || self.keys.len() >= self.max_keys {
             return;
         }
-        self.keys
-            .insert(k.clone(), KeyState::Delivered { at: now, digest, by });
+        self.keys.insert(
+            k.clone(),
+            KeyState::Delivered {
+                at: now,
+                digest,
+                by,
+            },
+        );
         self.order.push_back((now, scope, k.1));
     }
 
@@ -307,15 +316,25 @@ mod tests {
         assert_eq!(r.judge(t0, s, &key("a"), d, holder(1)), KeyVerdict::New);
         r.taken(t0 + Duration::from_secs(5), s, &key("a"), holder(1));
         let at = |secs| t0 + Duration::from_secs(secs);
-        assert_eq!(r.peek(at(14), s, &key("a"), d), Some(KeyVerdict::Replay { by: 1 }));
-        assert_eq!(r.peek(at(15), s, &key("a"), d), None, "expired 10 s after the take");
+        assert_eq!(
+            r.peek(at(14), s, &key("a"), d),
+            Some(KeyVerdict::Replay { by: 1 })
+        );
+        assert_eq!(
+            r.peek(at(15), s, &key("a"), d),
+            None,
+            "expired 10 s after the take"
+        );
         for (i, k) in ["b", "c", "d"].into_iter().enumerate() {
             assert_eq!(
                 r.judge(at(15), s, &Bytes::from(k), d, holder(i as u64)),
                 KeyVerdict::New
             );
         }
-        assert_eq!(r.judge(at(16), s, &key("e"), d, holder(9)), KeyVerdict::Full);
+        assert_eq!(
+            r.judge(at(16), s, &key("e"), d, holder(9)),
+            KeyVerdict::Full
+        );
         assert_eq!(r.refused(), 1);
         // Held keys never expire: they wait for their take or release.
         assert_eq!(
@@ -323,7 +342,10 @@ mod tests {
             KeyVerdict::Held(holder(0))
         );
         r.release(s, &key("b"), holder(0));
-        assert_eq!(r.judge(at(100), s, &key("e"), d, holder(9)), KeyVerdict::New);
+        assert_eq!(
+            r.judge(at(100), s, &key("e"), d, holder(9)),
+            KeyVerdict::New
+        );
     }
 
     /// Issue 21 cases 1, 6, 8: a held key answers Held to every other message (whatever its
@@ -356,10 +378,16 @@ mod tests {
             Some(KeyVerdict::Held(holder(1)))
         );
         r.taken(t0, a, &key("k"), holder(1));
-        assert_eq!(r.peek(t0, a, &key("k"), pay10), Some(KeyVerdict::Replay { by: 1 }));
+        assert_eq!(
+            r.peek(t0, a, &key("k"), pay10),
+            Some(KeyVerdict::Replay { by: 1 })
+        );
         assert_eq!(r.peek(t0, a, &key("k"), pay999), Some(KeyVerdict::Conflict));
         // A release after the take changes nothing either.
         r.release(a, &key("k"), holder(1));
-        assert_eq!(r.peek(t0, a, &key("k"), pay10), Some(KeyVerdict::Replay { by: 1 }));
+        assert_eq!(
+            r.peek(t0, a, &key("k"), pay10),
+            Some(KeyVerdict::Replay { by: 1 })
+        );
     }
 }

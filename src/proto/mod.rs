@@ -28,8 +28,8 @@
 //! deadline, and a receiver that restarted catches up with the sender's ids.
 
 mod dedupe;
-mod keys;
 mod governor;
+mod keys;
 pub mod link;
 mod receiver;
 mod rtt;

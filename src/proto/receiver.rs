@@ -10,9 +10,9 @@ use super::dedupe::{DedupeWindow, Seen};
 use super::keys::{payload_digest, Digest, Holder, KeyVerdict, Scope, SharedKeys, ANONYMOUS};
 use crate::fec::{InsertOutcome, Reassembler, ReassemblerConfig};
 use crate::wire::{
-    AckFrame, Envelope, Frame, RefuseFrame, ReplayedFrame, ShardFrame, REFUSE_BLOCK,
-    REFUSE_CLOSED, REFUSE_KEYS_FULL, REFUSE_KEY_REUSED, REFUSE_MALFORMED, REFUSE_OUT_OF_WINDOW,
-    REFUSE_PASSED, STREAM_DELIVERED, STREAM_REFUSED, STREAM_REPLAYED,
+    AckFrame, Envelope, Frame, RefuseFrame, ReplayedFrame, ShardFrame, REFUSE_BLOCK, REFUSE_CLOSED,
+    REFUSE_KEYS_FULL, REFUSE_KEY_REUSED, REFUSE_MALFORMED, REFUSE_OUT_OF_WINDOW, REFUSE_PASSED,
+    STREAM_DELIVERED, STREAM_REFUSED, STREAM_REPLAYED,
 };
 
 /// Settings of a [`Receiver`].
@@ -340,7 +340,10 @@ enum Msg {
         via_stream: bool,
     },
     /// Delivered to the queue, not yet taken by the application: not acked; its key is held.
-    Handed { key: Option<Bytes>, via_stream: bool },
+    Handed {
+        key: Option<Bytes>,
+        via_stream: bool,
+    },
     /// Delivered to a queue the application dropped: never acked; copies are refused (5).
     Discarded,
     /// Refused with `reason`: a later copy is refused again.
@@ -742,8 +745,7 @@ impl Receiver {
 
     fn remember_key(&mut self, now: Instant, key: &Bytes, digest: Digest) {
         let (scope, by) = (self.scope, self.token);
-        self.keys
-            .with(|r| r.remember(now, scope, key, digest, by));
+        self.keys.with(|r| r.remember(now, scope, key, digest, by));
     }
 
     /// Message `id` is acked without a delivery (its key, or its claim, was delivered
@@ -755,7 +757,12 @@ impl Receiver {
         if self.protocol >= 2 && self.remembered < self.config.max_refused_ids.max(1) {
             self.set(now, id, Msg::Replayed);
             if !via_stream {
-                self.notice(Notice::Replayed, id);
+                // At once, like the ack of a delivery (copies are answered again, at most
+                // every `reack_interval`).
+                let frame = Frame::Replayed(ReplayedFrame {
+                    ranges: vec![id..=id],
+                });
+                self.out.push_back(frame.to_bytes());
             }
             STREAM_REPLAYED
         } else {
@@ -953,6 +960,11 @@ impl Receiver {
         self.deliveries.len()
     }
 
+    /// Whether message `id` is new here: no state, and the dedupe window would take it.
+    pub fn is_new(&mut self, now: Instant, id: u64) -> bool {
+        !self.messages.contains_key(&id) && self.dedupe.peek(now, id) == Seen::New
+    }
+
     /// Whether delivered messages wait for [`Receiver::taken`] (with `ack_on_take`).
     pub fn awaiting_take(&self) -> bool {
         !self.gone && self.handed > 0
@@ -1028,11 +1040,12 @@ impl Receiver {
                     triggers.push(d.message_id);
                 }
                 Accepted::Duplicate => triggers.push(d.message_id),
+                // Not judged for good: a later copy (a hedge) is rebuilt and judged again.
+                Accepted::Held => self.reassembler.undeliver(d.block, d.message_id),
                 Accepted::Replayed
                 | Accepted::HandedCopy
                 | Accepted::Refused
-                | Accepted::Pending
-                | Accepted::Held => {}
+                | Accepted::Pending => {}
             }
         }
         if let InsertOutcome::Stale { messages } = outcome {
@@ -1161,10 +1174,7 @@ impl Receiver {
         }
         if let Some(key) = &envelope.key {
             let (scope, holder) = (self.scope, self.holder(id));
-            match self
-                .keys
-                .with(|r| r.judge(now, scope, key, digest, holder))
-            {
+            match self.keys.with(|r| r.judge(now, scope, key, digest, holder)) {
                 KeyVerdict::New => {}
                 KeyVerdict::Held(_) => return Accepted::Held,
                 KeyVerdict::Replay { by } => return self.key_replay(now, id, by, via_stream),

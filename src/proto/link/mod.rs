@@ -26,14 +26,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{
-    ClaimOutcome, ClaimRequest, Claims, Delivered, Digest, FailReason, Peer, ReceiverConfig,
-    Scope, SenderConfig, SenderEvent, StreamStatus, ANONYMOUS,
+    ClaimOutcome, ClaimRequest, Claims, Delivered, Digest, FailReason, Peer, ReceiverConfig, Scope,
+    SenderConfig, SenderEvent, StreamStatus, ANONYMOUS,
 };
 use crate::wire::{
-    encode_stream_head, Envelope, Frame, Limits, MAX_KEY_LEN, REFUSE_KEY_REUSED,
-    STREAM_DELIVERED, STREAM_REPLAYED,
+    encode_stream_head, Envelope, Frame, Limits, MAX_KEY_LEN, REFUSE_KEY_REUSED, STREAM_DELIVERED,
+    STREAM_REPLAYED,
 };
 
+#[cfg(test)]
+mod shared_tests;
 #[cfg(test)]
 mod tests;
 
@@ -232,7 +234,9 @@ pub enum SendError {
     /// The idempotency key was delivered before with another payload (another amount,
     /// another terminal, a bug): this message was not delivered, and never will be under that
     /// key. Do not retry it with the same key: find out which payment the key was used for.
-    #[error("message {id}: its idempotency key was already used for another payload; not delivered")]
+    #[error(
+        "message {id}: its idempotency key was already used for another payload; not delivered"
+    )]
     KeyReused {
         /// The message id.
         id: u64,
@@ -573,7 +577,7 @@ pub struct LinkStats {
     /// Messages whose idempotency key another channel of the same server delivered: acked,
     /// not delivered again ([`LinkConfig::shared_keys`]).
     pub duplicate_keys_elsewhere: u64,
-    /// Stream messages answered "no answer" because the parked ones (waiting while the
+    /// New stream messages refused (not delivered) because the parked ones (waiting while the
     /// application is behind) already held `max_queued_bytes`.
     pub streams_refused_parked: u64,
 }
@@ -948,7 +952,7 @@ impl Link {
             Input::StreamMessage { answer, message } => {
                 self.stats.stream_messages_received += 1;
                 if self.peer.receiver.backlogged() || !self.parked.is_empty() {
-                    self.park(answer, message);
+                    self.park(now, answer, message);
                 } else {
                     self.take_stream_message(now, answer, message);
                 }
@@ -1058,15 +1062,26 @@ impl Link {
         self.app_gone = true;
     }
 
-    /// Parks a stream message until the application catches up; past `max_queued_bytes`
-    /// parked it gets no answer (the sender learns an unknown outcome and may retry).
-    fn park(&mut self, answer: u64, message: Bytes) {
-        if self.parked_bytes + message.len() > self.config.receiver.max_queued_bytes {
-            self.stats.streams_refused_parked += 1;
-            self.actions.push_back(Action::AnswerStream {
-                answer,
-                status: None,
-            });
+    /// Parks a stream message until the application catches up. Parked messages hold at most
+    /// `max_queued_bytes` (or one message): past it a copy of a message the receiver knows is
+    /// answered at once (it adds nothing to the backlog), and a new one is refused (it was not
+    /// delivered: its sender may retry it, with its key).
+    fn park(&mut self, now: Instant, answer: u64, message: Bytes) {
+        let over = !self.parked.is_empty()
+            && self.parked_bytes + message.len() > self.config.receiver.max_queued_bytes;
+        if over {
+            let id = crate::wire::decode_stream_message(message.clone())
+                .ok()
+                .map(|(id, _)| id);
+            if id.is_some_and(|id| self.peer.receiver.is_new(now, id)) {
+                self.stats.streams_refused_parked += 1;
+                self.actions.push_back(Action::AnswerStream {
+                    answer,
+                    status: Some(crate::wire::STREAM_REFUSED),
+                });
+            } else {
+                self.take_stream_message(now, answer, message);
+            }
             return;
         }
         self.parked_bytes += message.len();
