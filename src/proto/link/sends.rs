@@ -1,0 +1,102 @@
+//! The application's sends: the datagram path or a stream, per-send deadlines, outcomes and
+//! slots, and the floor the channel tells its peer.
+
+use super::*;
+
+impl Link {
+    pub(super) fn send(
+        &mut self,
+        now: Instant,
+        token: u64,
+        key: Option<Bytes>,
+        payload: Bytes,
+        deadline: Option<Duration>,
+    ) {
+        if self.phase != Phase::Running {
+            self.complete(token, Err(SendError::Closed));
+            return;
+        }
+        let own = self.config.sender.deadline;
+        let deadline = deadline.filter(|d| *d < own);
+        let len = Envelope::overhead(key.as_deref()) + payload.len();
+        let threshold = self
+            .config
+            .stream_threshold
+            .min(self.config.receiver.reassembler.limits.max_message_len as usize);
+        if len <= threshold {
+            match self.peer.sender.send_keyed(now, key.as_deref(), &payload) {
+                Ok(id) => {
+                    let deadline = deadline.map(|d| now + d);
+                    if let Some(at) = deadline {
+                        self.send_deadlines.insert((at, id));
+                    }
+                    self.waiting.insert(
+                        id,
+                        Waiting {
+                            token,
+                            completed: false,
+                        },
+                    );
+                }
+                Err(e) => self.complete(token, Err(SendError::Rejected(e))),
+            }
+            return;
+        }
+        if !self.config.streams {
+            self.complete(
+                token,
+                Err(SendError::TooLarge {
+                    len,
+                    max: threshold,
+                }),
+            );
+            return;
+        }
+        if let Some(k) = &key {
+            if k.is_empty() || k.len() > MAX_KEY_LEN {
+                self.complete(
+                    token,
+                    Err(SendError::Rejected(crate::proto::SendError::InvalidKey {
+                        len: k.len(),
+                    })),
+                );
+                return;
+            }
+        }
+        let id = self.peer.sender.reserve_id();
+        self.stats.stream_messages_sent += 1;
+        self.streams.insert(
+            id,
+            StreamSend {
+                head: encode_stream_head(id),
+                body: Envelope::encode(key.as_deref(), &payload),
+                token,
+                started: now,
+                deadline: now + deadline.unwrap_or(own),
+                running_on: None,
+            },
+        );
+        self.start_stream(id);
+    }
+
+    /// The lowest message id still awaiting its outcome (datagram or stream path), or the
+    /// next id: every id below was acked or given up.
+    pub(super) fn floor(&self) -> u64 {
+        let streams = self.streams.keys().min().copied();
+        let sender = self.peer.sender.floor();
+        streams.map_or(sender, |s| s.min(sender))
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        if self.is_closed() {
+            // Every send has its outcome; what the sender still holds goes nowhere.
+            return 0;
+        }
+        self.peer.sender.in_flight() + self.streams.len()
+    }
+
+    pub(super) fn complete(&mut self, token: u64, outcome: Result<Receipt, SendError>) {
+        self.actions.push_back(Action::Complete { token, outcome });
+        self.actions.push_back(Action::FreeSlot { token });
+    }
+}
