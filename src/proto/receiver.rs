@@ -268,8 +268,8 @@ pub struct ClaimRequest {
     pub id: u64,
     /// Its idempotency key, if it has one.
     pub key: Option<Bytes>,
-    /// SHA-256 of its payload (kept with the key: a key reused with another payload is a
-    /// conflict).
+    /// SHA-256 of its payload when it has a key (kept with the key: a key reused with another
+    /// payload is a conflict); zeros without a key.
     pub digest: Digest,
     /// The incarnation of the peer that sent it; an answer for an earlier one is ignored.
     pub generation: u64,
@@ -1168,7 +1168,11 @@ impl Receiver {
             self.refuse(now, id, REFUSE_OUT_OF_WINDOW, via_stream);
             return Accepted::Refused;
         }
-        let digest = payload_digest(&envelope.payload);
+        // Only a key needs the digest (SHA-256 over the payload: not paid for keyless ones).
+        let digest = match envelope.key {
+            Some(_) => payload_digest(&envelope.payload),
+            None => [0; 32],
+        };
         if self.config.claims != Claims::Off {
             return self.accept_claimed(now, id, envelope, digest, via_stream);
         }
