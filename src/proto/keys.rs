@@ -5,8 +5,9 @@
 //!
 //! ```text
 //!   (absent) ──judge: New──▶ Held{holder, digest} ──taken──▶ Delivered{at, digest} ──ttl──▶ (absent)
-//!                              │
-//!                              └──release (the application never took it)──▶ (absent)
+//!                              ├──release (the application went away)──▶ (absent)
+//!                              └──orphan (its receiver stopped, the message may yet be taken)
+//!                                   ──▶ Orphaned: answered as held ──ttl──▶ (absent)
 //! ```
 //!
 //! Invariants, kept here and nowhere else:
@@ -76,6 +77,13 @@ enum KeyState {
         digest: Digest,
         /// The receiver whose application took it.
         by: u64,
+    },
+    /// Held by a receiver that stopped before it learned whether its application took the
+    /// message: answered as held (neither delivered nor acked) until the TTL passes.
+    Orphaned {
+        at: Instant,
+        holder: Holder,
+        digest: Digest,
     },
 }
 
@@ -167,12 +175,16 @@ impl KeyRecord {
         self.expire(now);
         let state = self.keys.get(&(scope, key.clone()))?;
         Some(match *state {
-            KeyState::Held { digest: d, .. } | KeyState::Delivered { digest: d, .. }
+            KeyState::Held { digest: d, .. }
+            | KeyState::Delivered { digest: d, .. }
+            | KeyState::Orphaned { digest: d, .. }
                 if d != digest =>
             {
                 KeyVerdict::Conflict
             }
-            KeyState::Held { holder, .. } => KeyVerdict::Held(holder),
+            KeyState::Held { holder, .. } | KeyState::Orphaned { holder, .. } => {
+                KeyVerdict::Held(holder)
+            }
             KeyState::Delivered { by, .. } => KeyVerdict::Replay { by },
         })
     }
@@ -224,6 +236,26 @@ impl KeyRecord {
         }
     }
 
+    /// `holder`'s receiver stops without knowing whether its application took the message
+    /// (the message sits in a queue the application may still read): the key is answered as
+    /// held, never as delivered or free, until the TTL passes from `now`. No effect unless
+    /// `holder` holds the key.
+    pub fn orphan(&mut self, now: Instant, scope: Scope, key: &Bytes, holder: Holder) {
+        let k = (scope, key.clone());
+        if let Some(state) = self.keys.get_mut(&k) {
+            if let KeyState::Held { holder: h, digest } = *state {
+                if h == holder {
+                    *state = KeyState::Orphaned {
+                        at: now,
+                        holder,
+                        digest,
+                    };
+                    self.order.push_back((now, scope, k.1));
+                }
+            }
+        }
+    }
+
     /// Whether a new key would be refused now.
     pub fn is_full(&mut self, now: Instant) -> bool {
         self.expire(now);
@@ -254,7 +286,10 @@ impl KeyRecord {
             let k = (scope, key);
             // Only the delivery this entry stands for (a key released and delivered again
             // has a later entry of its own).
-            if matches!(self.keys.get(&k), Some(KeyState::Delivered { at: a, .. }) if *a == at) {
+            if matches!(
+                self.keys.get(&k),
+                Some(KeyState::Delivered { at: a, .. } | KeyState::Orphaned { at: a, .. }) if *a == at
+            ) {
                 self.keys.remove(&k);
             }
         }

@@ -888,6 +888,28 @@ impl Receiver {
         self.flush_notices(now);
     }
 
+    /// The receiver stops while its application may still hold (and later read) messages
+    /// handed to it and not yet taken: their keys are orphaned in the key record (answered
+    /// as held, neither delivered nor free, until the key TTL passes), since nobody will tell
+    /// whether the application took them.
+    pub fn stopping(&mut self, now: Instant) {
+        let scope = self.scope;
+        let mut held: Vec<(Bytes, Holder)> = self
+            .messages
+            .iter()
+            .filter_map(|(&id, m)| match m {
+                Msg::Handed { key: Some(k), .. } => Some((k.clone(), self.holder(id))),
+                _ => None,
+            })
+            .collect();
+        held.extend(self.old_handed.drain().filter_map(|(_, old)| old));
+        self.keys.with(|r| {
+            for (key, holder) in &held {
+                r.orphan(now, scope, key, *holder);
+            }
+        });
+    }
+
     /// [`Receiver::application_gone`] in [`Claims::Owner`] mode. A claimed message is the
     /// record of a delivery (another replica acks a re-send of it as claimed before), so
     /// what was claimed stays handed over: delivered messages not yet taken stay unacked

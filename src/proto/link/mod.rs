@@ -1061,6 +1061,7 @@ impl Link {
         let claims = !self.claims.is_empty() && now < until;
         if !deliveries && !claims {
             self.phase = Phase::Stopped;
+            self.peer.receiver.stopping(now);
             self.actions.push_back(Action::Stop {
                 reason: "stopped".into(),
             });

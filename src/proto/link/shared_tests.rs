@@ -392,3 +392,45 @@ fn an_id_the_floor_passed_is_refused_never_acked() {
     assert_eq!(refused(&events, id1), Some(crate::wire::REFUSE_PASSED));
     assert_eq!(server.receiver.stats().delivered, 3);
 }
+
+/// A channel that stops while its application may still read a message it was handed (the
+/// message sits in the application's queue; nobody will report the take): the key is neither
+/// delivered nor free on the other channels (a retry is not acked, not delivered), until the
+/// key TTL passes. Found while reviewing this change: a held key stayed held forever.
+#[test]
+fn a_stopped_channels_untaken_key_stays_held_until_the_ttl() {
+    let now = Instant::now();
+    let ttl = Duration::from_secs(3600);
+    let keys = SharedKeys::new(ttl, 1000);
+    let mut a = Pair::new(now, &keys, LinkConfig::default());
+    a.send(now, "order-10", "pay");
+    assert_eq!(
+        a.delivered.len(),
+        1,
+        "in the application's queue, not taken"
+    );
+    // The connection is lost and the client never comes back: the channel stops.
+    a.server.handle(
+        now,
+        Input::ConnectionLost {
+            conn: ConnId(1),
+            how: Lost::Retryable,
+            reason: "gone".into(),
+        },
+    );
+    let stop = now + LinkConfig::default().channel_ttl + Duration::from_secs(1);
+    a.server.handle(stop, Input::Timer);
+    assert!(a.server.is_stopped());
+    let mut b = Pair::new(stop, &keys, LinkConfig::default());
+    let id = b.send(stop, "order-10", "pay");
+    assert!(b.delivered.is_empty());
+    assert_eq!(
+        acked(&b.events(), id),
+        None,
+        "not acked: A's copy may yet be taken"
+    );
+    let expired = stop + ttl;
+    let mut c = Pair::new(expired, &keys, LinkConfig::default());
+    c.send(expired, "order-10", "pay");
+    assert_eq!(c.delivered.len(), 1, "free again after the TTL");
+}
