@@ -122,7 +122,13 @@ async fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
             while let Some(m) = messages.recv().await {
                 let n = number(&m.payload);
                 let tx = db.transaction().await?;
-                match store.claim_in(&tx, &Claim::of(channel.id(), &m)).await? {
+                match store
+                    .claim_in(
+                        &tx,
+                        &Claim::of(channel.id(), &m).with_client(channel.key_scope()),
+                    )
+                    .await?
+                {
                     Claimed::Now
                         if fail_every > 0 && n % fail_every == 0 && failed_once.insert(n) =>
                     {
@@ -147,6 +153,12 @@ async fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
                         tx.rollback().await?;
                         channel.confirm(m.id, Claimed::Before);
                         tally.lock().unwrap().already_claimed += 1;
+                    }
+                    Claimed::Conflict => {
+                        // The key was used for another payment: no effect, the sender is
+                        // told its key was reused.
+                        tx.rollback().await?;
+                        channel.confirm(m.id, Claimed::Conflict);
                     }
                 }
             }

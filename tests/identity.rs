@@ -322,3 +322,213 @@ async fn another_client_identity_cannot_take_over_a_channel_by_its_id() {
     assert_eq!(client.stats().reconnects, 0);
     drop(w.net);
 }
+
+/// A second server endpoint on `w`'s network, at `addr`, with `server`.
+fn second_server(w: &World, addr: SocketAddr, server: quinn::ServerConfig) -> quinn::Endpoint {
+    endpoint(&w.net, addr, Some(server))
+}
+
+/// A channel to the server at `addr`.
+async fn connect_to(
+    w: &World,
+    addr: SocketAddr,
+    config: quinn::ClientConfig,
+) -> (Channel, surelink::channel::Messages) {
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        Channel::connect(
+            &w.client,
+            addr,
+            SERVER_NAME,
+            Some(config),
+            Config::default(),
+        ),
+    )
+    .await
+    .expect("an outcome, not a hang")
+    .unwrap()
+}
+
+/// Sends `payload` under `key` on `client` while taking the next message from `messages`
+/// (within 5 s): the receipt, and what was delivered (`None`: nothing).
+async fn pay(
+    client: &Channel,
+    messages: &mut surelink::channel::Messages,
+    key: &'static str,
+    payload: &'static str,
+) -> (surelink::channel::Receipt, Option<bytes::Bytes>) {
+    let (sent, got) = tokio::join!(
+        client.send_with_key(key, payload),
+        tokio::time::timeout(Duration::from_secs(5), messages.recv())
+    );
+    (
+        sent.unwrap_or_else(|e| panic!("{key} {payload:?}: {e}")),
+        got.ok().flatten().map(|m| m.payload),
+    )
+}
+
+/// Issue 21 case 6: idempotency keys are the client's own. Under mutual TLS two clients
+/// both pay "order-42" (the same payload) and "order-43" (different payloads) on one server
+/// without a store: each of the four payments is delivered once and acked as delivered, and
+/// a client's own retry is still a replay. Before, every client's keys were one namespace:
+/// the second client's "order-42" was acked as a replay and never delivered, and its
+/// "order-43" refused as a key reused.
+#[tokio::test(start_paused = true)]
+async fn two_clients_keys_are_their_own() {
+    let (server_ca, client_ca) = (
+        TestCa::new("servers").unwrap(),
+        TestCa::new("shops").unwrap(),
+    );
+    let (shop, other) = (
+        client_ca.client("shop-17").unwrap(),
+        client_ca.client("shop-99").unwrap(),
+    );
+    let (w, server) = world(mtls_server(&server_ca, &client_ca));
+    let mut listener = Listener::new(server, Config::default());
+    let a = connect(&w, client_as(&server_ca, &shop)).await.unwrap();
+    let (a_server, mut a_messages) = listener.accept().await.unwrap();
+    let b = connect(&w, client_as(&server_ca, &other)).await.unwrap();
+    let (b_server, mut b_messages) = listener.accept().await.unwrap();
+    for (key, a_pays, b_pays) in [
+        ("order-42", "pay 10.00 EUR", "pay 10.00 EUR"),
+        ("order-43", "pay 7.00 EUR", "pay 5.00 EUR"),
+    ] {
+        let (receipt, got) = pay(&a, &mut a_messages, key, a_pays).await;
+        assert!(!receipt.replayed);
+        assert_eq!(got.as_deref(), Some(a_pays.as_bytes()));
+        let (receipt, got) = pay(&b, &mut b_messages, key, b_pays).await;
+        assert!(
+            !receipt.replayed,
+            "{key}: the other client's key, not a replay"
+        );
+        assert_eq!(got.as_deref(), Some(b_pays.as_bytes()), "{key}");
+    }
+    // A client's own retry is a replay: acked, not delivered again.
+    let (receipt, got) = pay(&a, &mut a_messages, "order-42", "pay 10.00 EUR").await;
+    assert!(receipt.replayed);
+    assert_eq!(got, None);
+    // Each client's keys are scoped by its certificate.
+    assert_ne!(a_server.key_scope(), b_server.key_scope());
+    assert_ne!(a_server.key_scope(), surelink::proto::ANONYMOUS);
+    assert_eq!(a.key_scope(), surelink::proto::ANONYMOUS, "a client's peer");
+    drop(w.net);
+}
+
+/// Issue 21 case 6 across replicas: two servers share a claims store; two clients with
+/// their own certificates pay "order-42" (the same payload), one at each replica. Both are
+/// delivered. Before, the store's keys were one namespace: the second claim was "claimed
+/// before", acked, and never delivered.
+#[tokio::test(start_paused = true)]
+async fn two_clients_keys_are_their_own_across_replicas() {
+    let (server_ca, client_ca) = (
+        TestCa::new("servers").unwrap(),
+        TestCa::new("shops").unwrap(),
+    );
+    let (shop, other) = (
+        client_ca.client("shop-17").unwrap(),
+        client_ca.client("shop-99").unwrap(),
+    );
+    let store = std::sync::Arc::new(surelink::store::MemoryStore::default());
+    let mut config = Config::default();
+    config.store = Some(store.clone());
+    let (w, server) = world(mtls_server(&server_ca, &client_ca));
+    let replica_addr: SocketAddr = ([10, 0, 0, 3], 4433).into();
+    let replica = second_server(&w, replica_addr, mtls_server(&server_ca, &client_ca));
+    let mut first = Listener::new(server, config.clone());
+    let mut second = Listener::new(replica, config);
+    let (a, _) = connect_to(&w, w.server_addr, client_as(&server_ca, &shop)).await;
+    let (_, mut a_messages) = first.accept().await.unwrap();
+    let (b, _) = connect_to(&w, replica_addr, client_as(&server_ca, &other)).await;
+    let (_, mut b_messages) = second.accept().await.unwrap();
+    let (receipt, got) = pay(&a, &mut a_messages, "order-42", "pay 10.00 EUR").await;
+    assert!(!receipt.replayed);
+    assert!(got.is_some());
+    let (receipt, got) = pay(&b, &mut b_messages, "order-42", "pay 10.00 EUR").await;
+    assert!(!receipt.replayed, "the other client's key, not a replay");
+    assert!(got.is_some(), "delivered at the second replica");
+    assert_eq!(store.len(), 2);
+    drop(w.net);
+}
+
+/// Opens a raw connection as `who` to `addr` and sends a Hello naming `channel`: the
+/// server's one-byte answer, or the code it closed the connection with.
+async fn hello_as(
+    w: &World,
+    addr: SocketAddr,
+    who: quinn::ClientConfig,
+    channel: [u8; 16],
+) -> Result<u8, quinn::VarInt> {
+    let conn = w
+        .client
+        .connect_with(who, addr, SERVER_NAME)
+        .unwrap()
+        .await
+        .expect("its own handshake is valid");
+    let hello = Frame::Hello(HelloFrame {
+        channel_id: channel,
+        floor: 0,
+    })
+    .to_bytes();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&hello).await.unwrap();
+    send.finish().unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1))
+        .await
+        .expect("an answer, not a hang");
+    if let Ok(answer) = answer {
+        conn.close(0u32.into(), b"");
+        return Ok(answer[0]);
+    }
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("the server closed the connection")
+    {
+        quinn::ConnectionError::ApplicationClosed(c) => Err(c.error_code),
+        other => panic!("expected a close, got {other}"),
+    }
+}
+
+/// Issue 21 case 7: with a shared claims store, a replica that never held channel X no
+/// longer answers any identity that presents X's id. A second client, with a valid
+/// certificate of its own, that learned the id is refused there (REFUSED, counted as
+/// `not_owner`); X's own client may still move there (the replica answers that it judges by
+/// the store), and X keeps working where it is. Before, the replica took the channel over
+/// for whoever came first: the thief could claim X's future message ids, and X's later
+/// payments were acked as claimed before and never delivered.
+#[tokio::test(start_paused = true)]
+async fn another_identity_cannot_take_a_channel_over_at_another_replica() {
+    let (server_ca, client_ca) = (
+        TestCa::new("servers").unwrap(),
+        TestCa::new("shops").unwrap(),
+    );
+    let (shop, thief) = (
+        client_ca.client("shop-17").unwrap(),
+        client_ca.client("shop-99").unwrap(),
+    );
+    let store = std::sync::Arc::new(surelink::store::MemoryStore::default());
+    let mut config = Config::default();
+    config.store = Some(store.clone());
+    let (w, server) = world(mtls_server(&server_ca, &client_ca));
+    let replica_addr: SocketAddr = ([10, 0, 0, 3], 4433).into();
+    let replica = second_server(&w, replica_addr, mtls_server(&server_ca, &client_ca));
+    let mut first = Listener::new(server, config.clone());
+    let second = Listener::new(replica, config);
+    let (client, _) = connect_to(&w, w.server_addr, client_as(&server_ca, &shop)).await;
+    let (_, mut messages) = first.accept().await.unwrap();
+    let (receipt, got) = pay(&client, &mut messages, "order-1", "pay 1.00 EUR").await;
+    assert!(!receipt.replayed && got.is_some());
+
+    let refused = hello_as(&w, replica_addr, client_as(&server_ca, &thief), client.id()).await;
+    assert_eq!(refused, Err(quinn::VarInt::from_u32(2)), "REFUSED");
+    assert_eq!(second.server().reattaches_refused(), 1);
+    assert_eq!(second.server().channels(), 0, "nothing taken over");
+    // The channel's own client may fail over there: the replica takes it over.
+    let owner = hello_as(&w, replica_addr, client_as(&server_ca, &shop), client.id()).await;
+    assert_eq!(owner, Ok(surelink::wire::HELLO_CLAIMS));
+    // And the channel works where it is.
+    let (receipt, got) = pay(&client, &mut messages, "order-2", "pay 2.00 EUR").await;
+    assert!(!receipt.replayed);
+    assert_eq!(got.as_deref(), Some(&b"pay 2.00 EUR"[..]));
+    assert_eq!(client.stats().reconnects, 0);
+    drop(w.net);
+}

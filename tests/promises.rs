@@ -469,6 +469,14 @@ impl surelink::store::DedupeStore for FaultyStore {
         self.inner.lookup(claim)
     }
 
+    fn bind_channel(
+        &self,
+        channel: [u8; 16],
+        owner: [u8; 32],
+    ) -> surelink::store::StoreFuture<'_, bool> {
+        self.inner.bind_channel(channel, owner)
+    }
+
     fn expire(&self) -> surelink::store::StoreFuture<'_, u64> {
         self.inner.expire()
     }

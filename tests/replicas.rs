@@ -178,6 +178,9 @@ impl DedupeStore for AcksLostAfter {
     fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
         self.inner.lookup(claim)
     }
+    fn bind_channel(&self, channel: [u8; 16], owner: [u8; 32]) -> StoreFuture<'_, bool> {
+        self.inner.bind_channel(channel, owner)
+    }
     fn expire(&self) -> StoreFuture<'_, u64> {
         self.inner.expire()
     }
@@ -626,6 +629,9 @@ impl DedupeStore for HangsOnce {
     fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
         self.inner.lookup(claim)
     }
+    fn bind_channel(&self, channel: [u8; 16], owner: [u8; 32]) -> StoreFuture<'_, bool> {
+        self.inner.bind_channel(channel, owner)
+    }
     fn expire(&self) -> StoreFuture<'_, u64> {
         self.inner.expire()
     }
@@ -712,4 +718,182 @@ async fn no_hedge_copies_to_a_standby_when_the_primary_does_not_claim() {
             assert!(total.contains_key(i), "payment {i} acked, not delivered");
         }
     }
+}
+
+/// Issue 21 cases 6, 7 and 8 in the memory store: keys per client, conflicts by payload
+/// digest, channel owners.
+#[tokio::test]
+async fn the_memory_store_scopes_keys_checks_payloads_and_binds_channels() {
+    common::check_clients_digests_and_owners(&MemoryStore::default()).await;
+}
+
+/// Two replicas sharing `store` at `pair`'s address and a second one, each with a listener
+/// whose channels' messages are counted by payload; their addresses, and per replica a task
+/// with what was delivered (payload → count) once `idle` passed without anything new.
+fn two_replicas(
+    pair: &Pair,
+    store: Arc<dyn DedupeStore>,
+    idle: Duration,
+) -> (
+    [std::net::SocketAddr; 2],
+    Vec<tokio::task::JoinHandle<BTreeMap<bytes::Bytes, u32>>>,
+) {
+    let endpoints = replicas(pair, 2, &lossy(0.0));
+    let addrs = [endpoints[0].0, endpoints[1].0];
+    let mut collectors = Vec::new();
+    for (_, endpoint) in endpoints {
+        let mut listener = Listener::new(endpoint, with_store(store.clone()));
+        collectors.push(tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            while let Ok(Some((_c, mut m))) = tokio::time::timeout(idle, listener.accept()).await {
+                tasks.push(tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    while let Ok(Some(d)) = tokio::time::timeout(idle, m.recv()).await {
+                        got.push(d.payload);
+                    }
+                    got
+                }));
+            }
+            let mut all = BTreeMap::new();
+            for t in tasks {
+                for p in t.await.unwrap() {
+                    *all.entry(p).or_insert(0u32) += 1;
+                }
+            }
+            all
+        }));
+    }
+    (addrs, collectors)
+}
+
+/// A channel to the replica at `addr` alone.
+async fn connect_to(pair: &Pair, addr: std::net::SocketAddr) -> Channel {
+    Channel::connect(&pair.client, addr, SERVER_NAME, None, Config::default())
+        .await
+        .unwrap()
+        .0
+}
+
+/// Issue 21 case 8 across replicas: a key delivered by one replica and sent again with
+/// another payload to the other (a retry that changed the amount, or a key reused by
+/// mistake) is refused there with `KeyReused`, and not delivered; with the same payload it is
+/// acked as a replay without a second delivery. Before, the store knew only that the key
+/// was claimed: the changed payment was acked as "claimed before" and never delivered.
+#[tokio::test(start_paused = true)]
+async fn a_key_reused_with_another_payload_on_another_replica_is_refused() {
+    let pair = pair(51);
+    let store = Arc::new(MemoryStore::default());
+    let (addrs, collectors) = two_replicas(&pair, store.clone(), Duration::from_secs(3));
+    let first = connect_to(&pair, addrs[0]).await;
+    let receipt = first
+        .send_with_key("order-42", "pay 10.00 EUR")
+        .await
+        .unwrap();
+    assert!(!receipt.replayed);
+    // The application restarts, and comes back on a new channel to the other replica.
+    let second = connect_to(&pair, addrs[1]).await;
+    match second.send_with_key("order-42", "pay 999.00 EUR").await {
+        Err(SendError::KeyReused { .. }) => {}
+        other => panic!("expected KeyReused, got {other:?}"),
+    }
+    let replay = second
+        .send_with_key("order-42", "pay 10.00 EUR")
+        .await
+        .expect("the same payment again is acked");
+    assert!(replay.replayed, "and said to be a replay");
+    first.close().await;
+    second.close().await;
+    let mut collectors = collectors.into_iter();
+    let a = collectors.next().unwrap().await.unwrap();
+    let b = collectors.next().unwrap().await.unwrap();
+    assert_eq!(
+        a.into_iter().collect::<Vec<_>>(),
+        vec![(bytes::Bytes::from("pay 10.00 EUR"), 1)]
+    );
+    assert!(
+        b.is_empty(),
+        "nothing delivered by the second replica: {b:?}"
+    );
+    assert_eq!(store.len(), 1, "the refused claim recorded nothing");
+}
+
+/// A store whose first `failures` channel bindings fail.
+#[derive(Debug)]
+struct BindFails {
+    inner: MemoryStore,
+    failures: std::sync::atomic::AtomicU32,
+}
+
+impl DedupeStore for BindFails {
+    fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
+        self.inner.claim(claim)
+    }
+    fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
+        self.inner.lookup(claim)
+    }
+    fn bind_channel(&self, channel: [u8; 16], owner: [u8; 32]) -> StoreFuture<'_, bool> {
+        use std::sync::atomic::Ordering;
+        if self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Box::pin(std::future::ready(Err(surelink::store::StoreError::Full {
+                max: 0,
+            })));
+        }
+        self.inner.bind_channel(channel, owner)
+    }
+    fn expire(&self) -> StoreFuture<'_, u64> {
+        self.inner.expire()
+    }
+    fn ttl(&self) -> Duration {
+        self.inner.ttl()
+    }
+}
+
+/// Issue 21 case 7: a server with a store takes a channel over only once the store bound it
+/// to its client. When the store cannot answer, the connection is closed with GOODBYE (the
+/// client may retry, here or elsewhere) and no channel opens; the next attempt, with the
+/// store back, gets the channel.
+#[tokio::test(start_paused = true)]
+async fn without_the_stores_answer_no_channel_is_taken_over() {
+    let pair = pair(52);
+    let store = Arc::new(BindFails {
+        inner: MemoryStore::default(),
+        failures: 1.into(),
+    });
+    let server = surelink::channel::Server::new(with_store(store.clone()));
+    let accept = |server: surelink::channel::Server, endpoint: quinn::Endpoint| async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        server.accept_connection(conn).await.map(|c| c.is_some())
+    };
+    let accepting = tokio::spawn(accept(server.clone(), pair.server.clone()));
+    let refused = Channel::connect(
+        &pair.client,
+        pair.server_addr,
+        SERVER_NAME,
+        None,
+        Config::default(),
+    )
+    .await
+    .map(|_| ())
+    .unwrap_err();
+    match &refused {
+        surelink::channel::ConnectError::Connection(quinn::ConnectionError::ApplicationClosed(
+            c,
+        )) => assert_eq!(c.error_code, quinn::VarInt::from_u32(3), "GOODBYE"),
+        other => panic!("expected a goodbye, got {other}"),
+    }
+    assert!(matches!(
+        accepting.await.unwrap(),
+        Err(surelink::channel::AcceptError::StoreUnavailable(_))
+    ));
+    assert_eq!(server.channels(), 0);
+    assert_eq!(store.inner.channels_bound(), 0);
+    let accepting = tokio::spawn(accept(server.clone(), pair.server.clone()));
+    let (client, _m) = connect(&pair).await;
+    assert!(accepting.await.unwrap().unwrap(), "a new channel");
+    assert_eq!(store.inner.channels_bound(), 1);
+    drop(client);
 }

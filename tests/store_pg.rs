@@ -21,7 +21,7 @@ fn claim(channel: u8, message: u64, key: Option<&str>) -> Claim {
         channel: [channel; 16],
         message,
         key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
-        claimant: 0,
+        ..Claim::default()
     }
 }
 
@@ -483,6 +483,13 @@ impl DedupeStore for CommitThenFail {
     fn release<'a>(&'a self, claim: &'a Claim) -> surelink::store::StoreFuture<'a, bool> {
         self.inner.release(claim)
     }
+    fn bind_channel(
+        &self,
+        channel: [u8; 16],
+        owner: [u8; 32],
+    ) -> surelink::store::StoreFuture<'_, bool> {
+        self.inner.bind_channel(channel, owner)
+    }
     fn expire(&self) -> surelink::store::StoreFuture<'_, u64> {
         self.inner.expire()
     }
@@ -839,6 +846,12 @@ async fn the_table_is_configurable_and_created_only_when_asked() {
         .unwrap()
         .get(0);
     assert_eq!(default, None, "the default table was not created");
+    let channels: Option<String> = db
+        .query_one("SELECT to_regclass('pay.claims_channels')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(channels.as_deref(), Some("pay.claims_channels"));
     // Without create_schema, an existing table is used as it is.
     let again = PgStore::builder(&url)
         .table("pay.claims")
@@ -916,7 +929,8 @@ async fn a_table_of_the_previous_schema_is_migrated() {
         .get(0);
     assert_eq!(
         indexes, 3,
-        "primary key, key index and the claimed_at index it lacked"
+        "primary key, the (client, key) index in place of the key index, and the claimed_at \
+         index it lacked"
     );
     // Connecting again changes nothing.
     PgStore::connect(&url, DAY).await.unwrap();
@@ -945,4 +959,199 @@ async fn a_large_backlog_of_expired_claims_is_removed() {
         store.lookup(&claim(2, 0, None)).await.unwrap(),
         "the fresh claim stays"
     );
+}
+
+/// Issue 21 cases 6, 7 and 8 in PostgreSQL: keys per client, conflicts by payload digest,
+/// channel owners.
+#[tokio::test]
+async fn keys_are_per_client_payloads_are_checked_and_channels_bound() {
+    let Some(url) = fresh_database("clients").await else {
+        return;
+    };
+    let store = PgStore::connect(&url, DAY).await.unwrap();
+    common::check_clients_digests_and_owners(&store).await;
+}
+
+/// Issue 21 case 7: replicas racing to bind the same new channels for different clients:
+/// each channel gets exactly one owner, and only that owner's binds succeed afterwards.
+#[tokio::test]
+async fn replicas_racing_to_bind_a_channel_agree_on_one_owner() {
+    let Some(url) = fresh_database("bind_race").await else {
+        return;
+    };
+    let mut tasks = Vec::new();
+    for r in 0..3u8 {
+        let store = PgStore::connect(&url, DAY).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            for c in 0..100u8 {
+                if store.bind_channel([c; 16], [r; 32]).await.unwrap() {
+                    won.push((c, r));
+                }
+            }
+            (store, won)
+        }));
+    }
+    let mut owners = std::collections::BTreeMap::new();
+    let mut store = None;
+    for t in tasks {
+        let (s, won) = t.await.unwrap();
+        for (c, r) in won {
+            assert!(owners.insert(c, r).is_none(), "channel {c} bound twice");
+        }
+        store = Some(s);
+    }
+    assert_eq!(owners.len(), 100);
+    let store = store.unwrap();
+    for (c, r) in owners {
+        assert!(store.bind_channel([c; 16], [r; 32]).await.unwrap());
+        assert!(!store.bind_channel([c; 16], [r + 1; 32]).await.unwrap());
+    }
+}
+
+/// Issue 21 case 7: a binding is swept once it is older than the TTL and no claim of its
+/// channel is left; until then no other client may bind the channel.
+#[tokio::test]
+async fn a_binding_expires_with_its_channels_claims() {
+    let Some(url) = fresh_database("bind_ttl").await else {
+        return;
+    };
+    let store = PgStore::connect(&url, Duration::from_millis(600))
+        .await
+        .unwrap();
+    let (a, b) = ([1; 32], [2; 32]);
+    assert!(store.bind_channel([1; 16], a).await.unwrap());
+    assert!(store.bind_channel([2; 16], a).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    store.claim(&claim(1, 0, None)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // 800 ms after the binds; channel 1's claim is 400 ms old.
+    assert_eq!(store.expire().await.unwrap(), 0);
+    assert!(
+        !store.bind_channel([1; 16], b).await.unwrap(),
+        "its claim keeps the binding"
+    );
+    assert!(
+        store.bind_channel([2; 16], b).await.unwrap(),
+        "no claim: swept, the id is free"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.expire().await.unwrap(), 1);
+    assert!(
+        store.bind_channel([1; 16], b).await.unwrap(),
+        "gone with its last claim"
+    );
+}
+
+/// Issue 21 cases 6 and 8: a table of the previous schema (claimant column, keys unique
+/// across clients, no channel table) is migrated in place by `create_schema`: the `client`
+/// (all zeros for the old rows: the anonymous client) and `digest` columns are added, the key
+/// index is replaced by one on (client, key), and the channel table is created. Old claims
+/// still refuse their messages and the anonymous client's keys; keys are per client from then
+/// on. Connecting again changes nothing; without `create_schema` the old table is refused.
+#[tokio::test]
+async fn a_table_without_clients_and_digests_is_migrated() {
+    let Some(url) = fresh_database("migrate21").await else {
+        return;
+    };
+    let db = direct(&url).await;
+    db.batch_execute(
+        "CREATE TABLE surelink_claims (
+             channel_id bytea       NOT NULL,
+             message_id bigint      NOT NULL,
+             idem_key   bytea,
+             claimed_at timestamptz NOT NULL DEFAULT now(),
+             claimant   bigint      NOT NULL DEFAULT 0,
+             PRIMARY KEY (channel_id, message_id)
+         );
+         CREATE UNIQUE INDEX surelink_claims_idem_key
+             ON surelink_claims (idem_key) WHERE idem_key IS NOT NULL;
+         CREATE INDEX surelink_claims_claimed_at ON surelink_claims (claimed_at);
+         INSERT INTO surelink_claims (channel_id, message_id, idem_key, claimant)
+             VALUES ('\\x01010101010101010101010101010101', 5, 'old-5', 7);",
+    )
+    .await
+    .unwrap();
+    let err = PgStore::builder(&url).connect().await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN)),
+        "an old table without create_schema: {err:?}"
+    );
+    let store = PgStore::connect(&url, DAY).await.unwrap();
+    let row = db
+        .query_one(
+            "SELECT client, digest FROM surelink_claims WHERE message_id = 5",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (client, digest): (Vec<u8>, Option<Vec<u8>>) = (row.get(0), row.get(1));
+    assert_eq!(
+        client,
+        vec![0; 32],
+        "an old claim is the anonymous client's"
+    );
+    assert_eq!(digest, None);
+    // The old claim refuses its message and, for the anonymous client, its key.
+    let old = Claim {
+        digest: Some(surelink::proto::payload_digest(b"anything")),
+        ..claim(1, 5, Some("old-5"))
+    };
+    assert_eq!(
+        store.claim(&by(3, old.clone())).await.unwrap(),
+        Claimed::Before
+    );
+    assert_eq!(
+        store
+            .claim(&Claim {
+                channel: [2; 16],
+                ..old.clone()
+            })
+            .await
+            .unwrap(),
+        Claimed::Before,
+        "no digest on the old claim: no conflict"
+    );
+    assert_eq!(
+        store
+            .claim(&Claim {
+                channel: [2; 16],
+                client: [9; 32],
+                ..old
+            })
+            .await
+            .unwrap(),
+        Claimed::Now,
+        "another client's key"
+    );
+    let indexes: Vec<String> = db
+        .query(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'surelink_claims'
+             ORDER BY indexname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        indexes,
+        [
+            "surelink_claims_claimed_at",
+            "surelink_claims_client_key",
+            "surelink_claims_pkey"
+        ]
+    );
+    assert!(store.bind_channel([1; 16], [1; 32]).await.unwrap());
+    // Connecting again changes nothing, and the schema run by hand neither.
+    PgStore::connect(&url, DAY).await.unwrap();
+    db.batch_execute(surelink::store::PG_SCHEMA).await.unwrap();
+    assert!(!store.bind_channel([1; 16], [2; 32]).await.unwrap());
+    let claims: i64 = db
+        .query_one("SELECT count(*) FROM surelink_claims", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(claims, 2);
 }

@@ -17,6 +17,7 @@ use super::dial::{Dialer, REFUSED};
 use super::driver::{self, Reattach};
 use super::{Channel, ChannelId, Command, Config, Messages, SendError};
 use crate::proto::link::{Attached, SharedKeys};
+use crate::proto::{Scope, ANONYMOUS};
 use crate::wire::{Frame, HelloFrame, Limits, HELLO_CLAIMS, HELLO_NEW, HELLO_RESUMED};
 
 /// The ALPN protocol id of a surelink connection.
@@ -302,10 +303,17 @@ pub enum AcceptError {
     #[error("the connection does not carry QUIC datagrams")]
     DatagramsUnsupported,
     /// The connection named a channel that another client identity opened (its TLS
-    /// certificate differs from the one the channel started with); it was closed with the
-    /// refusal code and the channel was left untouched.
+    /// certificate differs from the one the channel started with, on this server or, with a
+    /// shared claims store, on any replica: [`DedupeStore::bind_channel`](crate::store::DedupeStore::bind_channel));
+    /// it was closed with the refusal code and the channel was left untouched.
     #[error("the channel belongs to another client identity; connection refused")]
     NotOwner,
+    /// The connection named a channel this server does not hold, and the claims store did
+    /// not answer who owns it (an error, or no answer within [`Config::claim_attempt_timeout`]):
+    /// the connection was closed with the goodbye code, so the client tries again later or
+    /// at another replica. A channel is never taken over without the store's answer.
+    #[error("the claims store could not bind the channel to its client: {0}; connection closed")]
+    StoreUnavailable(String),
     /// The server is shutting down ([`Server::shutdown`]); the connection was closed with
     /// the goodbye code, so the client tries elsewhere (another replica) or later.
     #[error("the server is shutting down; connection closed")]
@@ -341,6 +349,16 @@ fn client_identity(conn: &quinn::Connection) -> Option<CertificateDer<'static>> 
         .next()
 }
 
+/// The client on `conn` (the accepting end), as keys and channel owners name it: the
+/// SHA-256 of its end-entity certificate under mutual TLS, else
+/// [`ANONYMOUS`](crate::proto::ANONYMOUS).
+pub(super) fn client_scope(conn: &quinn::Connection) -> Scope {
+    client_identity(conn).map_or(ANONYMOUS, |cert| {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(cert.as_ref()).into()
+    })
+}
+
 impl ServerInner {
     /// Forgets channel `id` if its driver has stopped.
     fn remove_closed(&self, id: &ChannelId) {
@@ -354,6 +372,27 @@ impl ServerInner {
 /// The server side's registry of channels by id: it opens a channel for a new id and hands
 /// a reconnecting client's new connection to its existing channel, whose dedupe state
 /// carries over. Cheap to clone.
+///
+/// **Who a client is.** Under mutual TLS ([`server_config_mtls`](super::server_config_mtls))
+/// a client is its end-entity certificate, and two things are its own:
+/// - its idempotency keys: two clients' `order-42` are two payments, each delivered once
+///   (the keys are scoped by the SHA-256 of the certificate: [`Channel::key_scope`]), in
+///   this server's key record and in a claims store shared by replicas;
+/// - its channels: a connection from another certificate that names one of them is refused
+///   ([`AcceptError::NotOwner`]), here while the server holds the channel and, with a claims
+///   store ([`Config::store`]), on every replica sharing it, which binds each channel id to
+///   its client before taking it over ([`DedupeStore::bind_channel`](crate::store::DedupeStore::bind_channel)).
+///   A replica that cannot get the store's answer closes the connection with
+///   [`GOODBYE`](super::GOODBYE) ([`AcceptError::StoreUnavailable`]): the client retries.
+///
+/// Without mutual TLS the server cannot tell clients apart: every client is the same
+/// anonymous one. All of them share one key namespace, so keys must be unique across
+/// clients (a UUID, or a terminal or merchant id before the order number: `till-7/order-42`);
+/// a key another client used within the key TTL is taken for a replay (same payload) or
+/// refused (another payload). And a channel id is a bearer token: whoever presents it gets
+/// the channel (on a replica with a store, the right to claim its message ids), so clients
+/// must keep it secret. With [`Config::application_claims`] and no store, ownership is
+/// checked only on the server that holds the channel.
 ///
 /// A [`Listener`] runs one over an endpoint of its own. Use a `Server` directly when the
 /// application accepts connections itself, for example on an endpoint that also serves
@@ -440,7 +479,8 @@ impl Server {
     }
 
     /// Connections refused because they named a channel opened by another client identity
-    /// (under mutual TLS; see [`AcceptError::NotOwner`]).
+    /// (under mutual TLS; see [`AcceptError::NotOwner`]): held by this server, or bound to
+    /// another client in the claims store.
     pub fn reattaches_refused(&self) -> u64 {
         self.inner
             .not_owner
@@ -534,12 +574,72 @@ impl Server {
                 return Err(AcceptError::InvalidHello(e.to_string()));
             }
         };
+        self.bind(&conn, &hello.channel_id).await?;
         let (opened, status) = self.attach(conn, hello)?;
         // The client waits for this byte before it sends: it learns whether its messages may
         // be re-sent with their ids (the channel's dedupe window is still here) or not.
         let _ = answer.write_all(&[status]).await;
         let _ = answer.finish();
         Ok(opened)
+    }
+
+    /// With a claims store, binds a channel this server does not hold to the client on
+    /// `conn` before it is taken over: another replica may hold it for another client
+    /// (issue 21 case 7: whoever learned the id could otherwise claim the channel's future
+    /// message ids here, and its owner's later payments would be acked as claimed before and
+    /// never delivered). A channel held here is checked by [`Server::attach`] instead.
+    async fn bind(
+        &self,
+        conn: &quinn::Connection,
+        channel_id: &ChannelId,
+    ) -> Result<(), AcceptError> {
+        let Some(store) = self.inner.config.store.clone() else {
+            return Ok(());
+        };
+        let held = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(channel_id)
+            .is_some_and(|e| !e.tx.is_closed());
+        if held
+            || self
+                .inner
+                .shutting_down
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // Held: `attach` compares identities. Shutting down: `attach` refuses.
+            return Ok(());
+        }
+        let timeout = self.inner.config.claim_attempt_timeout;
+        let owner = client_scope(conn);
+        match tokio::time::timeout(timeout, store.bind_channel(*channel_id, owner)).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => {
+                self.inner
+                    .not_owner
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    channel = %driver::tag(channel_id),
+                    remote = %conn.remote_address(),
+                    "surelink: a connection named a channel bound to another client identity \
+                     in the claims store; refused"
+                );
+                conn.close(REFUSED.into(), b"not this channel's client");
+                Err(AcceptError::NotOwner)
+            }
+            Ok(Err(e)) => {
+                conn.close(super::GOODBYE.into(), b"claims store unavailable");
+                Err(AcceptError::StoreUnavailable(e.to_string()))
+            }
+            Err(_) => {
+                conn.close(super::GOODBYE.into(), b"claims store unavailable");
+                Err(AcceptError::StoreUnavailable(format!(
+                    "no answer within {timeout:?}"
+                )))
+            }
+        }
     }
 
     /// Hands `conn` to channel `channel_id`, or opens it; the Hello's answer goes with it.
@@ -653,6 +753,7 @@ fn refused(e: &AcceptError) {
         AcceptError::DatagramsUnsupported => "datagrams_unsupported",
         AcceptError::NotOwner => "not_owner",
         AcceptError::ShuttingDown => "shutting_down",
+        AcceptError::StoreUnavailable(_) => "store_unavailable",
     };
     crate::metrics::connection_refused(reason);
     match e {
@@ -665,7 +766,8 @@ fn refused(e: &AcceptError) {
         }
         AcceptError::InvalidHello(_)
         | AcceptError::TooManyChannels(_)
-        | AcceptError::DatagramsUnsupported => {
+        | AcceptError::DatagramsUnsupported
+        | AcceptError::StoreUnavailable(_) => {
             tracing::warn!(error = %e, "surelink: connection refused")
         }
     }

@@ -107,10 +107,19 @@ pub(super) fn spawn(
         },
         Reattach::Registry { .. } => Role::Server,
     };
+    // Whose keys the peer sends: on the accepting side of a connection, the client's
+    // identity (mutual TLS), else the anonymous client's. A client's peer is a server: its
+    // keys are anonymous.
+    let key_scope = if connection.side().is_server() {
+        super::connect::client_scope(&connection)
+    } else {
+        crate::proto::ANONYMOUS
+    };
     let link_config = LinkConfig {
         handoff: HANDOFF,
         shared_keys,
         claimant_seed: rand::random(),
+        key_scope,
         ..config.link()
     };
     let first = ConnId(0);
@@ -125,12 +134,14 @@ pub(super) fn spawn(
             stats: stats.clone(),
             current: current.clone(),
             max_message_size: config.max_message_size,
+            key_scope,
         }),
     };
     let mut driver = Driver {
         link,
         config,
         id,
+        key_scope,
         reattach,
         conns: HashMap::new(),
         writers: HashMap::new(),
@@ -182,6 +193,8 @@ struct Driver {
     link: Link,
     config: Config,
     id: ChannelId,
+    /// Whose keys the peer sends (the link's `key_scope`): the client of every claim.
+    key_scope: crate::proto::Scope,
     reattach: Reattach,
     conns: HashMap<ConnId, quinn::Connection>,
     /// Each connection's queue in front of quinn's datagram send buffer, the buffer's
@@ -542,10 +555,10 @@ impl Driver {
                 attempt,
                 id,
                 key,
+                digest,
                 claimant,
                 timeout,
-                ..
-            } => self.claim(attempt, id, key, claimant, timeout),
+            } => self.claim(attempt, id, key, digest, claimant, timeout),
             Action::Deliver(message) => {
                 let span = tracing::debug_span!(
                     "surelink.deliver",
@@ -583,12 +596,23 @@ impl Driver {
         }
     }
 
-    /// One claim attempt in the store, within `timeout` (a hung store becomes an error).
-    fn claim(&self, attempt: u64, id: u64, key: Option<Bytes>, claimant: u64, timeout: Duration) {
+    /// One claim attempt in the store, within `timeout` (a hung store becomes an error): the
+    /// message's key is the peer's ([`Driver::key_scope`]), with its payload's digest.
+    fn claim(
+        &self,
+        attempt: u64,
+        id: u64,
+        key: Option<Bytes>,
+        digest: crate::proto::Digest,
+        claimant: u64,
+        timeout: Duration,
+    ) {
         let claim = crate::store::Claim {
             channel: self.id,
             message: id,
             key,
+            client: self.key_scope,
+            digest: Some(digest),
             claimant,
         };
         let (store, tx) = (self.config.store.clone(), self.events_tx.clone());

@@ -135,6 +135,7 @@ pub(super) async fn claim(
         Some(store) => match tokio::time::timeout(timeout, store.claim(&claim)).await {
             Ok(Ok(crate::store::Claimed::Now)) => Ok(ClaimOutcome::Now),
             Ok(Ok(crate::store::Claimed::Before)) => Ok(ClaimOutcome::Before),
+            Ok(Ok(crate::store::Claimed::Conflict)) => Ok(ClaimOutcome::Conflict),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer from the store within {timeout:?}")),
         },

@@ -186,11 +186,16 @@ pub struct Config {
     /// (the default): this channel's dedupe window decides, and idempotency keys are
     /// shared by every channel of one [`Server`] (kept `receiver.key_ttl`, in this process's
     /// memory): a client that restarts and retries a key on a new channel is acked without a
-    /// second delivery. A channel from [`Channel::open`] keeps its keys to itself. With a store
-    /// shared by replicas, a message is delivered at most once across them; a [`Server`]
-    /// with a store also takes over channels it never held (a client that failed over from
-    /// another replica re-sends its unacked messages, and the store recognises those
-    /// delivered there).
+    /// second delivery. A channel from [`Channel::open`] keeps its keys to itself. Keys are
+    /// per client: under mutual TLS each client certificate has its own, without it every
+    /// client shares one namespace ([`Server`] says more). With a store shared by replicas, a
+    /// message is delivered at most once across them; a [`Server`] with a store also takes
+    /// over channels it never held (a client that failed over from another replica re-sends
+    /// its unacked messages, and the store recognises those delivered there), after binding
+    /// the channel to its client in the store
+    /// ([`DedupeStore::bind_channel`](crate::store::DedupeStore::bind_channel)): a channel
+    /// bound to another client is refused, and one the store cannot answer for is closed
+    /// with [`GOODBYE`] so that its client retries.
     ///
     /// Any store converts, no annotation needed:
     ///
@@ -522,6 +527,8 @@ struct Handle {
     /// The connection in use, for its byte counters and peer identity.
     current: Arc<Mutex<Option<quinn::Connection>>>,
     max_message_size: usize,
+    /// Whose keys the peer sends ([`Channel::key_scope`]).
+    key_scope: crate::proto::Scope,
 }
 
 impl Drop for Handle {
@@ -694,6 +701,15 @@ impl Channel {
         self.inner.id
     }
 
+    /// Whose idempotency keys the peer sends on this channel, the client of its claims
+    /// ([`Claim::client`](crate::store::Claim::client)): on a server (the accepting end of
+    /// the connection), the SHA-256 of the client's end-entity certificate under mutual TLS;
+    /// otherwise, and on a client, [`ANONYMOUS`](crate::proto::ANONYMOUS) (every client
+    /// without a certificate shares one key namespace).
+    pub fn key_scope(&self) -> [u8; 32] {
+        self.inner.key_scope
+    }
+
     /// Sends `payload` and waits for its outcome. Waits first while `max_in_flight` messages
     /// are awaiting theirs (backpressure, not an unbounded queue).
     ///
@@ -813,13 +829,20 @@ impl Channel {
     }
 
     /// Inbox pattern ([`Config::application_claims`]): the application's transaction for
-    /// message `id` committed, with its claim made (`Claimed::Now`) or found already made
-    /// (`Claimed::Before`: another replica or an earlier delivery handled it). The message is
-    /// acked now.
+    /// message `id` ended with its claim made (`Claimed::Now`, committed) or found already
+    /// made (`Claimed::Before`: another replica or an earlier delivery handled it): the
+    /// message is acked now. `Claimed::Conflict` (its key was claimed with another payload;
+    /// the application rolled back): the message is refused, and its sender learns
+    /// `SendError::KeyReused`.
+    ///
+    /// Claim with [`Claim::of`](crate::store::Claim::of)`(channel.id(), &message)`
+    /// `.with_client(channel.key_scope())`, so that keys are the client's own under mutual
+    /// TLS.
     pub fn confirm(&self, id: u64, claimed: crate::store::Claimed) {
         let outcome = match claimed {
             crate::store::Claimed::Now => crate::proto::ClaimOutcome::Now,
             crate::store::Claimed::Before => crate::proto::ClaimOutcome::Before,
+            crate::store::Claimed::Conflict => crate::proto::ClaimOutcome::Conflict,
         };
         let _ = self.inner.commands.send(Command::Confirm { id, outcome });
     }

@@ -1,21 +1,38 @@
 //! Claims of delivered messages, shared by the replicas of a service.
 //!
 //! A server that delivers a message first *claims* it: the pair (channel id, message id) and,
-//! when the sender attached one, the application's idempotency key. A claim succeeds once;
-//! every later claim of the same pair, or of the same key under any id, is refused as
-//! [`Claimed::Before`]. Replicas that share one store therefore deliver each message at most
-//! once between them, and a server acks a message only after its claim is durable, so a
-//! replica that crashes after acking cannot cause a second delivery elsewhere.
+//! when the sender attached one, the application's idempotency key (scoped by the client that
+//! sent it). A claim succeeds once; every later claim of the same pair, or of the same
+//! client's key under any id, is refused as [`Claimed::Before`], or as [`Claimed::Conflict`]
+//! when the key was claimed with another payload. Replicas that share one store therefore
+//! deliver each message at most once between them, and a server acks a message only after
+//! its claim is durable, so a replica that crashes after acking cannot cause a second
+//! delivery elsewhere.
 //!
 //! Two stores: [`MemoryStore`] (the default, one process, no setup) and, with the `postgres`
 //! feature, `PgStore` (a table keyed by channel id + message id and by idempotency key,
 //! `INSERT … ON CONFLICT DO NOTHING`, expiry by TTL; a pool of connections that replaces
 //! broken ones, a statement timeout and a client-side deadline on every operation).
 //!
-//! **Scope of keys.** Message ids are per channel; idempotency keys are global to the store
-//! (an application that retries after a restart comes back on a new channel, and its key must
-//! still be recognised). Keys must therefore be unique across the application's clients
-//! (a UUID, or a merchant id and order number).
+//! **Scope of keys.** Message ids are per channel; idempotency keys are per *client*
+//! ([`Claim::client`]), not per channel (an application that retries after a restart comes
+//! back on a new channel, and its key must still be recognised). Under mutual TLS the client
+//! is the SHA-256 of its end-entity certificate, so two clients' `order-42` are two keys.
+//! Without mutual TLS every client is [`ANONYMOUS`](crate::proto::ANONYMOUS): all of them
+//! share one namespace, and keys must be unique across them (a UUID, or a terminal or
+//! merchant id before the order number).
+//!
+//! **A key names one payload.** A claim carries the SHA-256 of its payload
+//! ([`Claim::digest`]). A key claimed before with another payload answers
+//! [`Claimed::Conflict`]: the message is refused, not acked as a replay (a retry that changed
+//! the amount must not be reported delivered).
+//!
+//! **Channel owners.** A server that takes over a channel it never held (a client failing
+//! over from another replica) first binds the channel id to the client
+//! ([`DedupeStore::bind_channel`]): a channel belongs to the client that opened it, on every
+//! replica, so a second client that learned the id cannot claim the channel's future message
+//! ids there. Without mutual TLS every client is the same anonymous owner: the channel id is
+//! then a bearer token.
 //!
 //! **Claimants.** A claim names its claimant ([`Claim::claimant`]): a token of the receiver
 //! that claims. A claim can be written and still be reported as an error (the connection to
@@ -29,7 +46,9 @@
 //! **Expiry.** A claim lives at least the store's TTL: [`DedupeStore::expire`] removes claims
 //! older than that, and nothing else does. Until then a retry of the message, by id or by
 //! key, is refused; after it the message could be delivered again, so the TTL must exceed
-//! the longest time an application retries (payment APIs keep keys for 24 h).
+//! the longest time an application retries (payment APIs keep keys for 24 h). A channel's
+//! binding to its owner lives at least the TTL after it was last bound, and as long as any
+//! claim of the channel does.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -47,7 +66,10 @@ mod pg;
 pub use pg::{PgStore, PgStoreBuilder, PooledClient, DEFAULT_TABLE, PG_SCHEMA};
 
 /// What a server claims before it delivers a message.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+///
+/// `Default` gives an anonymous claim of message 0 on channel `[0; 16]`, for struct
+/// literals: `Claim { channel, message, key, ..Claim::default() }`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Claim {
     /// The channel's id (the same on every replica: the client chooses it).
     pub channel: [u8; 16],
@@ -55,6 +77,16 @@ pub struct Claim {
     pub message: u64,
     /// The application's idempotency key, if the sender attached one.
     pub key: Option<Bytes>,
+    /// Whose key: the SHA-256 of the client's end-entity certificate under mutual TLS
+    /// ([`Channel::key_scope`](crate::channel::Channel::key_scope)), else
+    /// [`ANONYMOUS`](crate::proto::ANONYMOUS) (all zeros: every client without an identity
+    /// shares one namespace). A key is unique per (client, key).
+    pub client: [u8; 32],
+    /// SHA-256 of the message's payload ([`payload_digest`](crate::proto::payload_digest)),
+    /// kept with its key: a later claim of the same client's key with another digest answers
+    /// [`Claimed::Conflict`]. `None` when the caller does not know it; then no conflict is
+    /// found for this claim (nor, later, against it).
+    pub digest: Option<[u8; 32]>,
     /// Who claims: a token unique to the claiming receiver, so that it can retry a claim
     /// whose answer was lost. A claim that finds the same (channel, message) already claimed
     /// with the same key by the same non-zero claimant answers [`Claimed::Now`] (its own
@@ -66,15 +98,40 @@ pub struct Claim {
 
 impl Claim {
     /// The claim of a message delivered on channel `channel` (its [`Channel::id`](crate::channel::Channel::id)),
-    /// by an anonymous claimant (`0`: the inbox pattern, where the claim commits with the
+    /// with its payload's digest, for an anonymous client (use [`Claim::with_client`] with
+    /// [`Channel::key_scope`](crate::channel::Channel::key_scope) under mutual TLS), by an
+    /// anonymous claimant (`0`: the inbox pattern, where the claim commits with the
     /// application's transaction and a lost answer means a rolled-back transaction).
     pub fn of(channel: [u8; 16], delivered: &crate::proto::Delivered) -> Claim {
         Claim {
             channel,
             message: delivered.id,
             key: delivered.key.clone(),
+            client: crate::proto::ANONYMOUS,
+            digest: Some(crate::proto::payload_digest(&delivered.payload)),
             claimant: 0,
         }
+    }
+
+    /// This claim for client `client` (see [`Claim::client`]).
+    ///
+    /// ```
+    /// # fn inbox(channel: &surelink::channel::Channel, m: &surelink::channel::Delivered) {
+    /// use surelink::store::Claim;
+    /// let claim = Claim::of(channel.id(), m).with_client(channel.key_scope());
+    /// # let _ = claim;
+    /// # }
+    /// ```
+    pub fn with_client(self, client: [u8; 32]) -> Claim {
+        Claim { client, ..self }
+    }
+}
+
+/// Whether two payload digests may name the same payload (`None` is unknown: it matches).
+fn same_payload(a: Option<[u8; 32]>, b: Option<[u8; 32]>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
     }
 }
 
@@ -83,9 +140,13 @@ impl Claim {
 pub enum Claimed {
     /// This claim is the first: deliver the message.
     Now,
-    /// The message, or its idempotency key, was claimed before (here or on another replica):
-    /// it was delivered; ack it without delivering it again.
+    /// The message, or its client's idempotency key with the same payload, was claimed before
+    /// (here or on another replica): it was delivered; ack it without delivering it again.
     Before,
+    /// The client's idempotency key was claimed before with another payload (both claims
+    /// carried a [`Claim::digest`]): do not deliver this message, and refuse it (the sender
+    /// learns `SendError::KeyReused`). Nothing was recorded.
+    Conflict,
 }
 
 /// Why a store could not answer. The message is then neither delivered nor acked: the
@@ -149,23 +210,39 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 /// A record of claimed messages, possibly shared by several servers.
 pub trait DedupeStore: Send + Sync + fmt::Debug {
     /// Claims `claim`; durable before the future completes with `Ok`. Refused
-    /// ([`Claimed::Before`]) if its (channel, message) pair or its key was claimed before
-    /// and has not expired.
+    /// ([`Claimed::Before`]) if its (channel, message) pair or its (client, key) was claimed
+    /// before and has not expired; [`Claimed::Conflict`] (nothing recorded) if its pair is new
+    /// but its (client, key) was claimed with another payload digest.
     fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed>;
 
-    /// Whether `claim`'s pair, or its key, is claimed.
+    /// Whether `claim`'s pair, or its (client, key), is claimed.
     fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool>;
 
     /// Undoes `claim` (best effort, for a message claimed but never handed to the
     /// application): deletes the claim only if the store holds it for the same (channel,
-    /// message) and key, by the same non-zero claimant; returns whether it did. An anonymous
-    /// claim (claimant `0`) is never released. The default releases nothing.
+    /// message), client and key, by the same non-zero claimant; returns whether it did. An
+    /// anonymous claim (claimant `0`) is never released. The default releases nothing.
     fn release<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
         let _ = claim;
         Box::pin(std::future::ready(Ok(false)))
     }
 
-    /// Removes claims older than the store's TTL; returns how many.
+    /// Binds channel id `channel` to `owner` (the client's identity: the SHA-256 of its
+    /// end-entity certificate under mutual TLS, else [`ANONYMOUS`](crate::proto::ANONYMOUS)),
+    /// on every replica sharing the store. `true`: the channel is now bound to `owner` (newly,
+    /// or again: the binding's lifetime starts afresh); `false`: it is bound to another owner,
+    /// and the server must refuse the connection. A server calls it before it takes over a
+    /// channel it does not hold, so that a client that learned another's channel id cannot
+    /// claim that channel's future message ids on a replica that never held it.
+    ///
+    /// A binding is removed by [`DedupeStore::expire`] once it is older than the TTL and no
+    /// claim of its channel is left. Required, with no default: a store shared by replicas
+    /// that bound nothing would let any client take over any channel whose id it learned
+    /// (a wrapper forwards it to the store it wraps).
+    fn bind_channel(&self, channel: [u8; 16], owner: [u8; 32]) -> StoreFuture<'_, bool>;
+
+    /// Removes claims older than the store's TTL, and the channel bindings that expire with
+    /// them; returns how many claims.
     fn expire(&self) -> StoreFuture<'_, u64>;
 
     /// The store's TTL: how long a claim is kept at least.
@@ -194,10 +271,10 @@ where
 }
 
 /// Claims in this process's memory: the default store for a single server. Bounded: at most
-/// `max_claims` unexpired claims; past that, claims fail with [`StoreError::Full`] (the
-/// message is not acked and its sender retries later) rather than forgetting a claim early,
-/// which could deliver a payment twice. Time is tokio's clock, so the store follows virtual
-/// time in tests.
+/// `max_claims` unexpired claims (and as many channel bindings); past that, claims fail with
+/// [`StoreError::Full`] (the message is not acked and its sender retries later) rather than
+/// forgetting a claim early, which could deliver a payment twice. Time is tokio's clock, so
+/// the store follows virtual time in tests.
 ///
 /// ```
 /// use std::time::Duration;
@@ -205,13 +282,26 @@ where
 ///
 /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 /// let store = MemoryStore::new(Duration::from_secs(24 * 3600), 1_000_000);
-/// let claim = Claim { channel: [7; 16], message: 1, key: Some("order-1".into()), claimant: 42 };
+/// let pay = |channel, message, claimant, payload: &str| Claim {
+///     channel: [channel; 16],
+///     message,
+///     key: Some("order-1".into()),
+///     digest: Some(surelink::proto::payload_digest(payload.as_bytes())),
+///     claimant,
+///     ..Claim::default()
+/// };
+/// let claim = pay(7, 1, 42, "10.00 EUR");
 /// assert_eq!(store.claim(&claim).await?, Claimed::Now);
 /// // The same claimant retrying (its first answer was lost): still its claim.
 /// assert_eq!(store.claim(&claim).await?, Claimed::Now);
 /// // Anyone else, by id or by key: claimed before.
-/// let other = Claim { channel: [8; 16], message: 5, key: Some("order-1".into()), claimant: 9 };
+/// let other = pay(8, 5, 9, "10.00 EUR");
 /// assert_eq!(store.claim(&other).await?, Claimed::Before);
+/// // The key with another payload: a conflict, not a replay.
+/// assert_eq!(store.claim(&pay(8, 6, 9, "999.00 EUR")).await?, Claimed::Conflict);
+/// // Another client's "order-1" is another key.
+/// let theirs = Claim { client: [3; 32], ..pay(8, 7, 9, "999.00 EUR") };
+/// assert_eq!(store.claim(&theirs).await?, Claimed::Now);
 /// // Undone by its claimant (the message never reached the application): claimable again.
 /// assert!(store.release(&claim).await?);
 /// assert_eq!(store.claim(&other).await?, Claimed::Now);
@@ -228,6 +318,9 @@ pub struct MemoryStore {
 /// (channel id, message id).
 type Pair = ([u8; 16], u64);
 
+/// (client, idempotency key).
+type Key = ([u8; 32], Bytes);
+
 /// One claim held.
 #[derive(Debug)]
 struct Held {
@@ -235,18 +328,33 @@ struct Held {
     /// Its place in `Memory::order`.
     seq: u64,
     key: Option<Bytes>,
+    client: [u8; 32],
+    digest: Option<[u8; 32]>,
     claimant: u64,
+}
+
+/// A channel's owner, bound (or last refreshed, by a bind or a claim) at `at`.
+#[derive(Debug)]
+struct Binding {
+    owner: [u8; 32],
+    at: Instant,
+    /// Its place in `Memory::bound_order`.
+    seq: u64,
 }
 
 #[derive(Debug, Default)]
 struct Memory {
     pairs: HashMap<Pair, Held>,
-    /// Key → the pair that claimed it.
-    keys: HashMap<Bytes, Pair>,
+    /// (client, key) → the pair that claimed it.
+    keys: HashMap<Key, Pair>,
     /// Claim order (sequence number → pair), oldest first, for expiry; a released claim
     /// leaves it at once.
     order: BTreeMap<u64, Pair>,
     next_seq: u64,
+    /// Channel id → its owner.
+    channels: HashMap<[u8; 16], Binding>,
+    /// Bindings by last refresh (sequence number → channel), oldest first, for expiry.
+    bound_order: BTreeMap<u64, [u8; 16]>,
 }
 
 impl Memory {
@@ -254,8 +362,21 @@ impl Memory {
         if let Some(held) = self.pairs.remove(pair) {
             self.order.remove(&held.seq);
             if let Some(k) = held.key {
-                self.keys.remove(&k);
+                self.keys.remove(&(held.client, k));
             }
+        }
+    }
+
+    /// Starts `channel`'s binding lifetime afresh at `now` (a bind by its owner, or a claim
+    /// on it: a binding outlives its channel's claims).
+    fn refresh(&mut self, channel: &[u8; 16], now: Instant) {
+        let seq = self.next_seq;
+        if let Some(b) = self.channels.get_mut(channel) {
+            self.bound_order.remove(&b.seq);
+            b.at = now;
+            b.seq = seq;
+            self.bound_order.insert(seq, *channel);
+            self.next_seq += 1;
         }
     }
 }
@@ -280,6 +401,11 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    /// Channel bindings held now ([`DedupeStore::bind_channel`]).
+    pub fn channels_bound(&self) -> usize {
+        self.lock().channels.len()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -296,17 +422,37 @@ impl MemoryStore {
             m.remove(&pair);
             removed += 1;
         }
+        // A binding is refreshed by every claim of its channel, so one older than the TTL
+        // has no claim left.
+        while let Some((&seq, channel)) = m.bound_order.first_key_value() {
+            let channel = *channel;
+            let at = m
+                .channels
+                .get(&channel)
+                .expect("ordered bindings are held")
+                .at;
+            if now.saturating_duration_since(at) < self.ttl {
+                break;
+            }
+            m.bound_order.remove(&seq);
+            m.channels.remove(&channel);
+        }
         removed
     }
 
-    /// Whether `held` is `claim`'s own earlier claim (same key, same non-zero claimant).
+    /// Whether `held` is `claim`'s own earlier claim (same client and key, same non-zero
+    /// claimant).
     fn owns(held: &Held, claim: &Claim) -> bool {
-        claim.claimant != 0 && held.claimant == claim.claimant && held.key == claim.key
+        claim.claimant != 0
+            && held.claimant == claim.claimant
+            && held.client == claim.client
+            && held.key == claim.key
     }
 }
 
 impl Default for MemoryStore {
-    /// 24 h, at most 1,000,000 claims (about 100 MB at most with short keys).
+    /// 24 h, at most 1,000,000 claims (each costs about 350 bytes of map entries besides
+    /// its key's bytes, by the entries' sizes: some 350 MB when full).
     fn default() -> Self {
         MemoryStore::new(Duration::from_secs(24 * 3600), 1_000_000)
     }
@@ -324,8 +470,15 @@ impl DedupeStore for MemoryStore {
                     Claimed::Before
                 });
             }
-            if claim.key.as_ref().is_some_and(|k| m.keys.contains_key(k)) {
-                return Ok(Claimed::Before);
+            if let Some(k) = &claim.key {
+                if let Some(other) = m.keys.get(&(claim.client, k.clone())) {
+                    let held = m.pairs.get(other).expect("keys name held claims");
+                    return Ok(if same_payload(held.digest, claim.digest) {
+                        Claimed::Before
+                    } else {
+                        Claimed::Conflict
+                    });
+                }
             }
             if m.pairs.len() >= self.max_claims {
                 self.expire_now(&mut m);
@@ -335,21 +488,25 @@ impl DedupeStore for MemoryStore {
                     });
                 }
             }
+            let now = Instant::now();
             let seq = m.next_seq;
             m.next_seq += 1;
             if let Some(k) = &claim.key {
-                m.keys.insert(k.clone(), pair);
+                m.keys.insert((claim.client, k.clone()), pair);
             }
             m.order.insert(seq, pair);
             m.pairs.insert(
                 pair,
                 Held {
-                    at: Instant::now(),
+                    at: now,
                     seq,
                     key: claim.key.clone(),
+                    client: claim.client,
+                    digest: claim.digest,
                     claimant: claim.claimant,
                 },
             );
+            m.refresh(&claim.channel, now);
             Ok(Claimed::Now)
         })();
         Box::pin(std::future::ready(result))
@@ -358,7 +515,10 @@ impl DedupeStore for MemoryStore {
     fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
         let m = self.lock();
         let known = m.pairs.contains_key(&(claim.channel, claim.message))
-            || claim.key.as_ref().is_some_and(|k| m.keys.contains_key(k));
+            || claim
+                .key
+                .as_ref()
+                .is_some_and(|k| m.keys.contains_key(&(claim.client, k.clone())));
         Box::pin(std::future::ready(Ok(known)))
     }
 
@@ -373,6 +533,41 @@ impl DedupeStore for MemoryStore {
             m.remove(&pair);
         }
         Box::pin(std::future::ready(Ok(owned)))
+    }
+
+    fn bind_channel(&self, channel: [u8; 16], owner: [u8; 32]) -> StoreFuture<'_, bool> {
+        let result = (|| {
+            let mut m = self.lock();
+            let now = Instant::now();
+            if let Some(b) = m.channels.get(&channel) {
+                if b.owner != owner {
+                    return Ok(false);
+                }
+                m.refresh(&channel, now);
+                return Ok(true);
+            }
+            if m.channels.len() >= self.max_claims {
+                self.expire_now(&mut m);
+                if m.channels.len() >= self.max_claims {
+                    return Err(StoreError::Full {
+                        max: self.max_claims,
+                    });
+                }
+            }
+            let seq = m.next_seq;
+            m.next_seq += 1;
+            m.bound_order.insert(seq, channel);
+            m.channels.insert(
+                channel,
+                Binding {
+                    owner,
+                    at: now,
+                    seq,
+                },
+            );
+            Ok(true)
+        })();
+        Box::pin(std::future::ready(result))
     }
 
     fn expire(&self) -> StoreFuture<'_, u64> {
@@ -394,7 +589,7 @@ mod tests {
             channel: [channel; 16],
             message,
             key: key.map(|k| Bytes::from_static(k.as_bytes())),
-            claimant: 0,
+            ..Claim::default()
         }
     }
 
@@ -511,5 +706,86 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(store.claim(&claim(1, 2, None)).await.unwrap(), Claimed::Now);
         assert_eq!(store.len(), 1);
+    }
+
+    /// Issue 21 case 7: a binding lives the TTL after its last bind by its owner or claim
+    /// of its channel, and goes with the channel's last claim; then another owner may bind
+    /// the id. Bindings are bounded like claims.
+    #[tokio::test(start_paused = true)]
+    async fn a_binding_expires_with_its_channels_claims() {
+        let (a, b) = ([1; 32], [2; 32]);
+        let store = MemoryStore::new(Duration::from_secs(10), 2);
+        assert!(store.bind_channel([1; 16], a).await.unwrap());
+        assert!(!store.bind_channel([1; 16], b).await.unwrap());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        store.claim(&claim(1, 0, None)).await.unwrap();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(store.expire().await.unwrap(), 0);
+        assert!(
+            !store.bind_channel([1; 16], b).await.unwrap(),
+            "11 s after the bind, 6 s after its claim: still a's"
+        );
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(store.expire().await.unwrap(), 1);
+        assert_eq!(store.channels_bound(), 0, "gone with its last claim");
+        assert!(store.bind_channel([1; 16], b).await.unwrap());
+        // A bind by its owner starts the binding's lifetime afresh.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert!(store.bind_channel([1; 16], b).await.unwrap());
+        tokio::time::advance(Duration::from_secs(8)).await;
+        store.expire().await.unwrap();
+        assert!(!store.bind_channel([1; 16], a).await.unwrap());
+        // At most `max_claims` bindings: refused rather than forgotten.
+        assert!(store.bind_channel([2; 16], a).await.unwrap());
+        assert!(matches!(
+            store.bind_channel([3; 16], a).await,
+            Err(StoreError::Full { max: 2 })
+        ));
+        assert!(
+            store.bind_channel([2; 16], a).await.unwrap(),
+            "bound already"
+        );
+    }
+
+    /// Issue 21 cases 6 and 8: a released claim frees its client's key only; a conflict
+    /// records nothing and counts against nothing.
+    #[tokio::test]
+    async fn keys_are_per_client_and_a_conflict_records_nothing() {
+        let store = MemoryStore::new(Duration::from_secs(10), 2);
+        let digest = |p: &str| Some(crate::proto::payload_digest(p.as_bytes()));
+        let pay = |channel, message, client, payload| Claim {
+            digest: digest(payload),
+            ..claim(channel, message, Some("k")).with_client(client)
+        };
+        let mine = by(7, pay(1, 0, [1; 32], "10.00"));
+        assert_eq!(store.claim(&mine).await.unwrap(), Claimed::Now);
+        assert_eq!(
+            store.claim(&pay(2, 0, [1; 32], "99.00")).await.unwrap(),
+            Claimed::Conflict
+        );
+        assert_eq!(store.len(), 1);
+        assert_eq!(
+            store.claim(&pay(2, 0, [2; 32], "99.00")).await.unwrap(),
+            Claimed::Now,
+            "another client's key"
+        );
+        assert!(
+            !store
+                .release(&by(7, pay(1, 0, [2; 32], "10.00")))
+                .await
+                .unwrap(),
+            "released only by its own client"
+        );
+        assert!(store.release(&mine).await.unwrap());
+        assert_eq!(
+            store.claim(&pay(3, 0, [1; 32], "99.00")).await.unwrap(),
+            Claimed::Now,
+            "the key is free again"
+        );
+        assert_eq!(
+            store.claim(&pay(4, 0, [2; 32], "10.00")).await.unwrap(),
+            Claimed::Conflict,
+            "client 2's key still names its own payload"
+        );
     }
 }

@@ -23,9 +23,12 @@ pub type PooledClient = Object;
 /// The table [`PgStore::connect`] and [`PgStore::builder`] use unless told otherwise.
 pub const DEFAULT_TABLE: &str = "surelink_claims";
 
-/// The schema of the default table ([`DEFAULT_TABLE`]), for operators who create it
-/// themselves; [`PgStoreBuilder::schema`] gives it for another table. Idempotent: it also
-/// adds the `claimant` column to a table created by an older version.
+/// The schema of the default table ([`DEFAULT_TABLE`]) and its channel table
+/// (`surelink_claims_channels`), for operators who create them themselves;
+/// [`PgStoreBuilder::schema`] gives it for another table. Idempotent: it also migrates a
+/// table created by an older version (adds the `claimant`, `client` and `digest` columns,
+/// replaces the unique index on `idem_key` by one on `(client, idem_key)`, adds the channel
+/// table); an old claim's client is all zeros, the anonymous client.
 pub const PG_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS surelink_claims (
     channel_id bytea       NOT NULL,
@@ -33,12 +36,24 @@ CREATE TABLE IF NOT EXISTS surelink_claims (
     idem_key   bytea,
     claimed_at timestamptz NOT NULL DEFAULT now(),
     claimant   bigint      NOT NULL DEFAULT 0,
+    client     bytea       NOT NULL DEFAULT '\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
+    digest     bytea,
     PRIMARY KEY (channel_id, message_id)
 );
-ALTER TABLE surelink_claims ADD COLUMN IF NOT EXISTS claimant bigint NOT NULL DEFAULT 0;
-CREATE UNIQUE INDEX IF NOT EXISTS surelink_claims_idem_key
-    ON surelink_claims (idem_key) WHERE idem_key IS NOT NULL;
+ALTER TABLE surelink_claims
+    ADD COLUMN IF NOT EXISTS claimant bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS client   bytea  NOT NULL DEFAULT '\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
+    ADD COLUMN IF NOT EXISTS digest   bytea;
+CREATE UNIQUE INDEX IF NOT EXISTS surelink_claims_client_key
+    ON surelink_claims (client, idem_key) WHERE idem_key IS NOT NULL;
+DROP INDEX IF EXISTS surelink_claims_idem_key;
 CREATE INDEX IF NOT EXISTS surelink_claims_claimed_at ON surelink_claims (claimed_at);
+CREATE TABLE IF NOT EXISTS surelink_claims_channels (
+    channel_id bytea       PRIMARY KEY,
+    owner      bytea       NOT NULL,
+    bound_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS surelink_claims_bound_at ON surelink_claims_channels (bound_at);
 ";
 
 /// Rows [`DedupeStore::expire`] deletes per statement (each statement under the statement
@@ -48,12 +63,22 @@ const EXPIRE_BATCH: i64 = 10_000;
 /// Claims in a PostgreSQL table shared by replicas.
 ///
 /// One row per claim, unique by (channel id, message id) and, where a key was given, by
-/// idempotency key; a claim is one `INSERT … ON CONFLICT DO NOTHING`, so two replicas racing
-/// for the same message (or key) get exactly one `Claimed::Now` between them, whichever
-/// commits first. A claim that conflicts is checked once more against its own claimant (see
-/// [`Claim::claimant`]): the row its own lost attempt wrote answers `Now`. Expiry deletes rows
-/// older than the TTL ([`DedupeStore::expire`]; a server calls it periodically). Time is the
+/// (client, idempotency key); a claim is one `INSERT … ON CONFLICT DO NOTHING`, so two
+/// replicas racing for the same message (or key) get exactly one `Claimed::Now` between
+/// them, whichever commits first. A claim that conflicts is checked once more, in a second
+/// statement: against its own claimant (see [`Claim::claimant`]: the row its own lost attempt
+/// wrote answers `Now`) and against the payload digest its key was claimed with (another
+/// digest answers `Claimed::Conflict`). Channel owners ([`DedupeStore::bind_channel`]) live
+/// in a second table, the claims table's name with `_channels` appended, one row per
+/// channel. Expiry deletes claims older than the TTL, and bindings older than the TTL with no
+/// claim left ([`DedupeStore::expire`]; a server calls it periodically). Time is the
 /// database's clock (`now()`), one clock for every replica. The schema: [`PG_SCHEMA`].
+///
+/// **Upgrading** from a version without clients and digests: [`PgStoreBuilder::create_schema`]
+/// (or [`PG_SCHEMA`] run by hand) migrates the table in place; the claims already in it
+/// belong to the anonymous client and carry no digest, so they still refuse their messages
+/// and their keys for anonymous clients, but under mutual TLS a key first claimed before the
+/// upgrade is not recognised as that client's until it expires.
 ///
 /// **Connections** come from a pool ([`PgStoreBuilder::pool_size`]); a broken connection is
 /// dropped and a new one made on the next use, so the store outlives a restart of the
@@ -144,8 +169,9 @@ impl std::fmt::Debug for PgStoreBuilder {
 impl PgStoreBuilder {
     /// The table (default [`DEFAULT_TABLE`]): lowercase letters, digits and `_`, not
     /// starting with a digit, optionally qualified by a schema (`schema.table`); at most 52
-    /// characters for the table (its index names add a suffix) and 63 for the schema.
-    /// Checked by [`PgStoreBuilder::connect`] ([`StoreError::Config`]).
+    /// characters for the table (its index names add a suffix) and 63 for the schema. The
+    /// channel owners' table is named after it, with `_channels` appended. Checked by
+    /// [`PgStoreBuilder::connect`] ([`StoreError::Config`]).
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
@@ -180,22 +206,25 @@ impl PgStoreBuilder {
         self
     }
 
-    /// Whether [`PgStoreBuilder::connect`] creates the table and its indexes if missing, and
-    /// adds the `claimant` column to a table of an older version (default `false`: the table
-    /// must exist, created by the operator from [`PgStoreBuilder::schema`]).
+    /// Whether [`PgStoreBuilder::connect`] creates the tables and their indexes if missing,
+    /// and migrates a table of an older version (adds the `claimant`, `client` and `digest`
+    /// columns, makes keys unique per client, adds the channel owners' table) (default
+    /// `false`: the tables must exist, created by the operator from
+    /// [`PgStoreBuilder::schema`]).
     pub fn create_schema(mut self, create: bool) -> Self {
         self.create_schema = create;
         self
     }
 
-    /// The schema (SQL) of the configured table: the table, its `claimant` column for a
-    /// table of an older version, and its indexes. Idempotent.
+    /// The schema (SQL) of the configured table: the table, the columns a table of an older
+    /// version lacks, its indexes (keys unique per client), and the channel owners' table
+    /// (`<table>_channels`). Idempotent.
     pub fn schema(&self) -> Result<String, StoreError> {
         Ok(TableName::parse(&self.table)?.schema())
     }
 
     /// Connects: checks the configuration, opens a first connection, creates the schema if
-    /// asked, and checks that the table has the columns the store uses.
+    /// asked, and checks that the tables have the columns the store uses.
     pub async fn connect(self) -> Result<PgStore, StoreError> {
         let name = TableName::parse(&self.table)?;
         let mut pg: tokio_postgres::Config = self
@@ -232,7 +261,7 @@ impl PgStoreBuilder {
             ttl: self.ttl,
             op_timeout,
             table: name.full.clone().into(),
-            sql: Arc::new(Sql::new(&name.full)),
+            sql: Arc::new(Sql::new(&name)),
         };
         let deadline = Instant::now() + op_timeout;
         let mut conn = store.connection(deadline).await?;
@@ -260,7 +289,7 @@ impl PgStoreBuilder {
     }
 }
 
-/// Creates the table, or migrates an older one, under an advisory lock (replicas starting
+/// Creates the tables, or migrates older ones, under an advisory lock (replicas starting
 /// together do not race), touching an existing table only for what it lacks.
 async fn create_schema(conn: &mut Object, name: &TableName) -> Result<(), StoreError> {
     let tx = conn.transaction().await?;
@@ -272,31 +301,63 @@ async fn create_schema(conn: &mut Object, name: &TableName) -> Result<(), StoreE
     let row = tx
         .query_one(
             "SELECT to_regclass($1) IS NOT NULL,
-                    EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1)
-                            AND attname = 'claimant' AND NOT attisdropped),
+                    (SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass($1)
+                     AND attname IN ('claimant', 'client', 'digest') AND NOT attisdropped) = 3,
                     to_regclass($2) IS NOT NULL,
-                    to_regclass($3) IS NOT NULL",
+                    to_regclass($3) IS NOT NULL,
+                    to_regclass($4) IS NOT NULL,
+                    to_regclass($5) IS NOT NULL,
+                    to_regclass($6) IS NOT NULL",
             &[
                 &name.full,
+                &name.index("client_key"),
                 &name.index("idem_key"),
                 &name.index("claimed_at"),
+                &name.channels(),
+                &name.index("bound_at"),
             ],
         )
         .await?;
-    let (table, claimant, key_index, time_index): (bool, bool, bool, bool) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (table, columns, key_index, old_key_index, time_index, channels, bound_index): (
+        bool,
+        bool,
+        bool,
+        bool,
+        bool,
+        bool,
+        bool,
+    ) = (
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get(3),
+        row.get(4),
+        row.get(5),
+        row.get(6),
+    );
     if !table {
         tx.batch_execute(&name.schema()).await?;
     } else {
-        if !claimant {
-            tracing::info!(table = %name.full, "surelink: adding the claimant column");
-            tx.batch_execute(&name.add_claimant()).await?;
+        if !columns {
+            tracing::info!(table = %name.full, "surelink: adding the claimant, client and digest columns");
+            tx.batch_execute(&name.add_columns()).await?;
         }
         if !key_index {
+            tracing::info!(table = %name.full, "surelink: keys unique per (client, key)");
             tx.batch_execute(&name.key_index()).await?;
+        }
+        if old_key_index {
+            tx.batch_execute(&name.drop_old_key_index()).await?;
         }
         if !time_index {
             tx.batch_execute(&name.time_index()).await?;
+        }
+        if !channels {
+            tracing::info!(table = %name.channels(), "surelink: adding the channel owners' table");
+            tx.batch_execute(&name.channels_table()).await?;
+        }
+        if !bound_index {
+            tx.batch_execute(&name.bound_index()).await?;
         }
     }
     tx.commit().await?;
@@ -357,6 +418,11 @@ impl TableName {
         format!("{}{}_{suffix}", self.schema, self.table)
     }
 
+    /// The channel owners' table, qualified like the claims table.
+    fn channels(&self) -> String {
+        format!("{}_channels", self.full)
+    }
+
     fn schema(&self) -> String {
         format!(
             "
@@ -366,31 +432,49 @@ CREATE TABLE IF NOT EXISTS {t} (
     idem_key   bytea,
     claimed_at timestamptz NOT NULL DEFAULT now(),
     claimant   bigint      NOT NULL DEFAULT 0,
+    client     bytea       NOT NULL DEFAULT {zeros},
+    digest     bytea,
     PRIMARY KEY (channel_id, message_id)
 );
 {add}
 {key}
+{drop}
 {time}
+{channels}
+{bound}
 ",
             t = self.full,
-            add = self.add_claimant(),
+            zeros = ZEROS,
+            add = self.add_columns(),
             key = self.key_index(),
+            drop = self.drop_old_key_index(),
             time = self.time_index(),
+            channels = self.channels_table(),
+            bound = self.bound_index(),
         )
     }
 
-    fn add_claimant(&self) -> String {
+    /// The columns a table of an older version may lack.
+    fn add_columns(&self) -> String {
         format!(
-            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS claimant bigint NOT NULL DEFAULT 0;",
+            "ALTER TABLE {}
+    ADD COLUMN IF NOT EXISTS claimant bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS client   bytea  NOT NULL DEFAULT {ZEROS},
+    ADD COLUMN IF NOT EXISTS digest   bytea;",
             self.full
         )
     }
 
     fn key_index(&self) -> String {
         format!(
-            "CREATE UNIQUE INDEX IF NOT EXISTS {}_idem_key\n    ON {} (idem_key) WHERE idem_key IS NOT NULL;",
+            "CREATE UNIQUE INDEX IF NOT EXISTS {}_client_key\n    ON {} (client, idem_key) WHERE idem_key IS NOT NULL;",
             self.table, self.full
         )
+    }
+
+    /// Keys were unique across clients before: that index goes (after its successor exists).
+    fn drop_old_key_index(&self) -> String {
+        format!("DROP INDEX IF EXISTS {};", self.index("idem_key"))
     }
 
     fn time_index(&self) -> String {
@@ -399,34 +483,67 @@ CREATE TABLE IF NOT EXISTS {t} (
             self.table, self.full
         )
     }
+
+    fn channels_table(&self) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+    channel_id bytea       PRIMARY KEY,
+    owner      bytea       NOT NULL,
+    bound_at   timestamptz NOT NULL DEFAULT now()
+);",
+            self.channels()
+        )
+    }
+
+    fn bound_index(&self) -> String {
+        format!(
+            "CREATE INDEX IF NOT EXISTS {}_bound_at ON {} (bound_at);",
+            self.table,
+            self.channels()
+        )
+    }
 }
 
-/// The statements, for one table. Parameters: $1 channel id, $2 message id, $3 key,
-/// $4 claimant.
+/// The default of the `client` column: the anonymous client (32 zero bytes), so that claims
+/// written before clients were told apart stay valid, as anonymous ones.
+const ZEROS: &str = "'\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea";
+
+/// The statements, for one table. Parameters of a claim: $1 channel id, $2 message id,
+/// $3 key, $4 claimant, $5 client, $6 digest.
 #[derive(Debug)]
 struct Sql {
     insert: String,
-    owned: String,
+    /// After an insert that conflicted: (its own earlier claim, the pair claimed, the
+    /// client's key claimed with another digest).
+    why: String,
     lookup: String,
     expire: String,
     release: String,
+    bind: String,
+    expire_channels: String,
 }
 
 impl Sql {
-    fn new(t: &str) -> Sql {
+    fn new(name: &TableName) -> Sql {
+        let (t, c) = (&name.full, name.channels());
         Sql {
             insert: format!(
-                "INSERT INTO {t} (channel_id, message_id, idem_key, claimant)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true"
+                "INSERT INTO {t} (channel_id, message_id, idem_key, claimant, client, digest)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING true"
             ),
-            owned: format!(
-                "SELECT EXISTS (SELECT 1 FROM {t} WHERE channel_id = $1 AND message_id = $2
-                 AND idem_key IS NOT DISTINCT FROM $3::bytea AND claimant = $4)"
+            why: format!(
+                "SELECT
+                   EXISTS (SELECT 1 FROM {t} WHERE channel_id = $1 AND message_id = $2
+                           AND idem_key IS NOT DISTINCT FROM $3::bytea AND claimant = $4
+                           AND $4 <> 0 AND client = $5),
+                   EXISTS (SELECT 1 FROM {t} WHERE channel_id = $1 AND message_id = $2),
+                   EXISTS (SELECT 1 FROM {t} WHERE $3::bytea IS NOT NULL AND client = $5
+                           AND idem_key = $3 AND digest <> $6::bytea)"
             ),
             lookup: format!(
                 "SELECT EXISTS (SELECT 1 FROM {t}
                  WHERE (channel_id = $1 AND message_id = $2)
-                    OR ($3::bytea IS NOT NULL AND idem_key = $3))"
+                    OR ($3::bytea IS NOT NULL AND client = $4 AND idem_key = $3))"
             ),
             expire: format!(
                 "DELETE FROM {t} WHERE (channel_id, message_id) IN (
@@ -435,18 +552,34 @@ impl Sql {
             ),
             release: format!(
                 "DELETE FROM {t} WHERE channel_id = $1 AND message_id = $2
-                 AND idem_key IS NOT DISTINCT FROM $3::bytea AND claimant = $4 AND $4 <> 0"
+                 AND idem_key IS NOT DISTINCT FROM $3::bytea AND claimant = $4 AND $4 <> 0
+                 AND client = $5"
+            ),
+            bind: format!(
+                "INSERT INTO {c} AS b (channel_id, owner) VALUES ($1, $2)
+                 ON CONFLICT (channel_id) DO UPDATE SET bound_at = now()
+                 WHERE b.owner = EXCLUDED.owner
+                 RETURNING true"
+            ),
+            expire_channels: format!(
+                "DELETE FROM {c} WHERE channel_id IN (
+                     SELECT b.channel_id FROM {c} b
+                     WHERE b.bound_at < now() - make_interval(secs => $1)
+                     AND NOT EXISTS (SELECT 1 FROM {t} WHERE {t}.channel_id = b.channel_id)
+                     LIMIT $2)"
             ),
         }
     }
 
-    fn all(&self) -> [&str; 5] {
+    fn all(&self) -> [&str; 7] {
         [
             &self.insert,
-            &self.owned,
+            &self.why,
             &self.lookup,
             &self.expire,
             &self.release,
+            &self.bind,
+            &self.expire_channels,
         ]
     }
 }
@@ -472,34 +605,54 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
 async fn claim_on<C, S>(
     client: &C,
     insert: &S,
-    owned: &S,
+    why: &S,
     claim: &Claim,
 ) -> Result<Claimed, StoreError>
 where
     C: GenericClient + Sync,
     S: ?Sized + ToStatement + Sync + Send,
 {
-    let (channel, message, key, claimant) = params(claim);
-    let params: [&(dyn ToSql + Sync); 4] = [&channel, &message, &key, &claimant];
+    let p = params(claim);
+    let params: [&(dyn ToSql + Sync); 6] = [&p.0, &p.1, &p.2, &p.3, &p.4, &p.5];
     if client.query_opt(insert, &params).await?.is_some() {
         return Ok(Claimed::Now);
     }
-    if claim.claimant == 0 {
+    if claim.claimant == 0 && (claim.key.is_none() || claim.digest.is_none()) {
+        // Neither its own earlier claim nor a conflict can be: claimed before.
         return Ok(Claimed::Before);
     }
     // Claimed already: by this claimant's own earlier attempt (answered `Now` again), or by
-    // someone else. A statement of its own, so that it sees a row committed while the
-    // INSERT waited for it.
-    let mine: bool = client.query_one(owned, &params).await?.get(0);
-    Ok(if mine { Claimed::Now } else { Claimed::Before })
+    // someone else, maybe with another payload under the same key. A statement of its own,
+    // so that it sees a row committed while the INSERT waited for it.
+    let row = client.query_one(why, &params).await?;
+    let (mine, pair, conflict): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    Ok(if mine {
+        Claimed::Now
+    } else if !pair && conflict {
+        Claimed::Conflict
+    } else {
+        Claimed::Before
+    })
 }
 
-fn params(claim: &Claim) -> (&[u8], i64, Option<&[u8]>, i64) {
+/// A claim's statement parameters.
+type Params<'a> = (
+    &'a [u8],
+    i64,
+    Option<&'a [u8]>,
+    i64,
+    &'a [u8],
+    Option<&'a [u8]>,
+);
+
+fn params(claim: &Claim) -> Params<'_> {
     (
         &claim.channel[..],
         claim.message as i64,
         claim.key.as_deref(),
         claim.claimant as i64,
+        &claim.client[..],
+        claim.digest.as_ref().map(|d| &d[..]),
     )
 }
 
@@ -542,7 +695,7 @@ impl PgStore {
         claim_on(
             client,
             self.sql.insert.as_str(),
-            self.sql.owned.as_str(),
+            self.sql.why.as_str(),
             claim,
         )
         .await
@@ -601,6 +754,42 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// Runs `statement` (one of `self.sql`'s) with `params` under one operation's deadline:
+    /// the rows changed.
+    async fn execute(
+        &self,
+        statement: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let deadline = Instant::now() + self.op_timeout;
+        let conn = self.connection(deadline).await?;
+        let answer = tokio::time::timeout_at(deadline, async {
+            let statement = conn.prepare_cached(statement).await?;
+            Ok(conn.execute(&statement, params).await?)
+        })
+        .await;
+        self.finish(conn, answer)
+    }
+
+    /// Deletes with `statement` (parameters: the TTL in seconds, the batch size) in batches
+    /// until one deletes less than a batch; how many in all.
+    async fn expire_with(&self, statement: &str) -> Result<u64, StoreError> {
+        // In batches, each its own operation: a backlog larger than one statement can delete
+        // within the statement timeout still drains.
+        let mut removed = 0;
+        loop {
+            let n = self
+                .execute(statement, &[&self.ttl.as_secs_f64(), &EXPIRE_BATCH])
+                .await?;
+            removed += n;
+            if n < EXPIRE_BATCH as u64 {
+                return Ok(removed);
+            }
+        }
+    }
+}
+
 impl DedupeStore for PgStore {
     fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
         Box::pin(async move {
@@ -608,8 +797,8 @@ impl DedupeStore for PgStore {
             let conn = self.connection(deadline).await?;
             let answer = tokio::time::timeout_at(deadline, async {
                 let insert = conn.prepare_cached(&self.sql.insert).await?;
-                let owned = conn.prepare_cached(&self.sql.owned).await?;
-                claim_on(&**conn, &insert, &owned, claim).await
+                let why = conn.prepare_cached(&self.sql.why).await?;
+                claim_on(&**conn, &insert, &why, claim).await
             })
             .await;
             self.finish(conn, answer)
@@ -622,8 +811,10 @@ impl DedupeStore for PgStore {
             let conn = self.connection(deadline).await?;
             let answer = tokio::time::timeout_at(deadline, async {
                 let lookup = conn.prepare_cached(&self.sql.lookup).await?;
-                let (channel, message, key, _) = params(claim);
-                let row = conn.query_one(&lookup, &[&channel, &message, &key]).await?;
+                let (channel, message, key, _, client, _) = params(claim);
+                let row = conn
+                    .query_one(&lookup, &[&channel, &message, &key, &client])
+                    .await?;
                 Ok(row.get(0))
             })
             .await;
@@ -636,15 +827,25 @@ impl DedupeStore for PgStore {
             if claim.claimant == 0 {
                 return Ok(false);
             }
+            let (channel, message, key, claimant, client, _) = params(claim);
+            let n = self
+                .execute(
+                    &self.sql.release,
+                    &[&channel, &message, &key, &claimant, &client],
+                )
+                .await?;
+            Ok(n > 0)
+        })
+    }
+
+    fn bind_channel(&self, channel: [u8; 16], owner: [u8; 32]) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
             let deadline = Instant::now() + self.op_timeout;
             let conn = self.connection(deadline).await?;
             let answer = tokio::time::timeout_at(deadline, async {
-                let release = conn.prepare_cached(&self.sql.release).await?;
-                let (channel, message, key, claimant) = params(claim);
-                let n = conn
-                    .execute(&release, &[&channel, &message, &key, &claimant])
-                    .await?;
-                Ok(n > 0)
+                let bind = conn.prepare_cached(&self.sql.bind).await?;
+                let row = conn.query_opt(&bind, &[&&channel[..], &&owner[..]]).await?;
+                Ok(row.is_some())
             })
             .await;
             self.finish(conn, answer)
@@ -653,25 +854,9 @@ impl DedupeStore for PgStore {
 
     fn expire(&self) -> StoreFuture<'_, u64> {
         Box::pin(async move {
-            // In batches, each its own operation: a backlog of expired claims larger than
-            // one statement can delete within the statement timeout still drains.
-            let mut removed = 0;
-            loop {
-                let deadline = Instant::now() + self.op_timeout;
-                let conn = self.connection(deadline).await?;
-                let answer = tokio::time::timeout_at(deadline, async {
-                    let expire = conn.prepare_cached(&self.sql.expire).await?;
-                    Ok(conn
-                        .execute(&expire, &[&self.ttl.as_secs_f64(), &EXPIRE_BATCH])
-                        .await?)
-                })
-                .await;
-                let n = self.finish(conn, answer)?;
-                removed += n;
-                if n < EXPIRE_BATCH as u64 {
-                    return Ok(removed);
-                }
-            }
+            let removed = self.expire_with(&self.sql.expire).await?;
+            self.expire_with(&self.sql.expire_channels).await?;
+            Ok(removed)
         })
     }
 
@@ -720,6 +905,14 @@ mod tests {
         assert_eq!(name.index("idem_key"), "pay.claims_idem_key");
         assert!(name
             .key_index()
-            .contains("EXISTS claims_idem_key\n    ON pay.claims "));
+            .contains("EXISTS claims_client_key\n    ON pay.claims (client, idem_key)"));
+        assert_eq!(
+            name.drop_old_key_index(),
+            "DROP INDEX IF EXISTS pay.claims_idem_key;"
+        );
+        assert_eq!(name.channels(), "pay.claims_channels");
+        assert!(name
+            .bound_index()
+            .starts_with("CREATE INDEX IF NOT EXISTS claims_bound_at ON pay.claims_channels "));
     }
 }

@@ -121,7 +121,7 @@ pub async fn check_claim_semantics(store: &dyn surelink::store::DedupeStore) {
         channel: [channel; 16],
         message,
         key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
-        claimant: 0,
+        ..Claim::default()
     };
     let by = |claimant: u64, c: Claim| Claim { claimant, ..c };
     assert_eq!(store.claim(&claim(1, 0, None)).await.unwrap(), Claimed::Now);
@@ -214,4 +214,141 @@ pub async fn check_claim_semantics(store: &dyn surelink::store::DedupeStore) {
         Claimed::Now
     );
     assert_eq!(store.claim(&claim(4, 1, None)).await.unwrap(), Claimed::Now);
+}
+
+/// Issue 21 cases 6, 7 and 8 on a fresh `store`: idempotency keys are per client, a key
+/// names one payload (another digest is a conflict that records nothing; an unknown digest
+/// never conflicts), and a channel id is bound to one owner.
+pub async fn check_clients_digests_and_owners(store: &dyn surelink::store::DedupeStore) {
+    use surelink::store::{Claim, Claimed};
+    let digest = |p: &str| Some(surelink::proto::payload_digest(p.as_bytes()));
+    let claim =
+        |channel: u8, message: u64, client: [u8; 32], key: &str, digest: Option<[u8; 32]>| Claim {
+            channel: [channel; 16],
+            message,
+            key: Some(Bytes::copy_from_slice(key.as_bytes())),
+            client,
+            digest,
+            claimant: 0,
+        };
+    let (a, b) = ([0xaa; 32], [0xbb; 32]);
+    let anonymous = surelink::proto::ANONYMOUS;
+    // Case 6: two clients' "order-42" are two keys, whatever the payloads.
+    for (channel, client) in [(1, a), (2, b), (3, anonymous)] {
+        assert_eq!(
+            store
+                .claim(&claim(channel, 0, client, "order-42", digest("10.00")))
+                .await
+                .unwrap(),
+            Claimed::Now,
+            "client {:x}",
+            client[0]
+        );
+    }
+    // The same client's key on another channel, same payload: claimed before.
+    assert_eq!(
+        store
+            .claim(&claim(4, 0, a, "order-42", digest("10.00")))
+            .await
+            .unwrap(),
+        Claimed::Before
+    );
+    // Case 8: another payload is a conflict, and records nothing.
+    assert_eq!(
+        store
+            .claim(&claim(4, 1, a, "order-42", digest("999.00")))
+            .await
+            .unwrap(),
+        Claimed::Conflict
+    );
+    assert!(!store
+        .lookup(&Claim {
+            key: None,
+            ..claim(4, 1, a, "", None)
+        })
+        .await
+        .unwrap());
+    // A claimant retrying is still answered by its own claim first.
+    let mine = Claim {
+        claimant: 5,
+        ..claim(5, 0, b, "order-5", digest("1.00"))
+    };
+    assert_eq!(store.claim(&mine).await.unwrap(), Claimed::Now);
+    assert_eq!(store.claim(&mine).await.unwrap(), Claimed::Now);
+    assert_eq!(
+        store
+            .claim(&Claim {
+                client: a,
+                ..mine.clone()
+            })
+            .await
+            .unwrap(),
+        Claimed::Before,
+        "the same claimant under another client is someone else"
+    );
+    assert_eq!(
+        store
+            .claim(&Claim {
+                message: 1,
+                digest: digest("2.00"),
+                ..mine.clone()
+            })
+            .await
+            .unwrap(),
+        Claimed::Conflict,
+        "the claimant's key with another payload under another id"
+    );
+    // A claimed (channel, message) answers by its pair, whatever the digest.
+    assert_eq!(
+        store
+            .claim(&claim(1, 0, a, "order-42", digest("999.00")))
+            .await
+            .unwrap(),
+        Claimed::Before
+    );
+    // An unknown digest, on either side, never conflicts.
+    assert_eq!(
+        store
+            .claim(&claim(6, 0, a, "order-42", None))
+            .await
+            .unwrap(),
+        Claimed::Before
+    );
+    assert_eq!(
+        store.claim(&claim(6, 1, a, "old", None)).await.unwrap(),
+        Claimed::Now
+    );
+    assert_eq!(
+        store
+            .claim(&claim(6, 2, a, "old", digest("x")))
+            .await
+            .unwrap(),
+        Claimed::Before
+    );
+    // Lookups and releases are per client too.
+    assert!(store
+        .lookup(&claim(9, 9, b, "order-42", None))
+        .await
+        .unwrap());
+    assert!(!store
+        .lookup(&claim(9, 9, [0xcc; 32], "order-42", None))
+        .await
+        .unwrap());
+    assert!(!store
+        .release(&Claim {
+            client: a,
+            ..mine.clone()
+        })
+        .await
+        .unwrap());
+    assert!(store.release(&mine).await.unwrap());
+
+    // Case 7: a channel id is bound to one owner; its owner may bind it again.
+    assert!(store.bind_channel([1; 16], a).await.unwrap());
+    assert!(store.bind_channel([1; 16], a).await.unwrap());
+    assert!(!store.bind_channel([1; 16], b).await.unwrap());
+    assert!(!store.bind_channel([1; 16], anonymous).await.unwrap());
+    assert!(store.bind_channel([2; 16], anonymous).await.unwrap());
+    assert!(!store.bind_channel([2; 16], a).await.unwrap());
+    assert!(store.bind_channel([2; 16], anonymous).await.unwrap());
 }
