@@ -199,7 +199,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 HedgeTarget::Other => HedgeTo::Other,
                 HedgeTarget::Both => HedgeTo::Both,
             };
-            // surelink's settings: ALPN surelink/1, BBR, no early data; reconnects with the
+            // surelink's settings: ALPN surelink/2 (or 1), BBR, no early data; reconnects with the
             // same channel id if the connection is lost.
             let tls = Some(client_config_with(
                 ServerTrust::Roots(roots),

@@ -42,7 +42,7 @@ use clap::Parser;
 use quinn::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use surelink::channel::{
     load_certs, server_config_mtls_with_protocols, server_config_with_protocols, Channel, Config,
-    Identity, Server, ALPN,
+    Identity, Server, ALPN_PROTOCOLS,
 };
 
 /// The ALPN id `payment_client --mode quinn-stream` offers.
@@ -161,9 +161,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let config = channel_config(&args).await?;
     let (cert, key) = identity(&args.cert_dir)?;
-    // surelink's settings: BBR, 0-RTT off; ALPN surelink/1 for channels and
-    // `quinn-stream` for the baseline, served on streams.
-    let protocols = vec![ALPN.to_vec(), BASELINE_ALPN.to_vec()];
+    // surelink's settings: BBR, 0-RTT off; ALPN surelink/2 (then surelink/1 for older
+    // clients) for channels and `quinn-stream` for the baseline, served on streams.
+    let mut protocols: Vec<Vec<u8>> = ALPN_PROTOCOLS.iter().map(|p| p.to_vec()).collect();
+    protocols.push(BASELINE_ALPN.to_vec());
     let server_config = match &args.client_ca {
         None => server_config_with_protocols(vec![cert], key, protocols)?,
         Some(path) => {
@@ -256,7 +257,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// One connection: a surelink channel (ALPN `surelink/1`), or the quinn-stream baseline
+/// One connection: a surelink channel (ALPN `surelink/2` or `surelink/1`), or the quinn-stream baseline
 /// (ALPN `quinn-stream`: each payment on its own bi-stream, answered with "ok").
 async fn serve(
     conn: quinn::Connection,
@@ -268,7 +269,7 @@ async fn serve(
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.protocol);
-    if alpn.as_deref() == Some(ALPN) {
+    if alpn.is_some_and(|p| ALPN_PROTOCOLS.contains(&p.as_slice())) {
         match registry.accept_connection(conn).await {
             Ok(Some((channel, mut messages))) => {
                 channels.lock().unwrap().push(channel);

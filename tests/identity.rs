@@ -532,3 +532,71 @@ async fn another_identity_cannot_take_a_channel_over_at_another_replica() {
     assert_eq!(client.stats().reconnects, 0);
     drop(w.net);
 }
+
+/// rustls' crypto provider as the crate's features choose it.
+fn crypto_provider() -> std::sync::Arc<quinn::rustls::crypto::CryptoProvider> {
+    #[cfg(feature = "aws-lc-rs")]
+    let provider = quinn::rustls::crypto::aws_lc_rs::default_provider();
+    #[cfg(not(feature = "aws-lc-rs"))]
+    let provider = quinn::rustls::crypto::ring::default_provider();
+    std::sync::Arc::new(provider)
+}
+
+/// A client config as an older surelink built it: ALPN `surelink/1` only, by hand.
+fn v1_client(roots: quinn::rustls::RootCertStore) -> quinn::ClientConfig {
+    let mut tls = quinn::rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&quinn::rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"surelink/1".to_vec()];
+    let mut config = quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    config.transport_config(std::sync::Arc::new(surelink::channel::transport_config()));
+    config
+}
+
+/// The protocol version over ALPN: a client of an older version, offering only
+/// `surelink/1`, still gets receipts from today's server, and both ends of its channel speak
+/// protocol 1 (a replay is acked like a delivery); two current peers speak 2.
+#[tokio::test(start_paused = true)]
+async fn protocol_versions_are_negotiated_over_alpn() {
+    assert_eq!(surelink::channel::ALPN, b"surelink/1");
+    assert_eq!(surelink::channel::ALPN_V2, b"surelink/2");
+    let ca = TestCa::new("servers").unwrap();
+    let s = ca.server(SERVER_NAME).unwrap();
+    let server_config =
+        surelink::channel::server_config(vec![s.cert.clone()], s.key.clone_key().into()).unwrap();
+    let (w, server) = world(server_config);
+    let mut listener = Listener::new(server, Config::default());
+    let mut roots = quinn::rustls::RootCertStore::empty();
+    roots.add(ca.cert()).unwrap();
+
+    let old = connect(&w, v1_client(roots.clone())).await.unwrap();
+    let (old_server, mut old_messages) = listener.accept().await.unwrap();
+    assert_eq!((old.protocol(), old_server.protocol()), (1, 1));
+    let (receipt, got) = pay(&old, &mut old_messages, "order-1", "pay 1.00 EUR").await;
+    assert!(!receipt.replayed);
+    assert_eq!(got.as_deref(), Some(&b"pay 1.00 EUR"[..]));
+    let (receipt, got) = pay(&old, &mut old_messages, "order-1", "pay 1.00 EUR").await;
+    assert_eq!(got, None, "a replay is not delivered again");
+    assert!(
+        !receipt.replayed,
+        "protocol 1 acks a replay like a delivery"
+    );
+
+    let current = connect(
+        &w,
+        client_config_with(ServerTrust::Roots(roots), None).unwrap(),
+    )
+    .await
+    .unwrap();
+    let (current_server, mut current_messages) = listener.accept().await.unwrap();
+    assert_eq!((current.protocol(), current_server.protocol()), (2, 2));
+    let (receipt, got) = pay(&current, &mut current_messages, "order-2", "pay 2.00 EUR").await;
+    assert!(!receipt.replayed && got.is_some());
+    let (receipt, got) = pay(&current, &mut current_messages, "order-2", "pay 2.00 EUR").await;
+    assert!(receipt.replayed && got.is_none(), "protocol 2 says so");
+    drop(w.net);
+}

@@ -20,8 +20,39 @@ use crate::proto::link::{Attached, SharedKeys};
 use crate::proto::{Scope, ANONYMOUS};
 use crate::wire::{Frame, HelloFrame, Limits, HELLO_CLAIMS, HELLO_NEW, HELLO_RESUMED};
 
-/// The ALPN protocol id of a surelink connection.
+/// The ALPN protocol id of surelink's first protocol version, `surelink/1`. Clients still
+/// offer it after [`ALPN_V2`] and servers still accept it, so that peers of older versions
+/// keep working; a channel over it speaks protocol 1 ([`Channel::protocol`]).
 pub const ALPN: &[u8] = b"surelink/1";
+
+/// The ALPN protocol id of protocol version 2, `surelink/2` (replays reported as such, keys
+/// reused with another payload refused: `docs/PROTOCOL.md`).
+pub const ALPN_V2: &[u8] = b"surelink/2";
+
+/// Every ALPN id of surelink, in preference order: what surelink's client configs offer and
+/// its server configs accept. A server picks the first of its own list that the client
+/// offers (rustls decides by the server's order), so two current peers speak 2 and a peer
+/// of an older version, offering only [`ALPN`], speaks 1.
+pub const ALPN_PROTOCOLS: [&[u8]; 2] = [ALPN_V2, ALPN];
+
+/// [`ALPN_PROTOCOLS`] as a TLS config takes them.
+pub(super) fn alpn_protocols() -> Vec<Vec<u8>> {
+    ALPN_PROTOCOLS.iter().map(|p| p.to_vec()).collect()
+}
+
+/// The protocol version `conn` negotiated: 1 for [`ALPN`], 2 for [`ALPN_V2`] and for a
+/// connection with neither (an application's own connection: [`Channel::open`]).
+pub(super) fn negotiated_protocol(conn: &quinn::Connection) -> u8 {
+    let alpn = conn.handshake_data().and_then(|d| {
+        d.downcast::<quinn::crypto::rustls::HandshakeData>()
+            .ok()?
+            .protocol
+    });
+    match alpn.as_deref() {
+        Some(ALPN) => 1,
+        _ => 2,
+    }
+}
 
 /// Transport settings for surelink connections.
 ///
@@ -121,32 +152,34 @@ compile_error!(
     "surelink needs a crypto provider: enable its feature `ring` (the default) or `aws-lc-rs`"
 );
 
-/// A client config trusting `roots`, with ALPN [`ALPN`], TLS 1.3 only, no early data, and
-/// [`transport_config`].
+/// A client config trusting `roots`, offering ALPN [`ALPN_PROTOCOLS`] (protocol 2, else 1),
+/// TLS 1.3 only, no early data, and [`transport_config`].
 pub fn client_config(roots: rustls::RootCertStore) -> Result<quinn::ClientConfig, ConfigError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpn_protocols();
     tls.enable_early_data = false;
     let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     config.transport_config(Arc::new(transport_config()));
     Ok(config)
 }
 
-/// A server config presenting `cert_chain` and `key`, offering ALPN [`ALPN`], with 0-RTT off
-/// (early data can be replayed: RFC 9001 §9.2) and [`transport_config`].
+/// A server config presenting `cert_chain` and `key`, accepting ALPN [`ALPN_PROTOCOLS`]
+/// (protocol 2 preferred, 1 for older clients), with 0-RTT off (early data can be replayed:
+/// RFC 9001 §9.2) and [`transport_config`].
 pub fn server_config(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<quinn::ServerConfig, ConfigError> {
-    server_config_with_protocols(cert_chain, key, vec![ALPN.to_vec()])
+    server_config_with_protocols(cert_chain, key, alpn_protocols())
 }
 
-/// Like [`server_config`], offering the ALPN `protocols` instead, for an endpoint that serves
-/// other protocols beside surelink (include [`ALPN`]; dispatch on the connection's
-/// negotiated protocol). QUIC requires ALPN (RFC 9001 §8.1): clients must offer one of these.
+/// Like [`server_config`], accepting the ALPN `protocols` instead, in preference order, for
+/// an endpoint that serves other protocols beside surelink (include [`ALPN_PROTOCOLS`], in
+/// their order; dispatch on the connection's negotiated protocol: [`Server`] has an
+/// example). QUIC requires ALPN (RFC 9001 §8.1): clients must offer one of these.
 pub fn server_config_with_protocols(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -407,7 +440,9 @@ impl ServerInner {
 /// let identity = Identity::self_signed(["localhost"])?;
 /// # let mut roots = surelink::rustls::RootCertStore::empty();
 /// # roots.add(identity.cert_chain[0].clone())?;
-/// let protocols = vec![channel::ALPN.to_vec(), b"admin/1".to_vec()];
+/// // surelink's ALPN ids (protocol 2, then 1 for older clients), then the others.
+/// let mut protocols: Vec<Vec<u8>> = channel::ALPN_PROTOCOLS.iter().map(|p| p.to_vec()).collect();
+/// protocols.push(b"admin/1".to_vec());
 /// let tls = channel::server_config_with_protocols(identity.cert_chain, identity.key, protocols)?;
 /// let endpoint = Endpoint::server(tls, "127.0.0.1:0".parse()?)?;
 /// # let addr = endpoint.local_addr()?;
@@ -420,7 +455,7 @@ impl ServerInner {
 ///             let alpn = conn.handshake_data().and_then(|d| {
 ///                 d.downcast::<surelink::quinn::crypto::rustls::HandshakeData>().ok()?.protocol
 ///             });
-///             if alpn.as_deref() != Some(channel::ALPN) {
+///             if !alpn.is_some_and(|p| channel::ALPN_PROTOCOLS.contains(&p.as_slice())) {
 ///                 return; // another protocol's connection
 ///             }
 ///             // `None`: a client that reconnected, handed to its existing channel.

@@ -115,11 +115,15 @@ pub(super) fn spawn(
     } else {
         crate::proto::ANONYMOUS
     };
+    // The version the first connection negotiated; later connections of the channel (a
+    // reconnect, a failover) keep it.
+    let protocol = super::connect::negotiated_protocol(&connection);
     let link_config = LinkConfig {
         handoff: HANDOFF,
         shared_keys,
         claimant_seed: rand::random(),
         key_scope,
+        protocol,
         ..config.link()
     };
     let first = ConnId(0);
@@ -135,6 +139,7 @@ pub(super) fn spawn(
             current: current.clone(),
             max_message_size: config.max_message_size,
             key_scope,
+            protocol,
         }),
     };
     let mut driver = Driver {

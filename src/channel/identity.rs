@@ -2,7 +2,8 @@
 //! pinned server certificate, optionally with a client certificate of its own), and a server
 //! that requires client certificates from a given CA (mutual TLS).
 //!
-//! Every config these helpers build is TLS 1.3 only, offers ALPN [`ALPN`](super::ALPN), never
+//! Every config these helpers build is TLS 1.3 only, offers (a client) or accepts (a server)
+//! ALPN [`ALPN_PROTOCOLS`](super::ALPN_PROTOCOLS), protocol 2 before 1, never
 //! sends or accepts early data (0-RTT: RFC 9001 §9.2, RFC 8446 §8, early data can be replayed,
 //! and a replayed payment is a second payment), and carries [`transport_config`].
 
@@ -16,7 +17,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use super::connect::{provider, transport_config, ConfigError, ALPN};
+use super::connect::{alpn_protocols, provider, transport_config, ConfigError};
 
 /// Why a certificate or key could not be used or made.
 #[derive(Debug, thiserror::Error)]
@@ -213,7 +214,7 @@ pub fn client_config_with(
         Some(id) => builder.with_client_auth_cert(id.cert_chain, id.key)?,
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpn_protocols();
     tls.enable_early_data = false;
     let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     config.transport_config(Arc::new(transport_config()));
@@ -222,18 +223,21 @@ pub fn client_config_with(
 
 /// A server config presenting `identity` that **requires** a client certificate chaining to
 /// one of `client_roots` (mutual TLS): a client without one fails the handshake. The
-/// channel's [`peer_identity`](super::Channel::peer_identity) then names the client. 0-RTT
-/// off, ALPN [`ALPN`], [`transport_config`].
+/// channel's [`peer_identity`](super::Channel::peer_identity) then names the client, and the
+/// client's certificate scopes its idempotency keys and owns its channels (see
+/// [`Server`](super::Server)). 0-RTT off, ALPN [`ALPN_PROTOCOLS`](super::ALPN_PROTOCOLS),
+/// [`transport_config`].
 pub fn server_config_mtls(
     identity: Identity,
     client_roots: rustls::RootCertStore,
 ) -> Result<quinn::ServerConfig, ConfigError> {
-    server_config_mtls_with_protocols(identity, client_roots, vec![ALPN.to_vec()])
+    server_config_mtls_with_protocols(identity, client_roots, alpn_protocols())
 }
 
-/// [`server_config_mtls`] offering `protocols` as ALPN ids (for a server that also serves
-/// something else on the same endpoint; the surelink channel is [`ALPN`]). Every protocol
-/// requires the client certificate.
+/// [`server_config_mtls`] accepting `protocols` as ALPN ids, in preference order (for a
+/// server that also serves something else on the same endpoint; include
+/// [`ALPN_PROTOCOLS`](super::ALPN_PROTOCOLS), in their order). Every protocol requires the
+/// client certificate.
 pub fn server_config_mtls_with_protocols(
     identity: Identity,
     client_roots: rustls::RootCertStore,

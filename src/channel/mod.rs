@@ -120,7 +120,7 @@ pub use crate::proto::{
 pub use connect::{
     ack_frequency_config, client_config, congestion_controller, server_config,
     server_config_with_protocols, transport_config, AcceptError, ConfigError, ConnectError,
-    Listener, Server, ALPN,
+    Listener, Server, ALPN, ALPN_PROTOCOLS, ALPN_V2,
 };
 pub use error::{RejectReason, SendError};
 pub use identity::{
@@ -529,6 +529,8 @@ struct Handle {
     max_message_size: usize,
     /// Whose keys the peer sends ([`Channel::key_scope`]).
     key_scope: crate::proto::Scope,
+    /// The protocol version ([`Channel::protocol`]).
+    protocol: u8,
 }
 
 impl Drop for Handle {
@@ -708,6 +710,14 @@ impl Channel {
     /// without a certificate shares one key namespace).
     pub fn key_scope(&self) -> [u8; 32] {
         self.inner.key_scope
+    }
+
+    /// The protocol version this channel speaks, negotiated over ALPN by its first
+    /// connection: `2` ([`ALPN_V2`]) or `1` ([`ALPN`], a peer of an older version). A channel
+    /// keeps it for its life, across reconnects and failovers. A connection with neither
+    /// ALPN id ([`Channel::open`] over an application's own connection) speaks 2.
+    pub fn protocol(&self) -> u8 {
+        self.inner.protocol
     }
 
     /// Sends `payload` and waits for its outcome. Waits first while `max_in_flight` messages
