@@ -248,8 +248,24 @@ async fn a_key_retried_on_a_new_channel_is_not_delivered_twice() {
         let (client, _m) = connect(&pair, Config::default()).await;
         let (_s, sm) = listener.accept().await.unwrap();
         readers.push((record(&ledger, 0, sm, None), _s));
-        let range = round * 10..round * 10 + 10;
-        let outcomes = send_all(&ledger, &client, range, Duration::from_millis(5), Some(key)).await;
+        // A restarted client retries the same payments: same key, same payload (issue 21
+        // case 8: another payload under the key would be refused as `KeyReused`).
+        let mut outcomes = Vec::new();
+        for i in round * 10..round * 10 + 10 {
+            ledger
+                .lock()
+                .unwrap()
+                .sent(u64::from(i), Some(key(i).as_bytes()));
+            let r = client.send_with_key(key(i), payment(i % 10)).await;
+            ledger
+                .lock()
+                .unwrap()
+                .outcome(u64::from(i), Outcome::of(&r));
+            if round > 0 {
+                assert!(r.as_ref().is_ok_and(|r| r.replayed), "{i}: {r:?}");
+            }
+            outcomes.push((i, r));
+        }
         assert!(outcomes.iter().all(|(_, r)| r.is_ok()), "{outcomes:?}");
         // The client "restarts": its channel is gone, its keys are not.
         drop(client);
