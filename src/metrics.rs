@@ -109,7 +109,7 @@
 //! | `surelink_reconnects_total` | counter | `role` | connections a channel moved to after losing one (on a server: clients that came back; `reconnects`) |
 //! | `surelink_failovers_total` | counter | `role` | of those, moves to another replica (`failovers`) |
 //! | `surelink_takeovers_total` | counter | `role` | a reconnect that replaced a connection of the same channel still open (logged at warn) |
-//! | `surelink_connections_refused_total` | counter | `reason` | connections a server refused, by `reason`: `tls` (the TLS handshake failed: no common ALPN, a client certificate refused), `handshake` (it failed otherwise or timed out), `connection_lost` (before its Hello), `hello_timeout`, `invalid_hello`, `too_many_channels`, `datagrams_unsupported`, `not_owner` (the channel belongs to another client identity), `shutting_down` |
+//! | `surelink_connections_refused_total` | counter | `reason` | connections a server refused, by `reason`: `tls` (the TLS handshake failed: no common ALPN, a client certificate refused), `handshake` (it failed otherwise or timed out), `connection_lost` (before its Hello), `hello_timeout`, `invalid_hello`, `too_many_channels`, `datagrams_unsupported`, `not_owner` (the channel belongs to another client identity), `shutting_down`, `store_unavailable` (the claims store could not say who owns a channel this server does not hold; closed with the goodbye code so the client tries again) |
 //! | `surelink_send_errors_total` | counter | `role` | datagrams quinn refused to send (`send_errors`) |
 //! | `surelink_sends_abandoned_total` | counter | `role` | sends whose caller stopped waiting before the outcome (`sends_abandoned`) |
 //!
