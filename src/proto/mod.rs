@@ -29,7 +29,7 @@
 
 mod dedupe;
 mod governor;
-mod keys;
+pub mod keys;
 pub mod link;
 mod receiver;
 mod rtt;
