@@ -5,10 +5,12 @@
 //!
 //! ```text
 //!   (absent) ──judge: New──▶ Held{holder, digest} ──taken──▶ Delivered{at, digest} ──ttl──▶ (absent)
-//!                              ├──release (the application went away)──▶ (absent)
-//!                              └──orphan (its receiver stopped, the message may yet be taken)
-//!                                   ──▶ Orphaned: answered as held ──ttl──▶ (absent)
+//!                              └──release (the application went away)──▶ (absent)
 //! ```
+//!
+//! A receiver whose application holds a message with a held key does not stop before the
+//! take or the application's end (the channel's link waits), so every held key ends in one
+//! of the two.
 //!
 //! Invariants, kept here and nowhere else:
 //! - **A key counts as delivered only once the application took its message** (`taken`).
@@ -77,13 +79,6 @@ enum KeyState {
         digest: Digest,
         /// The receiver whose application took it.
         by: u64,
-    },
-    /// Held by a receiver that stopped before it learned whether its application took the
-    /// message: answered as held (neither delivered nor acked) until the TTL passes.
-    Orphaned {
-        at: Instant,
-        holder: Holder,
-        digest: Digest,
     },
 }
 
@@ -175,16 +170,12 @@ impl KeyRecord {
         self.expire(now);
         let state = self.keys.get(&(scope, key.clone()))?;
         Some(match *state {
-            KeyState::Held { digest: d, .. }
-            | KeyState::Delivered { digest: d, .. }
-            | KeyState::Orphaned { digest: d, .. }
+            KeyState::Held { digest: d, .. } | KeyState::Delivered { digest: d, .. }
                 if d != digest =>
             {
                 KeyVerdict::Conflict
             }
-            KeyState::Held { holder, .. } | KeyState::Orphaned { holder, .. } => {
-                KeyVerdict::Held(holder)
-            }
+            KeyState::Held { holder, .. } => KeyVerdict::Held(holder),
             KeyState::Delivered { by, .. } => KeyVerdict::Replay { by },
         })
     }
@@ -236,26 +227,6 @@ impl KeyRecord {
         }
     }
 
-    /// `holder`'s receiver stops without knowing whether its application took the message
-    /// (the message sits in a queue the application may still read): the key is answered as
-    /// held, never as delivered or free, until the TTL passes from `now`. No effect unless
-    /// `holder` holds the key.
-    pub fn orphan(&mut self, now: Instant, scope: Scope, key: &Bytes, holder: Holder) {
-        let k = (scope, key.clone());
-        if let Some(state) = self.keys.get_mut(&k) {
-            if let KeyState::Held { holder: h, digest } = *state {
-                if h == holder {
-                    *state = KeyState::Orphaned {
-                        at: now,
-                        holder,
-                        digest,
-                    };
-                    self.order.push_back((now, scope, k.1));
-                }
-            }
-        }
-    }
-
     /// Whether a new key would be refused now.
     pub fn is_full(&mut self, now: Instant) -> bool {
         self.expire(now);
@@ -288,7 +259,7 @@ impl KeyRecord {
             // has a later entry of its own).
             if matches!(
                 self.keys.get(&k),
-                Some(KeyState::Delivered { at: a, .. } | KeyState::Orphaned { at: a, .. }) if *a == at
+                Some(KeyState::Delivered { at: a, .. }) if *a == at
             ) {
                 self.keys.remove(&k);
             }

@@ -47,7 +47,7 @@ pub use keys::{
 pub use link::Link;
 pub use receiver::{
     ClaimOutcome, ClaimRequest, Claims, Delivered, Receiver, ReceiverConfig, ReceiverStats,
-    Refusals, Whole,
+    Refusals, Whole, MESSAGE_OVERHEAD_BYTES,
 };
 pub use rtt::RttEstimator;
 pub use sender::{FailReason, HedgeTo, SendError, Sender, SenderConfig, SenderEvent, SenderStats};
@@ -113,7 +113,12 @@ impl Peer {
             Ok(Frame::Ack(ack)) => self.sender.handle_ack(now, &ack),
             Ok(Frame::Floor(floor)) => self.receiver.handle_floor(now, floor.floor),
             Ok(Frame::Refuse(refuse)) => self.sender.handle_refuse(now, &refuse),
-            Ok(Frame::Replayed(replayed)) => self.sender.handle_replayed(now, &replayed),
+            // Protocol 2 only: on a protocol-1 connection it is a frame type the protocol does
+            // not have (dropped and counted, as a version-1 peer would).
+            Ok(Frame::Replayed(replayed)) if self.receiver.protocol() >= 2 => {
+                self.sender.handle_replayed(now, &replayed)
+            }
+            Ok(Frame::Replayed(_)) => self.count_invalid_reason("unknown_type"),
             // Hello and Close are the channel's business (connection start and end).
             Ok(Frame::Hello(_)) | Ok(Frame::Close(_)) => {}
             Err(e) => self.count_invalid(&e),
@@ -207,3 +212,6 @@ impl Peer {
 
 #[cfg(all(test, feature = "sim"))]
 mod tests;
+
+#[cfg(test)]
+mod review_tests;

@@ -1,6 +1,6 @@
 //! The receiving side: reassembly, exactly-once delivery, redundant acks.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,8 @@ pub struct ReceiverConfig {
     /// at higher rates claims its messages in a store ([`Claims::Owner`]), where keys are
     /// not bounded by memory.
     pub max_keys: usize,
-    /// Most payload bytes delivered but not yet taken by the application
+    /// Most bytes (payload, plus [`MESSAGE_OVERHEAD_BYTES`] per message, so that empty
+    /// messages count too) delivered but not yet taken by the application
     /// ([`Receiver::poll_delivery`]). At the limit the receiver is *backlogged*: shards of
     /// blocks it has not finished are dropped unacked (counted in
     /// [`ReceiverStats::shards_refused_backlog`]), so the sender hedges and, if the
@@ -225,7 +226,8 @@ pub struct ReceiverStats {
     pub keys_held: usize,
     /// Gauge: delivered messages not yet taken with [`Receiver::poll_delivery`].
     pub deliveries_queued: usize,
-    /// Gauge: payload bytes of those messages (at most about `max_queued_bytes`).
+    /// Gauge: bytes of those messages, payload plus
+    /// [`MESSAGE_OVERHEAD_BYTES`] each (at most about `max_queued_bytes`).
     pub bytes_queued: usize,
     /// Shards dropped unacked because the application was behind (`max_queued_bytes`).
     pub shards_refused_backlog: u64,
@@ -346,17 +348,35 @@ enum Msg {
     },
     /// Delivered to a queue the application dropped: never acked; copies are refused (5).
     Discarded,
-    /// Refused with `reason`: a later copy is refused again.
+    /// Refused with `reason`: a later copy is refused again, until the floor passes the id
+    /// (from then on it is refused as passed).
     Refused { reason: u64 },
-    /// Protocol 2: acked as a replay of its key; named in REPLAYED frames, not in ACKs.
+    /// Protocol 2: acked as a replay of its key; named in REPLAYED frames, not in ACKs, for
+    /// `hole_ttl`.
     Replayed,
 }
 
 impl Msg {
-    /// Whether the state expires after `hole_ttl` (and counts against `max_refused_ids`).
+    /// Whether the state counts against `max_refused_ids`.
     fn remembered(&self) -> bool {
         matches!(self, Msg::Refused { .. } | Msg::Replayed)
     }
+}
+
+/// A message of one of the sender's previous incarnations (its ids mean nothing to the
+/// current one, so acks for it go nowhere) that still matters here.
+#[derive(Debug)]
+enum Old {
+    /// Handed to the application, not yet taken: its key stays held (a retry from the new
+    /// incarnation is not acked before the take) and is delivered at the take.
+    Handed { key: Option<(Bytes, Holder)> },
+    /// Its claim was asked before the peer restarted: the store's answer still decides
+    /// (a `Now` recorded the delivery, so the message must be handed over).
+    Claiming {
+        key: Option<Bytes>,
+        digest: Digest,
+        payload: Option<Bytes>,
+    },
 }
 
 /// What became of one rebuilt message.
@@ -389,6 +409,15 @@ enum Notice {
     Replayed,
 }
 
+/// Bytes a queued message counts against `max_queued_bytes` besides its payload: its place
+/// in the queue and its state, so that empty messages cannot queue without bound.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 64;
+
+/// What a queued message counts against `max_queued_bytes`.
+fn cost(payload: &Bytes) -> usize {
+    payload.len() + MESSAGE_OVERHEAD_BYTES
+}
+
 /// Most ids waiting in REFUSE/REPLAYED frames not yet sent; more are answered again when their
 /// copies come back.
 const MAX_NOTICE_QUEUE: usize = 64;
@@ -407,7 +436,8 @@ pub struct Receiver {
     token: u64,
     /// The protocol version the peer speaks (2: REPLAYED frames, stream status 2).
     protocol: u8,
-    deliveries: VecDeque<Delivered>,
+    /// Delivered messages not yet handed out, with the incarnation they came from.
+    deliveries: VecDeque<(Delivered, u64)>,
     /// Payload bytes in `deliveries` and in `Claiming` messages.
     queued_bytes: usize,
     /// Every message's state beyond the dedupe window; see [`Msg`].
@@ -418,16 +448,22 @@ pub struct Receiver {
     claiming: usize,
     /// Remembered states (`Msg::remembered`) in `messages`.
     remembered: usize,
-    /// When remembered states expire, in order: `(since, id)` (stale entries are skipped).
+    /// When replays expire, in order: `(since, id)` (stale entries are skipped).
     expiry: VecDeque<(Instant, u64)>,
+    /// Refusals below this were pruned (the floor passed them).
+    pruned_to: u64,
     claims_out: VecDeque<ClaimRequest>,
     /// (message id, status byte) for stream messages whose answer waited.
     stream_answers: VecDeque<(u64, u8)>,
     /// Counts the peer's incarnations (`peer_lost_state`).
     generation: u64,
-    /// Messages of the sender's previous incarnations delivered but not yet taken: their keys'
-    /// holders (see [`Receiver::peer_lost_state`]).
-    old_handed: HashMap<u64, Option<(Bytes, Holder)>>,
+    /// Messages of the sender's previous incarnations the receiver still answers for, by
+    /// (generation, id): see [`Old`] and [`Receiver::peer_lost_state`].
+    old: BTreeMap<(u64, u64), Old>,
+    /// (id, generation) of messages handed out by `poll_delivery` and awaiting their take, in
+    /// the order the application receives them: a take names an id, this says of which
+    /// incarnation.
+    handed_out: VecDeque<(u64, u64)>,
     out: VecDeque<Bytes>,
     last_ack: Option<Instant>,
     /// The application is gone: nothing more is delivered.
@@ -458,10 +494,12 @@ impl Receiver {
             claiming: 0,
             remembered: 0,
             expiry: VecDeque::new(),
+            pruned_to: 0,
             claims_out: VecDeque::new(),
             stream_answers: VecDeque::new(),
             generation: 0,
-            old_handed: HashMap::new(),
+            old: BTreeMap::new(),
+            handed_out: VecDeque::new(),
             out: VecDeque::new(),
             last_ack: None,
             gone: false,
@@ -484,6 +522,11 @@ impl Receiver {
     /// REPLAYED frame, stream status 0).
     pub fn set_protocol(&mut self, version: u8) {
         self.protocol = version;
+    }
+
+    /// The protocol version the peer speaks ([`Receiver::set_protocol`]).
+    pub fn protocol(&self) -> u8 {
+        self.protocol
     }
 
     /// Counters.
@@ -520,25 +563,36 @@ impl Receiver {
         // The old incarnation's ids mean nothing to its successor (their acks go nowhere),
         // but a message of it still waiting for the application keeps holding its key: a
         // retry under that key from the new incarnation is not acked before the application
-        // took the message (it could still drop it). The application takes messages in the
-        // order they were handed over, so an old id is taken before a new one equal to it.
-        // Claims awaited for the old incarnation's ids: their answers are ignored.
+        // took the message (it could still drop it). Claims asked for the old incarnation's
+        // ids still decide: a `Now` answer means the store recorded the delivery.
+        let generation = self.generation;
         for (id, m) in std::mem::take(&mut self.messages) {
-            match m {
-                Msg::Handed { key, .. } => {
-                    let holder = self.holder(id);
-                    self.old_handed.insert(id, key.map(|k| (k, holder)));
+            let old = match m {
+                Msg::Handed { key, .. } => Old::Handed {
+                    key: key.map(|k| (k, self.holder(id))),
+                },
+                Msg::Claiming {
+                    key,
+                    digest,
+                    payload,
+                    ..
+                } => {
+                    self.dedupe.unpin(id);
+                    Old::Claiming {
+                        key,
+                        digest,
+                        payload,
+                    }
                 }
-                Msg::Claiming { payload, .. } => {
-                    self.queued_bytes -= payload.map_or(0, |b| b.len());
-                }
-                _ => {}
-            }
+                _ => continue,
+            };
+            self.old.insert((generation, id), old);
         }
         self.handed = 0;
         self.claiming = 0;
         self.remembered = 0;
         self.expiry.clear();
+        self.pruned_to = 0;
         self.claims_out.clear();
         self.generation += 1;
     }
@@ -579,10 +633,68 @@ impl Receiver {
     /// ([`ClaimOutcome::Conflict`]) or dropped ([`ClaimOutcome::Failed`]).
     pub fn claim_done(&mut self, now: Instant, request: &ClaimRequest, outcome: ClaimOutcome) {
         if request.generation != self.generation {
+            self.settle_old(now, request.generation, request.id, outcome);
             return;
         }
         self.settle(now, request.id, outcome);
         self.flush_notices(now);
+    }
+
+    /// A claim of a previous incarnation's message answered (or, with application claims,
+    /// the application confirmed one): nothing is acked (the ids mean nothing now), but a
+    /// `Now` for a message not yet handed over hands it over, since the store recorded its
+    /// delivery.
+    fn settle_old(&mut self, now: Instant, generation: u64, id: u64, outcome: ClaimOutcome) {
+        let Some(Old::Claiming {
+            key,
+            digest,
+            payload,
+        }) = self.old.remove(&(generation, id))
+        else {
+            return;
+        };
+        if let Some(p) = &payload {
+            self.queued_bytes -= cost(p);
+        }
+        match (outcome, payload) {
+            (ClaimOutcome::Now, Some(payload)) => {
+                self.stats.delivered += 1;
+                if self.gone {
+                    self.stats.discarded += 1;
+                }
+                let holder = Holder {
+                    receiver: self.token,
+                    generation,
+                    id,
+                };
+                if let Some(k) = &key {
+                    let scope = self.scope;
+                    self.keys.with(|r| {
+                        let _ = r.judge(now, scope, k, digest, holder);
+                    });
+                }
+                if self.config.ack_on_take && !self.gone {
+                    self.old.insert(
+                        (generation, id),
+                        Old::Handed {
+                            key: key.clone().map(|k| (k, holder)),
+                        },
+                    );
+                } else if let Some(k) = &key {
+                    let scope = self.scope;
+                    self.keys.with(|r| r.taken(now, scope, k, holder));
+                }
+                self.queued_bytes += cost(&payload);
+                self.deliveries
+                    .push_back((Delivered { id, key, payload }, generation));
+            }
+            (ClaimOutcome::Now | ClaimOutcome::Before, _) => {
+                if let Some(k) = &key {
+                    self.remember_key(now, k, digest);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The application's answer for message `id` in [`Claims::Application`] mode, after
@@ -590,10 +702,25 @@ impl Receiver {
     /// [`ClaimOutcome::Before`] (the claim existed: another replica or an earlier delivery
     /// handled it) ack it; [`ClaimOutcome::Failed`] (rolled back) leaves it unacked;
     /// [`ClaimOutcome::Conflict`] (its key was claimed with another payload) refuses it.
+    ///
+    /// After the peer restarted, an id can name a message of each incarnation: a confirmation
+    /// settles the oldest unsettled one (the application confirms in the order it received
+    /// them).
     pub fn confirm(&mut self, now: Instant, id: u64, outcome: ClaimOutcome) {
-        if self.config.claims == Claims::Application {
-            self.settle(now, id, outcome);
-            self.flush_notices(now);
+        if self.config.claims != Claims::Application {
+            return;
+        }
+        let old = self
+            .old
+            .iter()
+            .find(|(&(_, i), o)| i == id && matches!(o, Old::Claiming { .. }))
+            .map(|(&(g, _), _)| g);
+        match old {
+            Some(generation) => self.settle_old(now, generation, id, outcome),
+            None => {
+                self.settle(now, id, outcome);
+                self.flush_notices(now);
+            }
         }
     }
 
@@ -610,7 +737,7 @@ impl Receiver {
         if let Some(old) = self.messages.remove(&id) {
             self.count(&old, false);
         }
-        if m.remembered() {
+        if matches!(m, Msg::Replayed) {
             self.expiry.push_back((now, id));
         }
         self.count(&m, true);
@@ -638,16 +765,31 @@ impl Receiver {
         }
     }
 
-    /// Remembered states older than `hole_ttl` are forgotten.
+    /// Replays older than `hole_ttl` are forgotten (their ids are delivered: acks name them
+    /// again); refusals the floor passed are forgotten (their ids are passed: refused
+    /// forever).
     fn expire(&mut self, now: Instant) {
         while let Some(&(at, id)) = self.expiry.front() {
             if now.saturating_duration_since(at) < self.config.hole_ttl {
                 break;
             }
             self.expiry.pop_front();
-            if self.messages.get(&id).is_some_and(Msg::remembered) {
+            if matches!(self.messages.get(&id), Some(Msg::Replayed)) {
                 self.unset(id);
             }
+        }
+        let floor = self.dedupe.floor();
+        if floor > self.pruned_to {
+            let passed: Vec<u64> = self
+                .messages
+                .range(self.pruned_to..floor)
+                .filter(|(_, m)| matches!(m, Msg::Refused { .. }))
+                .map(|(&id, _)| id)
+                .collect();
+            for id in passed {
+                self.unset(id);
+            }
+            self.pruned_to = floor;
         }
     }
 
@@ -666,7 +808,7 @@ impl Receiver {
         };
         self.dedupe.unpin(id);
         if let Some(payload) = &payload {
-            self.queued_bytes -= payload.len();
+            self.queued_bytes -= cost(payload);
         }
         let status = match outcome {
             ClaimOutcome::Failed => {
@@ -687,8 +829,9 @@ impl Receiver {
                 self.stats.delivered += 1;
                 self.stats.discarded += 1;
                 if let Some(payload) = payload {
-                    self.queued_bytes += payload.len();
-                    self.deliveries.push_back(Delivered { id, key, payload });
+                    self.queued_bytes += cost(&payload);
+                    self.deliveries
+                        .push_back((Delivered { id, key, payload }, self.generation));
                 }
                 return;
             }
@@ -781,7 +924,7 @@ impl Receiver {
         via_stream: bool,
     ) {
         self.stats.delivered += 1;
-        self.queued_bytes += payload.len();
+        self.queued_bytes += cost(&payload);
         if self.config.ack_on_take {
             self.set(
                 now,
@@ -792,16 +935,27 @@ impl Receiver {
                 },
             );
         }
-        self.deliveries.push_back(Delivered { id, key, payload });
+        self.deliveries
+            .push_back((Delivered { id, key, payload }, self.generation));
     }
 
     /// The application took delivered message `id` (with `ack_on_take`): it is acked now, and
     /// its key counts as delivered from now. Ids not awaiting a take are ignored.
     pub fn taken(&mut self, now: Instant, id: u64) {
-        if let Some(old) = self.old_handed.remove(&id) {
-            // A message of the sender's previous incarnation: nothing to ack; its key is
-            // delivered now.
-            if let Some((key, holder)) = old {
+        // Which incarnation's message: the first handed out with this id.
+        let generation = match self.handed_out.iter().position(|&(i, _)| i == id) {
+            Some(at) => self
+                .handed_out
+                .remove(at)
+                .map_or(self.generation, |(_, g)| g),
+            None => self.generation,
+        };
+        if generation != self.generation {
+            // A message of a previous incarnation: nothing to ack; its key is delivered now.
+            if let Some(Old::Handed {
+                key: Some((key, holder)),
+            }) = self.old.remove(&(generation, id))
+            {
                 let scope = self.scope;
                 self.keys.with(|r| r.taken(now, scope, &key, holder));
             }
@@ -834,9 +988,19 @@ impl Receiver {
             return;
         }
         self.gone = true;
-        self.stats.discarded += self.old_handed.len() as u64;
-        for (_, old) in std::mem::take(&mut self.old_handed) {
-            if let Some((key, holder)) = old {
+        self.handed_out.clear();
+        let old: Vec<(u64, u64)> = self
+            .old
+            .iter()
+            .filter(|(_, o)| matches!(o, Old::Handed { .. }))
+            .map(|(&k, _)| k)
+            .collect();
+        for k in old {
+            self.stats.discarded += 1;
+            if let Some(Old::Handed {
+                key: Some((key, holder)),
+            }) = self.old.remove(&k)
+            {
                 let scope = self.scope;
                 self.keys.with(|r| r.release(scope, &key, holder));
             }
@@ -845,8 +1009,12 @@ impl Receiver {
             self.owner_gone(now);
             return;
         }
-        for d in std::mem::take(&mut self.deliveries) {
-            self.queued_bytes -= d.payload.len();
+        for (d, generation) in std::mem::take(&mut self.deliveries) {
+            self.queued_bytes -= cost(&d.payload);
+            if generation != self.generation {
+                // A previous incarnation's: counted with `old` above.
+                continue;
+            }
             match self.messages.get(&d.id) {
                 Some(Msg::Handed { .. }) => {}
                 Some(Msg::Claiming { payload: None, .. }) => {
@@ -888,28 +1056,6 @@ impl Receiver {
         self.flush_notices(now);
     }
 
-    /// The receiver stops while its application may still hold (and later read) messages
-    /// handed to it and not yet taken: their keys are orphaned in the key record (answered
-    /// as held, neither delivered nor free, until the key TTL passes), since nobody will tell
-    /// whether the application took them.
-    pub fn stopping(&mut self, now: Instant) {
-        let scope = self.scope;
-        let mut held: Vec<(Bytes, Holder)> = self
-            .messages
-            .iter()
-            .filter_map(|(&id, m)| match m {
-                Msg::Handed { key: Some(k), .. } => Some((k.clone(), self.holder(id))),
-                _ => None,
-            })
-            .collect();
-        held.extend(self.old_handed.drain().filter_map(|(_, old)| old));
-        self.keys.with(|r| {
-            for (key, holder) in &held {
-                r.orphan(now, scope, key, *holder);
-            }
-        });
-    }
-
     /// [`Receiver::application_gone`] in [`Claims::Owner`] mode. A claimed message is the
     /// record of a delivery (another replica acks a re-send of it as claimed before), so
     /// what was claimed stays handed over: delivered messages not yet taken stay unacked
@@ -940,7 +1086,7 @@ impl Receiver {
                 ..
             }) = self.unset(request.id)
             {
-                self.queued_bytes -= payload.as_ref().map_or(0, Bytes::len);
+                self.queued_bytes -= payload.as_ref().map_or(0, cost);
                 self.dedupe.unpin(request.id);
                 self.refuse(now, request.id, REFUSE_CLOSED, via_stream);
                 if via_stream {
@@ -1007,7 +1153,11 @@ impl Receiver {
             self.stats.shards_received += 1;
             self.stats.shards_refused_block += 1;
             for id in frame.header.messages() {
-                if !self.dedupe.contains(id) && !self.messages.contains_key(&id) {
+                // Only ids this receiver would judge: not one delivered, passed, below its
+                // base (it may have been delivered), or with a state.
+                let fresh = !self.messages.contains_key(&id)
+                    && matches!(self.dedupe.peek(now, id), Seen::New | Seen::OutOfWindow);
+                if fresh {
                     self.refuse(now, id, REFUSE_BLOCK, false);
                 }
             }
@@ -1269,15 +1419,18 @@ impl Receiver {
         let payload = if self.config.claims == Claims::Application {
             // The application gets it now and claims it in its own transaction.
             self.stats.delivered += 1;
-            self.queued_bytes += envelope.payload.len();
-            self.deliveries.push_back(Delivered {
-                id,
-                key: envelope.key.clone(),
-                payload: envelope.payload,
-            });
+            self.queued_bytes += cost(&envelope.payload);
+            self.deliveries.push_back((
+                Delivered {
+                    id,
+                    key: envelope.key.clone(),
+                    payload: envelope.payload,
+                },
+                self.generation,
+            ));
             None
         } else {
-            self.queued_bytes += envelope.payload.len();
+            self.queued_bytes += cost(&envelope.payload);
             self.claims_out.push_back(ClaimRequest {
                 id,
                 key: envelope.key.clone(),
@@ -1409,8 +1562,16 @@ impl Receiver {
     /// The next message for the application.
     #[must_use]
     pub fn poll_delivery(&mut self) -> Option<Delivered> {
-        let d = self.deliveries.pop_front()?;
-        self.queued_bytes -= d.payload.len();
+        let (d, generation) = self.deliveries.pop_front()?;
+        self.queued_bytes -= cost(&d.payload);
+        let awaits_take = if generation == self.generation {
+            matches!(self.messages.get(&d.id), Some(Msg::Handed { .. }))
+        } else {
+            matches!(self.old.get(&(generation, d.id)), Some(Old::Handed { .. }))
+        };
+        if awaits_take && !self.gone {
+            self.handed_out.push_back((d.id, generation));
+        }
         Some(d)
     }
 

@@ -1057,11 +1057,15 @@ impl Link {
         let Phase::Finishing { until } = self.phase else {
             return;
         };
-        let deliveries = !self.app_gone && self.peer.receiver.has_deliveries();
+        // Messages handed to the application and not yet taken keep the link until they are
+        // taken (their acks, and their keys' takes, are recorded) or the application goes
+        // away (their keys are released): a take nobody records could let a key be delivered
+        // again.
+        let deliveries = !self.app_gone
+            && (self.peer.receiver.has_deliveries() || self.peer.receiver.awaiting_take());
         let claims = !self.claims.is_empty() && now < until;
         if !deliveries && !claims {
             self.phase = Phase::Stopped;
-            self.peer.receiver.stopping(now);
             self.actions.push_back(Action::Stop {
                 reason: "stopped".into(),
             });

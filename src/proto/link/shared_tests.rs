@@ -393,15 +393,15 @@ fn an_id_the_floor_passed_is_refused_never_acked() {
     assert_eq!(server.receiver.stats().delivered, 3);
 }
 
-/// A channel that stops while its application may still read a message it was handed (the
-/// message sits in the application's queue; nobody will report the take): the key is neither
-/// delivered nor free on the other channels (a retry is not acked, not delivered), until the
-/// key TTL passes. Found while reviewing this change: a held key stayed held forever.
+/// A server channel whose client never comes back, while its application still holds a
+/// message it was handed and has not taken: the link does not stop before the take (or the
+/// application's end), so the take is recorded and the key counts as delivered from then, on
+/// every channel. Before, the stopped link ignored the take: the key stayed held forever (or,
+/// orphaned, expired a TTL after the stop rather than after the take).
 #[test]
-fn a_stopped_channels_untaken_key_stays_held_until_the_ttl() {
+fn a_take_after_the_client_is_gone_is_recorded() {
     let now = Instant::now();
-    let ttl = Duration::from_secs(3600);
-    let keys = SharedKeys::new(ttl, 1000);
+    let keys = SharedKeys::new(Duration::from_secs(3600), 1000);
     let mut a = Pair::new(now, &keys, LinkConfig::default());
     a.send(now, "order-10", "pay");
     assert_eq!(
@@ -409,7 +409,6 @@ fn a_stopped_channels_untaken_key_stays_held_until_the_ttl() {
         1,
         "in the application's queue, not taken"
     );
-    // The connection is lost and the client never comes back: the channel stops.
     a.server.handle(
         now,
         Input::ConnectionLost {
@@ -418,19 +417,26 @@ fn a_stopped_channels_untaken_key_stays_held_until_the_ttl() {
             reason: "gone".into(),
         },
     );
-    let stop = now + LinkConfig::default().channel_ttl + Duration::from_secs(1);
-    a.server.handle(stop, Input::Timer);
-    assert!(a.server.is_stopped());
-    let mut b = Pair::new(stop, &keys, LinkConfig::default());
-    let id = b.send(stop, "order-10", "pay");
-    assert!(b.delivered.is_empty());
-    assert_eq!(
-        acked(&b.events(), id),
-        None,
-        "not acked: A's copy may yet be taken"
+    let late = now + LinkConfig::default().channel_ttl + Duration::from_secs(1);
+    a.server.handle(late, Input::Timer);
+    assert!(
+        a.server.is_closed() && !a.server.is_stopped(),
+        "waits for the take"
     );
-    let expired = stop + ttl;
-    let mut c = Pair::new(expired, &keys, LinkConfig::default());
-    c.send(expired, "order-10", "pay");
-    assert_eq!(c.delivered.len(), 1, "free again after the TTL");
+    // Meanwhile a retry elsewhere is held back.
+    let mut b = Pair::new(late, &keys, LinkConfig::default());
+    let id = b.send(late, "order-10", "pay");
+    assert!(b.delivered.is_empty());
+    assert_eq!(acked(&b.events(), id), None);
+    // The application takes it: recorded, and the link stops.
+    let taken = late + Duration::from_secs(10);
+    a.take_all(taken);
+    assert!(a.server.is_stopped());
+    let retry = b.send(taken, "order-10", "pay");
+    assert!(b.delivered.is_empty(), "never twice");
+    assert_eq!(
+        acked(&b.events(), retry),
+        Some(true),
+        "a replay of the take"
+    );
 }

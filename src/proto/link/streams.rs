@@ -16,7 +16,19 @@ impl Link {
             let id = crate::wire::decode_stream_message(message.clone())
                 .ok()
                 .map(|(id, _)| id);
-            if id.is_some_and(|id| self.peer.receiver.is_new(now, id)) {
+            let parked = |id: u64| {
+                self.parked.iter().any(|(_, m)| {
+                    crate::wire::decode_stream_message(m.clone()).is_ok_and(|(p, _)| p == id)
+                })
+            };
+            if id.is_some_and(parked) {
+                // A copy of a parked message: its answer comes with the parked one's (this
+                // stream gets none; its sender retries or learns an unknown outcome).
+                self.actions.push_back(Action::AnswerStream {
+                    answer,
+                    status: None,
+                });
+            } else if id.is_some_and(|id| self.peer.receiver.is_new(now, id)) {
                 self.stats.streams_refused_parked += 1;
                 self.actions.push_back(Action::AnswerStream {
                     answer,
