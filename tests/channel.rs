@@ -866,3 +866,26 @@ async fn a_lossy_path_that_jitters_keeps_its_parity() {
         );
     }
 }
+
+/// Issue 26 item 2: `{:?}` of a channel (and of the identity types) shows no secret: not the
+/// channel id, which is a bearer token, nor a private key.
+#[tokio::test(start_paused = true)]
+async fn debug_output_shows_no_secrets() {
+    let e = ends(LinkConfig::default(), 1).await;
+    let id = e.client.id();
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    for shown in [format!("{:?}", e.client), format!("{:#?}", e.server)] {
+        assert!(!shown.contains(&hex), "{shown}");
+        assert!(!shown.contains(&format!("{id:?}")), "{shown}");
+        assert!(!shown.contains(&format!("{:?}", &id[..4])), "{shown}");
+        assert!(shown.contains("tag"), "{shown}");
+    }
+    let identity = surelink::channel::Identity::self_signed(["localhost"]).unwrap();
+    let key = identity.key.secret_der().to_vec();
+    let shown = format!("{identity:?}");
+    let bytes = format!("{:?}", &key[key.len() - 8..]);
+    assert!(
+        !shown.contains(&bytes[1..bytes.len() - 1]),
+        "the private key is printed: {shown}"
+    );
+}

@@ -518,7 +518,6 @@ impl SendOptions {
 }
 
 /// What every clone of a [`Channel`] shares; dropping the last tells the driver.
-#[derive(Debug)]
 struct Handle {
     id: ChannelId,
     commands: mpsc::UnboundedSender<Command>,
@@ -531,6 +530,18 @@ struct Handle {
     key_scope: crate::proto::Scope,
     /// The protocol version ([`Channel::protocol`]).
     protocol: u8,
+}
+
+/// Never the channel id: it is a bearer token (without mutual TLS it is all a client needs to
+/// reattach), so `{:?}` shows only the short hashed tag the logs use.
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("tag", &driver::tag(&self.id))
+            .field("protocol", &self.protocol)
+            .field("max_message_size", &self.max_message_size)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for Handle {
