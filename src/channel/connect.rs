@@ -118,6 +118,7 @@ pub fn ack_frequency_config() -> quinn::AckFrequencyConfig {
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// rustls refused the certificate, key or roots.
     #[error("TLS configuration: {0}")]
@@ -198,6 +199,7 @@ pub fn server_config_with_protocols(
 
 /// Why [`Channel::connect`] failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConnectError {
     /// The connection could not be started (bad server name, endpoint closed, …).
     #[error("cannot connect: {0}")]
@@ -312,6 +314,7 @@ impl Channel {
 
 /// Why a server did not open a channel on a connection.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AcceptError {
     /// The connection failed before its Hello arrived.
     #[error("connection failed before its hello: {0}")]

@@ -154,6 +154,7 @@ pub enum Claimed {
 /// [`StoreError::outcome_unknown`] tells whether the operation may nevertheless have taken
 /// effect (a claim written whose answer was lost).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The in-memory store is full of unexpired claims (`MemoryStore::new`'s `max_claims`).
     #[error("dedupe store full: {max} unexpired claims")]
