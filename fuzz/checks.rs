@@ -330,6 +330,36 @@ struct Book {
     /// Ids the application took (in the current incarnation), and keys it took (ever).
     taken: HashSet<u64>,
     taken_keys: HashSet<Bytes>,
+    /// The honest sender's outcomes (acked or failed) per id, of its current incarnation.
+    outcomes: HashMap<u64, u32>,
+}
+
+/// What hostile input may have touched, of the honest sender's current incarnation: the
+/// checks that concern one honest message (its payload, its ack, its refusal) skip these
+/// ids and keep judging the others.
+#[derive(Default)]
+struct Taint {
+    /// Ids named by forged or mutated shard frames and stream messages.
+    ids: HashSet<u64>,
+    /// Every id below this: a forged FLOOR said they have their outcomes.
+    below: u64,
+}
+
+impl Taint {
+    fn id(&self, id: u64) -> bool {
+        id < self.below || self.ids.contains(&id)
+    }
+
+    /// Notes what a datagram that is not the honest sender's may touch.
+    fn datagram(&mut self, datagram: &Bytes) {
+        match Frame::decode(datagram.clone(), &Limits::default()) {
+            Ok(Frame::Shard(shard)) => self.ids.extend(shard.header.messages().take(256)),
+            Ok(Frame::Floor(floor)) => self.below = self.below.max(floor.floor),
+            // Acks and refusals go to the receiving peer's own (idle) sender; Hello and
+            // Close are the channel's business.
+            _ => {}
+        }
+    }
 }
 
 impl Book {
@@ -367,10 +397,10 @@ impl Book {
 
     /// An ack from the receiver for `id`: in a claims mode it must have been claimed (or its
     /// key settled before, when the receiver already knew the key).
-    fn check_ack(&self, id: u64, hostile: bool) {
+    fn check_ack(&self, id: u64, tainted: bool) {
         use surelink::proto::Claims;
-        // Forged frames may reuse the honest ids with other keys: only honest runs are judged.
-        if hostile {
+        // Forged frames may reuse this honest id with another payload or key.
+        if tainted {
             return;
         }
         if self.ack_on_take && self.claims != Claims::Application {
@@ -399,8 +429,8 @@ impl Book {
         );
     }
 
-    /// Checks one message the application took.
-    fn check(&mut self, m: &surelink::proto::Delivered, hostile: bool) {
+    /// Checks one message the application took (`tainted`: hostile input named its id).
+    fn check(&mut self, m: &surelink::proto::Delivered, tainted: bool) {
         use surelink::proto::Claims;
         let now = self.entered.pop_front().expect("every delivery was noted");
         if !self.ids.insert(m.id) {
@@ -435,7 +465,7 @@ impl Book {
             }
             self.keys.insert(k.clone(), now);
         }
-        if !hostile {
+        if !tainted {
             assert!(
                 !self.refused.contains(&m.id),
                 "message {} delivered after it was refused",
@@ -454,109 +484,160 @@ impl Book {
 /// Arbitrary operation sequences against a [`Peer`] (the receiver's whole sans-I/O state
 /// machine: decoding, reassembly, dedupe window, idempotency keys, acks) with small caps.
 /// After every step: no panic, every cap holds, no message id is delivered twice (within one
-/// incarnation of the other side), no idempotency key is delivered twice, and with no
-/// hostile input in the run every delivered message is one the honest sender sent.
+/// incarnation of the other side), no idempotency key is delivered twice, and every
+/// delivered, acked or refused message of the honest sender is judged (its payload is what
+/// was sent, an ack follows the take or the claim, a refusal means it was not delivered)
+/// unless hostile input named its id (forged or mutated shards and stream messages, and
+/// every id below a forged FLOOR). At the end the application reads, claims are answered
+/// and time passes until the honest sender is done: every message it sent (in its last
+/// incarnation) has exactly one outcome.
 pub fn receiver(data: &[u8]) {
-    use std::time::{Duration, Instant};
-    use surelink::proto::{Claims, Peer, ReceiverConfig, SenderConfig};
-    use surelink::wire::{BlockHeader, ShardFrame};
-
     let mut u = Unstructured::new(data);
-    let mut now = Instant::now();
     let mode = u.arbitrary::<u8>().unwrap_or(0);
-    let claims = match mode % 3 {
-        0 => Claims::Off,
-        1 => Claims::Owner,
-        _ => Claims::Application,
-    };
-    let ack_on_take = mode & 0x40 != 0;
-    let receiver = ReceiverConfig {
-        claims,
-        ack_on_take,
-        max_pending_claims: PEER_MAX_PENDING,
-        reassembler: ReassemblerConfig {
-            max_blocks: PEER_MAX_BLOCKS,
-            max_bytes: PEER_MAX_BYTES,
-            completed_memory: 64,
-            ..ReassemblerConfig::default()
-        },
-        dedupe_window: PEER_WINDOW,
-        hole_ttl: Duration::from_secs(2),
-        max_keys: PEER_MAX_KEYS,
-        key_ttl: Duration::from_secs(5),
-        max_queued_bytes: PEER_MAX_QUEUED,
-        ..ReceiverConfig::default()
-    };
-    let mut peer = Peer::new(SenderConfig::default(), receiver);
-    // A fixed code (one parity shard per block): the tuner's search would dominate each run,
-    // and it is covered by its own tests.
-    let honest_config = SenderConfig {
-        max_in_flight: 1 << 20,
-        adaptive: None,
-        // Shorter than the receiver's hole TTL (2 s), as the docs require.
-        deadline: Duration::from_secs(1),
-        ..SenderConfig::default()
-    };
-    let mut honest = surelink::proto::Sender::new(honest_config.clone());
-    let mut wire: Vec<Bytes> = Vec::new();
-    let mut next_fresh = 0usize;
-    let mut book = Book {
-        claims,
-        ack_on_take,
-        ..Book::default()
-    };
-    let mut requests: Vec<surelink::proto::ClaimRequest> = Vec::new();
-    let mut unconfirmed: Vec<(u64, Option<Bytes>)> = Vec::new();
-    let mut hostile = false;
-    let mut reading = true;
-
+    let mut h = Harness::new(mode, data.len());
     for _ in 0..MAX_OPS {
         let Ok(op) = PeerOp::arbitrary(&mut u).inspect(|op| {
             if std::env::var_os("SURELINK_RECEIVER_TRACE").is_some() {
-                eprintln!("{claims:?} take={ack_on_take} {op:?}");
+                eprintln!("{:?} take={} {op:?}", h.book.claims, h.book.ack_on_take);
             }
         }) else {
             break;
         };
+        h.step(op);
+    }
+    h.finish();
+}
+
+/// The receiver target's world: the peer under test, the honest sender and what the target
+/// knows.
+struct Harness {
+    now: std::time::Instant,
+    peer: surelink::proto::Peer,
+    honest: surelink::proto::Sender,
+    honest_config: surelink::proto::SenderConfig,
+    /// The honest sender's datagrams (of its current connection), and the first not yet
+    /// delivered by [`PeerOp::DeliverAll`].
+    wire: Vec<Bytes>,
+    next_fresh: usize,
+    book: Book,
+    taint: Taint,
+    requests: Vec<surelink::proto::ClaimRequest>,
+    unconfirmed: Vec<(u64, Option<Bytes>)>,
+    /// Messages of the honest sender's earlier incarnations handed to the application and
+    /// not yet taken (checked already): it takes them first, in order.
+    old: std::collections::VecDeque<surelink::proto::Delivered>,
+    reading: bool,
+    /// The input's length (the queue's cap may be overshot by one stream message).
+    input_len: usize,
+}
+
+impl Harness {
+    fn new(mode: u8, input_len: usize) -> Harness {
+        use std::time::Duration;
+        use surelink::proto::{Claims, Peer, ReceiverConfig, SenderConfig};
+        let claims = match mode % 3 {
+            0 => Claims::Off,
+            1 => Claims::Owner,
+            _ => Claims::Application,
+        };
+        let ack_on_take = mode & 0x40 != 0;
+        let receiver = ReceiverConfig {
+            claims,
+            ack_on_take,
+            max_pending_claims: PEER_MAX_PENDING,
+            reassembler: ReassemblerConfig {
+                max_blocks: PEER_MAX_BLOCKS,
+                max_bytes: PEER_MAX_BYTES,
+                completed_memory: 64,
+                ..ReassemblerConfig::default()
+            },
+            dedupe_window: PEER_WINDOW,
+            hole_ttl: Duration::from_secs(2),
+            max_keys: PEER_MAX_KEYS,
+            key_ttl: Duration::from_secs(5),
+            max_queued_bytes: PEER_MAX_QUEUED,
+            ..ReceiverConfig::default()
+        };
+        // A fixed code (one parity shard per block): the tuner's search would dominate each
+        // run, and it is covered by its own tests.
+        let honest_config = SenderConfig {
+            max_in_flight: 1 << 20,
+            adaptive: None,
+            // Shorter than the receiver's hole TTL (2 s), as the docs require.
+            deadline: Duration::from_secs(1),
+            ..SenderConfig::default()
+        };
+        Harness {
+            now: std::time::Instant::now(),
+            peer: Peer::new(SenderConfig::default(), receiver),
+            honest: surelink::proto::Sender::new(honest_config.clone()),
+            honest_config,
+            wire: Vec::new(),
+            next_fresh: 0,
+            book: Book {
+                claims,
+                ack_on_take,
+                ..Book::default()
+            },
+            taint: Taint::default(),
+            requests: Vec::new(),
+            unconfirmed: Vec::new(),
+            old: std::collections::VecDeque::new(),
+            reading: true,
+            input_len,
+        }
+    }
+
+    /// Collects the honest sender's datagrams.
+    fn collect(&mut self) {
+        while let Some(d) = self.honest.poll_transmit() {
+            self.wire.push(d);
+        }
+    }
+
+    fn step(&mut self, op: PeerOp) {
+        use std::time::Duration;
+        use surelink::wire::{BlockHeader, ShardFrame};
+        let now = self.now;
         let mut datagrams = Vec::new();
         match op {
             PeerOp::Send { len, key } => {
                 let len = usize::from(len) % 3000;
                 let payload: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31)).collect();
                 let key = (key != 0).then(|| vec![key % 8 + 1]);
-                if let Ok(id) = honest.send_keyed(now, key.as_deref(), &payload) {
-                    book.sent.insert(id, Bytes::from(payload));
+                if let Ok(id) = self.honest.send_keyed(now, key.as_deref(), &payload) {
+                    self.book.sent.insert(id, Bytes::from(payload));
                     if let Some(k) = key {
-                        book.sent_keys.insert(id, Bytes::from(k));
+                        self.book.sent_keys.insert(id, Bytes::from(k));
                     }
                 }
-                while let Some(d) = honest.poll_transmit() {
-                    wire.push(d);
-                }
+                self.collect();
             }
             PeerOp::Deliver { index } => {
-                if !wire.is_empty() {
-                    datagrams.push(wire[usize::from(index) % wire.len()].clone());
+                if !self.wire.is_empty() {
+                    datagrams.push(self.wire[usize::from(index) % self.wire.len()].clone());
                 }
             }
             PeerOp::DeliverAll => {
-                datagrams.extend(wire[next_fresh..].iter().cloned());
-                next_fresh = wire.len();
+                datagrams.extend(self.wire[self.next_fresh..].iter().cloned());
+                self.next_fresh = self.wire.len();
             }
             PeerOp::Mutate { index, at, xor } => {
-                if !wire.is_empty() && xor != 0 {
-                    let mut d = wire[usize::from(index) % wire.len()].to_vec();
+                if !self.wire.is_empty() && xor != 0 {
+                    let mut d = self.wire[usize::from(index) % self.wire.len()].to_vec();
                     if !d.is_empty() {
                         let at = usize::from(at) % d.len();
                         d[at] ^= xor;
-                        hostile = true;
-                        datagrams.push(Bytes::from(d));
+                        let d = Bytes::from(d);
+                        self.taint.datagram(&d);
+                        datagrams.push(d);
                     }
                 }
             }
             PeerOp::Raw(bytes) => {
-                hostile = true;
-                datagrams.push(Bytes::from(bytes));
+                let d = Bytes::from(bytes);
+                self.taint.datagram(&d);
+                datagrams.push(d);
             }
             PeerOp::Shard {
                 block,
@@ -567,7 +648,6 @@ pub fn receiver(data: &[u8]) {
                 index,
                 payload,
             } => {
-                hostile = true;
                 // Varints carry at most 62 bits; the encoder asserts it (decoding checks).
                 let header = BlockHeader {
                     block: block & VARINT_MAX,
@@ -583,15 +663,18 @@ pub fn receiver(data: &[u8]) {
                     index,
                     payload: Bytes::from(payload),
                 });
-                datagrams.push(frame.to_bytes());
+                let d = frame.to_bytes();
+                self.taint.datagram(&d);
+                datagrams.push(d);
             }
             PeerOp::Stream { id, body } => {
-                hostile = true;
-                let mut m = surelink::wire::encode_stream_head(id & VARINT_MAX).to_vec();
+                let id = id & VARINT_MAX;
+                self.taint.ids.insert(id);
+                let mut m = surelink::wire::encode_stream_head(id).to_vec();
                 m.extend_from_slice(&body);
                 // The channel holds stream messages while the receiver is backlogged.
-                if !peer.receiver.backlogged() {
-                    let _ = peer.handle_stream_message(now, Bytes::from(m));
+                if !self.peer.receiver.backlogged() {
+                    let _ = self.peer.handle_stream_message(now, Bytes::from(m));
                 }
             }
             PeerOp::Ack(bytes) => {
@@ -599,133 +682,221 @@ pub fn receiver(data: &[u8]) {
                 d.extend_from_slice(&bytes);
                 datagrams.push(Bytes::from(d));
             }
-            PeerOp::Tick { ms } => {
-                now += Duration::from_millis(u64::from(ms));
-                peer.handle_timeout(now);
-                honest.handle_timeout(now);
-                while let Some(d) = honest.poll_transmit() {
-                    wire.push(d);
-                }
-            }
+            PeerOp::Tick { ms } => self.tick(Duration::from_millis(u64::from(ms))),
             PeerOp::NewConnection => {
-                peer.new_connection(now);
+                self.peer.new_connection(now);
                 // Block ids start over on a new connection: the honest sender re-sends
                 // what is unacked in new blocks.
-                honest.new_connection(now);
-                wire.clear();
-                next_fresh = 0;
-                while let Some(d) = honest.poll_transmit() {
-                    wire.push(d);
-                }
+                self.honest.new_connection(now);
+                self.wire.clear();
+                self.next_fresh = 0;
+                self.collect();
             }
             PeerOp::PeerLostState => {
                 // Messages already delivered (queued, perhaps unread) belong to the old
                 // incarnation, whose ids are about to be reused: check them against it.
-                book.note_deliveries(&peer, now);
-                while let Some(m) = peer.receiver.poll_delivery() {
+                self.book.note_deliveries(&self.peer, now);
+                while let Some(m) = self.peer.receiver.poll_delivery() {
                     // Once the application is gone nobody reads them (claims mode hands
-                    // claimed messages to the closed queue).
-                    if !book.gone {
-                        book.check(&m, hostile);
+                    // claimed messages to the closed queue); otherwise it takes them when
+                    // it reads, before anything newer.
+                    if !self.book.gone {
+                        self.book.check(&m, self.taint.id(m.id));
+                        self.old.push_back(m);
                     }
                 }
-                peer.receiver.peer_lost_state();
-                honest = surelink::proto::Sender::new(honest_config.clone());
-                wire.clear();
-                next_fresh = 0;
-                book.sent.clear();
-                book.sent_keys.clear();
-                book.ids.clear();
-                book.claimed_ids.clear();
-                book.granted.clear();
-                book.settled.clear();
-                book.released.clear();
-                book.refused.clear();
-                book.taken.clear();
-                requests.clear();
-                unconfirmed.clear();
+                self.peer.receiver.peer_lost_state();
+                // The old sender is gone with whatever it had in flight (its outcomes are
+                // nobody's now): the new one starts over.
+                self.honest = surelink::proto::Sender::new(self.honest_config.clone());
+                self.wire.clear();
+                self.next_fresh = 0;
+                let b = &mut self.book;
+                b.sent.clear();
+                b.sent_keys.clear();
+                b.ids.clear();
+                b.claimed_ids.clear();
+                b.granted.clear();
+                b.settled.clear();
+                b.released.clear();
+                b.refused.clear();
+                b.taken.clear();
+                b.outcomes.clear();
+                self.taint = Taint::default();
+                self.requests.clear();
+                self.unconfirmed.clear();
             }
             // An application that dropped its `Messages` never reads again.
-            PeerOp::Reading(r) => reading = r && !book.gone,
+            PeerOp::Reading(r) => self.reading = r && !self.book.gone,
             PeerOp::Gone => {
-                book.note_deliveries(&peer, now);
-                peer.receiver.application_gone(now);
-                book.gone = true;
-                reading = false;
+                self.book.note_deliveries(&self.peer, now);
+                self.peer.receiver.application_gone(now);
+                self.book.gone = true;
+                self.reading = false;
+                self.old.clear();
                 // What it discarded never reaches the application.
-                book.entered.clear();
-                book.delivered = peer.receiver.stats().delivered;
+                self.book.entered.clear();
+                self.book.delivered = self.peer.receiver.stats().delivered;
             }
-            PeerOp::Answer { index, outcome } => {
-                let fail = outcome % 4 == 3;
-                if !requests.is_empty() {
-                    let request = requests.swap_remove(usize::from(index) % requests.len());
-                    let answer = book.decide(request.id, request.key.as_ref(), fail);
-                    peer.receiver.claim_done(now, &request, answer);
-                } else if !unconfirmed.is_empty() {
-                    let (id, key) = unconfirmed.swap_remove(usize::from(index) % unconfirmed.len());
-                    let answer = book.decide(id, key.as_ref(), fail);
-                    if fail {
-                        book.released.insert(id);
-                    }
-                    peer.receiver.confirm(now, id, answer);
-                }
-            }
+            PeerOp::Answer { index, outcome } => self.answer(usize::from(index), outcome % 4 == 3),
         }
+        self.pump(datagrams);
+    }
+
+    /// Time passes.
+    fn tick(&mut self, d: std::time::Duration) {
+        self.now += d;
+        self.peer.handle_timeout(self.now);
+        self.honest.handle_timeout(self.now);
+        self.collect();
+    }
+
+    /// The store (or the application) answers one outstanding claim.
+    fn answer(&mut self, index: usize, fail: bool) {
+        let now = self.now;
+        let trace = std::env::var_os("SURELINK_RECEIVER_TRACE").is_some();
+        if !self.requests.is_empty() {
+            let request = self.requests.swap_remove(index % self.requests.len());
+            let answer = self.book.decide(request.id, request.key.as_ref(), fail);
+            if trace {
+                eprintln!("  claim {} {answer:?}", request.id);
+            }
+            self.peer.receiver.claim_done(now, &request, answer);
+        } else if !self.unconfirmed.is_empty() {
+            let (id, key) = self.unconfirmed.swap_remove(index % self.unconfirmed.len());
+            let answer = self.book.decide(id, key.as_ref(), fail);
+            if trace {
+                eprintln!("  confirm {id} {answer:?}");
+            }
+            if fail {
+                self.book.released.insert(id);
+            }
+            self.peer.receiver.confirm(now, id, answer);
+        }
+    }
+
+    /// Feeds `datagrams` to the peer, then moves everything that follows: acks and
+    /// refusals to the honest sender, its outcomes to the checks, claims to the queue,
+    /// deliveries to the application; and checks the caps.
+    fn pump(&mut self, datagrams: Vec<Bytes>) {
+        use surelink::proto::{Claims, FailReason, SenderEvent};
+        let now = self.now;
         for d in datagrams {
-            peer.handle_datagram(now, d);
+            self.peer.handle_datagram(now, d);
         }
         // Acks go back to the honest sender (which also drives its hedges).
-        while let Some(ack) = peer.poll_transmit() {
+        while let Some(ack) = self.peer.poll_transmit() {
             match Frame::decode(ack, &Limits::default()) {
-                Ok(Frame::Ack(a)) => honest.handle_ack(now, &a),
-                Ok(Frame::Refuse(r)) => honest.handle_refuse(now, &r),
+                Ok(Frame::Ack(a)) => self.honest.handle_ack(now, &a),
+                Ok(Frame::Refuse(r)) => self.honest.handle_refuse(now, &r),
                 _ => {}
             }
         }
-        while let Some(event) = honest.poll_event() {
+        self.collect();
+        let trace = std::env::var_os("SURELINK_RECEIVER_TRACE").is_some();
+        while let Some(event) = self.honest.poll_event() {
+            if trace {
+                eprintln!("  sender {event:?}");
+            }
+            let id = match event {
+                SenderEvent::Acked { id, .. } | SenderEvent::Failed { id, .. } => id,
+            };
+            let n = self.book.outcomes.entry(id).or_default();
+            *n += 1;
+            assert_eq!(*n, 1, "message {id} has a second outcome: {event:?}");
+            let tainted = self.taint.id(id);
             match event {
-                surelink::proto::SenderEvent::Acked { id, .. } => book.check_ack(id, hostile),
-                surelink::proto::SenderEvent::Failed {
+                SenderEvent::Acked { id, .. } => self.book.check_ack(id, tainted),
+                SenderEvent::Failed {
                     id,
-                    reason: surelink::proto::FailReason::Refused(_),
+                    reason: FailReason::Refused(_),
                 } => {
+                    // (An inbox application that rolled its transaction back did not take
+                    // the message in effect: a refusal after that is true.)
                     assert!(
-                        hostile || !book.ids.contains(&id),
+                        tainted || !self.book.ids.contains(&id) || self.book.released.contains(&id),
                         "message {id} refused after it was delivered"
                     );
-                    book.refused.insert(id);
+                    self.book.refused.insert(id);
                 }
-                _ => {}
+                SenderEvent::Failed { .. } => {}
             }
         }
-        while let Some(request) = peer.receiver.poll_claim() {
-            requests.push(request);
+        while let Some(request) = self.peer.receiver.poll_claim() {
+            self.requests.push(request);
         }
-        book.note_deliveries(&peer, now);
-        while let Some(m) = reading.then(|| peer.receiver.poll_delivery()).flatten() {
-            book.check(&m, hostile);
-            book.taken.insert(m.id);
+        self.book.note_deliveries(&self.peer, now);
+        while self.reading {
+            if let Some(m) = self.old.pop_front() {
+                if let Some(k) = &m.key {
+                    self.book.taken_keys.insert(k.clone());
+                }
+                self.peer.receiver.taken(now, m.id);
+                continue;
+            }
+            let Some(m) = self.peer.receiver.poll_delivery() else {
+                break;
+            };
+            if trace {
+                eprintln!("  taken {} key {:?}", m.id, m.key);
+            }
+            self.book.check(&m, self.taint.id(m.id));
+            self.book.taken.insert(m.id);
             if let Some(k) = &m.key {
-                book.taken_keys.insert(k.clone());
+                self.book.taken_keys.insert(k.clone());
             }
-            peer.receiver.taken(now, m.id);
-            if claims == Claims::Application {
-                unconfirmed.push((m.id, m.key.clone()));
+            self.peer.receiver.taken(now, m.id);
+            if self.book.claims == Claims::Application {
+                self.unconfirmed.push((m.id, m.key.clone()));
             }
         }
-        assert!(peer.receiver.stats().claims_pending <= PEER_MAX_PENDING);
-        let r = peer.receiver.reassembly();
+        let st = self.peer.receiver.stats();
+        assert!(st.claims_pending <= PEER_MAX_PENDING);
+        let r = self.peer.receiver.reassembly();
         assert!(r.bytes_buffered <= PEER_MAX_BYTES, "{r:?}");
         assert!(r.blocks_buffered <= PEER_MAX_BLOCKS, "{r:?}");
-        let st = peer.receiver.stats();
         assert!(st.ids_tracked as u64 <= PEER_WINDOW, "{st:?}");
         assert!(st.keys_held <= PEER_MAX_KEYS, "{st:?}");
         // The delivery queue: its cap, overshot at most by what one shard completes (a
         // block, which the reassembler held within its own cap) or one stream message.
         assert!(
-            st.bytes_queued <= PEER_MAX_QUEUED + PEER_MAX_BYTES.max(data.len()),
+            st.bytes_queued <= PEER_MAX_QUEUED + PEER_MAX_BYTES.max(self.input_len),
             "{st:?}"
+        );
+    }
+
+    /// Promise 3: the application reads (unless it is gone), every claim is answered and
+    /// time passes (nothing more arrives: its cost would dominate the run) until the honest
+    /// sender is done; then every message it sent has its one outcome.
+    fn finish(mut self) {
+        use std::time::Duration;
+        if std::env::var_os("SURELINK_RECEIVER_TRACE").is_some() {
+            eprintln!("finish");
+        }
+        self.reading = !self.book.gone;
+        // The honest sender gives every message up at its deadline (1 s) at the latest.
+        for _ in 0..4 {
+            while !self.requests.is_empty() || !self.unconfirmed.is_empty() {
+                self.answer(0, false);
+            }
+            self.pump(Vec::new());
+            if self.honest.in_flight() == 0 {
+                break;
+            }
+            self.tick(self.honest_config.deadline + Duration::from_millis(10));
+        }
+        assert_eq!(self.honest.in_flight(), 0, "the honest sender is not done");
+        let mut missing: Vec<u64> = self
+            .book
+            .sent
+            .keys()
+            .filter(|id| !self.book.outcomes.contains_key(id))
+            .copied()
+            .collect();
+        missing.sort_unstable();
+        assert!(
+            missing.is_empty(),
+            "messages without an outcome: {missing:?}"
         );
     }
 }
