@@ -1,25 +1,68 @@
-//! A deterministic world for the channel's whole policy ([`surelink::proto::link::Link`]): one
-//! client channel over one to three replicas, a lossy network in virtual time, a claims store
-//! that fails (errors, errors after COMMIT, hangs), server processes that crash with or
-//! without their state, applications that pause or stop reading, a client that closes or
-//! drops its handles. Every send and every delivery is recorded in a
-//! [`surelink::promises::Ledger`], checked after every step and, once the world has run
-//! quiet, with every send required to have its outcome.
+//! A deterministic world for the channel's whole policy ([`surelink::proto::link::Link`]):
+//! several client applications, each with a channel over one to three replicas, and servers
+//! that hold one channel per client the way a `channel::Server` does, in virtual time.
+//!
+//! What it models, exactly:
+//! - **Three server shapes** ([`Mode`]): `Keys`, one server without a claims store whose
+//!   channels share one idempotency-key record (`LinkConfig::shared_keys`, one
+//!   `SharedKeys::new(key_ttl, max_keys)` clone given to every channel of the process, as
+//!   `channel::Server` does); `Store`, one to three replicas claiming every delivery in a
+//!   shared claims store (`Claims::Owner`); `Inbox`, one to three replicas whose application
+//!   claims each message itself, in its own transaction, and confirms it (`Claims::Application`
+//!   and `Input::Confirm`).
+//! - **One to three client applications**, each a channel (a client `Link`) to the replicas.
+//!   A client may restart: its channel is gone with everything in flight (the restarted
+//!   application counts those sends as unknown), a new channel starts, and the application
+//!   may retry its unresolved keyed payments there with the same key and payload.
+//! - **Payments**: a keyed send's payload is its payment (key index and variant), the same for
+//!   every retry; one keyed send in eight is another payment under a used key. The world
+//!   knows each send's message id (the sender's next id when it was sent) and traces every
+//!   delivery back to its send by (channel, id), so payloads need not name their send.
+//! - **Stream messages**: payments under half of the keys, and some unkeyed messages, are
+//!   600 bytes; on odd channels (`stream_threshold` 256) they travel over
+//!   `Action::OpenStream` / `Input::StreamMessage`, on even ones (the default threshold) on
+//!   datagrams, so a client that restarts retries them on the other path. A server may
+//!   reset a stream ([`Op::StreamReset`]: `Input::StreamInvalid`, and `StreamEnd::Refused`
+//!   at the client).
+//! - **A key record that fills up**: `max_keys` is 2, 4 or the default (shared record and
+//!   each channel's receiver alike).
+//! - A lossy network, blackouts (the connections time out after a second), server crashes
+//!   with and without state, a failing claims store or inbox transaction (errors, errors
+//!   after COMMIT, hangs), applications that pause or drop their `Messages` (`AppGone`),
+//!   clients that close or drop their handles.
+//! - **A hostile peer** (optional): a client on its own channel of replica 0 that sends raw
+//!   frames: messages with reused ids, with other clients' keys (and their payments' very
+//!   payloads), on datagrams or streams; forged FLOOR, REFUSE and ACK frames; replays and
+//!   arbitrary bytes. Its deliveries count for their keys ([`Ledger::foreign`]); the
+//!   promises are judged for the honest clients' sends.
+//!
+//! Every send and delivery goes into one [`Ledger`], checked after every step and, once the
+//! world has run quiet, with every send required to have its outcome.
+//!
+//! Crashes without state are held back while the replica owns a claim that was written
+//! but whose message it has not handed over (the documented gap of one-phase claims), and
+//! happen as soon as it has none; a claim whose channel ended can no longer be handed over,
+//! so it holds nothing back.
 //!
 //! Shared by the `channel` fuzz target and `tests/fuzz_corpus.rs` (corpus replay on stable).
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
-use surelink::promises::{Ledger, Outcome};
+use surelink::fec::{Encoder, EncoderConfig};
+use surelink::promises::{Ledger, Outcome, Violation, Violations};
 use surelink::proto::link::{
     claims_mode, Action, Attached, ConnId, DialFailure, Dialed, Input, Link, LinkConfig, Lost,
-    Role, StreamEnd, GOODBYE,
+    Role, SharedKeys, StreamEnd, GOODBYE,
 };
-use surelink::proto::ClaimOutcome;
+use surelink::proto::{payload_digest, ClaimOutcome, Digest, Scope, ANONYMOUS};
+use surelink::wire::{
+    encode_stream_head, AckFrame, Envelope, FloorFrame, Frame, Limits, RefuseFrame, MAX_VARINT,
+    STREAM_REFUSED,
+};
 
 /// One-way delay of the simulated path.
 const DELAY: Duration = Duration::from_millis(10);
@@ -29,8 +72,27 @@ const IDLE: Duration = Duration::from_secs(1);
 const SIZE: usize = 1200;
 /// Application close code of a refusal (`channel::connect`'s `REFUSED`).
 const REFUSED: u32 = 2;
+/// Distinct idempotency keys (per key epoch).
+const KEYS: u8 = 8;
+/// A delivery the world cannot trace to a send.
+const PHANTOM: u64 = u64::MAX;
+/// The hostile peer's messages are numbered from here in the ledger.
+const FOREIGN: u64 = 1 << 40;
+/// Most steps in a scenario.
+const MAX_OPS: usize = 64;
 
-/// How the store misbehaves on its next claim attempts.
+/// How the servers keep their promises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One server without a store: its channels share one key record.
+    Keys,
+    /// Replicas sharing a claims store.
+    Store,
+    /// Replicas whose application claims each message in its own transaction (the inbox).
+    Inbox,
+}
+
+/// How the store (or the inbox application's transaction) misbehaves on its next attempts.
 #[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreFault {
     /// The attempt fails; nothing is written.
@@ -44,12 +106,41 @@ pub enum StoreFault {
     },
 }
 
+/// What the hostile peer sends on its own channel.
+#[derive(Arbitrary, Debug, Clone)]
+pub enum Hostile {
+    /// A message with id `id` (ids are reused freely), with one of the honest keys (`key`,
+    /// as [`Op::Send`]) or none; `imitate`: the honest payment's own payload for that key;
+    /// `big`: on a stream.
+    Message {
+        id: u8,
+        key: Option<u8>,
+        imitate: bool,
+        big: bool,
+    },
+    /// A FLOOR frame.
+    Floor(u16),
+    /// A REFUSE frame (the server sends nothing: its sender has nothing to refuse).
+    Refuse { reason: u8, from: u8, len: u8 },
+    /// An ACK frame.
+    Ack { from: u8, len: u8 },
+    /// Arbitrary bytes as a datagram.
+    Raw(Vec<u8>),
+    /// One of its earlier datagrams again.
+    Replay(u8),
+    /// A new connection naming its channel.
+    Reconnect,
+}
+
 /// One step of a scenario.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum Op {
-    /// The client application sends a message (keyed from a small set, so keys repeat as
-    /// retries do; `big` takes the stream path; `deadline` a per-send deadline in 100 ms).
+    /// Client `client` sends a payment: keyed from a small set (`key % 8`; one in eight is
+    /// another payment under the key), so keys repeat as retries do; `big`: an unkeyed
+    /// message of 600 bytes (a payment's size comes with its key); `deadline` a per-send
+    /// deadline in 100 ms.
     Send {
+        client: u8,
         key: Option<u8>,
         big: bool,
         deadline: Option<u8>,
@@ -63,54 +154,116 @@ pub enum Op {
     /// Replica `replica`'s process dies; `keep_state`: its channels survive (only its
     /// socket restarted), otherwise they are gone.
     Crash { replica: u8, keep_state: bool },
-    /// The next `count` (1..=4) claim attempts misbehave.
+    /// The next `count` (1..=4) claim attempts (inbox: the application's transactions)
+    /// misbehave.
     Store { fault: StoreFault, count: u8 },
-    /// Replica `replica`'s application stops taking messages for `ms × 20`.
-    Pause { replica: u8, ms: u8 },
-    /// Replica `replica`'s application drops its `Messages`.
-    Stop { replica: u8 },
-    /// The client closes its channel (`drain`: `close().await`; otherwise `abort()`).
-    Close { drain: bool },
-    /// The client drops every handle.
-    DropHandles,
-    /// The shell reports the client's primary path: quinn's round trip (`rtt_ms × 4` ms,
-    /// arbitrary, so queueing comes and goes) and whether its send buffer is congested.
-    Path { rtt_ms: u8, congested: bool },
+    /// The next `n % 4 + 1` stream messages a server reads are too slow: it resets them.
+    StreamReset(u8),
+    /// The application of server channel `app` stops taking messages for `ms × 20`.
+    Pause { app: u8, ms: u8 },
+    /// The application of server channel `app` drops its `Messages`.
+    Stop { app: u8 },
+    /// Client `client` closes its channel (`drain`: `close().await`; otherwise `abort()`).
+    Close { client: u8, drain: bool },
+    /// Client `client` drops every handle.
+    DropHandles { client: u8 },
+    /// Client `client`'s process restarts: a new channel; `retry`: its application sends
+    /// its unresolved keyed payments again there.
+    Restart { client: u8, retry: bool },
+    /// The shell reports client `client`'s primary path: quinn's round trip (`rtt_ms × 4`
+    /// ms, arbitrary, so queueing comes and goes) and whether its send buffer is congested.
+    Path {
+        client: u8,
+        rtt_ms: u8,
+        congested: bool,
+    },
+    /// The hostile peer acts (nothing without one).
+    Hostile(Hostile),
 }
 
 /// A scenario: the world's shape and its steps.
 #[derive(Debug, Clone)]
 pub struct Scenario {
-    /// Replicas (1 without a store).
+    /// How the servers keep their promises.
+    pub mode: Mode,
+    /// Replicas (1 in [`Mode::Keys`]: without a store they must not be replicated).
     pub replicas: usize,
-    /// Whether they share a claims store.
-    pub store: bool,
+    /// Honest client applications.
+    pub clients: usize,
+    /// Whether a hostile peer has a channel of replica 0.
+    pub hostile: bool,
+    /// The servers' key record (each receiver's and the shared one).
+    pub max_keys: usize,
+    /// The servers skip a hole in a channel's ids after 2 s (`hole_ttl`), shorter than the
+    /// clients' 5 s deadline; otherwise the default 30 s.
+    pub short_holes: bool,
+    /// Each client has an identity (mutual TLS: its keys are its own, `key_scope`);
+    /// otherwise every client, the hostile one included, shares the anonymous namespace.
+    pub identities: bool,
+    /// The protocol version every connection negotiated (1: replays are acked like
+    /// deliveries; 2, the default: as replays).
+    pub protocol: u8,
     /// The steps.
     pub ops: Vec<Op>,
 }
 
-/// Runs `scenario` and checks it.
-pub fn run(scenario: Scenario) {
-    let mut world = World::new(scenario.replicas, scenario.store);
+impl Scenario {
+    /// A scenario of `ops` in `mode` with one client, default keys and no hostile peer.
+    pub fn new(mode: Mode, replicas: usize, ops: Vec<Op>) -> Scenario {
+        Scenario {
+            mode,
+            replicas: if mode == Mode::Keys { 1 } else { replicas },
+            clients: 1,
+            hostile: false,
+            max_keys: surelink::proto::ReceiverConfig::default().max_keys,
+            short_holes: false,
+            identities: false,
+            protocol: 2,
+            ops,
+        }
+    }
+}
+
+/// Runs `scenario` and checks it; returns its ledger.
+pub fn run(scenario: Scenario) -> Ledger {
+    let mut world = World::new(&scenario);
     for op in scenario.ops {
         world.step(op);
     }
-    world.finish();
+    world.finish()
 }
 
 impl<'a> Arbitrary<'a> for Scenario {
     fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
-        let store = u.arbitrary::<bool>()?;
+        let a = u.arbitrary::<u8>()?;
+        let b = u.arbitrary::<u8>()?;
+        let mode = [Mode::Keys, Mode::Store, Mode::Inbox][usize::from(a % 3)];
+        let clients = 1 + usize::from(a / 3 % 3);
         // Replicas without a shared store may each deliver a message once: they must share
-        // one (documented), so several replicas come only with a store.
-        let replicas = if store { u.int_in_range(1..=3)? } else { 1 };
+        // one (documented), so several replicas come only with a store or an inbox.
+        let replicas = if mode == Mode::Keys {
+            1
+        } else {
+            1 + usize::from(a / 9 % 3)
+        };
+        let max_keys = match b >> 1 & 3 {
+            0 if !skip("full-keys") => 2,
+            1 if !skip("full-keys") => 4,
+            _ => surelink::proto::ReceiverConfig::default().max_keys,
+        };
         let mut ops = Vec::new();
-        while !u.is_empty() && ops.len() < 64 {
+        while !u.is_empty() && ops.len() < MAX_OPS {
             ops.push(u.arbitrary()?);
         }
         Ok(Scenario {
+            mode,
             replicas,
-            store,
+            clients,
+            hostile: b & 1 != 0,
+            max_keys,
+            short_holes: b >> 3 & 7 == 0 && !skip("short-holes"),
+            identities: b & 0x40 != 0,
+            protocol: if b & 0x80 != 0 { 1 } else { 2 },
             ops,
         })
     }
@@ -120,111 +273,222 @@ impl<'a> Arbitrary<'a> for Scenario {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Side {
     Client,
-    Server(usize),
+    Server,
 }
 
 #[derive(Debug)]
 enum Event {
-    /// A datagram arrives.
+    /// A datagram arrives at one end of `conn`.
     Datagram { to: Side, conn: ConnId, data: Bytes },
-    /// A stream message arrives at the server (reliable while the connection lives).
+    /// A stream message arrives at the server end of `conn` (reliable while it lives).
     StreamOpen {
-        replica: usize,
         conn: ConnId,
         id: u64,
         head: Bytes,
         body: Bytes,
     },
-    /// A stream's status byte arrives at the client.
-    StreamAnswer { conn: ConnId, id: u64, status: u8 },
+    /// A stream send ends at the client end of `conn` (its status byte, or a reset).
+    StreamEnd {
+        conn: ConnId,
+        id: u64,
+        end: StreamEnd,
+    },
     /// A stream send reaches its deadline at the client.
     StreamDeadline { conn: ConnId, id: u64 },
-    /// A dial attempt finishes.
+    /// A dial attempt of client `client`'s channel `chan` finishes.
     DialDone {
+        client: usize,
+        chan: u64,
         dial: u64,
         result: Result<Dialed, DialFailure>,
     },
-    /// The client's Hello reaches replica `replica` on a new connection.
+    /// A Hello naming channel `chan` reaches replica `replica` on a new connection.
     Hello {
         replica: usize,
         incarnation: u64,
         conn: ConnId,
-        dial: u64,
+        chan: u64,
+        /// The client and its dial (`None`: the hostile peer).
+        dial: Option<(usize, u64)>,
         floor: u64,
     },
     /// A connection ends at one side.
     Lost { to: Side, conn: ConnId, how: Lost },
-    /// A claim attempt is answered.
+    /// A claim attempt of a server channel for message `id` is answered.
     Claimed {
         replica: usize,
         incarnation: u64,
+        instance: usize,
         attempt: u64,
+        id: u64,
         result: Result<ClaimOutcome, String>,
     },
-    /// A hung claim is written after all.
+    /// A hung claim of a server channel is written after all (unless another claim of its
+    /// message or key came first).
     LateCommit {
-        message: u64,
-        key: Option<Bytes>,
-        claimant: u64,
+        replica: usize,
+        incarnation: u64,
+        instance: usize,
+        claim: Claim,
+    },
+    /// An inbox application's slow transaction ends.
+    InboxDone {
+        replica: usize,
+        incarnation: u64,
+        instance: usize,
+        send: u64,
+        claim: Claim,
+        commits: bool,
     },
     /// An application resumes reading.
-    Resume { replica: usize },
+    Resume {
+        replica: usize,
+        incarnation: u64,
+        instance: usize,
+    },
 }
 
 #[derive(Debug)]
 struct Conn {
+    /// The channel it carries.
+    chan: u64,
+    /// The honest client at its client end (`None`: the hostile peer).
+    client: Option<usize>,
     replica: usize,
     incarnation: u64,
+    /// The server channel at its server end, once its Hello was taken.
+    instance: Option<usize>,
     /// Whether each end still has it.
     client_open: bool,
     server_open: bool,
 }
 
-/// A receiving application.
+/// A receiving application (one per server channel, as `Messages` is).
 #[derive(Debug, Default)]
 struct App {
-    /// Handed over, not yet taken: (message id, send).
-    queue: VecDeque<(u64, u64)>,
+    /// Handed over, not yet taken: (message id, send, key, payload digest).
+    queue: VecDeque<(u64, u64, Option<Bytes>, Digest)>,
     paused_until: Option<Instant>,
     stopped: bool,
 }
 
+/// One channel a server holds.
 #[derive(Debug)]
-struct Server {
-    incarnation: u64,
+struct ServerChan {
+    chan: u64,
+    /// `None` once it stopped (its application may still read what it was given).
     link: Option<Link>,
     app: App,
+    /// The application's index in the ledger.
+    app_id: usize,
     /// Inbound stream answers: answer id → (conn, message id).
     answers: HashMap<u64, (ConnId, u64)>,
     next_answer: u64,
+    hostile: bool,
+    /// Its client's key scope.
+    scope: Scope,
 }
 
-/// The shared claims store: (message id → claimant), (key → message id).
+/// One server process.
+#[derive(Debug)]
+struct Replica {
+    incarnation: u64,
+    /// Its channels, in the order they opened (an index names one within an incarnation).
+    channels: Vec<ServerChan>,
+    /// The key record its channels share ([`Mode::Keys`]).
+    keys: Option<SharedKeys>,
+}
+
+/// A client application and its current channel.
+struct Client {
+    link: Link,
+    chan: u64,
+    stopped: bool,
+    closing: bool,
+    handles_dropped: bool,
+    /// Ids its channel's sender assigned so far (the next id).
+    ids: u64,
+    /// Dials already answered (a real driver answers each once).
+    answered: HashSet<u64>,
+    /// Stream sends running: (connection, message id).
+    streams: BTreeSet<(ConnId, u64)>,
+    /// The sends made on this channel.
+    tokens: Vec<u64>,
+}
+
+/// What the world remembers of one honest send.
+#[derive(Debug, Clone)]
+struct SendInfo {
+    client: usize,
+    chan: u64,
+    /// (key index, variant) of a keyed payment.
+    payment: Option<(u8, u8)>,
+    big: bool,
+    /// Its message id, if it got one.
+    id: Option<u64>,
+    outcome: Option<Outcome>,
+    /// Sent again by a restarted application already.
+    retried: bool,
+}
+
+/// A claim of message `message` of channel `chan`, as `store::Claim` carries it.
+#[derive(Debug, Clone)]
+struct Claim {
+    chan: u64,
+    message: u64,
+    key: Option<Bytes>,
+    /// Whose key (the client's identity, or `ANONYMOUS`).
+    scope: Scope,
+    /// Its payload's digest.
+    digest: Digest,
+    /// `0`: anonymous (the inbox application's own claim).
+    claimant: u64,
+}
+
+/// The claims store, or the inbox application's claims table, as `store::MemoryStore`
+/// answers: (channel, message) → (claimant, digest); (scope, key) → (channel, message).
 #[derive(Debug, Default)]
 struct Store {
-    pairs: HashMap<u64, u64>,
-    keys: HashMap<Bytes, u64>,
+    pairs: HashMap<(u64, u64), (u64, Digest)>,
+    keys: HashMap<(Scope, Bytes), (u64, u64)>,
     faults: VecDeque<StoreFault>,
 }
 
 impl Store {
-    fn claim(&mut self, message: u64, key: &Option<Bytes>, claimant: u64) -> ClaimOutcome {
-        if let Some(&owner) = self.pairs.get(&message) {
-            return if owner == claimant {
+    fn claim(&mut self, c: &Claim) -> ClaimOutcome {
+        let pair = (c.chan, c.message);
+        if let Some(&(owner, _)) = self.pairs.get(&pair) {
+            return if owner == c.claimant && c.claimant != 0 {
                 ClaimOutcome::Now
             } else {
                 ClaimOutcome::Before
             };
         }
-        if key.as_ref().is_some_and(|k| self.keys.contains_key(k)) {
-            return ClaimOutcome::Before;
+        if let Some(k) = &c.key {
+            if let Some(other) = self.keys.get(&(c.scope, k.clone())) {
+                return if self.pairs[other].1 == c.digest {
+                    ClaimOutcome::Before
+                } else {
+                    ClaimOutcome::Conflict
+                };
+            }
         }
-        self.pairs.insert(message, claimant);
-        if let Some(k) = key {
-            self.keys.insert(k.clone(), message);
+        self.pairs.insert(pair, (c.claimant, c.digest));
+        if let Some(k) = &c.key {
+            self.keys.insert((c.scope, k.clone()), pair);
         }
         ClaimOutcome::Now
     }
+}
+
+/// The hostile peer.
+struct HostilePeer {
+    chan: u64,
+    conn: ConnId,
+    encoder: Encoder,
+    /// What it sent, for replays (the last 64).
+    sent: VecDeque<Bytes>,
+    next_payload: u64,
 }
 
 /// The world.
@@ -233,12 +497,13 @@ pub struct World {
     now: Instant,
     seq: u64,
     events: BTreeMap<(Instant, u64), Event>,
-    client: Link,
-    client_stopped: bool,
-    servers: Vec<Server>,
+    mode: Mode,
+    clients: Vec<Client>,
+    replicas: Vec<Replica>,
     conns: BTreeMap<ConnId, Conn>,
     next_conn: u64,
-    store_mode: bool,
+    next_chan: u64,
+    next_app: usize,
     store: Store,
     /// Datagram loss per mille, and the end of a blackout.
     loss: u32,
@@ -246,25 +511,34 @@ pub struct World {
     /// A deterministic generator for loss decisions (xorshift).
     rng: u64,
     ledger: Ledger,
-    /// Send token → whether its outcome was reported.
     next_token: u64,
+    next_foreign: u64,
+    sends: HashMap<u64, SendInfo>,
+    /// (channel, message id) → send.
+    ids: HashMap<(u64, u64), u64>,
     /// Keys change when a server without a store loses its state: a key is only remembered
     /// by the server that saw it (documented), so a "retry" across that loss is a new key.
     key_epoch: u32,
-    handles_dropped: bool,
-    closing: bool,
+    /// Whether clients have identities (see [`Scenario::identities`]).
+    identities: bool,
     server_config: LinkConfig,
-    /// Dials already answered (a real driver answers each once).
-    answered: std::collections::HashSet<u64>,
-    /// Stream sends running at the client: (connection, message id).
-    streams: std::collections::BTreeSet<(ConnId, u64)>,
-    /// (replica, message) whose claim was written (its answer on its way, late, or reported
-    /// as a failure) and which that replica has not handed over yet. A crash of such a
-    /// replica is not simulated: another replica would ack the message as claimed before
-    /// while nobody delivers it. That is a known gap (claims are one-phase; closing it needs a
-    /// claim that others see as settled only once its owner hands the message over, with a
-    /// lease for owners that died), stated in the README's guarantees.
-    unresolved: std::collections::HashSet<(usize, u64)>,
+    client_config: LinkConfig,
+    /// (replica, channel index, message) whose claim was written (its answer on its way,
+    /// late, or reported as a failure) and which that channel has not handed over yet. A
+    /// crash without state of such a replica is held back (`crashes_due`): another replica
+    /// would ack the message as claimed before while nobody delivers it. That is a known
+    /// gap (claims are one-phase; closing it needs a claim that others see as settled only
+    /// once its owner hands the message over, with a lease for owners that died), stated in
+    /// the README's guarantees. A channel that stopped drops its entries: it can no longer
+    /// hand them over, crash or not.
+    unresolved: HashSet<(usize, usize, u64)>,
+    /// Replicas whose crash without state waits for their unresolved claims.
+    crashes_due: BTreeSet<usize>,
+    /// Stream messages still to be reset by the server that reads them.
+    stream_resets: u32,
+    /// Crashes without state done.
+    crashes: u64,
+    hostile: Option<HostilePeer>,
 }
 
 fn client_config() -> LinkConfig {
@@ -276,75 +550,194 @@ fn client_config() -> LinkConfig {
     c
 }
 
+/// The payload of a payment: the same for every retry of it. Payments under keys 4..8 are
+/// large: on a stream, or on datagrams (see [`World::connect_client`]).
+fn payment(index: u8, variant: u8) -> Bytes {
+    let mut p = format!("pay-{index}-{variant}").into_bytes();
+    p.resize(if index >= KEYS / 2 { 600 } else { 40 }, b'.');
+    p.into()
+}
+
 impl World {
-    /// A world with `replicas` servers, sharing a claims store when `store`.
-    pub fn new(replicas: usize, store: bool) -> World {
+    /// A world of `scenario`'s shape, every client connected.
+    pub fn new(scenario: &Scenario) -> World {
         let start = Instant::now();
+        let mode = scenario.mode;
         let mut server_config = LinkConfig::default();
-        server_config.receiver.claims = claims_mode(store, false);
+        server_config.receiver.claims = claims_mode(mode == Mode::Store, mode == Mode::Inbox);
+        server_config.receiver.max_keys = scenario.max_keys.max(1);
+        if scenario.short_holes {
+            server_config.receiver.hole_ttl = Duration::from_secs(2);
+        }
+        server_config.protocol = scenario.protocol;
+        let mut client_config = client_config();
+        client_config.protocol = scenario.protocol;
+        let replicas = if mode == Mode::Keys {
+            1
+        } else {
+            scenario.replicas.clamp(1, 3)
+        };
         let mut world = World {
             start,
             now: start,
             seq: 0,
             events: BTreeMap::new(),
-            client: Link::new(
-                start,
-                client_config(),
-                Role::Client {
-                    replicas,
-                    current: 0,
-                    attached: if store {
-                        Attached::Claims
-                    } else {
-                        Attached::New
-                    },
-                },
-                ConnId(0),
-                SIZE,
-                0,
-            ),
-            client_stopped: false,
-            servers: (0..replicas)
-                .map(|_| Server {
-                    incarnation: 0,
-                    link: None,
-                    app: App::default(),
-                    answers: HashMap::new(),
-                    next_answer: 0,
-                })
-                .collect(),
+            mode,
+            clients: Vec::new(),
+            replicas: Vec::new(),
             conns: BTreeMap::new(),
-            next_conn: 1,
-            store_mode: store,
+            next_conn: 0,
+            next_chan: 0,
+            next_app: 0,
             store: Store::default(),
             loss: 0,
             blackout_until: None,
             rng: 0x9e37_79b9_7f4a_7c15,
             ledger: Ledger::default(),
             next_token: 0,
+            next_foreign: FOREIGN,
+            sends: HashMap::new(),
+            ids: HashMap::new(),
             key_epoch: 0,
-            handles_dropped: false,
-            closing: false,
             server_config,
-            answered: Default::default(),
-            streams: Default::default(),
-            unresolved: Default::default(),
+            client_config,
+            identities: scenario.identities,
+            unresolved: HashSet::new(),
+            crashes_due: BTreeSet::new(),
+            stream_resets: 0,
+            crashes: 0,
+            hostile: None,
         };
-        // The first connection, to replica 0, handshake and Hello done.
-        world.conns.insert(
-            ConnId(0),
+        world.replicas = (0..replicas).map(|_| world.new_replica(0)).collect();
+        for c in 0..scenario.clients.clamp(1, 3) {
+            let client = world.connect_client(c, c % replicas);
+            world.clients.push(client);
+        }
+        if scenario.hostile {
+            let chan = world.new_chan();
+            let conn = world.new_conn(chan, None, 0);
+            world.open_server_chan(0, conn, chan, 0);
+            let mut encoder = Encoder::new(EncoderConfig::default());
+            encoder.set_max_datagram_size(SIZE);
+            world.hostile = Some(HostilePeer {
+                chan,
+                conn,
+                encoder,
+                sent: VecDeque::new(),
+                next_payload: 0,
+            });
+        }
+        world.drain_all();
+        world
+    }
+
+    fn new_replica(&self, incarnation: u64) -> Replica {
+        Replica {
+            incarnation,
+            channels: Vec::new(),
+            keys: (self.mode == Mode::Keys).then(|| {
+                SharedKeys::new(
+                    self.server_config.receiver.key_ttl,
+                    self.server_config.receiver.max_keys,
+                )
+            }),
+        }
+    }
+
+    fn new_chan(&mut self) -> u64 {
+        self.next_chan += 1;
+        self.next_chan
+    }
+
+    /// A connection of channel `chan` to replica `replica` (its Hello not yet taken).
+    fn new_conn(&mut self, chan: u64, client: Option<usize>, replica: usize) -> ConnId {
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.conns.insert(
+            conn,
             Conn {
-                replica: 0,
-                incarnation: 0,
+                chan,
+                client,
+                replica,
+                incarnation: self.replicas[replica].incarnation,
+                instance: None,
                 client_open: true,
                 server_open: true,
             },
         );
-        let mut config = world.server_config.clone();
-        config.claimant_seed = claimant_seed(0, 0);
-        world.servers[0].link = Some(Link::new(start, config, Role::Server, ConnId(0), SIZE, 0));
-        world.drain_all();
-        world
+        conn
+    }
+
+    /// A new channel at replica `replica` over `conn`, its window starting at `floor`.
+    fn open_server_chan(
+        &mut self,
+        replica: usize,
+        conn: ConnId,
+        chan: u64,
+        floor: u64,
+    ) -> Attached {
+        let hostile = self.hostile.as_ref().is_some_and(|h| h.chan == chan)
+            || self.conns.get(&conn).is_some_and(|c| c.client.is_none());
+        let scope = self.scope(self.conns.get(&conn).and_then(|c| c.client));
+        let r = &mut self.replicas[replica];
+        let mut config = self.server_config.clone();
+        config.shared_keys = r.keys.clone();
+        config.key_scope = scope;
+        let instance = r.channels.len();
+        config.claimant_seed = claimant_seed(replica, r.incarnation, instance);
+        r.channels.push(ServerChan {
+            chan,
+            link: Some(Link::new(self.now, config, Role::Server, conn, SIZE, floor)),
+            app: App::default(),
+            app_id: self.next_app,
+            answers: HashMap::new(),
+            next_answer: 0,
+            hostile,
+            scope,
+        });
+        self.next_app += 1;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.instance = Some(instance);
+        }
+        match self.mode {
+            Mode::Keys => Attached::New,
+            Mode::Store | Mode::Inbox => Attached::Claims,
+        }
+    }
+
+    /// Client `c`'s application on a new channel to `replica` (handshake and Hello done).
+    fn connect_client(&mut self, c: usize, replica: usize) -> Client {
+        let chan = self.new_chan();
+        let conn = self.new_conn(chan, Some(c), replica);
+        let attached = self.open_server_chan(replica, conn, chan, 0);
+        // Every other channel sends large payments on datagrams (the default threshold, 8
+        // KiB): a client that restarts retries them on the other path.
+        let mut config = self.client_config.clone();
+        if chan & 1 == 0 {
+            config.stream_threshold = LinkConfig::default().stream_threshold;
+        }
+        Client {
+            link: Link::new(
+                self.now,
+                config,
+                Role::Client {
+                    replicas: self.replicas.len(),
+                    current: replica,
+                    attached,
+                },
+                conn,
+                SIZE,
+                0,
+            ),
+            chan,
+            stopped: false,
+            closing: false,
+            handles_dropped: false,
+            ids: 0,
+            answered: HashSet::new(),
+            streams: BTreeSet::new(),
+            tokens: Vec::new(),
+        }
     }
 
     fn at(&mut self, at: Instant, event: Event) {
@@ -361,15 +754,116 @@ impl World {
         (x >> 32) as u32
     }
 
+    fn blacked_out(&self) -> bool {
+        self.blackout_until.is_some_and(|t| self.now < t)
+    }
+
     fn dropped(&mut self) -> bool {
-        if self.blackout_until.is_some_and(|t| self.now < t) {
+        if self.blacked_out() {
             return true;
         }
         self.random() % 1000 < self.loss
     }
 
-    fn key(&self, k: u8) -> Bytes {
-        Bytes::from(format!("key-{}-{}", self.key_epoch, k % 6))
+    fn key(&self, index: u8) -> Bytes {
+        Bytes::from(format!("key-{}-{}", self.key_epoch, index % KEYS))
+    }
+
+    /// The key scope of client `client` (`None`: the hostile peer).
+    fn scope(&self, client: Option<usize>) -> Scope {
+        match (self.identities, client) {
+            (false, _) => ANONYMOUS,
+            (true, Some(c)) => [c as u8 + 1; 32],
+            (true, None) => [0xee; 32],
+        }
+    }
+
+    /// A key as the ledger names it: scoped like the servers scope it.
+    fn ledger_key(scope: Scope, key: &[u8]) -> Vec<u8> {
+        if scope == ANONYMOUS {
+            key.to_vec()
+        } else {
+            let mut k = format!("client-{:02x}/", scope[0]).into_bytes();
+            k.extend_from_slice(key);
+            k
+        }
+    }
+
+    /// The server channels, as (replica, index), for ops that name one.
+    fn pick_app(&self, n: u8) -> Option<(usize, usize)> {
+        let all: Vec<(usize, usize)> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .flat_map(|(r, rep)| (0..rep.channels.len()).map(move |i| (r, i)))
+            .collect();
+        (!all.is_empty()).then(|| all[usize::from(n) % all.len()])
+    }
+
+    /// Client `c` sends payment `payment` (or an unkeyed message).
+    fn send(
+        &mut self,
+        c: usize,
+        payment: Option<(u8, u8)>,
+        big: bool,
+        deadline: Option<Duration>,
+    ) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        let key = payment.map(|(k, _)| self.key(k));
+        let payload = match payment {
+            Some((k, v)) => self::payment(k, v),
+            None => {
+                let mut p = format!("msg-{token}").into_bytes();
+                p.resize(if big { 600 } else { 40 }, b'.');
+                p.into()
+            }
+        };
+        let scoped = key
+            .as_deref()
+            .map(|k| World::ledger_key(self.scope(Some(c)), k));
+        self.ledger.sent_payment(token, scoped.as_deref(), &payload);
+        let client = &mut self.clients[c];
+        let chan = client.chan;
+        client.tokens.push(token);
+        let mut info = SendInfo {
+            client: c,
+            chan,
+            payment,
+            big,
+            id: None,
+            outcome: None,
+            retried: false,
+        };
+        if client.stopped {
+            // A stopped channel's handle answers `Closed` without the link.
+            info.outcome = Some(Outcome::NotSent);
+            self.sends.insert(token, info);
+            self.ledger.outcome(token, Outcome::NotSent);
+            return token;
+        }
+        let before = client.link.peer().sender.stats().messages_sent;
+        client.link.handle(
+            self.now,
+            Input::Send {
+                token,
+                key,
+                payload,
+                deadline,
+            },
+        );
+        let after = client.link.peer().sender.stats().messages_sent;
+        if after > before {
+            // The sender numbers its messages in order: this one took the next id.
+            assert_eq!(after, before + 1, "one id per send");
+            assert_eq!(before, client.ids, "the world counts the sender's ids");
+            let id = client.ids;
+            client.ids += 1;
+            info.id = Some(id);
+            self.ids.insert((chan, id), token);
+        }
+        self.sends.insert(token, info);
+        token
     }
 
     /// Runs one step, then checks the promises that must hold at every instant.
@@ -377,26 +871,19 @@ impl World {
         if trace() {
             eprintln!("{:>9.3?} step {op:?}", self.now - self.start);
         }
+        let client = |c: u8, n: usize| usize::from(c) % n;
+        let n = self.clients.len();
         match op {
-            Op::Send { key, big, deadline } => {
-                let token = self.next_token;
-                self.next_token += 1;
-                let key = key.map(|k| self.key(k));
-                let mut payload = token.to_be_bytes().to_vec();
-                payload.resize(if big { 600 } else { 40 }, b'.');
-                self.ledger.sent(token, key.as_deref());
-                let input = Input::Send {
-                    token,
-                    key,
-                    payload: payload.into(),
-                    deadline: deadline.map(|d| Duration::from_millis(100 * u64::from(d.max(1)))),
-                };
-                if self.client_stopped {
-                    // A stopped channel's handle answers `Closed` without the link.
-                    self.ledger.outcome(token, Outcome::NotDelivered);
-                } else {
-                    self.client.handle(self.now, input);
-                }
+            Op::Send {
+                client: c,
+                key,
+                big,
+                deadline,
+            } => {
+                let reuse = !skip("reuse");
+                let payment = key.map(|k| (k % KEYS, u8::from(reuse && k / KEYS % 8 == 7)));
+                let deadline = deadline.map(|d| Duration::from_millis(100 * u64::from(d.max(1))));
+                self.send(client(c, n), payment, big, deadline);
             }
             Op::Advance(ms) => self.run_for(Duration::from_millis(4 * u64::from(ms))),
             Op::Loss(p) => self.loss = u32::from(p.min(60)) * 10,
@@ -405,7 +892,12 @@ impl World {
                 self.blackout_until = Some(until);
                 if until - self.now >= IDLE {
                     // quinn would time every connection out after its idle timeout.
-                    let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+                    let conns: Vec<ConnId> = self
+                        .conns
+                        .iter()
+                        .filter(|(_, c)| c.client_open || c.server_open)
+                        .map(|(&id, _)| id)
+                        .collect();
                     for conn in conns {
                         self.lose_both(conn, self.now + IDLE);
                     }
@@ -414,60 +906,100 @@ impl World {
             Op::Crash {
                 replica,
                 keep_state,
-            } => self.crash(usize::from(replica) % self.servers.len(), keep_state),
+            } => {
+                let r = usize::from(replica) % self.replicas.len();
+                if keep_state {
+                    self.crash_socket(r);
+                } else {
+                    self.crashes_due.insert(r);
+                }
+            }
             Op::Store { fault, count } => {
                 for _ in 0..count.clamp(1, 4) {
                     self.store.faults.push_back(fault);
                 }
             }
-            Op::Pause { replica, ms } => {
-                let r = usize::from(replica) % self.servers.len();
-                let until = self.now + Duration::from_millis(20 * u64::from(ms));
-                self.servers[r].app.paused_until = Some(until);
-                self.at(until, Event::Resume { replica: r });
+            Op::StreamReset(count) => {
+                if !skip("resets") {
+                    self.stream_resets += u32::from(count % 4) + 1;
+                }
             }
-            Op::Stop { replica } => {
-                let r = usize::from(replica) % self.servers.len();
-                let s = &mut self.servers[r];
-                if !s.app.stopped {
-                    s.app.stopped = true;
-                    s.app.queue.clear();
-                    if let Some(link) = &mut s.link {
-                        link.handle(self.now, Input::AppGone);
+            Op::Pause { app, ms } => {
+                if let Some((r, i)) = self.pick_app(app) {
+                    let until = self.now + Duration::from_millis(20 * u64::from(ms));
+                    self.replicas[r].channels[i].app.paused_until = Some(until);
+                    let incarnation = self.replicas[r].incarnation;
+                    self.at(
+                        until,
+                        Event::Resume {
+                            replica: r,
+                            incarnation,
+                            instance: i,
+                        },
+                    );
+                }
+            }
+            Op::Stop { app } => {
+                if let Some((r, i)) = self.pick_app(app) {
+                    let s = &mut self.replicas[r].channels[i];
+                    if !s.app.stopped {
+                        // What it was handed and did not take is not delivered (with a
+                        // store, it counts as delivered already: the claim is the record);
+                        // it is refused now.
+                        s.app.stopped = true;
+                        let chan = s.chan;
+                        let queued: Vec<u64> = s.app.queue.drain(..).map(|(id, ..)| id).collect();
+                        if self.mode != Mode::Store {
+                            for id in queued {
+                                self.refusing(chan, id, "REFUSE: application gone");
+                            }
+                        }
+                        let s = &mut self.replicas[r].channels[i];
+                        if let Some(link) = &mut s.link {
+                            link.handle(self.now, Input::AppGone);
+                        }
                     }
                 }
             }
-            Op::Close { drain } => {
-                if !self.closing && !self.client_stopped {
-                    self.closing = true;
-                    self.client.handle(self.now, Input::Close { drain });
+            Op::Close { client: c, drain } => {
+                let cl = &mut self.clients[client(c, n)];
+                if !cl.closing && !cl.stopped {
+                    cl.closing = true;
+                    cl.link.handle(self.now, Input::Close { drain });
                 }
             }
-            Op::DropHandles => {
-                if !self.handles_dropped && !self.client_stopped {
-                    self.handles_dropped = true;
-                    self.client.handle(self.now, Input::HandlesDropped);
+            Op::DropHandles { client: c } => {
+                let cl = &mut self.clients[client(c, n)];
+                if !cl.handles_dropped && !cl.stopped {
+                    cl.handles_dropped = true;
+                    cl.link.handle(self.now, Input::HandlesDropped);
                 }
             }
-            Op::Path { rtt_ms, congested } => {
-                if let Some(conn) = self.client.primary() {
+            Op::Restart { client: c, retry } => self.restart(client(c, n), retry),
+            Op::Path {
+                client: c,
+                rtt_ms,
+                congested,
+            } => {
+                let cl = &mut self.clients[client(c, n)];
+                if let (false, Some(conn)) = (cl.stopped, cl.link.primary()) {
                     let rtt = Duration::from_millis(4 * u64::from(rtt_ms));
-                    self.client.handle(self.now, Input::PathRtt { conn, rtt });
-                    self.client
+                    cl.link.handle(self.now, Input::PathRtt { conn, rtt });
+                    cl.link
                         .handle(self.now, Input::Congestion { conn, congested });
                 }
             }
+            Op::Hostile(h) => self.hostile(h),
         }
-        self.drain_all();
-        self.take_all();
+        self.settle();
         // With a claims store another replica may ack a message this one claimed and handed
         // over before its application read it: that is checked at the end.
-        let checked = if self.store_mode {
+        let checked = if self.mode == Mode::Store || skip("ack-ahead") {
             self.ledger.check_handed_over()
         } else {
             self.ledger.check()
         };
-        if let Err(e) = checked {
+        if let Err(e) = checked.or_else(skipped) {
             panic!("after a step at {:?}: {e}", self.now - self.start);
         }
     }
@@ -476,35 +1008,354 @@ impl World {
     /// promise, every send's outcome included.
     pub fn finish(mut self) -> Ledger {
         self.loss = 0;
-        for s in &mut self.servers {
-            s.app.paused_until = None;
+        for r in &mut self.replicas {
+            for s in &mut r.channels {
+                s.app.paused_until = None;
+            }
         }
         self.run_for(Duration::from_secs(600));
-        if let Err(e) = self.ledger.check_final() {
+        if let Err(e) = self.ledger.check_final().or_else(skipped) {
             panic!("at the end ({:?}): {e}", self.now - self.start);
         }
         self.ledger
     }
 
+    /// Drains every link, lets the applications take what they can, and performs the
+    /// crashes that were waiting.
+    fn settle(&mut self) {
+        loop {
+            self.drain_all();
+            self.take_all();
+            let due: Vec<usize> = self
+                .crashes_due
+                .iter()
+                .copied()
+                .filter(|&r| !self.unresolved.iter().any(|&(x, _, _)| x == r))
+                .collect();
+            if due.is_empty() {
+                return;
+            }
+            for r in due {
+                self.crashes_due.remove(&r);
+                self.crash(r);
+            }
+        }
+    }
+
+    /// Client `c`'s process restarts.
+    fn restart(&mut self, c: usize, retry: bool) {
+        let old = &self.clients[c];
+        let old_chan = old.chan;
+        // Its sends without an outcome never get one: the restarted application counts them
+        // as unknown.
+        let mut unresolved = Vec::new();
+        for &token in &old.tokens {
+            let info = self.sends.get_mut(&token).expect("recorded");
+            if info.outcome.is_none() {
+                info.outcome = Some(Outcome::Unknown);
+                self.ledger.outcome(token, Outcome::Unknown);
+            }
+            if info.outcome == Some(Outcome::Unknown) && info.payment.is_some() && !info.retried {
+                info.retried = true;
+                unresolved.push(token);
+            }
+        }
+        // Its connections die with it; the servers notice at their idle timeout.
+        let conns: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, x)| x.chan == old_chan && x.client_open)
+            .map(|(&id, _)| id)
+            .collect();
+        for conn in conns {
+            let x = self.conns.get_mut(&conn).expect("listed");
+            x.client_open = false;
+            if x.server_open {
+                self.at(
+                    self.now + IDLE,
+                    Event::Lost {
+                        to: Side::Server,
+                        conn,
+                        how: Lost::Retryable,
+                    },
+                );
+            }
+        }
+        let replica = c % self.replicas.len();
+        self.clients[c] = self.connect_client(c, replica);
+        if retry {
+            for token in unresolved {
+                let info = self.sends[&token].clone();
+                self.send(c, info.payment, info.big, None);
+            }
+        }
+    }
+
+    /// The hostile peer acts on its own channel.
+    fn hostile(&mut self, op: Hostile) {
+        let epoch_key = |w: &World, k: u8| w.key(k);
+        let Some(h) = &self.hostile else {
+            return;
+        };
+        let conn = h.conn;
+        let mut datagrams: Vec<Bytes> = Vec::new();
+        match op {
+            Hostile::Message {
+                id,
+                key,
+                imitate,
+                big,
+            } => {
+                let key = key.map(|k| (k % KEYS, epoch_key(self, k)));
+                let h = self.hostile.as_mut().expect("checked");
+                let payload = match (&key, imitate || skip("reuse")) {
+                    (Some((k, _)), true) => payment(*k, 0),
+                    _ => {
+                        h.next_payload += 1;
+                        Bytes::from(format!("evil-{}", h.next_payload))
+                    }
+                };
+                let body = Envelope::encode(key.as_ref().map(|(_, k)| &k[..]), &payload);
+                let id = u64::from(id);
+                if big {
+                    if self.conns.get(&conn).is_some_and(|c| c.client_open) && !self.blacked_out() {
+                        self.at(
+                            self.now + DELAY,
+                            Event::StreamOpen {
+                                conn,
+                                id,
+                                head: encode_stream_head(id),
+                                body,
+                            },
+                        );
+                    }
+                } else if let Ok(mut block) = h.encoder.encode_block(id, &[body]) {
+                    for i in 0..block.header().data_shards {
+                        datagrams.extend(block.frame(i));
+                    }
+                }
+            }
+            Hostile::Floor(f) => datagrams.push(
+                Frame::Floor(FloorFrame {
+                    floor: u64::from(f),
+                })
+                .to_bytes(),
+            ),
+            Hostile::Refuse { reason, from, len } => datagrams.push(
+                Frame::Refuse(RefuseFrame {
+                    reason: u64::from(reason % 8),
+                    ranges: vec![u64::from(from)..=u64::from(from) + u64::from(len)],
+                })
+                .to_bytes(),
+            ),
+            Hostile::Ack { from, len } => datagrams.push(
+                Frame::Ack(AckFrame {
+                    ack_delay_us: 0,
+                    shards_received: 0,
+                    ranges: vec![
+                        u64::from(from)..=(u64::from(from) + u64::from(len)).min(MAX_VARINT),
+                    ],
+                })
+                .to_bytes(),
+            ),
+            Hostile::Raw(bytes) => datagrams.push(Bytes::from(bytes)),
+            Hostile::Replay(i) => {
+                let h = self.hostile.as_ref().expect("checked");
+                if !h.sent.is_empty() {
+                    datagrams.push(h.sent[usize::from(i) % h.sent.len()].clone());
+                }
+            }
+            Hostile::Reconnect => {
+                let chan = self.hostile.as_ref().expect("checked").chan;
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.client_open = false;
+                }
+                self.lose_server(conn, self.now + DELAY);
+                let new = self.new_conn(chan, None, 0);
+                self.conns.get_mut(&new).expect("new").server_open = false;
+                self.hostile.as_mut().expect("checked").conn = new;
+                if !self.blacked_out() {
+                    let incarnation = self.replicas[0].incarnation;
+                    self.at(
+                        self.now + 2 * DELAY,
+                        Event::Hello {
+                            replica: 0,
+                            incarnation,
+                            conn: new,
+                            chan,
+                            dial: None,
+                            floor: 0,
+                        },
+                    );
+                }
+            }
+        }
+        let open = self.conns.get(&conn).is_some_and(|c| c.client_open);
+        for data in datagrams {
+            let h = self.hostile.as_mut().expect("checked");
+            h.sent.push_back(data.clone());
+            if h.sent.len() > 64 {
+                h.sent.pop_front();
+            }
+            if open && !self.dropped() {
+                self.at(
+                    self.now + DELAY,
+                    Event::Datagram {
+                        to: Side::Server,
+                        conn,
+                        data,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Message `id` of channel `chan` is being refused (its sender learns it later).
+    fn refusing(&mut self, chan: u64, id: u64, why: &str) {
+        if let Some(&send) = self.ids.get(&(chan, id)) {
+            self.ledger.refusing(send, why);
+        }
+    }
+
+    /// Refusals were decided while a server channel took `datagram`: the messages it names
+    /// are noted as refused now, with the reason whose count grew (a message of the block
+    /// that was not refused is never reported "not delivered", so noting it does nothing).
+    fn refusals_decided(
+        &mut self,
+        chan: u64,
+        datagram: &Bytes,
+        before: surelink::proto::Refusals,
+        after: surelink::proto::Refusals,
+    ) {
+        let why = if after.keys_full > before.keys_full {
+            "REFUSE: keys full"
+        } else if after.out_of_window > before.out_of_window {
+            "REFUSE: out of window"
+        } else if after.closed > before.closed {
+            "REFUSE: application gone"
+        } else if after.malformed > before.malformed {
+            "REFUSE: malformed"
+        } else if after.passed > before.passed {
+            "REFUSE: passed"
+        } else if after.key_reused > before.key_reused {
+            "REFUSE: key reused"
+        } else {
+            "REFUSE"
+        };
+        if let Ok(Frame::Shard(shard)) = Frame::decode(datagram.clone(), &Limits::default()) {
+            for id in shard.header.messages() {
+                self.refusing(chan, id, why);
+            }
+        }
+    }
+
+    /// Notes the refusals in a datagram a server channel sends.
+    fn note_refusals(&mut self, chan: u64, datagram: &Bytes) {
+        if let Ok(Frame::Refuse(refuse)) = Frame::decode(datagram.clone(), &Limits::default()) {
+            let why = match refuse.reason {
+                1 => "REFUSE: malformed",
+                2 => "REFUSE: out of window",
+                3 => "REFUSE: keys full",
+                4 => "REFUSE: block",
+                5 => "REFUSE: application gone",
+                6 => "REFUSE: passed",
+                7 => "REFUSE: key reused",
+                _ => "REFUSE",
+            };
+            for range in refuse.ranges {
+                for id in range.take(4096) {
+                    self.refusing(chan, id, why);
+                }
+            }
+        }
+    }
+
     /// The applications take what they can.
     fn take_all(&mut self) {
-        for r in 0..self.servers.len() {
-            loop {
-                let s = &mut self.servers[r];
-                if s.app.stopped || s.app.paused_until.is_some_and(|t| self.now < t) {
-                    break;
+        for r in 0..self.replicas.len() {
+            for i in 0..self.replicas[r].channels.len() {
+                loop {
+                    let s = &mut self.replicas[r].channels[i];
+                    if s.app.stopped || s.app.paused_until.is_some_and(|t| self.now < t) {
+                        break;
+                    }
+                    let Some((id, send, key, digest)) = s.app.queue.pop_front() else {
+                        break;
+                    };
+                    let claim = Claim {
+                        chan: s.chan,
+                        message: id,
+                        key,
+                        scope: s.scope,
+                        digest,
+                        claimant: 0,
+                    };
+                    self.take(r, i, send, claim);
+                    self.drain_server(r, i);
                 }
-                let Some((id, send)) = s.app.queue.pop_front() else {
-                    break;
-                };
-                if !self.store_mode {
-                    self.ledger.delivered(r, send);
-                }
-                if let Some(link) = &mut self.servers[r].link {
-                    link.handle(self.now, Input::Took { id });
-                }
-                self.drain_server(r);
             }
+        }
+    }
+
+    /// The application of channel `i` of replica `r` takes message `claim.message` (send
+    /// `send`); in the inbox, `claim` is its own claim.
+    fn take(&mut self, r: usize, i: usize, send: u64, claim: Claim) {
+        let now = self.now;
+        let id = claim.message;
+        let s = &mut self.replicas[r].channels[i];
+        let app = s.app_id;
+        if let Some(link) = &mut s.link {
+            link.handle(now, Input::Took { id });
+        }
+        match self.mode {
+            Mode::Keys => self.ledger.delivered(app, send),
+            // Recorded when it was handed over (the claim is the record of delivery).
+            Mode::Store => {}
+            // The application's transaction: its claim, and its effect if the claim is new.
+            Mode::Inbox => match self.store.faults.pop_front() {
+                None => self.inbox_commit(r, i, send, claim),
+                Some(StoreFault::Error) => self.confirm(r, i, id, ClaimOutcome::Failed),
+                Some(StoreFault::ErrorAfterCommit) => {
+                    // Committed, but the application saw an error: it runs the transaction
+                    // again, which finds its claim.
+                    if self.store.claim(&claim) == ClaimOutcome::Now {
+                        self.ledger.delivered(app, send);
+                    }
+                    let again = self.store.claim(&claim);
+                    self.confirm(r, i, id, again);
+                }
+                Some(StoreFault::Hang { commits }) => {
+                    let incarnation = self.replicas[r].incarnation;
+                    self.at(
+                        now + Duration::from_secs(1),
+                        Event::InboxDone {
+                            replica: r,
+                            incarnation,
+                            instance: i,
+                            send,
+                            claim,
+                            commits,
+                        },
+                    );
+                }
+            },
+        }
+    }
+
+    /// An inbox application's transaction commits: its claim, and the effect if it is new
+    /// (a conflict rolls back: nothing is recorded).
+    fn inbox_commit(&mut self, r: usize, i: usize, send: u64, claim: Claim) {
+        let app = self.replicas[r].channels[i].app_id;
+        let outcome = self.store.claim(&claim);
+        if outcome == ClaimOutcome::Now {
+            self.ledger.delivered(app, send);
+        }
+        self.confirm(r, i, claim.message, outcome);
+    }
+
+    fn confirm(&mut self, r: usize, i: usize, id: u64, outcome: ClaimOutcome) {
+        if let Some(link) = &mut self.replicas[r].channels[i].link {
+            link.handle(self.now, Input::Confirm { id, outcome });
         }
     }
 
@@ -512,18 +1363,19 @@ impl World {
         let until = self.now + d;
         loop {
             let next_event = self.events.keys().next().map(|&(t, _)| t);
-            let next_timer = std::iter::once(if self.client_stopped {
-                None
-            } else {
-                self.client.poll_timeout()
-            })
-            .chain(
-                self.servers
-                    .iter()
-                    .map(|s| s.link.as_ref().and_then(Link::poll_timeout)),
-            )
-            .flatten()
-            .min();
+            let next_timer = self
+                .clients
+                .iter()
+                .filter(|c| !c.stopped)
+                .map(|c| c.link.poll_timeout())
+                .chain(
+                    self.replicas
+                        .iter()
+                        .flat_map(|r| r.channels.iter())
+                        .map(|s| s.link.as_ref().and_then(Link::poll_timeout)),
+                )
+                .flatten()
+                .min();
             let next = match (next_event, next_timer) {
                 (Some(a), Some(b)) => a.min(b),
                 (a, b) => match a.or(b) {
@@ -542,24 +1394,47 @@ impl World {
             } else {
                 self.fire_timers();
             }
-            self.drain_all();
-            self.take_all();
+            self.settle();
         }
         self.now = self.now.max(until);
     }
 
     fn fire_timers(&mut self) {
         let now = self.now;
-        if !self.client_stopped && self.client.poll_timeout().is_some_and(|t| t <= now) {
-            self.client.handle(now, Input::Timer);
+        for c in &mut self.clients {
+            if !c.stopped && c.link.poll_timeout().is_some_and(|t| t <= now) {
+                c.link.handle(now, Input::Timer);
+            }
         }
-        for s in &mut self.servers {
-            if let Some(link) = &mut s.link {
-                if link.poll_timeout().is_some_and(|t| t <= now) {
-                    link.handle(now, Input::Timer);
+        for r in &mut self.replicas {
+            for s in &mut r.channels {
+                if let Some(link) = &mut s.link {
+                    if link.poll_timeout().is_some_and(|t| t <= now) {
+                        link.handle(now, Input::Timer);
+                    }
                 }
             }
         }
+    }
+
+    /// The client whose channel `conn` carries, if it still runs it.
+    fn client_of(&self, conn: ConnId) -> Option<usize> {
+        let c = self.conns.get(&conn)?;
+        let client = c.client?;
+        let cl = &self.clients[client];
+        (cl.chan == c.chan && !cl.stopped).then_some(client)
+    }
+
+    /// The server channel at the server end of `conn`, if its process still runs it.
+    fn server_of(&self, conn: ConnId) -> Option<(usize, usize)> {
+        let c = self.conns.get(&conn)?;
+        let instance = c.instance?;
+        (self.replicas[c.replica].incarnation == c.incarnation).then_some((c.replica, instance))
+    }
+
+    fn server_link(&mut self, conn: ConnId) -> Option<&mut Link> {
+        let (r, i) = self.server_of(conn)?;
+        self.replicas[r].channels[i].link.as_mut()
     }
 
     fn dispatch(&mut self, event: Event) {
@@ -569,26 +1444,42 @@ impl World {
         }
         match event {
             Event::Datagram { to, conn, data } => {
-                let open = self.conns.get(&conn).is_some_and(|c| match to {
-                    Side::Client => c.client_open,
-                    Side::Server(_) => c.server_open,
-                });
-                if !open {
+                let Some(c) = self.conns.get(&conn) else {
                     return;
-                }
+                };
                 let input = Input::Datagram { conn, data };
                 match to {
-                    Side::Client if !self.client_stopped => self.client.handle(now, input),
-                    Side::Server(r) => {
-                        if let Some(link) = &mut self.servers[r].link {
-                            link.handle(now, input);
+                    Side::Client if c.client_open => {
+                        if let Some(client) = self.client_of(conn) {
+                            self.clients[client].link.handle(now, input);
                         }
                     }
-                    Side::Client => {}
+                    Side::Server if c.server_open => {
+                        let Some((r, i)) = self.server_of(conn) else {
+                            return;
+                        };
+                        let s = &mut self.replicas[r].channels[i];
+                        let (chan, hostile) = (s.chan, s.hostile);
+                        let Some(link) = &mut s.link else {
+                            return;
+                        };
+                        let Input::Datagram { data, .. } = &input else {
+                            unreachable!()
+                        };
+                        let data = data.clone();
+                        let before = link.peer().receiver.stats().refused;
+                        link.handle(now, input);
+                        let after = link.peer().receiver.stats().refused;
+                        if !hostile && after != before {
+                            // A refusal was decided now (its REFUSE frame may leave a little
+                            // later): the messages of this shard are judged as of now.
+                            self.refusals_decided(chan, &data, before, after);
+                        }
+                    }
+                    _ => {}
                 }
             }
             Event::StreamOpen {
-                replica,
                 conn,
                 id,
                 head,
@@ -597,10 +1488,35 @@ impl World {
                 if !self.conns.get(&conn).is_some_and(|c| c.server_open) {
                     return;
                 }
-                let s = &mut self.servers[replica];
+                let Some((r, i)) = self.server_of(conn) else {
+                    return;
+                };
+                let resets = self.stream_resets > 0;
+                let s = &mut self.replicas[r].channels[i];
                 let Some(link) = &mut s.link else {
                     return;
                 };
+                if resets {
+                    // Too slow: the server's reader gives up and resets the stream.
+                    self.stream_resets -= 1;
+                    let chan = s.chan;
+                    link.handle(
+                        now,
+                        Input::StreamInvalid {
+                            reason: "stream_timeout",
+                        },
+                    );
+                    self.refusing(chan, id, "its stream was reset");
+                    self.at(
+                        now + DELAY,
+                        Event::StreamEnd {
+                            conn,
+                            id,
+                            end: StreamEnd::Refused,
+                        },
+                    );
+                    return;
+                }
                 let answer = s.next_answer;
                 s.next_answer += 1;
                 s.answers.insert(answer, (conn, id));
@@ -614,61 +1530,72 @@ impl World {
                     },
                 );
             }
-            Event::StreamAnswer { conn, id, status } => {
-                if self.client_stopped || !self.streams.remove(&(conn, id)) {
+            Event::StreamEnd { conn, id, end } => {
+                let Some(client) = self.client_of(conn) else {
                     return;
+                };
+                let cl = &mut self.clients[client];
+                if cl.streams.remove(&(conn, id)) {
+                    cl.link.handle(now, Input::StreamDone { id, conn, end });
                 }
-                self.client.handle(
-                    now,
-                    Input::StreamDone {
-                        id,
-                        conn,
-                        end: StreamEnd::Status(status),
-                    },
-                );
             }
             Event::StreamDeadline { conn, id } => {
-                if self.client_stopped || !self.streams.remove(&(conn, id)) {
+                let Some(client) = self.client_of(conn) else {
                     return;
+                };
+                let cl = &mut self.clients[client];
+                if cl.streams.remove(&(conn, id)) {
+                    cl.link.handle(
+                        now,
+                        Input::StreamDone {
+                            id,
+                            conn,
+                            end: StreamEnd::Deadline,
+                        },
+                    );
                 }
-                self.client.handle(
-                    now,
-                    Input::StreamDone {
-                        id,
-                        conn,
-                        end: StreamEnd::Deadline,
-                    },
-                );
             }
-            Event::DialDone { dial, result } => {
-                if self.client_stopped || !self.answered.insert(dial) {
+            Event::DialDone {
+                client,
+                chan,
+                dial,
+                result,
+            } => {
+                let cl = &mut self.clients[client];
+                if cl.chan != chan || cl.stopped || !cl.answered.insert(dial) {
                     return;
                 }
-                self.client.handle(now, Input::DialDone { dial, result });
+                cl.link.handle(now, Input::DialDone { dial, result });
             }
             Event::Hello {
                 replica,
                 incarnation,
                 conn,
+                chan,
                 dial,
                 floor,
             } => {
-                let server = &mut self.servers[replica];
-                if server.incarnation != incarnation {
+                if self.replicas[replica].incarnation != incarnation {
                     // The process died meanwhile: the dial times out.
                     return;
                 }
-                self.conns.insert(
-                    conn,
-                    Conn {
-                        replica,
-                        incarnation,
-                        client_open: true,
-                        server_open: true,
-                    },
-                );
-                let attached = match &mut server.link {
-                    Some(link) if !link.is_stopped() => {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    return;
+                };
+                if !c.client_open {
+                    return;
+                }
+                c.server_open = true;
+                let live = self.replicas[replica].channels.iter().position(|s| {
+                    s.chan == chan && s.link.as_ref().is_some_and(|l| !l.is_stopped())
+                });
+                let attached = match live {
+                    Some(i) => {
+                        c.instance = Some(i);
+                        let link = self.replicas[replica].channels[i]
+                            .link
+                            .as_mut()
+                            .expect("live");
                         link.handle(
                             now,
                             Input::Reattached {
@@ -678,37 +1605,24 @@ impl World {
                         );
                         Attached::Resumed
                     }
-                    _ => {
-                        // A new channel here: its window starts at the client's floor.
-                        let mut config = self.server_config.clone();
-                        config.claimant_seed = claimant_seed(replica, incarnation);
-                        server.link = Some(Link::new(now, config, Role::Server, conn, SIZE, floor));
-                        server.app = App {
-                            stopped: server.app.stopped,
-                            ..App::default()
-                        };
-                        if server.app.stopped {
-                            let link = server.link.as_mut().expect("just set");
-                            link.handle(now, Input::AppGone);
-                        }
-                        if self.store_mode {
-                            Attached::Claims
-                        } else {
-                            Attached::New
-                        }
-                    }
+                    // A new channel here: its window starts at the client's floor.
+                    None => self.open_server_chan(replica, conn, chan, floor),
                 };
-                self.at(
-                    now + DELAY,
-                    Event::DialDone {
-                        dial,
-                        result: Ok(Dialed {
-                            conn,
-                            attached,
-                            max_datagram_size: Some(SIZE),
-                        }),
-                    },
-                );
+                if let Some((client, dial)) = dial {
+                    self.at(
+                        now + DELAY,
+                        Event::DialDone {
+                            client,
+                            chan,
+                            dial,
+                            result: Ok(Dialed {
+                                conn,
+                                attached,
+                                max_datagram_size: Some(SIZE),
+                            }),
+                        },
+                    );
+                }
             }
             Event::Lost { to, conn, how } => {
                 let Some(c) = self.conns.get_mut(&conn) else {
@@ -718,8 +1632,8 @@ impl World {
                     Side::Client if c.client_open => {
                         c.client_open = false;
                         self.end_streams(now, conn);
-                        if !self.client_stopped {
-                            self.client.handle(
+                        if let Some(client) = self.client_of(conn) {
+                            self.clients[client].link.handle(
                                 now,
                                 Input::ConnectionLost {
                                     conn,
@@ -729,19 +1643,17 @@ impl World {
                             );
                         }
                     }
-                    Side::Server(r) if c.server_open => {
+                    Side::Server if c.server_open => {
                         c.server_open = false;
-                        if c.incarnation == self.servers[r].incarnation {
-                            if let Some(link) = &mut self.servers[r].link {
-                                link.handle(
-                                    now,
-                                    Input::ConnectionLost {
-                                        conn,
-                                        how,
-                                        reason: format!("{how:?}"),
-                                    },
-                                );
-                            }
+                        if let Some(link) = self.server_link(conn) {
+                            link.handle(
+                                now,
+                                Input::ConnectionLost {
+                                    conn,
+                                    how,
+                                    reason: format!("{how:?}"),
+                                },
+                            );
                         }
                     }
                     _ => {}
@@ -750,27 +1662,64 @@ impl World {
             Event::Claimed {
                 replica,
                 incarnation,
+                instance,
                 attempt,
+                id,
                 result,
             } => {
-                let s = &mut self.servers[replica];
-                if s.incarnation == incarnation {
-                    if let Some(link) = &mut s.link {
+                if result == Ok(ClaimOutcome::Before) {
+                    // The store holds another claimant's claim: none of this one's.
+                    self.unresolved.remove(&(replica, instance, id));
+                }
+                let r = &mut self.replicas[replica];
+                if r.incarnation == incarnation {
+                    if let Some(link) = &mut r.channels[instance].link {
                         link.handle(now, Input::ClaimAnswered { attempt, result });
                     }
                 }
             }
             Event::LateCommit {
-                message,
-                key,
-                claimant,
+                replica,
+                incarnation,
+                instance,
+                claim,
             } => {
-                self.store.claim(message, &key, claimant);
+                let written = self.store.claim(&claim);
+                if written != ClaimOutcome::Now && self.replicas[replica].incarnation == incarnation
+                {
+                    // Not written: another claim of the message or its key came first.
+                    self.unresolved.remove(&(replica, instance, claim.message));
+                }
             }
-            Event::Resume { replica } => {
-                let app = &mut self.servers[replica].app;
-                if app.paused_until.is_some_and(|t| t <= now) {
-                    app.paused_until = None;
+            Event::InboxDone {
+                replica,
+                incarnation,
+                instance,
+                send,
+                claim,
+                commits,
+            } => {
+                if self.replicas[replica].incarnation != incarnation {
+                    // The process died in the middle of its transaction: rolled back.
+                    return;
+                }
+                if commits {
+                    self.inbox_commit(replica, instance, send, claim);
+                } else {
+                    self.confirm(replica, instance, claim.message, ClaimOutcome::Failed);
+                }
+            }
+            Event::Resume {
+                replica,
+                incarnation,
+                instance,
+            } => {
+                let r = &mut self.replicas[replica];
+                if r.incarnation == incarnation {
+                    let app = &mut r.channels[instance].app;
+                    if app.paused_until.is_some_and(|t| t <= now) {
+                        app.paused_until = None;
+                    }
                 }
             }
         }
@@ -779,33 +1728,34 @@ impl World {
     /// The client's stream sends on `conn` end with the connection (as quinn's stream tasks
     /// report it).
     fn end_streams(&mut self, now: Instant, conn: ConnId) {
-        let ended: Vec<u64> = self
+        let Some(client) = self.client_of(conn) else {
+            return;
+        };
+        let cl = &mut self.clients[client];
+        let ended: Vec<u64> = cl
             .streams
             .iter()
             .filter(|(c, _)| *c == conn)
             .map(|&(_, id)| id)
             .collect();
         for id in ended {
-            self.streams.remove(&(conn, id));
-            if !self.client_stopped {
-                self.client.handle(
-                    now,
-                    Input::StreamDone {
-                        id,
-                        conn,
-                        end: StreamEnd::Connection("connection lost".into()),
-                    },
-                );
-            }
+            cl.streams.remove(&(conn, id));
+            cl.link.handle(
+                now,
+                Input::StreamDone {
+                    id,
+                    conn,
+                    end: StreamEnd::Connection("connection lost".into()),
+                },
+            );
         }
     }
 
     /// Closes `conn` at both ends at `at` (a timeout, as quinn's idle timer reports it).
     fn lose_both(&mut self, conn: ConnId, at: Instant) {
-        let Some(c) = self.conns.get(&conn) else {
+        if !self.conns.contains_key(&conn) {
             return;
-        };
-        let replica = c.replica;
+        }
         self.at(
             at,
             Event::Lost {
@@ -814,33 +1764,33 @@ impl World {
                 how: Lost::Retryable,
             },
         );
+        self.lose_server(conn, at);
+    }
+
+    fn lose_server(&mut self, conn: ConnId, at: Instant) {
         self.at(
             at,
             Event::Lost {
-                to: Side::Server(replica),
+                to: Side::Server,
                 conn,
                 how: Lost::Retryable,
             },
         );
     }
 
-    fn crash(&mut self, replica: usize, keep_state: bool) {
+    /// Replica `r`'s socket restarts: its connections are gone, its channels wait for their
+    /// clients.
+    fn crash_socket(&mut self, r: usize) {
         let now = self.now;
-        if !keep_state && self.unresolved.iter().any(|&(r, _)| r == replica) {
-            // The known gap described at `unresolved`.
-            return;
-        }
         let conns: Vec<ConnId> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.replica == replica && c.server_open)
+            .filter(|(_, c)| c.replica == r && c.server_open)
             .map(|(&id, _)| id)
             .collect();
         for conn in conns {
             // The server side is gone at once; the client notices after its idle timeout.
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.server_open = false;
-            }
+            self.conns.get_mut(&conn).expect("listed").server_open = false;
             self.at(
                 now + IDLE,
                 Event::Lost {
@@ -849,73 +1799,106 @@ impl World {
                     how: Lost::Retryable,
                 },
             );
-            if keep_state {
-                if let Some(link) = &mut self.servers[replica].link {
-                    link.handle(
-                        now,
-                        Input::ConnectionLost {
-                            conn,
-                            how: Lost::Retryable,
-                            reason: "socket restarted".into(),
-                        },
-                    );
-                }
+            if let Some(link) = self.server_link(conn) {
+                link.handle(
+                    now,
+                    Input::ConnectionLost {
+                        conn,
+                        how: Lost::Retryable,
+                        reason: "socket restarted".into(),
+                    },
+                );
             }
         }
-        let s = &mut self.servers[replica];
-        if !keep_state {
+    }
+
+    /// Crashes without state done so far (those held back wait for their claims).
+    pub fn crashes(&self) -> u64 {
+        self.crashes
+    }
+
+    /// Replica `r`'s process dies with its state and restarts.
+    fn crash(&mut self, r: usize) {
+        self.crashes += 1;
+        if trace() {
+            eprintln!("{:>9.3?} crash {r}", self.now - self.start);
+        }
+        let now = self.now;
+        let conns: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.replica == r && c.server_open)
+            .map(|(&id, _)| id)
+            .collect();
+        for conn in conns {
+            self.conns.get_mut(&conn).expect("listed").server_open = false;
+            self.at(
+                now + IDLE,
+                Event::Lost {
+                    to: Side::Client,
+                    conn,
+                    how: Lost::Retryable,
+                },
+            );
+        }
+        let replica = std::mem::replace(
+            &mut self.replicas[r],
+            Replica {
+                incarnation: 0,
+                channels: Vec::new(),
+                keys: None,
+            },
+        );
+        if self.mode == Mode::Keys {
             // Messages handed over to the application died with it: they were delivered
-            // (handed over), as far as anyone can tell (with a store, recorded already).
-            for (_, send) in s.app.queue.drain(..) {
-                if !self.store_mode {
-                    self.ledger.delivered(replica, send);
+            // (handed over), as far as anyone can tell. (With a store they were recorded
+            // when handed over; an inbox application had not committed them.)
+            for s in &replica.channels {
+                for &(_, send, ..) in &s.app.queue {
+                    self.ledger.delivered(s.app_id, send);
                 }
             }
-            s.link = None;
-            s.answers.clear();
-            s.incarnation += 1;
-            if !self.store_mode {
-                self.key_epoch += 1;
-            }
+            self.key_epoch += 1;
         }
-        self.drain_server(replica);
+        self.replicas[r] = self.new_replica(replica.incarnation + 1);
     }
 
     fn drain_all(&mut self) {
-        for _ in 0..8 {
-            let mut any = self.drain_client();
-            for r in 0..self.servers.len() {
-                any |= self.drain_server(r);
+        for _ in 0..64 {
+            let mut any = false;
+            for c in 0..self.clients.len() {
+                any |= self.drain_client(c);
+            }
+            for r in 0..self.replicas.len() {
+                for i in 0..self.replicas[r].channels.len() {
+                    any |= self.drain_server(r, i);
+                }
             }
             if !any {
-                break;
+                return;
             }
         }
+        panic!("the links do not settle");
     }
 
-    fn drain_client(&mut self) -> bool {
+    fn drain_client(&mut self, c: usize) -> bool {
         let now = self.now;
         let mut any = false;
-        while let Some(action) = self.client.poll_action() {
+        while let Some(action) = self.clients[c].link.poll_action() {
             any = true;
             if trace() {
-                eprintln!("{:>9.3?} client {action:?}", now - self.start);
+                eprintln!("{:>9.3?} client {c} {action:?}", now - self.start);
             }
+            let chan = self.clients[c].chan;
             match action {
                 Action::Transmit { conn, datagram } => {
-                    let Some((open, replica)) =
-                        self.conns.get(&conn).map(|c| (c.client_open, c.replica))
-                    else {
-                        continue;
-                    };
-                    if !open || self.dropped() {
+                    if !self.conns.get(&conn).is_some_and(|x| x.client_open) || self.dropped() {
                         continue;
                     }
-                    let to = Side::Server(replica);
                     self.at(
                         now + DELAY,
                         Event::Datagram {
-                            to,
+                            to: Side::Server,
                             conn,
                             data: datagram,
                         },
@@ -927,18 +1910,19 @@ impl World {
                     floor,
                     timeout,
                 } => {
-                    let reachable = self.blackout_until.is_none_or(|t| t <= now);
-                    let conn = ConnId(self.next_conn);
-                    self.next_conn += 1;
-                    if reachable && replica < self.servers.len() {
-                        let incarnation = self.servers[replica].incarnation;
+                    let reachable = !self.blacked_out();
+                    if reachable && replica < self.replicas.len() {
+                        let conn = self.new_conn(chan, Some(c), replica);
+                        self.conns.get_mut(&conn).expect("new").server_open = false;
+                        let incarnation = self.replicas[replica].incarnation;
                         self.at(
                             now + 2 * DELAY,
                             Event::Hello {
                                 replica,
                                 incarnation,
                                 conn,
-                                dial,
+                                chan,
+                                dial: Some((c, dial)),
                                 floor,
                             },
                         );
@@ -948,6 +1932,8 @@ impl World {
                     self.at(
                         now + timeout.max(4 * DELAY),
                         Event::DialDone {
+                            client: c,
+                            chan,
                             dial,
                             result: Err(DialFailure {
                                 refused: false,
@@ -958,14 +1944,13 @@ impl World {
                 }
                 Action::Close { conn, code, .. } => {
                     self.end_streams(now, conn);
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        c.client_open = false;
-                        let replica = c.replica;
+                    if let Some(x) = self.conns.get_mut(&conn) {
+                        x.client_open = false;
                         let how = lost_by(code);
                         self.at(
                             now + DELAY,
                             Event::Lost {
-                                to: Side::Server(replica),
+                                to: Side::Server,
                                 conn,
                                 how,
                             },
@@ -979,34 +1964,46 @@ impl World {
                     body,
                     deadline,
                 } => {
-                    if let Some(c) = self.conns.get(&conn) {
-                        if c.client_open && self.blackout_until.is_none_or(|t| t <= now) {
-                            let replica = c.replica;
-                            self.at(
-                                now + DELAY,
-                                Event::StreamOpen {
-                                    replica,
-                                    conn,
-                                    id,
-                                    head,
-                                    body,
-                                },
-                            );
-                        }
+                    if self.conns.get(&conn).is_some_and(|x| x.client_open) && !self.blacked_out() {
+                        self.at(
+                            now + DELAY,
+                            Event::StreamOpen {
+                                conn,
+                                id,
+                                head,
+                                body,
+                            },
+                        );
                     }
-                    self.streams.insert((conn, id));
+                    self.clients[c].streams.insert((conn, id));
                     self.at(deadline.max(now), Event::StreamDeadline { conn, id });
                 }
                 Action::Complete { token, outcome } => {
-                    self.ledger.outcome(token, Outcome::of(&outcome));
+                    let info = self.sends.get_mut(&token).expect("a send of the world");
+                    let id = match &outcome {
+                        Ok(receipt) => Some(receipt.id),
+                        Err(surelink::proto::link::SendError::Timeout { id })
+                        | Err(surelink::proto::link::SendError::Refused { id }) => Some(*id),
+                        Err(_) => None,
+                    };
+                    if let Some(id) = id {
+                        assert_eq!(info.id, Some(id), "the world traced send {token}'s id");
+                    }
+                    let outcome = Outcome::of(&outcome);
+                    info.outcome.get_or_insert(outcome);
+                    self.ledger.outcome(token, outcome);
                 }
                 Action::SamplePaths { conns } => {
-                    self.client.handle(now, Input::Samples(samples(conns)));
+                    self.clients[c]
+                        .link
+                        .handle(now, Input::Samples(samples(conns)));
                 }
                 Action::Stop { .. } => {
-                    self.client_stopped = true;
-                    for c in self.conns.values_mut() {
-                        c.client_open = false;
+                    self.clients[c].stopped = true;
+                    for x in self.conns.values_mut() {
+                        if x.chan == chan {
+                            x.client_open = false;
+                        }
                     }
                 }
                 // Nothing the server sends the client's application here.
@@ -1019,11 +2016,11 @@ impl World {
         any
     }
 
-    fn drain_server(&mut self, r: usize) -> bool {
+    fn drain_server(&mut self, r: usize, i: usize) -> bool {
         let now = self.now;
         let mut any = false;
         loop {
-            let Some(link) = self.servers[r].link.as_mut() else {
+            let Some(link) = self.replicas[r].channels[i].link.as_mut() else {
                 return any;
             };
             let Some(action) = link.poll_action() else {
@@ -1031,10 +2028,17 @@ impl World {
             };
             any = true;
             if trace() {
-                eprintln!("{:>9.3?} server {r} {action:?}", now - self.start);
+                eprintln!("{:>9.3?} server {r}/{i} {action:?}", now - self.start);
             }
+            let (chan, app, hostile) = {
+                let s = &self.replicas[r].channels[i];
+                (s.chan, s.app_id, s.hostile)
+            };
             match action {
                 Action::Transmit { conn, datagram } => {
+                    if !hostile {
+                        self.note_refusals(chan, &datagram);
+                    }
                     let open = self.conns.get(&conn).is_some_and(|c| c.server_open);
                     if open && !self.dropped() {
                         self.at(
@@ -1062,10 +2066,25 @@ impl World {
                     }
                 }
                 Action::AnswerStream { answer, status } => {
-                    let s = &mut self.servers[r];
+                    let s = &mut self.replicas[r].channels[i];
                     if let (Some((conn, id)), Some(status)) = (s.answers.remove(&answer), status) {
+                        if status == STREAM_REFUSED {
+                            let why = if s.app.stopped {
+                                "on its stream: application gone"
+                            } else {
+                                "on its stream"
+                            };
+                            self.refusing(chan, id, why);
+                        }
                         if self.conns.get(&conn).is_some_and(|c| c.server_open) {
-                            self.at(now + DELAY, Event::StreamAnswer { conn, id, status });
+                            self.at(
+                                now + DELAY,
+                                Event::StreamEnd {
+                                    conn,
+                                    id,
+                                    end: StreamEnd::Status(status),
+                                },
+                            );
                         }
                     }
                 }
@@ -1073,35 +2092,45 @@ impl World {
                     attempt,
                     id,
                     key,
+                    digest,
                     claimant,
                     timeout,
-                    ..
                 } => {
-                    let incarnation = self.servers[r].incarnation;
+                    let incarnation = self.replicas[r].incarnation;
+                    let claim = Claim {
+                        chan,
+                        message: id,
+                        key,
+                        scope: self.replicas[r].channels[i].scope,
+                        digest,
+                        claimant,
+                    };
                     let result = match self.store.faults.pop_front() {
                         None => {
-                            let outcome = self.store.claim(id, &key, claimant);
+                            let outcome = self.store.claim(&claim);
                             if outcome == ClaimOutcome::Now {
                                 // Written; its answer is on its way (see `unresolved`).
-                                self.unresolved.insert((r, id));
+                                self.unresolved.insert((r, i, id));
                             }
                             Ok(outcome)
                         }
                         Some(StoreFault::Error) => Err("store unreachable".to_string()),
                         Some(StoreFault::ErrorAfterCommit) => {
-                            self.store.claim(id, &key, claimant);
-                            self.unresolved.insert((r, id));
+                            if self.store.claim(&claim) == ClaimOutcome::Now {
+                                self.unresolved.insert((r, i, id));
+                            }
                             Err("connection closed after COMMIT".to_string())
                         }
                         Some(StoreFault::Hang { commits }) => {
                             if commits {
-                                self.unresolved.insert((r, id));
+                                self.unresolved.insert((r, i, id));
                                 self.at(
                                     now + timeout + DELAY,
                                     Event::LateCommit {
-                                        message: id,
-                                        key: key.clone(),
-                                        claimant,
+                                        replica: r,
+                                        incarnation,
+                                        instance: i,
+                                        claim,
                                     },
                                 );
                             }
@@ -1110,7 +2139,9 @@ impl World {
                                 Event::Claimed {
                                     replica: r,
                                     incarnation,
+                                    instance: i,
                                     attempt,
+                                    id,
                                     result: Err("timed out".into()),
                                 },
                             );
@@ -1122,29 +2153,44 @@ impl World {
                         Event::Claimed {
                             replica: r,
                             incarnation,
+                            instance: i,
                             attempt,
+                            id,
                             result,
                         },
                     );
                 }
                 Action::Deliver(d) => {
-                    self.unresolved.remove(&(r, d.id));
-                    let send = u64::from_be_bytes(d.payload[..8].try_into().expect("8 bytes"));
-                    if self.store_mode {
+                    self.unresolved.remove(&(r, i, d.id));
+                    let send = if hostile {
+                        let send = self.next_foreign;
+                        self.next_foreign += 1;
+                        let scope = self.replicas[r].channels[i].scope;
+                        let key = d.key.as_deref().map(|k| World::ledger_key(scope, k));
+                        self.ledger.foreign(send, key.as_deref(), &d.payload);
+                        send
+                    } else {
+                        self.ids.get(&(chan, d.id)).copied().unwrap_or(PHANTOM)
+                    };
+                    self.ledger.handed_over(send);
+                    if self.mode == Mode::Store {
                         // With a claims store a claimed message handed over counts as
                         // delivered (the claim is the record), read or not.
-                        self.ledger.delivered(r, send);
+                        self.ledger.delivered(app, send);
                     }
-                    let app = &mut self.servers[r].app;
-                    if !app.stopped {
-                        app.queue.push_back((d.id, send));
+                    let s = &mut self.replicas[r].channels[i];
+                    if !s.app.stopped {
+                        let digest = payload_digest(&d.payload);
+                        s.app.queue.push_back((d.id, send, d.key, digest));
                     }
                 }
                 Action::Stop { .. } => {
-                    self.servers[r].link = None;
+                    self.replicas[r].channels[i].link = None;
+                    // Its claims can no longer be handed over, crash or not.
+                    self.unresolved.retain(|&(x, y, _)| (x, y) != (r, i));
                 }
                 Action::SamplePaths { conns } => {
-                    if let Some(link) = self.servers[r].link.as_mut() {
+                    if let Some(link) = self.replicas[r].channels[i].link.as_mut() {
                         link.handle(now, Input::Samples(samples(conns)));
                     }
                 }
@@ -1177,21 +2223,76 @@ fn lost_by(code: u32) -> Lost {
     }
 }
 
-/// A server process's claimant tokens: its own range (the driver draws a random seed).
-fn claimant_seed(replica: usize, incarnation: u64) -> u64 {
-    ((replica as u64 + 1) << 48) | (incarnation << 32)
+/// A server channel's claimant tokens: its own range (the driver draws a random seed).
+fn claimant_seed(replica: usize, incarnation: u64, instance: usize) -> u64 {
+    ((replica as u64 + 1) << 56) | (incarnation << 40) | ((instance as u64) << 24)
 }
 
-/// Whether to print every event and action (`SURELINK_WORLD_TRACE`).
+/// What `SURELINK_WORLD_SKIP` (comma-separated) leaves out, to look past known violations
+/// while triaging: `reuse`, no second payment under a used key; `key-refusals`, refusals
+/// are judged per send only; `gone-refusals`, `reset-refusals`: the same for refusals
+/// because the application was gone, or of a stream the server reset; `full-keys`, the
+/// default `max_keys` only; `short-holes`, the default `hole_ttl` only; `resets`, no
+/// stream resets; `ack-ahead`, acks may run ahead of the take at every step (checked at the
+/// end only), in every mode. Unset in CI and in the committed corpus runs.
+fn skip(what: &str) -> bool {
+    static SKIP: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    SKIP.get_or_init(|| {
+        std::env::var("SURELINK_WORLD_SKIP")
+            .map(|s| s.split(',').map(|w| w.trim().to_string()).collect())
+            .unwrap_or_default()
+    })
+    .iter()
+    .any(|w| w == what)
+}
+
+/// A check's violations without those `SURELINK_WORLD_SKIP` leaves out.
+fn skipped(Violations(v): Violations) -> Result<(), Violations> {
+    let v: Vec<Violation> = v
+        .into_iter()
+        .filter(|x| match x {
+            Violation::KeyRefusedButDelivered { why, .. } => {
+                !(skip("key-refusals")
+                    || skip("gone-refusals") && why.ends_with("application gone")
+                    || skip("reset-refusals") && why.ends_with("reset"))
+            }
+            _ => true,
+        })
+        .collect();
+    if v.is_empty() {
+        Ok(())
+    } else {
+        Err(Violations(v))
+    }
+}
+
+static TRACE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether to print every event and action (`SURELINK_WORLD_TRACE`, or [`set_trace`]).
 fn trace() -> bool {
-    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *TRACE.get_or_init(|| std::env::var_os("SURELINK_WORLD_TRACE").is_some())
+    use std::sync::atomic::Ordering;
+    match TRACE.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var_os("SURELINK_WORLD_TRACE").is_some();
+            TRACE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        t => t == 2,
+    }
+}
+
+/// Prints every event and action from now on (or stops).
+pub fn set_trace(on: bool) {
+    TRACE.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Arbitrary bytes as a scenario, run and checked.
 pub fn channel(data: &[u8]) {
     let mut u = Unstructured::new(data);
     if let Ok(scenario) = Scenario::arbitrary(&mut u) {
+        if trace() {
+            eprintln!("{scenario:?}");
+        }
         run(scenario);
     }
 }

@@ -6,14 +6,22 @@
 //! surelink promises three things:
 //!
 //! 1. **Never twice.** A message reaches the receiving application at most once, across every
-//!    replica; a message sent again under the same idempotency key (an application retry)
-//!    reaches it at most once per key.
+//!    replica; a message sent again under the same idempotency key (an application retry,
+//!    perhaps on another channel of the same server, or to another replica) reaches it at
+//!    most once per key.
 //! 2. **Acked means delivered.** When a send ends in `Ok(Receipt)`, the message was handed to
 //!    a receiving application (or, with a claims store, claimed and handed over), or another
-//!    send with the same key was (the retry was recognised as already done).
+//!    send of the same *payment* was (its key with the same payload: the retry was recognised
+//!    as already done).
 //! 3. **Every send gets an outcome.** Acked, or an error that says whether the message may
 //!    have been delivered ([`Outcome::Unknown`]: retry with the same key) or was certainly
-//!    not ([`Outcome::NotDelivered`]: retrying is safe with or without the key).
+//!    not ([`Outcome::NotDelivered`], [`Outcome::NotSent`]: retrying is safe with or without
+//!    the key).
+//!
+//! A refusal by the peer ([`Outcome::NotDelivered`]) is judged per key as well as per send:
+//! "not delivered, retrying is safe with or without the key" is false when the payment was
+//! delivered, or handed to the application, under the same key by another send before the
+//! refusal came (an application that believes it pays twice).
 //!
 //! A [`Ledger`] records what each sender saw per send and what each application received,
 //! and [`Ledger::check`] asserts the promises over the record. Tests over real quinn, the
@@ -41,8 +49,13 @@ use std::fmt;
 pub enum Outcome {
     /// Acknowledged: the peer delivered it (or recognised its key as delivered before).
     Acked,
-    /// A definite error: the message was certainly not delivered.
+    /// The peer refused it: it was certainly not delivered, and neither was its payment
+    /// under its key (retrying is safe with or without the key).
     NotDelivered,
+    /// A definite error before anything reached the peer (the channel closed, the message
+    /// was rejected or too large), or one that speaks of this send only: it was certainly
+    /// not delivered; it says nothing of its key.
+    NotSent,
     /// An error that leaves the outcome unknown: it may have been delivered.
     Unknown,
 }
@@ -57,18 +70,55 @@ impl Outcome {
     {
         match result {
             Ok(_) => Outcome::Acked,
-            Err(e) if e.clone().into().may_have_been_delivered() => Outcome::Unknown,
-            Err(_) => Outcome::NotDelivered,
+            Err(e) => {
+                let e = e.clone().into();
+                if e.may_have_been_delivered() {
+                    Outcome::Unknown
+                } else if matches!(e, crate::channel::SendError::Refused { .. }) {
+                    Outcome::NotDelivered
+                } else {
+                    Outcome::NotSent
+                }
+            }
         }
+    }
+
+    /// Whether it says the message was certainly not delivered.
+    pub fn not_delivered(self) -> bool {
+        matches!(self, Outcome::NotDelivered | Outcome::NotSent)
     }
 }
 
-/// One send: its key and, once known, its outcome (the first one reported; a second is a
-/// violation in itself).
+/// One send: its key, its payload's digest when known, and, once known, its outcome (the
+/// first one reported; a second is a violation in itself).
 #[derive(Clone, Debug, Default)]
 struct Send {
     key: Option<Vec<u8>>,
+    /// The payload's digest ([`Ledger::sent_payment`]); `None`: not recorded, any delivery
+    /// under the key counts as the same payment.
+    digest: Option<u64>,
     outcomes: Vec<Outcome>,
+    /// When (in the ledger's order) the first outcome was reported.
+    outcome_at: Option<u64>,
+    /// When the receiving side first decided to refuse it, and why ([`Ledger::refusing`]).
+    refused_at: Option<(u64, String)>,
+    /// When the receiving side handed it to an application ([`Ledger::handed_over`]).
+    handed: Vec<u64>,
+    /// From a sender whose promises are not judged (a hostile peer): only its deliveries
+    /// count, for its key.
+    foreign: bool,
+}
+
+impl Send {
+    /// Whether a delivery of `other` is a delivery of this send's payment.
+    fn same_payment(&self, other: &Send) -> bool {
+        self.key.is_some()
+            && self.key == other.key
+            && match (self.digest, other.digest) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
 }
 
 /// A record of sends and deliveries. Sends are named by the caller with an id unique across
@@ -77,10 +127,12 @@ struct Send {
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
     sends: BTreeMap<u64, Send>,
-    /// (send, receiving application) per delivery, in order.
-    deliveries: Vec<(u64, usize)>,
+    /// (send, receiving application, when) per delivery, in order.
+    deliveries: Vec<(u64, usize, u64)>,
     /// Deliveries of sends the ledger never heard of.
     unknown_deliveries: Vec<u64>,
+    /// Counts every recorded event, to order them.
+    clock: u64,
 }
 
 /// A broken promise, with the send it concerns.
@@ -93,22 +145,47 @@ pub enum Violation {
         /// The applications that received it, once per delivery.
         at: Vec<usize>,
     },
-    /// Two different sends with the same idempotency key were both delivered.
+    /// An idempotency key was delivered more than once (by different sends, perhaps on
+    /// different channels or replicas, perhaps with different payloads).
     KeyDeliveredTwice {
         /// The key (lossy UTF-8).
         key: String,
         /// The sends delivered under it.
         sends: Vec<u64>,
     },
-    /// Send `send` was acked, but neither it nor another send with its key was delivered.
+    /// Send `send` was acked, but neither it nor another send of its payment (its key with
+    /// the same payload) was delivered.
     AckedNotDelivered {
         /// The send.
         send: u64,
+    },
+    /// Send `send` was acked because its key was delivered, but with another payload: a
+    /// second payment under a used key was reported as done.
+    AckedOtherPayment {
+        /// The send.
+        send: u64,
+        /// A send delivered under its key.
+        by: u64,
+        /// The key (lossy UTF-8).
+        key: String,
     },
     /// Send `send` ended in a definite "not delivered" error but was delivered.
     RefusedButDelivered {
         /// The send.
         send: u64,
+    },
+    /// Send `send` was refused by the peer ("not delivered": retrying is safe with or
+    /// without the key) after send `by` delivered its payment under the same key (or had it
+    /// handed to an application that then took it).
+    KeyRefusedButDelivered {
+        /// The send refused.
+        send: u64,
+        /// The send whose delivery came first.
+        by: u64,
+        /// The key (lossy UTF-8).
+        key: String,
+        /// Why it was refused, if recorded ([`Ledger::refusing`]).
+        why: String,
     },
     /// Send `send` has no outcome ([`Ledger::check_final`] only).
     NoOutcome {
@@ -145,9 +222,19 @@ impl fmt::Display for Violation {
             Violation::AckedNotDelivered { send } => {
                 write!(f, "send {send} acked but never delivered")
             }
+            Violation::AckedOtherPayment { send, by, key } => write!(
+                f,
+                "send {send} acked as done, but its key {key:?} was delivered with another \
+                 payload (send {by})"
+            ),
             Violation::RefusedButDelivered { send } => {
                 write!(f, "send {send} reported not delivered, but it was")
             }
+            Violation::KeyRefusedButDelivered { send, by, key, why } => write!(
+                f,
+                "send {send} refused as not delivered ({why}), but its key {key:?} was \
+                 delivered before by send {by}"
+            ),
             Violation::NoOutcome { send } => write!(f, "send {send} has no outcome"),
             Violation::SeveralOutcomes { send, outcomes } => {
                 write!(f, "send {send} has several outcomes: {outcomes:?}")
@@ -170,31 +257,91 @@ fn summary(v: &[Violation]) -> String {
     parts.join("; ")
 }
 
+/// A payload's digest (FNV-1a, 64 bits: stable across runs and platforms).
+fn digest(payload: &[u8]) -> u64 {
+    payload.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 impl Ledger {
     /// Records send `send`, with its idempotency key if it has one. Sending the same id again
-    /// is ignored (the first key stands).
+    /// is ignored (the first key stands). Any delivery under the key counts as its payment;
+    /// [`Ledger::sent_payment`] also records the payload.
     pub fn sent(&mut self, send: u64, key: Option<&[u8]>) {
         self.sends.entry(send).or_insert_with(|| Send {
             key: key.map(<[u8]>::to_vec),
-            outcomes: Vec::new(),
+            ..Send::default()
+        });
+    }
+
+    /// Records send `send` with its key and payload: an ack by key then needs a delivery of
+    /// the same payload under that key (a retry carries the same payment; a second payment
+    /// under a used key is not "already done"), and a refusal is a lie only about a delivery
+    /// of the same payment.
+    pub fn sent_payment(&mut self, send: u64, key: Option<&[u8]>, payload: &[u8]) {
+        self.sends.entry(send).or_insert_with(|| Send {
+            key: key.map(<[u8]>::to_vec),
+            digest: Some(digest(payload)),
+            ..Send::default()
+        });
+    }
+
+    /// Records a message from a sender whose promises are not judged (a hostile peer), with
+    /// its key and payload, as send `send`: its deliveries count for its key (a key is
+    /// delivered at most once whoever sends it; an ack by key may rest on it), and it needs
+    /// no outcome.
+    pub fn foreign(&mut self, send: u64, key: Option<&[u8]>, payload: &[u8]) {
+        self.sends.entry(send).or_insert_with(|| Send {
+            key: key.map(<[u8]>::to_vec),
+            digest: Some(digest(payload)),
+            foreign: true,
+            ..Send::default()
         });
     }
 
     /// Records what the sender of `send` learnt.
     pub fn outcome(&mut self, send: u64, outcome: Outcome) {
-        self.sends.entry(send).or_default().outcomes.push(outcome);
+        self.clock += 1;
+        let s = self.sends.entry(send).or_default();
+        s.outcomes.push(outcome);
+        s.outcome_at.get_or_insert(self.clock);
+    }
+
+    /// Records that the receiving side handed send `send` to an application, which has not
+    /// taken it yet (it may never: its application may go away). If it is then delivered,
+    /// its payment counts as delivered from this moment on (the receiver knew it), for
+    /// judging refusals of its key.
+    pub fn handed_over(&mut self, send: u64) {
+        self.clock += 1;
+        if let Some(s) = self.sends.get_mut(&send) {
+            s.handed.push(self.clock);
+        }
+    }
+
+    /// Records that the receiving side decided to refuse send `send`, and why (a REFUSE
+    /// frame or a "refused" stream status left it; it reaches the sender later): its refusal
+    /// is judged against what was delivered by this moment, not by the time the sender
+    /// learns it.
+    pub fn refusing(&mut self, send: u64, why: &str) {
+        self.clock += 1;
+        let clock = self.clock;
+        if let Some(s) = self.sends.get_mut(&send) {
+            s.refused_at.get_or_insert_with(|| (clock, why.to_string()));
+        }
     }
 
     /// Records that application `app` (a replica index, or 0) received send `send`.
     pub fn delivered(&mut self, app: usize, send: u64) {
+        self.clock += 1;
         if self.sends.contains_key(&send) {
-            self.deliveries.push((send, app));
+            self.deliveries.push((send, app, self.clock));
         } else {
             self.unknown_deliveries.push(send);
         }
     }
 
-    /// Sends recorded.
+    /// Sends recorded (foreign ones included).
     pub fn sends(&self) -> usize {
         self.sends.len()
     }
@@ -212,8 +359,18 @@ impl Ledger {
             .count()
     }
 
-    /// Checks promises 1 and 2 and that no send has two outcomes; sends still awaiting their
-    /// outcome are allowed (the scenario may still be running).
+    /// Sends not yet given an outcome (foreign ones aside).
+    pub fn pending(&self) -> Vec<u64> {
+        self.sends
+            .iter()
+            .filter(|(_, s)| !s.foreign && s.outcomes.is_empty())
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// Checks promises 1 and 2, refusals per send and per key, and that no send has two
+    /// outcomes; sends still awaiting their outcome are allowed (the scenario may still be
+    /// running).
     pub fn check(&self) -> Result<(), Violations> {
         self.violations(false)
     }
@@ -226,7 +383,12 @@ impl Ledger {
         self.violations(false).or_else(|Violations(v)| {
             let v: Vec<Violation> = v
                 .into_iter()
-                .filter(|x| !matches!(x, Violation::AckedNotDelivered { .. }))
+                .filter(|x| {
+                    !matches!(
+                        x,
+                        Violation::AckedNotDelivered { .. } | Violation::AckedOtherPayment { .. }
+                    )
+                })
                 .collect();
             if v.is_empty() {
                 Ok(())
@@ -245,8 +407,18 @@ impl Ledger {
     fn violations(&self, fin: bool) -> Result<(), Violations> {
         let mut found = Vec::new();
         let mut at: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
-        for &(send, app) in &self.deliveries {
+        // Per delivery: (send, when its payment counts as delivered: the hand-over that led
+        // to it, else the delivery itself).
+        let mut known: Vec<(u64, u64)> = Vec::new();
+        for &(send, app, when) in &self.deliveries {
             at.entry(send).or_default().push(app);
+            let handed = self.sends[&send]
+                .handed
+                .iter()
+                .rev()
+                .find(|&&h| h <= when)
+                .copied();
+            known.push((send, handed.unwrap_or(when)));
         }
         found.extend(
             self.unknown_deliveries
@@ -255,13 +427,14 @@ impl Ledger {
         );
         let mut by_key: BTreeMap<&[u8], BTreeSet<u64>> = BTreeMap::new();
         for (&send, apps) in &at {
-            if apps.len() > 1 {
+            let s = &self.sends[&send];
+            if apps.len() > 1 && !s.foreign {
                 found.push(Violation::DeliveredTwice {
                     send,
                     at: apps.clone(),
                 });
             }
-            if let Some(key) = self.sends[&send].key.as_deref() {
+            if let Some(key) = s.key.as_deref() {
                 by_key.entry(key).or_default().insert(send);
             }
         }
@@ -274,6 +447,9 @@ impl Ledger {
             }
         }
         for (&send, s) in &self.sends {
+            if s.foreign {
+                continue;
+            }
             if s.outcomes.len() > 1 {
                 found.push(Violation::SeveralOutcomes {
                     send,
@@ -282,17 +458,43 @@ impl Ledger {
             }
             let delivered = at.contains_key(&send);
             match s.outcomes.first() {
-                Some(Outcome::Acked) => {
-                    let by_key = s
-                        .key
-                        .as_deref()
-                        .is_some_and(|k| by_key.get(k).is_some_and(|d| !d.is_empty()));
-                    if !delivered && !by_key {
-                        found.push(Violation::AckedNotDelivered { send });
+                Some(Outcome::Acked) if !delivered => {
+                    let under_key = s.key.as_deref().and_then(|k| by_key.get(k));
+                    let same =
+                        under_key.is_some_and(|d| d.iter().any(|o| s.same_payment(&self.sends[o])));
+                    match under_key.and_then(|d| d.first()) {
+                        Some(_) if same => {}
+                        Some(&by) => found.push(Violation::AckedOtherPayment {
+                            send,
+                            by,
+                            key: String::from_utf8_lossy(s.key.as_deref().unwrap_or_default())
+                                .into_owned(),
+                        }),
+                        None => found.push(Violation::AckedNotDelivered { send }),
                     }
                 }
-                Some(Outcome::NotDelivered) if delivered => {
+                Some(o) if o.not_delivered() && delivered => {
                     found.push(Violation::RefusedButDelivered { send });
+                }
+                Some(Outcome::NotDelivered) => {
+                    // The peer's refusal speaks for the key too: no other send of the same
+                    // payment may have been delivered (or handed over, then delivered)
+                    // before it.
+                    let (refused_at, why) = match &s.refused_at {
+                        Some((at, why)) => (*at, why.clone()),
+                        None => (s.outcome_at.unwrap_or(u64::MAX), "refused".to_string()),
+                    };
+                    if let Some(&(by, _)) = known.iter().find(|&&(other, when)| {
+                        other != send && when < refused_at && s.same_payment(&self.sends[&other])
+                    }) {
+                        found.push(Violation::KeyRefusedButDelivered {
+                            send,
+                            by,
+                            key: String::from_utf8_lossy(s.key.as_deref().unwrap_or_default())
+                                .into_owned(),
+                            why,
+                        });
+                    }
                 }
                 Some(_) => {}
                 None if fin => found.push(Violation::NoOutcome { send }),
@@ -393,5 +595,127 @@ mod tests {
         );
         l.delivered(0, 1);
         l.check_final().unwrap();
+    }
+
+    #[test]
+    fn a_refusal_speaks_for_its_key() {
+        // Delivered under the key, then a retry with the same payment is refused.
+        let mut l = Ledger::default();
+        l.sent_payment(1, Some(b"k"), b"pay 5");
+        l.delivered(0, 1);
+        l.sent_payment(2, Some(b"k"), b"pay 5");
+        l.outcome(2, Outcome::NotDelivered);
+        l.outcome(1, Outcome::Unknown);
+        assert_eq!(
+            l.check_final().unwrap_err().0,
+            vec![Violation::KeyRefusedButDelivered {
+                send: 2,
+                by: 1,
+                key: "k".into(),
+                why: "refused".into(),
+            }]
+        );
+        // Handed over before the refusal, taken after it: the receiver knew.
+        let mut l = Ledger::default();
+        l.sent_payment(1, Some(b"k"), b"pay 5");
+        l.sent_payment(2, Some(b"k"), b"pay 5");
+        l.handed_over(1);
+        l.outcome(2, Outcome::NotDelivered);
+        l.delivered(0, 1);
+        l.outcome(1, Outcome::Acked);
+        assert!(matches!(
+            l.check_final().unwrap_err().0[..],
+            [Violation::KeyRefusedButDelivered { send: 2, by: 1, .. }]
+        ));
+        // Refused before the other send arrived at all: the refusal was true when made,
+        // even if the sender learnt it later.
+        let mut l = Ledger::default();
+        l.sent_payment(1, Some(b"k"), b"pay 5");
+        l.sent_payment(2, Some(b"k"), b"pay 5");
+        l.refusing(2, "out of window");
+        l.handed_over(1);
+        l.outcome(2, Outcome::NotDelivered);
+        l.delivered(0, 1);
+        l.outcome(1, Outcome::Acked);
+        l.check_final().unwrap();
+        let mut l = Ledger::default();
+        l.sent_payment(1, Some(b"k"), b"pay 5");
+        l.sent_payment(2, Some(b"k"), b"pay 5");
+        l.outcome(2, Outcome::NotDelivered);
+        l.handed_over(1);
+        l.delivered(0, 1);
+        l.outcome(1, Outcome::Acked);
+        l.check_final().unwrap();
+        // Another payment under the same key, or an error that speaks of the send only.
+        let mut l = Ledger::default();
+        l.sent_payment(1, Some(b"k"), b"pay 5");
+        l.delivered(0, 1);
+        l.outcome(1, Outcome::Acked);
+        l.sent_payment(2, Some(b"k"), b"pay 6");
+        l.outcome(2, Outcome::NotDelivered);
+        l.sent_payment(3, Some(b"k"), b"pay 5");
+        l.outcome(3, Outcome::NotSent);
+        l.check_final().unwrap();
+    }
+
+    #[test]
+    fn an_ack_by_key_needs_the_same_payment() {
+        let mut l = Ledger::default();
+        l.sent_payment(1, Some(b"k"), b"pay 5");
+        l.delivered(0, 1);
+        l.outcome(1, Outcome::Acked);
+        // A different payment under a used key, acked as if done.
+        l.sent_payment(2, Some(b"k"), b"pay 6");
+        l.outcome(2, Outcome::Acked);
+        // The same payment retried: done indeed.
+        l.sent_payment(3, Some(b"k"), b"pay 5");
+        l.outcome(3, Outcome::Acked);
+        assert_eq!(
+            l.check_final().unwrap_err().0,
+            vec![Violation::AckedOtherPayment {
+                send: 2,
+                by: 1,
+                key: "k".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn foreign_messages_count_for_their_keys_only() {
+        let mut l = Ledger::default();
+        // A hostile peer delivers key k twice (under two of its ids) and an unkeyed
+        // message twice; it needs no outcome.
+        l.foreign(100, Some(b"k"), b"x");
+        l.foreign(101, None, b"y");
+        l.delivered(3, 100);
+        l.delivered(3, 101);
+        l.delivered(3, 101);
+        assert_eq!(l.pending(), Vec::<u64>::new());
+        l.check_final().unwrap();
+        // An honest send of the same payment is acked by key: done, by the other sender.
+        l.sent_payment(1, Some(b"k"), b"x");
+        l.outcome(1, Outcome::Acked);
+        l.check_final().unwrap();
+        // But the key delivered again, to anyone, is delivered twice.
+        l.sent_payment(2, Some(b"k"), b"x");
+        l.delivered(0, 2);
+        l.outcome(2, Outcome::Acked);
+        assert_eq!(
+            l.check_final().unwrap_err().0,
+            vec![Violation::KeyDeliveredTwice {
+                key: "k".into(),
+                sends: vec![2, 100]
+            }]
+        );
+    }
+
+    #[test]
+    fn outcomes_of_send_errors() {
+        use crate::proto::link::SendError;
+        let of = |e: SendError| Outcome::of::<(), _>(&Err(e));
+        assert_eq!(of(SendError::Refused { id: 1 }), Outcome::NotDelivered);
+        assert_eq!(of(SendError::Closed), Outcome::NotSent);
+        assert_eq!(of(SendError::Timeout { id: 1 }), Outcome::Unknown);
+        assert!(Outcome::NotSent.not_delivered() && !Outcome::Unknown.not_delivered());
     }
 }

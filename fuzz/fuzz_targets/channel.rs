@@ -1,8 +1,12 @@
-//! Arbitrary scenarios against the channel's whole policy (`proto::link::Link`): one client
-//! over one to three replicas, loss, blackouts, crashes with and without state, a failing
-//! claims store (errors, errors after COMMIT, hangs), applications that pause or stop, a
-//! client that closes or drops its handles. The payment promises are checked with
-//! `surelink::promises::Ledger` after every step and at the end.
+//! Arbitrary scenarios against the channel's whole policy (`proto::link::Link`), in the
+//! deterministic world of `fuzz/world.rs`: one to three client applications (which restart
+//! and retry their payments on new channels) over servers that hold a channel per client —
+//! sharing one idempotency-key record, or claiming in a store shared by one to three
+//! replicas, or leaving the claim to the application (the inbox) — with stream messages and
+//! their refusals, key records that fill up, loss, blackouts, crashes with and without
+//! state, a failing claims store, applications that pause or drop their `Messages`, clients
+//! that close or drop their handles, and a hostile peer. The payment promises are checked
+//! with `surelink::promises::Ledger`, per send and per key, after every step and at the end.
 #![no_main]
 
 #[path = "../world.rs"]
