@@ -2286,6 +2286,88 @@ pub fn set_trace(on: bool) {
     TRACE.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Why `scenario` breaks a promise, if it does (the panic's message).
+pub fn violation(scenario: &Scenario) -> Option<String> {
+    let s = scenario.clone();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(move || {
+        run(s);
+    });
+    std::panic::set_hook(hook);
+    result
+        .err()
+        .map(|e| e.downcast_ref::<String>().cloned().unwrap_or_default())
+}
+
+/// The smallest scenario found that still breaks a promise the way `scenario` does (its
+/// message contains `pattern`): steps, clients, replicas and options are taken away one at a
+/// time while it does. For triage: its `Debug` form reads as the scenario's Rust.
+pub fn minimize(scenario: Scenario, pattern: &str) -> Scenario {
+    let breaks = |s: &Scenario| violation(s).is_some_and(|m| m.contains(pattern));
+    let mut s = scenario;
+    assert!(breaks(&s), "the scenario does not break with {pattern:?}");
+    loop {
+        let mut progress = false;
+        let mut i = 0;
+        while i < s.ops.len() {
+            let mut t = s.clone();
+            t.ops.remove(i);
+            if breaks(&t) {
+                s = t;
+                progress = true;
+            } else {
+                i += 1;
+            }
+        }
+        let smaller: [fn(&mut Scenario) -> bool; 7] = [
+            |t| fewer(&mut t.clients),
+            |t| fewer(&mut t.replicas),
+            |t| set(&mut t.hostile, false),
+            |t| set(&mut t.short_holes, false),
+            |t| set(&mut t.identities, false),
+            |t| set(&mut t.protocol, 2),
+            |t| {
+                set(
+                    &mut t.max_keys,
+                    Scenario::new(t.mode, 1, Vec::new()).max_keys,
+                )
+            },
+        ];
+        for f in smaller {
+            let mut t = s.clone();
+            if f(&mut t) && breaks(&t) {
+                s = t;
+                progress = true;
+            }
+        }
+        if !progress {
+            return s;
+        }
+    }
+}
+
+/// One less (not below one); whether it changed.
+fn fewer(n: &mut usize) -> bool {
+    let more = *n > 1;
+    if more {
+        *n -= 1;
+    }
+    more
+}
+
+/// Sets `x` to `to`; whether it changed.
+fn set<T: PartialEq>(x: &mut T, to: T) -> bool {
+    let changed = *x != to;
+    *x = to;
+    changed
+}
+
+/// Arbitrary bytes as a scenario (or `None` if they make none).
+pub fn scenario(data: &[u8]) -> Option<Scenario> {
+    Scenario::arbitrary(&mut Unstructured::new(data)).ok()
+}
+
 /// Arbitrary bytes as a scenario, run and checked.
 pub fn channel(data: &[u8]) {
     let mut u = Unstructured::new(data);

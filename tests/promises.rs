@@ -601,6 +601,27 @@ fn the_world_crashes_a_replica_once_its_claims_are_resolved() {
 
 use world::{Hostile, Mode, Op, Scenario};
 
+/// Triage: `SURELINK_WORLD_INPUT=<a channel fuzz input> SURELINK_WORLD_MATCH=<part of its
+/// violation> cargo test --release --test promises minimize -- --ignored --nocapture` prints
+/// the smallest scenario that still breaks that way, then its trace.
+#[test]
+#[ignore = "a triage tool, driven by SURELINK_WORLD_INPUT"]
+fn minimize_a_world_input() {
+    let Some(path) = std::env::var_os("SURELINK_WORLD_INPUT") else {
+        return;
+    };
+    let data = std::fs::read(path).unwrap();
+    let scenario = world::scenario(&data).expect("the input makes a scenario");
+    let pattern = std::env::var("SURELINK_WORLD_MATCH").unwrap_or_default();
+    let smallest = world::minimize(scenario, &pattern);
+    eprintln!(
+        "{smallest:?}\n{}",
+        world::violation(&smallest).unwrap_or_default()
+    );
+    world::set_trace(true);
+    let _ = world::violation(&smallest);
+}
+
 /// Client 0 (on the first channel) sends payment `key`.
 fn pay(key: u8) -> Op {
     Op::Send {
