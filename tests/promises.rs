@@ -845,7 +845,6 @@ fn a_stream_retry_of_a_held_key_is_not_refused() {
 /// copy was delivered: the server resets the re-sent stream (too slow) and the client reports
 /// "refused, not delivered". On a0c052b: "send 0 reported not delivered, but it was".
 #[test]
-#[ignore = "known violation: a reset re-sent stream is reported as refused"]
 fn a_reset_of_a_re_sent_stream_is_no_refusal() {
     world::run(Scenario::new(
         Mode::Keys,
@@ -870,7 +869,6 @@ fn a_reset_of_a_re_sent_stream_is_no_refusal() {
 /// On a0c052b: "send 1 refused as not delivered (REFUSE: application gone), but its key
 /// "key-0-0" was delivered before by send 0".
 #[test]
-#[ignore = "known violation: refusals speak for the key without looking at it"]
 fn a_channel_whose_application_is_gone_does_not_refuse_a_delivered_key() {
     world::run(Scenario {
         clients: 2,
@@ -892,7 +890,6 @@ fn a_channel_whose_application_is_gone_does_not_refuse_a_delivered_key() {
 /// reported "refused, not delivered". On a0c052b: "send 1 refused as not delivered (its stream
 /// was reset), but its key "key-0-4" was delivered before by send 0".
 #[test]
-#[ignore = "known violation: refusals speak for the key without looking at it"]
 fn a_reset_retry_of_a_delivered_payment_is_no_refusal() {
     world::run(Scenario::new(
         Mode::Keys,
@@ -913,7 +910,6 @@ fn a_reset_retry_of_a_delivered_payment_is_no_refusal() {
 /// refused as not delivered (on its stream), but its key "key-0-5" was delivered before by
 /// send 1".
 #[test]
-#[ignore = "known violation: refusals speak for the key without looking at it"]
 fn a_rolled_back_copy_is_not_refused_while_its_payment_is_handed_over() {
     world::run(Scenario::new(
         Mode::Inbox,

@@ -454,7 +454,8 @@ pub struct Receiver {
     pruned_to: u64,
     claims_out: VecDeque<ClaimRequest>,
     /// (message id, status byte) for stream messages whose answer waited.
-    stream_answers: VecDeque<(u64, u8)>,
+    /// (`None`: end the stream without an answer, the outcome unknown.)
+    stream_answers: VecDeque<(u64, Option<u8>)>,
     /// Counts the peer's incarnations (`peer_lost_state`).
     generation: u64,
     /// Messages of the sender's previous incarnations the receiver still answers for, by
@@ -812,12 +813,15 @@ impl Receiver {
         }
         let status = match outcome {
             ClaimOutcome::Failed => {
+                // Not delivered as this copy, but its payment may be (another copy with its
+                // key, handed over meanwhile, or a retry): a stream gets no answer, its
+                // sender an unknown outcome.
                 self.stats.claim_failures += 1;
-                STREAM_REFUSED
+                None
             }
             ClaimOutcome::Conflict => {
                 self.refuse(now, id, REFUSE_KEY_REUSED, via_stream);
-                STREAM_REFUSED
+                Some(STREAM_REFUSED)
             }
             ClaimOutcome::Now if self.gone && payload.is_some() => {
                 // Claimed while the application went away: the claim is the record of
@@ -861,7 +865,7 @@ impl Receiver {
                             return;
                         }
                         self.ack(now, false, &[id]);
-                        STREAM_DELIVERED
+                        Some(STREAM_DELIVERED)
                     }
                     // Delivered already (application claims) and claimed now: nothing more.
                     (ClaimOutcome::Now, None) => {
@@ -869,14 +873,14 @@ impl Receiver {
                             self.remember_key(now, k, digest);
                         }
                         self.ack(now, false, &[id]);
-                        STREAM_DELIVERED
+                        Some(STREAM_DELIVERED)
                     }
                     _ => {
                         self.stats.claimed_before += 1;
                         if let Some(k) = &key {
                             self.remember_key(now, k, digest);
                         }
-                        self.replayed(now, id, false)
+                        Some(self.replayed(now, id, false))
                     }
                 }
             }
@@ -972,7 +976,7 @@ impl Receiver {
             self.keys.with(|r| r.taken(now, scope, &key, holder));
         }
         if via_stream {
-            self.stream_answers.push_back((id, STREAM_DELIVERED));
+            self.stream_answers.push_back((id, Some(STREAM_DELIVERED)));
         }
         self.ack(now, false, &[id]);
     }
@@ -1024,7 +1028,7 @@ impl Receiver {
                         self.dedupe.unpin(d.id);
                         self.refuse(now, d.id, REFUSE_CLOSED, via_stream);
                         if via_stream {
-                            self.stream_answers.push_back((d.id, STREAM_REFUSED));
+                            self.stream_answers.push_back((d.id, Some(STREAM_REFUSED)));
                         }
                     }
                 }
@@ -1050,7 +1054,7 @@ impl Receiver {
             self.set(now, id, Msg::Discarded);
             self.refuse(now, id, REFUSE_CLOSED, via_stream);
             if via_stream {
-                self.stream_answers.push_back((id, STREAM_REFUSED));
+                self.stream_answers.push_back((id, Some(STREAM_REFUSED)));
             }
         }
         self.flush_notices(now);
@@ -1090,7 +1094,8 @@ impl Receiver {
                 self.dedupe.unpin(request.id);
                 self.refuse(now, request.id, REFUSE_CLOSED, via_stream);
                 if via_stream {
-                    self.stream_answers.push_back((request.id, STREAM_REFUSED));
+                    self.stream_answers
+                        .push_back((request.id, Some(STREAM_REFUSED)));
                 }
             }
         }
@@ -1098,9 +1103,9 @@ impl Receiver {
     }
 
     /// The answer to a stream message whose answer waited (its claim, or its take): (message
-    /// id, status byte).
+    /// id, status byte; `None`: end the stream without one, the outcome unknown).
     #[must_use]
-    pub fn poll_stream_answer(&mut self) -> Option<(u64, u8)> {
+    pub fn poll_stream_answer(&mut self) -> Option<(u64, Option<u8>)> {
         self.stream_answers.pop_front()
     }
 
@@ -1323,18 +1328,38 @@ impl Receiver {
         if let Some(answer) = self.answer_copy(now, id, via_stream) {
             return answer;
         }
-        if self.gone {
-            self.refuse(now, id, REFUSE_CLOSED, via_stream);
-            return Accepted::Refused;
-        }
         let envelope = match Envelope::decode(body) {
             Ok(envelope) => envelope,
+            Err(_) if self.gone => {
+                self.refuse(now, id, REFUSE_CLOSED, via_stream);
+                return Accepted::Refused;
+            }
             Err(_) => {
                 self.stats.invalid_envelopes += 1;
                 self.refuse(now, id, REFUSE_MALFORMED, via_stream);
                 return Accepted::Refused;
             }
         };
+        if self.gone {
+            // "Not delivered" must be true of the payment, not only of this copy: a key the
+            // record knows (delivered or held elsewhere) is answered for what it is.
+            if let Some(key) = &envelope.key {
+                let (scope, digest) = (self.scope, payload_digest(&envelope.payload));
+                match self.keys.with(|r| r.peek(now, scope, key, digest)) {
+                    Some(KeyVerdict::Replay { by }) => {
+                        return self.key_replay(now, id, by, via_stream)
+                    }
+                    Some(KeyVerdict::Held(_)) => return Accepted::Held,
+                    Some(KeyVerdict::Conflict) => {
+                        self.refuse(now, id, REFUSE_KEY_REUSED, via_stream);
+                        return Accepted::Refused;
+                    }
+                    _ => {}
+                }
+            }
+            self.refuse(now, id, REFUSE_CLOSED, via_stream);
+            return Accepted::Refused;
+        }
         if self.dedupe.peek(now, id) == Seen::OutOfWindow {
             self.stats.out_of_window += 1;
             self.refuse(now, id, REFUSE_OUT_OF_WINDOW, via_stream);

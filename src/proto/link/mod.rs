@@ -629,6 +629,10 @@ struct StreamSend {
     deadline: Instant,
     /// The connection and generation its send runs on; `None` while it waits for one.
     running_on: Option<(ConnId, u64)>,
+    /// Whether it carries an idempotency key.
+    keyed: bool,
+    /// Streams opened for it so far.
+    attempts: u32,
 }
 
 #[derive(Debug)]
@@ -744,6 +748,12 @@ pub struct Link {
 
 /// Least time a stopping channel waits for its claims in flight.
 const STOPPING_CLAIMS_WAIT: Duration = Duration::from_secs(60);
+
+/// Why a reset stream's outcome is unknown.
+const RESET_UNKNOWN: &str =
+    "the peer reset the stream before judging it, and the payment may have \
+     been delivered before (an earlier copy of this message, or its idempotency key); retry with \
+     the same key";
 
 /// Why a refused message's outcome is unknown all the same.
 const REFUSED_AFTER_FAILOVER: &str = "refused by the replica in use, but it was sent to another \
@@ -1257,10 +1267,8 @@ impl Link {
 
         while let Some((id, status)) = self.peer.receiver.poll_stream_answer() {
             if let Some(answer) = self.stream_waiting.remove(&id) {
-                self.actions.push_back(Action::AnswerStream {
-                    answer,
-                    status: Some(status),
-                });
+                self.actions
+                    .push_back(Action::AnswerStream { answer, status });
             }
         }
         while let Some(datagram) = self.peer.sender.poll_secondary() {

@@ -74,6 +74,8 @@ impl Link {
                 started: now,
                 deadline: now + deadline.unwrap_or(own),
                 running_on: None,
+                keyed: key.is_some(),
+                attempts: 0,
             },
         );
         self.start_stream(id);

@@ -60,6 +60,7 @@ impl Link {
             return;
         };
         s.running_on = Some((conn, self.generation));
+        s.attempts += 1;
         self.actions.push_back(Action::OpenStream {
             conn,
             id,
@@ -87,6 +88,11 @@ impl Link {
                     reason: REFUSED_AFTER_FAILOVER.into(),
                 })
             }
+            // A reset says only that this stream was not read: a re-sent stream's first copy,
+            // or another message with its key, may have been delivered.
+            StreamEnd::Refused if s.keyed || s.attempts > 1 => Err(SendError::ConnectionLost {
+                reason: RESET_UNKNOWN.into(),
+            }),
             StreamEnd::Status(_) | StreamEnd::Refused => Err(SendError::Refused { id }),
             StreamEnd::Deadline => Err(SendError::Timeout { id }),
             StreamEnd::Connection(reason) => {
