@@ -926,3 +926,33 @@ fn a_rolled_back_copy_is_not_refused_while_its_payment_is_handed_over() {
         ],
     ));
 }
+
+/// Found by the channel fuzz target (10-minute run on af5c77d): with a claims store, a
+/// client restarts and retries a payment already claimed and delivered on its first channel;
+/// the new channel's application has dropped its `Messages`, and the server refused the retry
+/// with code 5 ("not delivered") although its key was delivered. The store knows the key, the
+/// receiver whose application is gone can no longer ask it: the retry now gets no answer (an
+/// unknown outcome), never a refusal.
+#[test]
+fn a_gone_application_with_a_store_does_not_refuse_a_delivered_key() {
+    let send = Op::Send {
+        client: 17,
+        key: Some(17),
+        big: true,
+        deadline: Some(17),
+    };
+    world::run(Scenario::new(
+        Mode::Store,
+        1,
+        vec![
+            send.clone(),
+            Op::Advance(107),
+            Op::Restart {
+                client: 12,
+                retry: false,
+            },
+            Op::Stop { app: 93 },
+            send,
+        ],
+    ));
+}

@@ -1092,6 +1092,12 @@ impl Receiver {
             {
                 self.queued_bytes -= payload.as_ref().map_or(0, cost);
                 self.dedupe.unpin(request.id);
+                if request.key.is_some() {
+                    // Its key may have been claimed elsewhere (the store knows, not this
+                    // receiver): no refusal, the sender learns an unknown outcome.
+                    self.stats.unknown_ids += 1;
+                    continue;
+                }
                 self.refuse(now, request.id, REFUSE_CLOSED, via_stream);
                 if via_stream {
                     self.stream_answers
@@ -1353,6 +1359,13 @@ impl Receiver {
                     Some(KeyVerdict::Conflict) => {
                         self.refuse(now, id, REFUSE_KEY_REUSED, via_stream);
                         return Accepted::Refused;
+                    }
+                    // With a claims store the store knows the keys, and this receiver cannot
+                    // ask it any more: the key may have been delivered elsewhere, so no
+                    // answer is true but "unknown" (dropped, counted).
+                    None if self.config.claims != Claims::Off => {
+                        self.stats.unknown_ids += 1;
+                        return Accepted::Held;
                     }
                     _ => {}
                 }
