@@ -956,3 +956,62 @@ fn a_gone_application_with_a_store_does_not_refuse_a_delivered_key() {
         ],
     ));
 }
+
+/// Found by the channel fuzz target (10 minutes on b178192), minimised: with a claims store
+/// and a short hole TTL, a restarted client retries its payments on a new channel after a
+/// blackout; copies of the old channel's keyed messages that the floor had passed were
+/// refused (REFUSE 6, "not delivered") although their keys were delivered by the retries.
+/// A passed id now is refused only when its key is not known delivered or held (with a
+/// store: never, the store may know it).
+#[test]
+fn a_passed_copy_is_not_refused_when_its_key_was_delivered() {
+    let plain = |client, deadline| Op::Send {
+        client,
+        key: None,
+        big: false,
+        deadline,
+    };
+    let keyed = |client, key, big, deadline| Op::Send {
+        client,
+        key: Some(key),
+        big,
+        deadline,
+    };
+    let hostile = Op::Hostile(Hostile::Message {
+        id: 0,
+        key: None,
+        imitate: false,
+        big: false,
+    });
+    world::run(Scenario {
+        hostile: true,
+        short_holes: true,
+        ..Scenario::new(
+            Mode::Store,
+            1,
+            vec![
+                Op::Loss(45),
+                hostile.clone(),
+                Op::Advance(33),
+                plain(0, None),
+                plain(28, None),
+                plain(0, Some(18)),
+                plain(0, None),
+                plain(0, None),
+                plain(0, None),
+                plain(0, None),
+                keyed(17, 17, true, Some(17)),
+                keyed(0, 0, false, None),
+                plain(0, None),
+                plain(2, Some(88)),
+                keyed(0, 0, false, None),
+                hostile,
+                Op::Restart {
+                    client: 154,
+                    retry: true,
+                },
+                Op::Blackout(70),
+            ],
+        )
+    });
+}

@@ -1234,7 +1234,7 @@ impl Receiver {
         if let InsertOutcome::Stale { messages } = outcome {
             // A shard of a finished block: its answer was probably lost.
             for id in messages {
-                if self.answer_copy(now, id, false) == Some(Accepted::Duplicate) {
+                if self.answer_copy(now, id, false, false) == Some(Accepted::Duplicate) {
                     triggers.push(id);
                 }
             }
@@ -1251,7 +1251,16 @@ impl Receiver {
     /// Answers a copy of message `id` that needs no rebuilding (its block finished before),
     /// or judges a rebuilt copy before its envelope is opened: `None` when the id is new and
     /// must be judged further, else what became of the copy.
-    fn answer_copy(&mut self, now: Instant, id: u64, via_stream: bool) -> Option<Accepted> {
+    /// A passed id is answered here only without a body (`body` false: a shard of a finished
+    /// block): silently, since its key cannot be looked at; with a body the caller looks at
+    /// the key first (see `accept`).
+    fn answer_copy(
+        &mut self,
+        now: Instant,
+        id: u64,
+        via_stream: bool,
+        body: bool,
+    ) -> Option<Accepted> {
         self.expire(now);
         let answer = match self.messages.get_mut(&id) {
             Some(Msg::Refused { reason }) => {
@@ -1287,9 +1296,10 @@ impl Receiver {
                     self.stats.duplicates_suppressed += 1;
                     Accepted::Duplicate
                 }
+                Seen::Passed if body => return None,
                 Seen::Passed => {
-                    self.refuse(now, id, REFUSE_PASSED, via_stream);
-                    Accepted::Refused
+                    self.stats.unknown_ids += 1;
+                    Accepted::Held
                 }
                 Seen::Unknown => {
                     self.stats.unknown_ids += 1;
@@ -1331,7 +1341,7 @@ impl Receiver {
     /// was delivered before. A body that is not a valid envelope is refused (counted): only
     /// a broken or hostile sender produces one, and acking it would claim a delivery.
     fn accept(&mut self, now: Instant, id: u64, body: Bytes, via_stream: bool) -> Accepted {
-        if let Some(answer) = self.answer_copy(now, id, via_stream) {
+        if let Some(answer) = self.answer_copy(now, id, via_stream, true) {
             return answer;
         }
         let envelope = match Envelope::decode(body) {
@@ -1346,7 +1356,8 @@ impl Receiver {
                 return Accepted::Refused;
             }
         };
-        if self.gone {
+        let passed = self.dedupe.peek(now, id) == Seen::Passed;
+        if self.gone || passed {
             // "Not delivered" must be true of the payment, not only of this copy: a key the
             // record knows (delivered or held elsewhere) is answered for what it is.
             if let Some(key) = &envelope.key {
@@ -1370,7 +1381,8 @@ impl Receiver {
                     _ => {}
                 }
             }
-            self.refuse(now, id, REFUSE_CLOSED, via_stream);
+            let reason = if passed { REFUSE_PASSED } else { REFUSE_CLOSED };
+            self.refuse(now, id, reason, via_stream);
             return Accepted::Refused;
         }
         if self.dedupe.peek(now, id) == Seen::OutOfWindow {
