@@ -1015,3 +1015,43 @@ fn a_passed_copy_is_not_refused_when_its_key_was_delivered() {
         )
     });
 }
+
+/// Found by the channel fuzz target (10 minutes on 34a5d7e), minimised: the inbox, two
+/// replicas, a replica crash and a retry; the application of the channel holding a keyed
+/// message in its queue (not yet handed out) goes away, and the message was refused (code 5,
+/// "not delivered") although another copy of its payment had committed. A keyed message the
+/// application never got is now left unanswered (unknown), not refused.
+#[test]
+fn an_inbox_whose_application_is_gone_does_not_refuse_a_committed_key() {
+    let send = |client, key: Option<u8>, big, deadline| Op::Send {
+        client,
+        key,
+        big,
+        deadline,
+    };
+    world::run(Scenario {
+        hostile: true,
+        ..Scenario::new(
+            Mode::Inbox,
+            2,
+            vec![
+                send(1, Some(11), true, Some(215)),
+                Op::Restart {
+                    client: 215,
+                    retry: true,
+                },
+                Op::Pause { app: 140, ms: 245 },
+                send(0, None, false, Some(21)),
+                send(0, None, false, Some(59)),
+                send(21, Some(0), false, None),
+                Op::Crash {
+                    replica: 59,
+                    keep_state: false,
+                },
+                send(11, Some(11), true, Some(126)),
+                Op::Advance(21),
+                Op::Stop { app: 11 },
+            ],
+        )
+    });
+}

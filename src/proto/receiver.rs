@@ -1022,10 +1022,22 @@ impl Receiver {
             match self.messages.get(&d.id) {
                 Some(Msg::Handed { .. }) => {}
                 Some(Msg::Claiming { payload: None, .. }) => {
-                    // Application claims: never handed over, so never claimed either.
+                    // Application claims: never handed over, so never claimed either. A keyed
+                    // one gets no refusal: its key may have been claimed by another copy (the
+                    // application's store knows, this receiver does not).
                     self.stats.discarded += 1;
-                    if let Some(Msg::Claiming { via_stream, .. }) = self.unset(d.id) {
+                    if let Some(Msg::Claiming {
+                        via_stream, key, ..
+                    }) = self.unset(d.id)
+                    {
                         self.dedupe.unpin(d.id);
+                        if key.is_some() {
+                            self.stats.unknown_ids += 1;
+                            if via_stream {
+                                self.stream_answers.push_back((d.id, None));
+                            }
+                            continue;
+                        }
                         self.refuse(now, d.id, REFUSE_CLOSED, via_stream);
                         if via_stream {
                             self.stream_answers.push_back((d.id, Some(STREAM_REFUSED)));
