@@ -10,6 +10,12 @@
 //!     --ge-loss 0.05,0.06 --ge-burst 4,8 --blackout 2,2 --blackout 2,5 --bottleneck-kbps 1000
 //! # the same rows over real UDP sockets on loopback (real time: 10 s per row at the defaults)
 //! cargo run --release --example loss_sweep -- --real-udp --loss 0.1 --ge-loss 0.05
+//! # issue 22's time-based fades (2/s of 20 ms; 0.5/s of 50 ms, alone and with 1% loss) and
+//! # a bottleneck that drops from 2,000 to 1,000 kbit/s 5 s into the run:
+//! cargo run --release --example loss_sweep -- --seeds 1-5 --loss --ge-loss \
+//!     --fades 2,20 --fades 0.5,50 --fades-loss 0,0.01
+//! cargo run --release --example loss_sweep -- --seeds 1-5 --loss --ge-loss \
+//!     --bottleneck-kbps 2000 --bottleneck-change 5,1000
 //! ```
 //!
 //! For each case and each transport, a client sends `--messages` payments of `--size` bytes at
@@ -39,10 +45,23 @@
 //!   of a payment sent before the link returned minus the link's return; `outage_payments`,
 //!   the payments caught by the outage (sent before the return and not acked before the
 //!   blackout began); `outage_failed`, those of them that failed.
+//! - `fades`: `--fades RATE_PER_S,MEAN_MS` (repeatable, one case each) drops every packet
+//!   sent during a fade. Fades are spans of *time*, not of packets (`sim::Fades`): they
+//!   arrive as a Poisson process, RATE_PER_S per second of time outside a fade, and last an
+//!   exponentially distributed time with mean MEAN_MS, so a sender that sends more packets
+//!   does not get shorter bursts. They run both ways, each direction with its own schedule
+//!   (seeded from the row's seed), measured from the links' start; the share of time in a
+//!   fade is RATE·MEAN / (1 + RATE·MEAN). `--fades-loss` gives Bernoulli rates to add (one
+//!   fades case per rate per `--fades`, default 0 only). Over `--real-udp` the fades run on
+//!   the real clock.
 //! - `bottleneck`: `--bottleneck-kbps K` (a list) limits both ways to K kbit/s through a
 //!   drop-tail queue of `--bottleneck-queue-ms` at that rate (default 50 ms), no other loss.
 //!   `delivered_bytes` (what the links carried) beside `wire_bytes` (what was offered to
-//!   them) shows how much the senders pushed past the bottleneck.
+//!   them) shows how much the senders pushed past the bottleneck. With
+//!   `--bottleneck-change AT_S,KBPS` (repeatable) every bottleneck case instead runs once per
+//!   change, its rate becoming KBPS kbit/s AT_S seconds after the first payment is sent (both
+//!   ways, timed like a blackout); the queue keeps its size in bytes, so at a lower rate it
+//!   holds more time.
 //!
 //! `--seed` takes a list and ranges (`--seeds 1-5`, `--seed 1,3,7`): every case runs once
 //! per seed, one row each; the table then ends with the worst p99 per case and transport
@@ -62,9 +81,10 @@
 //! `payload_bytes`, and: `seed`, `clock` (`virtual` or `real`), `rate`,
 //! `delay_ms`, `deadline_s` (surelink's deadline, or the quinn rows' `--quinn-timeout-s`),
 //! `ge_burst`, `blackout_start_s`, `blackout_s`, `recovery_ms`, `outage_payments`,
-//! `outage_failed`, `bottleneck_kbps`, `bottleneck_queue_ms` (each `null` where the model has
-//! no such parameter), `delivered_bytes`, `dropped_loss`, `dropped_blackout`, `dropped_queue`
-//! (the links' counters, both ways), `hedges`, `retransmits`, `datagram_send_errors`,
+//! `outage_failed`, `bottleneck_kbps`, `bottleneck_queue_ms`, `bottleneck_change_at_s`,
+//! `bottleneck_change_kbps`, `fade_rate_per_s`, `fade_mean_ms` (each `null` where the case has
+//! no such parameter), `delivered_bytes`, `dropped_loss`, `dropped_blackout`, `dropped_queue`,
+//! `dropped_fade` (the links' counters, both ways), `hedges`, `retransmits`, `datagram_send_errors`,
 //! `data_shards`, `repair_shards` (surelink's sender: first hedges, later resends, datagrams
 //! quinn refused, first-flight data and parity shards; `null` for the quinn rows),
 //! `loss_burstiness`, `queueing_delay_ms`, `redundancy_cap`, `loss_dispersion` (the client channel's
@@ -85,7 +105,8 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use surelink::channel::{Channel, Config};
 use surelink::sim::{
-    Congestion, GilbertElliott, LinkConfig, LinkStats, Loss, Pair, PairConfig, RateLimit,
+    Congestion, Fades, GilbertElliott, LinkConfig, LinkStats, Loss, Pair, PairConfig, RateChange,
+    RateLimit,
 };
 use tokio::time::Instant;
 
@@ -119,9 +140,22 @@ struct Args {
     /// per rate.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     blackout_loss: Vec<f64>,
+    /// A fades case: both directions drop every packet sent during a fade; fades arrive
+    /// RATE_PER_S times per second (of time outside a fade) and last MEAN_MS milliseconds on
+    /// average, both exponentially distributed. Repeatable.
+    #[arg(long, value_name = "RATE_PER_S,MEAN_MS", value_parser = parse_fades)]
+    fades: Vec<(f64, f64)>,
+    /// Bernoulli loss (each way) under each fades case, comma-separated: one fades case per
+    /// rate.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    fades_loss: Vec<f64>,
     /// Bottleneck cases: both directions limited to K kbit/s, comma-separated.
     #[arg(long, value_name = "K", value_delimiter = ',')]
     bottleneck_kbps: Vec<f64>,
+    /// With --bottleneck-kbps: the bottleneck's rate becomes KBPS kbit/s AT_S seconds after
+    /// the first payment. Repeatable: every bottleneck case runs once per change.
+    #[arg(long, value_name = "AT_S,KBPS", value_parser = parse_bottleneck_change)]
+    bottleneck_change: Vec<(f64, f64)>,
     /// The bottleneck's drop-tail queue, in milliseconds at its rate.
     #[arg(long, default_value_t = 50.0)]
     bottleneck_queue_ms: f64,
@@ -185,6 +219,50 @@ fn parse_blackout(s: &str) -> Result<(f64, f64), String> {
         return Err(format!("{s}: the blackout must last more than 0 s"));
     }
     Ok((start, dur))
+}
+
+/// Two comma-separated numbers, each checked by `ok` (which names what is wrong).
+fn parse_pair(
+    s: &str,
+    shape: &str,
+    ok: impl Fn(usize, f64) -> Result<(), String>,
+) -> Result<(f64, f64), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("{s}: expected {shape}"))?;
+    let mut values = [0.0; 2];
+    for (i, v) in [a, b].into_iter().enumerate() {
+        let x = v
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| format!("{s}: {v:?} is not a number (expected {shape})"))?;
+        ok(i, x).map_err(|e| format!("{s}: {e}"))?;
+        values[i] = x;
+    }
+    Ok((values[0], values[1]))
+}
+
+/// `RATE_PER_S,MEAN_MS`, both positive and finite.
+fn parse_fades(s: &str) -> Result<(f64, f64), String> {
+    parse_pair(s, "RATE_PER_S,MEAN_MS", |i, x| {
+        if x.is_finite() && x > 0.0 {
+            Ok(())
+        } else if i == 0 {
+            Err(format!("{x} fades per second: must be more than 0"))
+        } else {
+            Err(format!("a mean fade of {x} ms: must be more than 0"))
+        }
+    })
+}
+
+/// `AT_S,KBPS`: a time of at least 0 s and a rate above 0.
+fn parse_bottleneck_change(s: &str) -> Result<(f64, f64), String> {
+    parse_pair(s, "AT_S,KBPS", |i, x| match i {
+        0 if x.is_finite() && x >= 0.0 => Ok(()),
+        0 => Err(format!("{x} s: not a time from the first payment")),
+        _ if x.is_finite() && x > 0.0 => Ok(()),
+        _ => Err(format!("{x} kbit/s: must be more than 0")),
+    })
 }
 
 /// `1-5`, `3`, `1,3,7`, `1-3,9`.
@@ -259,7 +337,7 @@ impl Transport {
 
 #[derive(Clone, Debug)]
 struct Case {
-    /// `bernoulli`, `gilbert-elliott`, `blackout` or `bottleneck`.
+    /// `bernoulli`, `gilbert-elliott`, `blackout`, `fades` or `bottleneck`.
     model: &'static str,
     /// Mean random loss each way.
     loss: f64,
@@ -270,32 +348,52 @@ struct Case {
     blackout: Option<(f64, f64)>,
     /// Bottleneck: kbit/s.
     bottleneck_kbps: Option<f64>,
+    /// Bottleneck: the change of rate, (seconds from the first payment, kbit/s).
+    bottleneck_change: Option<(f64, f64)>,
+    /// Fades: (per second, mean in ms).
+    fades: Option<(f64, f64)>,
 }
 
 impl Case {
     /// What tells this case from the others of a run.
     fn key(&self) -> String {
         format!(
-            "{} {} {:?} {:?} {:?}",
-            self.model, self.loss, self.ge_burst, self.blackout, self.bottleneck_kbps
+            "{} {} {:?} {:?} {:?} {:?} {:?}",
+            self.model,
+            self.loss,
+            self.ge_burst,
+            self.blackout,
+            self.bottleneck_kbps,
+            self.bottleneck_change,
+            self.fades
         )
     }
 
     /// A short name for the table.
     fn label(&self) -> String {
         let pct = |p: f64| format!("{}%", (p * 1000.0).round() / 10.0);
+        let extra = if self.loss > 0.0 {
+            format!(" +{}", pct(self.loss))
+        } else {
+            String::new()
+        };
         match self.model {
             "gilbert-elliott" => format!("GE {} b{}", pct(self.loss), self.ge_burst.unwrap_or(0.0)),
             "blackout" => {
                 let (start, dur) = self.blackout.unwrap_or_default();
-                let extra = if self.loss > 0.0 {
-                    format!(" +{}", pct(self.loss))
-                } else {
-                    String::new()
-                };
                 format!("blackout {dur}s@{start}s{extra}")
             }
-            "bottleneck" => format!("bottleneck {}k", self.bottleneck_kbps.unwrap_or(0.0)),
+            "fades" => {
+                let (rate, mean_ms) = self.fades.unwrap_or_default();
+                format!("fades {rate}/s {mean_ms}ms{extra}")
+            }
+            "bottleneck" => {
+                let kbps = self.bottleneck_kbps.unwrap_or(0.0);
+                match self.bottleneck_change {
+                    Some((at, to)) => format!("bottleneck {kbps}k→{to}k@{at}s"),
+                    None => format!("bottleneck {kbps}k"),
+                }
+            }
             _ => format!("bernoulli {}", pct(self.loss)),
         }
     }
@@ -580,8 +678,10 @@ impl Row {
                 "\"ge_burst\":{},\"blackout_start_s\":{},\"blackout_s\":{},\"recovery_ms\":{},",
                 "\"outage_payments\":{},\"outage_failed\":{},",
                 "\"bottleneck_kbps\":{},\"bottleneck_queue_ms\":{},",
+                "\"bottleneck_change_at_s\":{},\"bottleneck_change_kbps\":{},",
+                "\"fade_rate_per_s\":{},\"fade_mean_ms\":{},",
                 "\"delivered_bytes\":{},\"dropped_loss\":{},\"dropped_blackout\":{},",
-                "\"dropped_queue\":{},\"hedges\":{},\"retransmits\":{},",
+                "\"dropped_queue\":{},\"dropped_fade\":{},\"hedges\":{},\"retransmits\":{},",
                 "\"datagram_send_errors\":{},\"data_shards\":{},\"repair_shards\":{},",
                 "\"loss_burstiness\":{},\"queueing_delay_ms\":{},\"redundancy_cap\":{},",
                 "\"loss_dispersion\":{},",
@@ -615,10 +715,15 @@ impl Row {
             int(outage.map(|o| o.1 as u64)),
             num(self.case.bottleneck_kbps),
             num(self.case.bottleneck_kbps.map(|_| args.bottleneck_queue_ms)),
+            num(self.case.bottleneck_change.map(|c| c.0)),
+            num(self.case.bottleneck_change.map(|c| c.1)),
+            num(self.case.fades.map(|f| f.0)),
+            num(self.case.fades.map(|f| f.1)),
             self.delivered_bytes(),
             self.up.dropped_loss + self.down.dropped_loss,
             self.up.dropped_blackout + self.down.dropped_blackout,
             self.up.dropped_queue + self.down.dropped_queue,
+            self.up.dropped_fade + self.down.dropped_fade,
             int(sender.map(|s| s.hedges)),
             int(sender.map(|s| s.retransmits)),
             int(sender.map(|s| s.send_errors)),
@@ -643,11 +748,17 @@ fn payment_index(p: &[u8]) -> Option<usize> {
     std::str::from_utf8(p.get(8..16)?).ok()?.parse().ok()
 }
 
-/// The case's link, one direction; blackouts are added once the pair is connected (see
-/// [`start_sending`]).
+/// kbit/s in bytes per second (at least 1).
+fn bytes_per_sec(kbps: f64) -> u64 {
+    (kbps * 1000.0 / 8.0).round().max(1.0) as u64
+}
+
+/// The case's link, one direction; blackouts and a bottleneck's change of rate are added once
+/// the pair is connected (see [`start_sending`]). Fades are there from the start: a
+/// stationary process, measured from the links' start.
 fn link(args: &Args, case: &Case) -> LinkConfig {
     let rate = case.bottleneck_kbps.map(|kbps| {
-        let bytes_per_sec = (kbps * 1000.0 / 8.0).round().max(1.0) as u64;
+        let bytes_per_sec = bytes_per_sec(kbps);
         RateLimit {
             bytes_per_sec,
             queue_bytes: (bytes_per_sec as f64 * args.bottleneck_queue_ms / 1000.0) as usize,
@@ -657,6 +768,9 @@ fn link(args: &Args, case: &Case) -> LinkConfig {
         loss: case.link.clone(),
         delay: Duration::from_millis(args.delay_ms),
         rate,
+        fades: case
+            .fades
+            .map(|(per_sec, mean_ms)| Fades::new(per_sec, Duration::from_secs_f64(mean_ms / 1e3))),
         ..LinkConfig::default()
     }
 }
@@ -687,15 +801,27 @@ fn pair(
     (pair.expect("endpoints"), created)
 }
 
-/// The instant the first payment goes out: now. A blackout case's window is put on both
-/// links here, measured from this instant.
+/// The instant the first payment goes out: now. A blackout case's window and a bottleneck's
+/// change of rate are put on both links here, measured from this instant.
 fn start_sending(args: &Args, case: &Case, pair: &Pair, created: Instant) -> Instant {
     let start = Instant::now();
+    // The links measure time from their start (the pair's construction).
+    let offset = start - created;
+    let mut l = link(args, case);
+    let mut changed = false;
     if let Some((from, dur)) = case.blackout {
-        let offset = start - created;
         let from = offset + Duration::from_secs_f64(from);
-        let mut l = link(args, case);
         l.blackouts = vec![from..from + Duration::from_secs_f64(dur)];
+        changed = true;
+    }
+    if let Some((at, kbps)) = case.bottleneck_change {
+        l.rate_change = Some(RateChange {
+            at: offset + Duration::from_secs_f64(at),
+            bytes_per_sec: bytes_per_sec(kbps),
+        });
+        changed = true;
+    }
+    if changed {
         pair.set_links(l.clone(), l);
     }
     start
@@ -935,6 +1061,8 @@ fn cases(args: &Args) -> Result<Vec<Case>, String> {
         ge_burst: None,
         blackout: None,
         bottleneck_kbps: None,
+        bottleneck_change: None,
+        fades: None,
     };
     let mut cases: Vec<Case> = args
         .loss
@@ -965,15 +1093,45 @@ fn cases(args: &Args) -> Result<Vec<Case>, String> {
             });
         }
     }
+    for &p in &args.fades_loss {
+        if !(0.0..1.0).contains(&p) {
+            return Err(format!("--fades-loss {p}: must be in [0, 1)"));
+        }
+    }
+    for &fades in &args.fades {
+        for &p in &args.fades_loss {
+            cases.push(Case {
+                model: "fades",
+                loss: p,
+                link: bernoulli(p),
+                fades: Some(fades),
+                ..plain.clone()
+            });
+        }
+    }
+    if !args.bottleneck_change.is_empty() && args.bottleneck_kbps.is_empty() {
+        return Err(
+            "--bottleneck-change needs --bottleneck-kbps (the rate the bottleneck starts at)"
+                .into(),
+        );
+    }
+    let changes: Vec<Option<(f64, f64)>> = if args.bottleneck_change.is_empty() {
+        vec![None]
+    } else {
+        args.bottleneck_change.iter().copied().map(Some).collect()
+    };
     for &kbps in &args.bottleneck_kbps {
-        if kbps.is_nan() || kbps <= 0.0 {
+        if !kbps.is_finite() || kbps <= 0.0 {
             return Err(format!("--bottleneck-kbps {kbps}: must be more than 0"));
         }
-        cases.push(Case {
-            model: "bottleneck",
-            bottleneck_kbps: Some(kbps),
-            ..plain.clone()
-        });
+        for &change in &changes {
+            cases.push(Case {
+                model: "bottleneck",
+                bottleneck_kbps: Some(kbps),
+                bottleneck_change: change,
+                ..plain.clone()
+            });
+        }
     }
     for c in &cases {
         if !(0.0..1.0).contains(&c.loss) {
@@ -998,7 +1156,7 @@ fn peer<'a>(rows: &'a [Row], row: &Row, t: Transport) -> Option<&'a Row> {
 }
 
 /// The model-specific column: a blackout's recovery and casualties, a bottleneck's offered
-/// bytes against what it carried.
+/// bytes against what it carried, the share of packets fades took.
 fn note(row: &Row) -> String {
     match row.case.model {
         "blackout" => {
@@ -1012,6 +1170,14 @@ fn note(row: &Row) -> String {
             "offered÷carried {:.2}",
             row.wire_bytes() as f64 / row.delivered_bytes().max(1) as f64
         ),
+        "fades" => {
+            let offered = row.up.offered_packets + row.down.offered_packets;
+            let faded = row.up.dropped_fade + row.down.dropped_fade;
+            format!(
+                "in fades {:.1}% of packets",
+                faded as f64 * 100.0 / offered.max(1) as f64
+            )
+        }
         _ => String::new(),
     }
 }
@@ -1038,7 +1204,7 @@ fn print_table(args: &Args, rows: &[Row]) {
         }
     );
     println!(
-        "{:<17} {:<22} {:>4} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>5} {:>4} {:>6} {:>9} {:>9}  note",
+        "{:<17} {:<25} {:>4} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>5} {:>4} {:>6} {:>9} {:>9}  note",
         "transport",
         "case",
         "seed",
@@ -1067,7 +1233,7 @@ fn print_table(args: &Args, rows: &[Row]) {
             (String::new(), String::new())
         };
         println!(
-            "{:<17} {:<22} {:>4} {:>5.1}% {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>5} {:>4} {:>6.2} {:>9} {:>9}  {}",
+            "{:<17} {:<25} {:>4} {:>5.1}% {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>5} {:>4} {:>6.2} {:>9} {:>9}  {}",
             row.transport.name(),
             row.case.label(),
             row.seed,
@@ -1097,7 +1263,7 @@ fn print_table(args: &Args, rows: &[Row]) {
 fn print_summary(rows: &[Row]) {
     println!("\nacross seeds (worst of each):");
     println!(
-        "{:<17} {:<22} {:>5} {:>7} {:>8} {:>8} {:>5} {:>6} {:>9}  rec ms",
+        "{:<17} {:<25} {:>5} {:>7} {:>8} {:>8} {:>5} {:>6} {:>9}  rec ms",
         "transport", "case", "seeds", "p99", "p99.9", "max", "fail", "wire×", "p99÷bbr"
     );
     let mut keys: Vec<(String, String, Transport)> = Vec::new();
@@ -1129,7 +1295,7 @@ fn print_summary(rows: &[Row]) {
             String::new()
         };
         println!(
-            "{:<17} {:<22} {:>5} {:>7} {:>8} {:>8} {:>5} {:>6.2} {:>9}  {}",
+            "{:<17} {:<25} {:>5} {:>7} {:>8} {:>8} {:>5} {:>6.2} {:>9}  {}",
             t.name(),
             label,
             of.len(),

@@ -1,8 +1,18 @@
 //! Real quinn endpoints over the in-memory simulator, in virtual time.
 
+use std::collections::HashSet;
+use std::io::IoSliceMut;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use surelink::sim::{Congestion, GilbertElliott, LinkConfig, Loss, Pair, PairConfig};
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::AsyncUdpSocket;
+use surelink::sim::{
+    Congestion, Fades, GilbertElliott, LinkConfig, Loss, Pair, PairConfig, SimNetwork,
+};
 
 const DELAY: Duration = Duration::from_millis(20);
 
@@ -184,4 +194,220 @@ async fn loopback_udp_with_loss_and_delay() {
     let (up, down) = (pair.up(), pair.down());
     assert!(up.dropped_loss + down.dropped_loss > 0, "{up:?} {down:?}");
     assert!(pair.net.is_none());
+}
+
+/// Sends one numbered 64-byte packet every `spacing` for `secs` seconds from `a` to `b` on a
+/// fresh network seeded with `seed`, whose `a → b` link has `link`; returns, per packet,
+/// whether it was lost, and the link's counters.
+async fn numbered_packets(
+    seed: u64,
+    link: LinkConfig,
+    spacing: Duration,
+    secs: u64,
+) -> (Vec<bool>, surelink::sim::LinkStats) {
+    let (a, b): (SocketAddr, SocketAddr) = (
+        "10.0.0.1:1000".parse().unwrap(),
+        "10.0.0.2:2000".parse().unwrap(),
+    );
+    let net = SimNetwork::new(seed);
+    // The links' start (fades are measured from it) is now.
+    let t0 = tokio::time::Instant::now();
+    net.set_link(a, b, link);
+    let (sa, sb) = (net.bind(a).unwrap(), net.bind(b).unwrap());
+    let n = (Duration::from_secs(secs).as_nanos() / spacing.as_nanos()) as u32;
+    for i in 0..n {
+        let at = t0 + spacing * i;
+        tokio::time::sleep_until(at).await;
+        assert_eq!(tokio::time::Instant::now(), at, "packet {i} sent late");
+        let mut data = [0u8; 64];
+        data[..4].copy_from_slice(&i.to_le_bytes());
+        let transmit = Transmit {
+            destination: b,
+            ecn: None,
+            contents: &data,
+            segment_size: None,
+            src_ip: None,
+        };
+        sa.try_send(&transmit).unwrap();
+    }
+    // Everything still in flight lands, then the receiver drains its inbox.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut received = HashSet::new();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut bufs = vec![[0u8; 64]; 32];
+    loop {
+        let mut slices: Vec<IoSliceMut> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let mut meta = vec![RecvMeta::default(); 32];
+        match sb.poll_recv(&mut cx, &mut slices, &mut meta) {
+            Poll::Ready(Ok(k)) => {
+                for (m, buf) in meta.iter().zip(&bufs).take(k) {
+                    assert_eq!(m.len, 64);
+                    let i = u32::from_le_bytes(buf[..4].try_into().unwrap());
+                    assert!(received.insert(i), "packet {i} twice");
+                }
+            }
+            Poll::Ready(Err(e)) => panic!("{e}"),
+            Poll::Pending => break,
+        }
+    }
+    let lost = (0..n).map(|i| !received.contains(&i)).collect();
+    (lost, net.link_stats(a, b))
+}
+
+/// Time-based fades over the in-memory network: every packet sent in a fade is dropped and
+/// counted as such, the share of packets lost is the share of time in a fade, a lost run
+/// lasts as long as a fade (in time), and the fades are the same whether the sender sends a
+/// packet every millisecond or ten times fewer.
+#[tokio::test(start_paused = true)]
+async fn fades_over_the_in_memory_network_take_spans_of_time() {
+    let fades = Fades::new(2.0, Duration::from_millis(20));
+    let link = LinkConfig {
+        delay: DELAY,
+        fades: Some(fades),
+        ..LinkConfig::default()
+    };
+    let secs = 60;
+    let (dense, dense_stats) =
+        numbered_packets(5, link.clone(), Duration::from_millis(1), secs).await;
+    let (sparse, sparse_stats) = numbered_packets(5, link, Duration::from_millis(10), secs).await;
+
+    // The network lost exactly what the link's fades dropped, nothing else.
+    for (lost, st) in [(&dense, dense_stats), (&sparse, sparse_stats)] {
+        let n_lost = lost.iter().filter(|&&l| l).count() as u64;
+        assert_eq!(st.offered_packets, lost.len() as u64);
+        assert_eq!(st.dropped_fade, n_lost, "{st:?}");
+        assert_eq!(st.dropped(), n_lost, "{st:?}");
+        assert!(n_lost > 0);
+    }
+    // The same fades at the times both sent a packet.
+    for (k, &lost) in sparse.iter().enumerate() {
+        assert_eq!(lost, dense[10 * k], "at {} ms", 10 * k);
+    }
+
+    // The share of packets lost estimates the share of time in a fade, π = λm/(1+λm). As a
+    // two-state chain with rates λ and μ = 1/m, the share over T seconds has standard
+    // deviation √(2π(1-π)/((λ+μ)T)).
+    let pi = fades.time_share();
+    let share = dense.iter().filter(|&&l| l).count() as f64 / dense.len() as f64;
+    let sigma = (2.0 * pi * (1.0 - pi) / ((2.0 + 50.0) * secs as f64)).sqrt();
+    assert!(
+        (share - pi).abs() <= 5.0 * sigma,
+        "lost {share}, expected {pi} ± 5·{sigma}"
+    );
+
+    // Runs of lost packets a millisecond apart last as long as the fades: exponential with
+    // mean 20 ms, so the mean of r runs has standard error 20/√r ms (plus up to a packet's
+    // spacing of rounding).
+    let mut runs = Vec::new();
+    let mut len = 0;
+    for &l in dense.iter().chain([false].iter()) {
+        if l {
+            len += 1;
+        } else if len > 0 {
+            runs.push(len as f64);
+            len = 0;
+        }
+    }
+    let mean_ms = runs.iter().sum::<f64>() / runs.len() as f64;
+    let se = 20.0 / (runs.len() as f64).sqrt();
+    assert!(
+        (mean_ms - 20.0).abs() <= 5.0 * se + 1.0,
+        "{} runs of mean {mean_ms} ms",
+        runs.len()
+    );
+}
+
+/// QUIC over fades both ways with 1% random loss on top: every exchange completes, and both
+/// causes of loss are counted apart.
+#[tokio::test(start_paused = true)]
+async fn quic_crosses_fades_with_random_loss() {
+    let link = LinkConfig {
+        fades: Some(Fades::new(5.0, Duration::from_millis(30))),
+        ..LinkConfig::lossy(DELAY, 0.01)
+    };
+    let pair = Pair::new(PairConfig {
+        seed: 11,
+        ..PairConfig::symmetric(link)
+    })
+    .unwrap();
+    let (client, server) = pair.connect().await.expect("handshake");
+    spawn_echo(server);
+    for n in 0..150u8 {
+        let msg = vec![n; 700];
+        assert_eq!(echo(&client, &msg).await, msg);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (up, down) = (pair.up(), pair.down());
+    assert!(
+        up.dropped_fade > 0 && down.dropped_fade > 0,
+        "{up:?} {down:?}"
+    );
+    assert!(up.dropped_loss + down.dropped_loss > 0, "{up:?} {down:?}");
+    assert_eq!(up.dropped_blackout + up.dropped_queue, 0);
+}
+
+fn example(name: &str) -> PathBuf {
+    // target/<profile>/deps/<this test> → target/<profile>/examples/<name>
+    let mut p = std::env::current_exe().unwrap();
+    p.pop();
+    p.pop();
+    p.push("examples");
+    p.push(name);
+    assert!(
+        p.exists(),
+        "{} not built: run the whole `cargo test` (it builds the examples) or `cargo build --examples`",
+        p.display()
+    );
+    p
+}
+
+/// `loss_sweep`'s fades and bottleneck-change flags: a bad value is refused before anything
+/// runs, with exit status 2 and a message naming it, never a panic.
+#[test]
+fn loss_sweep_refuses_bad_fades_and_bottleneck_changes() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--fades", "0,20"], "must be more than 0"),
+        (&["--fades", "2"], "expected RATE_PER_S,MEAN_MS"),
+        (&["--fades", "2,abc"], "is not a number"),
+        (&["--fades", "2,-5"], "mean fade of -5 ms"),
+        (&["--fades", "inf,20"], "fades per second"),
+        (&["--fades", "2,20", "--fades-loss", "1"], "--fades-loss 1"),
+        (
+            &["--bottleneck-change", "5,1000"],
+            "needs --bottleneck-kbps",
+        ),
+        (
+            &["--bottleneck-kbps", "2000", "--bottleneck-change", "5"],
+            "expected AT_S,KBPS",
+        ),
+        (
+            &["--bottleneck-kbps", "2000", "--bottleneck-change", "5,0"],
+            "0 kbit/s",
+        ),
+        (
+            &["--bottleneck-kbps", "2000", "--bottleneck-change=-1,1000"],
+            "not a time",
+        ),
+    ];
+    let help = Command::new(example("loss_sweep"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("--fades"),
+        "{} predates --fades: rebuild it (`cargo build --examples`, or the whole `cargo test`)",
+        example("loss_sweep").display()
+    );
+    for (args, expected) in cases {
+        let out = Command::new(example("loss_sweep"))
+            .args(["--loss", "--ge-loss", "--messages", "10"])
+            .args(*args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?} ran");
+    }
 }

@@ -2,7 +2,9 @@
 //!
 //! Pure and seeded: [`Link::on_send`] takes `now` and the packet's length and returns a
 //! [`Verdict`]. It draws the same number of random numbers for every packet, so the same seed
-//! and the same sequence of packets give the same verdicts.
+//! and the same sequence of packets give the same verdicts. Time-based fades ([`Fades`]) draw
+//! from a stream of their own, so their schedule depends only on the seed and the time, not
+//! on how many packets are sent.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -38,6 +40,153 @@ pub struct RateLimit {
     pub queue_bytes: usize,
 }
 
+/// A change of the rate limit's rate during a run: from `at` on, [`RateLimit::bytes_per_sec`]
+/// is replaced by `bytes_per_sec`.
+///
+/// The queue keeps its capacity in bytes (a router's buffer does not change with its link's
+/// rate), so at a lower rate it holds more time. Packets queued before the change leave at
+/// the old rate up to `at` and at the new rate after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateChange {
+    /// When the rate changes, measured from the link's start (like
+    /// [`LinkConfig::blackouts`]).
+    pub at: Duration,
+    /// The rate from `at` on, in bytes per second.
+    pub bytes_per_sec: u64,
+}
+
+/// Time-based fades: spans of time in which every packet is dropped, as Wi-Fi and cellular
+/// links fade for some milliseconds whatever the number of packets sent.
+///
+/// The link alternates between "up" and "in a fade". Fades arrive as a Poisson process at
+/// `per_sec` per second of up time (so the time up before a fade is exponential with mean
+/// `1 / per_sec`), and each lasts an exponentially distributed time with mean `mean`. The
+/// long-run share of time in a fade is therefore `per_sec·mean / (1 + per_sec·mean)`
+/// ([`Fades::time_share`]). A link starts up.
+///
+/// The schedule is drawn lazily from its own ChaCha8 stream of the link's seed: it is a
+/// function of the seed, the parameters and the time since the link's start only, the same
+/// however many packets are sent, and it does not change the draws of the other models.
+/// A `per_sec` or `mean` of zero (or a `per_sec` that is not a positive number) means no
+/// fades.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fades {
+    /// Fades per second of time outside a fade.
+    pub per_sec: f64,
+    /// Mean fade duration.
+    pub mean: Duration,
+}
+
+/// The ChaCha8 stream the fade schedule draws from (the per-packet draws use stream 0).
+const FADE_STREAM: u64 = 0xfade;
+
+impl Fades {
+    /// `per_sec` fades per second (of time outside a fade), each lasting `mean` on average.
+    pub fn new(per_sec: f64, mean: Duration) -> Self {
+        Fades { per_sec, mean }
+    }
+
+    /// Whether this produces any fade at all.
+    pub fn is_active(&self) -> bool {
+        self.per_sec > 0.0 && !self.mean.is_zero()
+    }
+
+    /// The long-run share of time spent in a fade: `per_sec·mean / (1 + per_sec·mean)`
+    /// (0 when inactive).
+    pub fn time_share(&self) -> f64 {
+        if !self.is_active() {
+            return 0.0;
+        }
+        let x = self.per_sec * self.mean.as_secs_f64();
+        if x.is_infinite() {
+            1.0
+        } else {
+            x / (1.0 + x)
+        }
+    }
+
+    /// The fades that a link drawing from `seed` goes through before `until`, measured from
+    /// the link's start: the same windows [`Link::on_send`] drops packets in. The last one may
+    /// extend past `until`.
+    pub fn schedule(&self, seed: u64, until: Duration) -> Vec<Range<Duration>> {
+        let mut clock = FadeClock::new(*self, seed);
+        let mut windows = Vec::new();
+        if !self.is_active() {
+            return windows;
+        }
+        while clock.current.start < until {
+            windows.push(clock.current.clone());
+            clock.advance();
+        }
+        windows
+    }
+}
+
+/// The lazily drawn fade schedule of one link.
+#[derive(Debug)]
+struct FadeClock {
+    fades: Fades,
+    seed: u64,
+    rng: ChaCha8Rng,
+    /// The latest fade drawn.
+    current: Range<Duration>,
+    /// Where the up time before `current` began (the end of the fade before it).
+    up_since: Duration,
+}
+
+impl FadeClock {
+    fn new(fades: Fades, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(FADE_STREAM);
+        let mut clock = FadeClock {
+            fades,
+            seed,
+            rng,
+            current: Duration::ZERO..Duration::ZERO,
+            up_since: Duration::ZERO,
+        };
+        if fades.is_active() {
+            clock.advance();
+        } else {
+            clock.current = Duration::MAX..Duration::MAX;
+        }
+        clock
+    }
+
+    /// An exponentially distributed time with mean `mean_s` seconds.
+    fn exponential(&mut self, mean_s: f64) -> Duration {
+        let u: f64 = self.rng.random();
+        // u in [0, 1): 1 - u in (0, 1], so the logarithm is finite.
+        let secs = -(1.0 - u).ln() * mean_s;
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+    }
+
+    /// Draws the next fade: an up time, then a fade.
+    fn advance(&mut self) {
+        let from = self.current.end;
+        let up = self.exponential(1.0 / self.fades.per_sec);
+        let length = self.exponential(self.fades.mean.as_secs_f64());
+        let start = from.saturating_add(up);
+        self.up_since = from;
+        self.current = start..start.saturating_add(length);
+    }
+
+    /// Whether `t` (since the link's start) is inside a fade.
+    fn in_fade(&mut self, t: Duration) -> bool {
+        if !self.fades.is_active() {
+            return false;
+        }
+        if t < self.up_since {
+            // Earlier than the fades already passed: draw the schedule again from the start.
+            *self = FadeClock::new(self.fades, self.seed);
+        }
+        while self.current.end <= t && self.current.end < Duration::MAX {
+            self.advance();
+        }
+        self.current.contains(&t)
+    }
+}
+
 /// Everything one direction of a link does to packets. The default is a perfect link.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LinkConfig {
@@ -60,6 +209,11 @@ pub struct LinkConfig {
     pub rate: Option<RateLimit>,
     /// Windows, measured from the link's start, in which every packet is dropped.
     pub blackouts: Vec<Range<Duration>>,
+    /// Time-based fades, in which every packet is dropped; they combine with `loss` (a packet
+    /// outside a fade still meets the loss model).
+    pub fades: Option<Fades>,
+    /// A change of `rate`'s rate during the run (no effect without `rate`).
+    pub rate_change: Option<RateChange>,
 }
 
 impl LinkConfig {
@@ -82,6 +236,8 @@ pub enum DropCause {
     Blackout,
     /// The rate limiter's queue was full.
     QueueFull,
+    /// It was sent during a fade ([`LinkConfig::fades`]).
+    Fade,
 }
 
 /// What happens to one packet.
@@ -132,6 +288,7 @@ pub struct LinkCounters {
     dropped_loss: AtomicU64,
     dropped_blackout: AtomicU64,
     dropped_queue: AtomicU64,
+    dropped_fade: AtomicU64,
     delivered_packets: AtomicU64,
     delivered_bytes: AtomicU64,
     duplicated: AtomicU64,
@@ -151,6 +308,8 @@ pub struct LinkStats {
     pub dropped_blackout: u64,
     /// Packets dropped because the rate limiter's queue was full.
     pub dropped_queue: u64,
+    /// Packets dropped in a fade.
+    pub dropped_fade: u64,
     /// Packets scheduled for delivery (duplicates not counted).
     pub delivered_packets: u64,
     /// Bytes scheduled for delivery (duplicates not counted).
@@ -164,7 +323,7 @@ pub struct LinkStats {
 impl LinkStats {
     /// Packets dropped for any reason.
     pub fn dropped(&self) -> u64 {
-        self.dropped_loss + self.dropped_blackout + self.dropped_queue
+        self.dropped_loss + self.dropped_blackout + self.dropped_queue + self.dropped_fade
     }
 
     /// Share of offered packets dropped.
@@ -186,6 +345,7 @@ impl LinkCounters {
             dropped_loss: self.dropped_loss.load(Relaxed),
             dropped_blackout: self.dropped_blackout.load(Relaxed),
             dropped_queue: self.dropped_queue.load(Relaxed),
+            dropped_fade: self.dropped_fade.load(Relaxed),
             delivered_packets: self.delivered_packets.load(Relaxed),
             delivered_bytes: self.delivered_bytes.load(Relaxed),
             duplicated: self.duplicated.load(Relaxed),
@@ -198,7 +358,9 @@ impl LinkCounters {
 #[derive(Debug)]
 pub struct Link {
     config: LinkConfig,
+    seed: u64,
     rng: ChaCha8Rng,
+    fade_clock: Option<FadeClock>,
     start: Instant,
     ge_bad: bool,
     sent: u64,
@@ -208,10 +370,13 @@ pub struct Link {
 }
 
 impl Link {
-    /// A link whose blackouts are measured from `start`, drawing from `seed`.
+    /// A link whose blackouts, fades and rate change are measured from `start`, drawing from
+    /// `seed`.
     pub fn new(config: LinkConfig, seed: u64, start: Instant) -> Self {
         Link {
+            fade_clock: config.fades.map(|f| FadeClock::new(f, seed)),
             config,
+            seed,
             rng: ChaCha8Rng::seed_from_u64(seed),
             start,
             ge_bad: false,
@@ -240,9 +405,23 @@ impl Link {
     }
 
     /// Changes the configuration from the next packet on; random state, queue and counters
-    /// carry over.
+    /// carry over, and so does the fade schedule if [`LinkConfig::fades`] is unchanged (new
+    /// fade parameters give the schedule of those parameters, still measured from the
+    /// link's start).
     pub fn set_config(&mut self, config: LinkConfig) {
+        if config.fades != self.config.fades {
+            self.fade_clock = config.fades.map(|f| FadeClock::new(f, self.seed));
+        }
         self.config = config;
+    }
+
+    /// The fades this link goes through before `until`, measured from its start (see
+    /// [`Fades::schedule`]); empty without fades.
+    pub fn fade_schedule(&self, until: Duration) -> Vec<Range<Duration>> {
+        self.config
+            .fades
+            .map(|f| f.schedule(self.seed, until))
+            .unwrap_or_default()
     }
 
     /// A handle on this link's counters.
@@ -287,6 +466,12 @@ impl Link {
             c.dropped_blackout.fetch_add(1, Relaxed);
             return Verdict::Drop(DropCause::Blackout);
         }
+        if let Some(clock) = &mut self.fade_clock {
+            if clock.in_fade(since_start) {
+                c.dropped_fade.fetch_add(1, Relaxed);
+                return Verdict::Drop(DropCause::Fade);
+            }
+        }
 
         let lost = match &self.config.loss {
             Loss::None => false,
@@ -318,15 +503,38 @@ impl Link {
 
         let mut depart = now;
         if let Some(rate) = self.config.rate {
-            let bps = rate.bytes_per_sec.max(1) as f64;
-            let backlog_time = self.queue_free_at.saturating_duration_since(now);
-            let backlog_bytes = (backlog_time.as_secs_f64() * bps) as usize;
+            let old = rate.bytes_per_sec.max(1) as f64;
+            // The rate change, as (instant, new rate).
+            let change = self
+                .config
+                .rate_change
+                .map(|c| (self.start + c.at, c.bytes_per_sec.max(1) as f64));
+            let bps_at = |t: Instant| match change {
+                Some((at, new)) if t >= at => new,
+                _ => old,
+            };
+            // Bytes the link sends from `a` to `b`.
+            let bytes_between = |a: Instant, b: Instant| match change {
+                Some((at, new)) if a < at && at < b => {
+                    (at - a).as_secs_f64() * old + (b - at).as_secs_f64() * new
+                }
+                _ => b.saturating_duration_since(a).as_secs_f64() * bps_at(a),
+            };
+            let backlog_bytes = bytes_between(now, self.queue_free_at.max(now)) as usize;
             if backlog_bytes + len > rate.queue_bytes {
                 c.dropped_queue.fetch_add(1, Relaxed);
                 return Verdict::Drop(DropCause::QueueFull);
             }
             let start = self.queue_free_at.max(now);
-            self.queue_free_at = start + Duration::from_secs_f64(len as f64 / bps);
+            let mut end = start + Duration::from_secs_f64(len as f64 / bps_at(start));
+            if let Some((at, new)) = change {
+                if start < at && end > at {
+                    // Part of the packet leaves before the change, the rest at the new rate.
+                    let before = (at - start).as_secs_f64() * old;
+                    end = at + Duration::from_secs_f64((len as f64 - before).max(0.0) / new);
+                }
+            }
+            self.queue_free_at = end;
             depart = self.queue_free_at;
         }
 
@@ -621,6 +829,296 @@ mod tests {
             link.on_send(t0 + Duration::from_millis(20), 100),
             Verdict::Deliver { .. }
         ));
+        assert_eq!(link.counters().snapshot().dropped_queue, 10);
+    }
+
+    /// Two-state continuous-time chain, up ⇄ fade, with rates λ = `per_sec` (up → fade) and
+    /// μ = 1 / mean (fade → up): the share of time in a fade is π = λ/(λ+μ), and the indicator's
+    /// autocorrelation decays as e^{-(λ+μ)t}, so the share measured over a time T has variance
+    /// ≈ 2π(1-π) / ((λ+μ)·T).
+    fn fade_share_sigma(f: Fades, t: f64) -> f64 {
+        let pi = f.time_share();
+        let rates = f.per_sec + 1.0 / f.mean.as_secs_f64();
+        (2.0 * pi * (1.0 - pi) / (rates * t)).sqrt()
+    }
+
+    #[test]
+    fn fade_time_share_and_durations_match_the_model() {
+        for (per_sec, mean_ms, seed) in [(2.0, 20, 1), (0.5, 50, 2), (10.0, 5, 3)] {
+            let f = Fades::new(per_sec, Duration::from_millis(mean_ms));
+            let x = per_sec * mean_ms as f64 / 1000.0;
+            assert!((f.time_share() - x / (1.0 + x)).abs() < 1e-12);
+            // Over a long run: the share of time in a fade.
+            let horizon = 20_000.0;
+            let until = Duration::from_secs_f64(horizon);
+            let windows = f.schedule(seed, until);
+            let faded: f64 = windows
+                .iter()
+                .map(|w| (w.end.min(until) - w.start).as_secs_f64())
+                .sum();
+            let share = faded / horizon;
+            let sigma = fade_share_sigma(f, horizon);
+            assert!(
+                (share - f.time_share()).abs() <= 5.0 * sigma,
+                "{f:?}: share {share}, expected {} ± 5·{sigma}",
+                f.time_share()
+            );
+            // Fades are disjoint, in order, and their durations and the up times between them
+            // are exponential with means `mean` and 1/per_sec: the mean of n exponentials has
+            // standard error mean/√n.
+            let n = windows.len() as f64;
+            let mean_len = windows
+                .iter()
+                .map(|w| (w.end - w.start).as_secs_f64())
+                .sum::<f64>()
+                / n;
+            let m = f.mean.as_secs_f64();
+            assert!(
+                (mean_len - m).abs() <= 5.0 * m / n.sqrt(),
+                "{f:?}: {mean_len}"
+            );
+            let mut prev_end = Duration::ZERO;
+            let mut up = 0.0;
+            for w in &windows {
+                assert!(w.start >= prev_end && w.end >= w.start);
+                up += (w.start - prev_end).as_secs_f64();
+                prev_end = w.end;
+            }
+            let mean_up = up / n;
+            let g = 1.0 / per_sec;
+            assert!(
+                (mean_up - g).abs() <= 5.0 * g / n.sqrt(),
+                "{f:?}: up {mean_up}"
+            );
+
+            // And what packets meet: one packet a millisecond over 200 s, each in a fade or
+            // not; the share dropped estimates the same share of time.
+            let config = LinkConfig {
+                fades: Some(f),
+                ..LinkConfig::default()
+            };
+            let n_packets = 200_000;
+            let (v, _, link) = run(config, seed, n_packets);
+            let dropped = v
+                .iter()
+                .filter(|v| **v == Verdict::Drop(DropCause::Fade))
+                .count();
+            assert_eq!(v.iter().filter(|v| lost(v)).count(), dropped);
+            let st = link.counters().snapshot();
+            assert_eq!(st.dropped_fade, dropped as u64);
+            assert_eq!(st.dropped(), dropped as u64);
+            let share = dropped as f64 / n_packets as f64;
+            let sigma = fade_share_sigma(f, n_packets as f64 / 1000.0);
+            assert!(
+                (share - f.time_share()).abs() <= 5.0 * sigma,
+                "{f:?}: packets dropped {share}, expected {} ± 5·{sigma}",
+                f.time_share()
+            );
+        }
+    }
+
+    #[test]
+    fn fades_are_the_same_however_many_packets_are_sent() {
+        let f = Fades::new(2.0, Duration::from_millis(20));
+        let config = LinkConfig {
+            fades: Some(f),
+            // Random loss too: its draws differ between the two links, the fades do not.
+            loss: Loss::Bernoulli(0.05),
+            ..LinkConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut sparse = Link::new(config.clone(), 9, t0);
+        let mut dense = Link::new(config, 9, t0);
+        let secs = 60;
+        let schedule = f.schedule(9, Duration::from_secs(secs));
+        assert!(schedule.len() > 60, "{} fades", schedule.len());
+        let in_schedule = |t: Duration| schedule.iter().any(|w| w.contains(&t));
+        let mut fade_drops = 0;
+        // One packet every 10 ms on one link, one every millisecond (10× as many) on the other.
+        for ms in 0..secs * 1000 {
+            let t = Duration::from_millis(ms);
+            let d = dense.on_send(t0 + t, 100) == Verdict::Drop(DropCause::Fade);
+            assert_eq!(d, in_schedule(t), "dense at {t:?}");
+            if ms % 10 == 0 {
+                let s = sparse.on_send(t0 + t, 100) == Verdict::Drop(DropCause::Fade);
+                assert_eq!(s, d, "at {t:?}");
+                fade_drops += usize::from(s);
+            }
+        }
+        assert!(fade_drops > 0);
+        assert_eq!(sparse.fade_schedule(Duration::from_secs(secs)), schedule);
+        assert_eq!(dense.counters().snapshot().dropped_fade, {
+            (0..secs * 1000)
+                .filter(|&ms| in_schedule(Duration::from_millis(ms)))
+                .count() as u64
+        });
+        // A packet earlier than those already judged still meets the same schedule.
+        let early = schedule[0].start;
+        assert_eq!(
+            dense.on_send(t0 + early, 100),
+            Verdict::Drop(DropCause::Fade)
+        );
+    }
+
+    #[test]
+    fn fades_leave_the_other_draws_alone_and_repeat_with_the_seed() {
+        let base = LinkConfig {
+            loss: Loss::Bernoulli(0.1),
+            jitter: Duration::from_millis(3),
+            duplicate: 0.05,
+            ..LinkConfig::default()
+        };
+        let faded = LinkConfig {
+            fades: Some(Fades::new(5.0, Duration::from_millis(30))),
+            ..base.clone()
+        };
+        let (plain, times, _) = run(base, 21, 20_000);
+        let (with_fades, times2, link) = run(faded.clone(), 21, 20_000);
+        // Outside fades, every packet's fate is the one it has without fades: the fades do
+        // not consume the per-packet draws.
+        let mut outside = 0;
+        for (i, (a, b)) in plain.iter().zip(&with_fades).enumerate() {
+            if *b == Verdict::Drop(DropCause::Fade) {
+                continue;
+            }
+            outside += 1;
+            let rel = |v: &Verdict, t: Instant| match *v {
+                Verdict::Drop(c) => Err(c),
+                Verdict::Deliver {
+                    at, duplicate_at, ..
+                } => Ok((at - t, duplicate_at.map(|d| d - t))),
+            };
+            assert_eq!(rel(a, times[i]), rel(b, times2[i]), "packet {i}");
+        }
+        let st = link.counters().snapshot();
+        assert!(st.dropped_fade > 100 && st.dropped_loss > 100, "{st:?}");
+        assert_eq!(outside as u64 + st.dropped_fade, 20_000);
+        // Same seed, same verdicts; another seed, other fades.
+        let fates = |seed| {
+            let (v, times, _) = run(faded.clone(), seed, 20_000);
+            v.iter()
+                .zip(&times)
+                .map(|(v, &t)| match *v {
+                    Verdict::Drop(c) => Err(c),
+                    Verdict::Deliver { at, .. } => Ok(at - t),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert!(fates(21) == fates(21));
+        let f = faded.fades.unwrap();
+        assert_ne!(
+            f.schedule(21, Duration::from_secs(20)),
+            f.schedule(22, Duration::from_secs(20))
+        );
+    }
+
+    #[test]
+    fn set_config_keeps_the_fade_schedule() {
+        let f = Fades::new(3.0, Duration::from_millis(40));
+        let config = LinkConfig {
+            fades: Some(f),
+            ..LinkConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut link = Link::new(config.clone(), 4, t0);
+        let schedule = f.schedule(4, Duration::from_secs(20));
+        for ms in (0..20_000).step_by(3) {
+            if ms == 10_000 {
+                // A blackout added half-way (as the loss sweep does) changes no fade.
+                link.set_config(LinkConfig {
+                    blackouts: vec![Duration::from_secs(30)..Duration::from_secs(31)],
+                    ..config.clone()
+                });
+            }
+            let t = Duration::from_millis(ms);
+            let faded = link.on_send(t0 + t, 10) == Verdict::Drop(DropCause::Fade);
+            assert_eq!(faded, schedule.iter().any(|w| w.contains(&t)), "{t:?}");
+        }
+        // No fades: nothing is dropped.
+        assert!(Fades::new(0.0, Duration::from_millis(10))
+            .schedule(1, Duration::from_secs(100))
+            .is_empty());
+        assert!(Fades::new(1.0, Duration::ZERO)
+            .schedule(1, Duration::from_secs(100))
+            .is_empty());
+    }
+
+    #[test]
+    fn rate_change_mid_run() {
+        let t0 = Instant::now();
+        // 100 kB/s, then 50 kB/s from 10 ms: 100-byte packets leave 1 ms apart, then 2 ms.
+        let config = LinkConfig {
+            rate: Some(RateLimit {
+                bytes_per_sec: 100_000,
+                queue_bytes: 1_000_000,
+            }),
+            rate_change: Some(RateChange {
+                at: Duration::from_millis(10),
+                bytes_per_sec: 50_000,
+            }),
+            ..LinkConfig::default()
+        };
+        let mut link = Link::new(config.clone(), 1, t0);
+        let departures: Vec<Duration> = (0..15)
+            .map(|_| match link.on_send(t0, 100) {
+                Verdict::Deliver { at, .. } => at - t0,
+                v => panic!("{v:?}"),
+            })
+            .collect();
+        let close = |a: Duration, ms: f64| (a.as_secs_f64() * 1000.0 - ms).abs() < 1e-3;
+        for (i, &d) in departures.iter().enumerate() {
+            let expected = if i < 10 {
+                i as f64 + 1.0
+            } else {
+                10.0 + 2.0 * (i - 9) as f64
+            };
+            assert!(
+                close(d, expected),
+                "packet {i}: {d:?}, expected {expected} ms"
+            );
+        }
+        // A packet that straddles the change: half of it leaves at the old rate.
+        let mut straddle = Link::new(
+            LinkConfig {
+                rate_change: Some(RateChange {
+                    at: Duration::from_micros(10_500),
+                    bytes_per_sec: 50_000,
+                }),
+                ..config.clone()
+            },
+            1,
+            t0,
+        );
+        let last = (0..11).map(|_| straddle.on_send(t0, 100)).last().unwrap();
+        let Verdict::Deliver { at, .. } = last else {
+            panic!("{last:?}")
+        };
+        // 10 ms for the first ten; then 50 B by 10.5 ms and 50 B at 50 kB/s (1 ms).
+        assert!(close(at - t0, 11.5), "{:?}", at - t0);
+        // Measured from the link's start, not from the first packet; a later change is not yet
+        // in effect.
+        let mut late = Link::new(config, 1, t0);
+        match late.on_send(t0 + Duration::from_millis(20), 100) {
+            Verdict::Deliver { at, .. } => {
+                assert!(close(at - t0, 22.0), "{:?}", at - t0)
+            }
+            v => panic!("{v:?}"),
+        }
+        // The queue's capacity stays in bytes: 1,000 bytes hold 10 packets at either rate.
+        let small = LinkConfig {
+            rate: Some(RateLimit {
+                bytes_per_sec: 100_000,
+                queue_bytes: 1000,
+            }),
+            rate_change: Some(RateChange {
+                at: Duration::from_millis(5),
+                bytes_per_sec: 50_000,
+            }),
+            ..LinkConfig::default()
+        };
+        let mut link = Link::new(small, 1, t0);
+        let passed = (0..20).filter(|_| !lost(&link.on_send(t0, 100))).count();
+        assert_eq!(passed, 10);
         assert_eq!(link.counters().snapshot().dropped_queue, 10);
     }
 }

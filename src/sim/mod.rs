@@ -8,7 +8,7 @@
 //! direction.
 //!
 //! - [`Link`]: the pure link model (loss, delay, jitter, reordering, duplication, corruption,
-//!   rate limit, blackouts) with its counters.
+//!   rate limit and its change mid-run, blackouts, time-based [`Fades`]) with its counters.
 //! - [`SimNetwork`]: an in-memory network whose [`SimSocket`]s implement quinn's
 //!   `AsyncUdpSocket`. It runs on tokio's clock, so under a paused clock a run takes virtual
 //!   time, not wall time.
@@ -37,7 +37,8 @@ pub use harness::{
     SERVER_NAME,
 };
 pub use link::{
-    DropCause, GilbertElliott, Link, LinkConfig, LinkCounters, LinkStats, Loss, RateLimit, Verdict,
+    DropCause, Fades, GilbertElliott, Link, LinkConfig, LinkCounters, LinkStats, Loss, RateChange,
+    RateLimit, Verdict,
 };
 pub use memory::{SimNetwork, SimSocket};
 pub use udp::LossyUdpSocket;
