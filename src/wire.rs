@@ -166,6 +166,8 @@ const TYPE_STREAM_MESSAGE: u8 = 0x5;
 const TYPE_FLOOR: u8 = 0x6;
 const TYPE_REFUSE: u8 = 0x7;
 const TYPE_REPLAYED: u8 = 0x8;
+const TYPE_MESSAGE: u8 = 0x9;
+const TYPE_REPAIR: u8 = 0xa;
 
 /// REFUSE reason: the message's envelope is malformed (reserved flag bits, an empty or
 /// oversized idempotency key).
@@ -386,6 +388,14 @@ pub enum DecodeError {
         /// Claimed length.
         len: u64,
     },
+    /// A repair frame's window was empty, wider than 128 sources, or past 2^62 - 1.
+    #[error("repair window of {count} sources from {first} out of range (1..=128)")]
+    BadWindow {
+        /// Claimed first source.
+        first: u64,
+        /// Claimed source count.
+        count: u64,
+    },
 }
 
 impl DecodeError {
@@ -414,6 +424,7 @@ impl DecodeError {
             DecodeError::ReasonTooLong { .. } => "reason_too_long",
             DecodeError::UnknownFlags(_) => "unknown_envelope_flags",
             DecodeError::KeyLength { .. } => "key_length",
+            DecodeError::BadWindow { .. } => "bad_window",
         }
     }
 }
@@ -493,6 +504,36 @@ pub enum Frame {
     /// idempotency key was delivered before with the same payload: they are acked as
     /// replays.
     Replayed(ReplayedFrame),
+    /// Sender → receiver (protocol 2): one whole message, a source of the window code.
+    Message(MessageFrame),
+    /// Sender → receiver (protocol 2): a repair over consecutive sources.
+    Repair(RepairFrame),
+}
+
+/// Sender → receiver (protocol 2): one message whose envelope fits one datagram, sent whole
+/// as source `seq` of the sliding-window code ([`crate::fec::window`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageFrame {
+    /// The source's sequence number, per connection from 0, `≤ 2^62 - 1`.
+    pub seq: u64,
+    /// The message id, `≤ 2^62 - 1`.
+    pub id: u64,
+    /// The envelope (the rest of the datagram), `≤ Limits::max_message_len` bytes.
+    pub body: Bytes,
+}
+
+/// Sender → receiver (protocol 2): a repair symbol over sources `first .. first + count`
+/// ([`crate::fec::window`] states the coefficients).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepairFrame {
+    /// The repair's number, per connection from 0 (it picks the coefficients).
+    pub repair: u64,
+    /// The window's first source, `first + count - 1 ≤ 2^62 - 1`.
+    pub first: u64,
+    /// Sources covered, `1 ..= 128`.
+    pub count: u64,
+    /// `Σ c(repair, s) · symbol(s)`, `1 ..= Limits::max_shard_size` bytes.
+    pub payload: Bytes,
 }
 
 /// Receiver → sender (protocol 2): messages acked as replays of an earlier delivery of their
@@ -765,6 +806,45 @@ impl Frame {
             TYPE_REPLAYED => Frame::Replayed(ReplayedFrame {
                 ranges: decode_id_ranges(&mut datagram, &limits)?,
             }),
+            TYPE_MESSAGE => {
+                let seq = get_varint(&mut datagram)?;
+                let id = get_varint(&mut datagram)?;
+                if datagram.remaining() as u64 > u64::from(limits.max_message_len) {
+                    return Err(DecodeError::MessageTooLong {
+                        len: datagram.remaining() as u64,
+                        max: limits.max_message_len,
+                    });
+                }
+                return Ok(Frame::Message(MessageFrame {
+                    seq,
+                    id,
+                    body: datagram,
+                }));
+            }
+            TYPE_REPAIR => {
+                let repair = get_varint(&mut datagram)?;
+                let first = get_varint(&mut datagram)?;
+                let count = get_varint(&mut datagram)?;
+                let window = crate::fec::window::MAX_WINDOW;
+                if count == 0 || count > window || first > MAX_VARINT - (count - 1) {
+                    return Err(DecodeError::BadWindow { first, count });
+                }
+                if datagram.is_empty() {
+                    return Err(DecodeError::Truncated);
+                }
+                if datagram.remaining() as u64 > u64::from(limits.max_shard_size) {
+                    return Err(DecodeError::ShardSizeOutOfRange {
+                        size: datagram.remaining() as u64,
+                        max: limits.max_shard_size,
+                    });
+                }
+                return Ok(Frame::Repair(RepairFrame {
+                    repair,
+                    first,
+                    count,
+                    payload: datagram,
+                }));
+            }
             _ => return Err(DecodeError::UnknownType(ty)),
         };
         if datagram.has_remaining() {
@@ -816,6 +896,19 @@ impl Frame {
             Frame::Replayed(r) => {
                 buf.put_u8(type_byte(TYPE_REPLAYED));
                 put_id_ranges(buf, &r.ranges);
+            }
+            Frame::Message(m) => {
+                buf.put_u8(type_byte(TYPE_MESSAGE));
+                put_varint(buf, m.seq);
+                put_varint(buf, m.id);
+                buf.put_slice(&m.body);
+            }
+            Frame::Repair(r) => {
+                buf.put_u8(type_byte(TYPE_REPAIR));
+                put_varint(buf, r.repair);
+                put_varint(buf, r.first);
+                put_varint(buf, r.count);
+                buf.put_slice(&r.payload);
             }
         }
     }

@@ -41,6 +41,7 @@
 
 mod encoder;
 mod reassembler;
+pub mod window;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -32,6 +32,7 @@ mod governor;
 pub mod keys;
 pub mod link;
 mod receiver;
+mod repair;
 mod rtt;
 mod sender;
 
@@ -49,6 +50,7 @@ pub use receiver::{
     ClaimOutcome, ClaimRequest, Claims, Delivered, Receiver, ReceiverConfig, ReceiverStats,
     Refusals, Whole, MESSAGE_OVERHEAD_BYTES,
 };
+pub use repair::{WindowConfig, WindowSendStats};
 pub use rtt::RttEstimator;
 pub use sender::{FailReason, HedgeTo, SendError, Sender, SenderConfig, SenderEvent, SenderStats};
 
@@ -119,6 +121,15 @@ impl Peer {
                 self.sender.handle_replayed(now, &replayed)
             }
             Ok(Frame::Replayed(_)) => self.count_invalid_reason("unknown_type"),
+            Ok(Frame::Message(message)) if self.receiver.protocol() >= 2 => {
+                self.receiver.handle_message(now, message)
+            }
+            Ok(Frame::Repair(repair)) if self.receiver.protocol() >= 2 => {
+                self.receiver.handle_repair(now, &repair)
+            }
+            Ok(Frame::Message(_)) | Ok(Frame::Repair(_)) => {
+                self.count_invalid_reason("unknown_type")
+            }
             // Hello and Close are the channel's business (connection start and end).
             Ok(Frame::Hello(_)) | Ok(Frame::Close(_)) => {}
             Err(e) => self.count_invalid(&e),

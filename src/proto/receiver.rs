@@ -8,11 +8,12 @@ use bytes::Bytes;
 
 use super::dedupe::{DedupeWindow, Seen};
 use super::keys::{payload_digest, Digest, Holder, KeyVerdict, Scope, SharedKeys, ANONYMOUS};
+use crate::fec::window::{WindowDecoder, WindowLimits};
 use crate::fec::{InsertOutcome, Reassembler, ReassemblerConfig};
 use crate::wire::{
-    AckFrame, Envelope, Frame, RefuseFrame, ReplayedFrame, ShardFrame, REFUSE_BLOCK, REFUSE_CLOSED,
-    REFUSE_KEYS_FULL, REFUSE_KEY_REUSED, REFUSE_MALFORMED, REFUSE_OUT_OF_WINDOW, REFUSE_PASSED,
-    STREAM_DELIVERED, STREAM_REFUSED, STREAM_REPLAYED,
+    AckFrame, Envelope, Frame, MessageFrame, RefuseFrame, RepairFrame, ReplayedFrame, ShardFrame,
+    REFUSE_BLOCK, REFUSE_CLOSED, REFUSE_KEYS_FULL, REFUSE_KEY_REUSED, REFUSE_MALFORMED,
+    REFUSE_OUT_OF_WINDOW, REFUSE_PASSED, STREAM_DELIVERED, STREAM_REFUSED, STREAM_REPLAYED,
 };
 
 /// Settings of a [`Receiver`].
@@ -79,6 +80,9 @@ pub struct ReceiverConfig {
     /// become counted drops without a REFUSE frame: the sender retries or times out.
     /// Default 4096.
     pub max_refused_ids: usize,
+    /// Bounds of the sliding-window decoder (protocol 2): symbols kept for the last
+    /// `max_window` sources. Default 64 sources, 16 KiB symbols.
+    pub window: WindowLimits,
 }
 
 impl Default for ReceiverConfig {
@@ -96,6 +100,7 @@ impl Default for ReceiverConfig {
             max_pending_claims: 4096,
             ack_on_take: false,
             max_refused_ids: 4096,
+            window: WindowLimits::default(),
         }
     }
 }
@@ -245,6 +250,10 @@ pub struct ReceiverStats {
     pub claims_pending: usize,
     /// Gauge: messages delivered but not yet taken (with `ack_on_take`): not acked yet.
     pub awaiting_take: usize,
+    /// Messages the sliding window rebuilt from repairs (protocol 2), before judging.
+    pub window_recovered: u64,
+    /// Whole messages (protocol 2) too long to be window sources: judged, not kept.
+    pub window_dropped: u64,
 }
 
 /// Who claims a new message before it is acked.
@@ -427,6 +436,8 @@ const MAX_NOTICE_QUEUE: usize = 64;
 pub struct Receiver {
     config: ReceiverConfig,
     reassembler: Reassembler,
+    /// The sliding-window decoder (protocol 2): sources and repairs of this connection.
+    window: WindowDecoder,
     dedupe: DedupeWindow,
     /// The idempotency-key record (this receiver's own, or shared by a server's channels).
     keys: SharedKeys,
@@ -482,6 +493,7 @@ impl Receiver {
         let token = keys.with(|r| r.holder_token());
         Receiver {
             reassembler: Reassembler::new(config.reassembler.clone()),
+            window: WindowDecoder::new(config.window),
             dedupe: DedupeWindow::new(config.dedupe_window, config.hole_ttl),
             keys,
             scope: ANONYMOUS,
@@ -548,6 +560,7 @@ impl Receiver {
     /// connection is recognised and acked, not delivered again.
     pub fn new_connection(&mut self) {
         self.reassembler = Reassembler::new(self.config.reassembler.clone());
+        self.window = WindowDecoder::new(self.config.window);
         self.out.clear();
         self.last_ack = None;
         self.notices_out.clear();
@@ -1223,24 +1236,10 @@ impl Receiver {
         let mut fresh = false;
         let mut triggers: Vec<u64> = Vec::new();
         while let Some(d) = self.reassembler.poll_delivery() {
-            match self.accept(now, d.message_id, d.payload, false) {
-                Accepted::Delivered => {
-                    if !self.config.ack_on_take {
-                        fresh = true;
-                        triggers.push(d.message_id);
-                    }
-                }
-                Accepted::KeyDuplicate => {
-                    fresh = true;
-                    triggers.push(d.message_id);
-                }
-                Accepted::Duplicate => triggers.push(d.message_id),
+            let accepted = self.judge(now, d.message_id, d.payload, &mut fresh, &mut triggers);
+            if accepted == Accepted::Held {
                 // Not judged for good: a later copy (a hedge) is rebuilt and judged again.
-                Accepted::Held => self.reassembler.undeliver(d.block, d.message_id),
-                Accepted::Replayed
-                | Accepted::HandedCopy
-                | Accepted::Refused
-                | Accepted::Pending => {}
+                self.reassembler.undeliver(d.block, d.message_id);
             }
         }
         if let InsertOutcome::Stale { messages } = outcome {
@@ -1251,13 +1250,99 @@ impl Receiver {
                 }
             }
         }
+        self.answer(now, fresh, &triggers);
+    }
+
+    /// Acks what a datagram brought: at once when something was delivered (`fresh`), else
+    /// a repeat for copies at most every `reack_interval`; then pending notices.
+    fn answer(&mut self, now: Instant, fresh: bool, triggers: &[u64]) {
         let reack_due = self
             .last_ack
             .is_none_or(|t| now.saturating_duration_since(t) >= self.config.reack_interval);
         if fresh || (!triggers.is_empty() && reack_due) {
-            self.ack(now, !fresh, &triggers);
+            self.ack(now, !fresh, triggers);
         }
         self.flush_notices(now);
+    }
+
+    /// Judges one message that came off the datagram path (rebuilt from a block, received
+    /// whole, or rebuilt by the window) and notes what its answer needs.
+    fn judge(
+        &mut self,
+        now: Instant,
+        id: u64,
+        body: Bytes,
+        fresh: &mut bool,
+        triggers: &mut Vec<u64>,
+    ) -> Accepted {
+        let accepted = self.accept(now, id, body, false);
+        match accepted {
+            Accepted::Delivered => {
+                if !self.config.ack_on_take {
+                    *fresh = true;
+                    triggers.push(id);
+                }
+            }
+            Accepted::KeyDuplicate => {
+                *fresh = true;
+                triggers.push(id);
+            }
+            Accepted::Duplicate => triggers.push(id),
+            Accepted::Held
+            | Accepted::Replayed
+            | Accepted::HandedCopy
+            | Accepted::Refused
+            | Accepted::Pending => {}
+        }
+        accepted
+    }
+
+    /// Takes one whole message (protocol 2, [`MessageFrame`]): judged like a rebuilt one,
+    /// and kept as a source of the window code, with whatever it lets the window rebuild.
+    pub fn handle_message(&mut self, now: Instant, frame: MessageFrame) {
+        self.stats.shards_received += 1;
+        if self.backlogged() && !self.dedupe.contains(frame.id) {
+            // As for shards: it arrived, but holding it would buffer without bound behind
+            // a slow application. Left out of the window too, so a repair may rebuild it
+            // once the application has caught up.
+            self.stats.shards_refused_backlog += 1;
+            return;
+        }
+        match crate::fec::window::source_symbol(frame.id, &frame.body) {
+            Some(symbol) => self.window.on_source(frame.seq, Bytes::from(symbol)),
+            None => self.stats.window_dropped += 1,
+        }
+        let mut fresh = false;
+        let mut triggers: Vec<u64> = Vec::new();
+        self.judge(now, frame.id, frame.body, &mut fresh, &mut triggers);
+        self.judge_recovered(now, &mut fresh, &mut triggers);
+        self.answer(now, fresh, &triggers);
+    }
+
+    /// Takes one repair (protocol 2, [`RepairFrame`]); the messages it rebuilds are judged.
+    pub fn handle_repair(&mut self, now: Instant, frame: &RepairFrame) {
+        self.stats.shards_received += 1;
+        if self.backlogged() {
+            self.stats.shards_refused_backlog += 1;
+            return;
+        }
+        self.window.on_repair(frame);
+        let mut fresh = false;
+        let mut triggers: Vec<u64> = Vec::new();
+        self.judge_recovered(now, &mut fresh, &mut triggers);
+        self.answer(now, fresh, &triggers);
+    }
+
+    fn judge_recovered(&mut self, now: Instant, fresh: &mut bool, triggers: &mut Vec<u64>) {
+        while let Some((_, id, body)) = self.window.poll_recovered() {
+            self.stats.window_recovered += 1;
+            self.judge(now, id, body, fresh, triggers);
+        }
+    }
+
+    /// The window decoder's counters.
+    pub fn window_stats(&self) -> crate::fec::window::WindowStats {
+        self.window.stats()
     }
 
     /// Answers a copy of message `id` that needs no rebuilding (its block finished before),

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::governor::Governor;
+use super::repair::{RepairWindow, WindowConfig};
 use super::rtt::RttEstimator;
 use crate::fec::{Block, EncodeError, Encoder, EncoderConfig};
 use crate::tune::{self, EstimatorConfig, LossEstimator, LossModel, Target, TunerConfig};
@@ -129,6 +130,12 @@ pub struct SenderConfig {
     /// A copy on a secondary is delivered at most once only if the replicas share a claims
     /// store: the caller marks a secondary available only then.
     pub hedge_to: HedgeTo,
+    /// The sliding-window code across messages (protocol 2): a message whose envelope
+    /// fits one datagram is sent whole as a window source, and repairs over the unacked
+    /// sources replace its own first-flight parity ([`WindowConfig`]). `None`: every
+    /// message is its own block, as in protocol 1. Used only once the peer speaks
+    /// protocol 2 ([`Sender::set_protocol`]). Default on.
+    pub window: Option<WindowConfig>,
 }
 
 impl Default for SenderConfig {
@@ -138,6 +145,7 @@ impl Default for SenderConfig {
             batching: false,
             adaptive: Some(AdaptiveConfig::default()),
             first_flight_repair: 1,
+            window: Some(WindowConfig::default()),
             repair_spacing: Duration::from_millis(1),
             hedge_quantile: 0.95,
             hedge_floor: Duration::from_millis(5),
@@ -397,6 +405,10 @@ pub struct Sender {
     /// delay (a high percentile) to seconds, and every block lost in the outage would wait
     /// that long for its repair once the path returned.
     samples_from: Option<Instant>,
+    /// The sliding-window code's sending state (protocol 2).
+    window: RepairWindow,
+    /// The protocol version the peer speaks: the window code needs 2.
+    protocol: u8,
 }
 
 impl Sender {
@@ -415,6 +427,7 @@ impl Sender {
                 f64::from(a.tuner.max_repair)
             });
         let governor = Governor::new(config.congestion_delay, ceiling);
+        let config_window = config.window.clone().unwrap_or_default();
         Sender {
             encoder: Encoder::new(config.encoder.clone()),
             copies: Encoder::starting_at(config.encoder.clone(), SECONDARY_BLOCKS),
@@ -450,7 +463,49 @@ impl Sender {
             expected_misses: 0.0,
             residuals: HashMap::new(),
             samples_from: None,
+            window: RepairWindow::new(config_window),
+            protocol: 2,
         }
+    }
+
+    /// The protocol version the peer speaks: with 1, no MESSAGE or REPAIR frame is sent
+    /// (every message is its own block). Default 2.
+    pub fn set_protocol(&mut self, version: u8) {
+        self.protocol = version;
+    }
+
+    /// Whether messages go as window sources now.
+    fn windowed(&self) -> bool {
+        self.protocol >= 2 && self.config.window.is_some()
+    }
+
+    /// Repairs per window source the sender plans for now: `gain × (p - r) / (1 - p)` for
+    /// the estimated loss `p` and the plan's residual target `r`, raised with the loss's measured dispersion (bursts need more
+    /// repairs close together), within the configured bounds and never above the parity
+    /// per data shard the queueing delay allows ([`Sender::redundancy_cap`]).
+    pub fn window_ratio(&self) -> f64 {
+        let config = self.window.config();
+        // The measured rate, not its upper bound: a repair serves every source in the
+        // window, so one plan's uncertainty is averaged over many messages (the bound is
+        // for the start, before much was measured).
+        let p = self.loss.mean().clamp(0.0, 0.5);
+        // Loss below the residual the plan aims for needs no repair (a lone loss is left
+        // to its hedge, as a block code's plan would leave it).
+        let residual = self
+            .config
+            .adaptive
+            .as_ref()
+            .map_or(0.0, |a| a.target.residual);
+        let dispersion = self.loss.dispersion().unwrap_or(1.0).max(1.0);
+        let ratio = config.gain * (p - residual).max(0.0) / (1.0 - p) * dispersion.sqrt();
+        ratio
+            .clamp(config.min_ratio, config.max_ratio)
+            .min(self.governor.cap())
+    }
+
+    /// The window code's counters.
+    pub fn window_stats(&self) -> super::repair::WindowSendStats {
+        self.window.stats()
     }
 
     /// Whether the path is congested now (the transport queues what it is given): while
@@ -818,13 +873,7 @@ impl Sender {
         if self.config.batching {
             self.encoder.push(now, id, payload.clone())?;
         } else {
-            let block = match self.plan_for(payload.len()) {
-                Some((k, m, exact)) => (
-                    self.encoder.encode_split(id, payload.clone(), k, m)?,
-                    exact.then_some(usize::from(m)),
-                ),
-                None => (self.encoder.encode(id, payload.clone())?, None),
-            };
+            let block = self.encode_message(id, payload.clone())?;
             self.pending.push_back(block);
         }
         self.next_id += 1;
@@ -864,6 +913,7 @@ impl Sender {
         self.samples_from = Some(now);
         self.blocks.clear();
         self.hedge_due.clear();
+        self.window.reset();
         self.pending.clear();
         self.spaced.clear();
         self.out.clear();
@@ -877,14 +927,7 @@ impl Sender {
             })
             .collect();
         for (id, payload) in in_flight {
-            let encoded = match self.plan_for(payload.len()) {
-                Some((k, m, exact)) => self
-                    .encoder
-                    .encode_split(id, payload, k, m)
-                    .map(|b| (b, exact.then_some(usize::from(m)))),
-                None => self.encoder.encode(id, payload).map(|b| (b, None)),
-            };
-            match encoded {
+            match self.encode_message(id, payload) {
                 Ok(block) => self.pending.push_back(block),
                 Err(_) => {
                     // Possible only if the datagram size shrank below what this message needs.
@@ -1157,10 +1200,17 @@ impl Sender {
         }
         self.encoder.handle_timeout(now);
         self.start_blocks(now);
+        // Window repairs due; none into a congested or silent path.
+        let shed = self.congested() || self.silent();
+        let repairs = self.window.poll(now, shed);
+        if !repairs.is_empty() {
+            self.stats.repair_shards += repairs.len() as u64;
+            self.emit(now, repairs);
+        }
 
         while self.deadlines.first().is_some_and(|&(at, _)| at <= now) {
             let (_, id) = self.deadlines.pop_first().expect("checked");
-            let Some(m) = self.messages.remove(&id) else {
+            let Some(m) = self.remove_message(id) else {
                 continue;
             };
             self.stats.failed += 1;
@@ -1232,10 +1282,18 @@ impl Sender {
             .floor_wanted()
             .then(|| self.floor_sent_at.map(|t| t + self.config.floor_interval))
             .flatten();
-        [hedge, deadline, self.encoder.poll_timeout(), spaced, floor]
-            .into_iter()
-            .flatten()
-            .min()
+        let window = self.window.poll_timeout();
+        [
+            hedge,
+            deadline,
+            self.encoder.poll_timeout(),
+            spaced,
+            floor,
+            window,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The next datagram to send.
@@ -1324,10 +1382,17 @@ impl Sender {
             self.maybe_send_floor(now);
         }
         while let Some((mut block, planned)) = self.pending.pop_front() {
+            let silent = self.silent();
+            if let Some(frame) = self.as_source(now, &block, silent) {
+                self.stats.data_shards += 1;
+                self.stats.first_flight_bytes += frame.len() as u64;
+                self.emit(now, [frame]);
+                self.track_block(now, block, 1, silent);
+                continue;
+            }
             let mut frames = block.data_frames();
             self.stats.data_shards += frames.len() as u64;
             let mut wanted = planned.unwrap_or_else(|| self.repair_for(&block));
-            let silent = self.silent();
             if self.congested() {
                 self.stats.shed_congested += wanted as u64;
                 wanted = 0;
@@ -1350,32 +1415,85 @@ impl Sender {
             self.stats.first_flight_bytes += bytes as u64;
             let shards_sent = frames.len() + repair.len();
             frames.extend(repair);
-            let id = block.id();
-            self.send_spaced(now, id, frames);
-            let mut unacked = 0;
-            for msg in block.messages() {
-                if let Some(m) = self.messages.get_mut(&msg) {
-                    m.block = Some(id);
-                    unacked += 1;
-                }
-            }
-            let next_hedge = now + self.hedge_delay(0);
-            self.hedge_due.insert((next_hedge, id));
-            self.blocks.insert(
-                id,
-                BlockState {
-                    block,
-                    resent: false,
-                    first_flight: shards_sent,
-                    unacked,
-                    shards_sent,
-                    hedges: 0,
-                    attempts: 0,
-                    next_hedge,
-                    into_silence: silent,
-                },
-            );
+            self.send_spaced(now, block.id(), frames);
+            self.track_block(now, block, shards_sent, silent);
         }
+    }
+
+    /// Message `id`'s own block, with the parity its first flight carries (`None`: chosen
+    /// when it is sent). A message that will travel as a window source is one data shard
+    /// with no first-flight parity: the window's repairs protect it, and the block's
+    /// parity is there for its hedges.
+    fn encode_message(
+        &mut self,
+        id: u64,
+        payload: Bytes,
+    ) -> Result<(Block, Option<usize>), EncodeError> {
+        let max_datagram = self.config.encoder.max_datagram_size;
+        if self.windowed() && RepairWindow::fits(id, payload.len(), max_datagram) {
+            if let Ok(block) = self.encoder.encode_split(id, payload.clone(), 1, 0) {
+                return Ok((block, Some(0)));
+            }
+        }
+        Ok(match self.plan_for(payload.len()) {
+            Some((k, m, exact)) => (
+                self.encoder.encode_split(id, payload, k, m)?,
+                exact.then_some(usize::from(m)),
+            ),
+            None => (self.encoder.encode(id, payload)?, None),
+        })
+    }
+
+    /// A block of one message that fits a datagram, on a protocol-2 path: its first flight
+    /// is the message whole, as a window source (the window's repairs are its parity).
+    /// `None`: the block goes as shards.
+    fn as_source(&mut self, now: Instant, block: &Block, silent: bool) -> Option<Bytes> {
+        let header = block.header();
+        if !self.windowed() || header.data_shards != 1 || header.lengths.len() != 1 {
+            return None;
+        }
+        let id = header.first_message;
+        let body = self.messages.get(&id)?.payload.clone();
+        if !RepairWindow::fits(id, body.len(), self.config.encoder.max_datagram_size) {
+            return None;
+        }
+        // No redundancy into a silent path, nor past what the queueing delay allows.
+        let ratio = if silent || self.congested() {
+            0.0
+        } else {
+            self.window_ratio()
+        };
+        self.window
+            .send(now, id, &body, ratio, self.config.repair_spacing)
+    }
+
+    /// Tracks a block whose first flight (`shards_sent` frames) just went: its messages
+    /// point at it and its hedge is scheduled.
+    fn track_block(&mut self, now: Instant, block: Block, shards_sent: usize, silent: bool) {
+        let id = block.id();
+        let mut unacked = 0;
+        for msg in block.messages() {
+            if let Some(m) = self.messages.get_mut(&msg) {
+                m.block = Some(id);
+                unacked += 1;
+            }
+        }
+        let next_hedge = now + self.hedge_delay(0);
+        self.hedge_due.insert((next_hedge, id));
+        self.blocks.insert(
+            id,
+            BlockState {
+                block,
+                resent: false,
+                first_flight: shards_sent,
+                unacked,
+                shards_sent,
+                hedges: 0,
+                attempts: 0,
+                next_hedge,
+                into_silence: silent,
+            },
+        );
     }
 
     fn hedge(&mut self, now: Instant, id: u64) {
@@ -1495,6 +1613,7 @@ impl Sender {
     fn remove_message(&mut self, id: u64) -> Option<Message> {
         let m = self.messages.remove(&id)?;
         self.deadlines.remove(&(m.deadline, id));
+        self.window.done(id);
         Some(m)
     }
 }

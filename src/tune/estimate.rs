@@ -342,6 +342,25 @@ impl LossEstimator {
         slow.max(fast)
     }
 
+    /// The loss rate a code spread over many messages plans for: the plain rate over the
+    /// long window once it has judged at least 256 shards, or the short window's lower
+    /// bound when that is higher (a rise shows there first); before that, the estimate
+    /// ([`LossEstimator::estimate`]).
+    pub fn mean(&self) -> f64 {
+        if self.total_all < 256 {
+            return self.cached;
+        }
+        let observed = clamp_lost(self.lost_all, self.total_all) as f64 / self.total_all as f64;
+        let found = self.lost_young.min(0);
+        let fast = wilson(
+            clamp_lost(self.lost_short + found, self.total_short),
+            self.total_short,
+            self.config.z_short,
+        )
+        .0;
+        observed.max(fast)
+    }
+
     /// The plain loss rate over the long window (no confidence bound), if any shard was judged.
     pub fn observed(&self) -> Option<f64> {
         (self.total_all > 0)

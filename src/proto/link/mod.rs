@@ -778,6 +778,7 @@ impl Link {
             peer.receiver.share_keys(keys.clone(), config.key_scope);
         }
         peer.receiver.set_protocol(config.protocol);
+        peer.sender.set_protocol(config.protocol);
         peer.receiver.start_at(floor);
         let (current, primary_attached) = match &role {
             Role::Client {
