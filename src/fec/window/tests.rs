@@ -220,3 +220,11 @@ fn open_symbol_rejects_garbage() {
     s.push(1);
     assert!(open_symbol(&s).is_none(), "non-zero padding is not");
 }
+
+#[test]
+fn documented_coefficient_check_values() {
+    // docs/PROTOCOL.md §9.5.
+    assert_eq!(coefficient(0, 0), 0x1b);
+    assert_eq!(coefficient(1, 2), 0x1d);
+    assert_eq!(coefficient(129, 133), 0x7c);
+}
