@@ -8,26 +8,31 @@
 //! - against surelink's real encoder and decoder (`surelink::wire`, `surelink::fec`): the
 //!   bytes decode to the stated frame, the frame encodes to the stated bytes, a block's
 //!   parity is what the real encoder produced, and the real reassembler rebuilds the
-//!   messages after the stated shards are lost;
+//!   messages after the stated shards are lost; a window's MESSAGE and REPAIR frames are what
+//!   the real window encoder builds, and its window decoder rebuilds the lost sources;
 //! - against [`spec`], a second implementation written only from `docs/PROTOCOL.md`
-//!   (varints, frames, envelope, CRC-32, GF(2^8), the coding matrix, parity, rebuilding),
-//!   which calls nothing in surelink.
+//!   (varints, frames, envelope, CRC-32, GF(2^8), the coding matrix, parity, rebuilding,
+//!   the window code's symbols, coefficients, repairs and rebuilding), which calls nothing
+//!   in surelink.
 //!
-//! Then the two implementations are compared on seeded random frames, random blocks and
-//! randomly damaged bytes: they must agree on every frame, every parity byte, every rebuilt
-//! message and every rejection reason.
+//! Then the two implementations are compared on seeded random frames, random blocks, random
+//! windows and randomly damaged bytes: they must agree on every frame, every parity byte,
+//! every rebuilt message and every rejection reason.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
 
 use bytes::Bytes;
 use rand::rngs::ChaCha8Rng;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
+use surelink::fec::window::{
+    self as window, WindowDecoder, WindowEncoder, WindowLimits, MAX_WINDOW,
+};
 use surelink::fec::{CodecCache, Encoder, EncoderConfig, Reassembler, ReassemblerConfig};
 use surelink::wire::{
     self, AckFrame, BlockHeader, CloseFrame, Envelope, FloorFrame, Frame, HelloFrame, Limits,
-    RefuseFrame, ReplayedFrame, ShardFrame,
+    MessageFrame, RefuseFrame, RepairFrame, ReplayedFrame, ShardFrame,
 };
 
 const SPEC: &str = include_str!("../docs/PROTOCOL.md");
@@ -181,8 +186,8 @@ fn hex(s: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
-const FRAME_KINDS: [&str; 7] = [
-    "shard", "ack", "hello", "close", "floor", "refuse", "replayed",
+const FRAME_KINDS: [&str; 9] = [
+    "shard", "ack", "hello", "close", "floor", "refuse", "replayed", "message", "repair",
 ];
 
 /// The frame a vector of a frame kind describes, in the independent implementation's terms.
@@ -222,6 +227,17 @@ fn described_frame(v: &Vector) -> spec::Frame {
         },
         "replayed" => spec::Frame::Replayed {
             ranges: v.ranges("ranges"),
+        },
+        "message" => spec::Frame::Message {
+            seq: v.num("seq"),
+            id: v.num("id"),
+            envelope: v.bytes("envelope"),
+        },
+        "repair" => spec::Frame::Repair {
+            repair: v.num("repair"),
+            first: v.num("first"),
+            count: v.num("count"),
+            payload: v.bytes("payload"),
         },
         other => panic!("{}: {other} is not a frame kind", v.name),
     }
@@ -272,6 +288,17 @@ fn from_surelink(f: &Frame) -> spec::Frame {
         Frame::Replayed(r) => spec::Frame::Replayed {
             ranges: r.ranges.iter().map(range).collect(),
         },
+        Frame::Message(m) => spec::Frame::Message {
+            seq: m.seq,
+            id: m.id,
+            envelope: m.body.to_vec(),
+        },
+        Frame::Repair(r) => spec::Frame::Repair {
+            repair: r.repair,
+            first: r.first,
+            count: r.count,
+            payload: r.payload.to_vec(),
+        },
     }
 }
 
@@ -316,6 +343,22 @@ fn to_surelink(f: &spec::Frame) -> Frame {
         spec::Frame::Replayed { ranges: rs } => {
             Frame::Replayed(ReplayedFrame { ranges: ranges(rs) })
         }
+        spec::Frame::Message { seq, id, envelope } => Frame::Message(MessageFrame {
+            seq: *seq,
+            id: *id,
+            body: Bytes::from(envelope.clone()),
+        }),
+        spec::Frame::Repair {
+            repair,
+            first,
+            count,
+            payload,
+        } => Frame::Repair(RepairFrame {
+            repair: *repair,
+            first: *first,
+            count: *count,
+            payload: Bytes::from(payload.clone()),
+        }),
     }
 }
 
@@ -343,12 +386,15 @@ fn the_document_has_a_vector_of_every_kind() {
         "floor",
         "refuse",
         "replayed",
+        "message",
+        "repair",
         "stream_message",
         "envelope",
         "invalid",
         "invalid_envelope",
         "invalid_stream",
         "block",
+        "window",
     ];
     for kind in &kinds {
         assert!(known.contains(kind), "unknown vector kind {kind}");
@@ -385,6 +431,38 @@ fn the_document_has_a_vector_of_every_kind() {
     assert!(all
         .iter()
         .any(|v| v.kind == "ack" && v.ranges("ranges").len() >= 3));
+    // The window code's rejections, and windows that need what §16.6 promises: a burst of
+    // three rebuilt together, sources of different lengths, repairs over different windows,
+    // a keyed envelope among the sources.
+    let errors: BTreeSet<&str> = all
+        .iter()
+        .filter(|v| v.kind == "invalid")
+        .map(|v| v.req("error"))
+        .collect();
+    assert!(errors.contains("bad_window"));
+    let windows = window_vectors();
+    assert!(windows
+        .iter()
+        .any(|w| w.lost.len() >= 3 && w.lost.windows(2).all(|p| p[1] == p[0] + 1)));
+    assert!(windows.iter().any(|w| {
+        let lengths: BTreeSet<usize> = w.sources.iter().map(|s| s.2.len()).collect();
+        lengths.len() > 1
+    }));
+    assert!(windows.iter().any(|w| {
+        let spans: BTreeSet<(u64, u64)> = w
+            .frames
+            .iter()
+            .filter_map(|f| match spec::decode(f) {
+                Ok(spec::Frame::Repair { first, count, .. }) => Some((first, count)),
+                _ => None,
+            })
+            .collect();
+        spans.len() > 1
+    }));
+    assert!(windows.iter().any(|w| w
+        .sources
+        .iter()
+        .any(|s| matches!(spec::decode_envelope(&s.2), Ok((Some(_), _))))));
 }
 
 #[test]
@@ -695,6 +773,225 @@ fn block_vectors_match_the_spec_implementation() {
     }
 }
 
+/// A window vector (§16.6), read.
+struct WindowVector {
+    name: String,
+    /// `(seq, id, envelope)`, in seq order.
+    sources: Vec<(u64, u64, Vec<u8>)>,
+    /// Every frame sent, in send order.
+    frames: Vec<Vec<u8>>,
+    /// Sequence numbers of the sources lost.
+    lost: Vec<u64>,
+}
+
+fn window_vectors() -> Vec<WindowVector> {
+    vectors()
+        .into_iter()
+        .filter(|v| v.kind == "window")
+        .map(|v| {
+            let sources = v
+                .all("source")
+                .iter()
+                .map(|line| {
+                    let mut words = line.split_whitespace();
+                    let mut n = || {
+                        let word = words.next().unwrap_or_else(|| panic!("{}", v.name));
+                        number(word).unwrap_or_else(|e| panic!("{}: {e}", v.name))
+                    };
+                    let (seq, id) = (n(), n());
+                    let envelope = hex(&words.collect::<Vec<_>>().join(" "))
+                        .unwrap_or_else(|e| panic!("{}: {e}", v.name));
+                    (seq, id, envelope)
+                })
+                .collect();
+            let frames = v
+                .all("frame")
+                .iter()
+                .map(|h| hex(h).unwrap_or_else(|e| panic!("{}: {e}", v.name)))
+                .collect();
+            WindowVector {
+                sources,
+                frames,
+                lost: v.list("lost"),
+                name: v.name,
+            }
+        })
+        .collect()
+}
+
+/// A window encoder whose next source is `seq` and whose next repair is `repair`, as if the
+/// connection had sent that many sources and repairs before (placeholders, forgotten).
+fn window_encoder_at(seq: u64, repair: u64) -> WindowEncoder {
+    let mut encoder = WindowEncoder::new(MAX_WINDOW);
+    assert!(repair == 0 || seq > 0, "repairs before the first source");
+    while encoder.next_seq() < seq {
+        encoder.push(window::source_symbol(0, &[0]).expect("short"));
+    }
+    while encoder.repairs_made() < repair {
+        encoder.repair_from(0).expect("a placeholder source");
+    }
+    encoder.forget_below(seq);
+    encoder
+}
+
+#[test]
+fn window_vectors_are_what_surelinks_encoder_builds_and_its_decoder_rebuilds() {
+    let windows = window_vectors();
+    assert!(windows.len() >= 4, "only {} window vectors", windows.len());
+    for w in windows {
+        let name = &w.name;
+        let first_repair = w
+            .frames
+            .iter()
+            .find_map(|f| match surelink_decode(f) {
+                Ok(Frame::Repair(r)) => Some(r.repair),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{name}: no repair"));
+        let mut encoder = window_encoder_at(w.sources[0].0, first_repair);
+        let mut sources = w.sources.iter();
+        let mut decoder = WindowDecoder::new(WindowLimits::default());
+        for bytes in &w.frames {
+            let frame = surelink_decode(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let built = match &frame {
+                Frame::Message(m) => {
+                    let &(seq, id, ref envelope) = sources
+                        .next()
+                        .unwrap_or_else(|| panic!("{name}: more MESSAGE frames than sources"));
+                    assert_eq!(
+                        (m.seq, m.id, &m.body[..]),
+                        (seq, id, &envelope[..]),
+                        "{name}: MESSAGE {seq}"
+                    );
+                    let symbol = window::source_symbol(id, envelope).expect("short");
+                    assert_eq!(encoder.push(symbol.clone()), seq, "{name}: seq");
+                    if !w.lost.contains(&seq) {
+                        decoder.on_source(seq, Bytes::from(symbol));
+                    }
+                    Frame::Message(MessageFrame {
+                        seq,
+                        id,
+                        body: Bytes::from(envelope.clone()),
+                    })
+                }
+                Frame::Repair(r) => {
+                    decoder.on_repair(r);
+                    Frame::Repair(
+                        encoder
+                            .repair_from(r.first)
+                            .unwrap_or_else(|| panic!("{name}: no sources for {r:?}")),
+                    )
+                }
+                other => panic!("{name}: {other:?} in a window"),
+            };
+            assert_eq!(built.to_bytes().to_vec(), *bytes, "{name}: {frame:?}");
+        }
+        assert!(sources.next().is_none(), "{name}: a source without a frame");
+
+        let mut rebuilt = Vec::new();
+        while let Some((seq, id, envelope)) = decoder.poll_recovered() {
+            rebuilt.push((seq, id, envelope.to_vec()));
+        }
+        rebuilt.sort();
+        let want: Vec<(u64, u64, Vec<u8>)> = w
+            .sources
+            .iter()
+            .filter(|s| w.lost.contains(&s.0))
+            .cloned()
+            .collect();
+        assert_eq!(
+            want.len(),
+            w.lost.len(),
+            "{name}: every lost seq is a source"
+        );
+        assert_eq!(rebuilt, want, "{name}: rebuilt sources");
+        let stats = decoder.stats();
+        assert_eq!((stats.corrupt, stats.dropped), (0, 0), "{name}: {stats:?}");
+    }
+}
+
+#[test]
+fn window_vectors_match_the_spec_implementation() {
+    let gf = spec::Gf::new();
+    for w in window_vectors() {
+        let name = &w.name;
+        let mut symbols: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut received = BTreeMap::new();
+        let mut repairs = Vec::new();
+        let mut sources = w.sources.iter();
+        for (i, bytes) in w.frames.iter().enumerate() {
+            match spec::decode(bytes) {
+                Ok(spec::Frame::Message { seq, id, envelope }) => {
+                    let &(want_seq, want_id, ref want_envelope) = sources
+                        .next()
+                        .unwrap_or_else(|| panic!("{name}: more MESSAGE frames than sources"));
+                    assert_eq!(
+                        (seq, id, &envelope),
+                        (want_seq, want_id, want_envelope),
+                        "{name}: frame {i}"
+                    );
+                    // Sources are consecutive, and the sender numbers them in order.
+                    if let Some((&last, _)) = symbols.last_key_value() {
+                        assert_eq!(seq, last + 1, "{name}: frame {i}");
+                    }
+                    let symbol = spec::source_symbol(id, &envelope).expect("short");
+                    symbols.insert(seq, symbol.clone());
+                    if !w.lost.contains(&seq) {
+                        received.insert(seq, symbol);
+                    }
+                }
+                Ok(spec::Frame::Repair {
+                    repair,
+                    first,
+                    count,
+                    payload,
+                }) => {
+                    // A repair covers sources already sent, up to the newest.
+                    let window: Vec<Vec<u8>> = (first..first + count)
+                        .map(|s| {
+                            symbols.get(&s).cloned().unwrap_or_else(|| {
+                                panic!("{name}: frame {i} covers unsent source {s}")
+                            })
+                        })
+                        .collect();
+                    assert_eq!(
+                        symbols.last_key_value().map(|(&s, _)| s),
+                        Some(first + count - 1),
+                        "{name}: frame {i} ends at the newest source"
+                    );
+                    assert_eq!(
+                        spec::repair_payload(&gf, repair, first, &window),
+                        payload,
+                        "{name}: frame {i}: payload"
+                    );
+                    repairs.push(spec::Repair {
+                        repair,
+                        first,
+                        count,
+                        payload,
+                    });
+                }
+                other => panic!("{name}: frame {i}: {other:?}"),
+            }
+        }
+        // Repairs are numbered in send order.
+        for pair in repairs.windows(2) {
+            assert_eq!(pair[1].repair, pair[0].repair + 1, "{name}: repair numbers");
+        }
+        let want: BTreeMap<u64, (u64, Vec<u8>)> = w
+            .sources
+            .iter()
+            .filter(|s| w.lost.contains(&s.0))
+            .map(|(seq, id, envelope)| (*seq, (*id, envelope.clone())))
+            .collect();
+        assert_eq!(
+            spec::rebuild_window(&gf, &received, &repairs),
+            want,
+            "{name}: rebuilt sources"
+        );
+    }
+}
+
 /// The document's vector `name`.
 fn vector(name: &str) -> Vector {
     vectors()
@@ -803,6 +1100,20 @@ fn documented_field_and_crc_check_values() {
     assert_eq!(gf.mul(3, 0x31), 0x53);
     assert_eq!(gf.mul(0x80, 2), 0x1d);
     assert_eq!(spec::crc32(b"123456789"), 0xcbf4_3926);
+    // §9.5: the window code's coefficients, and surelink's are the same for every (r, s)
+    // modulo 128 (and beyond: r and s enter only modulo 128).
+    assert_eq!(spec::coefficient(&gf, 0, 0), 0x1b);
+    assert_eq!(spec::coefficient(&gf, 1, 2), 0x1d);
+    assert_eq!(spec::coefficient(&gf, 129, 133), 0x7c);
+    for r in (0..300).chain([1 << 40, spec::MAX_VARINT]) {
+        for s in (0..300).chain([1 << 40, spec::MAX_VARINT]) {
+            assert_eq!(
+                window::coefficient(r, s),
+                spec::coefficient(&gf, r, s),
+                "c({r}, {s})"
+            );
+        }
+    }
     // §9.2: for k = 1 every row is [1]; for k = 2 row i is [i ^ 1, i].
     for (i, row) in gf.coding_rows(1, 256).iter().enumerate() {
         assert_eq!(row, &vec![1], "k = 1, row {i}");
@@ -878,7 +1189,7 @@ fn random_ack_ranges(rng: &mut ChaCha8Rng, count: usize) -> Vec<RangeInclusive<u
 }
 
 fn random_frame(rng: &mut ChaCha8Rng) -> Frame {
-    match rng.random_range(0..6) {
+    match rng.random_range(0..8) {
         0 => {
             let count = rng.random_range(1..=6);
             let lengths: Vec<u32> = (0..count)
@@ -935,6 +1246,42 @@ fn random_frame(rng: &mut ChaCha8Rng) -> Frame {
         4 => Frame::Floor(FloorFrame {
             floor: any_varint(rng),
         }),
+        5 => {
+            // Sometimes the longest envelope a MESSAGE may carry.
+            let len = if rng.random_bool(0.01) {
+                65536
+            } else {
+                rng.random_range(0..300)
+            };
+            Frame::Message(MessageFrame {
+                seq: any_varint(rng),
+                id: any_varint(rng),
+                body: Bytes::from(random_bytes(rng, len)),
+            })
+        }
+        6 => {
+            let count = if rng.random_bool(0.1) {
+                MAX_WINDOW
+            } else {
+                rng.random_range(1..=MAX_WINDOW)
+            };
+            let first = if rng.random_bool(0.05) {
+                spec::MAX_VARINT - (count - 1)
+            } else {
+                any_varint(rng).min(spec::MAX_VARINT - (count - 1))
+            };
+            let len = if rng.random_bool(0.02) {
+                16384
+            } else {
+                rng.random_range(1..300)
+            };
+            Frame::Repair(RepairFrame {
+                repair: any_varint(rng),
+                first,
+                count,
+                payload: Bytes::from(random_bytes(rng, len)),
+            })
+        }
         _ => {
             let count = rng.random_range(1..=64);
             Frame::Refuse(RefuseFrame {
@@ -982,8 +1329,8 @@ fn damaged_bytes_get_the_same_answer() {
                 4 if at < bytes.len() => {
                     bytes.remove(at);
                 }
-                // A header field rewritten as a non-minimal varint, or another type.
-                _ if !bytes.is_empty() => bytes[0] = 0x10 | rng.random_range(0..8u8),
+                // Another type, assigned or not.
+                _ if !bytes.is_empty() => bytes[0] = 0x10 | rng.random_range(0..16u8),
                 _ => {}
             }
         }
@@ -1008,8 +1355,288 @@ fn damaged_bytes_get_the_same_answer() {
             .map_err(|e| e.reason());
         assert_eq!(spec::decode_stream(&head), stream, "round {round}");
     }
-    // The damage reached most rejection paths.
-    assert!(rejected.len() >= 15, "reasons seen: {rejected:?}");
+    // The damage reached most rejection paths, the window code's among them.
+    assert!(rejected.len() >= 16, "reasons seen: {rejected:?}");
+    assert!(
+        rejected.contains("bad_window"),
+        "reasons seen: {rejected:?}"
+    );
+}
+
+/// The window code's frames at their edges: both implementations agree on each, frame or
+/// reason.
+#[test]
+fn window_frame_edges_agree() {
+    let mut cases: Vec<Vec<u8>> = Vec::new();
+    let repair = |first: u64, count: u64, payload: usize| {
+        let mut out = vec![0x1a, 0x05];
+        spec::put_varint(&mut out, first);
+        spec::put_varint(&mut out, count);
+        out.extend(std::iter::repeat_n(0xa5, payload));
+        out
+    };
+    for count in [0, 1, 2, 64, 127, 128, 129, 1 << 20, spec::MAX_VARINT] {
+        for first in [
+            0,
+            1,
+            1 << 40,
+            spec::MAX_VARINT - 128,
+            spec::MAX_VARINT - 1,
+            spec::MAX_VARINT,
+        ] {
+            for payload in [0, 1, 16384, 16385] {
+                cases.push(repair(first, count, payload));
+            }
+        }
+    }
+    for envelope in [0, 1, 65536, 65537] {
+        let mut out = vec![0x19, 0x40, 0x07, 0x2a];
+        out.extend(std::iter::repeat_n(0x5a, envelope));
+        cases.push(out);
+    }
+    for cut in 0..6 {
+        cases.push(vec![0x19, 0x80, 0, 0, 0x07, 0x2a][..cut].to_vec());
+        cases.push(vec![0x1a, 0x80, 0, 0, 0x07, 0x2a, 0x01][..cut].to_vec());
+    }
+    let mut reasons = BTreeSet::new();
+    for bytes in cases {
+        let theirs = surelink_decode(&bytes).map(|f| from_surelink(&f));
+        let ours = spec::decode(&bytes);
+        assert_eq!(ours, theirs, "{:02x?}", &bytes[..bytes.len().min(24)]);
+        reasons.insert(ours.map(|_| "ok").unwrap_or_else(|e| e));
+    }
+    let want = [
+        "bad_window",
+        "empty",
+        "message_too_long",
+        "ok",
+        "shard_size_out_of_range",
+        "truncated",
+    ];
+    assert_eq!(reasons, want.into_iter().collect(), "outcomes seen");
+}
+
+/// What one random window round sent and what each decoder rebuilt from what arrived.
+struct WindowRound {
+    /// `seq → (id, envelope)` of every source sent.
+    sent: BTreeMap<u64, (u64, Vec<u8>)>,
+    /// Sequence numbers of the sources that arrived.
+    received: BTreeSet<u64>,
+    /// The lost sources each decoder rebuilt.
+    spec: BTreeMap<u64, (u64, Vec<u8>)>,
+    surelink: BTreeMap<u64, (u64, Vec<u8>)>,
+}
+
+/// A random window: 1 to 40 sources of 1 to 199 envelope bytes, repairs over random windows
+/// ending at the newest source, random loss of both; what arrives goes through both
+/// decoders, in send order or (`shuffle`) in a random order.
+fn random_window_round(rng: &mut ChaCha8Rng, gf: &spec::Gf, shuffle: bool) -> WindowRound {
+    let start = if rng.random_bool(0.3) {
+        rng.random_range(1..400)
+    } else {
+        0
+    };
+    let first_repair = if start > 0 && rng.random_bool(0.3) {
+        rng.random_range(0..300)
+    } else {
+        0
+    };
+    let mut encoder = window_encoder_at(start, first_repair);
+    let count = rng.random_range(1..=40u64);
+    let repairs_per_source: f64 = rng.random_range(0.0..1.5);
+    let widest = rng.random_range(1..=40u64);
+    let lose_source = rng.random_range(0.0..0.6);
+    let lose_repair = rng.random_range(0.0..0.6);
+    let mut sent = BTreeMap::new();
+    let mut frames: Vec<Frame> = Vec::new();
+    for _ in 0..count {
+        let id = any_varint(rng);
+        let len = rng.random_range(1..200);
+        let envelope = random_bytes(rng, len);
+        let seq = encoder.push(window::source_symbol(id, &envelope).expect("short"));
+        sent.insert(seq, (id, envelope.clone()));
+        frames.push(Frame::Message(MessageFrame {
+            seq,
+            id,
+            body: Bytes::from(envelope),
+        }));
+        let mut earned = repairs_per_source;
+        while earned > 0.0 && rng.random_bool(earned.min(1.0)) {
+            earned -= 1.0;
+            let first = (seq + 1).saturating_sub(rng.random_range(1..=widest));
+            frames.push(Frame::Repair(encoder.repair_from(first).expect("sources")));
+        }
+    }
+    let mut arrived: Vec<Vec<u8>> = frames
+        .iter()
+        .filter(|f| {
+            let p = match f {
+                Frame::Message(_) => lose_source,
+                _ => lose_repair,
+            };
+            !rng.random_bool(p)
+        })
+        .map(|f| f.to_bytes().to_vec())
+        .collect();
+    if shuffle {
+        arrived.shuffle(rng);
+    }
+
+    let mut decoder = WindowDecoder::new(WindowLimits::default());
+    let mut received = BTreeMap::new();
+    let mut repairs = Vec::new();
+    for bytes in &arrived {
+        match surelink_decode(bytes) {
+            Ok(Frame::Message(m)) => {
+                let symbol = window::source_symbol(m.id, &m.body).expect("short");
+                decoder.on_source(m.seq, Bytes::from(symbol));
+            }
+            Ok(Frame::Repair(r)) => decoder.on_repair(&r),
+            other => panic!("{other:?}"),
+        }
+        match spec::decode(bytes) {
+            Ok(spec::Frame::Message { seq, id, envelope }) => {
+                received.insert(seq, spec::source_symbol(id, &envelope).expect("short"));
+            }
+            Ok(spec::Frame::Repair {
+                repair,
+                first,
+                count,
+                payload,
+            }) => repairs.push(spec::Repair {
+                repair,
+                first,
+                count,
+                payload,
+            }),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(decoder.stats().corrupt, 0);
+    // Shuffled, surelink may rebuild a source before its MESSAGE arrives: only the lost
+    // ones count.
+    let mut rebuilt = BTreeMap::new();
+    while let Some((seq, id, envelope)) = decoder.poll_recovered() {
+        if !received.contains_key(&seq) {
+            let again = rebuilt.insert(seq, (id, envelope.to_vec()));
+            assert!(again.is_none(), "source {seq} rebuilt twice");
+        }
+    }
+    let spec = spec::rebuild_window(gf, &received, &repairs);
+    for (seq, message) in spec.iter().chain(&rebuilt) {
+        assert_eq!(
+            Some(message),
+            sent.get(seq),
+            "source {seq}: not what was sent"
+        );
+    }
+    WindowRound {
+        sent,
+        received: received.into_keys().collect(),
+        spec,
+        surelink: rebuilt,
+    }
+}
+
+/// Random windows, frames arriving in send order: surelink's decoder and the spec's
+/// rebuild the same sources with the same bytes, and those are the sources sent.
+#[test]
+fn random_windows_agree() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0004);
+    let gf = spec::Gf::new();
+    let (mut lost, mut rebuilt, mut partly, mut jointly) = (0, 0, 0, 0);
+    for round in 0..1000 {
+        let w = random_window_round(&mut rng, &gf, false);
+        assert_eq!(
+            w.spec.keys().collect::<Vec<_>>(),
+            w.surelink.keys().collect::<Vec<_>>(),
+            "round {round}: sources rebuilt (spec, surelink)"
+        );
+        assert_eq!(w.spec, w.surelink, "round {round}: bytes rebuilt");
+        let missing = w.sent.len() - w.received.len();
+        lost += missing;
+        rebuilt += w.spec.len();
+        partly += usize::from(w.spec.len() < missing);
+        jointly += usize::from(w.spec.len() >= 2);
+    }
+    assert!(
+        rebuilt >= 2000,
+        "only {rebuilt} of {lost} lost sources rebuilt"
+    );
+    assert!(partly >= 100, "only {partly} rounds left a loss unrebuilt");
+    assert!(jointly >= 200, "only {jointly} rounds rebuilt two or more");
+}
+
+/// Random windows, frames arriving in a random order: whatever surelink's decoder rebuilds,
+/// the spec's rebuilds too, with the same bytes. (The spec's may rebuild more: see
+/// `reordered_repairs_rebuild_every_source_they_determine`.)
+#[test]
+fn random_reordered_windows_agree_on_what_surelink_rebuilds() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0005);
+    let gf = spec::Gf::new();
+    let mut rebuilt = 0;
+    for round in 0..1000 {
+        let w = random_window_round(&mut rng, &gf, true);
+        for (seq, message) in &w.surelink {
+            assert_eq!(
+                w.spec.get(seq),
+                Some(message),
+                "round {round}: source {seq}"
+            );
+        }
+        rebuilt += w.surelink.len();
+    }
+    assert!(rebuilt >= 1000, "only {rebuilt} sources rebuilt");
+}
+
+/// §9.5: "A source is rebuilt when the equations determine it", whatever order the frames
+/// arrive in. surelink's `WindowDecoder` keeps its equations in echelon form without back
+/// substitution, so when frames are reordered it can hold a source's equation only inside
+/// combinations with others and never rebuild it. Smallest case: three sources, all lost;
+/// repair 0 covers source 0 alone (sent after source 0), repair 1 covers sources 0 to 2;
+/// repair 1 arrives first. Repair 0 alone determines source 0.
+#[test]
+#[ignore = "surelink's WindowDecoder misses sources that reordered repairs determine (reported)"]
+fn reordered_repairs_rebuild_every_source_they_determine() {
+    let mut encoder = WindowEncoder::new(MAX_WINDOW);
+    let messages: [(u64, &[u8]); 3] = [(7, b"\x00a"), (8, b"\x00bc"), (9, b"\x00d")];
+    let mut symbols = messages
+        .iter()
+        .map(|&(id, envelope)| window::source_symbol(id, envelope).expect("short"));
+    encoder.push(symbols.next().expect("three"));
+    let r0 = encoder.repair_from(0).expect("source 0");
+    encoder.push(symbols.next().expect("three"));
+    encoder.push(symbols.next().expect("three"));
+    let r1 = encoder.repair_from(0).expect("sources 0 to 2");
+    assert_eq!((r0.count, r1.count), (1, 3));
+
+    let gf = spec::Gf::new();
+    let repairs: Vec<spec::Repair> = [&r1, &r0]
+        .iter()
+        .map(|r| spec::Repair {
+            repair: r.repair,
+            first: r.first,
+            count: r.count,
+            payload: r.payload.to_vec(),
+        })
+        .collect();
+    let ours = spec::rebuild_window(&gf, &BTreeMap::new(), &repairs);
+    assert_eq!(
+        ours.get(&0),
+        Some(&(7, b"\x00a".to_vec())),
+        "the spec's decoder"
+    );
+
+    let mut decoder = WindowDecoder::new(WindowLimits::default());
+    decoder.on_repair(&r1);
+    decoder.on_repair(&r0);
+    assert_eq!(
+        decoder
+            .poll_recovered()
+            .map(|(seq, id, e)| (seq, id, e.to_vec())),
+        Some((0, 7, b"\x00a".to_vec())),
+        "surelink's decoder"
+    );
 }
 
 #[test]
@@ -1111,6 +1738,8 @@ fn random_blocks_agree() {
 // ---------------------------------------------------------------------------------------------
 
 mod spec {
+    use std::collections::{BTreeMap, BTreeSet};
+
     /// §4: the largest varint.
     pub const MAX_VARINT: u64 = (1 << 62) - 1;
     // §6.2: the limits a decoder enforces.
@@ -1122,6 +1751,8 @@ mod spec {
     const MAX_CLOSE_REASON: u64 = 256;
     // §8.1.
     const MAX_KEY_LEN: u64 = 255;
+    /// §5.9: the most sources one repair covers.
+    pub const MAX_WINDOW: u64 = 128;
 
     /// A rejection reason, named as in §14.1.
     pub type Error = &'static str;
@@ -1164,6 +1795,19 @@ mod spec {
         },
         Replayed {
             ranges: Vec<(u64, u64)>,
+        },
+        /// §5.8 (protocol 2).
+        Message {
+            seq: u64,
+            id: u64,
+            envelope: Vec<u8>,
+        },
+        /// §5.9 (protocol 2).
+        Repair {
+            repair: u64,
+            first: u64,
+            count: u64,
+            payload: Vec<u8>,
         },
     }
 
@@ -1248,6 +1892,39 @@ mod spec {
             0x8 => Frame::Replayed {
                 ranges: id_ranges(&mut r)?,
             },
+            // §5.8: the envelope is the rest of the datagram.
+            0x9 => {
+                let seq = r.varint()?;
+                let id = r.varint()?;
+                if r.left() > MAX_MESSAGE_LEN {
+                    return Err("message_too_long");
+                }
+                let envelope = r.take(r.left())?.to_vec();
+                Frame::Message { seq, id, envelope }
+            }
+            // §5.9: the payload is the rest of the datagram.
+            0xa => {
+                let repair = r.varint()?;
+                let first = r.varint()?;
+                let count = r.varint()?;
+                // `1 ≤ count ≤ 128` and `first + count - 1 ≤ 2^62 - 1`.
+                if count == 0 || count > MAX_WINDOW || first > MAX_VARINT - (count - 1) {
+                    return Err("bad_window");
+                }
+                if r.left() == 0 {
+                    return Err("truncated");
+                }
+                if r.left() > MAX_SHARD_SIZE {
+                    return Err("shard_size_out_of_range");
+                }
+                let payload = r.take(r.left())?.to_vec();
+                Frame::Repair {
+                    repair,
+                    first,
+                    count,
+                    payload,
+                }
+            }
             _ => return Err("unknown_type"),
         };
         if r.left() > 0 {
@@ -1454,6 +2131,24 @@ mod spec {
                 out.push(0x18);
                 put_ranges(&mut out, ranges);
             }
+            Frame::Message { seq, id, envelope } => {
+                out.push(0x19);
+                put_varint(&mut out, *seq);
+                put_varint(&mut out, *id);
+                out.extend_from_slice(envelope);
+            }
+            Frame::Repair {
+                repair,
+                first,
+                count,
+                payload,
+            } => {
+                out.push(0x1a);
+                put_varint(&mut out, *repair);
+                put_varint(&mut out, *first);
+                put_varint(&mut out, *count);
+                out.extend_from_slice(payload);
+            }
         }
         out
     }
@@ -1608,7 +2303,7 @@ mod spec {
             }
         }
 
-        fn inv(&self, a: u8) -> u8 {
+        pub fn inv(&self, a: u8) -> u8 {
             assert_ne!(a, 0, "0 has no inverse");
             self.exp((255 - usize::from(self.log[usize::from(a)])) % 255)
         }
@@ -1715,5 +2410,167 @@ mod spec {
             at += len as usize;
         }
         Some(messages)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // §9.5: the window code across messages
+    // -----------------------------------------------------------------------------------------
+
+    /// §9.5: `L ‖ id ‖ E ‖ C` of message `id` with envelope `envelope`; `None` when `L`
+    /// exceeds 65535 (such a message is never a source).
+    pub fn source_symbol(id: u64, envelope: &[u8]) -> Option<Vec<u8>> {
+        let mut inner = Vec::new();
+        put_varint(&mut inner, id);
+        inner.extend_from_slice(envelope);
+        let l = u16::try_from(inner.len()).ok()?;
+        let mut symbol = l.to_be_bytes().to_vec();
+        symbol.extend_from_slice(&inner);
+        symbol.extend_from_slice(&crc32(&inner).to_be_bytes());
+        Some(symbol)
+    }
+
+    /// §9.5: `c(r, s) = inverse((0x80 | r mod 128) ⊕ (s mod 128))`.
+    pub fn coefficient(gf: &Gf, r: u64, s: u64) -> u8 {
+        gf.inv((0x80 | (r % 128) as u8) ^ (s % 128) as u8)
+    }
+
+    /// §9.5: the payload of repair `repair` over `symbols`, source `first`'s first: each
+    /// symbol padded with zeros to the longest, `Σ c(repair, s) · symbol(s)`.
+    pub fn repair_payload(gf: &Gf, repair: u64, first: u64, symbols: &[Vec<u8>]) -> Vec<u8> {
+        let longest = symbols.iter().map(Vec::len).max().unwrap_or(0);
+        let mut payload = vec![0u8; longest];
+        for (s, symbol) in (first..).zip(symbols) {
+            let c = coefficient(gf, repair, s);
+            for (p, &b) in payload.iter_mut().zip(symbol) {
+                *p ^= gf.mul(c, b);
+            }
+        }
+        payload
+    }
+
+    /// §9.5: a rebuilt (zero-padded) symbol's `(id, envelope)`, when `L` fits, the bytes
+    /// after `C` are zero and `C` is the CRC-32 of `id ‖ E`.
+    pub fn open_symbol(symbol: &[u8]) -> Option<(u64, Vec<u8>)> {
+        let mut r = Reader { rest: symbol };
+        let l = r.take(2).ok()?;
+        let l = u64::from(u16::from_be_bytes([l[0], l[1]]));
+        let inner = r.take(l).ok()?;
+        let crc = r.u32().ok()?;
+        if r.rest.iter().any(|&b| b != 0) || crc32(inner) != crc {
+            return None;
+        }
+        let mut inner = Reader { rest: inner };
+        let id = inner.varint().ok()?;
+        Some((id, inner.rest.to_vec()))
+    }
+
+    /// A REPAIR frame's fields (§5.9).
+    #[derive(Clone, Debug)]
+    pub struct Repair {
+        pub repair: u64,
+        pub first: u64,
+        pub count: u64,
+        pub payload: Vec<u8>,
+    }
+
+    /// §9.5 "Rebuilding", all at once: from the symbols of the sources received (by seq) and
+    /// the repairs received, every source the equations determine and whose rebuilt symbol
+    /// passes its checks, as `seq → (id, envelope)`.
+    ///
+    /// Each repair minus `c · symbol` of its received sources is one equation over its
+    /// missing sources; Gauss-Jordan elimination brings them to reduced row echelon form, in
+    /// which a source is determined exactly when one row names it alone.
+    pub fn rebuild_window(
+        gf: &Gf,
+        received: &BTreeMap<u64, Vec<u8>>,
+        repairs: &[Repair],
+    ) -> BTreeMap<u64, (u64, Vec<u8>)> {
+        // Equations: (coefficient per missing source, right-hand side).
+        let mut equations: Vec<(BTreeMap<u64, u8>, Vec<u8>)> = Vec::new();
+        'repairs: for repair in repairs {
+            let mut rhs = repair.payload.clone();
+            let mut unknowns = BTreeMap::new();
+            for s in repair.first..repair.first + repair.count {
+                let c = coefficient(gf, repair.repair, s);
+                match received.get(&s) {
+                    // A source longer than the payload (the payload is the longest symbol
+                    // of its window): not a repair of these sources.
+                    Some(symbol) if symbol.len() > rhs.len() => continue 'repairs,
+                    Some(symbol) => {
+                        for (x, &b) in rhs.iter_mut().zip(symbol) {
+                            *x ^= gf.mul(c, b);
+                        }
+                    }
+                    None => {
+                        unknowns.insert(s, c);
+                    }
+                }
+            }
+            if !unknowns.is_empty() {
+                equations.push((unknowns, rhs));
+            }
+        }
+        let columns: Vec<u64> = equations
+            .iter()
+            .flat_map(|(u, _)| u.keys().copied())
+            .collect::<BTreeSet<u64>>()
+            .into_iter()
+            .collect();
+        let width = equations
+            .iter()
+            .map(|(_, rhs)| rhs.len())
+            .max()
+            .unwrap_or(0);
+        let mut rows: Vec<(Vec<u8>, Vec<u8>)> = equations
+            .into_iter()
+            .map(|(unknowns, mut rhs)| {
+                rhs.resize(width, 0);
+                let coefficients = columns
+                    .iter()
+                    .map(|s| unknowns.get(s).copied().unwrap_or(0))
+                    .collect();
+                (coefficients, rhs)
+            })
+            .collect();
+
+        // Gauss-Jordan elimination.
+        let mut pivots = Vec::new();
+        let mut next = 0;
+        for col in 0..columns.len() {
+            let Some(p) = (next..rows.len()).find(|&r| rows[r].0[col] != 0) else {
+                continue;
+            };
+            rows.swap(next, p);
+            let scale = gf.inv(rows[next].0[col]);
+            let (coefficients, rhs) = &mut rows[next];
+            for x in coefficients.iter_mut().chain(rhs.iter_mut()) {
+                *x = gf.mul(scale, *x);
+            }
+            let pivot = rows[next].clone();
+            for (r, row) in rows.iter_mut().enumerate() {
+                let f = row.0[col];
+                if r == next || f == 0 {
+                    continue;
+                }
+                let targets = row.0.iter_mut().chain(row.1.iter_mut());
+                let sources = pivot.0.iter().chain(pivot.1.iter());
+                for (x, &y) in targets.zip(sources) {
+                    *x ^= gf.mul(f, y);
+                }
+            }
+            pivots.push(col);
+            next += 1;
+        }
+
+        let mut rebuilt = BTreeMap::new();
+        for (row, &col) in rows.iter().zip(&pivots) {
+            let alone = row.0.iter().enumerate().all(|(c, &x)| c == col || x == 0);
+            if alone {
+                if let Some(message) = open_symbol(&row.1) {
+                    rebuilt.insert(columns[col], message);
+                }
+            }
+        }
+        rebuilt
     }
 }
