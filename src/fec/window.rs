@@ -7,7 +7,7 @@
 //! source in it. A message's own block code (and a hedge's fresh parity) still covers what
 //! the window cannot.
 //!
-//! # The construction (docs/PROTOCOL.md §16 states it for other implementations)
+//! # The construction (docs/PROTOCOL.md §9.5 states it for other implementations)
 //!
 //! - **Source symbol** of a message `id` with envelope `body`:
 //!   `L (u16, big-endian) ‖ id (varint) ‖ body ‖ CRC-32 (IEEE, big-endian) of the L bytes`,
@@ -26,7 +26,9 @@
 //!
 //! [`WindowDecoder`] keeps the source symbols it received for the last `max_window`
 //! sequence numbers (below the highest seen), and at most one pending equation per missing
-//! source in that span (online Gaussian elimination, rows keyed by their lowest unknown).
+//! source in that span (online Gauss-Jordan elimination: rows in reduced echelon form, keyed
+//! by their lowest unknown, so every source the equations determine is rebuilt at once,
+//! whatever order sources and repairs arrive in).
 //! So its state is at most `2 × max_window` symbols of at most `max_symbol` bytes each:
 //! with the defaults (64, 1,500 B) about 192 KB, and usually the few symbols of the last
 //! round trip. What falls below the span is forgotten; an equation that still names a lost
@@ -430,19 +432,36 @@ impl WindowDecoder {
     }
 
     /// Eliminates `row` against the pivots held and stores what is left; `false` when
-    /// nothing was left (a combination of the rows held).
+    /// nothing was left (a combination of the rows held). The rows stay in reduced echelon
+    /// form: each holds its pivot (its lowest unknown, its key) with coefficient 1, and no
+    /// other row's pivot. So a source the equations determine is a row of one unknown: a row
+    /// with more names an unknown no row pivots on, on which its pivot still depends.
     fn insert(&mut self, mut row: Row) -> bool {
-        while let Some(&(pivot, c)) = row.coeffs.first() {
-            match self.rows.get(&pivot) {
-                Some(existing) => row.sub_scaled(c, existing),
-                None => {
-                    row.scale(gf::div(1, c));
-                    self.rows.insert(pivot, row);
-                    return true;
-                }
+        // Remove every held pivot from the new row (each step brings in only unknowns
+        // above that pivot that are no row's pivot, or pivots handled in a later step).
+        while let Some((seq, c)) = row
+            .coeffs
+            .iter()
+            .copied()
+            .find(|(s, _)| self.rows.contains_key(s))
+        {
+            let existing = self.rows.get(&seq).expect("found above");
+            row.sub_scaled(c, existing);
+        }
+        let Some(&(pivot, c)) = row.coeffs.first() else {
+            return false;
+        };
+        row.scale(gf::div(1, c));
+        // And the new pivot from every other row (their own pivots are below it or not in
+        // the new row, so their keys stay their lowest unknowns).
+        for other in self.rows.values_mut() {
+            if let Ok(i) = other.coeffs.binary_search_by_key(&pivot, |&(s, _)| s) {
+                let factor = other.coeffs[i].1;
+                other.sub_scaled(factor, &row);
             }
         }
-        false
+        self.rows.insert(pivot, row);
+        true
     }
 
     /// Solves every row left with one unknown, and what that solves in turn.
