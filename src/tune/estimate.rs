@@ -342,15 +342,17 @@ impl LossEstimator {
         slow.max(fast)
     }
 
-    /// The loss rate a code spread over many messages plans for: the plain rate over the
-    /// long window once it has judged at least 256 shards, or the short window's lower
-    /// bound when that is higher (a rise shows there first); before that, the estimate
-    /// ([`LossEstimator::estimate`]).
+    /// The loss rate a code spread over many messages plans for: the rate over the long
+    /// window, with the prior (`initial`) counted as 64 shards judged (so a few first
+    /// shards, one of them lost, do not read as 20% loss: the upper bound of
+    /// [`LossEstimator::estimate`] is for a single block's plan, not for a rate spent on
+    /// every message), or the short window's lower bound when that is higher (a rise shows
+    /// there first).
     pub fn mean(&self) -> f64 {
-        if self.total_all < 256 {
-            return self.cached;
-        }
-        let observed = clamp_lost(self.lost_all, self.total_all) as f64 / self.total_all as f64;
+        const PRIOR_SHARDS: f64 = 64.0;
+        let lost = clamp_lost(self.lost_all, self.total_all) as f64;
+        let observed =
+            (lost + self.config.initial * PRIOR_SHARDS) / (self.total_all as f64 + PRIOR_SHARDS);
         let found = self.lost_young.min(0);
         let fast = wilson(
             clamp_lost(self.lost_short + found, self.total_short),
