@@ -4,6 +4,8 @@
 
 #[path = "../fuzz/checks.rs"]
 mod checks;
+#[path = "../fuzz/window.rs"]
+mod window;
 #[path = "../fuzz/world.rs"]
 mod world;
 
@@ -46,6 +48,11 @@ fn channel_corpus() {
 }
 
 #[test]
+fn window_corpus() {
+    replay("window", window::window);
+}
+
+#[test]
 fn random_inputs_smoke() {
     let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(0x5eed);
     for _ in 0..300 {
@@ -55,5 +62,6 @@ fn random_inputs_smoke() {
         checks::reassembler(&data);
         checks::receiver(&data);
         world::channel(&data);
+        window::window(&data);
     }
 }
