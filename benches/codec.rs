@@ -11,14 +11,21 @@
 //! - `rebuild/surelink`: decode the k surviving frames (k - m data, m parity), insert them
 //!   into a long-lived `Reassembler`, rebuild, verify the checksum, deliver the message.
 //! - `memcpy`: copying the k × S bytes once, as a floor.
+//! - `window/repair/W`: the window code's encoder (`fec::window`, docs/PROTOCOL.md §9.5): one
+//!   repair over W sources of 512-byte messages (520-byte symbols); throughput is the W
+//!   symbols' bytes.
+//! - `window/recover_L<L>/W`: a fresh `WindowDecoder` takes the W − L sources received (in
+//!   order) and L repairs over all W, and gives the L rebuilt messages (checked, then
+//!   polled). Throughput is in recoveries, so the time per recovery is the time ÷ L.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use surelink::fec::window::{source_symbol, WindowDecoder, WindowEncoder, WindowLimits};
 use surelink::fec::{CodecCache, Encoder, EncoderConfig, Reassembler, ReassemblerConfig};
-use surelink::wire::{Frame, Limits};
+use surelink::wire::{Frame, Limits, RepairFrame};
 
 const CODES: [(u16, u16); 4] = [(4, 2), (8, 4), (16, 4), (32, 8)];
 const SIZES: [u32; 2] = [256, 1200];
@@ -165,11 +172,100 @@ fn bench_rebuild(c: &mut Criterion) {
     g.finish();
 }
 
+/// Window sizes (sources a repair covers) and losses in the window benches; the reference
+/// sender's repairs cover at most 32 sources.
+const WINDOWS: [u64; 4] = [8, 16, 32, 64];
+const LOSSES: [u64; 2] = [1, 4];
+/// A payment message's envelope: with a two-byte id its source symbol is 520 bytes.
+const WINDOW_MESSAGE: usize = 512;
+
+fn bench_window(c: &mut Criterion) {
+    let mut g = c.benchmark_group("window");
+    let limits = WindowLimits::default();
+    for w in WINDOWS {
+        assert!(w <= limits.max_window);
+        // Sources 0..w: message ids 1000.. (two-byte varints), distinct envelopes.
+        let messages: Vec<(u64, Bytes)> = (0..w)
+            .map(|seq| {
+                let body: Vec<u8> = (0..WINDOW_MESSAGE)
+                    .map(|i| (i * 7 + seq as usize * 13 + 3) as u8)
+                    .collect();
+                (1000 + seq, Bytes::from(body))
+            })
+            .collect();
+        let symbols: Vec<Bytes> = messages
+            .iter()
+            .map(|(id, body)| Bytes::from(source_symbol(*id, body).unwrap()))
+            .collect();
+        assert_eq!(symbols[0].len(), 520);
+        let window_bytes: usize = symbols.iter().map(Bytes::len).sum();
+        let encoder = || {
+            let mut enc = WindowEncoder::new(w);
+            for s in &symbols {
+                enc.push(s.to_vec());
+            }
+            enc
+        };
+
+        g.throughput(Throughput::Bytes(window_bytes as u64));
+        let mut enc = encoder();
+        g.bench_with_input(BenchmarkId::new("repair", w), &(), |b, _| {
+            b.iter(|| black_box(enc.repair_from(black_box(0)).unwrap()))
+        });
+
+        for l in LOSSES {
+            // L lost sources spread over the window; L repairs over all of it.
+            let lost: Vec<u64> = (0..l).map(|j| (2 * j + 1) * w / (2 * l)).collect();
+            let mut enc = encoder();
+            let repairs: Vec<RepairFrame> = (0..l).map(|_| enc.repair_from(0).unwrap()).collect();
+            let received: Vec<(u64, Bytes)> = (0..w)
+                .filter(|seq| !lost.contains(seq))
+                .map(|seq| (seq, symbols[seq as usize].clone()))
+                .collect();
+            let recover = || {
+                let mut dec = WindowDecoder::new(limits);
+                for (seq, symbol) in &received {
+                    dec.on_source(*seq, symbol.clone());
+                }
+                for r in &repairs {
+                    dec.on_repair(r);
+                }
+                dec
+            };
+            // Outside the timing: every lost message comes back, exactly.
+            let mut dec = recover();
+            let mut rebuilt: Vec<(u64, u64, Bytes)> =
+                std::iter::from_fn(|| dec.poll_recovered()).collect();
+            rebuilt.sort_by_key(|r| r.0);
+            let expected: Vec<(u64, u64, Bytes)> = lost
+                .iter()
+                .map(|&seq| {
+                    let (id, body) = &messages[seq as usize];
+                    (seq, *id, body.clone())
+                })
+                .collect();
+            assert_eq!(rebuilt, expected, "W {w}, L {l}");
+
+            g.throughput(Throughput::Elements(l));
+            g.bench_with_input(BenchmarkId::new(format!("recover_L{l}"), w), &(), |b, _| {
+                b.iter(|| {
+                    let mut dec = recover();
+                    while let Some(m) = dec.poll_recovered() {
+                        black_box(m);
+                    }
+                    dec
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_encode, bench_rebuild
+    targets = bench_encode, bench_rebuild, bench_window
 }
 criterion_main!(benches);
