@@ -30,8 +30,11 @@ pub struct AdaptiveConfig {
     pub estimator: EstimatorConfig,
 }
 
+/// A message sent this much before one just acked, and not acked itself, was lost.
+const GAP_SLACK: Duration = Duration::from_millis(10);
+
 /// Shards judged by the loss estimate before window repairs are spent on it.
-const MEASURED_SHARDS: u64 = 64;
+const MEASURED_SHARDS: u64 = 32;
 
 /// Round-trip samples before the hedge delay trusts their percentile.
 const YOUNG_SAMPLES: usize = 16;
@@ -298,6 +301,9 @@ pub struct SenderStats {
     /// ([`Sender::set_congested`]): redundancy shed first, so it never adds to the
     /// congestion.
     pub shed_congested: u64,
+    /// Blocks resent at once because an ack of a later message showed them lost
+    /// (also counted in `retransmits`).
+    pub gap_resends: u64,
 }
 
 /// Where a hedge goes when a secondary replica is available (see
@@ -341,6 +347,8 @@ struct BlockState {
     next_hedge: Instant,
     /// Its first flight went out while the path was silent (whole, without parity).
     into_silence: bool,
+    /// When anything of it was last sent.
+    last_tx: Instant,
 }
 
 /// The sending half of a surelink peer. Sans-I/O: feed it `now`, acks and timeouts; take
@@ -505,7 +513,8 @@ impl Sender {
             // A start that does not flood: no repair is spent on the prior alone. On a path
             // whose capacity the messages nearly fill, a few dozen early repairs are a queue
             // that takes a second to drain (measured at 1,000 kbit/s: p99 84-90 ms against
-            // quinn+BBR's 59); a lossy path's first messages are hedged meanwhile.
+            // quinn+BBR's 59, 61 with 32 shards measured first); a lossy path's first
+            // messages are hedged meanwhile.
             return 0.0;
         }
         let p = self.loss.mean().clamp(0.0, 0.5);
@@ -659,6 +668,7 @@ impl Sender {
         }
         b.shards_sent += frames.len();
         b.resent = true;
+        b.last_tx = now;
         let bytes: usize = frames.iter().map(Bytes::len).sum();
         self.stats.probes += 1;
         self.stats.retransmit_bytes += bytes as u64;
@@ -1011,7 +1021,10 @@ impl Sender {
         if let Some(lowest) = ack.ranges.last().filter(|r| *r.start() == 0) {
             self.peer_floor = self.peer_floor.max(lowest.end().saturating_add(1));
         }
-        self.ack_ranges(now, ack);
+        let newest = self.ack_ranges(now, ack);
+        if let Some(newest) = newest.filter(|_| !silence_ended) {
+            self.resend_gaps(now, newest);
+        }
         if silence_ended {
             // Blocks sent into the silence (whole, without parity) and still unacked, whose
             // hedge came due: their resend is a retransmission, not a speculative hedge the
@@ -1106,18 +1119,62 @@ impl Sender {
             .push_back(Frame::Floor(FloorFrame { floor }).to_bytes());
     }
 
-    /// Completes every message an ack's ranges name.
-    fn ack_ranges(&mut self, now: Instant, ack: &AckFrame) {
+    /// Completes every message an ack's ranges name; returns when the newest of them was
+    /// sent.
+    fn ack_ranges(&mut self, now: Instant, ack: &AckFrame) -> Option<Instant> {
         // A peer's claimed delay is trusted only up to `max_ack_delay`.
         let ack_delay = Duration::from_micros(ack.ack_delay_us).min(self.config.max_ack_delay);
+        let mut newest: Option<Instant> = None;
         for range in &ack.ranges {
-            let ids: Vec<u64> = self
+            let ids: Vec<(u64, Instant)> = self
                 .messages
                 .range(range.clone())
-                .map(|(&id, _)| id)
+                .map(|(&id, m)| (id, m.sent_at))
                 .collect();
-            for id in ids {
+            for (id, sent_at) in ids {
+                newest = Some(newest.map_or(sent_at, |n| n.max(sent_at)));
                 self.acked(now, id, ack_delay, false);
+            }
+        }
+        newest
+    }
+
+    /// An ack completed a message sent at `newest`: every block with a message sent more
+    /// than [`GAP_SLACK`] before it, and nothing of it sent in between, was lost (its answer would
+    /// have come first), as QUIC's packet-threshold loss detection reasons (RFC 9002 §6.1.1).
+    /// It is resent now, as a retransmission, instead of at its backed-off hedge timer: after
+    /// a fade of 100 ms the hedges fired into it were lost too, and the next one was up to a
+    /// hedge interval away.
+    fn resend_gaps(&mut self, now: Instant, newest: Instant) {
+        let Some(cutoff) = newest.checked_sub(GAP_SLACK) else {
+            return;
+        };
+        let mut blocks: Vec<u64> = Vec::new();
+        for m in self.messages.values() {
+            if m.sent_at >= cutoff {
+                break;
+            }
+            let Some(block) = m.block else { continue };
+            if blocks.last() == Some(&block) {
+                continue;
+            }
+            // Nothing of it sent within the slack before the acked message (its answer
+            // would have come), and at most one such resend per half hedge interval, backed
+            // off as hedges are: a message the peer holds unacked on purpose (its claim is
+            // pending, its application has not taken it) is not resent at every ack.
+            let due = self.blocks.get(&block).is_some_and(|b| {
+                b.last_tx < cutoff
+                    && now.saturating_duration_since(b.last_tx) >= self.hedge_delay(b.hedges) / 2
+            });
+            if due {
+                blocks.push(block);
+            }
+        }
+        for block in blocks {
+            if let Some(b) = self.blocks.get_mut(&block) {
+                b.attempts = b.attempts.max(1);
+                self.stats.gap_resends += 1;
+                self.hedge(now, block);
             }
         }
     }
@@ -1360,7 +1417,7 @@ impl Sender {
     /// Takes an ack from the secondary replica: it acks messages like the primary's, but
     /// its shard count says nothing about the primary's path, so the loss estimate skips it.
     pub fn handle_secondary_ack(&mut self, now: Instant, ack: &AckFrame) {
-        self.ack_ranges(now, ack);
+        let _ = self.ack_ranges(now, ack);
     }
 
     /// Queues a whole copy of each unacked message of block `block` for the secondary.
@@ -1542,6 +1599,7 @@ impl Sender {
                 attempts: 0,
                 next_hedge,
                 into_silence: silent,
+                last_tx: now,
             },
         );
     }
@@ -1610,6 +1668,7 @@ impl Sender {
         let bytes: usize = frames.iter().map(Bytes::len).sum();
         b.hedges += 1;
         b.resent = true;
+        b.last_tx = now;
         b.shards_sent += frames.len();
         if speculative {
             self.stats.hedges_fired += 1;

@@ -12,6 +12,8 @@ use crate::wire::{AckFrame, Envelope, Frame, Limits};
 
 const DELAY: Duration = Duration::from_millis(20);
 const INTERVAL: Duration = Duration::from_millis(5);
+/// `sender::GAP_SLACK`.
+const GAP_SLACK_FOR_TESTS: Duration = Duration::from_millis(10);
 
 /// A datagram in flight: (arrival, send order, to peer, bytes), earliest first.
 type InFlight = Reverse<(Instant, u64, usize, Vec<u8>)>;
@@ -1526,8 +1528,8 @@ fn a_resend_under_congestion_carries_k_shards() {
     let k = std::iter::from_fn(|| s.poll_transmit()).count();
     assert!(k >= 3, "a 3,000-byte message takes several shards: {k}");
     s.set_congested(true);
-    // Other messages go on and are acked every 5 ms (the path is not silent); message 0's
-    // first hedge is speculative (shed under congestion), the next tries are resends.
+    // Other messages go on and are acked every 5 ms (the path is not silent); message 0 is
+    // never acked.
     let mut resends = Vec::new();
     let mut now = t;
     let mut next = 1u64;
@@ -1555,12 +1557,16 @@ fn a_resend_under_congestion_carries_k_shards() {
             },
         );
     }
-    assert!(s.stats().shed_congested >= 1, "{:?}", s.stats());
+    // The acks of later messages show message 0 lost: it is resent as a retransmission
+    // (not a speculative hedge a congested path sheds), and backed off like hedges, not at
+    // every ack (a storm of 198 resends in a second before that was bounded).
+    assert!(s.stats().gap_resends >= 1, "{:?}", s.stats());
     assert_eq!(s.stats().probes, 0);
     assert!(
         !resends.is_empty() && resends.iter().all(|&n| n >= k),
         "{resends:?}"
     );
+    assert!(resends.len() <= 12, "{} resends in a second", resends.len());
 }
 
 /// Review case: a message handed to the application but never taken, whose application
@@ -1672,5 +1678,41 @@ fn window_repairs_rebuild_lost_messages_before_their_hedge() {
                 assert!(s.hedges_fired * 4 < lost, "{} hedges", s.hedges_fired);
             }
         }
+    }
+}
+
+/// A fade of 100 ms, both ways: the hedges of the messages sent into it fire into it too.
+/// The first ack after it (of a message sent after the fade) shows them lost, and they are
+/// resent at once, not at their next, backed-off hedge: each is acked within the fade's
+/// remainder plus two round trips and the gap slack. (Before: up to 175 ms after the fade
+/// on the sweep's worst seed.)
+#[test]
+fn messages_lost_in_a_fade_are_resent_when_the_first_ack_after_it_shows_them_lost() {
+    for seed in 1..=5 {
+        let fade = Duration::from_millis(1000)..Duration::from_millis(1100);
+        let link = LinkConfig {
+            blackouts: vec![fade.clone()],
+            ..LinkConfig::lossy(DELAY, 0.0)
+        };
+        let mut h = adaptive(link, seed);
+        let n = 400;
+        let out = run(&mut h, n);
+        check(&out, n);
+        assert_eq!(out.acked.len() as u64, n);
+        let mut in_fade = 0;
+        for (&id, &latency) in &out.acked {
+            let sent = INTERVAL * id as u32;
+            if !fade.contains(&sent) {
+                continue;
+            }
+            in_fade += 1;
+            let bound = (fade.end - sent) + 4 * DELAY + GAP_SLACK_FOR_TESTS + INTERVAL;
+            assert!(
+                latency <= bound,
+                "seed {seed}: message {id} sent {sent:?}, acked after {latency:?} (bound {bound:?})"
+            );
+        }
+        assert_eq!(in_fade, 20);
+        assert!(h.peers[0].sender.stats().gap_resends > 0);
     }
 }
