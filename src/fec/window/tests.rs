@@ -228,3 +228,18 @@ fn documented_coefficient_check_values() {
     assert_eq!(coefficient(1, 2), 0x1d);
     assert_eq!(coefficient(129, 133), 0x7c);
 }
+
+#[test]
+fn empty_symbols_do_not_panic() {
+    // The simd-accel build of galois_8 panics on empty slices.
+    let mut dec = WindowDecoder::new(WindowLimits::default());
+    dec.on_source(0, Bytes::new());
+    dec.on_repair(&RepairFrame {
+        repair: 0,
+        first: 0,
+        count: 2,
+        payload: Bytes::from_static(&[1, 2, 3]),
+    });
+    dec.on_source(1, Bytes::new());
+    assert!(dec.poll_recovered().is_none());
+}
