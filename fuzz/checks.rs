@@ -343,6 +343,8 @@ struct Taint {
     ids: HashSet<u64>,
     /// Every id below this: a forged FLOOR said they have their outcomes.
     below: u64,
+    /// The honest sender's window sources on this connection: seq → message id.
+    seqs: HashMap<u64, u64>,
 }
 
 impl Taint {
@@ -355,6 +357,21 @@ impl Taint {
         match Frame::decode(datagram.clone(), &Limits::default()) {
             Ok(Frame::Shard(shard)) => self.ids.extend(shard.header.messages().take(256)),
             Ok(Frame::Floor(floor)) => self.below = self.below.max(floor.floor),
+            // A whole message (protocol 2) carries no checksum: QUIC's packet protection
+            // is what keeps a stranger from forging one, so a forged MESSAGE is the peer's
+            // own message under that id.
+            Ok(Frame::Message(m)) => {
+                self.ids.insert(m.id);
+            }
+            // A forged repair over honest sources could rebuild them wrong only past their
+            // CRC-32; still, the honest messages its window covers are not judged.
+            Ok(Frame::Repair(r)) => {
+                for seq in (r.first..=r.first.saturating_add(r.count.saturating_sub(1))).take(128) {
+                    if let Some(&id) = self.seqs.get(&seq) {
+                        self.ids.insert(id);
+                    }
+                }
+            }
             // Acks and refusals go to the receiving peer's own (idle) sender; Hello and
             // Close are the channel's business.
             _ => {}
@@ -591,6 +608,9 @@ impl Harness {
     /// Collects the honest sender's datagrams.
     fn collect(&mut self) {
         while let Some(d) = self.honest.poll_transmit() {
+            if let Ok(Frame::Message(m)) = Frame::decode(d.clone(), &Limits::default()) {
+                self.taint.seqs.insert(m.seq, m.id);
+            }
             self.wire.push(d);
         }
     }
@@ -690,6 +710,8 @@ impl Harness {
                 self.honest.new_connection(now);
                 self.wire.clear();
                 self.next_fresh = 0;
+                // Window sequence numbers start over too.
+                self.taint.seqs.clear();
                 self.collect();
             }
             PeerOp::PeerLostState => {
