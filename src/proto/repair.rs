@@ -277,11 +277,4 @@ impl RepairWindow {
             .flatten()
             .min()
     }
-
-    /// A repair frame for tests: over the unacked window, now.
-    #[cfg(test)]
-    pub(crate) fn repair_now(&mut self) -> Option<RepairFrame> {
-        let first = *self.unacked.keys().next()?;
-        self.encoder.repair_from(first)
-    }
 }
