@@ -725,13 +725,12 @@ async fn after_an_outage_every_payment_in_flight_is_acked_soon_after_the_link_re
 #[tokio::test(start_paused = true)]
 async fn stats_tell_bursty_loss_from_independent_loss() {
     // The same mean loss (5% each way) independent, and in bursts of 4 packets on average.
-    // The burstiness figure compares first flights that missed with what independent loss
-    // at the measured rate predicts for their codes.
-    // Under independent loss the ratio is 1 by construction, plus misses the model does not
-    // count (an ack lost on the way back, a hedge racing a late ack): measured 1.2-2.3 over
-    // these seeds. Bursts of mean length 4 take both shards of a 1+1 code about 3/4 of the
-    // time a burst starts on its data shard, against 5% of the time under independent
-    // loss: a ratio of ten or more, measured 19-25. The line between them is 5.
+    // The dispersion of the loss (variance over mean of datagrams lost per group of 32) is
+    // about 1 under independent loss and about 2L - 1 for bursts of mean length L (see
+    // `Sender::loss_dispersion`). The burstiness figure, which compares block first flights
+    // that missed with the binomial model, says little once small messages travel whole as
+    // window sources (protocol 2: measured 1.3-1.4 for both here), so it is not the figure
+    // checked. The line between them is 3.
     for seed in 21..25 {
         let mut figures = Vec::new();
         for loss in [
@@ -743,19 +742,19 @@ async fn stats_tell_bursty_loss_from_independent_loss() {
                 delay: Duration::from_millis(20),
                 ..LinkConfig::default()
             };
-            let burstiness = paced_run(link, seed, 1500).await.0.loss_burstiness;
-            figures.push(burstiness.expect("measured"));
+            let dispersion = paced_run(link, seed, 1500).await.0.loss_dispersion;
+            figures.push(dispersion.expect("measured"));
         }
         eprintln!(
-            "seed {seed} burstiness: independent {:.2}, bursts {:.2}",
+            "seed {seed} dispersion: independent {:.2}, bursts {:.2}",
             figures[0], figures[1]
         );
         assert!(
-            figures[0] < 5.0,
+            figures[0] < 3.0,
             "independent loss read as bursty: {figures:?}"
         );
         assert!(
-            figures[1] > 5.0,
+            figures[1] > 3.0,
             "bursty loss read as independent: {figures:?}"
         );
     }

@@ -324,7 +324,9 @@ pub struct ChannelStats {
     pub rtt_p95: Duration,
     /// Loss structure: how much more often first flights miss than independent loss at the
     /// measured rate explains (about 1 for independent loss, well above under bursts); see
-    /// [`crate::proto::Sender::loss_burstiness`]. Shards lost to the channel's own
+    /// [`crate::proto::Sender::loss_burstiness`]. It describes messages coded as blocks;
+    /// on a protocol-2 path small messages travel as window sources, and
+    /// [`ChannelStats::loss_dispersion`] is the figure to read. Shards lost to the channel's own
     /// congestion are counted apart ([`SenderStats::shards_excluded_congested`]), never as
     /// the path's loss.
     pub loss_burstiness: Option<f64>,
