@@ -34,6 +34,9 @@ use surelink::sim::{GilbertElliott, Link, LinkConfig, Loss, SimNetwork, TestCa, 
 
 use common::{assert_once, collect, number, payment, send_paced};
 
+/// A datagram on its way: (arrival, order, to, bytes).
+type InFlight = (Instant, u64, usize, Vec<u8>);
+
 // ---------------------------------------------------------------------------------------------
 // Over quinn on the simulator
 // ---------------------------------------------------------------------------------------------
@@ -795,7 +798,7 @@ fn frame_run(protocol: u8, loss: Loss, seed: u64) -> FrameRun {
         current,
         v1: V1Peer::default(),
     };
-    let mut queue: BinaryHeap<Reverse<(Instant, u64, usize, Vec<u8>)>> = BinaryHeap::new();
+    let mut queue: BinaryHeap<Reverse<InFlight>> = BinaryHeap::new();
     let mut seq = 0u64;
     let every = Duration::from_millis(5);
     let mut next_payment = 0u64;

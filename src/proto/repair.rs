@@ -32,8 +32,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::fec::window::{self, WindowEncoder, MAX_WINDOW};
-#[cfg(test)]
-use crate::wire::RepairFrame;
 use crate::wire::{Frame, MessageFrame};
 
 /// Settings of the sliding-window code's sending side ([`SenderConfig::window`](super::SenderConfig::window)).

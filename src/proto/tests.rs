@@ -1646,7 +1646,7 @@ fn window_repairs_rebuild_lost_messages_before_their_hedge() {
         for seed in 1..=3 {
             let link = LinkConfig {
                 loss: loss.clone(),
-                fades: fades.clone(),
+                fades,
                 ..LinkConfig::lossy(DELAY, 0.0)
             };
             let mut h = adaptive(link, seed);
