@@ -13,8 +13,9 @@
 //! (`PgStore::claim_in`), writes its ledger row, commits, and then calls
 //! `Channel::confirm`, which acks it. If the claim was made before (a retry of a payment
 //! already in the ledger) it rolls back and confirms without writing. Every `--fail-every`th
-//! payment fails its first attempt (rolled back, `Channel::release`): the client learns an
-//! unknown outcome and retries with the same idempotency key.
+//! payment fails its first attempt (rolled back, `Channel::release`): surelink hands it over
+//! again when the sender's resend arrives (usually before its deadline), or the client learns
+//! an unknown outcome and retries with the same idempotency key.
 //!
 //! Prints one JSON line: `{"payments":N,"ledger_rows":R,"claims":C,"committed":..,
 //! "already_claimed":..,"failed_attempts":..,"client_retries":..}`; exits 0 when the ledger

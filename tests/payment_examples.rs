@@ -469,8 +469,8 @@ fn the_inbox_example_commits_each_payment_once() {
     assert_eq!(field(&json, "ledger_rows"), "300");
     assert_eq!(field(&json, "claims"), "300");
     assert_eq!(field(&json, "failed_attempts"), "30");
-    assert!(
-        field(&json, "client_retries").parse::<u32>().unwrap() >= 30,
-        "{json}"
-    );
+    // Each payment whose first attempt failed was handed over again and committed: by the
+    // sender's own resend before its deadline (protocol 2 resends a message an ack of a
+    // later one shows unacked), or after a retry by key.
+    assert_eq!(field(&json, "committed"), "300", "{json}");
 }
