@@ -1601,6 +1601,7 @@ impl World {
                             Input::Reattached {
                                 conn,
                                 max_datagram_size: Some(SIZE),
+                                protocol: 2,
                             },
                         );
                         Attached::Resumed
@@ -1619,6 +1620,7 @@ impl World {
                                 conn,
                                 attached,
                                 max_datagram_size: Some(SIZE),
+                                protocol: 2,
                             }),
                         },
                     );

@@ -275,10 +275,12 @@ impl Driver {
                         self.metrics.takeover();
                     }
                     let max_datagram_size = c.max_datagram_size();
+                    let protocol = super::connect::negotiated_protocol(&c);
                     let conn = self.register_new(c);
                     Some(Input::Reattached {
                         conn,
                         max_datagram_size,
+                        protocol,
                     })
                 }
                 Wake::Timer => {
@@ -350,10 +352,12 @@ impl Driver {
                 result: match result {
                     Ok((c, attached)) => {
                         let size = c.max_datagram_size();
+                        let protocol = super::connect::negotiated_protocol(&c);
                         Ok(Dialed {
                             conn: self.register_new(c),
                             attached,
                             max_datagram_size: size,
+                            protocol,
                         })
                     }
                     Err(e) => Err(DialFailure {

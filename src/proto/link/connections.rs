@@ -42,7 +42,12 @@ impl Link {
                     self.standby_dial = None;
                     self.peer.sender.set_secondary(false);
                     self.stats.standby_failovers += 1;
-                    self.attach(now, s.conn, s.size, s.attached, Some(s.replica));
+                    self.attach(
+                        now,
+                        (s.conn, s.size, s.protocol),
+                        s.attached,
+                        Some(s.replica),
+                    );
                     return;
                 }
                 self.redial = Some(Redial {
@@ -112,7 +117,8 @@ impl Link {
                     Ok(d) => {
                         let replica = r.index;
                         self.redial = None;
-                        self.attach(now, d.conn, d.max_datagram_size, d.attached, Some(replica));
+                        let to = (d.conn, d.max_datagram_size, d.protocol);
+                        self.attach(now, to, d.attached, Some(replica));
                     }
                     Err(e) if e.refused => {
                         let reason = format!("reconnecting was refused: {}", e.reason);
@@ -177,6 +183,7 @@ impl Link {
             attached: d.attached,
             replica,
             size: d.max_datagram_size,
+            protocol: d.protocol,
         });
         self.update_secondary();
         self.ranking.standby_path = None;
@@ -195,14 +202,14 @@ impl Link {
         self.peer.sender.set_secondary(both);
     }
 
-    /// Moves the channel to connection `conn`. When the peer still holds the channel,
-    /// unacked messages are re-sent on it with their ids and stream messages restart; when
-    /// it lost its state, they fail with an unknown outcome instead.
+    /// Moves the channel to connection `conn` (with its datagram size and negotiated
+    /// protocol version). When the peer still holds the channel, unacked messages are
+    /// re-sent on it with their ids and stream messages restart; when it lost its state,
+    /// they fail with an unknown outcome instead.
     pub(super) fn attach(
         &mut self,
         now: Instant,
-        conn: ConnId,
-        size: Option<usize>,
+        (conn, size, protocol): (ConnId, Option<usize>, u8),
         attached: Attached,
         replica: Option<usize>,
     ) {
@@ -219,6 +226,11 @@ impl Link {
         // with it (issue 21 case 4: kept, they piled up with every reattach).
         self.drop_parked();
         self.peer.sender.set_max_datagram_size(size);
+        // A replica of another version (an upgrade under way) gets what it speaks: no
+        // MESSAGE, REPAIR or REPLAYED frame toward a version-1 peer.
+        let version = self.config.protocol.min(protocol);
+        self.peer.sender.set_protocol(version);
+        self.peer.receiver.set_protocol(version);
         self.generation += 1;
         match attached {
             Attached::Resumed => self.peer.new_connection(now),
@@ -432,6 +444,11 @@ impl Link {
         self.ranking.standby_path = None;
         self.peer.sender.set_secondary(false);
         self.switching = true;
-        self.attach(now, s.conn, s.size, s.attached, Some(s.replica));
+        self.attach(
+            now,
+            (s.conn, s.size, s.protocol),
+            s.attached,
+            Some(s.replica),
+        );
     }
 }

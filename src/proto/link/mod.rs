@@ -307,6 +307,10 @@ pub struct Dialed {
     pub attached: Attached,
     /// The connection's datagram size (`None`: it carries no datagrams).
     pub max_datagram_size: Option<usize>,
+    /// The protocol version the connection negotiated (ALPN, 1 or 2): the channel speaks
+    /// the lower of it and [`LinkConfig::protocol`] on it (a replica of another version
+    /// during an upgrade).
+    pub protocol: u8,
 }
 
 /// One path measurement of a connection (quinn's `rtt()` and path counters).
@@ -353,6 +357,8 @@ pub enum Input {
         conn: ConnId,
         /// Its datagram size.
         max_datagram_size: Option<usize>,
+        /// The protocol version it negotiated (see [`Dialed::protocol`]).
+        protocol: u8,
     },
     /// A stream send asked by [`Action::OpenStream`] ended.
     StreamDone {
@@ -649,6 +655,7 @@ struct Standby {
     attached: Attached,
     replica: usize,
     size: Option<usize>,
+    protocol: u8,
 }
 
 #[derive(Debug)]
@@ -957,9 +964,11 @@ impl Link {
             Input::Reattached {
                 conn,
                 max_datagram_size,
+                protocol,
             } => {
                 if self.role == Role::Server {
-                    self.attach(now, conn, max_datagram_size, Attached::Resumed, None);
+                    let attached = (conn, max_datagram_size, protocol);
+                    self.attach(now, attached, Attached::Resumed, None);
                 } else {
                     self.close(conn, 0, "unexpected connection");
                 }

@@ -328,6 +328,7 @@ fn parked_stream_messages_are_bounded_and_dropped_on_reattach() {
             Input::Reattached {
                 conn: ConnId(10 + round),
                 max_datagram_size: Some(SIZE),
+                protocol: 2,
             },
         );
         assert_eq!(a.server.parked_bytes, 0);
