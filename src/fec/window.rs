@@ -320,6 +320,8 @@ pub struct WindowDecoder {
     highest: Option<u64>,
     /// Rebuilt sources not yet polled.
     out: VecDeque<(u64, u64, Bytes)>,
+    /// Repair numbers taken lately (at most 256), to count distinct frames.
+    repairs_seen: std::collections::BTreeSet<u64>,
     stats: WindowStats,
 }
 
@@ -335,6 +337,7 @@ impl WindowDecoder {
             rows: BTreeMap::new(),
             highest: None,
             out: VecDeque::new(),
+            repairs_seen: std::collections::BTreeSet::new(),
             stats: WindowStats::default(),
         }
     }
@@ -342,6 +345,23 @@ impl WindowDecoder {
     /// What it counted.
     pub fn stats(&self) -> WindowStats {
         self.stats
+    }
+
+    /// Whether source `seq` is known (received or rebuilt) within the window.
+    pub fn knows(&self, seq: u64) -> bool {
+        self.known.contains_key(&seq)
+    }
+
+    /// Whether repair number `repair` was taken before (among the last 256 numbers); notes
+    /// it. For counting distinct frames: a duplicated datagram is not a second repair.
+    pub fn repair_seen(&mut self, repair: u64) -> bool {
+        if !self.repairs_seen.insert(repair) {
+            return true;
+        }
+        while self.repairs_seen.len() > 256 {
+            self.repairs_seen.pop_first();
+        }
+        false
     }
 
     /// Lowest sequence number still in the window.

@@ -1300,12 +1300,23 @@ impl Receiver {
     /// Takes one whole message (protocol 2, [`MessageFrame`]): judged like a rebuilt one,
     /// and kept as a source of the window code, with whatever it lets the window rebuild.
     pub fn handle_message(&mut self, now: Instant, frame: MessageFrame) {
-        self.stats.shards_received += 1;
-        if self.backlogged() && !self.dedupe.contains(frame.id) {
+        // Distinct frames only, as for shards: a duplicated datagram must not hide a lost
+        // one from the sender's loss estimate.
+        if !self.window.knows(frame.seq) {
+            self.stats.shards_received += 1;
+        }
+        if self.backlogged() {
             // As for shards: it arrived, but holding it would buffer without bound behind
-            // a slow application. Left out of the window too, so a repair may rebuild it
-            // once the application has caught up.
+            // a slow application. Left out of the window too (nothing it would rebuild could
+            // be delivered now), so a repair may rebuild it once the application has caught
+            // up. A copy of a message delivered before is still answered.
             self.stats.shards_refused_backlog += 1;
+            if self.dedupe.contains(frame.id) {
+                let mut fresh = false;
+                let mut triggers: Vec<u64> = Vec::new();
+                self.judge(now, frame.id, frame.body, &mut fresh, &mut triggers);
+                self.answer(now, fresh, &triggers);
+            }
             return;
         }
         match crate::fec::window::source_symbol(frame.id, &frame.body) {
@@ -1321,7 +1332,9 @@ impl Receiver {
 
     /// Takes one repair (protocol 2, [`RepairFrame`]); the messages it rebuilds are judged.
     pub fn handle_repair(&mut self, now: Instant, frame: &RepairFrame) {
-        self.stats.shards_received += 1;
+        if !self.window.repair_seen(frame.repair) {
+            self.stats.shards_received += 1;
+        }
         if self.backlogged() {
             self.stats.shards_refused_backlog += 1;
             return;

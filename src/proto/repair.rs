@@ -116,10 +116,20 @@ pub(crate) struct RepairWindow {
 impl RepairWindow {
     pub(crate) fn new(config: WindowConfig) -> Self {
         let max = config.max_window.clamp(1, MAX_WINDOW);
+        let defaults = WindowConfig::default();
+        let finite_or = |v: f64, d: f64| if v.is_finite() { v.max(0.0) } else { d };
+        // Nothing here may panic later (`f64::clamp` does when min > max, or on NaN).
+        let min_ratio = finite_or(config.min_ratio, defaults.min_ratio);
+        let max_ratio = finite_or(config.max_ratio, defaults.max_ratio).max(min_ratio);
         RepairWindow {
             encoder: WindowEncoder::new(max),
             config: WindowConfig {
                 max_window: max,
+                min_ratio,
+                max_ratio,
+                gain: finite_or(config.gain, defaults.gain),
+                horizon: finite_or(config.horizon, defaults.horizon),
+                tail_ratio: finite_or(config.tail_ratio, defaults.tail_ratio),
                 ..config
             },
             unacked: BTreeMap::new(),
@@ -176,7 +186,8 @@ impl RepairWindow {
         self.last_source_at = Some(now);
         self.tailed = false;
         self.stats.sources += 1;
-        let ratio = ratio.clamp(self.config.min_ratio, self.config.max_ratio.max(0.0));
+        let ratio = if ratio.is_finite() { ratio } else { 0.0 };
+        let ratio = ratio.clamp(self.config.min_ratio, self.config.max_ratio);
         self.tail_wanted = ratio >= self.config.tail_ratio && ratio > 0.0;
         self.credit += ratio;
         while self.credit >= 1.0 {

@@ -741,7 +741,6 @@ mod window_review {
     /// but do not call `window.on_source` (or do not poll `judge_recovered`) — the same
     /// rule as `handle_repair`.
     #[test]
-    #[ignore = "review finding: a backlogged receiver delivers messages the window rebuilds from a duplicate MESSAGE"]
     fn a_backlogged_receiver_delivers_nothing_new_from_a_late_duplicate_message() {
         let now = Instant::now();
         let mut r = Receiver::new(ReceiverConfig {
@@ -788,7 +787,6 @@ mod window_review {
     /// low for window sources. Fix: count a MESSAGE only when its seq was new to the
     /// decoder (or its id new), and a REPAIR only when its `(repair, first, count)` was new.
     #[test]
-    #[ignore = "review finding: duplicate MESSAGE frames count as received shards"]
     fn a_duplicated_message_counts_once_in_shards_received() {
         let now = Instant::now();
         let mut r = Receiver::new(ReceiverConfig::default());
@@ -813,7 +811,6 @@ mod window_review {
     /// outcome. Fix: sanitise at construction (`min = min.max(0)`,
     /// `max = max.max(min)`, NaN → default), or use `max(min).min(max)` instead of clamp.
     #[test]
-    #[ignore = "review finding: WindowConfig with min_ratio > max_ratio panics in the sender"]
     fn a_window_config_with_min_above_max_does_not_panic() {
         let config = SenderConfig {
             window: Some(WindowConfig {

@@ -548,6 +548,8 @@ impl Sender {
             0.0
         };
         let ratio = ratio.max(low);
+        // (The window's config is sanitised: min ≤ max, both finite.)
+        let ratio = if ratio.is_finite() { ratio } else { 0.0 };
         ratio
             .clamp(config.min_ratio, config.max_ratio)
             .min(self.governor.cap())
