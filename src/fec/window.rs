@@ -347,6 +347,19 @@ impl WindowDecoder {
         self.stats
     }
 
+    /// The message ids of the known sources among `first .. first + count` (at most
+    /// `max_window` of them).
+    pub fn known_ids(&self, first: u64, count: u64) -> Vec<u64> {
+        let last = first.saturating_add(count.saturating_sub(1));
+        self.known
+            .range(first..=last)
+            .filter_map(|(_, symbol)| {
+                let mut rest = symbol.get(2..)?;
+                get_varint(&mut rest).ok()
+            })
+            .collect()
+    }
+
     /// Whether source `seq` is known (received or rebuilt) within the window.
     pub fn knows(&self, seq: u64) -> bool {
         self.known.contains_key(&seq)

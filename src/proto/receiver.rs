@@ -1343,6 +1343,17 @@ impl Receiver {
         let mut fresh = false;
         let mut triggers: Vec<u64> = Vec::new();
         self.judge_recovered(now, &mut fresh, &mut triggers);
+        if triggers.is_empty() {
+            // A repair over messages delivered before: their ack may have been lost (at a
+            // low message rate no later message's ack covers them soon), so it is repeated,
+            // at most every `reack_interval`, as for a shard of a finished block.
+            triggers = self
+                .window
+                .known_ids(frame.first, frame.count)
+                .into_iter()
+                .filter(|&id| self.dedupe.contains(id) && !self.messages.contains_key(&id))
+                .collect();
+        }
         self.answer(now, fresh, &triggers);
     }
 

@@ -14,8 +14,13 @@
 //!   burstiness, capped by what the queueing delay allows); a whole repair earned goes
 //!   `spacing` after its source, so it does not share the source's packet.
 //! - **Tail**: when no source followed the newest for `tail` and no repair covers it, one
-//!   repair over the unacked window goes: at low message rates, where few sources follow a
-//!   loss, a lone message still gets a repair within `tail`.
+//!   repair over the unacked window goes: a message that happens to be the last of a run
+//!   still gets a repair within `tail`.
+//! - **Lone messages**: a source that follows the previous one after more than `tail` (a low
+//!   message rate: no source will follow it soon) gets the repairs a block of its own would
+//!   carry for the loss estimate (the least `m` whose residual meets the target, as the
+//!   block code's plan), `tail / 2` apart: one arriving after the message also repeats its
+//!   ack, which no later message's ack would soon.
 //! - What the window cannot rebuild is left to the message's hedge (its block's fresh
 //!   parity, as for every message).
 //!
@@ -168,14 +173,21 @@ impl RepairWindow {
         window::symbol_len(id, body_len) + REPAIR_HEADER <= max_datagram
     }
 
+    /// Whether a source sent now is lone: none went within the last `tail`.
+    pub(crate) fn lone(&self, now: Instant) -> bool {
+        self.last_source_at
+            .is_none_or(|t| now.saturating_duration_since(t) > self.config.tail)
+    }
+
     /// Message `id` goes as a source now: its MESSAGE frame. It earns `ratio` repairs, due
-    /// `spacing` after it.
+    /// `spacing` after it, and, if `lone` ([`RepairWindow::lone`]) is more than that, `lone`
+    /// repairs, one every `spacing`.
     pub(crate) fn send(
         &mut self,
         now: Instant,
         id: u64,
         body: &Bytes,
-        ratio: f64,
+        (ratio, lone): (f64, usize),
         spacing: Duration,
     ) -> Option<Bytes> {
         let symbol = window::source_symbol(id, body)?;
@@ -190,10 +202,28 @@ impl RepairWindow {
         let ratio = ratio.clamp(self.config.min_ratio, self.config.max_ratio);
         self.tail_wanted = ratio >= self.config.tail_ratio && ratio > 0.0;
         self.credit += ratio;
+        let spacing = spacing.max(Duration::from_micros(1));
+        let mut earned = 0;
         while self.credit >= 1.0 {
             self.credit -= 1.0;
-            self.due
-                .push_back(now + spacing.max(Duration::from_micros(1)));
+            earned += 1;
+        }
+        if lone > earned {
+            // A lone message's repairs are spread over `tail`, half of it apart: one that
+            // arrives after the message also repeats its ack (the receiver repeats acks at
+            // most every 10 ms), which at a low rate no later message's ack would do.
+            let apart = (self.config.tail / 2).max(spacing);
+            for j in 0..lone {
+                self.due.push_back(now + apart * (j as u32 + 1));
+            }
+        } else {
+            for _ in 0..earned {
+                self.due.push_back(now + spacing);
+            }
+        }
+        if lone > 0 {
+            // Its repairs are its tail.
+            self.tailed = true;
         }
         Some(
             Frame::Message(MessageFrame {

@@ -1588,13 +1588,21 @@ impl Sender {
             return None;
         }
         // No redundancy into a silent path, nor past what the queueing delay allows.
-        let ratio = if silent || self.congested() {
-            0.0
+        let (ratio, lone) = if silent || self.congested() {
+            (0.0, 0)
+        } else if self.window.lone(now) {
+            // Few sources will follow it: what a block of its own would carry, within what
+            // the path leaves (at a low rate that is little traffic; the prior counts).
+            let m = self.repair_for(block);
+            (
+                self.window_ratio(),
+                m.min(self.governor.cap().floor() as usize),
+            )
         } else {
-            self.window_ratio()
+            (self.window_ratio(), 0)
         };
         self.window
-            .send(now, id, &body, ratio, self.config.repair_spacing)
+            .send(now, id, &body, (ratio, lone), self.config.repair_spacing)
     }
 
     /// Tracks a block whose first flight (`shards_sent` frames) just went: its messages
