@@ -638,10 +638,13 @@ mod window_review {
         now: Instant,
         peers: [Peer; 2],
         delay: Duration,
-        queue: BinaryHeap<Reverse<(Instant, u64, usize, Vec<u8>)>>,
+        queue: BinaryHeap<Reverse<InFlight>>,
         seq: u64,
         drop_to_1: fn(&Bytes) -> bool,
     }
+
+    /// A datagram on its way: (arrival, order, to, bytes).
+    type InFlight = (Instant, u64, usize, Vec<u8>);
 
     impl Duo {
         fn new(a: Peer, b: Peer, delay: Duration) -> Self {
@@ -703,7 +706,7 @@ mod window_review {
     }
 
     fn envelope(i: u64) -> Bytes {
-        Bytes::from(Envelope::encode(None, format!("payment {i:04}").as_bytes()))
+        Envelope::encode(None, format!("payment {i:04}").as_bytes())
     }
 
     /// A one-shard block `block` carrying message `id` (a hedge of a window source).
