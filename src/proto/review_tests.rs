@@ -923,7 +923,7 @@ mod window_review {
                 Link::new(link.clone(), seed, now0),
                 Link::new(link, seed ^ 0xfeed, now0),
             ];
-            let mut queue: BinaryHeap<Reverse<(Instant, u64, usize, Vec<u8>)>> = BinaryHeap::new();
+            let mut queue: BinaryHeap<Reverse<InFlight>> = BinaryHeap::new();
             let mut qseq = 0u64;
             let mut now = now0;
             let mut sent: BTreeMap<u64, (Option<Vec<u8>>, Bytes)> = BTreeMap::new();
