@@ -1303,6 +1303,10 @@ impl Sender {
             .is_some_and(|((at, _), _)| *at <= now)
         {
             let (_, (block, frame)) = self.spaced.pop_first().expect("checked");
+            if !self.blocks.contains_key(&block) {
+                // Every message of it has its outcome (acked while this waited its turn).
+                continue;
+            }
             let j = due.entry(block).or_insert(0);
             if *j == 0 {
                 self.emit(now, [frame]);

@@ -1789,3 +1789,40 @@ fn at_a_low_rate_a_lone_message_carries_its_own_repairs() {
         assert!(h.peers[1].receiver.stats().window_recovered > 0);
     }
 }
+
+/// Resends due at one instant leave 16 per `repair_spacing`; those still waiting when their
+/// messages are acked are dropped, not sent (review finding: they went out anyway).
+#[test]
+fn paced_resends_of_acked_messages_are_not_sent() {
+    let t = Instant::now();
+    let mut s = Sender::new(plain());
+    for i in 0..64 {
+        s.send(t, payload(i)).unwrap();
+    }
+    while s.poll_transmit().is_some() {}
+    // Every hedge comes due at once.
+    let due = s.poll_timeout().unwrap();
+    s.handle_timeout(due);
+    let first: usize = std::iter::from_fn(|| s.poll_transmit()).count();
+    assert!(first < 64, "paced: {first} now");
+    let before = s.stats().shards_sent;
+    s.handle_ack(
+        due,
+        &AckFrame {
+            ack_delay_us: 0,
+            shards_received: before,
+            ranges: vec![0..=63],
+        },
+    );
+    let mut now = due;
+    while let Some(at) = s
+        .poll_timeout()
+        .filter(|&at| at < due + Duration::from_millis(50))
+    {
+        now = at;
+        s.handle_timeout(now);
+    }
+    let later: usize = std::iter::from_fn(|| s.poll_transmit()).count();
+    assert_eq!(later, 0, "{later} resends of acked messages went out");
+    assert_eq!(s.stats().shards_sent, before);
+}
