@@ -1814,13 +1814,11 @@ fn paced_resends_of_acked_messages_are_not_sent() {
             ranges: vec![0..=63],
         },
     );
-    let mut now = due;
     while let Some(at) = s
         .poll_timeout()
         .filter(|&at| at < due + Duration::from_millis(50))
     {
-        now = at;
-        s.handle_timeout(now);
+        s.handle_timeout(at);
     }
     let later: usize = std::iter::from_fn(|| s.poll_transmit()).count();
     assert_eq!(later, 0, "{later} resends of acked messages went out");
