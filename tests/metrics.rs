@@ -7,10 +7,12 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
+
+mod common;
+use common::example;
 
 use bytes::Bytes;
 use quinn::rustls;
@@ -590,21 +592,6 @@ async fn scraped_figures_equal_stats() {
             );
         }
     }
-}
-
-fn example(name: &str) -> PathBuf {
-    // target/<profile>/deps/<this test> → target/<profile>/examples/<name>
-    let mut p = std::env::current_exe().unwrap();
-    p.pop();
-    p.pop();
-    p.push("examples");
-    p.push(name);
-    assert!(
-        p.exists(),
-        "{} not built: run the whole `cargo test` (it builds the examples) or `cargo build --examples`",
-        p.display()
-    );
-    p
 }
 
 /// The contract: `payment_server --metrics ADDR` serves Prometheus text at

@@ -2,26 +2,10 @@
 //! lines of issue 4. `cargo test` builds the examples next to the test binaries.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-#[cfg(feature = "postgres")]
 mod common;
-
-fn example(name: &str) -> PathBuf {
-    // target/<profile>/deps/<this test> → target/<profile>/examples/<name>
-    let mut p = std::env::current_exe().unwrap();
-    p.pop();
-    p.pop();
-    p.push("examples");
-    p.push(name);
-    assert!(
-        p.exists(),
-        "{} not built: run the whole `cargo test` (it builds the examples) or `cargo build --examples`",
-        p.display()
-    );
-    p
-}
+use common::example;
 
 /// The value of `"key":` in a one-line JSON object of numbers and strings.
 fn field(json: &str, key: &str) -> String {

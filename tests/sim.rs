@@ -3,10 +3,12 @@
 use std::collections::HashSet;
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Command;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::example;
 
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::AsyncUdpSocket;
@@ -344,21 +346,6 @@ async fn quic_crosses_fades_with_random_loss() {
     );
     assert!(up.dropped_loss + down.dropped_loss > 0, "{up:?} {down:?}");
     assert_eq!(up.dropped_blackout + up.dropped_queue, 0);
-}
-
-fn example(name: &str) -> PathBuf {
-    // target/<profile>/deps/<this test> → target/<profile>/examples/<name>
-    let mut p = std::env::current_exe().unwrap();
-    p.pop();
-    p.pop();
-    p.push("examples");
-    p.push(name);
-    assert!(
-        p.exists(),
-        "{} not built: run the whole `cargo test` (it builds the examples) or `cargo build --examples`",
-        p.display()
-    );
-    p
 }
 
 /// `loss_sweep`'s fades and bottleneck-change flags: a bad value is refused before anything

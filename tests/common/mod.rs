@@ -352,3 +352,20 @@ pub async fn check_clients_digests_and_owners(store: &dyn surelink::store::Dedup
     assert!(!store.bind_channel([2; 16], a).await.unwrap());
     assert!(store.bind_channel([2; 16], anonymous).await.unwrap());
 }
+
+/// The path of example `name` built beside this test binary (the whole `cargo test` builds
+/// the examples); panics with how to build it when it is missing.
+pub fn example(name: &str) -> std::path::PathBuf {
+    // target/<profile>/deps/<this test> → target/<profile>/examples/<name>
+    let mut p = std::env::current_exe().unwrap();
+    p.pop();
+    p.pop();
+    p.push("examples");
+    p.push(name);
+    assert!(
+        p.exists(),
+        "{} not built: run the whole `cargo test` (it builds the examples) or `cargo build --examples`",
+        p.display()
+    );
+    p
+}
