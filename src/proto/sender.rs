@@ -1081,7 +1081,13 @@ impl Sender {
     /// start on a link that lost nothing).
     fn loss_guard(&self) -> Duration {
         let least = self.rtt.quantile(0.0);
-        let mut recent: Vec<Duration> = self.recent_latency.iter().copied().collect();
+        // On the stack: this runs on every ack.
+        let mut recent = [Duration::ZERO; RECENT_LATENCIES];
+        let n = self.recent_latency.len().min(RECENT_LATENCIES);
+        for (slot, &l) in recent.iter_mut().zip(self.recent_latency.iter()) {
+            *slot = l;
+        }
+        let recent = &mut recent[..n];
         recent.sort_unstable();
         recent
             .get(recent.len() / 2)
