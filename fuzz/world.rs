@@ -55,10 +55,10 @@ use bytes::Bytes;
 use surelink::fec::{Encoder, EncoderConfig};
 use surelink::promises::{Ledger, Outcome, Violation, Violations};
 use surelink::proto::link::{
-    claims_mode, Action, Attached, ConnId, DialFailure, Dialed, Input, Link, LinkConfig, Lost,
-    Role, SharedKeys, StreamEnd, GOODBYE,
+    claims_mode, Action, Attached, ClaimStep, ConnId, DialFailure, Dialed, Input, Link, LinkConfig,
+    Lost, Role, SharedKeys, StoreAnswer, StreamEnd, GOODBYE,
 };
-use surelink::proto::{payload_digest, ClaimOutcome, Digest, Scope, ANONYMOUS};
+use surelink::proto::{payload_digest, ClaimOutcome, Digest, Lease, Scope, ANONYMOUS};
 use surelink::wire::{
     encode_stream_head, AckFrame, Envelope, FloorFrame, Frame, Limits, RefuseFrame, MAX_VARINT,
     STREAM_REFUSED,
@@ -321,15 +321,17 @@ enum Event {
         instance: usize,
         attempt: u64,
         id: u64,
-        result: Result<ClaimOutcome, String>,
+        result: Result<StoreAnswer, String>,
     },
-    /// A hung claim of a server channel is written after all (unless another claim of its
-    /// message or key came first).
+    /// A hung claim attempt (`step`) of a server channel is written after all.
     LateCommit {
         replica: usize,
         incarnation: u64,
         instance: usize,
         claim: Claim,
+        step: ClaimStep,
+        /// The channel's application (for a settle whose owner died meanwhile).
+        app: usize,
     },
     /// An inbox application's slow transaction ends.
     InboxDone {
@@ -366,11 +368,15 @@ struct Conn {
 /// A receiving application (one per server channel, as `Messages` is).
 #[derive(Debug, Default)]
 struct App {
-    /// Handed over, not yet taken: (message id, send, key, payload digest).
-    queue: VecDeque<(u64, u64, Option<Bytes>, Digest)>,
+    /// Handed over, not yet taken.
+    queue: VecDeque<Queued>,
     paused_until: Option<Instant>,
     stopped: bool,
 }
+
+/// A message handed to an application: (message id, send, key, payload digest, the
+/// reservation the inbox application settles).
+type Queued = (u64, u64, Option<Bytes>, Digest, Option<Lease>);
 
 /// One channel a server holds.
 #[derive(Debug)]
@@ -441,43 +447,172 @@ struct Claim {
     scope: Scope,
     /// Its payload's digest.
     digest: Digest,
-    /// `0`: anonymous (the inbox application's own claim).
+    /// `0`: anonymous.
     claimant: u64,
+    /// The reservation's epoch a settle names (`0`: none).
+    epoch: u64,
+}
+
+/// One row of the store: a reservation (`lease: Some(end)`) or a settled claim.
+#[derive(Debug, Clone)]
+struct Row {
+    claimant: u64,
+    digest: Digest,
+    epoch: u64,
+    lease: Option<Instant>,
+    key: Option<Bytes>,
+    scope: Scope,
 }
 
 /// The claims store, or the inbox application's claims table, as `store::MemoryStore`
-/// answers: (channel, message) → (claimant, digest); (scope, key) → (channel, message).
+/// answers (two-phase claims: reserve, settle, leases, fencing epochs): (channel, message) →
+/// its row; (scope, key) → (channel, message).
 #[derive(Debug, Default)]
 struct Store {
-    pairs: HashMap<(u64, u64), (u64, Digest)>,
+    pairs: HashMap<(u64, u64), Row>,
     keys: HashMap<(Scope, Bytes), (u64, u64)>,
     faults: VecDeque<StoreFault>,
+    /// Reservations taken over (for the audit's report).
+    takeovers: u64,
+    /// Settles fenced.
+    fenced: u64,
 }
 
 impl Store {
-    fn claim(&mut self, c: &Claim) -> ClaimOutcome {
+    fn owns(row: &Row, c: &Claim) -> bool {
+        c.claimant != 0 && row.claimant == c.claimant && row.scope == c.scope && row.key == c.key
+    }
+
+    /// Reserves `c` for `lease` (`None`: one phase, settled at once).
+    fn take(&mut self, c: &Claim, now: Instant, lease: Option<Duration>) -> StoreAnswer {
         let pair = (c.chan, c.message);
-        if let Some(&(owner, _)) = self.pairs.get(&pair) {
-            return if owner == c.claimant && c.claimant != 0 {
-                ClaimOutcome::Now
-            } else {
-                ClaimOutcome::Before
-            };
-        }
-        if let Some(k) = &c.key {
-            if let Some(other) = self.keys.get(&(c.scope, k.clone())) {
-                return if self.pairs[other].1 == c.digest {
-                    ClaimOutcome::Before
-                } else {
-                    ClaimOutcome::Conflict
-                };
+        let by_pair = self.pairs.contains_key(&pair);
+        let row = if by_pair {
+            Some(pair)
+        } else {
+            c.key
+                .as_ref()
+                .and_then(|k| self.keys.get(&(c.scope, k.clone())).copied())
+        };
+        let mut epoch = 1;
+        let mut took_over = false;
+        if let Some(row) = row {
+            let held = &self.pairs[&row];
+            if !by_pair && held.digest != c.digest {
+                return StoreAnswer::Conflict;
             }
+            let own = by_pair && Store::owns(held, c);
+            match held.lease {
+                None if own && lease.is_none() => {
+                    return StoreAnswer::Reserved {
+                        epoch: held.epoch,
+                        took_over: false,
+                    }
+                }
+                None => return StoreAnswer::Before,
+                Some(until) if !own && until > now => {
+                    return StoreAnswer::Busy {
+                        retry_in: until - now,
+                    }
+                }
+                _ => {}
+            }
+            took_over = !own;
+            epoch = held.epoch + u64::from(took_over);
+            self.takeovers += u64::from(took_over);
+            if by_pair {
+                let held = self.pairs.get_mut(&row).expect("held");
+                held.claimant = c.claimant;
+                held.epoch = epoch;
+                held.lease = lease.map(|l| now + l);
+                return StoreAnswer::Reserved { epoch, took_over };
+            }
+            self.remove(row);
         }
-        self.pairs.insert(pair, (c.claimant, c.digest));
         if let Some(k) = &c.key {
             self.keys.insert((c.scope, k.clone()), pair);
         }
-        ClaimOutcome::Now
+        self.pairs.insert(
+            pair,
+            Row {
+                claimant: c.claimant,
+                digest: c.digest,
+                epoch,
+                lease: lease.map(|l| now + l),
+                key: c.key.clone(),
+                scope: c.scope,
+            },
+        );
+        StoreAnswer::Reserved { epoch, took_over }
+    }
+
+    fn remove(&mut self, pair: (u64, u64)) {
+        if let Some(row) = self.pairs.remove(&pair) {
+            if let Some(k) = row.key {
+                self.keys.remove(&(row.scope, k));
+            }
+        }
+    }
+
+    fn reserve(&mut self, c: &Claim, now: Instant, lease: Duration) -> StoreAnswer {
+        self.take(c, now, Some(lease))
+    }
+
+    /// Settles the reservation `c` names: `Settled`, or `Fenced`.
+    fn settle(&mut self, c: &Claim, now: Instant) -> StoreAnswer {
+        match self.pairs.get_mut(&(c.chan, c.message)) {
+            Some(row) if Store::owns(row, c) && c.epoch != 0 && row.epoch == c.epoch => {
+                match row.lease.take() {
+                    Some(until) => StoreAnswer::Settled { late: now > until },
+                    None => StoreAnswer::Settled { late: false },
+                }
+            }
+            _ => {
+                self.fenced += 1;
+                StoreAnswer::Fenced
+            }
+        }
+    }
+
+    /// The inbox application's claim inside its transaction, as `PgStore::claim_in`
+    /// answers: a settle of the message's reservation (or a one-phase claim without one).
+    fn claim_in(&mut self, c: &Claim, now: Instant) -> ClaimOutcome {
+        if c.epoch == 0 {
+            return match self.take(c, now, None) {
+                StoreAnswer::Reserved { .. } => ClaimOutcome::Now,
+                StoreAnswer::Before => ClaimOutcome::Before,
+                StoreAnswer::Conflict => ClaimOutcome::Conflict,
+                _ => ClaimOutcome::Failed,
+            };
+        }
+        match self.settle(c, now) {
+            StoreAnswer::Settled { .. } => ClaimOutcome::Now,
+            // Settled by another owner: delivered there (ack, no effect); otherwise held by
+            // another owner: roll back, not acked here.
+            _ => match self.pairs.get(&(c.chan, c.message)) {
+                Some(row) if row.lease.is_none() => ClaimOutcome::Before,
+                _ => ClaimOutcome::Failed,
+            },
+        }
+    }
+
+    fn release(&mut self, c: &Claim) {
+        let pair = (c.chan, c.message);
+        if self.pairs.get(&pair).is_some_and(|row| Store::owns(row, c)) {
+            self.remove(pair);
+        }
+    }
+
+    /// Performs one attempt of `step` for `c` (a release answers nothing).
+    fn perform(&mut self, c: &Claim, now: Instant, step: ClaimStep) -> Option<StoreAnswer> {
+        match step {
+            ClaimStep::Reserve { lease } => Some(self.reserve(c, now, lease)),
+            ClaimStep::Settle { epoch } => Some(self.settle(&Claim { epoch, ..c.clone() }, now)),
+            ClaimStep::Release { epoch } => {
+                self.release(&Claim { epoch, ..c.clone() });
+                None
+            }
+        }
     }
 }
 
@@ -523,17 +658,16 @@ pub struct World {
     identities: bool,
     server_config: LinkConfig,
     client_config: LinkConfig,
-    /// (replica, channel index, message) whose claim was written (its answer on its way,
-    /// late, or reported as a failure) and which that channel has not handed over yet. A
-    /// crash without state of such a replica is held back (`crashes_due`): another replica
-    /// would ack the message as claimed before while nobody delivers it. That is a known
-    /// gap (claims are one-phase; closing it needs a claim that others see as settled only
-    /// once its owner hands the message over, with a lease for owners that died), stated in
-    /// the README's guarantees. A channel that stopped drops its entries: it can no longer
-    /// hand them over, crash or not.
+    /// (replica, channel index, message) whose settle was written (its answer on its way,
+    /// late, or reported as a failure) and which that channel's application has not taken
+    /// yet: the window two-phase claims leave. A crash without state (or an application that
+    /// drops its `Messages`) loses such a message: another replica acks it as settled before
+    /// while nobody took it. The world lets crashes happen at any point, counts those
+    /// messages as delivered (`gap_losses`), and checks that a channel never holds more than
+    /// one (settles go one at a time, after the previous message was taken).
     unresolved: HashSet<(usize, usize, u64)>,
-    /// Replicas whose crash without state waits for their unresolved claims.
-    crashes_due: BTreeSet<usize>,
+    /// Messages lost in that window (see `unresolved`).
+    gap_losses: u64,
     /// Stream messages still to be reset by the server that reads them.
     stream_resets: u32,
     /// Crashes without state done.
@@ -565,6 +699,9 @@ impl World {
         let mode = scenario.mode;
         let mut server_config = LinkConfig::default();
         server_config.receiver.claims = claims_mode(mode == Mode::Store, mode == Mode::Inbox);
+        // Both keep their claims in the store, in two phases (the inbox application settles
+        // the reservation its channel made).
+        server_config.reserve = mode != Mode::Keys;
         server_config.receiver.max_keys = scenario.max_keys.max(1);
         if scenario.short_holes {
             server_config.receiver.hole_ttl = Duration::from_secs(2);
@@ -603,7 +740,7 @@ impl World {
             client_config,
             identities: scenario.identities,
             unresolved: HashSet::new(),
-            crashes_due: BTreeSet::new(),
+            gap_losses: 0,
             stream_resets: 0,
             crashes: 0,
             hostile: None,
@@ -911,7 +1048,8 @@ impl World {
                 if keep_state {
                     self.crash_socket(r);
                 } else {
-                    self.crashes_due.insert(r);
+                    self.drain_all();
+                    self.crash(r);
                 }
             }
             Op::Store { fault, count } => {
@@ -943,9 +1081,9 @@ impl World {
                 if let Some((r, i)) = self.pick_app(app) {
                     let s = &mut self.replicas[r].channels[i];
                     if !s.app.stopped {
-                        // What it was handed and did not take is not delivered (with a
-                        // store, it counts as delivered already: the claim is the record);
-                        // it is refused now.
+                        // What it was handed and did not take is not delivered; it is
+                        // refused now. With a store, what was settled for it is lost in the
+                        // two phases' window (see `unresolved`).
                         s.app.stopped = true;
                         let chan = s.chan;
                         let queued: Vec<u64> = s.app.queue.drain(..).map(|(id, ..)| id).collect();
@@ -954,6 +1092,7 @@ impl World {
                                 self.refusing(chan, id, "REFUSE: application gone");
                             }
                         }
+                        self.lose_gap(r, Some(i), &[]);
                         let s = &mut self.replicas[r].channels[i];
                         if let Some(link) = &mut s.link {
                             link.handle(self.now, Input::AppGone);
@@ -992,8 +1131,9 @@ impl World {
             Op::Hostile(h) => self.hostile(h),
         }
         self.settle();
-        // With a claims store another replica may ack a message this one claimed and handed
-        // over before its application read it: that is checked at the end.
+        // With a claims store another replica may ack a message this one settled and handed
+        // over before its application took it (it is taken later, or lost in the window if
+        // this replica dies: see `unresolved`): acked ⇒ taken is checked at the end.
         let checked = if self.mode == Mode::Store || skip("ack-ahead") {
             self.ledger.check_handed_over()
         } else {
@@ -1020,26 +1160,10 @@ impl World {
         self.ledger
     }
 
-    /// Drains every link, lets the applications take what they can, and performs the
-    /// crashes that were waiting.
+    /// Drains every link and lets the applications take what they can.
     fn settle(&mut self) {
-        loop {
-            self.drain_all();
-            self.take_all();
-            let due: Vec<usize> = self
-                .crashes_due
-                .iter()
-                .copied()
-                .filter(|&r| !self.unresolved.iter().any(|&(x, _, _)| x == r))
-                .collect();
-            if due.is_empty() {
-                return;
-            }
-            for r in due {
-                self.crashes_due.remove(&r);
-                self.crash(r);
-            }
-        }
+        self.drain_all();
+        self.take_all();
     }
 
     /// Client `c`'s process restarts.
@@ -1279,7 +1403,7 @@ impl World {
                     if s.app.stopped || s.app.paused_until.is_some_and(|t| self.now < t) {
                         break;
                     }
-                    let Some((id, send, key, digest)) = s.app.queue.pop_front() else {
+                    let Some((id, send, key, digest, lease)) = s.app.queue.pop_front() else {
                         break;
                     };
                     let claim = Claim {
@@ -1288,7 +1412,8 @@ impl World {
                         key,
                         scope: s.scope,
                         digest,
-                        claimant: 0,
+                        claimant: lease.map_or(0, |l| l.claimant),
+                        epoch: lease.map_or(0, |l| l.epoch),
                     };
                     self.take(r, i, send, claim);
                     self.drain_server(r, i);
@@ -1309,8 +1434,11 @@ impl World {
         }
         match self.mode {
             Mode::Keys => self.ledger.delivered(app, send),
-            // Recorded when it was handed over (the claim is the record of delivery).
-            Mode::Store => {}
+            Mode::Store => {
+                // Settled before it was handed over: taken now, out of the window.
+                self.unresolved.remove(&(r, i, id));
+                self.ledger.delivered(app, send);
+            }
             // The application's transaction: its claim, and its effect if the claim is new.
             Mode::Inbox => match self.store.faults.pop_front() {
                 None => self.inbox_commit(r, i, send, claim),
@@ -1318,10 +1446,10 @@ impl World {
                 Some(StoreFault::ErrorAfterCommit) => {
                     // Committed, but the application saw an error: it runs the transaction
                     // again, which finds its claim.
-                    if self.store.claim(&claim) == ClaimOutcome::Now {
+                    if self.store.claim_in(&claim, now) == ClaimOutcome::Now {
                         self.ledger.delivered(app, send);
                     }
-                    let again = self.store.claim(&claim);
+                    let again = self.store.claim_in(&claim, now);
                     self.confirm(r, i, id, again);
                 }
                 Some(StoreFault::Hang { commits }) => {
@@ -1346,7 +1474,7 @@ impl World {
     /// (a conflict rolls back: nothing is recorded).
     fn inbox_commit(&mut self, r: usize, i: usize, send: u64, claim: Claim) {
         let app = self.replicas[r].channels[i].app_id;
-        let outcome = self.store.claim(&claim);
+        let outcome = self.store.claim_in(&claim, self.now);
         if outcome == ClaimOutcome::Now {
             self.ledger.delivered(app, send);
         }
@@ -1669,8 +1797,8 @@ impl World {
                 id,
                 result,
             } => {
-                if result == Ok(ClaimOutcome::Before) {
-                    // The store holds another claimant's claim: none of this one's.
+                if matches!(result, Ok(StoreAnswer::Fenced)) {
+                    // Its settle was not written (the reservation is another's).
                     self.unresolved.remove(&(replica, instance, id));
                 }
                 let r = &mut self.replicas[replica];
@@ -1685,12 +1813,23 @@ impl World {
                 incarnation,
                 instance,
                 claim,
+                step,
+                app,
             } => {
-                let written = self.store.claim(&claim);
-                if written != ClaimOutcome::Now && self.replicas[replica].incarnation == incarnation
-                {
-                    // Not written: another claim of the message or its key came first.
-                    self.unresolved.remove(&(replica, instance, claim.message));
+                let written = self.store.perform(&claim, now, step);
+                if !matches!(written, Some(StoreAnswer::Settled { .. })) {
+                    return;
+                }
+                if self.replicas[replica].incarnation == incarnation {
+                    // Its channel retries the settle, which answers `Settled` again.
+                    self.unresolved.insert((replica, instance, claim.message));
+                } else {
+                    // Settled for an owner that died: in the window, lost.
+                    let send = self.ids.get(&(claim.chan, claim.message)).copied();
+                    self.gap_losses += 1;
+                    if let Some(send) = send {
+                        self.ledger.delivered(app, send);
+                    }
                 }
             }
             Event::InboxDone {
@@ -1819,8 +1958,51 @@ impl World {
         self.crashes
     }
 
+    /// Replica `r`'s channel `only` (or every channel) lost what it had settled and its
+    /// application had not taken (a crash, an application that dropped its `Messages`, a
+    /// channel that stopped before it could hand a settled message over): each counts as
+    /// delivered (another replica acks it as settled before), and a channel holds at most
+    /// one (its settles go one at a time, after the previous message was taken).
+    fn lose_gap(&mut self, r: usize, only: Option<usize>, keep: &[u64]) {
+        let mut lost: Vec<(usize, usize, u64)> = self
+            .unresolved
+            .iter()
+            .filter(|&&(x, y, id)| x == r && only.is_none_or(|i| i == y) && !keep.contains(&id))
+            .copied()
+            .collect();
+        lost.sort_unstable();
+        let mut per_channel: HashMap<usize, u32> = HashMap::new();
+        for (x, y, id) in lost {
+            self.unresolved.remove(&(x, y, id));
+            let n = per_channel.entry(y).or_default();
+            *n += 1;
+            assert!(
+                *n <= 1 || skip("gap-bound"),
+                "replica {r}'s channel {y} held {n} messages settled and not taken"
+            );
+            let s = &self.replicas[r].channels[y];
+            if let Some(&send) = self.ids.get(&(s.chan, id)) {
+                if !s.hostile {
+                    self.ledger.delivered(s.app_id, send);
+                }
+            }
+            self.gap_losses += 1;
+        }
+    }
+
+    /// Messages lost in the two phases' window so far (see `unresolved`).
+    pub fn gap_losses(&self) -> u64 {
+        self.gap_losses
+    }
+
+    /// Reservations taken over and settles fenced in the store so far.
+    pub fn takeovers(&self) -> (u64, u64) {
+        (self.store.takeovers, self.store.fenced)
+    }
+
     /// Replica `r`'s process dies with its state and restarts.
     fn crash(&mut self, r: usize) {
+        self.lose_gap(r, None, &[]);
         self.crashes += 1;
         if trace() {
             eprintln!("{:>9.3?} crash {r}", self.now - self.start);
@@ -2032,7 +2214,7 @@ impl World {
             if trace() {
                 eprintln!("{:>9.3?} server {r}/{i} {action:?}", now - self.start);
             }
-            let (chan, app, hostile) = {
+            let (chan, app_id, hostile) = {
                 let s = &self.replicas[r].channels[i];
                 (s.chan, s.app_id, s.hostile)
             };
@@ -2097,6 +2279,7 @@ impl World {
                     digest,
                     claimant,
                     timeout,
+                    step,
                 } => {
                     let incarnation = self.replicas[r].incarnation;
                     let claim = Claim {
@@ -2106,26 +2289,32 @@ impl World {
                         scope: self.replicas[r].channels[i].scope,
                         digest,
                         claimant,
+                        epoch: 0,
                     };
+                    if matches!(step, ClaimStep::Release { .. }) {
+                        self.store.perform(&claim, now, step);
+                        continue;
+                    }
+                    // A settle written puts its message in the window until it is taken.
+                    let settled =
+                        |a: &Option<StoreAnswer>| matches!(a, Some(StoreAnswer::Settled { .. }));
                     let result = match self.store.faults.pop_front() {
                         None => {
-                            let outcome = self.store.claim(&claim);
-                            if outcome == ClaimOutcome::Now {
-                                // Written; its answer is on its way (see `unresolved`).
+                            let answer = self.store.perform(&claim, now, step);
+                            if settled(&answer) {
                                 self.unresolved.insert((r, i, id));
                             }
-                            Ok(outcome)
+                            answer.ok_or_else(|| "no answer".to_string())
                         }
                         Some(StoreFault::Error) => Err("store unreachable".to_string()),
                         Some(StoreFault::ErrorAfterCommit) => {
-                            if self.store.claim(&claim) == ClaimOutcome::Now {
+                            if settled(&self.store.perform(&claim, now, step)) {
                                 self.unresolved.insert((r, i, id));
                             }
                             Err("connection closed after COMMIT".to_string())
                         }
                         Some(StoreFault::Hang { commits }) => {
                             if commits {
-                                self.unresolved.insert((r, i, id));
                                 self.at(
                                     now + timeout + DELAY,
                                     Event::LateCommit {
@@ -2133,6 +2322,8 @@ impl World {
                                         incarnation,
                                         instance: i,
                                         claim,
+                                        step,
+                                        app: app_id,
                                     },
                                 );
                             }
@@ -2163,7 +2354,6 @@ impl World {
                     );
                 }
                 Action::Deliver(d) => {
-                    self.unresolved.remove(&(r, i, d.id));
                     let send = if hostile {
                         let send = self.next_foreign;
                         self.next_foreign += 1;
@@ -2175,21 +2365,23 @@ impl World {
                         self.ids.get(&(chan, d.id)).copied().unwrap_or(PHANTOM)
                     };
                     self.ledger.handed_over(send);
-                    if self.mode == Mode::Store {
-                        // With a claims store a claimed message handed over counts as
-                        // delivered (the claim is the record), read or not.
-                        self.ledger.delivered(app, send);
-                    }
                     let s = &mut self.replicas[r].channels[i];
                     if !s.app.stopped {
                         let digest = payload_digest(&d.payload);
-                        s.app.queue.push_back((d.id, send, d.key, digest));
+                        s.app.queue.push_back((d.id, send, d.key, digest, d.lease));
                     }
                 }
                 Action::Stop { .. } => {
                     self.replicas[r].channels[i].link = None;
-                    // Its claims can no longer be handed over, crash or not.
-                    self.unresolved.retain(|&(x, y, _)| (x, y) != (r, i));
+                    // What it settled and did not hand over can no longer be: lost in the
+                    // window. What its application holds may still be taken.
+                    let queued: Vec<u64> = self.replicas[r].channels[i]
+                        .app
+                        .queue
+                        .iter()
+                        .map(|q| q.0)
+                        .collect();
+                    self.lose_gap(r, Some(i), &queued);
                 }
                 Action::SamplePaths { conns } => {
                     if let Some(link) = self.replicas[r].channels[i].link.as_mut() {

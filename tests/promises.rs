@@ -434,7 +434,8 @@ enum Fault {
     Hang(Duration),
 }
 
-/// A claims store that misbehaves once per claim, over a real `MemoryStore`.
+/// A claims store that misbehaves once per claim (or settle: the step that records the
+/// delivery), over a real `MemoryStore`.
 #[derive(Debug)]
 struct FaultyStore {
     inner: surelink::store::MemoryStore,
@@ -475,6 +476,38 @@ impl surelink::store::DedupeStore for FaultyStore {
                 Fault::Hang(d) => {
                     tokio::time::sleep(d).await;
                     self.inner.claim(claim).await
+                }
+            }
+        })
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        claim: &'a surelink::store::Claim,
+        lease: Duration,
+    ) -> surelink::store::StoreFuture<'a, surelink::store::Reserved> {
+        self.inner.reserve(claim, lease)
+    }
+
+    /// The settle is the step that records the delivery: it misbehaves like `claim`.
+    fn settle<'a>(
+        &'a self,
+        claim: &'a surelink::store::Claim,
+    ) -> surelink::store::StoreFuture<'a, surelink::store::Settled> {
+        let first =
+            self.faulty.contains(&claim.message) && self.seen.lock().unwrap().insert(claim.message);
+        Box::pin(async move {
+            if !first {
+                return self.inner.settle(claim).await;
+            }
+            match self.fault {
+                Fault::CommitThenError => {
+                    self.inner.settle(claim).await?;
+                    Err(surelink::store::StoreError::Full { max: 0 })
+                }
+                Fault::Hang(d) => {
+                    tokio::time::sleep(d).await;
+                    self.inner.settle(claim).await
                 }
             }
         })

@@ -567,7 +567,8 @@ impl Driver {
                 digest,
                 claimant,
                 timeout,
-            } => self.claim(attempt, id, key, digest, claimant, timeout),
+                step,
+            } => self.claim(attempt, (id, key, digest), claimant, timeout, step),
             Action::Deliver(message) => {
                 let span = tracing::debug_span!(
                     "surelink.deliver",
@@ -610,11 +611,10 @@ impl Driver {
     fn claim(
         &self,
         attempt: u64,
-        id: u64,
-        key: Option<Bytes>,
-        digest: crate::proto::Digest,
+        (id, key, digest): (u64, Option<Bytes>, crate::proto::Digest),
         claimant: u64,
         timeout: Duration,
+        step: crate::proto::link::ClaimStep,
     ) {
         let claim = crate::store::Claim {
             channel: self.id,
@@ -623,9 +623,10 @@ impl Driver {
             client: self.key_scope,
             digest: Some(digest),
             claimant,
+            epoch: 0,
         };
         let (store, tx) = (self.config.store.clone(), self.events_tx.clone());
-        tokio::spawn(io::claim(store, claim, attempt, timeout, tx));
+        tokio::spawn(io::claim(store, claim, attempt, timeout, step, tx));
     }
 
     /// Copies the link's and the driver's counters into the handles' stats.

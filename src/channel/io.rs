@@ -9,8 +9,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::dial::classify;
-use crate::proto::link::{Attached, ConnId, Input, PathSample, StreamEnd};
-use crate::proto::ClaimOutcome;
+use crate::proto::link::{Attached, ClaimStep, ConnId, Input, PathSample, StoreAnswer, StreamEnd};
 
 /// What the driver's helper tasks report.
 pub(super) enum Event {
@@ -120,25 +119,56 @@ pub(super) fn sample(conn: &quinn::Connection) -> PathSample {
     }
 }
 
-/// One claim attempt, within `timeout`: a store that hangs becomes an error.
+/// One claim attempt (`step`: reserve, settle or release), within `timeout`: a store that
+/// hangs becomes an error. A release is best effort and answers nothing.
 pub(super) async fn claim(
     store: Option<Arc<dyn crate::store::DedupeStore>>,
-    claim: crate::store::Claim,
+    mut claim: crate::store::Claim,
     attempt: u64,
     timeout: Duration,
+    step: ClaimStep,
     tx: mpsc::Sender<Event>,
 ) {
-    let result = match store {
-        // Claims mode without a store cannot happen (spawn sets one with the other);
-        // answer anyway so nothing waits forever.
-        None => Err("no store".to_owned()),
-        Some(store) => match tokio::time::timeout(timeout, store.claim(&claim)).await {
-            Ok(Ok(crate::store::Claimed::Now)) => Ok(ClaimOutcome::Now),
-            Ok(Ok(crate::store::Claimed::Before)) => Ok(ClaimOutcome::Before),
-            Ok(Ok(crate::store::Claimed::Conflict)) => Ok(ClaimOutcome::Conflict),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer from the store within {timeout:?}")),
-        },
+    use crate::store::{Reserved, Settled};
+    // Claims mode without a store cannot happen (spawn sets one with the other); answer
+    // anyway so nothing waits forever.
+    let Some(store) = store else {
+        let result = Err("no store".to_owned());
+        let _ = tx
+            .send(Event::Input(Input::ClaimAnswered { attempt, result }))
+            .await;
+        return;
+    };
+    let late = |e| format!("no answer from the store within {timeout:?} ({e})");
+    let result = match step {
+        ClaimStep::Reserve { lease } => {
+            match tokio::time::timeout(timeout, store.reserve(&claim, lease)).await {
+                Ok(Ok(Reserved::Held { epoch, took_over })) => {
+                    Ok(StoreAnswer::Reserved { epoch, took_over })
+                }
+                Ok(Ok(Reserved::Busy { retry_in })) => Ok(StoreAnswer::Busy { retry_in }),
+                Ok(Ok(Reserved::Before)) => Ok(StoreAnswer::Before),
+                Ok(Ok(Reserved::Conflict)) => Ok(StoreAnswer::Conflict),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(late(e)),
+            }
+        }
+        ClaimStep::Settle { epoch } => {
+            claim.epoch = epoch;
+            match tokio::time::timeout(timeout, store.settle(&claim)).await {
+                Ok(Ok(Settled::Now { late })) => Ok(StoreAnswer::Settled { late }),
+                Ok(Ok(Settled::Fenced)) => Ok(StoreAnswer::Fenced),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(late(e)),
+            }
+        }
+        ClaimStep::Release { epoch } => {
+            claim.epoch = epoch;
+            if let Ok(Err(e)) = tokio::time::timeout(timeout, store.release(&claim)).await {
+                tracing::debug!(error = %e, "surelink: releasing a reservation failed");
+            }
+            return;
+        }
     };
     let _ = tx
         .send(Event::Input(Input::ClaimAnswered { attempt, result }))

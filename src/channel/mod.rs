@@ -216,8 +216,19 @@ pub struct Config {
     /// confirms it with [`Channel::confirm`]; only then is the message acked. Messages are
     /// delivered before they are claimed, so one the application could not commit (it calls
     /// [`Channel::release`]) may come again. Takes precedence over `store` for deliveries; a
-    /// [`Server`] with it takes over channels like one with a store. Default `false`.
+    /// [`Server`] with it takes over channels like one with a store. With a `store` as well,
+    /// the channel first *reserves* each message in it (so that other replicas hold back)
+    /// and hands it over with its reservation ([`Delivered::lease`](crate::proto::Delivered::lease)),
+    /// which the application's claim settles (`PgStore::claim_in` with
+    /// [`Claim::of`](crate::store::Claim::of)). Default `false`.
     pub application_claims: bool,
+    /// With a `store`: how long a reservation holds a message against the other replicas
+    /// (two-phase claims, [`crate::store`]). A replica that dies holding reservations is
+    /// taken over this long after it reserved them (plus one store round trip); shorter
+    /// leases take over sooner, but a replica whose store round trip exceeds it lets others
+    /// take over messages it still works on (its settles are then fenced: safe, but the work
+    /// is lost). Default 2 s.
+    pub lease: Duration,
     /// A channel over several replicas ([`Channel::connect_replicas`]) abandons a
     /// connection on which nothing was heard for this long while messages await their
     /// outcome, and fails over to the next replica (a dead replica is otherwise noticed only
@@ -259,6 +270,7 @@ impl Default for Config {
             max_channels: 10_000,
             store: None,
             application_claims: false,
+            lease: crate::proto::link::DEFAULT_LEASE,
             claim_timeout: Duration::from_secs(5),
             claim_attempt_timeout: Duration::from_secs(1),
             failover_after: Duration::from_secs(1),
@@ -286,6 +298,8 @@ impl Config {
             switch_ratio: self.switch_ratio,
             claim_timeout: self.claim_timeout,
             claim_attempt_timeout: self.claim_attempt_timeout,
+            reserve: self.store.is_some(),
+            lease: self.lease,
             ..crate::proto::link::LinkConfig::default()
         }
     }
@@ -856,7 +870,9 @@ impl Channel {
     /// made (`Claimed::Before`: another replica or an earlier delivery handled it): the
     /// message is acked now. `Claimed::Conflict` (its key was claimed with another payload;
     /// the application rolled back): the message is refused, and its sender learns
-    /// `SendError::KeyReused`.
+    /// `SendError::KeyReused`. `Claimed::Busy` (the message's reservation was taken over by
+    /// another replica, which delivers it; the application rolled back): it stays unacked
+    /// here, like [`Channel::release`].
     ///
     /// Claim with [`Claim::of`](crate::store::Claim::of)`(channel.id(), &message)`
     /// `.with_client(channel.key_scope())`, so that keys are the client's own under mutual
@@ -866,6 +882,8 @@ impl Channel {
             crate::store::Claimed::Now => crate::proto::ClaimOutcome::Now,
             crate::store::Claimed::Before => crate::proto::ClaimOutcome::Before,
             crate::store::Claimed::Conflict => crate::proto::ClaimOutcome::Conflict,
+            // Taken over by another replica (or held by one): not this one's to ack.
+            crate::store::Claimed::Busy => crate::proto::ClaimOutcome::Failed,
         };
         let _ = self.inner.commands.send(Command::Confirm { id, outcome });
     }

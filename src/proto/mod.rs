@@ -47,7 +47,7 @@ pub use keys::{
 };
 pub use link::Link;
 pub use receiver::{
-    ClaimOutcome, ClaimRequest, Claims, Delivered, Receiver, ReceiverConfig, ReceiverStats,
+    ClaimOutcome, ClaimRequest, Claims, Delivered, Lease, Receiver, ReceiverConfig, ReceiverStats,
     Refusals, Whole, MESSAGE_OVERHEAD_BYTES,
 };
 pub use repair::{WindowConfig, WindowSendStats};

@@ -115,6 +115,20 @@ pub struct Delivered {
     pub key: Option<Bytes>,
     /// The message.
     pub payload: Bytes,
+    /// Inbox pattern ([`Claims::Application`] with a store): the reservation its channel
+    /// holds for it, which the application's claim settles inside its transaction
+    /// ([`Claim::of`](crate::store::Claim::of) copies it). `None` otherwise.
+    pub lease: Option<Lease>,
+}
+
+/// A reservation in a shared claims store (two-phase claims, [`crate::store`]): who holds it
+/// and its fencing epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lease {
+    /// The claimant that holds the reservation.
+    pub claimant: u64,
+    /// Its fencing epoch.
+    pub epoch: u64,
 }
 
 /// Messages a [`Receiver`] refused (answered with a REFUSE frame, or dropped counted when it
@@ -654,6 +668,65 @@ impl Receiver {
         self.flush_notices(now);
     }
 
+    /// Application claims (the inbox pattern): the owner reserved message `request.id` for
+    /// this receiver (`lease`; `None` without a store), so it is handed to the application
+    /// now, with the lease its transaction settles; it is acked on
+    /// [`Receiver::confirm`]. After the application went away it is dropped unacked (the
+    /// lease ends by itself).
+    pub fn reserved(&mut self, request: &ClaimRequest, lease: Option<Lease>) {
+        if request.generation != self.generation {
+            if let Some(Old::Claiming { payload, key, .. }) =
+                self.old.get_mut(&(request.generation, request.id))
+            {
+                if let Some(payload) = payload.take() {
+                    if self.gone {
+                        self.queued_bytes -= cost(&payload);
+                        self.old.remove(&(request.generation, request.id));
+                        self.stats.discarded += 1;
+                        return;
+                    }
+                    self.stats.delivered += 1;
+                    let key = key.clone();
+                    self.deliveries.push_back((
+                        Delivered {
+                            id: request.id,
+                            key,
+                            payload,
+                            lease,
+                        },
+                        request.generation,
+                    ));
+                }
+            }
+            return;
+        }
+        let Some(Msg::Claiming { payload, key, .. }) = self.messages.get_mut(&request.id) else {
+            return;
+        };
+        let Some(payload) = payload.take() else {
+            return;
+        };
+        let key = key.clone();
+        if self.gone {
+            self.queued_bytes -= cost(&payload);
+            self.unset(request.id);
+            self.dedupe.unpin(request.id);
+            self.stats.discarded += 1;
+            self.stats.unknown_ids += 1;
+            return;
+        }
+        self.stats.delivered += 1;
+        self.deliveries.push_back((
+            Delivered {
+                id: request.id,
+                key,
+                payload,
+                lease,
+            },
+            self.generation,
+        ));
+    }
+
     /// A claim of a previous incarnation's message answered (or, with application claims,
     /// the application confirmed one): nothing is acked (the ids mean nothing now), but a
     /// `Now` for a message not yet handed over hands it over, since the store recorded its
@@ -699,8 +772,15 @@ impl Receiver {
                     self.keys.with(|r| r.taken(now, scope, k, holder));
                 }
                 self.queued_bytes += cost(&payload);
-                self.deliveries
-                    .push_back((Delivered { id, key, payload }, generation));
+                self.deliveries.push_back((
+                    Delivered {
+                        id,
+                        key,
+                        payload,
+                        lease: None,
+                    },
+                    generation,
+                ));
             }
             (ClaimOutcome::Now | ClaimOutcome::Before, _) => {
                 if let Some(k) = &key {
@@ -847,8 +927,15 @@ impl Receiver {
                 self.stats.discarded += 1;
                 if let Some(payload) = payload {
                     self.queued_bytes += cost(&payload);
-                    self.deliveries
-                        .push_back((Delivered { id, key, payload }, self.generation));
+                    self.deliveries.push_back((
+                        Delivered {
+                            id,
+                            key,
+                            payload,
+                            lease: None,
+                        },
+                        self.generation,
+                    ));
                 }
                 return;
             }
@@ -952,8 +1039,15 @@ impl Receiver {
                 },
             );
         }
-        self.deliveries
-            .push_back((Delivered { id, key, payload }, self.generation));
+        self.deliveries.push_back((
+            Delivered {
+                id,
+                key,
+                payload,
+                lease: None,
+            },
+            self.generation,
+        ));
     }
 
     /// The application took delivered message `id` (with `ack_on_take`): it is acked now, and
@@ -1026,6 +1120,7 @@ impl Receiver {
             self.owner_gone(now);
             return;
         }
+        self.drop_unasked(now);
         for (d, generation) in std::mem::take(&mut self.deliveries) {
             self.queued_bytes -= cost(&d.payload);
             if generation != self.generation {
@@ -1108,6 +1203,14 @@ impl Receiver {
             }
             self.stats.discarded += 1;
         }
+        self.drop_unasked(now);
+        self.flush_notices(now);
+    }
+
+    /// Messages whose claim was not asked yet when the application went away: refused
+    /// (code 5), or, with a key (which may have been claimed elsewhere: the store knows, not
+    /// this receiver), dropped as unknown.
+    fn drop_unasked(&mut self, now: Instant) {
         for request in std::mem::take(&mut self.claims_out) {
             if let Some(Msg::Claiming {
                 payload,
@@ -1130,7 +1233,6 @@ impl Receiver {
                 }
             }
         }
-        self.flush_notices(now);
     }
 
     /// The answer to a stream message whose answer waited (its claim, or its take): (message
@@ -1587,29 +1689,17 @@ impl Receiver {
             return Accepted::Refused;
         }
         self.stats.claims_requested += 1;
-        let payload = if self.config.claims == Claims::Application {
-            // The application gets it now and claims it in its own transaction.
-            self.stats.delivered += 1;
-            self.queued_bytes += cost(&envelope.payload);
-            self.deliveries.push_back((
-                Delivered {
-                    id,
-                    key: envelope.key.clone(),
-                    payload: envelope.payload,
-                },
-                self.generation,
-            ));
-            None
-        } else {
-            self.queued_bytes += cost(&envelope.payload);
-            self.claims_out.push_back(ClaimRequest {
-                id,
-                key: envelope.key.clone(),
-                digest,
-                generation: self.generation,
-            });
-            Some(envelope.payload)
-        };
+        // Both modes ask first: the owner reserves it (and, in owner mode, settles it before
+        // the hand-over); in application mode it is then handed over with its lease
+        // (`Receiver::reserved`) and the application's transaction settles it.
+        self.queued_bytes += cost(&envelope.payload);
+        self.claims_out.push_back(ClaimRequest {
+            id,
+            key: envelope.key.clone(),
+            digest,
+            generation: self.generation,
+        });
+        let payload = Some(envelope.payload);
         // The floor must not pass it while its claim is out (the claim may answer late).
         self.dedupe.pin(id);
         self.set(

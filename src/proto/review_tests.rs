@@ -347,14 +347,7 @@ fn a_claim_answered_now_for_the_old_incarnation_is_lost_and_its_retry_acked() {
     reattach_client(&mut link, now, 1, 2, Attached::Claims);
     let mut handed = delivered(&drain(&mut link));
     // The store answers the first claim: written, claimed now.
-    link.handle(
-        now,
-        Input::ClaimAnswered {
-            attempt,
-            result: Ok(ClaimOutcome::Now),
-        },
-    );
-    handed.extend(delivered(&drain(&mut link)));
+    handed.extend(delivered(&link.claim_now(now, attempt)));
     // The new replica's application retries the payment under the same key.
     let mut s1 = Peer::new(SenderConfig::default(), ReceiverConfig::default());
     let retry = s1
@@ -378,7 +371,7 @@ fn a_claim_answered_now_for_the_old_incarnation_is_lost_and_its_retry_acked() {
         now,
         Input::ClaimAnswered {
             attempt,
-            result: Ok(ClaimOutcome::Before),
+            result: Ok(crate::proto::link::StoreAnswer::Before),
         },
     );
     let out = drain(&mut link);

@@ -43,6 +43,27 @@
 //! [`Claimed::Before`]. [`StoreError::outcome_unknown`] says which errors leave that doubt, and
 //! [`DedupeStore::release`] undoes a claim whose message was never handed to the application.
 //!
+//! **Two phases: reserve, then settle** ([`DedupeStore::reserve`], [`DedupeStore::settle`]).
+//! A one-phase claim counts as the delivery from the moment it is written, so a replica that
+//! dies between its claim and its application's take has lost a message every other replica
+//! acks as claimed before. A channel with a store therefore claims in two steps:
+//! - it *reserves* the message: a row owned by its claimant, with a lease (a deadline on the
+//!   store's clock) and a fencing epoch. Other replicas answer a held reservation
+//!   [`Reserved::Busy`]: neither delivered nor free, so they neither deliver nor ack it;
+//! - it *settles* the reservation just before its application takes the message, and acks
+//!   only after the take. A settle names the epoch it was given; it succeeds only while that
+//!   epoch's owner still holds the row ([`Settled::Fenced`] otherwise, and the message must
+//!   not be handed over).
+//!
+//! A reservation whose lease ended is *taken over* by the next replica that reserves the
+//! message (or its key): the row gets the new owner and the next epoch, so the old owner's
+//! late settle is fenced. An owner that is slow but not taken over still settles (late: the
+//! lease bounds how long others wait, not how long the owner may take). What remains: a
+//! message settled whose replica dies before its application takes it (at most the one a
+//! channel settles at a time), and an application that dies after its take; the inbox
+//! pattern ([`PgStore::claim_in`](crate::store::PgStore) with the reservation the message
+//! carries) closes both, since the settle commits with the application's effect.
+//!
 //! **Expiry.** A claim lives at least the store's TTL: [`DedupeStore::expire`] removes claims
 //! older than that, and nothing else does. Until then a retry of the message, by id or by
 //! key, is refused; after it the message could be delivered again, so the TTL must exceed
@@ -94,14 +115,20 @@ pub struct Claim {
     /// reuse a claimant only to retry a claim it has no answer to: once a claim answered, a
     /// new claim of the same message with the same claimant would be answered `Now` again.
     pub claimant: u64,
+    /// The fencing epoch of the reservation this claim settles ([`DedupeStore::settle`], and
+    /// [`PgStore::claim_in`](crate::store::PgStore) in the inbox pattern): the epoch
+    /// [`Reserved::Held`] gave. `0`: no reservation (a one-phase claim).
+    pub epoch: u64,
 }
 
 impl Claim {
     /// The claim of a message delivered on channel `channel` (its [`Channel::id`](crate::channel::Channel::id)),
     /// with its payload's digest, for an anonymous client (use [`Claim::with_client`] with
-    /// [`Channel::key_scope`](crate::channel::Channel::key_scope) under mutual TLS), by an
-    /// anonymous claimant (`0`: the inbox pattern, where the claim commits with the
-    /// application's transaction and a lost answer means a rolled-back transaction).
+    /// [`Channel::key_scope`](crate::channel::Channel::key_scope) under mutual TLS). In the
+    /// inbox pattern the message carries the reservation its channel made
+    /// ([`Delivered::lease`](crate::proto::Delivered::lease)): the claim then settles it (its
+    /// claimant and epoch); without one it is a one-phase claim by the anonymous claimant
+    /// (`0`: a lost answer means a rolled-back transaction).
     pub fn of(channel: [u8; 16], delivered: &crate::proto::Delivered) -> Claim {
         Claim {
             channel,
@@ -109,7 +136,8 @@ impl Claim {
             key: delivered.key.clone(),
             client: crate::proto::ANONYMOUS,
             digest: Some(crate::proto::payload_digest(&delivered.payload)),
-            claimant: 0,
+            claimant: delivered.lease.map_or(0, |l| l.claimant),
+            epoch: delivered.lease.map_or(0, |l| l.epoch),
         }
     }
 
@@ -137,6 +165,7 @@ fn same_payload(a: Option<[u8; 32]>, b: Option<[u8; 32]>) -> bool {
 
 /// The answer to a claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Claimed {
     /// This claim is the first: deliver the message.
     Now,
@@ -147,6 +176,56 @@ pub enum Claimed {
     /// carried a [`Claim::digest`]): do not deliver this message, and refuse it (the sender
     /// learns `SendError::KeyReused`). Nothing was recorded.
     Conflict,
+    /// Another claimant holds a reservation of the message (or of its key) whose lease has
+    /// not ended, or, for a claim that settles a reservation, the reservation was taken over
+    /// (fenced): neither delivered nor free. Do not deliver it and do not ack it (roll back):
+    /// the replica that holds it delivers it, or a later copy is judged again. Nothing was
+    /// recorded.
+    Busy,
+}
+
+pub use crate::proto::Lease;
+
+/// The answer to a reservation ([`DedupeStore::reserve`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reserved {
+    /// The claimant holds the message until its lease ends: settle it with `epoch`
+    /// ([`DedupeStore::settle`]), then hand it over. `took_over`: the reservation was another
+    /// claimant's whose lease had ended (that owner's settle is now fenced).
+    Held {
+        /// The fencing epoch to settle with.
+        epoch: u64,
+        /// Whether it was taken over from another owner.
+        took_over: bool,
+    },
+    /// Another claimant's reservation holds it for `retry_in` more: neither delivered nor
+    /// free. Do not deliver or ack it; reserve again once the lease ends.
+    Busy {
+        /// Until the holder's lease ends (by the store's clock).
+        retry_in: Duration,
+    },
+    /// Settled before (delivered, here or by another replica), by id or by its key with the
+    /// same payload: ack it, deliver nothing.
+    Before,
+    /// Its key was claimed (or reserved) with another payload: refuse it. Nothing recorded.
+    Conflict,
+}
+
+/// The answer to a settle ([`DedupeStore::settle`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Settled {
+    /// Settled (or settled already by this claimant and epoch: a retry whose first answer
+    /// was lost): hand the message over, ack it after the take. `late`: the lease had ended
+    /// first (nobody took it over; the owner was slow).
+    Now {
+        /// Whether the lease had ended before the settle.
+        late: bool,
+    },
+    /// The reservation is no longer this claimant's at this epoch (taken over, released or
+    /// expired): do not hand the message over, do not ack it.
+    Fenced,
 }
 
 /// Why a store could not answer. The message is then neither delivered nor acked: the
@@ -210,13 +289,29 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 
 /// A record of claimed messages, possibly shared by several servers.
 pub trait DedupeStore: Send + Sync + fmt::Debug {
-    /// Claims `claim`; durable before the future completes with `Ok`. Refused
-    /// ([`Claimed::Before`]) if its (channel, message) pair or its (client, key) was claimed
-    /// before and has not expired; [`Claimed::Conflict`] (nothing recorded) if its pair is new
-    /// but its (client, key) was claimed with another payload digest.
+    /// Claims `claim` in one phase (reserve and settle at once); durable before the future
+    /// completes with `Ok`. Refused ([`Claimed::Before`]) if its (channel, message) pair or
+    /// its (client, key) was claimed before and has not expired; [`Claimed::Conflict`]
+    /// (nothing recorded) if its pair is new but its (client, key) was claimed with another
+    /// payload digest; [`Claimed::Busy`] if another claimant's live reservation holds it (one
+    /// whose lease ended is taken over).
     fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed>;
 
-    /// Whether `claim`'s pair, or its (client, key), is claimed.
+    /// Reserves `claim` for its claimant for `lease` (two-phase claims; see the module
+    /// docs): a fresh row, its own reservation renewed, or one whose lease ended taken over
+    /// ([`Reserved::Held`]); another claimant's live reservation of its pair or of its
+    /// (client, key) answers [`Reserved::Busy`]; a settled claim [`Reserved::Before`] (or
+    /// [`Reserved::Conflict`] for its key with another digest). Durable before `Ok`. The
+    /// claimant must be non-zero. Required (a wrapper forwards it).
+    fn reserve<'a>(&'a self, claim: &'a Claim, lease: Duration) -> StoreFuture<'a, Reserved>;
+
+    /// Settles the reservation `claim` names (its pair, claimant and [`Claim::epoch`]): the
+    /// claim becomes the record of delivery ([`Settled::Now`]), or, if the row is no longer
+    /// this claimant's at this epoch, [`Settled::Fenced`]. Idempotent for its owner: a
+    /// retry after a lost answer answers `Now` again. Durable before `Ok`. Required.
+    fn settle<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Settled>;
+
+    /// Whether `claim`'s pair, or its (client, key), is claimed or reserved.
     fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool>;
 
     /// Undoes `claim` (best effort, for a message claimed but never handed to the
@@ -322,10 +417,15 @@ type Pair = ([u8; 16], u64);
 /// (client, idempotency key).
 type Key = ([u8; 32], Bytes);
 
-/// One claim held.
+/// One claim held: settled, or a reservation.
 #[derive(Debug)]
 struct Held {
+    /// When it was reserved or settled (expiry counts the TTL from the later).
     at: Instant,
+    /// A reservation's lease end; `None` once settled.
+    lease: Option<Instant>,
+    /// Its fencing epoch (0 for a one-phase claim that found nothing).
+    epoch: u64,
     /// Its place in `Memory::order`.
     seq: u64,
     key: Option<Bytes>,
@@ -365,6 +465,18 @@ impl Memory {
             if let Some(k) = held.key {
                 self.keys.remove(&(held.client, k));
             }
+        }
+    }
+
+    /// Restarts `pair`'s TTL at `now` (reserved again, taken over or settled).
+    fn stamp(&mut self, pair: &Pair, now: Instant) {
+        let seq = self.next_seq;
+        if let Some(held) = self.pairs.get_mut(pair) {
+            self.order.remove(&held.seq);
+            held.seq = seq;
+            held.at = now;
+            self.order.insert(seq, *pair);
+            self.next_seq += 1;
         }
     }
 
@@ -459,58 +571,139 @@ impl Default for MemoryStore {
     }
 }
 
-impl DedupeStore for MemoryStore {
-    fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
-        let result = (|| {
-            let mut m = self.lock();
-            let pair = (claim.channel, claim.message);
-            if let Some(held) = m.pairs.get(&pair) {
-                return Ok(if MemoryStore::owns(held, claim) {
-                    Claimed::Now
-                } else {
-                    Claimed::Before
+impl MemoryStore {
+    /// Reserves `claim` for `lease` (`None`: claims it in one phase, settled at once), under
+    /// the lock. The row that answers is the pair's own, else its (client, key)'s.
+    fn take(
+        &self,
+        m: &mut Memory,
+        claim: &Claim,
+        lease: Option<Duration>,
+    ) -> Result<Reserved, StoreError> {
+        let now = Instant::now();
+        let pair = (claim.channel, claim.message);
+        let by_pair = m.pairs.contains_key(&pair);
+        let row = if by_pair {
+            Some(pair)
+        } else {
+            let key = claim.key.as_ref().map(|k| (claim.client, k.clone()));
+            key.and_then(|k| m.keys.get(&k).copied())
+        };
+        let mut epoch = 1;
+        let mut took_over = false;
+        if let Some(row) = row {
+            let held = m.pairs.get(&row).expect("keys name held claims");
+            if !by_pair && !same_payload(held.digest, claim.digest) {
+                return Ok(Reserved::Conflict);
+            }
+            let own = by_pair && MemoryStore::owns(held, claim);
+            match held.lease {
+                // Settled: its owner's one-phase retry (a lost answer) is its own again.
+                None if own && lease.is_none() => {
+                    return Ok(Reserved::Held {
+                        epoch: held.epoch,
+                        took_over: false,
+                    })
+                }
+                None => return Ok(Reserved::Before),
+                Some(until) if !own && until > now => {
+                    return Ok(Reserved::Busy {
+                        retry_in: until - now,
+                    })
+                }
+                _ => {}
+            }
+            // Its own reservation (renewed, or settled now), or one whose lease ended (taken
+            // over: the next epoch, so the old owner's settle is fenced).
+            took_over = !own;
+            epoch = held.epoch + u64::from(took_over);
+            if by_pair {
+                let held = m.pairs.get_mut(&row).expect("held");
+                held.claimant = claim.claimant;
+                held.epoch = epoch;
+                held.lease = lease.map(|l| now + l);
+                m.stamp(&row, now);
+                m.refresh(&claim.channel, now);
+                return Ok(Reserved::Held { epoch, took_over });
+            }
+            // The key's reservation was another message's (a retry under a new id): that row
+            // goes, this one holds the key.
+            m.remove(&row);
+        }
+        if m.pairs.len() >= self.max_claims {
+            self.expire_now(m);
+            if m.pairs.len() >= self.max_claims {
+                return Err(StoreError::Full {
+                    max: self.max_claims,
                 });
             }
-            if let Some(k) = &claim.key {
-                if let Some(other) = m.keys.get(&(claim.client, k.clone())) {
-                    let held = m.pairs.get(other).expect("keys name held claims");
-                    return Ok(if same_payload(held.digest, claim.digest) {
-                        Claimed::Before
-                    } else {
-                        Claimed::Conflict
-                    });
-                }
-            }
-            if m.pairs.len() >= self.max_claims {
-                self.expire_now(&mut m);
-                if m.pairs.len() >= self.max_claims {
-                    return Err(StoreError::Full {
-                        max: self.max_claims,
-                    });
-                }
-            }
-            let now = Instant::now();
-            let seq = m.next_seq;
-            m.next_seq += 1;
-            if let Some(k) = &claim.key {
-                m.keys.insert((claim.client, k.clone()), pair);
-            }
-            m.order.insert(seq, pair);
-            m.pairs.insert(
-                pair,
-                Held {
-                    at: now,
-                    seq,
-                    key: claim.key.clone(),
-                    client: claim.client,
-                    digest: claim.digest,
-                    claimant: claim.claimant,
-                },
-            );
-            m.refresh(&claim.channel, now);
-            Ok(Claimed::Now)
-        })();
+        }
+        let seq = m.next_seq;
+        m.next_seq += 1;
+        if let Some(k) = &claim.key {
+            m.keys.insert((claim.client, k.clone()), pair);
+        }
+        m.order.insert(seq, pair);
+        m.pairs.insert(
+            pair,
+            Held {
+                at: now,
+                lease: lease.map(|l| now + l),
+                epoch,
+                seq,
+                key: claim.key.clone(),
+                client: claim.client,
+                digest: claim.digest,
+                claimant: claim.claimant,
+            },
+        );
+        m.refresh(&claim.channel, now);
+        Ok(Reserved::Held { epoch, took_over })
+    }
+}
+
+impl DedupeStore for MemoryStore {
+    fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
+        let result = self.take(&mut self.lock(), claim, None).map(|r| match r {
+            Reserved::Held { .. } => Claimed::Now,
+            Reserved::Busy { .. } => Claimed::Busy,
+            Reserved::Before => Claimed::Before,
+            Reserved::Conflict => Claimed::Conflict,
+        });
         Box::pin(std::future::ready(result))
+    }
+
+    fn reserve<'a>(&'a self, claim: &'a Claim, lease: Duration) -> StoreFuture<'a, Reserved> {
+        let result = if claim.claimant == 0 {
+            // An anonymous reservation could never be settled: nobody owns it.
+            Ok(Reserved::Busy { retry_in: lease })
+        } else {
+            self.take(&mut self.lock(), claim, Some(lease))
+        };
+        Box::pin(std::future::ready(result))
+    }
+
+    fn settle<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Settled> {
+        let now = Instant::now();
+        let mut m = self.lock();
+        let pair = (claim.channel, claim.message);
+        let answer = match m.pairs.get_mut(&pair) {
+            Some(held)
+                if MemoryStore::owns(held, claim)
+                    && claim.epoch != 0
+                    && held.epoch == claim.epoch =>
+            {
+                match held.lease.take() {
+                    Some(until) => {
+                        m.stamp(&pair, now);
+                        Settled::Now { late: now > until }
+                    }
+                    None => Settled::Now { late: false },
+                }
+            }
+            _ => Settled::Fenced,
+        };
+        Box::pin(std::future::ready(Ok(answer)))
     }
 
     fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {

@@ -1,18 +1,62 @@
-//! The claims pipeline: a claim per delivered message, attempts with their own timeout,
-//! retried with the same claimant while the channel runs.
+//! The claims pipeline, in two phases: a message is *reserved* in the store (a lease and a
+//! fencing epoch), then *settled* just before the application takes it, one at a time, and
+//! acked after the take (by the receiver). Attempts have their own timeout and are retried
+//! with the same claimant while the channel runs.
+//!
+//! A job's steps, stated once:
+//!
+//! ```text
+//!  Reserving ──Held──▶ Reserved ──(its turn)──▶ Settling ──Now──▶ (delivered; acked on the take)
+//!     │  ├──Busy──▶ Reserving again when the holder's lease ends     └──Fenced──▶ (dropped, unacked)
+//!     │  └──Before / Conflict──▶ (acked as a replay / refused)
+//!     └──(inbox pattern) Held──▶ (handed to the application with its lease; it settles)
+//! ```
+//!
+//! Rules:
+//! - At most one settle is in flight or waiting for its take per channel: a settle is asked
+//!   only when every message handed over was taken. A replica that dies holds at most that
+//!   one message settled and not taken (the gap the two phases leave).
+//! - A claimant names one message of one incarnation of the peer on this link
+//!   ([`claimant`]): the same for every attempt and every copy, so the store recognises a
+//!   retry (a lost answer) or a re-reservation (a copy after a rollback) as this link's own.
+//! - A reservation this link gives up (the application went away, the channel stopped) is
+//!   released, best effort; otherwise its lease ends by itself.
 
 use super::*;
 
+/// The claimant token for message `id` of the peer's incarnation `generation` on a link
+/// seeded with `seed`: distinct per message (a store matches a claimant per row), never 0.
+pub(super) fn claimant(seed: u64, generation: u64, id: u64) -> u64 {
+    // SplitMix64's finaliser over the three.
+    let mut z = seed
+        .wrapping_add(generation.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(id.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+        .wrapping_add(0x94D0_49BB_1331_11EB);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    z.max(1)
+}
+
 impl Link {
     pub(super) fn start_claim(&mut self, request: ClaimRequest) {
+        if self.config.receiver.claims == Claims::Application && !self.config.reserve {
+            // The inbox pattern without a store here: the application claims on its own.
+            self.peer.receiver.reserved(&request, None);
+            return;
+        }
         self.next_claim += 1;
         let key = self.next_claim;
         let job = ClaimJob {
+            claimant: claimant(self.config.claimant_seed, request.generation, request.id),
             request,
-            claimant: self.config.claimant_seed.wrapping_add(key),
             backoff: Duration::from_millis(10),
             attempt: None,
             retry_at: None,
+            step: ClaimStep::Reserve {
+                lease: self.config.lease,
+            },
+            started: false,
         };
         self.claims.insert(key, job);
         self.claim_attempt(key);
@@ -32,6 +76,7 @@ impl Link {
             digest: job.request.digest,
             claimant: job.claimant,
             timeout,
+            step: job.step,
         });
         // Jobs are keyed by their attempt in flight, or by their last attempt while waiting.
         self.claims.insert(
@@ -48,7 +93,7 @@ impl Link {
         &mut self,
         now: Instant,
         attempt: u64,
-        result: Result<ClaimOutcome, String>,
+        result: Result<StoreAnswer, String>,
     ) {
         let Some(mut job) = self.claims.remove(&attempt) else {
             return;
@@ -57,17 +102,71 @@ impl Link {
             self.claims.insert(attempt, job);
             return;
         }
-        let outcome = match result {
-            Ok(o @ (ClaimOutcome::Now | ClaimOutcome::Before | ClaimOutcome::Conflict)) => o,
-            Ok(ClaimOutcome::Failed) | Err(_) => {
+        job.attempt = None;
+        let lease = |job: &ClaimJob, epoch| Lease {
+            claimant: job.claimant,
+            epoch,
+        };
+        let outcome = match (job.step, result) {
+            (_, Err(e)) => {
                 self.stats.claim_attempts_failed += 1;
-                if let Err(e) = &result {
-                    tracing::warn!(error = %e, id = job.request.id, "surelink: claim failed");
+                tracing::warn!(error = %e, id = job.request.id, "surelink: claim failed");
+                // Retried for as long as the channel runs, with the same claimant and step:
+                // the failed attempt may have been written (a settle above all: a message
+                // settled but never handed over would be acked by any replica that finds it).
+                job.retry_at = Some(now + job.backoff);
+                job.backoff = (job.backoff * 2).min(Duration::from_secs(1));
+                self.claims.insert(attempt, job);
+                return;
+            }
+            (_, Ok(StoreAnswer::Before)) => ClaimOutcome::Before,
+            (_, Ok(StoreAnswer::Conflict)) => ClaimOutcome::Conflict,
+            (ClaimStep::Reserve { .. }, Ok(StoreAnswer::Busy { retry_in })) => {
+                // Another replica holds it: neither delivered nor free. Asked again when the
+                // holder's lease ends (taken over then if the holder died).
+                self.stats.claims_busy += 1;
+                job.retry_at = Some(now + retry_in + BUSY_SLACK);
+                job.backoff = Duration::from_millis(10);
+                self.claims.insert(attempt, job);
+                return;
+            }
+            (ClaimStep::Reserve { .. }, Ok(StoreAnswer::Reserved { epoch, took_over })) => {
+                self.stats.takeovers += u64::from(took_over);
+                if self.config.receiver.claims == Claims::Application {
+                    // The application settles it inside its own transaction.
+                    let lease = lease(&job, epoch);
+                    self.peer.receiver.reserved(&job.request, Some(lease));
+                    return;
                 }
-                // Retried for as long as the channel runs, with the same claimant: the
-                // failed attempt may have been written, and a message claimed but never
-                // handed over would be acked by any replica that finds the claim.
-                job.attempt = None;
+                // Held: settled in its turn (`settle_next`).
+                job.step = ClaimStep::Settle { epoch };
+                job.backoff = Duration::from_millis(10);
+                self.claims.insert(attempt, job);
+                return;
+            }
+            (ClaimStep::Settle { .. }, Ok(StoreAnswer::Settled { late })) => {
+                self.stats.leases_expired += u64::from(late);
+                ClaimOutcome::Now
+            }
+            (ClaimStep::Settle { epoch }, Ok(StoreAnswer::Fenced)) => {
+                // Taken over: the new owner delivers it; this one must not.
+                self.stats.fenced_settles += 1;
+                tracing::info!(
+                    id = job.request.id,
+                    epoch,
+                    "surelink: settle fenced (the reservation was taken over)"
+                );
+                ClaimOutcome::Failed
+            }
+            (step, Ok(answer)) => {
+                // An answer that does not fit the step (a broken store): counted as a failed
+                // attempt and retried.
+                self.stats.claim_attempts_failed += 1;
+                tracing::warn!(
+                    ?step,
+                    ?answer,
+                    "surelink: store answer does not fit the claim"
+                );
                 job.retry_at = Some(now + job.backoff);
                 job.backoff = (job.backoff * 2).min(Duration::from_secs(1));
                 self.claims.insert(attempt, job);
@@ -77,13 +176,86 @@ impl Link {
         self.peer.receiver.claim_done(now, &job.request, outcome);
     }
 
-    /// The channel stops with this claim unresolved: its message is dropped unacked (its
-    /// sender learns an unknown outcome, or an ack from a replica that finds the claim if an
-    /// attempt was written: the known gap of a claim whose answer never came).
+    /// Asks the next settle when its turn has come: no settle in flight, and every message
+    /// handed over taken. The oldest reserved message goes first.
+    pub(super) fn settle_next(&mut self) {
+        if self.app_gone
+            || self.room < self.config.handoff.max(1)
+            || self.peer.receiver.has_deliveries()
+        {
+            return;
+        }
+        let settling = self
+            .claims
+            .values()
+            .any(|j| matches!(j.step, ClaimStep::Settle { .. }) && j.started);
+        if settling {
+            return;
+        }
+        let next = self
+            .claims
+            .iter()
+            .filter(|(_, j)| matches!(j.step, ClaimStep::Settle { .. }))
+            .min_by_key(|(_, j)| (j.request.generation, j.request.id))
+            .map(|(&k, _)| k);
+        if let Some(key) = next {
+            if let Some(job) = self.claims.get_mut(&key) {
+                job.started = true;
+            }
+            self.claim_attempt(key);
+        }
+    }
+
+    /// The channel gives this claim up: its message is dropped unacked. A reservation not
+    /// settled is released (best effort; its lease ends anyway). A settle in flight is the
+    /// gap: it may have been written, and another replica would then ack the message as
+    /// delivered (its sender learns that, or an unknown outcome).
     pub(super) fn give_up_claim(&mut self, now: Instant, job: ClaimJob) {
+        if let ClaimStep::Settle { epoch } = job.step {
+            if !job.started {
+                self.release(&job, epoch);
+            }
+        }
         self.peer
             .receiver
             .claim_done(now, &job.request, ClaimOutcome::Failed);
+    }
+
+    fn release(&mut self, job: &ClaimJob, epoch: u64) {
+        self.stats.reservations_released += 1;
+        self.actions.push_back(Action::Claim {
+            attempt: 0,
+            id: job.request.id,
+            key: job.request.key.clone(),
+            digest: job.request.digest,
+            claimant: job.claimant,
+            timeout: self.config.claim_attempt_timeout,
+            step: ClaimStep::Release { epoch },
+        });
+    }
+
+    /// The application went away: reservations waiting for their settle are given up (their
+    /// messages were never handed over).
+    pub(super) fn give_up_reserved(&mut self, now: Instant) {
+        let waiting: Vec<u64> = self
+            .claims
+            .iter()
+            .filter(|(_, j)| matches!(j.step, ClaimStep::Settle { .. }) && !j.started)
+            .map(|(&k, _)| k)
+            .collect();
+        for key in waiting {
+            if let Some(job) = self.claims.remove(&key) {
+                self.give_up_claim(now, job);
+            }
+        }
+    }
+
+    /// Reservations held now (reserved and not yet settled, or settling).
+    pub(super) fn reservations_held(&self) -> usize {
+        self.claims
+            .values()
+            .filter(|j| matches!(j.step, ClaimStep::Settle { .. }))
+            .count()
     }
 
     pub(super) fn claim_timers(&mut self, now: Instant) {
@@ -104,5 +276,51 @@ impl Link {
                 }
             }
         }
+    }
+}
+
+/// Added to a busy reservation's remaining lease before asking again (clocks and the
+/// store's own round trip).
+const BUSY_SLACK: Duration = Duration::from_millis(5);
+
+#[cfg(test)]
+impl Link {
+    /// Tests: the store answers claim attempt `attempt` (a reservation) with `Reserved`,
+    /// and the settle that follows (if its turn comes now) with `Settled`: a one-phase
+    /// "claimed now". Returns the actions drained meanwhile, the settle's request excluded.
+    pub(crate) fn claim_now(&mut self, now: Instant, attempt: u64) -> Vec<Action> {
+        self.handle(
+            now,
+            Input::ClaimAnswered {
+                attempt,
+                result: Ok(StoreAnswer::Reserved {
+                    epoch: 1,
+                    took_over: false,
+                }),
+            },
+        );
+        let mut out = Vec::new();
+        let mut settle = None;
+        while let Some(a) = self.poll_action() {
+            match a {
+                Action::Claim {
+                    attempt,
+                    step: ClaimStep::Settle { .. },
+                    ..
+                } => settle = Some(attempt),
+                a => out.push(a),
+            }
+        }
+        if let Some(attempt) = settle {
+            self.handle(
+                now,
+                Input::ClaimAnswered {
+                    attempt,
+                    result: Ok(StoreAnswer::Settled { late: false }),
+                },
+            );
+            out.extend(std::iter::from_fn(|| self.poll_action()));
+        }
+        out
     }
 }

@@ -16,6 +16,7 @@ impl Link {
     pub(super) fn app_gone(&mut self, now: Instant) {
         self.peer.receiver.application_gone(now);
         self.app_gone = true;
+        self.give_up_reserved(now);
     }
 
     pub(super) fn hand_over(&mut self) {

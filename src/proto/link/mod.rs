@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{
-    ClaimOutcome, ClaimRequest, Claims, Delivered, Digest, FailReason, Peer, ReceiverConfig, Scope,
-    SenderConfig, SenderEvent, StreamStatus, ANONYMOUS,
+    ClaimOutcome, ClaimRequest, Claims, Delivered, Digest, FailReason, Lease, Peer, ReceiverConfig,
+    Scope, SenderConfig, SenderEvent, StreamStatus, ANONYMOUS,
 };
 use crate::wire::{
     encode_stream_head, Envelope, Frame, Limits, MAX_KEY_LEN, REFUSE_KEY_REUSED, STREAM_DELIVERED,
@@ -156,9 +156,70 @@ pub struct LinkConfig {
     pub protocol: u8,
     /// Random bits that make this link's claimant tokens ([`Action::Claim`]) its own.
     pub claimant_seed: u64,
+    /// Whether the channel has a claims store that takes reservations: always in
+    /// [`Claims::Owner`] mode; in [`Claims::Application`] mode (the inbox pattern) the link
+    /// then reserves each message before the application gets it, with its lease in
+    /// [`Delivered::lease`]. Default `false`.
+    pub reserve: bool,
+    /// How long a reservation holds a message against other replicas: a replica that dies
+    /// holding one is taken over this long after its last reservation. Default 2 s.
+    pub lease: Duration,
 }
 
 pub use crate::proto::SharedKeys;
+
+/// How long a reservation holds a message against other replicas by default
+/// ([`LinkConfig::lease`]).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(2);
+
+/// The step of a claim a link asks the store for ([`Action::Claim`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimStep {
+    /// Reserve the message for `lease` (`DedupeStore::reserve`).
+    Reserve {
+        /// The lease.
+        lease: Duration,
+    },
+    /// Settle the reservation of fencing epoch `epoch` (`DedupeStore::settle`).
+    Settle {
+        /// The epoch the reservation was given.
+        epoch: u64,
+    },
+    /// Release the reservation (best effort; no answer is expected: `attempt` is 0).
+    Release {
+        /// The epoch the reservation was given.
+        epoch: u64,
+    },
+}
+
+/// The store's answer to an [`Action::Claim`] ([`Input::ClaimAnswered`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreAnswer {
+    /// Reserved for this claimant with fencing epoch `epoch`; `took_over` from an owner
+    /// whose lease had ended.
+    Reserved {
+        /// The fencing epoch.
+        epoch: u64,
+        /// Whether another owner's reservation was taken over.
+        took_over: bool,
+    },
+    /// Another claimant holds it for `retry_in` more.
+    Busy {
+        /// Until its lease ends.
+        retry_in: Duration,
+    },
+    /// Settled: deliver it now; `late`: after its lease had ended.
+    Settled {
+        /// Whether the lease had ended first.
+        late: bool,
+    },
+    /// The settle was rejected: the reservation is no longer this claimant's.
+    Fenced,
+    /// Settled before (here or elsewhere): ack it, deliver nothing.
+    Before,
+    /// Its key was claimed with another payload: refuse it.
+    Conflict,
+}
 
 impl Default for LinkConfig {
     fn default() -> Self {
@@ -179,6 +240,8 @@ impl Default for LinkConfig {
             key_scope: ANONYMOUS,
             protocol: 2,
             claimant_seed: 0,
+            reserve: false,
+            lease: DEFAULT_LEASE,
         }
     }
 }
@@ -381,14 +444,13 @@ pub enum Input {
         /// Why, for the counters.
         reason: &'static str,
     },
-    /// A claim attempt asked by [`Action::Claim`] finished: the store's answer
-    /// ([`ClaimOutcome::Now`] or [`ClaimOutcome::Before`]), or its error (including the
-    /// attempt's timeout).
+    /// A claim attempt asked by [`Action::Claim`] finished: the store's answer, or its
+    /// error (including the attempt's timeout).
     ClaimAnswered {
         /// The attempt.
         attempt: u64,
         /// The answer.
-        result: Result<ClaimOutcome, String>,
+        result: Result<StoreAnswer, String>,
     },
     /// The application took message `id` from its queue.
     Took {
@@ -515,10 +577,10 @@ pub enum Action {
         /// The status byte.
         status: Option<u8>,
     },
-    /// Claim message `id` in the store within `timeout`; answer with
-    /// [`Input::ClaimAnswered`]. Every attempt for one message carries the same `claimant`,
-    /// so a store that committed an earlier attempt whose answer was lost can recognise the
-    /// row as this claim's own (and answer "claimed now").
+    /// Reserve, settle or release message `id` in the store (`step`) within `timeout`;
+    /// answer with [`Input::ClaimAnswered`] (a release, `attempt` 0, needs no answer).
+    /// Every attempt for one message carries the same `claimant`, so a store that committed
+    /// an earlier attempt whose answer was lost recognises the row as this claim's own.
     Claim {
         /// The attempt's id.
         attempt: u64,
@@ -533,6 +595,8 @@ pub enum Action {
         claimant: u64,
         /// Longest the attempt may take.
         timeout: Duration,
+        /// Which step of the two-phase claim.
+        step: ClaimStep,
     },
     /// Hand a message to the application.
     Deliver(Delivered),
@@ -585,6 +649,20 @@ pub struct LinkStats {
     pub slots_held: usize,
     /// Claim attempts that failed or timed out.
     pub claim_attempts_failed: u64,
+    /// Reservations held now: reserved in the store, not yet settled (or settling).
+    pub reservations_held: usize,
+    /// Reservations answered busy: another replica held the message (asked again when its
+    /// lease ends).
+    pub claims_busy: u64,
+    /// Reservations taken over from an owner whose lease had ended.
+    pub takeovers: u64,
+    /// Settles rejected because the reservation had been taken over (the message was not
+    /// handed over here).
+    pub fenced_settles: u64,
+    /// Settles that came after their own lease had ended (nobody had taken it over).
+    pub leases_expired: u64,
+    /// Reservations given up and released (the application went away, the channel stopped).
+    pub reservations_released: u64,
     /// Messages whose idempotency key another channel of the same server delivered: acked,
     /// not delivered again ([`LinkConfig::shared_keys`]).
     pub duplicate_keys_elsewhere: u64,
@@ -686,6 +764,10 @@ struct ClaimJob {
     /// The attempt in flight.
     attempt: Option<u64>,
     retry_at: Option<Instant>,
+    /// What the next attempt asks: a reservation, or (once reserved) its settle.
+    step: ClaimStep,
+    /// Whether its settle was asked (it may be retrying after an error).
+    started: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -847,6 +929,7 @@ impl Link {
         s.slots_held = self.waiting.len() + self.streams.len();
         s.replica_scores = self.ranking.scores.clone();
         s.duplicate_keys_elsewhere = self.peer.receiver.stats().duplicate_keys_elsewhere;
+        s.reservations_held = self.reservations_held();
         s
     }
 
@@ -1274,6 +1357,9 @@ impl Link {
             };
             self.start_claim(request);
         }
+        // Without a store the inbox pattern hands a message over as its claim starts.
+        self.hand_over();
+        self.settle_next();
 
         while let Some((id, status)) = self.peer.receiver.poll_stream_answer() {
             if let Some(answer) = self.stream_waiting.remove(&id) {

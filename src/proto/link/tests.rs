@@ -740,14 +740,7 @@ fn a_failing_claim_is_retried_with_backoff_while_the_channel_runs() {
     now = link.poll_timeout().expect("the next retry");
     link.handle(now, Input::Timer);
     let (attempt, _) = claim_attempts(&drain(&mut link))[0];
-    link.handle(
-        now,
-        Input::ClaimAnswered {
-            attempt,
-            result: Ok(ClaimOutcome::Now),
-        },
-    );
-    assert_eq!(delivered(&drain(&mut link)), 1);
+    assert_eq!(delivered(&link.claim_now(now, attempt)), 1);
 }
 
 #[test]
@@ -755,14 +748,7 @@ fn a_claim_answered_now_is_delivered_and_acked() {
     let (now, mut link, mut client) = claims_server(LinkConfig::default());
     let actions = deliver_one(&mut link, &mut client, now);
     let (attempt, _) = claim_attempts(&actions)[0];
-    link.handle(
-        now,
-        Input::ClaimAnswered {
-            attempt,
-            result: Ok(ClaimOutcome::Now),
-        },
-    );
-    let actions = drain(&mut link);
+    let actions = link.claim_now(now, attempt);
     assert_eq!(delivered(&actions), 1);
     assert_eq!(
         transmits_to(&actions, ConnId(1)),
@@ -772,14 +758,7 @@ fn a_claim_answered_now_is_delivered_and_acked() {
     link.handle(now, Input::Took { id: 0 });
     assert!(transmits_to(&drain(&mut link), ConnId(1)) > 0, "an ack");
     // A late answer to a stale attempt changes nothing.
-    link.handle(
-        now,
-        Input::ClaimAnswered {
-            attempt,
-            result: Ok(ClaimOutcome::Now),
-        },
-    );
-    assert_eq!(delivered(&drain(&mut link)), 0);
+    assert_eq!(delivered(&link.claim_now(now, attempt)), 0);
 }
 
 #[test]
@@ -1051,9 +1030,19 @@ fn every_send_gets_one_outcome_and_its_slot_back_under_random_events() {
                 }
                 6 if !claims.is_empty() => {
                     let attempt = claims.swap_remove(rng.random_range(0..claims.len()));
-                    let result = match rng.random_range(0..3) {
-                        0 => Ok(ClaimOutcome::Now),
-                        1 => Ok(ClaimOutcome::Before),
+                    let result = match rng.random_range(0..6) {
+                        0 => Ok(StoreAnswer::Reserved {
+                            epoch: rng.random_range(1..3),
+                            took_over: rng.random_bool(0.5),
+                        }),
+                        1 => Ok(StoreAnswer::Before),
+                        2 => Ok(StoreAnswer::Settled {
+                            late: rng.random_bool(0.5),
+                        }),
+                        3 => Ok(StoreAnswer::Busy {
+                            retry_in: Duration::from_millis(rng.random_range(0..3000)),
+                        }),
+                        4 => Ok(StoreAnswer::Fenced),
                         _ => Err("store down".into()),
                     };
                     Input::ClaimAnswered { attempt, result }
@@ -1182,14 +1171,7 @@ fn a_draining_close_waits_for_claims_in_flight_within_the_claim_timeout() {
     let (attempt, _) = claim_attempts(&deliver_one(&mut link, &mut client, now))[0];
     link.handle(now, Input::Close { drain: true });
     assert!(closes(&drain(&mut link)).is_empty());
-    link.handle(
-        now,
-        Input::ClaimAnswered {
-            attempt,
-            result: Ok(ClaimOutcome::Now),
-        },
-    );
-    let mut actions = drain(&mut link);
+    let mut actions = link.claim_now(now, attempt);
     link.handle(now, Input::Took { id: 0 });
     actions.extend(drain(&mut link));
     let ack = actions
@@ -1294,4 +1276,233 @@ fn toward_a_version_1_replica_first_flights_are_shards() {
     let (shards, messages) = kinds(&actions, ConnId(2));
     assert!(shards >= 2, "{shards} shards");
     assert_eq!(messages, 0, "nothing a version-1 peer cannot read");
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 23: two-phase claims (reserve, settle one at a time, lease, fencing)
+// ---------------------------------------------------------------------------------------
+
+/// The claim attempts among `actions`: (attempt, step).
+fn claim_steps(actions: &[Action]) -> Vec<(u64, ClaimStep)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Claim { attempt, step, .. } => Some((*attempt, *step)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn answer(link: &mut Link, now: Instant, attempt: u64, answer: StoreAnswer) -> Vec<Action> {
+    link.handle(
+        now,
+        Input::ClaimAnswered {
+            attempt,
+            result: Ok(answer),
+        },
+    );
+    drain(link)
+}
+
+const HELD: StoreAnswer = StoreAnswer::Reserved {
+    epoch: 1,
+    took_over: false,
+};
+
+/// A settle is asked only once every message handed over was taken, so a replica that dies
+/// holds at most one message settled and not taken; the reservations go ahead meanwhile.
+#[test]
+fn settles_go_one_at_a_time_after_the_take() {
+    let (now, mut link, mut client) = claims_server(LinkConfig::default());
+    let mut reserves = Vec::new();
+    for _ in 0..3 {
+        reserves.extend(claim_steps(&deliver_one(&mut link, &mut client, now)));
+    }
+    assert_eq!(reserves.len(), 3, "three reservations go out at once");
+    assert!(reserves
+        .iter()
+        .all(|(_, s)| matches!(s, ClaimStep::Reserve { lease } if *lease == DEFAULT_LEASE)));
+    let mut settles = Vec::new();
+    for &(attempt, _) in &reserves {
+        settles.extend(claim_steps(&answer(&mut link, now, attempt, HELD)));
+    }
+    assert_eq!(settles.len(), 1, "one settle at a time: {settles:?}");
+    assert_eq!(link.stats().reservations_held, 3);
+    let out = answer(
+        &mut link,
+        now,
+        settles[0].0,
+        StoreAnswer::Settled { late: false },
+    );
+    assert_eq!(delivered(&out), 1);
+    assert!(claim_steps(&out).is_empty(), "no settle before the take");
+    assert_eq!(transmits_to(&out, ConnId(1)), 0, "no ack before the take");
+    link.handle(now, Input::Took { id: 0 });
+    let out = drain(&mut link);
+    assert!(transmits_to(&out, ConnId(1)) > 0, "acked after the take");
+    let next = claim_steps(&out);
+    assert_eq!(next.len(), 1, "the next settle, once the first was taken");
+    assert!(matches!(next[0].1, ClaimStep::Settle { epoch: 1 }));
+    assert_eq!(link.stats().reservations_held, 2);
+}
+
+/// Another replica's live reservation answers busy: the message is neither delivered nor
+/// acked, and it is reserved again once the holder's lease ends (taken over if the holder
+/// died), then settled and delivered.
+#[test]
+fn a_busy_reservation_is_asked_again_when_the_lease_ends() {
+    let (now, mut link, mut client) = claims_server(LinkConfig::default());
+    let (attempt, _) = claim_steps(&deliver_one(&mut link, &mut client, now))[0];
+    let retry_in = Duration::from_millis(1500);
+    let out = answer(&mut link, now, attempt, StoreAnswer::Busy { retry_in });
+    assert_eq!(delivered(&out), 0);
+    assert_eq!(transmits_to(&out, ConnId(1)), 0, "busy is not acked");
+    let at = link.poll_timeout().expect("a retry");
+    assert!(at >= now + retry_in, "not before the lease ends");
+    assert!(at <= now + retry_in + Duration::from_millis(20));
+    link.handle(at, Input::Timer);
+    let again = claim_steps(&drain(&mut link));
+    assert!(
+        matches!(again[..], [(_, ClaimStep::Reserve { .. })]),
+        "{again:?}"
+    );
+    let took = StoreAnswer::Reserved {
+        epoch: 2,
+        took_over: true,
+    };
+    let settle = claim_steps(&answer(&mut link, at, again[0].0, took));
+    assert!(matches!(settle[..], [(_, ClaimStep::Settle { epoch: 2 })]));
+    let out = answer(
+        &mut link,
+        at,
+        settle[0].0,
+        StoreAnswer::Settled { late: false },
+    );
+    assert_eq!(delivered(&out), 1);
+    let stats = link.stats();
+    assert_eq!((stats.claims_busy, stats.takeovers), (1, 1));
+}
+
+/// A settle fenced by a takeover: the message is not handed over here, and not acked (the
+/// replica that took it over delivers it).
+#[test]
+fn a_fenced_settle_is_neither_delivered_nor_acked() {
+    let (now, mut link, mut client) = claims_server(LinkConfig::default());
+    let (attempt, _) = claim_steps(&deliver_one(&mut link, &mut client, now))[0];
+    let settle = claim_steps(&answer(&mut link, now, attempt, HELD));
+    let out = answer(&mut link, now, settle[0].0, StoreAnswer::Fenced);
+    assert_eq!(delivered(&out), 0);
+    assert_eq!(transmits_to(&out, ConnId(1)), 0, "no ack");
+    assert_eq!(link.stats().fenced_settles, 1);
+    assert_eq!(link.stats().reservations_held, 0);
+    // A copy of it is judged again, not acked from the window.
+    let later = now + Duration::from_millis(300);
+    client.handle_timeout(later);
+    let mut out = Vec::new();
+    while let Some(d) = client.poll_transmit() {
+        link.handle(
+            later,
+            Input::Datagram {
+                conn: ConnId(1),
+                data: d,
+            },
+        );
+        out.extend(drain(&mut link));
+    }
+    assert_eq!(transmits_to(&out, ConnId(1)), 0, "still no ack for a copy");
+}
+
+/// The application goes away: reservations waiting for their settle are released at once
+/// (other replicas need not wait for their leases), and nothing more is settled.
+#[test]
+fn reservations_are_released_when_the_application_goes() {
+    let (now, mut link, mut client) = claims_server(LinkConfig::default());
+    let mut reserves = Vec::new();
+    for _ in 0..2 {
+        reserves.extend(claim_steps(&deliver_one(&mut link, &mut client, now)));
+    }
+    let mut settles = Vec::new();
+    for &(attempt, _) in &reserves {
+        settles.extend(claim_steps(&answer(&mut link, now, attempt, HELD)));
+    }
+    assert_eq!(settles.len(), 1);
+    link.handle(now, Input::AppGone);
+    let out = drain(&mut link);
+    let released: Vec<_> = claim_steps(&out)
+        .into_iter()
+        .filter(|(_, s)| matches!(s, ClaimStep::Release { epoch: 1 }))
+        .collect();
+    assert_eq!(released.len(), 1, "the reservation waiting for its turn");
+    assert_eq!(link.stats().reservations_released, 1);
+    // The settle in flight still answers; its message goes to the closed queue.
+    let out = answer(
+        &mut link,
+        now,
+        settles[0].0,
+        StoreAnswer::Settled { late: false },
+    );
+    assert!(claim_steps(&out).is_empty(), "nothing more is settled");
+}
+
+/// The inbox pattern with a store: the message is reserved first, then handed to the
+/// application with its lease (for its transaction to settle), and acked on its confirm.
+#[test]
+fn the_inbox_application_gets_its_message_with_its_reservation() {
+    let now = Instant::now();
+    let mut config = LinkConfig {
+        reserve: true,
+        claimant_seed: 77,
+        ..LinkConfig::default()
+    };
+    config.receiver.claims = Claims::Application;
+    let mut link = Link::new(now, config, Role::Server, ConnId(1), SIZE, 0);
+    let mut client = Peer::new(SenderConfig::default(), ReceiverConfig::default());
+    let out = deliver_one(&mut link, &mut client, now);
+    assert_eq!(delivered(&out), 0, "not before its reservation");
+    let steps = claim_steps(&out);
+    let out = answer(
+        &mut link,
+        now,
+        steps[0].0,
+        StoreAnswer::Reserved {
+            epoch: 3,
+            took_over: true,
+        },
+    );
+    let lease = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Deliver(d) => Some(d.lease),
+            _ => None,
+        })
+        .expect("handed over");
+    let lease = lease.expect("with its reservation");
+    assert_eq!(lease.epoch, 3);
+    assert_eq!(lease.claimant, claims::claimant(77, 0, 0));
+    assert!(claim_steps(&out).is_empty(), "the application settles it");
+    link.handle(now, Input::Took { id: 0 });
+    assert_eq!(transmits_to(&drain(&mut link), ConnId(1)), 0, "not before");
+    link.handle(
+        now,
+        Input::Confirm {
+            id: 0,
+            outcome: ClaimOutcome::Now,
+        },
+    );
+    assert!(transmits_to(&drain(&mut link), ConnId(1)) > 0, "acked");
+}
+
+/// A claimant names one message of one incarnation of the peer: distinct per message and
+/// per incarnation, never 0, the same for every attempt.
+#[test]
+fn claimants_are_per_message_and_incarnation() {
+    let mut seen = std::collections::HashSet::new();
+    for generation in 0..4 {
+        for id in 0..1000 {
+            let c = claims::claimant(9, generation, id);
+            assert_ne!(c, 0);
+            assert!(seen.insert(c), "{generation}/{id}");
+            assert_eq!(c, claims::claimant(9, generation, id));
+        }
+    }
 }
