@@ -203,6 +203,9 @@ pub struct Scenario {
     /// The protocol version every connection negotiated (1: replays are acked like
     /// deliveries; 2, the default: as replays).
     pub protocol: u8,
+    /// Clients hedge to their warm standby too (`HedgeTo::Both`): copies of late messages
+    /// reach a second replica, which reserves them against the first.
+    pub hedge_both: bool,
     /// The steps.
     pub ops: Vec<Op>,
 }
@@ -219,8 +222,43 @@ impl Scenario {
             short_holes: false,
             identities: false,
             protocol: 2,
+            hedge_both: false,
             ops,
         }
+    }
+}
+
+/// What the crash audit learns from one run ([`audit`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Audit {
+    /// Steps the run took.
+    pub steps: u64,
+    /// Crashes without state.
+    pub crashes: u64,
+    /// Messages lost in the two phases' window (settled, not taken, when their replica died).
+    pub gap_losses: u64,
+    /// Reservations taken over, settles fenced.
+    pub takeovers: u64,
+    pub fenced: u64,
+}
+
+/// Runs `scenario` with replica `crash.1` dying after step `crash.0`, checks every promise
+/// (panicking on a violation, as [`run`] does), and reports.
+pub fn audit(scenario: Scenario, crash: Option<(u64, usize)>) -> Audit {
+    let mut world = World::new(&scenario);
+    if let Some((after, replica)) = crash {
+        world.crash_after(after, replica);
+    }
+    for op in scenario.ops {
+        world.step(op);
+    }
+    world.run_out();
+    Audit {
+        steps: world.steps,
+        crashes: world.crashes,
+        gap_losses: world.gap_losses,
+        takeovers: world.store.takeovers,
+        fenced: world.store.fenced,
     }
 }
 
@@ -264,6 +302,7 @@ impl<'a> Arbitrary<'a> for Scenario {
             short_holes: b >> 3 & 7 == 0 && !skip("short-holes"),
             identities: b & 0x40 != 0,
             protocol: if b & 0x80 != 0 { 1 } else { 2 },
+            hedge_both: a / 27 % 2 == 1,
             ops,
         })
     }
@@ -668,6 +707,10 @@ pub struct World {
     unresolved: HashSet<(usize, usize, u64)>,
     /// Messages lost in that window (see `unresolved`).
     gap_losses: u64,
+    /// Events and timer rounds handled so far (the crash audit's clock).
+    steps: u64,
+    /// The crash audit: replica `.1` dies without state once `.0` steps were handled.
+    crash_at: Option<(u64, usize)>,
     /// Stream messages still to be reset by the server that reads them.
     stream_resets: u32,
     /// Crashes without state done.
@@ -709,6 +752,9 @@ impl World {
         server_config.protocol = scenario.protocol;
         let mut client_config = client_config();
         client_config.protocol = scenario.protocol;
+        if scenario.hedge_both {
+            client_config.sender.hedge_to = surelink::proto::HedgeTo::Both;
+        }
         let replicas = if mode == Mode::Keys {
             1
         } else {
@@ -741,6 +787,8 @@ impl World {
             identities: scenario.identities,
             unresolved: HashSet::new(),
             gap_losses: 0,
+            steps: 0,
+            crash_at: None,
             stream_resets: 0,
             crashes: 0,
             hostile: None,
@@ -1147,6 +1195,12 @@ impl World {
     /// Runs until nothing is left to happen (at most 10 virtual minutes), then checks every
     /// promise, every send's outcome included.
     pub fn finish(mut self) -> Ledger {
+        self.run_out();
+        self.ledger
+    }
+
+    /// [`World::finish`] without giving the world up.
+    fn run_out(&mut self) {
         self.loss = 0;
         for r in &mut self.replicas {
             for s in &mut r.channels {
@@ -1157,7 +1211,6 @@ impl World {
         if let Err(e) = self.ledger.check_final().or_else(skipped) {
             panic!("at the end ({:?}): {e}", self.now - self.start);
         }
-        self.ledger
     }
 
     /// Drains every link and lets the applications take what they can.
@@ -1427,6 +1480,9 @@ impl World {
     fn take(&mut self, r: usize, i: usize, send: u64, claim: Claim) {
         let now = self.now;
         let id = claim.message;
+        if trace() {
+            eprintln!("{:>9.3?} take {r}/{i} {id}", now - self.start);
+        }
         let s = &mut self.replicas[r].channels[i];
         let app = s.app_id;
         if let Some(link) = &mut s.link {
@@ -1523,8 +1579,27 @@ impl World {
                 self.fire_timers();
             }
             self.settle();
+            self.steps += 1;
+            if let Some((at, r)) = self.crash_at {
+                if self.steps == at {
+                    self.crash_at = None;
+                    self.crash(r % self.replicas.len());
+                    self.settle();
+                }
+            }
         }
         self.now = self.now.max(until);
+    }
+
+    /// The crash audit: replica `replica` dies without state right after the world's
+    /// `after`th step (an event or a round of timers).
+    pub fn crash_after(&mut self, after: u64, replica: usize) {
+        self.crash_at = Some((after, replica));
+    }
+
+    /// Steps (events and timer rounds) handled so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
     }
 
     fn fire_timers(&mut self) {
@@ -1988,16 +2063,6 @@ impl World {
             }
             self.gap_losses += 1;
         }
-    }
-
-    /// Messages lost in the two phases' window so far (see `unresolved`).
-    pub fn gap_losses(&self) -> u64 {
-        self.gap_losses
-    }
-
-    /// Reservations taken over and settles fenced in the store so far.
-    pub fn takeovers(&self) -> (u64, u64) {
-        (self.store.takeovers, self.store.fenced)
     }
 
     /// Replica `r`'s process dies with its state and restarts.

@@ -1,0 +1,177 @@
+//! The crash audit in the sans-I/O world (issue 23): replicas sharing a two-phase claims
+//! store, and one of them killed (without state) after every step of a run in turn: every
+//! event and every round of timers, so every point between a reservation, its settle and
+//! the application's take. Each run checks every promise ([`world`]'s ledger: delivered
+//! never twice, acked ⇒ taken, every send an outcome) and the window's bound (a channel
+//! loses at most the one message it settled and its application had not taken).
+//!
+//! Variants: a plain run with loss; an application that pauses longer than the lease (its
+//! replica's reservations are taken over, its late settles fenced); a store that fails and
+//! hangs (a restart, a replica cut off mid-settle); the inbox pattern; clients that restart
+//! and retry their keys.
+//!
+//! CI runs every seventh point of one seed (about 800 runs, a second and a half). `SURELINK_AUDIT_POINTS=10000` runs every
+//! point of every variant, over as many seeds as it takes to reach that many:
+//! `SURELINK_AUDIT_POINTS=10000 cargo test --release --test world_audit -- --nocapture`.
+
+#[path = "../fuzz/world.rs"]
+mod world;
+
+use world::{Mode, Op, Scenario, StoreFault};
+
+/// A run's steps, seeded: payments from two clients (keys repeat across them as retries
+/// do), time between them, and the variant's faults.
+fn scenario(variant: &str, seed: u64) -> Scenario {
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mode = if variant.starts_with("inbox") {
+        Mode::Inbox
+    } else {
+        Mode::Store
+    };
+    let mut ops = vec![Op::Loss(if variant == "plain" { 5 } else { 2 })];
+    if variant.ends_with("paused") {
+        // Once the channels are open (replica r holds client r's primary first, then the other
+        // client's standby: apps 0 and 2 are the primaries), both primaries applications stop taking for 3 s,
+        // longer than the 2 s lease: the first message each is handed stays untaken, the
+        // next stay reserved (not settled), and copies hedged to the standby replicas wait
+        // for those leases, take them over, and deliver there; the paused owners' settles
+        // are fenced when their applications resume.
+        ops.push(Op::Advance(10));
+        ops.push(Op::Pause { app: 0, ms: 150 });
+        ops.push(Op::Pause { app: 2, ms: 150 });
+    }
+    for j in 0..12u8 {
+        let r = next();
+        ops.push(Op::Send {
+            client: j % 2,
+            key: Some((r % 16) as u8),
+            big: false,
+            deadline: None,
+        });
+        ops.push(Op::Advance(1 + (r >> 8) as u8 % 6));
+        match (variant, j) {
+            ("store", 3) => ops.push(Op::Store {
+                fault: StoreFault::Error,
+                count: 4,
+            }),
+            ("store", 6) => ops.push(Op::Store {
+                fault: StoreFault::Hang { commits: true },
+                count: 2,
+            }),
+            ("store", 9) => ops.push(Op::Store {
+                fault: StoreFault::ErrorAfterCommit,
+                count: 2,
+            }),
+            ("restart", 5) => ops.push(Op::Restart {
+                client: 0,
+                retry: true,
+            }),
+            _ => {}
+        }
+    }
+    // 5 s more before the world runs out (which lifts pauses and loss): past the pause and
+    // the leases it outlives.
+    ops.extend((0..5).map(|_| Op::Advance(250)));
+    Scenario {
+        clients: 2,
+        // Copies of late messages go to the standby replica too, which reserves them
+        // against the first (and takes them over from a paused or dead one).
+        hedge_both: variant != "plain",
+        ..Scenario::new(mode, 2, ops)
+    }
+}
+
+const VARIANTS: [&str; 6] = [
+    "plain",
+    "paused",
+    "store",
+    "inbox",
+    "inbox-paused",
+    "restart",
+];
+
+#[derive(Default, Debug)]
+struct Tally {
+    points: u64,
+    crashes: u64,
+    gap_losses: u64,
+    takeovers: u64,
+    fenced: u64,
+}
+
+/// Every `stride`th point of `variant` under `seed`; returns the tally.
+fn points(variant: &str, seed: u64, stride: u64, tally: &mut Tally) {
+    let dry = world::audit(scenario(variant, seed), None);
+    let mut k = 1 + seed % stride;
+    while k <= dry.steps {
+        let a = world::audit(scenario(variant, seed), Some((k, (k % 2) as usize)));
+        tally.points += 1;
+        tally.crashes += a.crashes;
+        tally.gap_losses += a.gap_losses;
+        tally.takeovers += a.takeovers;
+        tally.fenced += a.fenced;
+        k += stride;
+    }
+}
+
+#[test]
+fn a_replica_killed_at_any_step_breaks_no_promise() {
+    let wanted: u64 = std::env::var("SURELINK_AUDIT_POINTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let (stride, seeds) = if wanted > 0 { (1, u64::MAX) } else { (7, 1) };
+    let mut total = Tally::default();
+    let mut seed = 1;
+    while seed <= seeds {
+        for variant in VARIANTS {
+            let mut tally = Tally::default();
+            points(variant, seed, stride, &mut tally);
+            eprintln!("seed {seed} {variant:>8}: {tally:?}");
+            assert!(tally.points > 0);
+            if variant.ends_with("paused") {
+                assert!(
+                    tally.takeovers > 0,
+                    "the paused application's reservations were never taken over"
+                );
+            }
+            total.points += tally.points;
+            total.crashes += tally.crashes;
+            total.gap_losses += tally.gap_losses;
+            total.takeovers += tally.takeovers;
+            total.fenced += tally.fenced;
+        }
+        if total.points >= wanted {
+            break;
+        }
+        seed += 1;
+    }
+    eprintln!("total: {total:?}");
+    assert!(
+        total.crashes >= total.points,
+        "every point crashed a replica"
+    );
+}
+
+/// The merely slow owner, without a crash: its application pauses past the lease, copies
+/// hedged to the other replica take its reservations over and deliver them there, and its
+/// own settles (or, in the inbox, its application's) are fenced when it resumes. Every
+/// promise holds (checked by the world).
+#[test]
+fn a_slow_owners_reservations_are_taken_over_and_its_settles_fenced() {
+    for variant in ["paused", "inbox-paused"] {
+        for seed in 1..=3 {
+            let a = world::audit(scenario(variant, seed), None);
+            eprintln!("{variant} seed {seed}: {a:?}");
+            assert!(a.takeovers > 0, "{variant} seed {seed}: {a:?}");
+            assert!(a.fenced > 0, "{variant} seed {seed}: {a:?}");
+            assert_eq!(a.gap_losses, 0, "nothing lost without a crash");
+        }
+    }
+}
