@@ -99,6 +99,11 @@
 //! | `surelink_messages_refused_total` | counter | `role`, `reason` | messages refused (a REFUSE to the sender, never delivered), by `reason`: `malformed` (envelope), `out_of_window`, `keys_full`, `block` (code above the limits), `closed` (the application was gone), `passed` (the floor passed the id before it was delivered), `key_reused` (its key was delivered with another payload) (`receiver.refused`) |
 //! | `surelink_invalid_frames_total` | counter | `role`, `reason` | input that broke the wire format: every datagram or stream message that did not decode, by the decoder's reason (`stats().invalid_frames`: `truncated`, `unknown_type`, `unsupported_version`, `index_out_of_range`, `trailing_bytes`, …, and `stream_too_long`, `stream_timeout`), and from reassembly `bad_checksum` (a block whose bytes failed their CRC; `reassembly.checksum_failures`), `contradicting_shard` (`reassembly.shards_contradicting`) and `malformed_shard` (`reassembly.shards_malformed`) |
 //! | `surelink_claim_failures_total` | counter | `role` | claims the store failed to answer (retried; `receiver.claim_failures`) |
+//! | `surelink_reservations_held` | gauge | `role` | messages reserved in the claims store and not yet settled, over the open channels (`stats().reservations_held`); other replicas hold copies of them back until their leases end |
+//! | `surelink_reservations_busy_total` | counter | `role` | reservations answered busy: another replica held the message (`claims_busy`) |
+//! | `surelink_reservation_takeovers_total` | counter | `role` | reservations taken over from a replica whose lease had ended: it died or was too slow (`reservation_takeovers`) |
+//! | `surelink_settles_fenced_total` | counter | `role` | settles rejected because another replica had taken the reservation over; the message was not handed over here (`fenced_settles`) |
+//! | `surelink_leases_expired_total` | counter | `role` | settles that came after their own lease had ended, nobody having taken it over (`leases_expired`) |
 //!
 //! ## Channels and connections
 //!
@@ -205,6 +210,10 @@ const FOLLOWED: &[Follow] = &[
     follow(INVALID_FRAMES, Some(("reason", "contradicting_shard")), COUNT, INVALID_FRAMES_HELP, |s| s.reassembly.shards_contradicting),
     follow(INVALID_FRAMES, Some(("reason", "malformed_shard")), COUNT, INVALID_FRAMES_HELP, |s| s.reassembly.shards_malformed),
     follow("surelink_claim_failures_total", None, COUNT, "Claims the store failed to answer.", |s| s.receiver.claim_failures),
+    follow("surelink_reservations_busy_total", None, COUNT, "Reservations answered busy: another replica held the message.", |s| s.claims_busy),
+    follow("surelink_reservation_takeovers_total", None, COUNT, "Reservations taken over from a replica whose lease had ended.", |s| s.reservation_takeovers),
+    follow("surelink_settles_fenced_total", None, COUNT, "Settles rejected: another replica had taken the reservation over.", |s| s.fenced_settles),
+    follow("surelink_leases_expired_total", None, COUNT, "Settles that came after their own lease had ended.", |s| s.leases_expired),
     follow("surelink_reconnects_total", None, COUNT, "Connections a channel moved to after losing one.", |s| s.reconnects),
     follow("surelink_failovers_total", None, COUNT, "Moves to another replica after losing a connection.", |s| s.failovers),
     follow("surelink_send_errors_total", None, COUNT, "Datagrams quinn refused to send.", |s| s.send_errors),
@@ -217,6 +226,7 @@ const ACKED: &str = "surelink_messages_acked_total";
 const FAILED: &str = "surelink_messages_failed_total";
 const DELIVERED: &str = "surelink_messages_delivered_total";
 const IN_FLIGHT: &str = "surelink_in_flight";
+const RESERVATIONS: &str = "surelink_reservations_held";
 const LOSS: &str = "surelink_loss_estimate";
 const UDP_SENT: &str = "surelink_udp_bytes_sent_total";
 const UDP_RECEIVED: &str = "surelink_udp_bytes_received_total";
@@ -268,6 +278,11 @@ pub fn describe() {
         "QUIC connections the channels hold."
     );
     ::metrics::describe_gauge!(IN_FLIGHT, Unit::Count, "Messages awaiting their outcome.");
+    ::metrics::describe_gauge!(
+        RESERVATIONS,
+        Unit::Count,
+        "Messages reserved in the claims store and not yet settled."
+    );
     ::metrics::describe_gauge!(
         LOSS,
         "Mean over the open channels of the per-shard loss rate they plan redundancy for."
@@ -359,6 +374,8 @@ pub(crate) struct ChannelMetrics {
     delivered: Counter,
     in_flight: Gauge,
     last_in_flight: usize,
+    reservations: Gauge,
+    last_reservations: usize,
     udp: (Counter, Counter),
     last_udp: (u64, u64),
     channels: Gauge,
@@ -395,6 +412,8 @@ impl ChannelMetrics {
             delivered: ::metrics::counter!(DELIVERED, "role" => label),
             in_flight: ::metrics::gauge!(IN_FLIGHT, "role" => label),
             last_in_flight: 0,
+            reservations: ::metrics::gauge!(RESERVATIONS, "role" => label),
+            last_reservations: 0,
             udp: (
                 ::metrics::counter!(UDP_SENT, "role" => label),
                 ::metrics::counter!(UDP_RECEIVED, "role" => label),
@@ -490,6 +509,11 @@ impl ChannelMetrics {
             self.in_flight.decrement(self.last_in_flight as f64);
             self.last_in_flight = stats.in_flight;
         }
+        if stats.reservations_held != self.last_reservations {
+            self.reservations.increment(stats.reservations_held as f64);
+            self.reservations.decrement(self.last_reservations as f64);
+            self.last_reservations = stats.reservations_held;
+        }
         if self.next_tick.is_none_or(|t| now >= t) {
             self.next_tick = Some(now + TICK);
             self.udp(udp());
@@ -552,6 +576,8 @@ impl ChannelMetrics {
         self.loss(None);
         self.in_flight.decrement(self.last_in_flight as f64);
         self.last_in_flight = 0;
+        self.reservations.decrement(self.last_reservations as f64);
+        self.last_reservations = 0;
         self.connections.decrement(self.open_connections as f64);
         self.open_connections = 0;
         self.channels.decrement(1.0);
@@ -583,6 +609,7 @@ mod tests {
             FAILED,
             DELIVERED,
             IN_FLIGHT,
+            RESERVATIONS,
             LOSS,
             UDP_SENT,
             UDP_RECEIVED,

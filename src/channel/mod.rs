@@ -403,6 +403,21 @@ pub struct ChannelStats {
     /// Messages whose idempotency key another channel of the same [`Server`] delivered
     /// (a client that restarted and retried on a new channel): acked, not delivered again.
     pub duplicate_keys_elsewhere: u64,
+    /// Gauge, with a claims store: messages reserved in the store and not yet settled (or
+    /// settling). Other replicas hold back copies of them until their leases end.
+    pub reservations_held: usize,
+    /// With a claims store: reservations answered busy (another replica held the message;
+    /// asked again when its lease ended).
+    pub claims_busy: u64,
+    /// With a claims store: reservations this channel took over from a replica whose lease
+    /// had ended (it died, or was too slow).
+    pub reservation_takeovers: u64,
+    /// With a claims store: settles rejected because another replica had taken the
+    /// reservation over (the message was not handed over here; that replica delivers it).
+    pub fenced_settles: u64,
+    /// With a claims store: settles that came after their own lease had ended (nobody had
+    /// taken it over; the application or the store was slow).
+    pub leases_expired: u64,
 }
 
 impl ChannelStats {
@@ -440,6 +455,11 @@ impl ChannelStats {
         self.in_flight = counters.in_flight;
         self.sends_abandoned = driver.sends_abandoned;
         self.duplicate_keys_elsewhere = counters.duplicate_keys_elsewhere;
+        self.reservations_held = counters.reservations_held;
+        self.claims_busy = counters.claims_busy;
+        self.reservation_takeovers = counters.takeovers;
+        self.fenced_settles = counters.fenced_settles;
+        self.leases_expired = counters.leases_expired;
     }
 }
 
