@@ -175,3 +175,19 @@ fn a_slow_owners_reservations_are_taken_over_and_its_settles_fenced() {
         }
     }
 }
+
+/// The world is deterministic: a run's steps are the same every time (the audit's crash
+/// points name the same moments in every run).
+#[test]
+fn runs_repeat_exactly() {
+    for variant in VARIANTS {
+        let a = world::audit(scenario(variant, 2), None).steps;
+        for _ in 0..3 {
+            assert_eq!(
+                world::audit(scenario(variant, 2), None).steps,
+                a,
+                "{variant}"
+            );
+        }
+    }
+}

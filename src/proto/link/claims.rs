@@ -270,7 +270,7 @@ impl Link {
         }
         if let Phase::Finishing { until } = self.phase {
             if now >= until {
-                let jobs: Vec<ClaimJob> = self.claims.drain().map(|(_, j)| j).collect();
+                let jobs: Vec<ClaimJob> = std::mem::take(&mut self.claims).into_values().collect();
                 for job in jobs {
                     self.give_up_claim(now, job);
                 }

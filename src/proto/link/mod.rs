@@ -818,7 +818,9 @@ pub struct Link {
     parked_bytes: usize,
     /// Stream messages whose answer waits (their claim, or their take): answer names by id.
     stream_waiting: HashMap<u64, u64>,
-    claims: HashMap<u64, ClaimJob>,
+    /// Ordered (by attempt), so that timers fire and jobs end in one order: the core is
+    /// deterministic.
+    claims: std::collections::BTreeMap<u64, ClaimJob>,
     next_claim: u64,
     room: usize,
     app_gone: bool,
@@ -897,7 +899,7 @@ impl Link {
             parked: VecDeque::new(),
             parked_bytes: 0,
             stream_waiting: HashMap::new(),
-            claims: HashMap::new(),
+            claims: std::collections::BTreeMap::new(),
             next_claim: 0,
             app_gone: false,
             handles_dropped: false,
