@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::{assert_once, collect, replicas, send_paced};
 use surelink::channel::{Channel, Config, Listener, Messages, SendError};
 use surelink::sim::{Congestion, LinkConfig, Loss, Pair, PairConfig, SimNetwork, SERVER_NAME};
-use surelink::store::{Claim, Claimed, DedupeStore, MemoryStore, StoreFuture};
+use surelink::store::{Claim, Claimed, DedupeStore, MemoryStore, Reserved, Settled, StoreFuture};
 
 fn lossy(p: f64) -> LinkConfig {
     LinkConfig {
@@ -159,8 +159,10 @@ struct AcksLostAfter {
     claimed_victim: std::sync::atomic::AtomicBool,
 }
 
-impl DedupeStore for AcksLostAfter {
-    fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
+impl AcksLostAfter {
+    /// From the victim's claim (one-phase, or the settle of its reservation) on, A's packets
+    /// to the client are lost.
+    fn trip(&self, claim: &Claim) {
         if claim.message == self.victim {
             self.net.set_link(
                 self.from,
@@ -173,7 +175,20 @@ impl DedupeStore for AcksLostAfter {
             self.claimed_victim
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+}
+
+impl DedupeStore for AcksLostAfter {
+    fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
+        self.trip(claim);
         self.inner.claim(claim)
+    }
+    fn reserve<'a>(&'a self, claim: &'a Claim, lease: Duration) -> StoreFuture<'a, Reserved> {
+        self.inner.reserve(claim, lease)
+    }
+    fn settle<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Settled> {
+        self.trip(claim);
+        self.inner.settle(claim)
     }
     fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
         self.inner.lookup(claim)
@@ -611,6 +626,11 @@ async fn the_memory_store_has_the_claim_semantics() {
     common::check_claim_semantics(&MemoryStore::default()).await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_memory_store_has_the_reservation_semantics() {
+    common::check_reservation_semantics(&MemoryStore::default(), Duration::from_secs(2)).await;
+}
+
 /// A store whose first claim of each message hangs forever (no error, no answer); later
 /// claims go through.
 #[derive(Debug, Default)]
@@ -625,6 +645,16 @@ impl DedupeStore for HangsOnce {
             return Box::pin(std::future::pending());
         }
         self.inner.claim(claim)
+    }
+    fn reserve<'a>(&'a self, claim: &'a Claim, lease: Duration) -> StoreFuture<'a, Reserved> {
+        // The first store call of each message hangs, a reservation as much as a claim.
+        if self.seen.lock().unwrap().insert(claim.message) {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.reserve(claim, lease)
+    }
+    fn settle<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Settled> {
+        self.inner.settle(claim)
     }
     fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
         self.inner.lookup(claim)
@@ -827,6 +857,12 @@ struct BindFails {
 impl DedupeStore for BindFails {
     fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
         self.inner.claim(claim)
+    }
+    fn reserve<'a>(&'a self, claim: &'a Claim, lease: Duration) -> StoreFuture<'a, Reserved> {
+        self.inner.reserve(claim, lease)
+    }
+    fn settle<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Settled> {
+        self.inner.settle(claim)
     }
     fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
         self.inner.lookup(claim)

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use surelink::store::{Claim, Claimed, DedupeStore, PgStore, StoreError};
+use surelink::store::{Claim, Claimed, DedupeStore, PgStore, Reserved, Settled, StoreError};
 use tokio_postgres::NoTls;
 
 mod common;
@@ -476,6 +476,16 @@ impl DedupeStore for CommitThenFail {
             }
             Ok(answer)
         })
+    }
+    fn reserve<'a>(
+        &'a self,
+        claim: &'a Claim,
+        lease: Duration,
+    ) -> surelink::store::StoreFuture<'a, Reserved> {
+        self.inner.reserve(claim, lease)
+    }
+    fn settle<'a>(&'a self, claim: &'a Claim) -> surelink::store::StoreFuture<'a, Settled> {
+        self.inner.settle(claim)
     }
     fn lookup<'a>(&'a self, claim: &'a Claim) -> surelink::store::StoreFuture<'a, bool> {
         self.inner.lookup(claim)
@@ -1148,6 +1158,427 @@ async fn a_table_without_clients_and_digests_is_migrated() {
     PgStore::connect(&url, DAY).await.unwrap();
     db.batch_execute(surelink::store::PG_SCHEMA).await.unwrap();
     assert!(!store.bind_channel([1; 16], [2; 32]).await.unwrap());
+    let claims: i64 = db
+        .query_one("SELECT count(*) FROM surelink_claims", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(claims, 2);
+}
+
+/// Two-phase claims in PostgreSQL: the semantics `MemoryStore` has (`tests/common`), on the
+/// database's clock with short real leases.
+#[tokio::test]
+async fn reservations_have_the_memory_stores_semantics() {
+    let Some(url) = fresh_database("reserve").await else {
+        return;
+    };
+    let store = PgStore::connect(&url, DAY).await.unwrap();
+    common::check_reservation_semantics(&store, Duration::from_millis(400)).await;
+}
+
+/// `N` tasks, spread over `stores` (replicas, each with its own pool), each running `op` on
+/// its own claim `make(task)` at the same moment; the answers by task.
+async fn race<T, F, Fut>(stores: &[PgStore], make: impl Fn(u64) -> Claim, op: F) -> Vec<(u64, T)>
+where
+    T: Send + 'static,
+    F: Fn(PgStore, Claim) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send,
+{
+    const N: u64 = 16;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(N as usize));
+    let mut tasks = Vec::new();
+    for task in 0..N {
+        let (store, claim) = (stores[task as usize % stores.len()].clone(), make(task));
+        let (start, op) = (start.clone(), op.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            (task, op(store, claim).await)
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// The answers that hold the message, and that every other answer is `Busy`.
+fn holders(answers: &[(u64, Reserved)], what: &str) -> Vec<(u64, Reserved)> {
+    for (task, r) in answers {
+        assert!(
+            matches!(r, Reserved::Held { .. } | Reserved::Busy { .. }),
+            "{what}: task {task}: {r:?}"
+        );
+    }
+    answers
+        .iter()
+        .filter(|(_, r)| matches!(r, Reserved::Held { .. }))
+        .copied()
+        .collect()
+}
+
+/// Replicas racing to reserve the same message (by its id, or by its key under different
+/// ids) get exactly one holder; once its lease ended, replicas racing to take it over get
+/// exactly one new holder, at the next epoch, and the old one is fenced; a race of one-phase
+/// claims and reservations for an ended reservation has exactly one winner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_racing_to_reserve_or_take_over_get_exactly_one_holder() {
+    let Some(url) = fresh_database("reserve_race").await else {
+        return;
+    };
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(PgStore::connect(&url, DAY).await.unwrap());
+    }
+    // Long enough that every racer answers within it, on a slow machine too.
+    let lease = Duration::from_secs(1);
+    let reserve = move |s: PgStore, c: Claim| async move { s.reserve(&c, lease).await.unwrap() };
+    let keyed = |channel: u8, message: u64, key: String, claimant: u64| Claim {
+        digest: Some(surelink::proto::payload_digest(key.as_bytes())),
+        ..by(claimant, claim(channel, message, Some(&key)))
+    };
+    for round in 0..3u64 {
+        let (id_key, key) = (format!("id-{round}"), format!("key-{round}"));
+        // The same (channel, message), and the same key under 16 ids.
+        let same_id = |claimant| keyed(1, round, id_key.clone(), claimant);
+        let same_key =
+            |channel, claimant| keyed(channel, round * 100 + claimant, key.clone(), claimant);
+        let won = holders(&race(&stores, |t| same_id(t + 1), reserve).await, "by id");
+        assert_eq!(won.len(), 1, "round {round}: {won:?}");
+        assert_eq!(
+            won[0].1,
+            Reserved::Held {
+                epoch: 1,
+                took_over: false
+            }
+        );
+        let old_id = same_id(won[0].0 + 1);
+        let won = holders(
+            &race(&stores, |t| same_key(2, t + 1), reserve).await,
+            "by key",
+        );
+        assert_eq!(won.len(), 1, "round {round}: {won:?}");
+        assert_eq!(
+            won[0].1,
+            Reserved::Held {
+                epoch: 1,
+                took_over: false
+            }
+        );
+        let old_key = same_key(2, won[0].0 + 1);
+
+        tokio::time::sleep(lease + lease / 2).await;
+        // New claimants take over: one of them.
+        let won = holders(
+            &race(&stores, |t| same_id(t + 101), reserve).await,
+            "take over by id",
+        );
+        assert_eq!(won.len(), 1, "round {round}: {won:?}");
+        assert_eq!(
+            won[0].1,
+            Reserved::Held {
+                epoch: 2,
+                took_over: true
+            }
+        );
+        let new_id = Claim {
+            epoch: 2,
+            ..same_id(won[0].0 + 101)
+        };
+        let won = holders(
+            &race(&stores, |t| same_key(3, t + 101), reserve).await,
+            "take over by key",
+        );
+        assert_eq!(won.len(), 1, "round {round}: {won:?}");
+        assert_eq!(
+            won[0].1,
+            Reserved::Held {
+                epoch: 2,
+                took_over: true
+            }
+        );
+        let new_key = Claim {
+            epoch: 2,
+            ..same_key(3, won[0].0 + 101)
+        };
+        let store = &stores[0];
+        for old in [old_id, old_key.clone()] {
+            let old = Claim { epoch: 1, ..old };
+            assert_eq!(store.settle(&old).await.unwrap(), Settled::Fenced);
+        }
+        assert!(!store
+            .lookup(&Claim {
+                key: None,
+                ..old_key.clone()
+            })
+            .await
+            .unwrap());
+        for new in [new_id, new_key] {
+            assert_eq!(
+                store.settle(&new).await.unwrap(),
+                Settled::Now { late: false }
+            );
+        }
+
+        // An ended reservation, raced for by one-phase claims and reservations at once.
+        let held = keyed(4, round, format!("mixed-{round}"), 1);
+        store
+            .reserve(&held, Duration::from_millis(100))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answers = race(
+            &stores,
+            |t| keyed(4, round, format!("mixed-{round}"), t + 2),
+            move |s: PgStore, c: Claim| async move {
+                if c.claimant % 2 == 0 {
+                    match s.claim(&c).await.unwrap() {
+                        Claimed::Now => "won",
+                        Claimed::Busy | Claimed::Before => "lost",
+                        c => panic!("{c:?}"),
+                    }
+                } else {
+                    match s.reserve(&c, lease).await.unwrap() {
+                        Reserved::Held {
+                            epoch: 2,
+                            took_over: true,
+                        } => "won",
+                        Reserved::Busy { .. } | Reserved::Before => "lost",
+                        r => panic!("{r:?}"),
+                    }
+                }
+            },
+        )
+        .await;
+        let winners: Vec<_> = answers.iter().filter(|(_, a)| *a == "won").collect();
+        assert_eq!(winners.len(), 1, "round {round}: {answers:?}");
+    }
+}
+
+/// The inbox pattern with a reservation: `claim_in` settles it in the application's
+/// transaction (rolled back: still a reservation), answers `Busy` once another replica
+/// holds it, `Before` once another settled it, and a one-phase `claim_in` meets
+/// reservations too.
+#[tokio::test]
+async fn the_inbox_claim_settles_the_messages_reservation() {
+    let Some(url) = fresh_database("inbox_settle").await else {
+        return;
+    };
+    let store = PgStore::connect(&url, DAY).await.unwrap();
+    let mut app = direct(&url).await;
+    app.batch_execute("CREATE TABLE ledger (payment bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let long = Duration::from_secs(30);
+    let payment = by(7, claim(5, 42, Some("order-42")));
+    let other = by(8, claim(5, 42, Some("order-42")));
+    let Reserved::Held { epoch, .. } = store.reserve(&payment, long).await.unwrap() else {
+        panic!("not held");
+    };
+    let mine = Claim {
+        epoch,
+        ..payment.clone()
+    };
+    assert_eq!(
+        store
+            .claim_in(
+                &app,
+                &Claim {
+                    epoch: 0,
+                    ..other.clone()
+                }
+            )
+            .await
+            .unwrap(),
+        Claimed::Busy,
+        "a one-phase claim against the live reservation"
+    );
+
+    // Rolled back with the application: still reserved.
+    let tx = app.transaction().await.unwrap();
+    assert_eq!(store.claim_in(&tx, &mine).await.unwrap(), Claimed::Now);
+    tx.rollback().await.unwrap();
+    assert!(matches!(
+        store.reserve(&other, long).await.unwrap(),
+        Reserved::Busy { .. }
+    ));
+    // Committed with the ledger row: settled.
+    let tx = app.transaction().await.unwrap();
+    assert_eq!(store.claim_in(&tx, &mine).await.unwrap(), Claimed::Now);
+    tx.execute("INSERT INTO ledger VALUES (42)", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(store.reserve(&other, long).await.unwrap(), Reserved::Before);
+    assert_eq!(
+        store.claim_in(&app, &mine).await.unwrap(),
+        Claimed::Now,
+        "a retry by its owner"
+    );
+
+    // Taken over by another replica: fenced (busy); settled there: before.
+    let slow = by(7, claim(5, 43, None));
+    let fast = by(8, claim(5, 43, None));
+    store
+        .reserve(&slow, Duration::from_millis(100))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        store.reserve(&fast, long).await.unwrap(),
+        Reserved::Held {
+            epoch: 2,
+            took_over: true
+        }
+    );
+    let slow = Claim { epoch: 1, ..slow };
+    let tx = app.transaction().await.unwrap();
+    assert_eq!(store.claim_in(&tx, &slow).await.unwrap(), Claimed::Busy);
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        store.settle(&Claim { epoch: 2, ..fast }).await.unwrap(),
+        Settled::Now { late: false }
+    );
+    let tx = app.transaction().await.unwrap();
+    assert_eq!(store.claim_in(&tx, &slow).await.unwrap(), Claimed::Before);
+    tx.rollback().await.unwrap();
+    // No reservation at all: not held, busy.
+    let tx = app.transaction().await.unwrap();
+    let never = Claim {
+        epoch: 1,
+        ..by(7, claim(5, 44, None))
+    };
+    assert_eq!(store.claim_in(&tx, &never).await.unwrap(), Claimed::Busy);
+    tx.rollback().await.unwrap();
+    assert!(!store.lookup(&never).await.unwrap());
+
+    // A one-phase claim_in takes over an ended reservation of its key, in the transaction.
+    let stale = by(7, claim(5, 45, Some("order-45")));
+    store
+        .reserve(&stale, Duration::from_millis(100))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tx = app.transaction().await.unwrap();
+    let retry = by(9, claim(6, 1, Some("order-45")));
+    assert_eq!(store.claim_in(&tx, &retry).await.unwrap(), Claimed::Now);
+    tx.commit().await.unwrap();
+    assert_eq!(
+        store
+            .settle(&Claim {
+                epoch: 1,
+                ..stale.clone()
+            })
+            .await
+            .unwrap(),
+        Settled::Fenced
+    );
+    assert_eq!(store.reserve(&stale, long).await.unwrap(), Reserved::Before);
+}
+
+/// The schema of the previous version (clients and digests, no reservations), as its
+/// `PG_SCHEMA` was.
+const SCHEMA_WITHOUT_RESERVATIONS: &str = r"
+CREATE TABLE IF NOT EXISTS surelink_claims (
+    channel_id bytea       NOT NULL,
+    message_id bigint      NOT NULL,
+    idem_key   bytea,
+    claimed_at timestamptz NOT NULL DEFAULT now(),
+    claimant   bigint      NOT NULL DEFAULT 0,
+    client     bytea       NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
+    digest     bytea,
+    PRIMARY KEY (channel_id, message_id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS surelink_claims_client_key
+    ON surelink_claims (client, idem_key) WHERE idem_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS surelink_claims_claimed_at ON surelink_claims (claimed_at);
+CREATE TABLE IF NOT EXISTS surelink_claims_channels (
+    channel_id bytea       PRIMARY KEY,
+    owner      bytea       NOT NULL,
+    bound_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS surelink_claims_bound_at ON surelink_claims_channels (bound_at);
+";
+
+/// A table of the previous version (no `epoch`, no `lease_until`) is refused without
+/// `create_schema` and migrated in place with it: its rows are settled claims, which answer
+/// `Before` to a reservation (by id or by key) and `Now` to their own claimant's one-phase
+/// retry; new reservations work beside them. Connecting again, or running `PG_SCHEMA` by
+/// hand, changes nothing.
+#[tokio::test]
+async fn a_table_without_reservations_is_migrated() {
+    let Some(url) = fresh_database("migrate_reserve").await else {
+        return;
+    };
+    let db = direct(&url).await;
+    db.batch_execute(SCHEMA_WITHOUT_RESERVATIONS).await.unwrap();
+    db.batch_execute(
+        "INSERT INTO surelink_claims (channel_id, message_id, idem_key, claimant)
+             VALUES ('\\x01010101010101010101010101010101', 5, 'old-5', 7);",
+    )
+    .await
+    .unwrap();
+    let err = PgStore::builder(&url).connect().await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN)),
+        "an old table without create_schema: {err:?}"
+    );
+    let store = PgStore::connect(&url, DAY).await.unwrap();
+    let row = db
+        .query_one(
+            "SELECT epoch, lease_until IS NULL FROM surelink_claims WHERE message_id = 5",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (epoch, settled): (i64, bool) = (row.get(0), row.get(1));
+    assert_eq!((epoch, settled), (0, true), "an old row is a settled claim");
+    let lease = Duration::from_secs(30);
+    for old in [
+        by(8, claim(1, 5, Some("old-5"))),
+        by(8, claim(2, 1, Some("old-5"))),
+        by(7, claim(1, 5, Some("old-5"))),
+    ] {
+        assert_eq!(
+            store.reserve(&old, lease).await.unwrap(),
+            Reserved::Before,
+            "{old:?}"
+        );
+    }
+    assert_eq!(
+        store
+            .claim(&by(7, claim(1, 5, Some("old-5"))))
+            .await
+            .unwrap(),
+        Claimed::Now,
+        "its own claimant's retry"
+    );
+    assert_eq!(
+        store
+            .settle(&Claim {
+                epoch: 0,
+                ..by(7, claim(1, 5, Some("old-5")))
+            })
+            .await
+            .unwrap(),
+        Settled::Fenced,
+        "epoch 0 is no reservation"
+    );
+    let new = by(8, claim(3, 1, Some("new-1")));
+    assert_eq!(
+        store.reserve(&new, lease).await.unwrap(),
+        Reserved::Held {
+            epoch: 1,
+            took_over: false
+        }
+    );
+    PgStore::connect(&url, DAY).await.unwrap();
+    db.batch_execute(surelink::store::PG_SCHEMA).await.unwrap();
+    assert_eq!(
+        store.settle(&Claim { epoch: 1, ..new }).await.unwrap(),
+        Settled::Now { late: false }
+    );
     let claims: i64 = db
         .query_one("SELECT count(*) FROM surelink_claims", &[])
         .await

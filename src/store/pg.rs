@@ -12,9 +12,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio::time::Instant;
 use tokio_postgres::error::Severity;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{GenericClient, NoTls, ToStatement};
+use tokio_postgres::{GenericClient, IsolationLevel, NoTls, ToStatement};
 
-use super::{Claim, Claimed, DedupeStore, StoreError, StoreFuture};
+use super::{Claim, Claimed, DedupeStore, Reserved, Settled, StoreError, StoreFuture};
 
 /// A connection from [`PgStore`]'s pool ([`PgStore::client`]): dereferences to a
 /// `tokio_postgres::Client`; dropping it returns it to the pool.
@@ -26,9 +26,10 @@ pub const DEFAULT_TABLE: &str = "surelink_claims";
 /// The schema of the default table ([`DEFAULT_TABLE`]) and its channel table
 /// (`surelink_claims_channels`), for operators who create them themselves;
 /// [`PgStoreBuilder::schema`] gives it for another table. Idempotent: it also migrates a
-/// table created by an older version (adds the `claimant`, `client` and `digest` columns,
-/// replaces the unique index on `idem_key` by one on `(client, idem_key)`, adds the channel
-/// table); an old claim's client is all zeros, the anonymous client.
+/// table created by an older version (adds the `claimant`, `client`, `digest`, `epoch` and
+/// `lease_until` columns, replaces the unique index on `idem_key` by one on
+/// `(client, idem_key)`, adds the channel table); an old claim's client is all zeros, the
+/// anonymous client, and it is settled (no lease, epoch 0).
 pub const PG_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS surelink_claims (
     channel_id bytea       NOT NULL,
@@ -38,12 +39,16 @@ CREATE TABLE IF NOT EXISTS surelink_claims (
     claimant   bigint      NOT NULL DEFAULT 0,
     client     bytea       NOT NULL DEFAULT '\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
     digest     bytea,
+    epoch      bigint      NOT NULL DEFAULT 0,
+    lease_until timestamptz,
     PRIMARY KEY (channel_id, message_id)
 );
 ALTER TABLE surelink_claims
     ADD COLUMN IF NOT EXISTS claimant bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS client   bytea  NOT NULL DEFAULT '\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
-    ADD COLUMN IF NOT EXISTS digest   bytea;
+    ADD COLUMN IF NOT EXISTS digest   bytea,
+    ADD COLUMN IF NOT EXISTS epoch    bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS lease_until timestamptz;
 CREATE UNIQUE INDEX IF NOT EXISTS surelink_claims_client_key
     ON surelink_claims (client, idem_key) WHERE idem_key IS NOT NULL;
 DROP INDEX IF EXISTS surelink_claims_idem_key;
@@ -63,22 +68,38 @@ const EXPIRE_BATCH: i64 = 10_000;
 /// Claims in a PostgreSQL table shared by replicas.
 ///
 /// One row per claim, unique by (channel id, message id) and, where a key was given, by
-/// (client, idempotency key); a claim is one `INSERT … ON CONFLICT DO NOTHING`, so two
-/// replicas racing for the same message (or key) get exactly one `Claimed::Now` between
-/// them, whichever commits first. A claim that conflicts is checked once more, in a second
-/// statement: against its own claimant (see [`Claim::claimant`]: the row its own lost attempt
-/// wrote answers `Now`) and against the payload digest its key was claimed with (another
-/// digest answers `Claimed::Conflict`). Channel owners ([`DedupeStore::bind_channel`]) live
-/// in a second table, the claims table's name with `_channels` appended, one row per
-/// channel. Expiry deletes claims older than the TTL, and bindings older than the TTL with no
-/// claim left ([`DedupeStore::expire`]; a server calls it periodically). Time is the
-/// database's clock (`now()`), one clock for every replica. The schema: [`PG_SCHEMA`].
+/// (client, idempotency key). Its columns: `channel_id`, `message_id`, `idem_key`, `client`
+/// and `digest` (what was claimed, see [`Claim`]), `claimant` (who), `epoch` (the fencing
+/// epoch of its reservation; `0` in rows of older versions), `lease_until` (`NULL`: settled,
+/// the record of a delivery; else a reservation whose lease ends then) and `claimed_at`
+/// (when it was reserved or settled, the later: the TTL counts from it). Channel owners
+/// ([`DedupeStore::bind_channel`]) live in a second table, the claims table's name with
+/// `_channels` appended, one row per channel. Expiry deletes claims (settled or not) older
+/// than the TTL, and bindings older than the TTL with no claim left
+/// ([`DedupeStore::expire`]; a server calls it periodically). Time is the database's clock
+/// (`now()`), one clock for every replica. The schema: [`PG_SCHEMA`].
 ///
-/// **Upgrading** from a version without clients and digests: [`PgStoreBuilder::create_schema`]
-/// (or [`PG_SCHEMA`] run by hand) migrates the table in place; the claims already in it
-/// belong to the anonymous client and carry no digest, so they still refuse their messages
-/// and their keys for anonymous clients, but under mutual TLS a key first claimed before the
-/// upgrade is not recognised as that client's until it expires.
+/// **Two phases** (the [module docs](super)), with the semantics of
+/// [`MemoryStore`](super::MemoryStore). A reservation ([`DedupeStore::reserve`]) or a
+/// one-phase claim ([`DedupeStore::claim`]) is first one `INSERT … ON CONFLICT DO NOTHING`,
+/// so replicas racing for a new message (or key) get exactly one row between them. When it
+/// meets a row, a transaction locks the row that answers (the pair's own, else the key's:
+/// `SELECT … FOR UPDATE`, a statement of its own, so it sees a row committed while the
+/// insert waited) and decides on it: settled (`Before`, or `Now` to its own claimant's
+/// one-phase retry), the key's with another digest (`Conflict`), another claimant's live
+/// reservation (`Busy`), its own (renewed, or settled by a one-phase claim), or one whose
+/// lease ended (taken over: the next epoch). A settle ([`DedupeStore::settle`]) is one
+/// `UPDATE` of the row that is still its claimant's at its epoch, then a `SELECT` if it
+/// changed nothing (settled already by the same claimant and epoch: a retry; else fenced).
+///
+/// **Upgrading**: [`PgStoreBuilder::create_schema`] (or [`PG_SCHEMA`] run by hand) migrates
+/// a table of an older version in place (`ADD COLUMN IF NOT EXISTS`). Its rows are settled
+/// claims (no lease, epoch 0). From a version without clients and digests, the claims
+/// already in it belong to the anonymous client and carry no digest, so they still refuse
+/// their messages and their keys for anonymous clients, but under mutual TLS a key first
+/// claimed before the upgrade is not recognised as that client's until it expires. A
+/// replica of a version without reservations treats a reservation as a claim (delivered
+/// before): upgrade every replica before relying on reservations.
 ///
 /// **Connections** come from a pool ([`PgStoreBuilder::pool_size`]); a broken connection is
 /// dropped and a new one made on the next use, so the store outlives a restart of the
@@ -115,9 +136,10 @@ const EXPIRE_BATCH: i64 = 10_000;
 /// # }
 /// ```
 ///
-/// **Inside the application's transaction** (the inbox pattern): [`PgStore::claim_in`] runs
-/// the same claim on the application's own `Transaction`, so the claim and the application's
-/// effect (its ledger row) commit together or not at all.
+/// **Inside the application's transaction** (the inbox pattern): [`PgStore::claim_in`]
+/// settles the message's reservation (or claims it in one phase) on the application's own
+/// `Transaction`, so the settle and the application's effect (its ledger row) commit
+/// together or not at all.
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
@@ -207,10 +229,10 @@ impl PgStoreBuilder {
     }
 
     /// Whether [`PgStoreBuilder::connect`] creates the tables and their indexes if missing,
-    /// and migrates a table of an older version (adds the `claimant`, `client` and `digest`
-    /// columns, makes keys unique per client, adds the channel owners' table) (default
-    /// `false`: the tables must exist, created by the operator from
-    /// [`PgStoreBuilder::schema`]).
+    /// and migrates a table of an older version (adds the `claimant`, `client`, `digest`,
+    /// `epoch` and `lease_until` columns, makes keys unique per client, adds the channel
+    /// owners' table) (default `false`: the tables must exist, created or migrated by the
+    /// operator from [`PgStoreBuilder::schema`]; a table missing a column is refused).
     pub fn create_schema(mut self, create: bool) -> Self {
         self.create_schema = create;
         self
@@ -302,7 +324,8 @@ async fn create_schema(conn: &mut Object, name: &TableName) -> Result<(), StoreE
         .query_one(
             "SELECT to_regclass($1) IS NOT NULL,
                     (SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass($1)
-                     AND attname IN ('claimant', 'client', 'digest') AND NOT attisdropped) = 3,
+                     AND attname IN ('claimant', 'client', 'digest', 'epoch', 'lease_until')
+                     AND NOT attisdropped) = 5,
                     to_regclass($2) IS NOT NULL,
                     to_regclass($3) IS NOT NULL,
                     to_regclass($4) IS NOT NULL,
@@ -339,7 +362,11 @@ async fn create_schema(conn: &mut Object, name: &TableName) -> Result<(), StoreE
         tx.batch_execute(&name.schema()).await?;
     } else {
         if !columns {
-            tracing::info!(table = %name.full, "surelink: adding the claimant, client and digest columns");
+            tracing::info!(
+                table = %name.full,
+                "surelink: adding the columns an older version lacks \
+                 (claimant, client, digest, epoch, lease_until)"
+            );
             tx.batch_execute(&name.add_columns()).await?;
         }
         if !key_index {
@@ -434,6 +461,8 @@ CREATE TABLE IF NOT EXISTS {t} (
     claimant   bigint      NOT NULL DEFAULT 0,
     client     bytea       NOT NULL DEFAULT {zeros},
     digest     bytea,
+    epoch      bigint      NOT NULL DEFAULT 0,
+    lease_until timestamptz,
     PRIMARY KEY (channel_id, message_id)
 );
 {add}
@@ -460,7 +489,9 @@ CREATE TABLE IF NOT EXISTS {t} (
             "ALTER TABLE {}
     ADD COLUMN IF NOT EXISTS claimant bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS client   bytea  NOT NULL DEFAULT {ZEROS},
-    ADD COLUMN IF NOT EXISTS digest   bytea;",
+    ADD COLUMN IF NOT EXISTS digest   bytea,
+    ADD COLUMN IF NOT EXISTS epoch    bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS lease_until timestamptz;",
             self.full
         )
     }
@@ -508,14 +539,33 @@ CREATE TABLE IF NOT EXISTS {t} (
 /// written before clients were told apart stay valid, as anonymous ones.
 const ZEROS: &str = "'\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea";
 
-/// The statements, for one table. Parameters of a claim: $1 channel id, $2 message id,
-/// $3 key, $4 claimant, $5 client, $6 digest.
+/// The statements, for one table. Each lists its parameters; "own" is the test of
+/// [`MemoryStore`](super::MemoryStore)'s: the same non-zero claimant, client and key.
 #[derive(Debug)]
 struct Sql {
+    /// A new row ($1 channel id, $2 message id, $3 key, $4 claimant, $5 client, $6 digest,
+    /// $7 epoch, $8 lease in seconds: NULL settles it at once); a row back if inserted.
     insert: String,
-    /// After an insert that conflicted: (its own earlier claim, the pair claimed, the
-    /// client's key claimed with another digest).
-    why: String,
+    /// The pair's row, locked ($1 channel id, $2 message id, $3 key, $4 claimant, $5
+    /// client): its epoch, whether settled, whether its lease runs still, the lease's
+    /// microseconds left, whether it is the claim's own.
+    pair: String,
+    /// The (client, key)'s row, locked ($1 client, $2 key): its pair, epoch and digest,
+    /// whether settled, whether its lease runs still, the microseconds left.
+    key: String,
+    /// The pair's row renewed, taken over or settled ($1 channel id, $2 message id, $3
+    /// claimant, $4 epoch, $5 lease in seconds or NULL).
+    take: String,
+    /// Deletes a pair's row ($1 channel id, $2 message id).
+    delete: String,
+    /// Gives a pair's row its key ($1 channel id, $2 message id, $3 key).
+    set_key: String,
+    /// Settles the pair's reservation if it is its own at the epoch ($1 channel id, $2
+    /// message id, $3 key, $4 claimant, $5 client, $6 epoch): whether its lease had ended.
+    settle: String,
+    /// After a settle that changed nothing (same parameters): whether the row is settled,
+    /// and whether it is its own at the epoch.
+    settled: String,
     lookup: String,
     expire: String,
     release: String,
@@ -526,19 +576,50 @@ struct Sql {
 impl Sql {
     fn new(name: &TableName) -> Sql {
         let (t, c) = (&name.full, name.channels());
+        // The claim's own row: see `MemoryStore::owns`.
+        let own =
+            "claimant = $4 AND $4 <> 0 AND client = $5 AND idem_key IS NOT DISTINCT FROM $3::bytea";
+        // Microseconds until a lease ends (0 once ended or settled), by the database's clock.
+        let left = "GREATEST(0, extract(epoch FROM lease_until - now()) * 1000000)::bigint";
         Sql {
             insert: format!(
-                "INSERT INTO {t} (channel_id, message_id, idem_key, claimant, client, digest)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING true"
+                "INSERT INTO {t} (channel_id, message_id, idem_key, claimant, client, digest,
+                                  epoch, lease_until)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
+                 ON CONFLICT DO NOTHING RETURNING true"
             ),
-            why: format!(
-                "SELECT
-                   EXISTS (SELECT 1 FROM {t} WHERE channel_id = $1 AND message_id = $2
-                           AND idem_key IS NOT DISTINCT FROM $3::bytea AND claimant = $4
-                           AND $4 <> 0 AND client = $5),
-                   EXISTS (SELECT 1 FROM {t} WHERE channel_id = $1 AND message_id = $2),
-                   EXISTS (SELECT 1 FROM {t} WHERE $3::bytea IS NOT NULL AND client = $5
-                           AND idem_key = $3 AND digest <> $6::bytea)"
+            pair: format!(
+                "SELECT epoch, lease_until IS NULL, COALESCE(lease_until > now(), false),
+                        {left}, {own}
+                 FROM {t} WHERE channel_id = $1 AND message_id = $2 FOR UPDATE"
+            ),
+            key: format!(
+                "SELECT channel_id, message_id, epoch, digest, lease_until IS NULL,
+                        COALESCE(lease_until > now(), false), {left}
+                 FROM {t} WHERE client = $1 AND idem_key = $2 FOR UPDATE"
+            ),
+            take: format!(
+                "UPDATE {t} SET claimant = $3, epoch = $4,
+                     lease_until = now() + make_interval(secs => $5), claimed_at = now()
+                 WHERE channel_id = $1 AND message_id = $2"
+            ),
+            delete: format!("DELETE FROM {t} WHERE channel_id = $1 AND message_id = $2"),
+            set_key: format!(
+                "UPDATE {t} SET idem_key = $3 WHERE channel_id = $1 AND message_id = $2"
+            ),
+            // The row locked first (the FROM), so that the lease read is the one replaced.
+            settle: format!(
+                "UPDATE {t} AS n SET lease_until = NULL, claimed_at = now()
+                 FROM (SELECT lease_until FROM {t} WHERE channel_id = $1 AND message_id = $2
+                       FOR UPDATE) AS o
+                 WHERE n.channel_id = $1 AND n.message_id = $2 AND n.lease_until IS NOT NULL
+                   AND n.claimant = $4 AND $4 <> 0 AND n.client = $5
+                   AND n.idem_key IS NOT DISTINCT FROM $3::bytea AND n.epoch = $6 AND $6 <> 0
+                 RETURNING COALESCE(o.lease_until < now(), false)"
+            ),
+            settled: format!(
+                "SELECT lease_until IS NULL, {own} AND epoch = $6 AND $6 <> 0
+                 FROM {t} WHERE channel_id = $1 AND message_id = $2"
             ),
             lookup: format!(
                 "SELECT EXISTS (SELECT 1 FROM {t}
@@ -571,10 +652,16 @@ impl Sql {
         }
     }
 
-    fn all(&self) -> [&str; 7] {
+    fn all(&self) -> [&str; 13] {
         [
             &self.insert,
-            &self.why,
+            &self.pair,
+            &self.key,
+            &self.take,
+            &self.delete,
+            &self.set_key,
+            &self.settle,
+            &self.settled,
             &self.lookup,
             &self.expire,
             &self.release,
@@ -601,37 +688,232 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// The claim on `client` with the given statements (text or prepared).
-async fn claim_on<C, S>(
+/// The statements of a take ([`take_on`]): prepared ones, or their text (for
+/// [`PgStore::claim_in`] on the application's connection).
+struct TakeSql<'s, S: ?Sized> {
+    insert: &'s S,
+    pair: &'s S,
+    key: &'s S,
+    take: &'s S,
+    delete: &'s S,
+    set_key: &'s S,
+}
+
+/// Rounds of [`resolve_on`] before it gives up (each round needs another replica's change
+/// between its statements: a row released, expired or taken over, then claimed again).
+const ROUNDS: usize = 4;
+
+/// A lease for the statements: seconds, or NULL for a claim settled at once.
+fn lease_secs(lease: Option<Duration>) -> Option<f64> {
+    lease.map(|l| l.as_secs_f64())
+}
+
+/// A lease's time left, from the microseconds the database counted (bad data: none left).
+fn left(micros: Option<i64>) -> Duration {
+    Duration::from_micros(micros.and_then(|us| u64::try_from(us).ok()).unwrap_or(0))
+}
+
+/// Inserts `claim`'s row (with `key`, which may differ from the claim's) at `epoch`:
+/// whether it was new, `false` if its pair or (client, key) was held.
+async fn insert_on<C, S>(
     client: &C,
     insert: &S,
-    why: &S,
     claim: &Claim,
-) -> Result<Claimed, StoreError>
+    key: Option<&[u8]>,
+    epoch: i64,
+    lease: Option<f64>,
+) -> Result<bool, StoreError>
 where
     C: GenericClient + Sync,
     S: ?Sized + ToStatement + Sync + Send,
 {
-    let p = params(claim);
-    let params: [&(dyn ToSql + Sync); 6] = [&p.0, &p.1, &p.2, &p.3, &p.4, &p.5];
-    if client.query_opt(insert, &params).await?.is_some() {
-        return Ok(Claimed::Now);
+    let (channel, message, _, claimant, who, digest) = params(claim);
+    let row = client
+        .query_opt(
+            insert,
+            &[
+                &channel, &message, &key, &claimant, &who, &digest, &epoch, &lease,
+            ],
+        )
+        .await?;
+    Ok(row.is_some())
+}
+
+/// Reserves `claim` for `lease` (`None`: claims it in one phase, settled at once) on
+/// `client`, which must be inside a transaction if it is to be race-free (the application's,
+/// or the store's own): [`MemoryStore`](super::MemoryStore)'s `take`, in SQL.
+async fn take_on<C, S>(
+    client: &C,
+    sql: &TakeSql<'_, S>,
+    claim: &Claim,
+    lease: Option<Duration>,
+) -> Result<Reserved, StoreError>
+where
+    C: GenericClient + Sync,
+    S: ?Sized + ToStatement + Sync + Send,
+{
+    let lease = lease_secs(lease);
+    if insert_on(client, sql.insert, claim, claim.key.as_deref(), 1, lease).await? {
+        return Ok(Reserved::Held {
+            epoch: 1,
+            took_over: false,
+        });
     }
-    if claim.claimant == 0 && (claim.key.is_none() || claim.digest.is_none()) {
-        // Neither its own earlier claim nor a conflict can be: claimed before.
-        return Ok(Claimed::Before);
+    resolve_on(client, sql, claim, lease).await
+}
+
+/// After an insert of `claim` that found its pair or its (client, key) held: decides on the
+/// row that answers (the pair's own, else the key's), locked. Every statement is a new
+/// snapshot, so it sees a row committed while the insert waited for it; a row gone before
+/// it was locked (released, expired, taken over through its key) is inserted afresh.
+///
+/// Needs no rollback of its own: it writes only once it holds what it decided on (the
+/// pair's row, or the key's row and then a pair row of its own), so it runs on the
+/// application's transaction as well as on the store's.
+async fn resolve_on<C, S>(
+    client: &C,
+    sql: &TakeSql<'_, S>,
+    claim: &Claim,
+    lease: Option<f64>,
+) -> Result<Reserved, StoreError>
+where
+    C: GenericClient + Sync,
+    S: ?Sized + ToStatement + Sync + Send,
+{
+    let (channel, message, key, claimant, who, _) = params(claim);
+    for _ in 0..ROUNDS {
+        if let Some(row) = client
+            .query_opt(sql.pair, &[&channel, &message, &key, &claimant, &who])
+            .await?
+        {
+            let epoch: i64 = row.try_get(0)?;
+            let settled: bool = row.try_get(1)?;
+            let live: bool = row.try_get(2)?;
+            let own: bool = row.try_get(4)?;
+            if settled {
+                // Its owner's one-phase retry (a lost answer) is its own again.
+                return Ok(if own && lease.is_none() {
+                    Reserved::Held {
+                        epoch: epoch as u64,
+                        took_over: false,
+                    }
+                } else {
+                    Reserved::Before
+                });
+            }
+            if live && !own {
+                return Ok(Reserved::Busy {
+                    retry_in: left(row.try_get(3)?),
+                });
+            }
+            // Its own reservation (renewed, or settled now), or one whose lease ended (taken
+            // over: the next epoch, so the old owner's settle is fenced).
+            let took_over = !own;
+            let epoch = epoch.saturating_add(i64::from(took_over));
+            client
+                .execute(sql.take, &[&channel, &message, &claimant, &epoch, &lease])
+                .await?;
+            return Ok(Reserved::Held {
+                epoch: epoch as u64,
+                took_over,
+            });
+        }
+        if let Some(k) = key {
+            if let Some(row) = client.query_opt(sql.key, &[&who, &k]).await? {
+                let held_channel: Vec<u8> = row.try_get(0)?;
+                let held_message: i64 = row.try_get(1)?;
+                let epoch: i64 = row.try_get(2)?;
+                let digest: Option<Vec<u8>> = row.try_get(3)?;
+                let settled: bool = row.try_get(4)?;
+                let live: bool = row.try_get(5)?;
+                if matches!((&digest, &claim.digest), (Some(a), Some(b)) if a[..] != b[..]) {
+                    return Ok(Reserved::Conflict);
+                }
+                if settled {
+                    return Ok(Reserved::Before);
+                }
+                if live {
+                    return Ok(Reserved::Busy {
+                        retry_in: left(row.try_get(6)?),
+                    });
+                }
+                // Another message's reservation of the key, its lease ended (a retry under a
+                // new id): this pair takes the key over. Its row first, without the key (the
+                // key's row still holds it): if the pair was claimed meanwhile, nothing was
+                // written, and the next round answers by that row.
+                let epoch = epoch.saturating_add(1);
+                if insert_on(client, sql.insert, claim, None, epoch, lease).await? {
+                    client
+                        .execute(sql.delete, &[&held_channel, &held_message])
+                        .await?;
+                    // Nobody else can have taken the key: its row was locked, then deleted
+                    // by this transaction (a concurrent insert of it waits for the outcome).
+                    client
+                        .execute(sql.set_key, &[&channel, &message, &k])
+                        .await?;
+                    return Ok(Reserved::Held {
+                        epoch: epoch as u64,
+                        took_over: true,
+                    });
+                }
+                continue;
+            }
+        }
+        // The row that refused the insert is gone: insert again.
+        if insert_on(client, sql.insert, claim, key, 1, lease).await? {
+            return Ok(Reserved::Held {
+                epoch: 1,
+                took_over: false,
+            });
+        }
     }
-    // Claimed already: by this claimant's own earlier attempt (answered `Now` again), or by
-    // someone else, maybe with another payload under the same key. A statement of its own,
-    // so that it sees a row committed while the INSERT waited for it.
-    let row = client.query_one(why, &params).await?;
-    let (mine, pair, conflict): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
-    Ok(if mine {
-        Claimed::Now
-    } else if !pair && conflict {
-        Claimed::Conflict
-    } else {
-        Claimed::Before
+    // The rows kept changing under it: neither delivered nor free as far as it can tell;
+    // the caller judges the message again later.
+    Ok(Reserved::Busy {
+        retry_in: Duration::ZERO,
+    })
+}
+
+/// What a settle found ([`settle_on`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Settling {
+    /// Settled now (or before, by this claimant at this epoch: `late` is then `false`).
+    Now { late: bool },
+    /// Settled by another claimant, or at another epoch: delivered elsewhere.
+    SettledElsewhere,
+    /// Another claimant's (or another epoch's) reservation, or no row at all.
+    NotHeld,
+}
+
+/// Settles the reservation `claim` names on `client` (one UPDATE, and a SELECT when it
+/// changed nothing): no transaction of its own needed.
+async fn settle_on<C, S>(
+    client: &C,
+    settle: &S,
+    settled: &S,
+    claim: &Claim,
+) -> Result<Settling, StoreError>
+where
+    C: GenericClient + Sync,
+    S: ?Sized + ToStatement + Sync + Send,
+{
+    let (channel, message, key, claimant, who, _) = params(claim);
+    let epoch = claim.epoch as i64;
+    let p: [&(dyn ToSql + Sync); 6] = [&channel, &message, &key, &claimant, &who, &epoch];
+    if let Some(row) = client.query_opt(settle, &p).await? {
+        return Ok(Settling::Now {
+            late: row.try_get(0)?,
+        });
+    }
+    // Nothing changed: settled already (by this claimant at this epoch: a retry whose first
+    // answer was lost), or not this claimant's at this epoch.
+    Ok(match client.query_opt(settled, &p).await? {
+        Some(row) => match (row.try_get::<_, bool>(0)?, row.try_get::<_, bool>(1)?) {
+            (true, true) => Settling::Now { late: false },
+            (true, false) => Settling::SettledElsewhere,
+            (false, _) => Settling::NotHeld,
+        },
+        None => Settling::NotHeld,
     })
 }
 
@@ -683,22 +965,49 @@ impl PgStore {
             .await
     }
 
-    /// Claims `claim` in this store's table on `client`: a plain connection, or the
-    /// application's open `Transaction`, where the claim commits (or rolls back) with the
-    /// rest of it. Runs on the application's connection, so the store's timeouts do not
-    /// apply (the connection's own settings do).
+    /// The inbox pattern's claim, on `client`: the application's open `Transaction`, where
+    /// it commits (or rolls back) with the application's effect (its ledger row). Runs on the
+    /// application's connection, so the store's timeouts do not apply (the connection's own
+    /// settings do).
+    ///
+    /// - With a reservation (`claim.epoch != 0`, as [`Claim::of`] builds it from a message
+    ///   its channel reserved): *settles* it, as [`DedupeStore::settle`] does, in one UPDATE
+    ///   (and a SELECT when it changed nothing). [`Claimed::Now`]: settled (or settled
+    ///   already by this claimant at this epoch); [`Claimed::Before`]: the message was
+    ///   settled by another owner (delivered elsewhere: ack it without its effect);
+    ///   [`Claimed::Busy`]: another owner holds the reservation now, or it is gone (taken
+    ///   over, released or expired): roll back, do not ack.
+    /// - Without one (`claim.epoch == 0`): the one-phase claim of [`DedupeStore::claim`],
+    ///   which meets reservations too: another claimant's live one answers
+    ///   [`Claimed::Busy`], one whose lease ended is taken over and settled.
+    ///
+    /// Pass a transaction: a one-phase claim that meets another row takes several
+    /// statements, atomic (and so race-free between replicas) only inside one. On a plain
+    /// connection in autocommit, only a settle and a claim that finds nothing are.
     pub async fn claim_in(
         &self,
         client: &(impl GenericClient + Sync),
         claim: &Claim,
     ) -> Result<Claimed, StoreError> {
-        claim_on(
-            client,
-            self.sql.insert.as_str(),
-            self.sql.why.as_str(),
-            claim,
-        )
-        .await
+        let s = &self.sql;
+        if claim.epoch != 0 {
+            return Ok(
+                match settle_on(client, s.settle.as_str(), s.settled.as_str(), claim).await? {
+                    Settling::Now { .. } => Claimed::Now,
+                    Settling::SettledElsewhere => Claimed::Before,
+                    Settling::NotHeld => Claimed::Busy,
+                },
+            );
+        }
+        let sql = TakeSql {
+            insert: s.insert.as_str(),
+            pair: s.pair.as_str(),
+            key: s.key.as_str(),
+            take: s.take.as_str(),
+            delete: s.delete.as_str(),
+            set_key: s.set_key.as_str(),
+        };
+        Ok(claimed(take_on(client, &sql, claim, None).await?))
     }
 
     /// A connection from the store's pool (it dereferences to a `tokio_postgres::Client`;
@@ -790,18 +1099,94 @@ impl PgStore {
     }
 }
 
+/// A one-phase take's answer as a claim's.
+fn claimed(r: Reserved) -> Claimed {
+    match r {
+        Reserved::Held { .. } => Claimed::Now,
+        Reserved::Busy { .. } => Claimed::Busy,
+        Reserved::Before => Claimed::Before,
+        Reserved::Conflict => Claimed::Conflict,
+    }
+}
+
+impl PgStore {
+    /// Reserves (or, `lease` `None`, claims in one phase) on a pooled connection under one
+    /// operation's deadline: the insert alone (autocommit) when it is new, else the rest of
+    /// the take ([`resolve_on`]) in a transaction of its own.
+    async fn take(&self, claim: &Claim, lease: Option<Duration>) -> Result<Reserved, StoreError> {
+        let deadline = Instant::now() + self.op_timeout;
+        let mut conn = self.connection(deadline).await?;
+        let answer = tokio::time::timeout_at(deadline, async {
+            let s = &self.sql;
+            let insert = conn.prepare_cached(&s.insert).await?;
+            let lease = lease_secs(lease);
+            if insert_on(&**conn, &insert, claim, claim.key.as_deref(), 1, lease).await? {
+                return Ok(Reserved::Held {
+                    epoch: 1,
+                    took_over: false,
+                });
+            }
+            let pair = conn.prepare_cached(&s.pair).await?;
+            let key = conn.prepare_cached(&s.key).await?;
+            let take = conn.prepare_cached(&s.take).await?;
+            let delete = conn.prepare_cached(&s.delete).await?;
+            let set_key = conn.prepare_cached(&s.set_key).await?;
+            let sql = TakeSql {
+                insert: &insert,
+                pair: &pair,
+                key: &key,
+                take: &take,
+                delete: &delete,
+                set_key: &set_key,
+            };
+            // Dropped unfinished (an error, the deadline), it rolls back. READ COMMITTED
+            // whatever the database's default: each statement sees what committed before it.
+            let tx = conn
+                .build_transaction()
+                .isolation_level(IsolationLevel::ReadCommitted)
+                .start()
+                .await?;
+            let answer = resolve_on(&*tx, &sql, claim, lease).await?;
+            tx.commit().await?;
+            Ok(answer)
+        })
+        .await;
+        self.finish(conn, answer)
+    }
+}
+
 impl DedupeStore for PgStore {
     fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
+        Box::pin(async move { self.take(claim, None).await.map(claimed) })
+    }
+
+    fn reserve<'a>(&'a self, claim: &'a Claim, lease: Duration) -> StoreFuture<'a, Reserved> {
         Box::pin(async move {
+            if claim.claimant == 0 {
+                // An anonymous reservation could never be settled: nobody owns it.
+                return Ok(Reserved::Busy { retry_in: lease });
+            }
+            self.take(claim, Some(lease)).await
+        })
+    }
+
+    fn settle<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Settled> {
+        Box::pin(async move {
+            if claim.claimant == 0 || claim.epoch == 0 {
+                return Ok(Settled::Fenced);
+            }
             let deadline = Instant::now() + self.op_timeout;
             let conn = self.connection(deadline).await?;
             let answer = tokio::time::timeout_at(deadline, async {
-                let insert = conn.prepare_cached(&self.sql.insert).await?;
-                let why = conn.prepare_cached(&self.sql.why).await?;
-                claim_on(&**conn, &insert, &why, claim).await
+                let settle = conn.prepare_cached(&self.sql.settle).await?;
+                let settled = conn.prepare_cached(&self.sql.settled).await?;
+                settle_on(&**conn, &settle, &settled, claim).await
             })
             .await;
-            self.finish(conn, answer)
+            Ok(match self.finish(conn, answer)? {
+                Settling::Now { late } => Settled::Now { late },
+                Settling::SettledElsewhere | Settling::NotHeld => Settled::Fenced,
+            })
         })
     }
 

@@ -216,6 +216,283 @@ pub async fn check_claim_semantics(store: &dyn surelink::store::DedupeStore) {
     assert_eq!(store.claim(&claim(4, 1, None)).await.unwrap(), Claimed::Now);
 }
 
+/// The two-phase claims every `DedupeStore` must have (reserve, then settle; the module docs
+/// of `surelink::store`), checked on a fresh `store` with leases of `lease`. It sleeps past
+/// leases with tokio's clock: under paused time (`MemoryStore`) that advances at once; a
+/// store on a real clock (PostgreSQL) needs a lease long enough for a few round trips.
+pub async fn check_reservation_semantics(
+    store: &dyn surelink::store::DedupeStore,
+    lease: Duration,
+) {
+    use surelink::store::{Claim, Claimed, Reserved, Settled};
+    let pay = |channel: u8, key: Option<&str>, claimant: u64, payload: &str| Claim {
+        channel: [channel; 16],
+        message: 1,
+        key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+        digest: Some(surelink::proto::payload_digest(payload.as_bytes())),
+        claimant,
+        ..Claim::default()
+    };
+    let at = |epoch: u64, c: &Claim| Claim { epoch, ..c.clone() };
+    let held = |epoch, took_over| Reserved::Held { epoch, took_over };
+    let now = Settled::Now { late: false };
+    // Past a lease, by the store's clock too.
+    let lapse = || tokio::time::sleep(lease + lease / 2);
+    let busy = |r: Reserved, what: &str| match r {
+        Reserved::Busy { retry_in } => assert!(
+            retry_in <= lease && retry_in > lease / 4,
+            "{what}: retry in {retry_in:?} of a {lease:?} lease"
+        ),
+        r => panic!("{what}: {r:?}, not Busy"),
+    };
+
+    // A fresh reservation holds the message, and its key, against every other claimant.
+    let a = pay(1, Some("order-1"), 7, "10.00");
+    assert_eq!(store.reserve(&a, lease).await.unwrap(), held(1, false));
+    busy(
+        store
+            .reserve(&pay(1, Some("order-1"), 8, "10.00"), lease)
+            .await
+            .unwrap(),
+        "another claimant",
+    );
+    busy(
+        store
+            .reserve(&pay(2, Some("order-1"), 8, "10.00"), lease)
+            .await
+            .unwrap(),
+        "its key under another id",
+    );
+    busy(
+        store
+            .reserve(&pay(2, Some("order-1"), 7, "10.00"), lease)
+            .await
+            .unwrap(),
+        "its key under another id, by its own claimant",
+    );
+    assert_eq!(
+        store
+            .reserve(&pay(2, Some("order-1"), 8, "99.00"), lease)
+            .await
+            .unwrap(),
+        Reserved::Conflict,
+        "its key with another payload"
+    );
+    assert_eq!(
+        store
+            .claim(&pay(1, Some("order-1"), 8, "10.00"))
+            .await
+            .unwrap(),
+        Claimed::Busy,
+        "a one-phase claim against a live reservation"
+    );
+    assert_eq!(
+        store
+            .claim(&pay(2, Some("order-1"), 0, "10.00"))
+            .await
+            .unwrap(),
+        Claimed::Busy,
+        "an anonymous one-phase claim of its key"
+    );
+    assert!(
+        store.lookup(&a).await.unwrap(),
+        "a reservation is looked up"
+    );
+    // Its owner again: renewed, same epoch.
+    assert_eq!(store.reserve(&a, lease).await.unwrap(), held(1, false));
+    // Settled only by its owner at its epoch.
+    for (wrong, what) in [
+        (at(2, &a), "another epoch"),
+        (at(0, &a), "no epoch"),
+        (
+            at(1, &pay(1, Some("order-1"), 8, "10.00")),
+            "another claimant",
+        ),
+        (at(1, &pay(1, None, 7, "10.00")), "without its key"),
+    ] {
+        assert_eq!(
+            store.settle(&wrong).await.unwrap(),
+            Settled::Fenced,
+            "{what}"
+        );
+    }
+    assert_eq!(store.settle(&at(1, &a)).await.unwrap(), now);
+    assert_eq!(store.settle(&at(1, &a)).await.unwrap(), now, "a retry");
+    // Settled: delivered, for everyone.
+    for (other, what) in [
+        (pay(1, Some("order-1"), 8, "10.00"), "another claimant"),
+        (
+            pay(2, Some("order-1"), 8, "10.00"),
+            "its key under another id",
+        ),
+        (a.clone(), "its owner's reservation"),
+    ] {
+        assert_eq!(
+            store.reserve(&other, lease).await.unwrap(),
+            Reserved::Before,
+            "{what}"
+        );
+    }
+    assert_eq!(
+        store
+            .claim(&pay(2, Some("order-1"), 8, "10.00"))
+            .await
+            .unwrap(),
+        Claimed::Before
+    );
+    assert_eq!(
+        store.claim(&a).await.unwrap(),
+        Claimed::Now,
+        "its owner's one-phase retry"
+    );
+    for payload_changed in [
+        store
+            .reserve(&pay(3, Some("order-1"), 8, "99.00"), lease)
+            .await
+            .unwrap(),
+        match store
+            .claim(&pay(3, Some("order-1"), 8, "99.00"))
+            .await
+            .unwrap()
+        {
+            Claimed::Conflict => Reserved::Conflict,
+            c => panic!("{c:?}"),
+        },
+    ] {
+        assert_eq!(payload_changed, Reserved::Conflict);
+    }
+    assert_eq!(
+        store.reserve(&pay(3, None, 0, "x"), lease).await.unwrap(),
+        Reserved::Busy { retry_in: lease },
+        "an anonymous reservation is never held"
+    );
+    assert!(!store.lookup(&pay(3, None, 0, "x")).await.unwrap());
+
+    // A lease ends: the next claimant takes the message over, the old owner is fenced.
+    let x = pay(10, Some("order-10"), 7, "x");
+    let y = pay(10, Some("order-10"), 8, "x");
+    assert_eq!(store.reserve(&x, lease).await.unwrap(), held(1, false));
+    lapse().await;
+    assert_eq!(store.reserve(&y, lease).await.unwrap(), held(2, true));
+    busy(store.reserve(&x, lease).await.unwrap(), "the old owner");
+    assert_eq!(store.settle(&at(1, &x)).await.unwrap(), Settled::Fenced);
+    assert_eq!(store.settle(&at(2, &y)).await.unwrap(), now);
+    assert_eq!(store.reserve(&x, lease).await.unwrap(), Reserved::Before);
+    assert_eq!(store.settle(&at(1, &x)).await.unwrap(), Settled::Fenced);
+
+    // An owner whose lease ended, and whom nobody took over, still settles (late).
+    let slow = pay(11, None, 7, "s");
+    assert_eq!(store.reserve(&slow, lease).await.unwrap(), held(1, false));
+    lapse().await;
+    assert_eq!(
+        store.settle(&at(1, &slow)).await.unwrap(),
+        Settled::Now { late: true }
+    );
+    assert_eq!(store.settle(&at(1, &slow)).await.unwrap(), now, "a retry");
+    // One whose lease ended renews it: its own, same epoch.
+    let renew = pay(12, None, 7, "r");
+    assert_eq!(store.reserve(&renew, lease).await.unwrap(), held(1, false));
+    lapse().await;
+    assert_eq!(store.reserve(&renew, lease).await.unwrap(), held(1, false));
+    busy(
+        store.reserve(&pay(12, None, 8, "r"), lease).await.unwrap(),
+        "renewed",
+    );
+
+    // Taken over through its key, from another id: the old id's row goes.
+    let k1 = pay(13, Some("order-13"), 7, "k");
+    let k2 = pay(14, Some("order-13"), 8, "k");
+    assert_eq!(store.reserve(&k1, lease).await.unwrap(), held(1, false));
+    lapse().await;
+    assert_eq!(
+        store
+            .reserve(&pay(15, Some("order-13"), 9, "other"), lease)
+            .await
+            .unwrap(),
+        Reserved::Conflict,
+        "an ended lease still names its payload"
+    );
+    assert_eq!(store.reserve(&k2, lease).await.unwrap(), held(2, true));
+    assert!(
+        !store.lookup(&pay(13, None, 0, "")).await.unwrap(),
+        "the old id's row is gone"
+    );
+    assert_eq!(store.settle(&at(1, &k1)).await.unwrap(), Settled::Fenced);
+    busy(
+        store.reserve(&k1, lease).await.unwrap(),
+        "the old id, by its key",
+    );
+    assert_eq!(store.settle(&at(2, &k2)).await.unwrap(), now);
+    assert_eq!(store.reserve(&k1, lease).await.unwrap(), Reserved::Before);
+
+    // One-phase claims meet reservations: a live one is busy, an ended one taken over and
+    // settled at once; its owner's own is settled.
+    let o = pay(16, Some("order-16"), 7, "o");
+    let other = pay(16, Some("order-16"), 9, "o");
+    assert_eq!(store.reserve(&o, lease).await.unwrap(), held(1, false));
+    assert_eq!(store.claim(&other).await.unwrap(), Claimed::Busy);
+    lapse().await;
+    assert_eq!(store.claim(&other).await.unwrap(), Claimed::Now);
+    assert_eq!(store.settle(&at(1, &o)).await.unwrap(), Settled::Fenced);
+    assert_eq!(
+        store.claim(&other).await.unwrap(),
+        Claimed::Now,
+        "its retry"
+    );
+    assert_eq!(store.reserve(&o, lease).await.unwrap(), Reserved::Before);
+    let k3 = pay(17, Some("order-17"), 7, "k");
+    assert_eq!(store.reserve(&k3, lease).await.unwrap(), held(1, false));
+    lapse().await;
+    assert_eq!(
+        store
+            .claim(&pay(18, Some("order-17"), 9, "k"))
+            .await
+            .unwrap(),
+        Claimed::Now,
+        "an ended reservation of its key"
+    );
+    assert_eq!(store.settle(&at(1, &k3)).await.unwrap(), Settled::Fenced);
+    let own = pay(19, None, 7, "own");
+    assert_eq!(store.reserve(&own, lease).await.unwrap(), held(1, false));
+    assert_eq!(store.claim(&own).await.unwrap(), Claimed::Now);
+    assert_eq!(
+        store.settle(&at(1, &own)).await.unwrap(),
+        now,
+        "settled by its owner's one-phase claim"
+    );
+    assert_eq!(
+        store
+            .reserve(&pay(19, None, 8, "own"), lease)
+            .await
+            .unwrap(),
+        Reserved::Before
+    );
+
+    // Released by its claimant: free again, id and key.
+    let r = pay(20, Some("order-20"), 7, "r");
+    assert_eq!(store.reserve(&r, lease).await.unwrap(), held(1, false));
+    assert!(!store
+        .release(&pay(20, Some("order-20"), 8, "r"))
+        .await
+        .unwrap());
+    assert!(store.release(&r).await.unwrap());
+    assert!(!store.lookup(&r).await.unwrap());
+    assert_eq!(
+        store
+            .reserve(&pay(21, Some("order-20"), 8, "r"), lease)
+            .await
+            .unwrap(),
+        held(1, false),
+        "its key"
+    );
+    assert_eq!(
+        store.reserve(&pay(20, None, 8, "r"), lease).await.unwrap(),
+        held(1, false),
+        "its id"
+    );
+    assert_eq!(store.settle(&at(1, &r)).await.unwrap(), Settled::Fenced);
+}
+
 /// Issue 21 cases 6, 7 and 8 on a fresh `store`: idempotency keys are per client, a key
 /// names one payload (another digest is a conflict that records nothing; an unknown digest
 /// never conflicts), and a channel id is bound to one owner.
@@ -229,7 +506,7 @@ pub async fn check_clients_digests_and_owners(store: &dyn surelink::store::Dedup
             key: Some(Bytes::copy_from_slice(key.as_bytes())),
             client,
             digest,
-            claimant: 0,
+            ..Claim::default()
         };
     let (a, b) = ([0xaa; 32], [0xbb; 32]);
     let anonymous = surelink::proto::ANONYMOUS;
