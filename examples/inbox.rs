@@ -8,10 +8,12 @@
 //! ```
 //!
 //! A client and a server talk over the in-crate simulator (real QUIC, `--loss` each way,
-//! real time). The server runs with `Config::application_claims`: each payment reaches the
-//! application at once; the application opens a transaction, claims the payment
-//! (`PgStore::claim_in`), writes its ledger row, commits, and then calls
-//! `Channel::confirm`, which acks it. If the claim was made before (a retry of a payment
+//! real time). The server runs with `Config::application_claims` and the store: the channel
+//! reserves each payment in the store (a lease, a fencing epoch) and hands it to the
+//! application with that reservation (`Delivered::lease`); the application opens a
+//! transaction, settles the reservation (`PgStore::claim_in` with `Claim::of`), writes its
+//! ledger row, commits, and then calls `Channel::confirm`, which acks it. A replica that
+//! took the reservation over meanwhile would make the settle answer `Claimed::Busy`. If the claim was made before (a retry of a payment
 //! already in the ledger) it rolls back and confirms without writing. Every `--fail-every`th
 //! payment fails its first attempt (rolled back, `Channel::release`): surelink hands it over
 //! again when the sender's resend arrives (usually before its deadline), or the client learns
@@ -100,6 +102,9 @@ async fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     })?;
     let mut server_config = Config::default();
     server_config.application_claims = true;
+    // With the store as well, the channel reserves each payment before the application
+    // gets it, so replicas sharing the table hold back while this one works on it.
+    server_config.store = Some(Arc::new(store.clone()));
     let mut listener = Listener::new(pair.server.clone(), server_config);
     let mut client_config = Config::default();
     client_config.sender.deadline = Duration::from_secs(1);
@@ -160,6 +165,12 @@ async fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
                         // told its key was reused.
                         tx.rollback().await?;
                         channel.confirm(m.id, Claimed::Conflict);
+                    }
+                    other => {
+                        // `Busy`: another replica took the reservation over and delivers
+                        // the payment: no effect here, not acked here.
+                        tx.rollback().await?;
+                        channel.confirm(m.id, other);
                     }
                 }
             }
