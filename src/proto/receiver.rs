@@ -1594,14 +1594,20 @@ impl Receiver {
                         self.refuse(now, id, REFUSE_KEY_REUSED, via_stream);
                         return Accepted::Refused;
                     }
-                    // With a claims store the store knows the keys, and this receiver cannot
-                    // ask it any more: the key may have been delivered elsewhere, so no
-                    // answer is true but "unknown" (dropped, counted).
-                    None if self.config.claims != Claims::Off => {
+                    // The key is neither delivered nor held here now, but "not delivered" must
+                    // stay true of the payment until the refusal reaches its sender, and a
+                    // copy under the same key can be delivered meanwhile by another channel
+                    // (another client in the anonymous namespace, a restarted client's new
+                    // channel) or, with a claims store, another replica that this receiver
+                    // cannot ask. So no answer is true but "unknown" (dropped, counted): the
+                    // sender retries under its key. (Found by the `channel` fuzz target: a
+                    // refusal for an application gone, raced by the same key delivered on
+                    // another channel 10 ms later.)
+                    None => {
                         self.stats.unknown_ids += 1;
                         return Accepted::Held;
                     }
-                    _ => {}
+                    Some(KeyVerdict::New | KeyVerdict::Full) => {}
                 }
             }
             let reason = if passed { REFUSE_PASSED } else { REFUSE_CLOSED };
