@@ -28,9 +28,28 @@
 //! claims store (`payment_server --dedupe-url`).
 //!
 //! Each payload starts with its payment id (8 bytes, big endian: a random prefix for the run,
-//! then a sequence number), so a server can spot duplicates across clients.
+//! then a sequence number), so a server can spot duplicates across clients. Read as a signed
+//! 64-bit number, it is the id `payment_server --deliveries` and `--ledger` record.
 //!
-//! Prints one JSON line: `{"mode":..,"sent":N,"acked":A,"failed":F,"p50_ms":..,"p90_ms":..,
+//! With `--keyed` (surelink mode) every payment carries an idempotency key derived from its
+//! id (`pay-ID`, ID in decimal), so a retry of the same payment reuses it; `--retries N` sends
+//! a payment whose outcome was unknown (`SendError::may_have_been_delivered`) again, with the
+//! same key and payload, up to N more times. Every payment ends in one outcome: acked, failed
+//! with an unknown outcome (it may have been delivered), or failed definitely (it was not).
+//!
+//! Checking from outside (issue 23; the flags are a contract):
+//!
+//! - `--acked-ids FILE` writes the payment id (signed, decimal) of every acked payment, one
+//!   per line, in the order the payments were sent; written once every payment has its
+//!   outcome, before the JSON line.
+//! - `--outcomes FILE` writes one CSV line per payment, with a header:
+//!   `id,sent_unix_ms,outcome,latency_ms,attempts,error`: when its first attempt started
+//!   (milliseconds since the Unix epoch), `acked`, `unknown` or `definite`, the time from that
+//!   start to its outcome, how many times it was sent, and the last error's kind (empty when
+//!   acked).
+//!
+//! Prints one JSON line: `{"mode":..,"sent":N,"acked":A,"failed":F,"failed_unknown":U,
+//! "failed_definite":D,"retries":R,"keyed":..,"p50_ms":..,"p90_ms":..,
 //! "p99_ms":..,"p999_ms":..,"max_ms":..,"wire_bytes":..,"payload_bytes":..,"failovers":..,
 //! "hedges_to_secondary":..,"send_lag_p99_ms":..,"elapsed_s":..,"rate":..,"data_shards":..,
 //! "repair_shards":..,"hedges":..,"retransmits":..,"datagram_send_errors":..,
@@ -41,15 +60,18 @@
 //! baselines; `failovers` counts moves to
 //! another replica and `hedges_to_secondary` hedges sent as copies to the warm standby replica
 //! (`--hedge-to other|both`; both 0 for the baseline); latencies are of acked payments;
-//! `wire_bytes` counts UDP payload bytes both ways. Exits 0 when every payment
+//! `wire_bytes` counts UDP payload bytes both ways; `failed` is `failed_unknown` plus
+//! `failed_definite` (a failed baseline request counts as unknown), `retries` the sends
+//! after the first. Exits 0 when every payment
 //! was acked; exits 1 when some were not, 2 (with a message on stderr) when it could not
 //! connect at all, for instance because the server requires a client certificate
 //! (`payment_server --client-ca`) and none valid was given with `--cert FILE --key FILE`.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
@@ -132,6 +154,64 @@ struct Args {
     /// rates, up to this much more latency. Off (0) by default.
     #[arg(long, default_value_t = 0)]
     batch_linger_ms: u64,
+    /// surelink mode: give every payment an idempotency key derived from its id (`pay-ID`).
+    #[arg(long)]
+    keyed: bool,
+    /// surelink mode, with `--keyed`: send a payment whose outcome was unknown again, with the
+    /// same key, up to this many more times.
+    #[arg(long, default_value_t = 0, requires = "keyed")]
+    retries: u32,
+    /// Write the payment id of every acked payment to FILE, one per line (signed, decimal).
+    #[arg(long, value_name = "FILE")]
+    acked_ids: Option<PathBuf>,
+    /// Write every payment's outcome to FILE as CSV:
+    /// `id,sent_unix_ms,outcome,latency_ms,attempts,error`.
+    #[arg(long, value_name = "FILE")]
+    outcomes: Option<PathBuf>,
+}
+
+/// How one payment ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Acked,
+    /// Failed; it may have been delivered.
+    Unknown,
+    /// Failed; it was not delivered.
+    Definite,
+}
+
+impl Outcome {
+    fn name(self) -> &'static str {
+        match self {
+            Outcome::Acked => "acked",
+            Outcome::Unknown => "unknown",
+            Outcome::Definite => "definite",
+        }
+    }
+}
+
+/// One payment's record, for the summary and `--outcomes`.
+struct Sent {
+    /// The payment id as the servers record it (the payload's first 8 bytes, signed).
+    id: i64,
+    sent_unix_ms: f64,
+    lag: Duration,
+    outcome: Outcome,
+    /// From its first attempt's start to its outcome.
+    elapsed: Duration,
+    attempts: u32,
+    /// The last error's kind (`Timeout`, `ConnectionLost`, …); empty when acked.
+    error: String,
+}
+
+/// The variant name of `e` (`Timeout { id: 3 }` → `Timeout`).
+fn kind(e: &impl std::fmt::Debug) -> String {
+    let debug = format!("{e:?}");
+    debug
+        .split(|c: char| !c.is_alphanumeric() && c != '_')
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// `A,B,C` for messages.
@@ -243,6 +323,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
 
     // Payment ids unique across runs: a random prefix for this run, then a sequence number.
     let run_prefix = u64::from(rand::random::<u32>()) << 32;
+    let (keyed, retries) = (args.keyed && channel.is_some(), args.retries);
     let rate = args.rate.max(1e-3);
     // clap requires one of --count and --duration-s.
     let count = args
@@ -254,37 +335,113 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     for i in 0..count {
         let due = start + interval.mul_f64(i as f64);
         tokio::time::sleep_until(due).await;
-        let p = payment(run_prefix | i, args.size);
+        let id = run_prefix | i;
+        let p = payment(id, args.size);
+        let key = keyed.then(|| Bytes::from(format!("pay-{}", id as i64)));
         let (channel, conn) = (channel.clone(), conn.clone());
         tasks.push(tokio::spawn(async move {
             let t0 = tokio::time::Instant::now();
+            let sent_unix_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1000.0;
             let lag = t0 - due;
-            let ok = match (channel, conn) {
-                (Some(c), _) => c.send(p).await.is_ok(),
-                (None, None) => false,
-                (None, Some(conn)) => async {
-                    let (mut send, mut recv) = conn.open_bi().await.ok()?;
-                    send.write_all(&p).await.ok()?;
-                    send.finish().ok()?;
-                    let answer = recv.read_to_end(64).await.ok()?;
-                    (answer == b"ok").then_some(())
+            let mut attempts = 0;
+            let (outcome, error) = match (channel, conn) {
+                (Some(c), _) => loop {
+                    attempts += 1;
+                    let result = match &key {
+                        Some(k) => c.send_with_key(k.clone(), p.clone()).await,
+                        None => c.send(p.clone()).await,
+                    };
+                    match result {
+                        Ok(_) => break (Outcome::Acked, String::new()),
+                        // The same key and payload: delivered at most once, whichever attempt.
+                        Err(e) if e.may_have_been_delivered() && attempts <= retries => {}
+                        Err(e) if e.may_have_been_delivered() => {
+                            break (Outcome::Unknown, kind(&e))
+                        }
+                        Err(e) => break (Outcome::Definite, kind(&e)),
+                    }
+                },
+                (None, None) => (Outcome::Definite, "NoConnection".to_string()),
+                (None, Some(conn)) => {
+                    attempts = 1;
+                    let answered = async {
+                        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+                        send.write_all(&p).await.ok()?;
+                        send.finish().ok()?;
+                        let answer = recv.read_to_end(64).await.ok()?;
+                        (answer == b"ok").then_some(())
+                    }
+                    .await;
+                    match answered {
+                        Some(()) => (Outcome::Acked, String::new()),
+                        None => (Outcome::Unknown, "Stream".to_string()),
+                    }
                 }
-                .await
-                .is_some(),
             };
-            (lag, ok.then(|| t0.elapsed()))
+            Sent {
+                id: id as i64,
+                sent_unix_ms,
+                lag,
+                outcome,
+                elapsed: t0.elapsed(),
+                attempts,
+                error,
+            }
         }));
     }
-    let mut latencies = Vec::with_capacity(tasks.len());
-    let mut lags = Vec::with_capacity(tasks.len());
+    let mut sent = Vec::with_capacity(tasks.len());
     for t in tasks {
-        if let Ok((lag, latency)) = t.await {
-            lags.push(lag);
-            latencies.extend(latency);
+        match t.await {
+            Ok(s) => sent.push(s),
+            Err(e) => return Err(format!("a payment's task failed: {e}").into()),
         }
     }
+    let latencies = {
+        let mut l: Vec<Duration> = sent
+            .iter()
+            .filter(|s| s.outcome == Outcome::Acked)
+            .map(|s| s.elapsed)
+            .collect();
+        l.sort();
+        l
+    };
+    let mut lags: Vec<Duration> = sent.iter().map(|s| s.lag).collect();
+    let count_of = |o: Outcome| sent.iter().filter(|s| s.outcome == o).count() as u64;
+    let (failed_unknown, failed_definite) =
+        (count_of(Outcome::Unknown), count_of(Outcome::Definite));
+    let resends: u64 = sent
+        .iter()
+        .map(|s| u64::from(s.attempts.saturating_sub(1)))
+        .sum();
+    if let Some(path) = &args.acked_ids {
+        let mut out = String::new();
+        for s in sent.iter().filter(|s| s.outcome == Outcome::Acked) {
+            out.push_str(&format!("{}\n", s.id));
+        }
+        std::fs::write(path, out).map_err(|e| format!("--acked-ids {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.outcomes {
+        let mut out = String::from("id,sent_unix_ms,outcome,latency_ms,attempts,error\n");
+        for s in &sent {
+            out.push_str(&format!(
+                "{},{:.3},{},{:.3},{},{}\n",
+                s.id,
+                s.sent_unix_ms,
+                s.outcome.name(),
+                s.elapsed.as_secs_f64() * 1000.0,
+                s.attempts,
+                s.error
+            ));
+        }
+        let mut f = std::fs::File::create(path)
+            .map_err(|e| format!("--outcomes {}: {e}", path.display()))?;
+        f.write_all(out.as_bytes())?;
+    }
     let elapsed = start.elapsed();
-    latencies.sort();
     lags.sort();
     // A TLS 1.3 client finishes its handshake before the server has judged its certificate,
     // so a baseline connection the server refuses (mutual TLS) only learns so a round trip
@@ -306,6 +463,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         (None, None) => 0,
     };
     let acked = latencies.len() as u64;
+    debug_assert_eq!(acked + failed_unknown + failed_definite, count);
     let (failovers, hedges_to_secondary) = channel.as_ref().map_or((0, 0), |c| {
         let st = c.stats();
         (st.failovers, st.sender.hedges_to_secondary)
@@ -332,11 +490,15 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         },
     );
     println!(
-        "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{},\"failovers\":{},\"hedges_to_secondary\":{},\"send_lag_p99_ms\":{:.3},\"elapsed_s\":{:.3},\"rate\":{},{}}}",
+        "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"failed_unknown\":{},\"failed_definite\":{},\"retries\":{},\"keyed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{},\"failovers\":{},\"hedges_to_secondary\":{},\"send_lag_p99_ms\":{:.3},\"elapsed_s\":{:.3},\"rate\":{},{}}}",
         args.mode.name(),
         count,
         acked,
         count - acked,
+        failed_unknown,
+        failed_definite,
+        resends,
+        keyed,
         percentile_ms(&latencies, 0.5),
         percentile_ms(&latencies, 0.9),
         percentile_ms(&latencies, 0.99),

@@ -8,9 +8,17 @@
 //! Writes its self-signed certificate to `DIR/cert.der` (reusing `DIR/cert.der` and
 //! `DIR/key.der` when both exist), prints `listening on ADDR` once it accepts, and on exit
 //! (after `--idle-exit-secs` without a payment once one arrived, or on SIGINT/SIGTERM) prints
-//! one JSON line: `{"delivered":N,"duplicates":D,"invalid_frames":X}`. `duplicates` counts
-//! payments seen twice, judged by the payment id in each payload (its first 8 bytes, big
-//! endian), independently of surelink's own dedupe.
+//! one JSON line: `{"delivered":N,"duplicates":D,"invalid_frames":X,"replica":"NAME",
+//! "payloads_without_id":S,"ledger_rows":L,"ledger_already":A,"ledger_failed":F,
+//! "reservation_takeovers":T,"fenced_settles":E,"leases_expired":X}`.
+//! `duplicates` counts payments seen twice, judged by the payment id in each payload (its
+//! first 8 bytes, big endian), independently of surelink's own dedupe. The `ledger_*` fields
+//! are for `--ledger` (0 without): rows this replica committed, payments whose claim was this
+//! replica's but whose id was in the ledger already (should stay 0: a payment taken twice),
+//! and transactions that failed (released, to come again). The last three count two-phase
+//! claims over this replica's channels (`ChannelStats`): reservations it took over from a
+//! replica whose lease ended, settles fenced because another replica took one over, and
+//! settles that came after their own lease ended.
 //!
 //! With `--dedupe-url postgres://…` (feature `postgres`) deliveries are claimed in that
 //! database before they are acked, so several servers sharing it are replicas of one service:
@@ -31,8 +39,34 @@
 //!     --metrics 127.0.0.1:9464
 //! curl -s http://127.0.0.1:9464/metrics | grep surelink_messages_delivered_total
 //! ```
+//!
+//! Checking from outside (issue 23; the flags are a contract):
+//!
+//! - `--deliveries FILE` appends the payment id of every payment the application took (after
+//!   `Messages::recv` returned it; with `--ledger`, once its transaction committed), one per
+//!   line in decimal, written to the file (one `write` of the whole line, no buffer in this
+//!   process) before the next payment is taken. The id is the payload's first 8 bytes, big
+//!   endian, as a signed 64-bit number; a payload shorter than 8 bytes is counted
+//!   (`"payloads_without_id"` in the JSON line, and a warning on stderr) and not written. The
+//!   file is opened for appending, so a replica restarted with the same flags adds to it.
+//! - `--replica-name NAME` names the replica on every log line (`replica=NAME`, and a
+//!   `replica` span around its connections) and in the ledger; default: the address it
+//!   listens on.
+//! - `--dedupe-url URL --ledger` runs the inbox pattern: the channel reserves each payment in
+//!   the shared store (`Config::store` with `Config::application_claims`) and hands it over
+//!   with its reservation; the application then runs one transaction that settles the claim
+//!   (`PgStore::claim_in` with `Claim::of`) and inserts the payment's row into
+//!   `surelink_ledger(payment_id bigint primary key, replica text, at timestamptz)` (created
+//!   if missing), commits, and only then confirms the payment (`Channel::confirm`), which
+//!   acks it. Claimed before: rolled back, acked without a row. Busy (another replica holds
+//!   or took over the reservation): rolled back, left to that replica, not acked here. A
+//!   failed transaction: rolled back, `Channel::release` (the payment comes again).
+//!
+//! Logs (surelink's and this program's, INFO and above) go to stderr.
 
 use std::collections::HashSet;
+use std::fs::File;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -42,12 +76,13 @@ use clap::Parser;
 use quinn::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use surelink::channel::{
     load_certs, server_config_mtls_with_protocols, server_config_with_protocols, Channel, Config,
-    Identity, Server, ALPN_PROTOCOLS,
+    Identity, Messages, Server, ALPN_PROTOCOLS,
 };
+use tokio::time::Instant;
+use tracing::Instrument;
 
 /// The ALPN id `payment_client --mode quinn-stream` offers.
 const BASELINE_ALPN: &[u8] = b"quinn-stream";
-use tokio::time::Instant;
 
 #[derive(Parser)]
 #[command(about = "surelink payment server (real UDP, real TLS)")]
@@ -72,6 +107,20 @@ struct Args {
     /// Serve metrics as Prometheus text at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Append the payment id of every payment the application took to FILE: one per line,
+    /// decimal (the payload's first 8 bytes, big endian, as a signed 64-bit number), written
+    /// to the file before the next payment is taken. Taken means returned by
+    /// `Messages::recv`; with `--ledger`, its transaction committed (claim and ledger row).
+    #[arg(long, value_name = "FILE")]
+    deliveries: Option<PathBuf>,
+    /// This replica's name, on every log line and in the ledger's `replica` column
+    /// (default: the address it listens on).
+    #[arg(long, value_name = "NAME")]
+    replica_name: Option<String>,
+    /// The inbox pattern (needs `--dedupe-url`): each payment's claim and its row in
+    /// `surelink_ledger` commit in one transaction; the payment is acked after the commit.
+    #[arg(long, requires = "dedupe_url")]
+    ledger: bool,
 }
 
 /// Installs the Prometheus exporter: an HTTP listener on `addr`, the send latency as a
@@ -89,11 +138,55 @@ fn serve_metrics(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Log lines (surelink's and this program's, INFO and above) on stderr, each starting with
+/// `replica=NAME`: the channel's own tasks are not inside this program's spans, so the name
+/// goes on every line rather than only in a span.
+fn init_logs(replica: &str) {
+    use tracing_subscriber::fmt::format::{Format, Writer};
+    use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::registry::LookupSpan;
+
+    struct Named(String, Format);
+    impl<S, N> FormatEvent<S, N> for Named
+    where
+        S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
+        fn format_event(
+            &self,
+            ctx: &FmtContext<'_, S, N>,
+            mut writer: Writer<'_>,
+            event: &tracing::Event<'_>,
+        ) -> std::fmt::Result {
+            write!(writer, "replica={} ", self.0)?;
+            self.1.format_event(ctx, writer, event)
+        }
+    }
+
+    let targets = tracing_subscriber::filter::Targets::new()
+        .with_target("surelink", tracing::Level::INFO)
+        .with_target("payment_server", tracing::Level::INFO);
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .event_format(Named(replica.to_string(), Format::default())),
+        )
+        .with(targets)
+        .init();
+}
+
 /// The channel config: with `--dedupe-url`, claims in PostgreSQL (swept of claims older
-/// than a day).
-async fn channel_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
+/// than a day); with `--ledger` as well, the application claims (the inbox pattern), and the
+/// store only reserves.
+async fn channel_config(
+    args: &Args,
+    replica: &str,
+) -> Result<(Config, Option<Arc<ledger::Ledger>>), Box<dyn std::error::Error>> {
     let Some(url) = &args.dedupe_url else {
-        return Ok(Config::default());
+        return Ok((Config::default(), None));
     };
     #[cfg(feature = "postgres")]
     {
@@ -101,37 +194,80 @@ async fn channel_config(args: &Args) -> Result<Config, Box<dyn std::error::Error
         let store = Arc::new(surelink::store::PgStore::connect(url, ttl).await?);
         surelink::store::spawn_expiry(store.clone(), Duration::from_secs(600));
         let mut config = Config::default();
-        config.store = Some(store);
-        Ok(config)
+        config.store = Some(store.clone());
+        let ledger = if args.ledger {
+            config.application_claims = true;
+            Some(Arc::new(ledger::Ledger::new(store, replica).await?))
+        } else {
+            None
+        };
+        Ok((config, ledger))
     }
     #[cfg(not(feature = "postgres"))]
-    Err(format!(
-        "--dedupe-url {url}: built without the postgres feature (cargo run --features postgres …)"
-    )
-    .into())
+    {
+        let _ = replica;
+        Err(format!(
+            "--dedupe-url {url}: built without the postgres feature (cargo run --features postgres …)"
+        )
+        .into())
+    }
+}
+
+/// The payment id of `payload`: its first 8 bytes, big endian, signed (the ledger's bigint).
+fn payment_id(payload: &[u8]) -> Option<i64> {
+    payload
+        .get(..8)
+        .map(|b| i64::from_be_bytes(b.try_into().expect("8 bytes")))
 }
 
 #[derive(Default)]
 struct Tally {
     delivered: u64,
     duplicates: u64,
-    seen: HashSet<u64>,
+    seen: HashSet<i64>,
     last: Option<Instant>,
     invalid_frames: u64,
+    /// Payloads shorter than a payment id (not written to `--deliveries`).
+    without_id: u64,
+    /// `--ledger`: rows committed, ids found in the ledger already, failed transactions.
+    ledger_rows: u64,
+    ledger_already: u64,
+    ledger_failed: u64,
+    /// `--deliveries`: written one whole line at a time, unbuffered.
+    deliveries: Option<File>,
 }
 
 impl Tally {
+    /// A payment arrived (taken or not): it keeps the server from its idle exit.
+    fn touch(&mut self) {
+        self.last = Some(Instant::now());
+    }
+
+    /// The application took `payload`: counted, and its id appended to `--deliveries`.
     fn record(&mut self, payload: &[u8]) {
         self.delivered += 1;
-        let id = payload
-            .get(..8)
-            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
-        if let Some(id) = id {
-            if !self.seen.insert(id) {
-                self.duplicates += 1;
+        self.touch();
+        let Some(id) = payment_id(payload) else {
+            self.without_id += 1;
+            tracing::warn!(
+                len = payload.len(),
+                count = self.without_id,
+                "payment_server: payload shorter than its 8-byte payment id; not recorded"
+            );
+            return;
+        };
+        if !self.seen.insert(id) {
+            self.duplicates += 1;
+        }
+        if let Some(file) = &mut self.deliveries {
+            // One write of the whole line, straight to the file (no buffer in this process):
+            // it is in the file before the next payment is taken, and outlives a SIGKILL.
+            if let Err(e) = file.write_all(format!("{id}\n").as_bytes()) {
+                // The record of takes is this program's contract: no silent gap in it.
+                eprintln!("payment_server: writing payment {id} to --deliveries: {e}");
+                std::process::exit(1);
             }
         }
-        self.last = Some(Instant::now());
     }
 }
 
@@ -147,8 +283,13 @@ fn identity(
         return Ok((cert, key.into()));
     }
     let (cert, key) = surelink::sim::test_identity()?;
-    std::fs::write(&cert_path, cert.as_ref())?;
-    std::fs::write(&key_path, key.secret_der())?;
+    // Written under temporary names and renamed, key first: a replica starting at the same
+    // moment, or one killed while writing, never sees a cert.der without its key.der.
+    let tmp = |name: &str| dir.join(format!(".{name}.{}", std::process::id()));
+    std::fs::write(tmp("key.der"), key.secret_der())?;
+    std::fs::write(tmp("cert.der"), cert.as_ref())?;
+    std::fs::rename(tmp("key.der"), &key_path)?;
+    std::fs::rename(tmp("cert.der"), &cert_path)?;
     Ok((cert, key))
 }
 
@@ -159,7 +300,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Before any channel opens: a channel registers its series when it starts.
         serve_metrics(addr)?;
     }
-    let config = channel_config(&args).await?;
     let (cert, key) = identity(&args.cert_dir)?;
     // surelink's settings: BBR, 0-RTT off; ALPN surelink/2 (then surelink/1 for older
     // clients) for channels and `quinn-stream` for the baseline, served on streams.
@@ -179,12 +319,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             server_config_mtls_with_protocols(identity, roots, protocols)?
         }
     };
+    // Bound before the store connects (so that the default replica name is the real
+    // address), but nothing is accepted until "listening on" is printed.
     let endpoint = quinn::Endpoint::server(server_config, args.listen)?;
-    println!("listening on {}", endpoint.local_addr()?);
+    let local = endpoint.local_addr()?;
+    let replica = args
+        .replica_name
+        .clone()
+        .unwrap_or_else(|| local.to_string());
+    init_logs(&replica);
+    let (config, ledger) = channel_config(&args, &replica).await?;
+    let mut tally = Tally::default();
+    if let Some(path) = &args.deliveries {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("--deliveries {}: {e}", path.display()))?;
+        tally.deliveries = Some(file);
+    }
+    tracing::info!(
+        listen = %local,
+        ledger = ledger.is_some(),
+        store = args.dedupe_url.is_some(),
+        "payment_server: ready"
+    );
+    println!("listening on {local}");
 
-    let tally = Arc::new(Mutex::new(Tally::default()));
+    let tally = Arc::new(Mutex::new(tally));
     let channels: Arc<Mutex<Vec<Channel>>> = Arc::default();
     let registry = Server::new(config);
+    let span = tracing::info_span!("replica", name = %replica);
     // Every connection's task, so that shutdown can wait for them to take what was acked.
     let serving: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
     let accept = {
@@ -194,20 +359,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             while let Some(incoming) = endpoint.accept().await {
                 let (tally, channels, registry) =
                     (tally.clone(), channels.clone(), registry.clone());
+                let ledger = ledger.clone();
                 let mut serving = serving.lock().unwrap();
                 serving.retain(|t| !t.is_finished());
-                serving.push(tokio::spawn(async move {
-                    let peer = incoming.remote_address();
-                    let conn = match incoming.await {
-                        Ok(conn) => conn,
-                        Err(e) => {
-                            eprintln!("payment_server: handshake with {peer} failed: {e}");
-                            surelink::metrics::handshake_failed(peer, &e);
-                            return;
-                        }
-                    };
-                    serve(conn, registry, tally, channels).await;
-                }));
+                serving.push(tokio::spawn(
+                    async move {
+                        let peer = incoming.remote_address();
+                        let conn = match incoming.await {
+                            Ok(conn) => conn,
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "payment_server: handshake failed");
+                                eprintln!("payment_server: handshake with {peer} failed: {e}");
+                                surelink::metrics::handshake_failed(peer, &e);
+                                return;
+                            }
+                        };
+                        tracing::info!(%peer, "payment_server: connection");
+                        serve(conn, registry, tally, channels, ledger).await;
+                    }
+                    .instrument(span.clone()),
+                ));
             }
         })
     };
@@ -237,19 +408,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), drained).await;
-    let invalid: u64 = channels
-        .lock()
-        .unwrap()
+    let stats: Vec<_> = channels.lock().unwrap().iter().map(|c| c.stats()).collect();
+    let invalid: u64 = stats
         .iter()
-        .map(|c| c.stats().invalid_frames.values().sum::<u64>())
+        .map(|s| s.invalid_frames.values().sum::<u64>())
         .sum();
+    // Two-phase claims (with --dedupe-url): reservations taken over from a replica whose
+    // lease ended, settles fenced by such a takeover, settles after their own lease ended.
+    let sum = |f: fn(&surelink::channel::ChannelStats) -> u64| stats.iter().map(f).sum::<u64>();
+    let (takeovers, fenced, late) = (
+        sum(|s| s.reservation_takeovers),
+        sum(|s| s.fenced_settles),
+        sum(|s| s.leases_expired),
+    );
     {
         let t = tally.lock().unwrap();
         println!(
-            "{{\"delivered\":{},\"duplicates\":{},\"invalid_frames\":{}}}",
+            "{{\"delivered\":{},\"duplicates\":{},\"invalid_frames\":{},\"replica\":{:?},\"payloads_without_id\":{},\"ledger_rows\":{},\"ledger_already\":{},\"ledger_failed\":{},\"reservation_takeovers\":{takeovers},\"fenced_settles\":{fenced},\"leases_expired\":{late}}}",
             t.delivered,
             t.duplicates,
-            invalid + t.invalid_frames
+            invalid + t.invalid_frames,
+            replica,
+            t.without_id,
+            t.ledger_rows,
+            t.ledger_already,
+            t.ledger_failed,
         );
     }
     // Let the close reach the clients, but not for long.
@@ -264,6 +447,7 @@ async fn serve(
     registry: Server,
     tally: Arc<Mutex<Tally>>,
     channels: Arc<Mutex<Vec<Channel>>>,
+    ledger: Option<Arc<ledger::Ledger>>,
 ) {
     let alpn = conn
         .handshake_data()
@@ -271,15 +455,19 @@ async fn serve(
         .and_then(|h| h.protocol);
     if alpn.is_some_and(|p| ALPN_PROTOCOLS.contains(&p.as_slice())) {
         match registry.accept_connection(conn).await {
-            Ok(Some((channel, mut messages))) => {
-                channels.lock().unwrap().push(channel);
-                while let Some(m) = messages.recv().await {
-                    tally.lock().unwrap().record(&m.payload);
+            Ok(Some((channel, messages))) => {
+                channels.lock().unwrap().push(channel.clone());
+                match ledger {
+                    Some(ledger) => ledger.serve(&channel, messages, &tally).await,
+                    None => take_all(messages, &tally).await,
                 }
             }
             // A client that reconnected: its channel carries on.
             Ok(None) => {}
-            Err(e) => eprintln!("payment_server: {e}"),
+            Err(e) => {
+                tracing::warn!(error = %e, "payment_server: channel refused");
+                eprintln!("payment_server: {e}");
+            }
         }
         return;
     }
@@ -292,5 +480,211 @@ async fn serve(
                 let _ = send.finish();
             }
         });
+    }
+}
+
+/// Without `--ledger`: taking a payment from `recv` is what acks it.
+async fn take_all(mut messages: Messages, tally: &Mutex<Tally>) {
+    while let Some(m) = messages.recv().await {
+        tally.lock().unwrap().record(&m.payload);
+    }
+}
+
+/// `--ledger`: the inbox pattern over PostgreSQL.
+#[cfg(feature = "postgres")]
+mod ledger {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use surelink::channel::{Channel, Delivered, Messages};
+    use surelink::store::{Claim, Claimed, PgStore};
+    use tokio_postgres::error::SqlState;
+
+    use super::{payment_id, Tally};
+
+    /// The ledger table (issue 23's contract).
+    const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS surelink_ledger (
+        payment_id bigint PRIMARY KEY,
+        replica    text NOT NULL,
+        at         timestamptz NOT NULL DEFAULT now()
+    )";
+
+    /// A transaction that has not ended after this long is abandoned (rolled back when its
+    /// connection notices) and the payment released.
+    const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    /// How one payment's transaction ended.
+    enum Ended {
+        /// Claim and row committed.
+        Committed,
+        /// The claim was this replica's (`Now`) but the payment id was in the ledger already:
+        /// rolled back.
+        InLedger,
+        /// The claim answered something else: rolled back.
+        Claim(Claimed),
+    }
+
+    pub(super) struct Ledger {
+        store: Arc<PgStore>,
+        replica: String,
+        /// Payments whose transaction failed in a way that may have committed (the commit's
+        /// answer lost): finding one in the ledger later is this replica's own commit.
+        uncertain: Mutex<HashSet<i64>>,
+    }
+
+    impl Ledger {
+        /// Creates the ledger table if missing (on the store's connections).
+        pub(super) async fn new(
+            store: Arc<PgStore>,
+            replica: &str,
+        ) -> Result<Ledger, surelink::store::StoreError> {
+            let conn = store.client().await?;
+            // Two replicas creating it at the same moment: one of them may fail on the
+            // catalog's unique index; the table then exists.
+            if conn.batch_execute(SCHEMA).await.is_err() {
+                conn.batch_execute(SCHEMA).await?;
+            }
+            Ok(Ledger {
+                store,
+                replica: replica.to_string(),
+                uncertain: Mutex::default(),
+            })
+        }
+
+        /// Runs each payment of the channel through its transaction, in order.
+        pub(super) async fn serve(
+            &self,
+            channel: &Channel,
+            mut messages: Messages,
+            tally: &Mutex<Tally>,
+        ) {
+            while let Some(m) = messages.recv().await {
+                self.take(channel, &m, tally).await;
+            }
+        }
+
+        async fn take(&self, channel: &Channel, m: &Delivered, tally: &Mutex<Tally>) {
+            let id = payment_id(&m.payload);
+            tally.lock().unwrap().touch();
+            let ended =
+                tokio::time::timeout(TRANSACTION_TIMEOUT, self.transaction(channel, m, id)).await;
+            match ended {
+                Ok(Ok(Ended::Committed)) => {
+                    // The take: recorded before the ack, so an acked payment is in the file.
+                    let mut t = tally.lock().unwrap();
+                    t.ledger_rows += u64::from(id.is_some());
+                    t.record(&m.payload);
+                    drop(t);
+                    channel.confirm(m.id, Claimed::Now);
+                }
+                Ok(Ok(Ended::InLedger)) => {
+                    let id = id.expect("only a payment with an id has a row");
+                    if self.uncertain.lock().unwrap().remove(&id) {
+                        // Its earlier transaction did commit; only the answer was lost.
+                        tracing::info!(
+                            id,
+                            "payment_server: an earlier commit of this payment went through"
+                        );
+                        tally.lock().unwrap().record(&m.payload);
+                    } else {
+                        tally.lock().unwrap().ledger_already += 1;
+                        tracing::error!(
+                            id,
+                            msg = m.id,
+                            "payment_server: the store gave this replica the claim, but the payment is in the ledger already (taken twice?)"
+                        );
+                    }
+                    channel.confirm(m.id, Claimed::Before);
+                }
+                Ok(Ok(Ended::Claim(Claimed::Now))) => unreachable!("Now commits"),
+                Ok(Ok(Ended::Claim(
+                    claimed @ (Claimed::Before | Claimed::Conflict | Claimed::Busy),
+                ))) => {
+                    tracing::info!(
+                        id,
+                        msg = m.id,
+                        ?claimed,
+                        "payment_server: not this replica's to take"
+                    );
+                    channel.confirm(m.id, claimed);
+                }
+                Ok(Ok(Ended::Claim(claimed))) => {
+                    tracing::warn!(?claimed, "payment_server: unknown claim answer; released");
+                    channel.release(m.id);
+                }
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no end within {TRANSACTION_TIMEOUT:?}"),
+                    };
+                    tracing::warn!(id, msg = m.id, error = %why, "payment_server: ledger transaction failed; released");
+                    if let Some(id) = id {
+                        self.uncertain.lock().unwrap().insert(id);
+                    }
+                    tally.lock().unwrap().ledger_failed += 1;
+                    channel.release(m.id);
+                    // The payment comes again with its sender's resend; no tight loop while
+                    // the database is away.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+
+        /// One transaction: claim (settling the channel's reservation), ledger row, commit.
+        async fn transaction(
+            &self,
+            channel: &Channel,
+            m: &Delivered,
+            id: Option<i64>,
+        ) -> Result<Ended, Error> {
+            let mut conn = self.store.client().await?;
+            let tx = conn.transaction().await?;
+            let claim = Claim::of(channel.id(), m).with_client(channel.key_scope());
+            let claimed = self.store.claim_in(&*tx, &claim).await?;
+            if claimed != Claimed::Now {
+                tx.rollback().await?;
+                return Ok(Ended::Claim(claimed));
+            }
+            if let Some(id) = id {
+                let row = tx
+                    .execute(
+                        "INSERT INTO surelink_ledger (payment_id, replica, at) VALUES ($1, $2, now())",
+                        &[&id, &self.replica],
+                    )
+                    .await;
+                match row {
+                    Ok(_) => {}
+                    Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                        tx.rollback().await?;
+                        return Ok(Ended::InLedger);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            tx.commit().await?;
+            Ok(Ended::Committed)
+        }
+    }
+}
+
+/// Without the `postgres` feature there is no ledger (`--ledger` needs `--dedupe-url`, which
+/// fails at start).
+#[cfg(not(feature = "postgres"))]
+mod ledger {
+    use std::sync::Mutex;
+
+    use surelink::channel::{Channel, Messages};
+
+    use super::Tally;
+
+    pub(super) enum Ledger {}
+
+    impl Ledger {
+        pub(super) async fn serve(&self, _: &Channel, _: Messages, _: &Mutex<Tally>) {
+            match *self {}
+        }
     }
 }

@@ -458,3 +458,201 @@ fn the_inbox_example_commits_each_payment_once() {
     // later one shows unacked), or after a retry by key.
     assert_eq!(field(&json, "committed"), "300", "{json}");
 }
+
+/// Issue 23's flags for outside checkers, without a store: `payment_server --deliveries FILE
+/// --replica-name NAME` writes one id per payment taken (the payload's first 8 bytes, big
+/// endian, signed) and names itself on its log lines; `payment_client --keyed --acked-ids
+/// FILE --outcomes FILE` writes the id of every acked payment and every payment's outcome,
+/// and its JSON line splits the failures into unknown and definite ones.
+#[test]
+fn deliveries_acked_ids_and_replica_name_flags() {
+    let dir = std::env::temp_dir().join(format!("surelink-flags-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let deliveries = dir.join("deliveries");
+    // A line from an earlier run: the file is appended to, never truncated.
+    std::fs::write(&deliveries, "-42\n").unwrap();
+    let stderr = dir.join("server.stderr");
+    let mut server = Command::new(example("payment_server"))
+        .args(["--listen", "127.0.0.1:0", "--cert-dir"])
+        .arg(&dir)
+        .arg("--deliveries")
+        .arg(&deliveries)
+        .args(["--replica-name", "east-1", "--idle-exit-secs", "30"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").expect(&line);
+
+    let (acked, outcomes) = (dir.join("acked"), dir.join("outcomes.csv"));
+    let client = Command::new(example("payment_client"))
+        .args(["--connect", addr, "--ca"])
+        .arg(dir.join("cert.der"))
+        .args(["--count", "100", "--rate", "500", "--size", "64", "--keyed"])
+        .args(["--retries", "1", "--acked-ids"])
+        .arg(&acked)
+        .arg("--outcomes")
+        .arg(&outcomes)
+        .output()
+        .unwrap();
+    let json = String::from_utf8(client.stdout).unwrap();
+    assert!(client.status.success(), "{json}");
+    assert_eq!(field(&json, "acked"), "100", "{json}");
+    assert_eq!(field(&json, "failed_unknown"), "0", "{json}");
+    assert_eq!(field(&json, "failed_definite"), "0", "{json}");
+    assert_eq!(field(&json, "keyed"), "true", "{json}");
+    field(&json, "retries").parse::<u64>().unwrap();
+
+    assert!(Command::new("kill")
+        .arg(server.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    let mut tally = String::new();
+    out.read_line(&mut tally).unwrap();
+    server.wait().unwrap();
+    assert_eq!(field(&tally, "delivered"), "100", "{tally}");
+    assert_eq!(field(&tally, "replica"), "east-1", "{tally}");
+    assert_eq!(field(&tally, "payloads_without_id"), "0", "{tally}");
+
+    let ids = |path: &std::path::Path| -> Vec<i64> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| l.parse().unwrap_or_else(|_| panic!("{l:?} in {path:?}")))
+            .collect()
+    };
+    let acked = ids(&acked);
+    assert_eq!(acked.len(), 100);
+    let taken = ids(&deliveries);
+    assert_eq!(taken[0], -42, "appended after the earlier line");
+    // One run: a random 32-bit prefix, then the payment's number.
+    let mut expected = acked.clone();
+    expected.sort_by_key(|id| *id as u64 & 0xffff_ffff);
+    for (n, id) in expected.iter().enumerate() {
+        assert_eq!(
+            *id as u64 & 0xffff_ffff,
+            n as u64,
+            "ids are prefix | number"
+        );
+    }
+    let mut delivered = taken[1..].to_vec();
+    delivered.sort();
+    let mut acked_sorted = acked.clone();
+    acked_sorted.sort();
+    assert_eq!(delivered, acked_sorted, "each acked payment taken once");
+
+    let csv = std::fs::read_to_string(&outcomes).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("id,sent_unix_ms,outcome,latency_ms,attempts,error")
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 100);
+    for row in &rows {
+        assert_eq!(row.len(), 6, "{row:?}");
+        assert!(acked.contains(&row[0].parse().unwrap()), "{row:?}");
+        assert!(row[1].parse::<f64>().unwrap() > 1.6e12, "{row:?}");
+        assert_eq!((row[2], row[5]), ("acked", ""), "{row:?}");
+        assert!(row[3].parse::<f64>().unwrap() > 0.0, "{row:?}");
+        assert!(row[4].parse::<u32>().unwrap() >= 1, "{row:?}");
+    }
+
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("replica=east-1 ") && l.contains("payment_server: ready")),
+        "{log}"
+    );
+    assert!(
+        log.lines().all(|l| l.starts_with("replica=east-1 ")),
+        "every log line names the replica: {log}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Issue 23's `payment_server --dedupe-url URL --ledger`: the inbox pattern. Each payment's
+/// claim and its `surelink_ledger` row commit in one transaction, named by `--replica-name`,
+/// and the payment is acked after the commit; `--deliveries` records each committed payment.
+#[cfg(feature = "postgres")]
+#[test]
+fn the_ledger_flag_commits_a_row_per_payment() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(url) = rt.block_on(common::fresh_database("ledger_flag")) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("surelink-ledger-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let deliveries = dir.join("deliveries");
+    let flags: Vec<&std::ffi::OsStr> = vec![
+        "--dedupe-url".as_ref(),
+        url.as_ref(),
+        "--ledger".as_ref(),
+        "--replica-name".as_ref(),
+        "west-2".as_ref(),
+        "--deliveries".as_ref(),
+        deliveries.as_os_str(),
+    ];
+    let (mut server, mut out, addr) = start_server(&dir, &flags);
+    let acked = dir.join("acked");
+    let client = Command::new(example("payment_client"))
+        .args(["--connect", &addr, "--ca"])
+        .arg(dir.join("cert.der"))
+        .args([
+            "--count", "200", "--rate", "200", "--size", "100", "--keyed",
+        ])
+        .arg("--acked-ids")
+        .arg(&acked)
+        .output()
+        .unwrap();
+    let json = String::from_utf8(client.stdout).unwrap();
+    assert!(client.status.success(), "{json}");
+    assert_eq!(field(&json, "acked"), "200", "{json}");
+
+    assert!(Command::new("kill")
+        .arg(server.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    let mut tally = String::new();
+    out.read_line(&mut tally).unwrap();
+    server.wait().unwrap();
+    assert_eq!(field(&tally, "ledger_rows"), "200", "{tally}");
+    assert_eq!(field(&tally, "ledger_already"), "0", "{tally}");
+
+    let sorted = |text: String| {
+        let mut ids: Vec<i64> = text.lines().map(|l| l.parse().unwrap()).collect();
+        ids.sort();
+        ids
+    };
+    let acked = sorted(std::fs::read_to_string(&acked).unwrap());
+    assert_eq!(sorted(std::fs::read_to_string(&deliveries).unwrap()), acked);
+    let rows: Vec<(i64, String)> = rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c.query(
+            "SELECT payment_id, replica FROM surelink_ledger ORDER BY payment_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    });
+    assert_eq!(
+        rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        acked,
+        "one row per acked payment"
+    );
+    assert!(rows.iter().all(|(_, r)| r == "west-2"), "{rows:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
