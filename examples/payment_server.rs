@@ -514,6 +514,9 @@ mod ledger {
     /// connection notices) and the payment released.
     const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
 
+    /// How long a replica asks the ledger whether a failed transaction committed after all.
+    const RESOLVE_FOR: Duration = Duration::from_secs(10);
+
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
     /// How one payment's transaction ended.
@@ -620,17 +623,58 @@ mod ledger {
                         Ok(Err(e)) => e.to_string(),
                         _ => format!("no end within {TRANSACTION_TIMEOUT:?}"),
                     };
-                    tracing::warn!(id, msg = m.id, error = %why, "payment_server: ledger transaction failed; released");
-                    if let Some(id) = id {
-                        self.uncertain.lock().unwrap().insert(id);
-                    }
                     tally.lock().unwrap().ledger_failed += 1;
+                    if let Some(id) = id {
+                        // The commit may have gone through with its answer lost (the
+                        // connection broke): ask the ledger, as an application must, before
+                        // releasing a payment whose effect may be recorded.
+                        match self.committed(id).await {
+                            Some(true) => {
+                                tracing::info!(id, error = %why, "payment_server: the transaction had committed; its answer was lost");
+                                let mut t = tally.lock().unwrap();
+                                t.ledger_rows += 1;
+                                t.record(&m.payload);
+                                drop(t);
+                                channel.confirm(m.id, Claimed::Now);
+                                return;
+                            }
+                            Some(false) => {}
+                            None => {
+                                self.uncertain.lock().unwrap().insert(id);
+                            }
+                        }
+                    }
+                    tracing::warn!(id, msg = m.id, error = %why, "payment_server: ledger transaction failed; released");
                     channel.release(m.id);
                     // The payment comes again with its sender's resend; no tight loop while
                     // the database is away.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
+        }
+
+        /// After a transaction that failed: whether this replica's row for payment `id` is in
+        /// the ledger (it committed), asked until the database answers, at most
+        /// [`RESOLVE_FOR`]; `None` if it never did.
+        async fn committed(&self, id: i64) -> Option<bool> {
+            let until = tokio::time::Instant::now() + RESOLVE_FOR;
+            while tokio::time::Instant::now() < until {
+                let asked = async {
+                    let conn = self.store.client().await?;
+                    let row = conn
+                        .query_opt(
+                            "SELECT replica FROM surelink_ledger WHERE payment_id = $1",
+                            &[&id],
+                        )
+                        .await?;
+                    Ok::<_, Error>(row.map(|r| r.get::<_, String>(0)))
+                };
+                match tokio::time::timeout(Duration::from_secs(1), asked).await {
+                    Ok(Ok(row)) => return Some(row.as_deref() == Some(self.replica.as_str())),
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            None
         }
 
         /// One transaction: claim (settling the channel's reservation), ledger row, commit.
