@@ -624,6 +624,15 @@ impl Store {
                 _ => ClaimOutcome::Failed,
             };
         }
+        // Settled already by this very reservation: an earlier transaction of the
+        // application committed it (with its effect); a retry must not apply it again.
+        if self
+            .pairs
+            .get(&(c.chan, c.message))
+            .is_some_and(|row| row.lease.is_none())
+        {
+            return ClaimOutcome::Before;
+        }
         match self.settle(c, now) {
             StoreAnswer::Settled { .. } => ClaimOutcome::Now,
             // Settled by another owner: delivered there (ack, no effect); otherwise held by
@@ -635,11 +644,17 @@ impl Store {
         }
     }
 
-    fn release(&mut self, c: &Claim) {
+    /// Deletes `c`'s row if it is its claimant's (at its epoch, unless 0); whether it did.
+    fn release(&mut self, c: &Claim) -> bool {
         let pair = (c.chan, c.message);
-        if self.pairs.get(&pair).is_some_and(|row| Store::owns(row, c)) {
+        let own = self
+            .pairs
+            .get(&pair)
+            .is_some_and(|row| Store::owns(row, c) && (c.epoch == 0 || row.epoch == c.epoch));
+        if own {
             self.remove(pair);
         }
+        own
     }
 
     /// Performs one attempt of `step` for `c` (a release answers nothing).
@@ -1136,11 +1151,15 @@ impl World {
                         let chan = s.chan;
                         let queued: Vec<u64> = s.app.queue.drain(..).map(|(id, ..)| id).collect();
                         if self.mode != Mode::Store {
-                            for id in queued {
+                            for &id in &queued {
                                 self.refusing(chan, id, "REFUSE: application gone");
                             }
                         }
-                        self.lose_gap(r, Some(i), &[]);
+                        // What was settled and handed to it, not taken, is lost in the
+                        // window; settles not yet handed over are released by its channel
+                        // (see the Release below).
+                        let handed: Vec<u64> = queued.clone();
+                        self.lose_gap_only(r, i, &handed);
                         let s = &mut self.replicas[r].channels[i];
                         if let Some(link) = &mut s.link {
                             link.handle(self.now, Input::AppGone);
@@ -2065,6 +2084,18 @@ impl World {
         }
     }
 
+    /// Replica `r`'s channel `i` lost the messages `ids` of the window (settled, handed to an
+    /// application that went away before taking them).
+    fn lose_gap_only(&mut self, r: usize, i: usize, ids: &[u64]) {
+        let others: Vec<u64> = self
+            .unresolved
+            .iter()
+            .filter(|&&(x, y, id)| (x, y) == (r, i) && !ids.contains(&id))
+            .map(|&(_, _, id)| id)
+            .collect();
+        self.lose_gap(r, Some(i), &others);
+    }
+
     /// Replica `r`'s process dies with its state and restarts.
     fn crash(&mut self, r: usize) {
         self.lose_gap(r, None, &[]);
@@ -2357,7 +2388,13 @@ impl World {
                         epoch: 0,
                     };
                     if matches!(step, ClaimStep::Release { .. }) {
-                        self.store.perform(&claim, now, step);
+                        // Given back: nobody took it, and it may now be delivered elsewhere.
+                        if self.store.release(&Claim {
+                            epoch: step_epoch(step),
+                            ..claim
+                        }) {
+                            self.unresolved.remove(&(r, i, id));
+                        }
                         continue;
                     }
                     // A settle written puts its message in the window until it is taken.
@@ -2460,6 +2497,14 @@ impl World {
                 | Action::FreeSlot { .. } => {}
             }
         }
+    }
+}
+
+/// The epoch a store step names (0: none).
+fn step_epoch(step: ClaimStep) -> u64 {
+    match step {
+        ClaimStep::Settle { epoch } | ClaimStep::Release { epoch } => epoch,
+        ClaimStep::Reserve { .. } => 0,
     }
 }
 

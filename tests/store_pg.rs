@@ -1413,8 +1413,13 @@ async fn the_inbox_claim_settles_the_messages_reservation() {
     assert_eq!(store.reserve(&other, long).await.unwrap(), Reserved::Before);
     assert_eq!(
         store.claim_in(&app, &mine).await.unwrap(),
-        Claimed::Now,
-        "a retry by its owner"
+        Claimed::Before,
+        "a transaction retried after a lost commit answer: its effect is there already"
+    );
+    assert_eq!(
+        store.settle(&mine).await.unwrap(),
+        Settled::Now { late: false },
+        "the link's own retry of a settle whose answer was lost"
     );
 
     // Taken over by another replica: fenced (busy); settled there: before.

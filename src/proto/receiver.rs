@@ -371,6 +371,12 @@ enum Msg {
     },
     /// Delivered to a queue the application dropped: never acked; copies are refused (5).
     Discarded,
+    /// Handed over, then given back untaken when the application went away, and so open to
+    /// another delivery (its claim released for another replica, or its key freed for
+    /// another channel): neither acked nor refused here, now or for a copy (another copy may
+    /// be delivered elsewhere before a refusal would reach its sender); its sender learns an
+    /// unknown outcome and retries under its key. Bounded by the hand-off.
+    Released,
     /// Refused with `reason`: a later copy is refused again, until the floor passes the id
     /// (from then on it is refused as passed).
     Refused { reason: u64 },
@@ -917,26 +923,10 @@ impl Receiver {
                 Some(STREAM_REFUSED)
             }
             ClaimOutcome::Now if self.gone && payload.is_some() => {
-                // Claimed while the application went away: the claim is the record of
-                // delivery (another replica acks a re-send as claimed before), so the message
-                // counts as handed over, to an application that is gone, like one that
-                // crashed. It is neither acked nor refused here: its sender learns an
-                // unknown outcome, or an ack from a replica that finds the claim.
-                self.dedupe.check(now, id);
-                self.stats.delivered += 1;
+                // Settled while the application went away (its owner releases the claim:
+                // nobody will take it): given back, never answered here.
                 self.stats.discarded += 1;
-                if let Some(payload) = payload {
-                    self.queued_bytes += cost(&payload);
-                    self.deliveries.push_back((
-                        Delivered {
-                            id,
-                            key,
-                            payload,
-                            lease: None,
-                        },
-                        self.generation,
-                    ));
-                }
+                self.release_handed(now, id, via_stream);
                 return;
             }
             ClaimOutcome::Now | ClaimOutcome::Before => {
@@ -1120,7 +1110,7 @@ impl Receiver {
             self.owner_gone(now);
             return;
         }
-        self.drop_unasked(now);
+        self.drop_unasked();
         for (d, generation) in std::mem::take(&mut self.deliveries) {
             self.queued_bytes -= cost(&d.payload);
             if generation != self.generation {
@@ -1130,25 +1120,15 @@ impl Receiver {
             match self.messages.get(&d.id) {
                 Some(Msg::Handed { .. }) => {}
                 Some(Msg::Claiming { payload: None, .. }) => {
-                    // Application claims: never handed over, so never claimed either. A keyed
-                    // one gets no refusal: its key may have been claimed by another copy (the
-                    // application's store knows, this receiver does not).
+                    // Application claims: never taken, so never claimed either. No refusal:
+                    // another copy, or another replica sharing the application's store, may
+                    // deliver it before a refusal from here would reach its sender.
                     self.stats.discarded += 1;
-                    if let Some(Msg::Claiming {
-                        via_stream, key, ..
-                    }) = self.unset(d.id)
-                    {
+                    if let Some(Msg::Claiming { via_stream, .. }) = self.unset(d.id) {
                         self.dedupe.unpin(d.id);
-                        if key.is_some() {
-                            self.stats.unknown_ids += 1;
-                            if via_stream {
-                                self.stream_answers.push_back((d.id, None));
-                            }
-                            continue;
-                        }
-                        self.refuse(now, d.id, REFUSE_CLOSED, via_stream);
+                        self.stats.unknown_ids += 1;
                         if via_stream {
-                            self.stream_answers.push_back((d.id, Some(STREAM_REFUSED)));
+                            self.stream_answers.push_back((d.id, None));
                         }
                     }
                 }
@@ -1168,8 +1148,12 @@ impl Receiver {
             };
             self.stats.discarded += 1;
             if let Some(key) = key {
+                // Freed for another channel, which may deliver it before a refusal from here
+                // would reach the sender: no answer here (unknown).
                 let (scope, holder) = (self.scope, self.holder(id));
                 self.keys.with(|r| r.release(scope, &key, holder));
+                self.release_handed(now, id, via_stream);
+                continue;
             }
             self.set(now, id, Msg::Discarded);
             self.refuse(now, id, REFUSE_CLOSED, via_stream);
@@ -1180,14 +1164,22 @@ impl Receiver {
         self.flush_notices(now);
     }
 
-    /// [`Receiver::application_gone`] in [`Claims::Owner`] mode. A claimed message is the
-    /// record of a delivery (another replica acks a re-send of it as claimed before), so
-    /// what was claimed stays handed over: delivered messages not yet taken stay unacked
-    /// until a copy comes (their senders learn an unknown outcome, or an ack from a replica
-    /// that finds the claim) and are still handed out by [`Receiver::poll_delivery`] (the
-    /// owner passes them on to a queue nobody reads); claims in flight that answer `Now` are
-    /// handed over the same way. Messages whose claim was not asked yet are refused (code 5),
-    /// and so are new ones.
+    /// Message `id`, handed over and not taken, is given back ([`Msg::Released`]): never
+    /// answered here.
+    fn release_handed(&mut self, now: Instant, id: u64, via_stream: bool) {
+        self.stats.unknown_ids += 1;
+        self.set(now, id, Msg::Released);
+        if via_stream {
+            self.stream_answers.push_back((id, None));
+        }
+    }
+
+    /// [`Receiver::application_gone`] in [`Claims::Owner`] mode. A message settled and handed
+    /// over but not taken stays settled (the window two-phase claims leave: another replica
+    /// may have acked a copy of it as settled already), so it counts as delivered here too:
+    /// its key as taken, its id as in the window. Claims in flight end unanswered (their
+    /// owner releases what they reserved or settled). Messages whose claim was not asked yet,
+    /// and new ones, get no answer: another replica may deliver them.
     fn owner_gone(&mut self, now: Instant) {
         let handed: Vec<u64> = self
             .messages
@@ -1197,20 +1189,18 @@ impl Receiver {
             .collect();
         for id in handed {
             if let Some(Msg::Handed { key: Some(key), .. }) = self.unset(id) {
-                // The store has the claim: the record caches it as delivered.
                 let (scope, holder) = (self.scope, self.holder(id));
                 self.keys.with(|r| r.taken(now, scope, &key, holder));
             }
             self.stats.discarded += 1;
         }
-        self.drop_unasked(now);
+        self.drop_unasked();
         self.flush_notices(now);
     }
 
-    /// Messages whose claim was not asked yet when the application went away: refused
-    /// (code 5), or, with a key (which may have been claimed elsewhere: the store knows, not
-    /// this receiver), dropped as unknown.
-    fn drop_unasked(&mut self, now: Instant) {
+    /// Messages whose claim was not asked yet when the application went away (claims modes):
+    /// dropped unanswered.
+    fn drop_unasked(&mut self) {
         for request in std::mem::take(&mut self.claims_out) {
             if let Some(Msg::Claiming {
                 payload,
@@ -1220,16 +1210,12 @@ impl Receiver {
             {
                 self.queued_bytes -= payload.as_ref().map_or(0, cost);
                 self.dedupe.unpin(request.id);
-                if request.key.is_some() {
-                    // Its key may have been claimed elsewhere (the store knows, not this
-                    // receiver): no refusal, the sender learns an unknown outcome.
-                    self.stats.unknown_ids += 1;
-                    continue;
-                }
-                self.refuse(now, request.id, REFUSE_CLOSED, via_stream);
+                // Another replica sharing the store may deliver it (a hedge copy, a failover)
+                // before a refusal from here would reach its sender: no answer, the sender
+                // learns an unknown outcome.
+                self.stats.unknown_ids += 1;
                 if via_stream {
-                    self.stream_answers
-                        .push_back((request.id, Some(STREAM_REFUSED)));
+                    self.stream_answers.push_back((request.id, None));
                 }
             }
         }
@@ -1496,6 +1482,10 @@ impl Receiver {
                 self.refuse(now, id, REFUSE_CLOSED, via_stream);
                 Accepted::Refused
             }
+            Some(Msg::Released) => {
+                self.stats.unknown_ids += 1;
+                Accepted::Held
+            }
             Some(Msg::Claiming { via_stream: v, .. }) => {
                 // Its claim is being made: this copy waits for the same answer (a stream
                 // re-send takes the answer over), whether or not the application is there.
@@ -1609,6 +1599,12 @@ impl Receiver {
                     }
                     Some(KeyVerdict::New | KeyVerdict::Full) => {}
                 }
+            }
+            if self.config.claims != Claims::Off {
+                // Another replica sharing the store may deliver it (a hedge copy, a
+                // failover) before a refusal from here would reach its sender.
+                self.stats.unknown_ids += 1;
+                return Accepted::Held;
             }
             let reason = if passed { REFUSE_PASSED } else { REFUSE_CLOSED };
             self.refuse(now, id, reason, via_stream);

@@ -314,10 +314,11 @@ pub trait DedupeStore: Send + Sync + fmt::Debug {
     /// Whether `claim`'s pair, or its (client, key), is claimed or reserved.
     fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool>;
 
-    /// Undoes `claim` (best effort, for a message claimed but never handed to the
-    /// application): deletes the claim only if the store holds it for the same (channel,
-    /// message), client and key, by the same non-zero claimant; returns whether it did. An
-    /// anonymous claim (claimant `0`) is never released. The default releases nothing.
+    /// Undoes `claim` (best effort, for a message reserved or settled but never taken by an
+    /// application): deletes the claim or reservation only if the store holds it for the
+    /// same (channel, message), client and key, by the same non-zero claimant, at
+    /// [`Claim::epoch`] unless that is 0; returns whether it did. An anonymous claim
+    /// (claimant `0`) is never released. The default releases nothing.
     fn release<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
         let _ = claim;
         Box::pin(std::future::ready(Ok(false)))
@@ -719,10 +720,9 @@ impl DedupeStore for MemoryStore {
     fn release<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
         let mut m = self.lock();
         let pair = (claim.channel, claim.message);
-        let owned = m
-            .pairs
-            .get(&pair)
-            .is_some_and(|held| MemoryStore::owns(held, claim));
+        let owned = m.pairs.get(&pair).is_some_and(|held| {
+            MemoryStore::owns(held, claim) && (claim.epoch == 0 || held.epoch == claim.epoch)
+        });
         if owned {
             m.remove(&pair);
         }
@@ -880,6 +880,31 @@ mod tests {
             Claimed::Before
         );
         assert_eq!(store.len(), 1);
+    }
+
+    /// A release names its epoch: it deletes a reservation (or a claim settled from one) of
+    /// that epoch only, so a stale release cannot undo a later reservation by the same
+    /// claimant (found by the review of issue 23).
+    #[tokio::test(start_paused = true)]
+    async fn a_release_names_its_epoch() {
+        let store = MemoryStore::new(Duration::from_secs(60), 10);
+        let mine = by(7, claim(1, 0, Some("k")));
+        let lease = Duration::from_secs(2);
+        assert!(matches!(
+            store.reserve(&mine, lease).await.unwrap(),
+            Reserved::Held { epoch: 1, .. }
+        ));
+        let stale = Claim {
+            epoch: 2,
+            ..mine.clone()
+        };
+        assert!(!store.release(&stale).await.unwrap(), "another epoch");
+        let own = Claim {
+            epoch: 1,
+            ..mine.clone()
+        };
+        assert!(store.release(&own).await.unwrap());
+        assert!(store.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

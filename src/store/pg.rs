@@ -634,7 +634,7 @@ impl Sql {
             release: format!(
                 "DELETE FROM {t} WHERE channel_id = $1 AND message_id = $2
                  AND idem_key IS NOT DISTINCT FROM $3::bytea AND claimant = $4 AND $4 <> 0
-                 AND client = $5"
+                 AND client = $5 AND ($6::bigint = 0 OR epoch = $6::bigint)"
             ),
             bind: format!(
                 "INSERT INTO {c} AS b (channel_id, owner) VALUES ($1, $2)
@@ -877,8 +877,11 @@ where
 /// What a settle found ([`settle_on`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Settling {
-    /// Settled now (or before, by this claimant at this epoch: `late` is then `false`).
+    /// Settled now.
     Now { late: bool },
+    /// Settled before, by this claimant at this epoch (a retry whose first answer was lost,
+    /// or, in an application's transaction, a transaction that committed before).
+    Already,
     /// Settled by another claimant, or at another epoch: delivered elsewhere.
     SettledElsewhere,
     /// Another claimant's (or another epoch's) reservation, or no row at all.
@@ -909,7 +912,7 @@ where
     // answer was lost), or not this claimant's at this epoch.
     Ok(match client.query_opt(settled, &p).await? {
         Some(row) => match (row.try_get::<_, bool>(0)?, row.try_get::<_, bool>(1)?) {
-            (true, true) => Settling::Now { late: false },
+            (true, true) => Settling::Already,
             (true, false) => Settling::SettledElsewhere,
             (false, _) => Settling::NotHeld,
         },
@@ -972,9 +975,10 @@ impl PgStore {
     ///
     /// - With a reservation (`claim.epoch != 0`, as [`Claim::of`] builds it from a message
     ///   its channel reserved): *settles* it, as [`DedupeStore::settle`] does, in one UPDATE
-    ///   (and a SELECT when it changed nothing). [`Claimed::Now`]: settled (or settled
-    ///   already by this claimant at this epoch); [`Claimed::Before`]: the message was
-    ///   settled by another owner (delivered elsewhere: ack it without its effect);
+    ///   (and a SELECT when it changed nothing). [`Claimed::Now`]: settled now, by this
+    ///   transaction; [`Claimed::Before`]: the message was settled before, by another owner
+    ///   (delivered elsewhere) or by an earlier transaction with this very reservation that
+    ///   committed although its answer was lost: ack it without applying its effect again;
     ///   [`Claimed::Busy`]: another owner holds the reservation now, or it is gone (taken
     ///   over, released or expired): roll back, do not ack.
     /// - Without one (`claim.epoch == 0`): the one-phase claim of [`DedupeStore::claim`],
@@ -994,7 +998,9 @@ impl PgStore {
             return Ok(
                 match settle_on(client, s.settle.as_str(), s.settled.as_str(), claim).await? {
                     Settling::Now { .. } => Claimed::Now,
-                    Settling::SettledElsewhere => Claimed::Before,
+                    // Settled by an earlier transaction of the application, which committed
+                    // with its effect (its answer lost): this one must not apply it again.
+                    Settling::Already | Settling::SettledElsewhere => Claimed::Before,
                     Settling::NotHeld => Claimed::Busy,
                 },
             );
@@ -1185,6 +1191,8 @@ impl DedupeStore for PgStore {
             .await;
             Ok(match self.finish(conn, answer)? {
                 Settling::Now { late } => Settled::Now { late },
+                // The link's own retry of a settle whose answer was lost.
+                Settling::Already => Settled::Now { late: false },
                 Settling::SettledElsewhere | Settling::NotHeld => Settled::Fenced,
             })
         })
@@ -1213,10 +1221,11 @@ impl DedupeStore for PgStore {
                 return Ok(false);
             }
             let (channel, message, key, claimant, client, _) = params(claim);
+            let epoch = claim.epoch as i64;
             let n = self
                 .execute(
                     &self.sql.release,
-                    &[&channel, &message, &key, &claimant, &client],
+                    &[&channel, &message, &key, &claimant, &client, &epoch],
                 )
                 .await?;
             Ok(n > 0)

@@ -103,6 +103,10 @@ impl Link {
             return;
         }
         job.attempt = None;
+        if self.app_gone {
+            self.answered_after_app_gone(now, job, result);
+            return;
+        }
         let lease = |job: &ClaimJob, epoch| Lease {
             claimant: job.claimant,
             epoch,
@@ -146,6 +150,8 @@ impl Link {
             }
             (ClaimStep::Settle { .. }, Ok(StoreAnswer::Settled { late })) => {
                 self.stats.leases_expired += u64::from(late);
+                // Handed over now; until the application takes it, it is the window's one
+                // message.
                 ClaimOutcome::Now
             }
             (ClaimStep::Settle { epoch }, Ok(StoreAnswer::Fenced)) => {
@@ -211,36 +217,44 @@ impl Link {
     /// gap: it may have been written, and another replica would then ack the message as
     /// delivered (its sender learns that, or an unknown outcome).
     pub(super) fn give_up_claim(&mut self, now: Instant, job: ClaimJob) {
-        if let ClaimStep::Settle { epoch } = job.step {
-            if !job.started {
-                self.release(&job, epoch);
-            }
-        }
+        // Reserved, or settled by an attempt whose answer never came, or reserved by an
+        // attempt that failed after it was written: never handed over, so released (a release
+        // deletes only this claimant's row; epoch 0 names any of its epochs).
+        let epoch = match job.step {
+            ClaimStep::Settle { epoch } | ClaimStep::Release { epoch } => epoch,
+            ClaimStep::Reserve { .. } => 0,
+        };
+        self.push_release(&job.request, job.claimant, epoch);
         self.peer
             .receiver
             .claim_done(now, &job.request, ClaimOutcome::Failed);
     }
 
-    fn release(&mut self, job: &ClaimJob, epoch: u64) {
+    /// Asks the store to release `request`'s reservation or claim (best effort, no answer).
+    fn push_release(&mut self, request: &ClaimRequest, claimant: u64, epoch: u64) {
         self.stats.reservations_released += 1;
         self.actions.push_back(Action::Claim {
             attempt: 0,
-            id: job.request.id,
-            key: job.request.key.clone(),
-            digest: job.request.digest,
-            claimant: job.claimant,
+            id: request.id,
+            key: request.key.clone(),
+            digest: request.digest,
+            claimant,
             timeout: self.config.claim_attempt_timeout,
             step: ClaimStep::Release { epoch },
         });
     }
 
-    /// The application went away: reservations waiting for their settle are given up (their
-    /// messages were never handed over).
+    /// The application went away. Nothing more is handed over, so nothing more may be
+    /// settled: jobs not in flight end now (a reservation released, a settle retrying after
+    /// an error released as well, since it may have been written); jobs in flight end when
+    /// they answer (`answered_after_app_gone`). A message already settled and handed over
+    /// stays settled: another replica may have acked a copy of it as settled already, so
+    /// releasing it could not make that ack true (the window two-phase claims leave).
     pub(super) fn give_up_reserved(&mut self, now: Instant) {
         let waiting: Vec<u64> = self
             .claims
             .iter()
-            .filter(|(_, j)| matches!(j.step, ClaimStep::Settle { .. }) && !j.started)
+            .filter(|(_, j)| j.attempt.is_none())
             .map(|(&k, _)| k)
             .collect();
         for key in waiting {
@@ -248,6 +262,28 @@ impl Link {
                 self.give_up_claim(now, job);
             }
         }
+    }
+
+    /// A claim attempt answered after the application went away: a reservation or a settle
+    /// that went through is released (nobody will take its message), and the message is
+    /// dropped unanswered; nothing is retried.
+    fn answered_after_app_gone(
+        &mut self,
+        now: Instant,
+        job: ClaimJob,
+        result: Result<StoreAnswer, String>,
+    ) {
+        let outcome = match (job.step, result) {
+            (_, Ok(StoreAnswer::Before)) => ClaimOutcome::Before,
+            (_, Ok(StoreAnswer::Conflict)) => ClaimOutcome::Conflict,
+            (ClaimStep::Reserve { .. }, Ok(StoreAnswer::Reserved { epoch, .. }))
+            | (ClaimStep::Settle { epoch }, Ok(StoreAnswer::Settled { .. }) | Err(_)) => {
+                self.push_release(&job.request, job.claimant, epoch);
+                ClaimOutcome::Failed
+            }
+            _ => ClaimOutcome::Failed,
+        };
+        self.peer.receiver.claim_done(now, &job.request, outcome);
     }
 
     /// Reservations held now (reserved and not yet settled, or settling).

@@ -1434,14 +1434,34 @@ fn reservations_are_released_when_the_application_goes() {
         .collect();
     assert_eq!(released.len(), 1, "the reservation waiting for its turn");
     assert_eq!(link.stats().reservations_released, 1);
-    // The settle in flight still answers; its message goes to the closed queue.
-    let out = answer(
-        &mut link,
-        now,
-        settles[0].0,
-        StoreAnswer::Settled { late: false },
+    // The settle in flight answers: nobody will take its message, so its claim is released
+    // too, and nothing is handed over or recorded (a copy is not acked from here).
+    let settled = StoreAnswer::Settled { late: false };
+    let out = answer(&mut link, now, settles[0].0, settled);
+    assert_eq!(delivered(&out), 0);
+    let steps = claim_steps(&out);
+    assert!(
+        matches!(steps[..], [(0, ClaimStep::Release { epoch: 1 })]),
+        "{steps:?}"
     );
-    assert!(claim_steps(&out).is_empty(), "nothing more is settled");
+    assert_eq!(link.stats().reservations_held, 0);
+    assert_eq!(transmits_to(&out, ConnId(1)), 0, "not acked");
+}
+
+/// The window two-phase claims leave, stated: a message settled and handed over, then left
+/// untaken when the application drops its queue, stays settled (another replica may have
+/// acked a copy as settled already), so nothing is released and it counts as delivered.
+#[test]
+fn a_settled_message_the_application_never_took_stays_settled() {
+    let (now, mut link, mut client) = claims_server(LinkConfig::default());
+    let (attempt, _) = claim_steps(&deliver_one(&mut link, &mut client, now))[0];
+    let settle = claim_steps(&answer(&mut link, now, attempt, HELD));
+    let settled = StoreAnswer::Settled { late: false };
+    let out = answer(&mut link, now, settle[0].0, settled);
+    assert_eq!(delivered(&out), 1);
+    link.handle(now, Input::AppGone);
+    let out = drain(&mut link);
+    assert!(claim_steps(&out).is_empty(), "not released");
 }
 
 /// The inbox pattern with a store: the message is reserved first, then handed to the
@@ -1505,4 +1525,108 @@ fn claimants_are_per_message_and_incarnation() {
             assert_eq!(c, claims::claimant(9, generation, id));
         }
     }
+}
+
+// Found by the review of issue 23 (each failed before its fix).
+
+/// A reservation in flight when the application goes away, answered after: released at
+/// once, not held until the channel ends.
+#[test]
+fn a_reservation_answered_after_the_application_went_is_released() {
+    let (now, mut link, mut client) = claims_server(LinkConfig::default());
+    let (attempt, step) = claim_steps(&deliver_one(&mut link, &mut client, now))[0];
+    assert!(matches!(step, ClaimStep::Reserve { .. }));
+    link.handle(now, Input::AppGone);
+    drain(&mut link);
+    let out = answer(&mut link, now, attempt, HELD);
+    assert!(
+        claim_steps(&out)
+            .iter()
+            .any(|(_, s)| matches!(s, ClaimStep::Release { epoch: 1 })),
+        "released"
+    );
+    assert_eq!(link.stats().reservations_held, 0);
+}
+
+/// A busy reservation answered after the application went away: not asked again every
+/// lease for a message nobody can take.
+#[test]
+fn a_busy_reservation_is_not_asked_again_after_the_application_went() {
+    let (now, mut link, mut client) = claims_server(LinkConfig::default());
+    let (attempt, _) = claim_steps(&deliver_one(&mut link, &mut client, now))[0];
+    link.handle(now, Input::AppGone);
+    drain(&mut link);
+    let busy = StoreAnswer::Busy {
+        retry_in: Duration::from_secs(2),
+    };
+    answer(&mut link, now, attempt, busy);
+    let mut t = now;
+    for _ in 0..60 {
+        t += Duration::from_secs(1);
+        link.handle(t, Input::Timer);
+        let asked = claim_steps(&drain(&mut link));
+        assert!(
+            !asked
+                .iter()
+                .any(|(_, s)| matches!(s, ClaimStep::Reserve { .. })),
+            "reserved again at {t:?}"
+        );
+    }
+}
+
+/// A settle retrying after an error when the application goes away is released, not
+/// retried: were it written afterwards, nobody would take its message, and this replica
+/// would ack copies of it from its window (the review's trace: a hung settle written 2 s
+/// after the application left, its message acked here 1 s later).
+#[test]
+fn a_settle_retrying_when_the_application_went_is_released_and_never_acked() {
+    let (now, mut link, mut client) = claims_server(LinkConfig::default());
+    let (attempt, _) = claim_steps(&deliver_one(&mut link, &mut client, now))[0];
+    let settle = claim_steps(&answer(&mut link, now, attempt, HELD))[0].0;
+    let t1 = now + Duration::from_secs(1);
+    link.handle(
+        t1,
+        Input::ClaimAnswered {
+            attempt: settle,
+            result: Err("timed out".into()),
+        },
+    );
+    drain(&mut link);
+    link.handle(t1, Input::AppGone);
+    let out = drain(&mut link);
+    assert!(
+        claim_steps(&out)
+            .iter()
+            .any(|(_, s)| matches!(s, ClaimStep::Release { epoch: 1 })),
+        "released (the failed attempt may have been written)"
+    );
+    // Nothing retries it, and copies the sender hedges are never acked from here.
+    let mut t = t1;
+    for _ in 0..30 {
+        t += Duration::from_millis(100);
+        client.handle_timeout(t);
+        while let Some(d) = client.poll_transmit() {
+            link.handle(
+                t,
+                Input::Datagram {
+                    conn: ConnId(1),
+                    data: d,
+                },
+            );
+        }
+        link.handle(t, Input::Timer);
+        let out = drain(&mut link);
+        assert!(claim_steps(&out)
+            .iter()
+            .all(|(_, s)| !matches!(s, ClaimStep::Settle { .. })));
+        for a in out {
+            if let Action::Transmit { datagram, .. } = a {
+                client.handle_datagram(t, datagram);
+            }
+        }
+    }
+    let acked = std::iter::from_fn(|| client.sender.poll_event())
+        .filter(|e| matches!(e, SenderEvent::Acked { .. }))
+        .count();
+    assert_eq!(acked, 0, "never taken, never acked");
 }
