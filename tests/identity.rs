@@ -535,11 +535,7 @@ async fn another_identity_cannot_take_a_channel_over_at_another_replica() {
 
 /// rustls' crypto provider as the crate's features choose it.
 fn crypto_provider() -> std::sync::Arc<quinn::rustls::crypto::CryptoProvider> {
-    #[cfg(feature = "aws-lc-rs")]
-    let provider = quinn::rustls::crypto::aws_lc_rs::default_provider();
-    #[cfg(not(feature = "aws-lc-rs"))]
-    let provider = quinn::rustls::crypto::ring::default_provider();
-    std::sync::Arc::new(provider)
+    std::sync::Arc::new(common::crypto_provider())
 }
 
 /// A client config as an older surelink built it: ALPN `surelink/1` only, by hand.

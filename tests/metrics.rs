@@ -147,7 +147,7 @@ fn endpoint(
 
 /// A client config like surelink's, offering ALPN `alpn`.
 fn client_with_alpn(roots: rustls::RootCertStore, alpn: &[u8]) -> quinn::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(common::crypto_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()

@@ -51,11 +51,7 @@ enum Alpn {
 }
 
 fn crypto_provider() -> std::sync::Arc<quinn::rustls::crypto::CryptoProvider> {
-    #[cfg(feature = "aws-lc-rs")]
-    let provider = quinn::rustls::crypto::aws_lc_rs::default_provider();
-    #[cfg(not(feature = "aws-lc-rs"))]
-    let provider = quinn::rustls::crypto::ring::default_provider();
-    std::sync::Arc::new(provider)
+    std::sync::Arc::new(common::crypto_provider())
 }
 
 /// A client config offering `alpn`, with surelink's transport settings.

@@ -132,18 +132,22 @@ pub enum ConfigError {
 }
 
 /// The rustls crypto provider of every TLS config surelink builds: aws-lc-rs with the
-/// `aws-lc-rs` feature, else ring (the `ring` feature, on by default). With both features
-/// aws-lc-rs wins: `ring` comes with the default features unless a dependent opts out, so
-/// `aws-lc-rs` is the one somebody asked for.
+/// `aws-lc-rs` feature (the default, as in rustls: it offers hybrid post-quantum key exchange,
+/// X25519MLKEM768, and rustls prefers it), else ring (the `ring` feature, without
+/// post-quantum key exchange). With both features aws-lc-rs wins.
 ///
 /// This decides the TLS handshake and packet protection of surelink's configs only. quinn's
 /// own helpers (`quinn::ServerConfig::with_single_cert`, `quinn::ClientConfig::
 /// with_root_certificates`) and its stateless-reset and token keys prefer ring when both are
-/// compiled in; a build without ring needs `default-features = false` on surelink.
+/// compiled in (the default build has no ring).
 pub(super) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     #[cfg(feature = "aws-lc-rs")]
     let provider = rustls::crypto::aws_lc_rs::default_provider();
+    // ring has no post-quantum key exchange, which is why rustls (0.23.48 on) deprecates its
+    // default provider; the `ring` feature is the choice of a build that cannot have a C
+    // toolchain, made knowingly (see Cargo.toml), so the warning is not every adopter's.
     #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+    #[allow(deprecated)]
     let provider = rustls::crypto::ring::default_provider();
     Arc::new(provider)
 }

@@ -646,3 +646,15 @@ pub fn example(name: &str) -> std::path::PathBuf {
     );
     p
 }
+
+/// The rustls crypto provider the build has (as surelink chooses it: aws-lc-rs, the default,
+/// else ring), for tests that build a TLS config of their own.
+#[allow(dead_code)]
+pub fn crypto_provider() -> quinn::rustls::crypto::CryptoProvider {
+    #[cfg(feature = "aws-lc-rs")]
+    let provider = quinn::rustls::crypto::aws_lc_rs::default_provider();
+    #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+    #[allow(deprecated)]
+    let provider = quinn::rustls::crypto::ring::default_provider();
+    provider
+}
