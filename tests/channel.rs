@@ -888,3 +888,25 @@ async fn debug_output_shows_no_secrets() {
         "the private key is printed: {shown}"
     );
 }
+
+/// Issue 26, item 3: `stats()` read once a send returned counts that send (before, the
+/// stats were published after the outcomes went out: `acked = 5, in_flight = 1` after six
+/// acked sends, while the metric said 6).
+/// On a multi-threaded runtime, where the caller wakes on another thread while the driver
+/// goes on (the failure needs that: a current-thread runtime runs the caller only after the
+/// driver yielded, stats published).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_read_after_a_send_returned_count_it() {
+    let link = LinkConfig {
+        delay: Duration::from_millis(1),
+        ..LinkConfig::default()
+    };
+    let e = ends(link, 3).await;
+    let _reader = drain(e.server_messages);
+    for i in 1..=300u64 {
+        e.client.send(payment(i as u32)).await.expect("acked");
+        let stats = e.client.stats();
+        assert_eq!(stats.sender.acked, i, "after send {i}");
+        assert_eq!(stats.in_flight, 0, "after send {i}");
+    }
+}

@@ -157,6 +157,7 @@ pub(super) fn spawn(
         commands_open: true,
         delivered,
         replies: HashMap::new(),
+        replies_due: Vec::new(),
         permits: HashMap::new(),
         answers: HashMap::new(),
         next_token: 0,
@@ -213,6 +214,10 @@ struct Driver {
     commands_open: bool,
     delivered: mpsc::UnboundedSender<Delivered>,
     replies: HashMap<u64, Reply>,
+    /// Outcomes decided and not yet given to their callers: given once the stats that count
+    /// them are published (`publish`), so that `stats()` read after a `send` returned counts
+    /// that send.
+    replies_due: Vec<(Reply, Result<super::Receipt, crate::proto::link::SendError>)>,
     /// In-flight slots, held here with their messages (not in the caller's future: a
     /// cancelled `send` does not free its slot before the message has its outcome).
     permits: HashMap<u64, OwnedSemaphorePermit>,
@@ -585,9 +590,7 @@ impl Driver {
                 self.metrics
                     .outcome(&outcome.clone().map_err(super::SendError::from));
                 if let Some(reply) = self.replies.remove(&token) {
-                    if reply.send(outcome).is_err() {
-                        self.counters.sends_abandoned += 1;
-                    }
+                    self.replies_due.push((reply, outcome));
                 }
             }
             Action::FreeSlot { token } => {
@@ -642,11 +645,27 @@ impl Driver {
                 *current = primary;
             }
         }
+        // Callers that stopped waiting are counted in these very stats (one that stops between
+        // here and its reply is counted in the next).
+        let abandoned: Vec<bool> = self
+            .replies_due
+            .iter()
+            .map(|(r, _)| r.is_closed())
+            .collect();
+        self.counters.sends_abandoned += abandoned.iter().filter(|&&a| a).count() as u64;
         let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         st.publish(&self.link, &self.counters);
         let (conns, counters) = (&self.conns, &self.counters);
         self.metrics
             .update(now(), &st, || udp_bytes(counters, conns.values()));
+        drop(st);
+        // Then the outcomes: a caller that reads `stats()` once its send returned finds it
+        // counted (before, the stats could lag their outcomes: acked 5 after six acked sends).
+        for ((reply, outcome), counted) in self.replies_due.drain(..).zip(abandoned) {
+            if reply.send(outcome).is_err() && !counted {
+                self.counters.sends_abandoned += 1;
+            }
+        }
     }
 
     /// The link stopped: close what is left, tell the registry, wake `close()` callers.
