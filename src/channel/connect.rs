@@ -495,10 +495,34 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// Logs, once per process, that a server keeps its idempotency keys in memory only (no
+/// claims store, or one that is not durable, and no application claims): "a retry with the
+/// same key is safe" then holds only until the process restarts.
+fn warn_if_keys_are_not_durable(config: &Config) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !keys_are_durable(config) && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "surelink: this server keeps idempotency keys in this process's memory only: a \
+             restart or a rolling deploy forgets them, and a payment retried under its key \
+             after that can be delivered again; for payments, set Config::store to a durable \
+             claims store (store::PgStore)"
+        );
+    }
+}
+
+/// Whether a server with `config` keeps its idempotency keys beyond its process: in a durable
+/// claims store, or in the application's own (the inbox pattern).
+fn keys_are_durable(config: &Config) -> bool {
+    config.application_claims || config.store.as_ref().is_some_and(|s| s.is_durable())
+}
+
 impl Server {
-    /// A registry whose channels use `config`.
+    /// A registry whose channels use `config`. Without a durable claims store
+    /// ([`Config::store`]) it logs a warning once per process: its idempotency keys do not
+    /// survive a restart.
     pub fn new(config: Config) -> Self {
         crate::metrics::describe_once();
+        warn_if_keys_are_not_durable(&config);
         Server {
             inner: Arc::new(ServerInner {
                 channels: Mutex::new(HashMap::new()),
@@ -946,5 +970,18 @@ mod tests {
             "Ring"
         };
         assert_eq!(key_provider, expected);
+    }
+
+    /// Issue 26, item 3: a server warns when its keys would not survive a restart: no
+    /// store, or an in-memory one; not with the inbox pattern (the application's store).
+    #[test]
+    fn keys_are_durable_only_in_a_durable_store_or_the_applications() {
+        use std::sync::Arc;
+        let mut config = super::Config::default();
+        assert!(!super::keys_are_durable(&config), "no store");
+        config.store = Some(Arc::new(crate::store::MemoryStore::default()));
+        assert!(!super::keys_are_durable(&config), "in memory");
+        config.application_claims = true;
+        assert!(super::keys_are_durable(&config), "the application's");
     }
 }

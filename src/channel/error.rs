@@ -19,9 +19,12 @@ use crate::proto::link::SendError as LinkError;
 /// | [`Closed`](Self::Closed) | no: nothing was sent | not on this channel |
 ///
 /// A retry with the same idempotency key ([`SendOptions::key`](super::SendOptions::key)) is
-/// always safe: the peer delivers at most one message per key while it keeps the key
-/// (`ReceiverConfig::key_ttl`, 24 h by default). A retry without a key is safe only when
-/// [`may_have_been_delivered`](Self::may_have_been_delivered) is `false`.
+/// safe while the peer keeps the key: it delivers at most one message per key for
+/// `ReceiverConfig::key_ttl` (24 h by default), **as long as its key record survives**. A
+/// server without a durable claims store (`Config::store`, e.g. `PgStore`) keeps its keys in
+/// memory: a restart or a rolling deploy forgets them, and a retry after it may be delivered
+/// again (such a server logs a warning once when it starts). A retry without a key is safe
+/// only when [`may_have_been_delivered`](Self::may_have_been_delivered) is `false`.
 ///
 /// ```
 /// use surelink::channel::{Channel, SendError, SendOptions};
@@ -45,14 +48,14 @@ use crate::proto::link::SendError as LinkError;
 pub enum SendError {
     /// No ack before the deadline ([`SendOptions::deadline`](super::SendOptions::deadline),
     /// else `SenderConfig::deadline`, 5 s by default): the outcome is unknown.
-    #[error("message {id}: no ack before the deadline; outcome unknown, retry with the same idempotency key")]
+    #[error("message {id}: no ack before the deadline; outcome unknown, retry with the same idempotency key (safe while the server keeps its keys: durably with a claims store)")]
     Timeout {
         /// The message id on this channel.
         id: u64,
     },
     /// The connection was lost (and not regained) while the message was in flight: the
     /// outcome is unknown.
-    #[error("connection lost while the message was in flight; outcome unknown, retry with the same idempotency key: {reason}")]
+    #[error("connection lost while the message was in flight; outcome unknown, retry with the same idempotency key (safe while the server keeps its keys: durably with a claims store): {reason}")]
     ConnectionLost {
         /// What happened.
         reason: String,

@@ -344,6 +344,13 @@ pub trait DedupeStore: Send + Sync + fmt::Debug {
 
     /// The store's TTL: how long a claim is kept at least.
     fn ttl(&self) -> Duration;
+
+    /// Whether claims outlive the process (a server warns once when it starts with a store
+    /// that says no: a restart forgets every key). Default `true`; [`MemoryStore`] says
+    /// `false`.
+    fn is_durable(&self) -> bool {
+        true
+    }
 }
 
 /// Runs `store.expire()` every `every` on a tokio task until the handle is aborted (a
@@ -771,6 +778,10 @@ impl DedupeStore for MemoryStore {
 
     fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    fn is_durable(&self) -> bool {
+        false
     }
 }
 
