@@ -60,7 +60,8 @@
 //! | `surelink_messages_failed_total` | counter | `role`, `reason` | sends whose outcome was an error, by `reason`: `deadline` (no ack within the deadline; outcome unknown), `connection_lost` (outcome unknown), `peer_lost_state` (the server came back without the channel's state; outcome unknown), `refused` (the peer refused it; not delivered), `rejected` (refused before sending: bad key, backpressure, cannot be coded), `too_large`, `key_reused` (its key was delivered before with another payload; not delivered), `datagrams_unsupported`, `closed` (the channel was closing) |
 //! | `surelink_send_latency_seconds` | histogram | `role` | from `send` to the ack, of every acked send (`Receipt::latency`) |
 //! | `surelink_in_flight` | gauge | `role` | messages sent and awaiting their outcome, over the open channels (`stats().in_flight`) |
-//! | `surelink_loss_estimate` | gauge | `role` | mean over the open channels of the per-shard loss rate each plans its redundancy for (`stats().loss_estimate`) |
+//! | `surelink_loss_estimate` | gauge | `role` | mean over the open channels of the per-shard loss rate each plans its redundancy for (`stats().loss_estimate`: a prior and an upper confidence bound, so it reads 2–3% on a clean path: plan, not measurement) |
+//! | `surelink_loss_observed` | gauge | `role` | mean over the channels that measured it of the per-shard loss they measured (`stats().loss_observed`): alert on this one |
 //!
 //! Every send that reached a channel gets exactly one outcome, so `acked + failed` counts
 //! them all (a `send` refused by the handle itself, before the channel saw it, as too large
@@ -228,6 +229,7 @@ const DELIVERED: &str = "surelink_messages_delivered_total";
 const IN_FLIGHT: &str = "surelink_in_flight";
 const RESERVATIONS: &str = "surelink_reservations_held";
 const LOSS: &str = "surelink_loss_estimate";
+const LOSS_OBSERVED: &str = "surelink_loss_observed";
 const UDP_SENT: &str = "surelink_udp_bytes_sent_total";
 const UDP_RECEIVED: &str = "surelink_udp_bytes_received_total";
 const CHANNELS: &str = "surelink_channels_open";
@@ -286,6 +288,10 @@ pub fn describe() {
     ::metrics::describe_gauge!(
         LOSS,
         "Mean over the open channels of the per-shard loss rate they plan redundancy for."
+    );
+    ::metrics::describe_gauge!(
+        LOSS_OBSERVED,
+        "Mean over the channels that measured it of the per-shard loss rate they measured."
     );
     ::metrics::describe_histogram!(SEND_LATENCY, Unit::Seconds, "From send to the ack.");
 }
@@ -358,6 +364,39 @@ fn role_index(role: &crate::proto::link::Role) -> usize {
 
 /// Sum and count of the loss estimates of the open channels, per role.
 static LOSS_SUMS: Mutex<[(f64, u64); 3]> = Mutex::new([(0.0, 0); 3]);
+/// The same for the loss they measured (channels that have measured it).
+static OBSERVED_SUMS: Mutex<[(f64, u64); 3]> = Mutex::new([(0.0, 0); 3]);
+
+/// Moves one channel's share of a mean over the open channels (`sums`, per role) from
+/// `*mine` to `value` (`None`: no share); the new mean if it changed.
+fn move_share(
+    sums: &Mutex<[(f64, u64); 3]>,
+    role: usize,
+    mine: &mut Option<f64>,
+    value: Option<f64>,
+) -> Option<f64> {
+    if value == *mine {
+        return None;
+    }
+    let mut sums = sums.lock().unwrap_or_else(|e| e.into_inner());
+    let (sum, n) = &mut sums[role];
+    if let Some(old) = *mine {
+        *sum -= old;
+        *n -= 1;
+    }
+    if let Some(new) = value {
+        *sum += new;
+        *n += 1;
+    }
+    *mine = value;
+    Some(if *n == 0 {
+        // No rounding left behind for the next channel.
+        *sum = 0.0;
+        0.0
+    } else {
+        *sum / *n as f64
+    })
+}
 
 /// How often a channel refreshes its wire bytes and its share of the loss gauge.
 const TICK: Duration = Duration::from_secs(1);
@@ -383,6 +422,8 @@ pub(crate) struct ChannelMetrics {
     open_connections: u64,
     /// This channel's share of [`LOSS_SUMS`], once it has one.
     loss: Option<f64>,
+    /// Its share of [`OBSERVED_SUMS`], once it measured its loss.
+    observed: Option<f64>,
     next_tick: Option<Instant>,
     closed: bool,
 }
@@ -423,6 +464,7 @@ impl ChannelMetrics {
             connections: ::metrics::gauge!(CONNECTIONS, "role" => label),
             open_connections: 0,
             loss: None,
+            observed: None,
             next_tick: None,
             closed: false,
         }
@@ -517,7 +559,7 @@ impl ChannelMetrics {
         if self.next_tick.is_none_or(|t| now >= t) {
             self.next_tick = Some(now + TICK);
             self.udp(udp());
-            self.loss(Some(stats.loss_estimate));
+            self.loss(Some(stats.loss_estimate), stats.loss_observed);
         }
     }
 
@@ -532,32 +574,15 @@ impl ChannelMetrics {
         }
     }
 
-    /// Moves this channel's share of the loss gauge to `estimate` (`None`: it leaves).
-    fn loss(&mut self, estimate: Option<f64>) {
-        if estimate == self.loss {
-            return;
+    /// Moves this channel's shares of the loss gauges to `estimate` and `observed` (`None`:
+    /// it leaves them, or has not measured yet).
+    fn loss(&mut self, estimate: Option<f64>, observed: Option<f64>) {
+        if let Some(mean) = move_share(&LOSS_SUMS, self.role, &mut self.loss, estimate) {
+            ::metrics::gauge!(LOSS, "role" => self.role()).set(mean);
         }
-        let mean = {
-            let mut sums = LOSS_SUMS.lock().unwrap_or_else(|e| e.into_inner());
-            let (sum, n) = &mut sums[self.role];
-            if let Some(old) = self.loss {
-                *sum -= old;
-                *n -= 1;
-            }
-            if let Some(new) = estimate {
-                *sum += new;
-                *n += 1;
-            }
-            if *n == 0 {
-                // No rounding left behind for the next channel.
-                *sum = 0.0;
-                0.0
-            } else {
-                *sum / *n as f64
-            }
-        };
-        self.loss = estimate;
-        ::metrics::gauge!(LOSS, "role" => self.role()).set(mean);
+        if let Some(mean) = move_share(&OBSERVED_SUMS, self.role, &mut self.observed, observed) {
+            ::metrics::gauge!(LOSS_OBSERVED, "role" => self.role()).set(mean);
+        }
     }
 
     /// The channel stopped: its last wire bytes (`udp`, every connection closed by now), and
@@ -573,7 +598,7 @@ impl ChannelMetrics {
 
     fn leave(&mut self) {
         self.closed = true;
-        self.loss(None);
+        self.loss(None, None);
         self.in_flight.decrement(self.last_in_flight as f64);
         self.last_in_flight = 0;
         self.reservations.decrement(self.last_reservations as f64);
@@ -611,6 +636,7 @@ mod tests {
             IN_FLIGHT,
             RESERVATIONS,
             LOSS,
+            LOSS_OBSERVED,
             UDP_SENT,
             UDP_RECEIVED,
             CHANNELS,
