@@ -12,7 +12,10 @@
 //! "payloads_without_id":S,"ledger_rows":L,"ledger_already":A,"ledger_failed":F,
 //! "reservation_takeovers":T,"fenced_settles":E,"leases_expired":X}`.
 //! `duplicates` counts payments seen twice, judged by the payment id in each payload (its
-//! first 8 bytes, big endian), independently of surelink's own dedupe. The `ledger_*` fields
+//! first 8 bytes, big endian), independently of surelink's own dedupe. `invalid_frames`
+//! counts what `surelink_invalid_frames_total` counts, over every channel the server served:
+//! frames that did not decode, and blocks that failed their CRC or carried contradicting or
+//! malformed shards. The `ledger_*` fields
 //! are for `--ledger` (0 without): rows this replica committed, payments whose claim was this
 //! replica's but whose id was in the ledger already (should stay 0: a payment taken twice),
 //! and transactions that failed (released, to come again). The last three count two-phase
@@ -235,9 +238,36 @@ struct Tally {
     ledger_failed: u64,
     /// `--deliveries`: written one whole line at a time, unbuffered.
     deliveries: Option<File>,
+    /// The counters of channels that ended (their handles are let go, so that a server that
+    /// serves many channels over its life does not keep every one).
+    ended: Ended,
+}
+
+/// What the exit JSON sums over the channels.
+#[derive(Default)]
+struct Ended {
+    /// Input that broke the wire format, as `surelink_invalid_frames_total` counts it:
+    /// frames that did not decode and, from reassembly, blocks that failed their CRC and
+    /// contradicting or malformed shards.
+    invalid_frames: u64,
+    reservation_takeovers: u64,
+    fenced_settles: u64,
+    leases_expired: u64,
 }
 
 impl Tally {
+    /// A channel ended (or the server exits): its counters join the totals.
+    fn ended(&mut self, s: &surelink::channel::ChannelStats) {
+        let e = &mut self.ended;
+        e.invalid_frames += s.invalid_frames.values().sum::<u64>()
+            + s.reassembly.checksum_failures
+            + s.reassembly.shards_contradicting
+            + s.reassembly.shards_malformed;
+        e.reservation_takeovers += s.reservation_takeovers;
+        e.fenced_settles += s.fenced_settles;
+        e.leases_expired += s.leases_expired;
+    }
+
     /// A payment arrived (taken or not): it keeps the server from its idle exit.
     fn touch(&mut self) {
         self.last = Some(Instant::now());
@@ -408,21 +438,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), drained).await;
-    let stats: Vec<_> = channels.lock().unwrap().iter().map(|c| c.stats()).collect();
-    let invalid: u64 = stats
-        .iter()
-        .map(|s| s.invalid_frames.values().sum::<u64>())
-        .sum();
-    // Two-phase claims (with --dedupe-url): reservations taken over from a replica whose
-    // lease ended, settles fenced by such a takeover, settles after their own lease ended.
-    let sum = |f: fn(&surelink::channel::ChannelStats) -> u64| stats.iter().map(f).sum::<u64>();
-    let (takeovers, fenced, late) = (
-        sum(|s| s.reservation_takeovers),
-        sum(|s| s.fenced_settles),
-        sum(|s| s.leases_expired),
-    );
     {
-        let t = tally.lock().unwrap();
+        let mut t = tally.lock().unwrap();
+        for c in channels.lock().unwrap().drain(..) {
+            t.ended(&c.stats());
+        }
+        let (invalid, takeovers, fenced, late) = (
+            t.ended.invalid_frames,
+            t.ended.reservation_takeovers,
+            t.ended.fenced_settles,
+            t.ended.leases_expired,
+        );
         println!(
             "{{\"delivered\":{},\"duplicates\":{},\"invalid_frames\":{},\"replica\":{:?},\"payloads_without_id\":{},\"ledger_rows\":{},\"ledger_already\":{},\"ledger_failed\":{},\"reservation_takeovers\":{takeovers},\"fenced_settles\":{fenced},\"leases_expired\":{late}}}",
             t.delivered,
@@ -461,6 +487,12 @@ async fn serve(
                     Some(ledger) => ledger.serve(&channel, messages, &tally).await,
                     None => take_all(messages, &tally).await,
                 }
+                // Every message taken and the channel stopped: its counters go to the totals
+                // and its handle goes (issue 25: the list grew by about 11 KiB per channel
+                // ever opened).
+                let id = channel.id();
+                channels.lock().unwrap().retain(|c| c.id() != id);
+                tally.lock().unwrap().ended(&channel.stats());
             }
             // A client that reconnected: its channel carries on.
             Ok(None) => {}
