@@ -421,3 +421,39 @@ async fn messages_of_a_channel_never_accepted_are_not_acked() {
         );
     }
 }
+
+/// Issue 26, item 5: a client that gives up reconnecting ([`Reconnect::give_up_after`]) is
+/// closed, and says so: `closed()` completes and `is_closed()` turns true, without a send
+/// to find it out.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_gives_up_reconnecting_is_closed_and_says_so() {
+    let link = LinkConfig {
+        delay: Duration::from_millis(10),
+        ..LinkConfig::default()
+    };
+    let pair = pair(link.clone(), link, 8);
+    let mut listener = Listener::new(pair.server.clone(), Config::default());
+    let mut config = Config::default();
+    config.reconnect.give_up_after = Duration::from_secs(2);
+    let (client, _client_messages) =
+        Channel::connect(&pair.client, pair.server_addr, SERVER_NAME, None, config)
+            .await
+            .unwrap();
+    let (_server, server_messages) = listener.accept().await.unwrap();
+    let _reader = reader(server_messages);
+    client.send(payment(1)).await.unwrap();
+    assert!(!client.is_closed());
+    // Still open a while later: nothing happened.
+    let early = tokio::time::timeout(Duration::from_secs(3), client.closed()).await;
+    assert!(early.is_err(), "closed without a cause");
+    // The server goes away for good.
+    drop(listener);
+    pair.server.close(0u32.into(), b"gone");
+    let start = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), client.closed())
+        .await
+        .expect("closed once it gave up reconnecting");
+    assert!(client.is_closed());
+    eprintln!("closed {:?} after the server went", start.elapsed());
+    assert_eq!(client.send(payment(2)).await, Err(SendError::Closed));
+}

@@ -933,6 +933,23 @@ impl Channel {
         }
     }
 
+    /// Completes once the channel has stopped, whatever stopped it: [`Channel::close`] or
+    /// [`Channel::abort`], the peer's goodbye, a refusal, every handle dropped, or a client
+    /// that gave up reconnecting ([`Reconnect::give_up_after`]). A long-lived terminal can
+    /// wait on it (in a `select!` beside its work) and open a new channel, instead of
+    /// learning it from a send's [`SendError::Closed`]. Sends fail with `Closed` from the
+    /// moment the channel's connections closed; this completes when its last message was
+    /// handed over or given up too. Cancel-safe.
+    pub async fn closed(&self) {
+        // The driver holds the receiving end of the commands until it stops.
+        self.inner.commands.closed().await
+    }
+
+    /// Whether the channel has stopped (see [`Channel::closed`]).
+    pub fn is_closed(&self) -> bool {
+        self.inner.commands.is_closed()
+    }
+
     /// Closes the channel and its connection now, without draining: messages still in
     /// flight fail with [`SendError::ConnectionLost`] (their outcome is unknown).
     pub fn abort(&self) {
