@@ -433,6 +433,17 @@ mod proxy {
 use proxy::{Mode, Proxy};
 
 /// A direct connection to `url`, for the test's own look at the table.
+/// A table of an older schema (created by the caller) is refused by a store that does not
+/// create its schema (a column is missing), then migrated in place by one that does.
+async fn refused_then_migrated(url: &str) -> PgStore {
+    let err = PgStore::builder(url).connect().await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN)),
+        "an old table without create_schema: {err:?}"
+    );
+    PgStore::connect(url, DAY).await.unwrap()
+}
+
 async fn direct(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
     tokio::spawn(connection);
@@ -898,12 +909,7 @@ async fn a_table_of_the_previous_schema_is_migrated() {
     )
     .await
     .unwrap();
-    let err = PgStore::builder(&url).connect().await.unwrap_err();
-    assert!(
-        matches!(&err, StoreError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN)),
-        "an old table without create_schema: {err:?}"
-    );
-    let store = PgStore::connect(&url, DAY).await.unwrap();
+    let store = refused_then_migrated(&url).await;
     assert_eq!(
         claimant_of(&db, "surelink_claims", &claim(1, 5, None)).await,
         Some(0)
@@ -1082,12 +1088,7 @@ async fn a_table_without_clients_and_digests_is_migrated() {
     )
     .await
     .unwrap();
-    let err = PgStore::builder(&url).connect().await.unwrap_err();
-    assert!(
-        matches!(&err, StoreError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN)),
-        "an old table without create_schema: {err:?}"
-    );
-    let store = PgStore::connect(&url, DAY).await.unwrap();
+    let store = refused_then_migrated(&url).await;
     let row = db
         .query_one(
             "SELECT client, digest FROM surelink_claims WHERE message_id = 5",
@@ -1524,12 +1525,7 @@ async fn a_table_without_reservations_is_migrated() {
     )
     .await
     .unwrap();
-    let err = PgStore::builder(&url).connect().await.unwrap_err();
-    assert!(
-        matches!(&err, StoreError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN)),
-        "an old table without create_schema: {err:?}"
-    );
-    let store = PgStore::connect(&url, DAY).await.unwrap();
+    let store = refused_then_migrated(&url).await;
     let row = db
         .query_one(
             "SELECT epoch, lease_until IS NULL FROM surelink_claims WHERE message_id = 5",
