@@ -217,7 +217,12 @@ struct Driver {
     /// Outcomes decided and not yet given to their callers: given once the stats that count
     /// them are published (`publish`), so that `stats()` read after a `send` returned counts
     /// that send.
-    replies_due: Vec<(Reply, Result<super::Receipt, crate::proto::link::SendError>)>,
+    /// (Whether it was counted abandoned already.)
+    replies_due: Vec<(
+        Reply,
+        Result<super::Receipt, crate::proto::link::SendError>,
+        bool,
+    )>,
     /// In-flight slots, held here with their messages (not in the caller's future: a
     /// cancelled `send` does not free its slot before the message has its outcome).
     permits: HashMap<u64, OwnedSemaphorePermit>,
@@ -590,7 +595,7 @@ impl Driver {
                 self.metrics
                     .outcome(&outcome.clone().map_err(super::SendError::from));
                 if let Some(reply) = self.replies.remove(&token) {
-                    self.replies_due.push((reply, outcome));
+                    self.replies_due.push((reply, outcome, false));
                 }
             }
             Action::FreeSlot { token } => {
@@ -646,13 +651,12 @@ impl Driver {
             }
         }
         // Callers that stopped waiting are counted in these very stats (one that stops between
-        // here and its reply is counted in the next).
-        let abandoned: Vec<bool> = self
-            .replies_due
-            .iter()
-            .map(|(r, _)| r.is_closed())
-            .collect();
-        self.counters.sends_abandoned += abandoned.iter().filter(|&&a| a).count() as u64;
+        // here and its reply is counted in the next). Marked in place: no allocation, this
+        // runs after every step.
+        for (reply, _, counted) in &mut self.replies_due {
+            *counted = reply.is_closed();
+            self.counters.sends_abandoned += u64::from(*counted);
+        }
         let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         st.publish(&self.link, &self.counters);
         let (conns, counters) = (&self.conns, &self.counters);
@@ -661,7 +665,7 @@ impl Driver {
         drop(st);
         // Then the outcomes: a caller that reads `stats()` once its send returned finds it
         // counted (before, the stats could lag their outcomes: acked 5 after six acked sends).
-        for ((reply, outcome), counted) in self.replies_due.drain(..).zip(abandoned) {
+        for (reply, outcome, counted) in self.replies_due.drain(..) {
             if reply.send(outcome).is_err() && !counted {
                 self.counters.sends_abandoned += 1;
             }
