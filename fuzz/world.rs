@@ -2287,9 +2287,11 @@ impl World {
                     }
                 }
                 // Nothing the server sends the client's application here.
+                // The world's clients send no requests.
                 Action::Deliver(_)
                 | Action::FreeSlot { .. }
                 | Action::AnswerStream { .. }
+                | Action::Replied { .. }
                 | Action::Claim { .. } => {}
             }
         }
@@ -2494,6 +2496,7 @@ impl World {
                 Action::Dial { .. }
                 | Action::OpenStream { .. }
                 | Action::Complete { .. }
+                | Action::Replied { .. }
                 | Action::FreeSlot { .. } => {}
             }
         }

@@ -143,6 +143,9 @@ use crate::channel::{ChannelStats, Receipt, SendError};
 /// Name of the send-latency histogram (seconds), for an exporter's bucket settings.
 pub const SEND_LATENCY: &str = "surelink_send_latency_seconds";
 
+/// Histogram: a request's round trip, from the request to its reply (seconds; protocol 2).
+pub const REQUEST_LATENCY: &str = "surelink_request_round_trip_seconds";
+
 /// Bucket bounds (seconds) for [`SEND_LATENCY`] when it is exported as a histogram: from a
 /// loopback round trip to the default 10 s deadline.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -224,6 +227,7 @@ const FOLLOWED: &[Follow] = &[
 const INVALID_FRAMES: &str = "surelink_invalid_frames_total";
 const INVALID_FRAMES_HELP: &str = "Input that broke the wire format, by reason.";
 const ACKED: &str = "surelink_messages_acked_total";
+const REPLIES: &str = "surelink_replies_received_total";
 const FAILED: &str = "surelink_messages_failed_total";
 const DELIVERED: &str = "surelink_messages_delivered_total";
 const IN_FLIGHT: &str = "surelink_in_flight";
@@ -251,6 +255,7 @@ pub fn describe() {
         }
     }
     let counters = [
+        (REPLIES, "Requests answered: their replies came back."),
         (
             ACKED,
             "Sends acked: the peer's application took the message.",
@@ -294,6 +299,11 @@ pub fn describe() {
         "Mean over the channels that measured it of the per-shard loss rate they measured."
     );
     ::metrics::describe_histogram!(SEND_LATENCY, Unit::Seconds, "From send to the ack.");
+    ::metrics::describe_histogram!(
+        REQUEST_LATENCY,
+        Unit::Seconds,
+        "From a request to its reply."
+    );
 }
 
 /// [`describe`], once per process (channels and servers start often).
@@ -316,6 +326,9 @@ pub(crate) fn failure_reason(e: &SendError) -> &'static str {
         SendError::KeyReused { .. } => "key_reused",
         SendError::DatagramsUnsupported => "datagrams_unsupported",
         SendError::Closed => "closed",
+        SendError::Declined { .. } => "declined",
+        SendError::NoReply { .. } => "no_reply",
+        SendError::RequestsUnsupported => "requests_unsupported",
     }
 }
 
@@ -410,6 +423,8 @@ pub(crate) struct ChannelMetrics {
     invalid: std::collections::BTreeMap<&'static str, u64>,
     acked: Counter,
     latency: Histogram,
+    replies: Counter,
+    round_trip: Histogram,
     delivered: Counter,
     in_flight: Gauge,
     last_in_flight: usize,
@@ -450,6 +465,8 @@ impl ChannelMetrics {
             invalid: Default::default(),
             acked: ::metrics::counter!(ACKED, "role" => label),
             latency: ::metrics::histogram!(SEND_LATENCY, "role" => label),
+            replies: ::metrics::counter!(REPLIES, "role" => label),
+            round_trip: ::metrics::histogram!(REQUEST_LATENCY, "role" => label),
             delivered: ::metrics::counter!(DELIVERED, "role" => label),
             in_flight: ::metrics::gauge!(IN_FLIGHT, "role" => label),
             last_in_flight: 0,
@@ -487,6 +504,12 @@ impl ChannelMetrics {
                 ::metrics::counter!(FAILED, "role" => self.role(), "reason" => reason).increment(1);
             }
         }
+    }
+
+    /// A request's reply came back after `latency`.
+    pub(crate) fn replied(&self, latency: std::time::Duration) {
+        self.replies.increment(1);
+        self.round_trip.record(latency.as_secs_f64());
     }
 
     /// A message handed to the application's `Messages`.

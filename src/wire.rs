@@ -126,9 +126,10 @@
 //!
 //! | field    | encoding | meaning                                                     |
 //! |----------|----------|-------------------------------------------------------------|
-//! | flags    | u8       | bit 0: a key follows; other bits must be 0                  |
+//! | flags    | u8       | bit 0: a key follows; bit 1: a request, bit 2: a reply (protocol 2, not both); other bits must be 0 |
 //! | key_len  | varint   | only with bit 0; `1 ..= MAX_KEY_LEN`                        |
 //! | key      | bytes    | the idempotency key, opaque                                 |
+//! | to       | varint   | only with bit 2: the message id of the request it answers   |
 //! | payload  | rest     | the application's message                                   |
 //!
 //! ## Stream message (`0x15`, on a bidirectional QUIC stream)
@@ -188,6 +189,9 @@ pub const REFUSE_PASSED: u64 = 6;
 /// REFUSE reason: the message's idempotency key was delivered (or waits for the application)
 /// with another payload. The message is not delivered; a retry under that key never will be.
 pub const REFUSE_KEY_REUSED: u64 = 7;
+/// REFUSE reason (protocol 2): the receiving application declined the message (a nack): it
+/// did not process it. A retry under its idempotency key is delivered afresh.
+pub const REFUSE_DECLINED: u64 = 8;
 
 const fn type_byte(frame_type: u8) -> u8 {
     (VERSION << 4) | frame_type
@@ -929,32 +933,76 @@ impl Frame {
 pub const MAX_KEY_LEN: usize = 255;
 
 const FLAG_KEY: u8 = 0x01;
+const FLAG_REQUEST: u8 = 0x02;
+const FLAG_REPLY: u8 = 0x04;
 
-/// A message as the application sent it: an optional idempotency key and the payload.
+/// What a message is to the application (protocol 2 adds requests and replies; envelope
+/// flags bits 1 and 2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A message (flags bits 1 and 2 clear): the only kind protocol 1 has.
+    #[default]
+    Message,
+    /// A request (bit 1, protocol 2): its sender waits for the receiving application's reply.
+    Request,
+    /// A reply (bit 2, protocol 2) to the peer's request with message id `to` (in the peer's
+    /// id space).
+    Reply {
+        /// The request's message id.
+        to: u64,
+    },
+}
+
+/// A message as the application sent it: an optional idempotency key, its kind and the
+/// payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Envelope {
     /// The application's idempotency key, `1 ..= MAX_KEY_LEN` bytes.
     pub key: Option<Bytes>,
+    /// A message, a request or a reply.
+    pub kind: Kind,
     /// The application's message.
     pub payload: Bytes,
 }
 
 impl Envelope {
-    /// Bytes the envelope adds in front of the payload.
+    /// Bytes a message's envelope adds in front of the payload.
     pub fn overhead(key: Option<&[u8]>) -> usize {
-        1 + key.map_or(0, |k| varint_len(k.len() as u64) + k.len())
+        Self::overhead_of(key, Kind::Message)
     }
 
-    /// Encodes the envelope. The key must be `1 ..= MAX_KEY_LEN` bytes (callers check it).
+    /// Bytes an envelope of `kind` adds in front of the payload.
+    pub fn overhead_of(key: Option<&[u8]>, kind: Kind) -> usize {
+        let to = match kind {
+            Kind::Reply { to } => varint_len(to),
+            _ => 0,
+        };
+        1 + key.map_or(0, |k| varint_len(k.len() as u64) + k.len()) + to
+    }
+
+    /// Encodes a message's envelope. The key must be `1 ..= MAX_KEY_LEN` bytes (callers
+    /// check it).
     pub fn encode(key: Option<&[u8]>, payload: &[u8]) -> Bytes {
-        let mut buf = Vec::with_capacity(Self::overhead(key) + payload.len());
-        match key {
-            Some(k) => {
-                buf.put_u8(FLAG_KEY);
-                put_varint(&mut buf, k.len() as u64);
-                buf.put_slice(k);
-            }
-            None => buf.put_u8(0),
+        Self::encode_kind(key, Kind::Message, payload)
+    }
+
+    /// Encodes an envelope of `kind` (requests and replies: protocol 2 only). The key must be
+    /// `1 ..= MAX_KEY_LEN` bytes and a reply's `to` at most [`MAX_VARINT`] (callers check).
+    pub fn encode_kind(key: Option<&[u8]>, kind: Kind, payload: &[u8]) -> Bytes {
+        let mut buf = Vec::with_capacity(Self::overhead_of(key, kind) + payload.len());
+        let mut flags = if key.is_some() { FLAG_KEY } else { 0 };
+        match kind {
+            Kind::Message => {}
+            Kind::Request => flags |= FLAG_REQUEST,
+            Kind::Reply { .. } => flags |= FLAG_REPLY,
+        }
+        buf.put_u8(flags);
+        if let Some(k) = key {
+            put_varint(&mut buf, k.len() as u64);
+            buf.put_slice(k);
+        }
+        if let Kind::Reply { to } = kind {
+            put_varint(&mut buf, to);
         }
         buf.put_slice(payload);
         Bytes::from(buf)
@@ -966,7 +1014,9 @@ impl Envelope {
             return Err(DecodeError::Empty);
         }
         let flags = body.get_u8();
-        if flags & !FLAG_KEY != 0 {
+        if flags & !(FLAG_KEY | FLAG_REQUEST | FLAG_REPLY) != 0
+            || flags & (FLAG_REQUEST | FLAG_REPLY) == FLAG_REQUEST | FLAG_REPLY
+        {
             return Err(DecodeError::UnknownFlags(flags));
         }
         let key = if flags & FLAG_KEY != 0 {
@@ -981,7 +1031,20 @@ impl Envelope {
         } else {
             None
         };
-        Ok(Envelope { key, payload: body })
+        let kind = if flags & FLAG_REQUEST != 0 {
+            Kind::Request
+        } else if flags & FLAG_REPLY != 0 {
+            Kind::Reply {
+                to: get_varint(&mut body)?,
+            }
+        } else {
+            Kind::Message
+        };
+        Ok(Envelope {
+            key,
+            kind,
+            payload: body,
+        })
     }
 }
 
@@ -1734,8 +1797,18 @@ mod tests {
     fn envelope_rejects_bad_keys_and_flags() {
         assert_eq!(Envelope::decode(Bytes::new()), Err(DecodeError::Empty));
         assert_eq!(
-            Envelope::decode(Bytes::from_static(&[0x02, 1, 2])),
-            Err(DecodeError::UnknownFlags(0x02))
+            Envelope::decode(Bytes::from_static(&[0x08, 1, 2])),
+            Err(DecodeError::UnknownFlags(0x08))
+        );
+        // A request and a reply at once is no kind.
+        assert_eq!(
+            Envelope::decode(Bytes::from_static(&[0x06, 1, 2])),
+            Err(DecodeError::UnknownFlags(0x06))
+        );
+        // A reply whose request id is cut short.
+        assert_eq!(
+            Envelope::decode(Bytes::from_static(&[0x04, 0x40])),
+            Err(DecodeError::Truncated)
         );
         assert_eq!(
             Envelope::decode(Bytes::from_static(&[0x01, 0])),
@@ -1813,19 +1886,25 @@ mod tests {
         #[test]
         fn envelope_round_trip(
             key in prop::option::of(prop::collection::vec(any::<u8>(), 1..=MAX_KEY_LEN)),
+            kind in prop_oneof![
+                Just(Kind::Message),
+                Just(Kind::Request),
+                (0..=MAX_VARINT).prop_map(|to| Kind::Reply { to }),
+            ],
             payload in prop::collection::vec(any::<u8>(), 0..300),
         ) {
-            let bytes = Envelope::encode(key.as_deref(), &payload);
-            prop_assert_eq!(bytes.len(), Envelope::overhead(key.as_deref()) + payload.len());
+            let bytes = Envelope::encode_kind(key.as_deref(), kind, &payload);
+            prop_assert_eq!(bytes.len(), Envelope::overhead_of(key.as_deref(), kind) + payload.len());
             let e = Envelope::decode(bytes).unwrap();
             prop_assert_eq!(e.key.as_deref(), key.as_deref());
+            prop_assert_eq!(e.kind, kind);
             prop_assert_eq!(&e.payload[..], &payload[..]);
         }
 
         #[test]
         fn envelope_and_stream_decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(e) = Envelope::decode(Bytes::from(bytes.clone())) {
-                let again = Envelope::encode(e.key.as_deref(), &e.payload);
+                let again = Envelope::encode_kind(e.key.as_deref(), e.kind, &e.payload);
                 prop_assert_eq!(Envelope::decode(again), Ok(e));
             }
             if let Ok((id, rest)) = decode_stream_message(Bytes::from(bytes)) {

@@ -154,6 +154,7 @@ pub(super) fn spawn(
         events,
         events_tx,
         commands: command_rx,
+        answer_tx: commands.clone(),
         commands_open: true,
         delivered,
         replies: HashMap::new(),
@@ -193,7 +194,25 @@ const MAX_QUEUED_DATAGRAMS: usize = 65_536;
 /// receiver, which bounds them by bytes (`ReceiverConfig::max_queued_bytes`).
 const HANDOFF: usize = 4;
 
-type Reply = oneshot::Sender<Result<super::Receipt, crate::proto::link::SendError>>;
+/// What a send or a request ends with, when it succeeds.
+#[derive(Debug)]
+pub(super) enum Done {
+    /// A send's receipt.
+    Sent(super::Receipt),
+    /// A request's reply.
+    Replied(crate::proto::link::Reply),
+}
+
+type Reply = oneshot::Sender<Result<Done, crate::proto::link::SendError>>;
+
+/// Where a handed message's answer goes: the driver's commands.
+struct Answers(mpsc::UnboundedSender<Command>);
+
+impl crate::proto::AnswerSink for Answers {
+    fn answer(&self, id: u64, answer: crate::proto::Answer) -> bool {
+        self.0.send(Command::Answer { id, answer }).is_ok()
+    }
+}
 
 struct Driver {
     link: Link,
@@ -211,6 +230,8 @@ struct Driver {
     events: mpsc::Receiver<Event>,
     events_tx: mpsc::Sender<Event>,
     commands: mpsc::UnboundedReceiver<Command>,
+    /// Where handed messages' answers go (the driver's own commands).
+    answer_tx: mpsc::UnboundedSender<Command>,
     commands_open: bool,
     delivered: mpsc::UnboundedSender<Delivered>,
     replies: HashMap<u64, Reply>,
@@ -218,11 +239,7 @@ struct Driver {
     /// them are published (`publish`), so that `stats()` read after a `send` returned counts
     /// that send.
     /// (Whether it was counted abandoned already.)
-    replies_due: Vec<(
-        Reply,
-        Result<super::Receipt, crate::proto::link::SendError>,
-        bool,
-    )>,
+    replies_due: Vec<(Reply, Result<Done, crate::proto::link::SendError>, bool)>,
     /// In-flight slots, held here with their messages (not in the caller's future: a
     /// cancelled `send` does not free its slot before the message has its outcome).
     permits: HashMap<u64, OwnedSemaphorePermit>,
@@ -395,18 +412,29 @@ impl Driver {
                 deadline,
                 reply,
                 permit,
+                request,
             } => {
                 self.next_token += 1;
                 let token = self.next_token;
                 self.replies.insert(token, reply);
                 self.permits.insert(token, permit);
-                Input::Send {
-                    token,
-                    key,
-                    payload,
-                    deadline,
+                match request {
+                    false => Input::Send {
+                        token,
+                        key,
+                        payload,
+                        deadline,
+                    },
+                    true => Input::Request {
+                        token,
+                        key,
+                        payload,
+                        deadline,
+                    },
                 }
             }
+            Command::Received { id } => Input::Received { id },
+            Command::Answer { id, answer } => Input::Answered { id, answer },
             Command::Confirm { id, outcome } => Input::Confirm { id, outcome },
             Command::Close { drain, done } => {
                 if let Some(done) = done {
@@ -579,7 +607,15 @@ impl Driver {
                 timeout,
                 step,
             } => self.claim(attempt, (id, key, digest), claimant, timeout, step),
-            Action::Deliver(message) => {
+            Action::Deliver(mut message) => {
+                if message.is_request() || self.config.explicit_ack {
+                    // Acked by the application's answer, which comes back as a command.
+                    message.set_answering(crate::proto::Answering::new(
+                        message.id,
+                        message.is_request(),
+                        Box::new(Answers(self.answer_tx.clone())),
+                    ));
+                }
                 let span = tracing::debug_span!(
                     "surelink.deliver",
                     id = message.id,
@@ -595,7 +631,15 @@ impl Driver {
                 self.metrics
                     .outcome(&outcome.clone().map_err(super::SendError::from));
                 if let Some(reply) = self.replies.remove(&token) {
-                    self.replies_due.push((reply, outcome, false));
+                    self.replies_due
+                        .push((reply, outcome.map(Done::Sent), false));
+                }
+            }
+            Action::Replied { token, reply } => {
+                self.metrics.replied(reply.latency);
+                if let Some(waiter) = self.replies.remove(&token) {
+                    self.replies_due
+                        .push((waiter, Ok(Done::Replied(reply)), false));
                 }
             }
             Action::FreeSlot { token } => {

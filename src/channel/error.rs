@@ -14,6 +14,9 @@ use crate::proto::link::SendError as LinkError;
 /// |---|---|---|
 /// | [`Timeout`](Self::Timeout), [`ConnectionLost`](Self::ConnectionLost) | **yes**: retry only with the same idempotency key | yes |
 /// | [`Refused`](Self::Refused) | no | yes (it may be refused again for the same reason) |
+/// | [`Declined`](Self::Declined) | no: the peer's application did not process it | yes |
+/// | [`NoReply`](Self::NoReply) (a request) | **yes**, it was processed: retry with the same key to get its reply | yes |
+/// | [`RequestsUnsupported`](Self::RequestsUnsupported) | no: nothing was sent | no |
 /// | [`Rejected`](Self::Rejected) | no: nothing was sent | only for [`RejectReason::Backpressure`] |
 /// | [`TooLarge`](Self::TooLarge), [`DatagramsUnsupported`](Self::DatagramsUnsupported) | no: nothing was sent | no |
 /// | [`Closed`](Self::Closed) | no: nothing was sent | not on this channel |
@@ -97,7 +100,35 @@ pub enum SendError {
     /// The channel is closing or has stopped; nothing was sent.
     #[error("channel closed; nothing sent")]
     Closed,
+    /// The peer's application declined the message or request ([`Delivered::nack`](
+    /// super::Delivered::nack)): it did not process it. A retry under its key is delivered
+    /// afresh.
+    #[error("message {id}: declined by the peer's application, not processed")]
+    Declined {
+        /// The message id on this channel.
+        id: u64,
+    },
+    /// A request ([`Channel::request`](super::Channel::request)) was processed by the
+    /// peer's application (it was acked), but its reply did not come before the deadline.
+    /// Retry with the same idempotency key: the peer answers the retry with the reply its
+    /// key keeps, without processing the request again.
+    #[error("request {id}: processed by the peer, but no reply before the deadline; retry with the same idempotency key to get its reply")]
+    NoReply {
+        /// The request's message id on this channel.
+        id: u64,
+    },
+    /// The channel speaks protocol 1 (a peer of an older version), which has no requests:
+    /// nothing was sent.
+    #[error("the peer speaks protocol 1, which has no requests; nothing sent")]
+    RequestsUnsupported,
 }
+
+/// Why a request ([`Channel::request`](super::Channel::request)) has no reply: the same
+/// outcomes as a send's. [`may_have_been_delivered`](SendError::may_have_been_delivered) is
+/// `true` when the request may have been processed (retry with the same key: a processed
+/// request is answered with its first reply, never processed twice), `false` when it
+/// certainly was not (refused, declined, or never sent).
+pub type RequestError = SendError;
 
 impl SendError {
     /// Whether the message may have been delivered: `true` for an unknown outcome
@@ -107,7 +138,9 @@ impl SendError {
     pub fn may_have_been_delivered(&self) -> bool {
         matches!(
             self,
-            SendError::Timeout { .. } | SendError::ConnectionLost { .. }
+            SendError::Timeout { .. }
+                | SendError::ConnectionLost { .. }
+                | SendError::NoReply { .. }
         )
     }
 
@@ -119,11 +152,14 @@ impl SendError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SendError::Timeout { .. } | SendError::ConnectionLost { .. } => true,
-            SendError::Refused { .. } => true,
+            SendError::Refused { .. } | SendError::Declined { .. } | SendError::NoReply { .. } => {
+                true
+            }
             SendError::Rejected(reason) => matches!(reason, RejectReason::Backpressure { .. }),
             SendError::TooLarge { .. }
             | SendError::KeyReused { .. }
             | SendError::DatagramsUnsupported
+            | SendError::RequestsUnsupported
             | SendError::Closed => false,
         }
     }
@@ -181,6 +217,9 @@ impl From<LinkError> for SendError {
             LinkError::KeyReused { id } => SendError::KeyReused { id },
             LinkError::DatagramsUnsupported => SendError::DatagramsUnsupported,
             LinkError::Closed => SendError::Closed,
+            LinkError::Declined { id } => SendError::Declined { id },
+            LinkError::NoReply { id } => SendError::NoReply { id },
+            LinkError::RequestsUnsupported => SendError::RequestsUnsupported,
         }
     }
 }
@@ -202,6 +241,9 @@ mod tests {
             LinkError::Refused { id: 4 },
             LinkError::DatagramsUnsupported,
             LinkError::Closed,
+            LinkError::Declined { id: 5 },
+            LinkError::NoReply { id: 6 },
+            LinkError::RequestsUnsupported,
         ];
         for core in cases {
             let public = SendError::from(core.clone());

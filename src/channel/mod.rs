@@ -112,17 +112,19 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use crate::proto::link::GOODBYE;
 #[doc(inline)]
-pub use crate::proto::link::{Receipt, Reconnect};
+pub use crate::proto::link::{Receipt, Reconnect, Reply};
+pub use crate::proto::AnswerError;
 #[doc(inline)]
 pub use crate::proto::{
     Delivered, HedgeTo, ReceiverConfig, ReceiverStats, SenderConfig, SenderStats,
 };
+pub use crate::wire::Kind;
 pub use connect::{
     ack_frequency_config, client_config, congestion_controller, server_config,
     server_config_with_protocols, transport_config, AcceptError, ConfigError, ConnectError,
     Listener, Server, ALPN, ALPN_PROTOCOLS, ALPN_V2,
 };
-pub use error::{RejectReason, SendError};
+pub use error::{RejectReason, RequestError, SendError};
 pub use identity::{
     client_config_with, load_certs, load_key, server_config_mtls,
     server_config_mtls_with_protocols, Identity, IdentityError, ServerTrust,
@@ -222,6 +224,24 @@ pub struct Config {
     /// which the application's claim settles (`PgStore::claim_in` with
     /// [`Claim::of`](crate::store::Claim::of)). Default `false`.
     pub application_claims: bool,
+    /// Explicit acks: a message is acked only when the application answers it
+    /// ([`Delivered::ack`], [`Delivered::nack`], or [`Delivered::reply`] for a request),
+    /// rather than when [`Messages::recv`] returns it, so that an ack means the work was
+    /// done ("commit, then ack"). A nack refuses the message (its sender learns
+    /// [`SendError::Declined`]: not processed). Dropping a message without an answer gives
+    /// it back: it is neither acked nor refused, its sender learns an unknown outcome, and a
+    /// retry under its key is delivered afresh (so an application that may have committed
+    /// before dropping it keeps its keys with its work: the inbox pattern). At most
+    /// `max_unanswered` (64) received messages await their answers at once; then the
+    /// channel hands over no more until answers come. Requests are always answered this way,
+    /// whatever this says. With a `store` (not `application_claims`) a message is claimed
+    /// before it is handed over, so a nack or a drop cannot undo its delivery: it stays
+    /// claimed and unacked. Default `false`.
+    pub explicit_ack: bool,
+    /// Most messages the application received and has not answered yet (requests, and with
+    /// `explicit_ack` every message): past it the channel hands over no more until answers
+    /// come. Default 64.
+    pub max_unanswered: usize,
     /// With a `store`: how long a reservation holds a message against the other replicas
     /// (two-phase claims, [`crate::store`]). A replica that dies holding reservations is
     /// taken over this long after it reserved them (plus one store round trip); shorter
@@ -270,6 +290,8 @@ impl Default for Config {
             max_channels: 10_000,
             store: None,
             application_claims: false,
+            explicit_ack: false,
+            max_unanswered: 64,
             lease: crate::proto::link::DEFAULT_LEASE,
             claim_timeout: Duration::from_secs(5),
             claim_attempt_timeout: Duration::from_secs(1),
@@ -300,6 +322,7 @@ impl Config {
             claim_attempt_timeout: self.claim_attempt_timeout,
             reserve: self.store.is_some(),
             lease: self.lease,
+            max_unanswered: self.max_unanswered,
             ..crate::proto::link::LinkConfig::default()
         }
     }
@@ -469,9 +492,11 @@ enum Command {
         payload: Bytes,
         deadline: Option<Duration>,
         /// The core's outcome; [`Channel::send_with`] turns its error into a [`SendError`].
-        reply: oneshot::Sender<Result<Receipt, crate::proto::link::SendError>>,
+        reply: oneshot::Sender<Result<driver::Done, crate::proto::link::SendError>>,
         /// The message's in-flight slot: the driver holds it until the outcome.
         permit: OwnedSemaphorePermit,
+        /// A request: the outcome is its reply.
+        request: bool,
     },
     Close {
         drain: bool,
@@ -483,6 +508,13 @@ enum Command {
     },
     /// The application took message `id` from [`Messages`].
     Took { id: u64 },
+    /// The application received message `id`, which awaits its answer.
+    Received { id: u64 },
+    /// The application answered message `id`.
+    Answer {
+        id: u64,
+        answer: crate::proto::Answer,
+    },
     /// [`Messages`] was dropped.
     AppGone,
     /// The last [`Channel`] handle was dropped.
@@ -683,9 +715,16 @@ impl Messages {
     /// The next message, or `None` once the channel has stopped and every message was taken.
     /// Cancel-safe: a message is taken (and reported taken, which acks it) only when this
     /// returns it.
+    ///
+    /// A message that awaits its answer ([`Delivered::awaits_answer`]: a request, or any
+    /// message with [`Config::explicit_ack`]) is acked only by that answer.
     pub async fn recv(&mut self) -> Option<Delivered> {
         let message = self.rx.recv().await?;
-        let _ = self.commands.send(Command::Took { id: message.id });
+        let id = message.id;
+        let _ = self.commands.send(match message.awaits_answer() {
+            true => Command::Received { id },
+            false => Command::Took { id },
+        });
         Some(message)
     }
 }
@@ -854,6 +893,104 @@ impl Channel {
     }
 
     async fn submit(&self, payload: Bytes, options: SendOptions) -> Result<Receipt, SendError> {
+        match self.submit_as(payload, options, false).await? {
+            driver::Done::Sent(receipt) => Ok(receipt),
+            // A send is never answered with a reply.
+            driver::Done::Replied(_) => Err(SendError::Closed),
+        }
+    }
+
+    /// Sends `payload` as a request (protocol 2) and waits for the peer application's reply
+    /// ([`Delivered::reply`]), within the channel's deadline ([`SenderConfig::deadline`]).
+    ///
+    /// Every request ends in one of three outcomes:
+    /// - its [`Reply`];
+    /// - a definite "not processed" ([`RequestError::may_have_been_delivered`] is `false`:
+    ///   refused, declined by the application with [`Delivered::nack`], or never sent);
+    /// - unknown ([`may_have_been_delivered`](RequestError::may_have_been_delivered) is
+    ///   `true`: no ack or no reply before the deadline, the connection lost). Retry with the
+    ///   same idempotency key ([`Channel::request_with`]): the peer never processes a keyed
+    ///   request twice, and answers a retry of one it processed with the **same reply**, byte
+    ///   for byte, which it keeps with the key for the key's lifetime. A retry that arrives
+    ///   while the first is still being processed waits (it is neither delivered nor
+    ///   answered) until the first's reply exists, and then gets it.
+    ///
+    /// Cancel-safe like [`Channel::send`]: a dropped request keeps its slot until its
+    /// outcome. A request travels on the datagram path only (at most
+    /// [`Config::stream_threshold`] bytes with its key), and only to a peer of protocol 2
+    /// ([`Channel::protocol`]); otherwise it fails at once, nothing sent.
+    ///
+    /// ```
+    /// # use surelink::channel::{self, Channel, Config, Identity, Listener, SendOptions};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let identity = Identity::self_signed(["localhost"])?;
+    /// # let mut roots = surelink::rustls::RootCertStore::empty();
+    /// # roots.add(identity.cert_chain[0].clone())?;
+    /// # let server_config = channel::server_config(identity.cert_chain, identity.key)?;
+    /// # let endpoint = surelink::quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
+    /// # let addr = endpoint.local_addr()?;
+    /// # let mut listener = Listener::new(endpoint, Config::default());
+    /// # let client = surelink::quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    /// # let client_config = Some(channel::client_config(roots)?);
+    /// # let (channel, _messages) = Channel::connect(&client, addr, "localhost", client_config, Config::default()).await?;
+    /// # let (_, mut messages) = listener.accept().await.expect("a channel");
+    /// // The host: answers each authorization request.
+    /// let host = tokio::spawn(async move {
+    ///     while let Some(request) = messages.recv().await {
+    ///         let approved = request.payload.starts_with(b"auth");
+    ///         request.reply(if approved { "approved" } else { "declined" })?;
+    ///     }
+    ///     Ok::<_, surelink::channel::AnswerError>(())
+    /// });
+    /// // The terminal: one request, retried under its key while the outcome is unknown.
+    /// let options = SendOptions::default().key("till-7/auth-0042");
+    /// let reply = loop {
+    ///     match channel.request_with("auth 25.00 EUR", options.clone()).await {
+    ///         Ok(reply) => break reply,
+    ///         Err(e) if e.may_have_been_delivered() => continue, // same key: never twice
+    ///         Err(e) => return Err(e.into()),
+    ///     }
+    /// };
+    /// assert_eq!(reply.payload, "approved");
+    /// # channel.close().await;
+    /// # host.await??;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn request(&self, payload: impl Into<Bytes>) -> Result<Reply, RequestError> {
+        self.request_with(payload, SendOptions::default()).await
+    }
+
+    /// Like [`Channel::request`], with per-request options: an idempotency key (strongly
+    /// advised: without one a retry may be processed twice) and a deadline of its own for
+    /// the whole round trip ([`SendOptions`]).
+    pub async fn request_with(
+        &self,
+        payload: impl Into<Bytes>,
+        options: SendOptions,
+    ) -> Result<Reply, RequestError> {
+        let payload = payload.into();
+        let span = tracing::debug_span!(
+            "surelink.request",
+            len = payload.len(),
+            keyed = options.key.is_some(),
+        );
+        let result =
+            tracing::Instrument::instrument(self.submit_as(payload, options, true), span).await;
+        match result? {
+            driver::Done::Replied(reply) => Ok(reply),
+            // A request is never completed with a receipt alone.
+            driver::Done::Sent(receipt) => Err(SendError::NoReply { id: receipt.id }),
+        }
+    }
+
+    async fn submit_as(
+        &self,
+        payload: Bytes,
+        options: SendOptions,
+        request: bool,
+    ) -> Result<driver::Done, SendError> {
         let SendOptions { key, deadline } = options;
         let len = payload.len() + key.as_ref().map_or(0, Bytes::len);
         let max = self.inner.max_message_size;
@@ -877,6 +1014,7 @@ impl Channel {
                 deadline,
                 reply,
                 permit,
+                request,
             })
             .map_err(|_| SendError::Closed)?;
         match outcome.await {

@@ -8,6 +8,10 @@
 //!                              └──release (the application went away)──▶ (absent)
 //! ```
 //!
+//! A request's key (protocol 2) is taken with the application's reply, which the key keeps
+//! for its TTL: a retry of the request (same key, same payload) is answered with that reply,
+//! byte for byte, on whichever channel of the server it comes.
+//!
 //! A receiver whose application holds a message with a held key does not stop before the
 //! take or the application's end (the channel's link waits), so every held key ends in one
 //! of the two.
@@ -28,8 +32,14 @@
 //!   different keys. Without an identity (no mutual TLS) every client of the record shares
 //!   [`ANONYMOUS`].
 //!
-//! Memory is bounded by `max_keys × (key length + `[`KEY_OVERHEAD_BYTES`]`)`; keys are copied
-//! out of the datagram, so a held key never keeps a datagram alive.
+//! - **A request's key keeps its reply.** A request and a message with the same payload have
+//!   different digests ([`request_digest`]), so one is never a replay of the other. Replies
+//!   kept take at most `max_reply_bytes` in all: past it a new request key is refused
+//!   ([`KeyVerdict::Full`]), never a kept reply forgotten early.
+//!
+//! Memory is bounded by `max_keys × (key length + `[`KEY_OVERHEAD_BYTES`]`)` plus
+//! `max_reply_bytes`; keys and replies are copied out of their datagrams, so a kept key never
+//! keeps a datagram alive.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -53,6 +63,20 @@ pub fn payload_digest(payload: &[u8]) -> Digest {
     sha2::Sha256::digest(payload).into()
 }
 
+/// The digest a key record keeps for a *request* with `payload` (protocol 2): SHA-256 over a
+/// domain tag and the payload, so that a request never matches a message of the same bytes.
+pub fn request_digest(payload: &[u8]) -> Digest {
+    sha2::Sha256::new()
+        .chain_update(b"surelink request\0")
+        .chain_update(payload)
+        .finalize()
+        .into()
+}
+
+/// Replies a key record keeps at most by default, in bytes (each reply also costs its
+/// length against it): 64 MiB.
+pub const DEFAULT_MAX_REPLY_BYTES: usize = 64 << 20;
+
 /// Bytes an entry costs besides its key's bytes: the map entry (scope, digest, state) and its
 /// place in the expiry queue.
 pub const KEY_OVERHEAD_BYTES: usize = 192;
@@ -68,7 +92,7 @@ pub struct Holder {
     pub id: u64,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum KeyState {
     Held {
         holder: Holder,
@@ -79,6 +103,8 @@ enum KeyState {
         digest: Digest,
         /// The receiver whose application took it.
         by: u64,
+        /// A request's reply, kept for the key's TTL.
+        reply: Option<Bytes>,
     },
 }
 
@@ -113,6 +139,9 @@ pub struct KeyRecord {
     order: VecDeque<(Instant, Scope, Bytes)>,
     refused: u64,
     next_holder: u64,
+    /// Bytes of the replies kept, and their limit.
+    reply_bytes: usize,
+    max_reply_bytes: usize,
 }
 
 impl KeyRecord {
@@ -125,7 +154,15 @@ impl KeyRecord {
             order: VecDeque::new(),
             refused: 0,
             next_holder: 0,
+            reply_bytes: 0,
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
         }
+    }
+
+    /// Keeps at most `bytes` of replies (see the module docs).
+    pub fn with_max_reply_bytes(mut self, bytes: usize) -> Self {
+        self.max_reply_bytes = bytes;
+        self
     }
 
     /// A token naming one receiver among those sharing the record.
@@ -144,10 +181,25 @@ impl KeyRecord {
         digest: Digest,
         holder: Holder,
     ) -> KeyVerdict {
+        self.judge_kind(now, scope, key, digest, holder, false)
+    }
+
+    /// [`KeyRecord::judge`] for a message (`request` false) or a request, whose new key is
+    /// refused ([`KeyVerdict::Full`]) also while the replies kept fill `max_reply_bytes`.
+    pub fn judge_kind(
+        &mut self,
+        now: Instant,
+        scope: Scope,
+        key: &Bytes,
+        digest: Digest,
+        holder: Holder,
+        request: bool,
+    ) -> KeyVerdict {
         if let Some(v) = self.peek(now, scope, key, digest) {
             return v;
         }
-        if self.keys.len() >= self.max_keys {
+        if self.keys.len() >= self.max_keys || (request && self.reply_bytes >= self.max_reply_bytes)
+        {
             self.refused += 1;
             return KeyVerdict::Full;
         }
@@ -183,14 +235,31 @@ impl KeyRecord {
     /// The application took `holder`'s message: its key counts as delivered from `now`, for
     /// the TTL. No effect unless `holder` holds the key.
     pub fn taken(&mut self, now: Instant, scope: Scope, key: &Bytes, holder: Holder) {
+        self.taken_with(now, scope, key, holder, None)
+    }
+
+    /// [`KeyRecord::taken`] for a request answered with `reply`, which the key keeps for its
+    /// TTL (a retry of the request gets it: [`KeyRecord::reply`]).
+    pub fn taken_with(
+        &mut self,
+        now: Instant,
+        scope: Scope,
+        key: &Bytes,
+        holder: Holder,
+        reply: Option<Bytes>,
+    ) {
         let k = (scope, key.clone());
         if let Some(state) = self.keys.get_mut(&k) {
             if let KeyState::Held { holder: h, digest } = *state {
                 if h == holder {
+                    // Copied out: a kept reply never keeps a larger buffer alive.
+                    let reply = reply.map(|r| Bytes::copy_from_slice(&r));
+                    self.reply_bytes += reply.as_ref().map_or(0, Bytes::len);
                     *state = KeyState::Delivered {
                         at: now,
                         digest,
                         by: holder.receiver,
+                        reply,
                     };
                     self.order.push_back((now, scope, k.1));
                 }
@@ -213,6 +282,7 @@ impl KeyRecord {
                 at: now,
                 digest,
                 by,
+                reply: None,
             },
         );
         self.order.push_back((now, scope, k.1));
@@ -225,6 +295,19 @@ impl KeyRecord {
         if matches!(self.keys.get(&k), Some(KeyState::Held { holder: h, .. }) if *h == holder) {
             self.keys.remove(&k);
         }
+    }
+
+    /// The reply kept with a delivered request's key (`None`: not delivered, or no reply).
+    pub fn reply(&self, scope: Scope, key: &Bytes) -> Option<Bytes> {
+        match self.keys.get(&(scope, key.clone()))? {
+            KeyState::Delivered { reply, .. } => reply.clone(),
+            KeyState::Held { .. } => None,
+        }
+    }
+
+    /// Bytes of the replies kept.
+    pub fn reply_bytes(&self) -> usize {
+        self.reply_bytes
     }
 
     /// Whether a new key would be refused now.
@@ -261,7 +344,9 @@ impl KeyRecord {
                 self.keys.get(&k),
                 Some(KeyState::Delivered { at: a, .. }) if *a == at
             ) {
-                self.keys.remove(&k);
+                if let Some(KeyState::Delivered { reply: Some(r), .. }) = self.keys.remove(&k) {
+                    self.reply_bytes -= r.len();
+                }
             }
         }
     }
@@ -277,6 +362,14 @@ impl SharedKeys {
     /// A record keeping keys for `ttl`, at most `max_keys` at once.
     pub fn new(ttl: Duration, max_keys: usize) -> Self {
         SharedKeys(Arc::new(Mutex::new(KeyRecord::new(ttl, max_keys))))
+    }
+
+    /// A record keeping keys for `ttl`, at most `max_keys` at once, and at most
+    /// `max_reply_bytes` of requests' replies.
+    pub fn with_replies(ttl: Duration, max_keys: usize, max_reply_bytes: usize) -> Self {
+        SharedKeys(Arc::new(Mutex::new(
+            KeyRecord::new(ttl, max_keys).with_max_reply_bytes(max_reply_bytes),
+        )))
     }
 
     /// Runs `f` on the record.

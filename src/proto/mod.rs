@@ -27,6 +27,7 @@
 //! outcome), so a message lost for good frees the receiver's dedupe window at the sender's
 //! deadline, and a receiver that restarted catches up with the sender's ids.
 
+mod answer;
 mod dedupe;
 mod governor;
 pub mod keys;
@@ -40,15 +41,16 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+pub use answer::{Answer, AnswerError, AnswerSink, Answering};
 pub use dedupe::{DedupeWindow, Seen, MAX_PASSED_RANGES};
 pub use keys::{
-    payload_digest, Digest, Holder, KeyRecord, KeyVerdict, Scope, SharedKeys, ANONYMOUS,
-    KEY_OVERHEAD_BYTES,
+    payload_digest, request_digest, Digest, Holder, KeyRecord, KeyVerdict, Scope, SharedKeys,
+    ANONYMOUS, KEY_OVERHEAD_BYTES,
 };
 pub use link::Link;
 pub use receiver::{
     ClaimOutcome, ClaimRequest, Claims, Delivered, Lease, Receiver, ReceiverConfig, ReceiverStats,
-    Refusals, Whole, MESSAGE_OVERHEAD_BYTES,
+    Refusals, ReplyIn, Whole, MESSAGE_OVERHEAD_BYTES,
 };
 pub use repair::{WindowConfig, WindowSendStats};
 pub use rtt::RttEstimator;

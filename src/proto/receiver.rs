@@ -6,14 +6,19 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::answer::{Answer, AnswerError, Answering};
 use super::dedupe::{DedupeWindow, Seen};
-use super::keys::{payload_digest, Digest, Holder, KeyVerdict, Scope, SharedKeys, ANONYMOUS};
+use super::keys::{
+    payload_digest, request_digest, Digest, Holder, KeyVerdict, Scope, SharedKeys, ANONYMOUS,
+    DEFAULT_MAX_REPLY_BYTES,
+};
 use crate::fec::window::{WindowDecoder, WindowLimits};
 use crate::fec::{InsertOutcome, Reassembler, ReassemblerConfig};
 use crate::wire::{
-    AckFrame, Envelope, Frame, MessageFrame, RefuseFrame, RepairFrame, ReplayedFrame, ShardFrame,
-    REFUSE_BLOCK, REFUSE_CLOSED, REFUSE_KEYS_FULL, REFUSE_KEY_REUSED, REFUSE_MALFORMED,
-    REFUSE_OUT_OF_WINDOW, REFUSE_PASSED, STREAM_DELIVERED, STREAM_REFUSED, STREAM_REPLAYED,
+    AckFrame, Envelope, Frame, Kind, MessageFrame, RefuseFrame, RepairFrame, ReplayedFrame,
+    ShardFrame, REFUSE_BLOCK, REFUSE_CLOSED, REFUSE_DECLINED, REFUSE_KEYS_FULL, REFUSE_KEY_REUSED,
+    REFUSE_MALFORMED, REFUSE_OUT_OF_WINDOW, REFUSE_PASSED, STREAM_DELIVERED, STREAM_REFUSED,
+    STREAM_REPLAYED,
 };
 
 /// Settings of a [`Receiver`].
@@ -83,6 +88,11 @@ pub struct ReceiverConfig {
     /// Bounds of the sliding-window decoder (protocol 2): symbols kept for the last
     /// `max_window` sources. Default 64 sources, 16 KiB symbols.
     pub window: WindowLimits,
+    /// Most bytes of requests' replies the key record keeps (each for its key's TTL, so that
+    /// a retried request gets the same reply). At the limit a request with a new key is
+    /// refused (REFUSE code 3, like a full key record); no reply is forgotten early. Default
+    /// 64 MiB.
+    pub max_reply_bytes: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -101,6 +111,7 @@ impl Default for ReceiverConfig {
             ack_on_take: false,
             max_refused_ids: 4096,
             window: WindowLimits::default(),
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
         }
     }
 }
@@ -119,6 +130,78 @@ pub struct Delivered {
     /// holds for it, which the application's claim settles inside its transaction
     /// ([`Claim::of`](crate::store::Claim::of) copies it). `None` otherwise.
     pub lease: Option<Lease>,
+    /// A message, or (protocol 2) a request: its sender waits for a reply
+    /// ([`Delivered::reply`]).
+    pub kind: Kind,
+    /// How the application answers it, when it awaits an answer (a request, or any message
+    /// with explicit acks); set by the channel.
+    pub(crate) answering: Answering,
+}
+
+impl Delivered {
+    pub(crate) fn new(id: u64, key: Option<Bytes>, payload: Bytes, kind: Kind) -> Self {
+        Delivered {
+            id,
+            key,
+            payload,
+            lease: None,
+            kind,
+            answering: Answering::default(),
+        }
+    }
+
+    /// Whether it is a request (protocol 2): its sender waits for this application's
+    /// [`Delivered::reply`] (or a [`Delivered::nack`]). A request is acked only by its
+    /// answer, whatever the channel's ack mode.
+    pub fn is_request(&self) -> bool {
+        self.kind == Kind::Request
+    }
+
+    /// Whether this message awaits the application's answer ([`Delivered::ack`],
+    /// [`Delivered::nack`], [`Delivered::reply`]): a request always, any message with
+    /// [`Config::explicit_ack`](crate::channel::Config::explicit_ack). Dropping every clone of
+    /// such a message without an answer gives it back ([`Answer::GiveBack`]).
+    pub fn awaits_answer(&self) -> bool {
+        self.answering.is_awaited()
+    }
+
+    /// The application is done with it: it is acked now (its key counts as delivered). A
+    /// request answered this way gets an empty reply.
+    pub fn ack(&self) -> Result<(), AnswerError> {
+        match self.kind {
+            Kind::Request => self.answering.answer(Answer::Reply(Bytes::new())),
+            _ => self.answering.answer(Answer::Ack),
+        }
+    }
+
+    /// The application did not process it, and will not: it is refused (its sender learns
+    /// for certain that it was not delivered; a retry under its key is delivered afresh).
+    pub fn nack(&self) -> Result<(), AnswerError> {
+        self.answering.answer(Answer::Nack)
+    }
+
+    /// Answers a request with `reply`: it is acked, and the reply goes to its sender on the
+    /// same coded path as any message. The reply is kept with the request's idempotency key
+    /// for the key's lifetime: a retried request gets these bytes again.
+    pub fn reply(&self, reply: impl Into<Bytes>) -> Result<(), AnswerError> {
+        self.answering.answer(Answer::Reply(reply.into()))
+    }
+
+    /// Sets how the application answers it (the channel's part).
+    pub fn set_answering(&mut self, answering: Answering) {
+        self.answering = answering;
+    }
+}
+
+/// A reply that arrived (protocol 2) for one of this end's requests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplyIn {
+    /// The reply's own message id (in the peer's id space).
+    pub id: u64,
+    /// The request it answers (this end's message id).
+    pub to: u64,
+    /// The reply.
+    pub payload: Bytes,
 }
 
 /// A reservation in a shared claims store (two-phase claims, [`crate::store`]): who holds it
@@ -148,6 +231,8 @@ pub struct Refusals {
     pub closed: u64,
     /// Code 6: the floor passed the id before it was delivered.
     pub passed: u64,
+    /// Code 8: the application declined it (a nack).
+    pub declined: u64,
     /// Code 7: the key was delivered (or waits for the application) with another payload.
     pub key_reused: u64,
     /// Refusals that could not be remembered (`max_refused_ids`), so no REFUSE was sent:
@@ -166,6 +251,7 @@ impl Refusals {
             REFUSE_CLOSED => self.closed,
             REFUSE_PASSED => self.passed,
             REFUSE_KEY_REUSED => self.key_reused,
+            REFUSE_DECLINED => self.declined,
             _ => 0,
         }
     }
@@ -179,6 +265,7 @@ impl Refusals {
             + self.closed
             + self.passed
             + self.key_reused
+            + self.declined
     }
 
     fn count(&mut self, code: u64) {
@@ -189,6 +276,7 @@ impl Refusals {
             REFUSE_BLOCK => self.block += 1,
             REFUSE_PASSED => self.passed += 1,
             REFUSE_KEY_REUSED => self.key_reused += 1,
+            REFUSE_DECLINED => self.declined += 1,
             _ => self.closed += 1,
         }
     }
@@ -268,6 +356,14 @@ pub struct ReceiverStats {
     pub window_recovered: u64,
     /// Whole messages (protocol 2) too long to be window sources: judged, not kept.
     pub window_dropped: u64,
+    /// Replies received (protocol 2) for this end's requests: acked at once.
+    pub replies_received: u64,
+    /// Replies sent again from the key record, answering a retried request.
+    pub replies_replayed: u64,
+    /// Messages the application declined (nack): refused with code 8.
+    pub declined: u64,
+    /// Messages the application dropped without an answer: given back, never answered.
+    pub given_back: u64,
 }
 
 /// Who claims a new message before it is acked.
@@ -343,7 +439,11 @@ pub enum Whole {
 ///            │                            └──Failed/Conflict──▶ (dropped / Refused)
 ///            ├──new id, new key──────────────────────▶ Handed ──take──▶ (acked; window)
 ///            │                                            └──application gone──▶ Discarded
+///            │            Handed ──nack──▶ Refused(8) ──hole_ttl──▶ (window)
+///            │            Handed ──dropped unanswered──▶ Released ──hole_ttl──▶ (window)
 ///            ├──key delivered, same payload (protocol 2)──▶ Replayed ──hole_ttl──▶ (window)
+///            │                 (a request: its kept reply goes out too)
+///            ├──a reply (protocol 2)──▶ the channel's, acked at once (window)
 ///            └──refused (window, keys, block, passed, key reused, closed)──▶ Refused ──hole_ttl──▶ ·
 /// ```
 ///
@@ -363,6 +463,7 @@ enum Msg {
         digest: Digest,
         payload: Option<Bytes>,
         via_stream: bool,
+        kind: Kind,
     },
     /// Delivered to the queue, not yet taken by the application: not acked; its key is held.
     Handed {
@@ -375,7 +476,8 @@ enum Msg {
     /// another delivery (its claim released for another replica, or its key freed for
     /// another channel): neither acked nor refused here, now or for a copy (another copy may
     /// be delivered elsewhere before a refusal would reach its sender); its sender learns an
-    /// unknown outcome and retries under its key. Bounded by the hand-off.
+    /// unknown outcome and retries under its key. Also a message the application dropped
+    /// without an answer ([`Answer::GiveBack`]). Kept `hole_ttl`.
     Released,
     /// Refused with `reason`: a later copy is refused again, until the floor passes the id
     /// (from then on it is refused as passed).
@@ -386,6 +488,21 @@ enum Msg {
 }
 
 impl Msg {
+    /// Whether the id is delivered in the dedupe window and yet must not be acked: a replay,
+    /// a message the application declined or gave back. Such a state is kept `hole_ttl`
+    /// (past its sender's deadline), never pruned by the floor (below it, a copy would read
+    /// as delivered).
+    fn answered_after_delivery(&self) -> bool {
+        matches!(
+            self,
+            Msg::Replayed
+                | Msg::Released
+                | Msg::Refused {
+                    reason: REFUSE_DECLINED
+                }
+        )
+    }
+
     /// Whether the state counts against `max_refused_ids`.
     fn remembered(&self) -> bool {
         matches!(self, Msg::Refused { .. } | Msg::Replayed)
@@ -419,6 +536,8 @@ enum Accepted {
     Replayed,
     /// Its id was delivered before.
     Duplicate,
+    /// A reply (protocol 2) to one of this end's requests: taken by the channel, acked now.
+    Reply,
     /// A copy of a message delivered and not yet taken: answered with it, on its take.
     HandedCopy,
     /// Refused, or dropped: neither delivered nor acked.
@@ -446,6 +565,10 @@ pub const MESSAGE_OVERHEAD_BYTES: usize = 64;
 fn cost(payload: &Bytes) -> usize {
     payload.len() + MESSAGE_OVERHEAD_BYTES
 }
+
+/// Most replies received and not yet taken by the channel ([`Receiver::poll_reply`]); more
+/// are left unacked (their sender sends them again).
+const MAX_REPLIES_QUEUED: usize = 4096;
 
 /// Most ids waiting in REFUSE/REPLAYED frames not yet sent; more are answered again when their
 /// copies come back.
@@ -503,13 +626,18 @@ pub struct Receiver {
     /// Ids waiting to go out in REFUSE and REPLAYED frames.
     notices_out: BTreeMap<Notice, BTreeSet<u64>>,
     last_notice: Option<Instant>,
+    /// Replies received for this end's requests, for the channel ([`Receiver::poll_reply`]).
+    replies_in: VecDeque<ReplyIn>,
+    /// Replies to send: `(request id, reply)` ([`Receiver::poll_reply_out`]).
+    replies_out: VecDeque<(u64, Bytes)>,
     stats: ReceiverStats,
 }
 
 impl Receiver {
     /// A receiver with `config`, with its own key record, speaking protocol 2.
     pub fn new(config: ReceiverConfig) -> Self {
-        let keys = SharedKeys::new(config.key_ttl, config.max_keys);
+        let keys =
+            SharedKeys::with_replies(config.key_ttl, config.max_keys, config.max_reply_bytes);
         let token = keys.with(|r| r.holder_token());
         Receiver {
             reassembler: Reassembler::new(config.reassembler.clone()),
@@ -538,6 +666,8 @@ impl Receiver {
             gone: false,
             notices_out: BTreeMap::new(),
             last_notice: None,
+            replies_in: VecDeque::new(),
+            replies_out: VecDeque::new(),
             stats: ReceiverStats::default(),
         }
     }
@@ -695,10 +825,8 @@ impl Receiver {
                     let key = key.clone();
                     self.deliveries.push_back((
                         Delivered {
-                            id: request.id,
-                            key,
-                            payload,
                             lease,
+                            ..Delivered::new(request.id, key, payload, Kind::Message)
                         },
                         request.generation,
                     ));
@@ -706,13 +834,16 @@ impl Receiver {
             }
             return;
         }
-        let Some(Msg::Claiming { payload, key, .. }) = self.messages.get_mut(&request.id) else {
+        let Some(Msg::Claiming {
+            payload, key, kind, ..
+        }) = self.messages.get_mut(&request.id)
+        else {
             return;
         };
         let Some(payload) = payload.take() else {
             return;
         };
-        let key = key.clone();
+        let (key, kind) = (key.clone(), *kind);
         if self.gone {
             self.queued_bytes -= cost(&payload);
             self.unset(request.id);
@@ -724,10 +855,8 @@ impl Receiver {
         self.stats.delivered += 1;
         self.deliveries.push_back((
             Delivered {
-                id: request.id,
-                key,
-                payload,
                 lease,
+                ..Delivered::new(request.id, key, payload, kind)
             },
             self.generation,
         ));
@@ -778,15 +907,8 @@ impl Receiver {
                     self.keys.with(|r| r.taken(now, scope, k, holder));
                 }
                 self.queued_bytes += cost(&payload);
-                self.deliveries.push_back((
-                    Delivered {
-                        id,
-                        key,
-                        payload,
-                        lease: None,
-                    },
-                    generation,
-                ));
+                self.deliveries
+                    .push_back((Delivered::new(id, key, payload, Kind::Message), generation));
             }
             (ClaimOutcome::Now | ClaimOutcome::Before, _) => {
                 if let Some(k) = &key {
@@ -837,7 +959,7 @@ impl Receiver {
         if let Some(old) = self.messages.remove(&id) {
             self.count(&old, false);
         }
-        if matches!(m, Msg::Replayed) {
+        if m.answered_after_delivery() {
             self.expiry.push_back((now, id));
         }
         self.count(&m, true);
@@ -874,7 +996,11 @@ impl Receiver {
                 break;
             }
             self.expiry.pop_front();
-            if matches!(self.messages.get(&id), Some(Msg::Replayed)) {
+            if self
+                .messages
+                .get(&id)
+                .is_some_and(Msg::answered_after_delivery)
+            {
                 self.unset(id);
             }
         }
@@ -883,7 +1009,9 @@ impl Receiver {
             let passed: Vec<u64> = self
                 .messages
                 .range(self.pruned_to..floor)
-                .filter(|(_, m)| matches!(m, Msg::Refused { .. }))
+                // Not those answered after their delivery: their ids are delivered in the
+                // window, so a copy would be acked as a duplicate (they go with `expiry`).
+                .filter(|(_, m)| matches!(m, Msg::Refused { .. }) && !m.answered_after_delivery())
                 .map(|(&id, _)| id)
                 .collect();
             for id in passed {
@@ -902,6 +1030,7 @@ impl Receiver {
             digest,
             payload,
             via_stream,
+            kind,
         }) = self.unset(id)
         else {
             unreachable!("checked above");
@@ -949,7 +1078,7 @@ impl Receiver {
                                 }
                             });
                         }
-                        self.deliver(now, id, key, payload, via_stream);
+                        self.deliver(now, id, key, kind, payload, via_stream);
                         if self.config.ack_on_take {
                             // Answered once taken, like the ack.
                             return;
@@ -1014,6 +1143,7 @@ impl Receiver {
         now: Instant,
         id: u64,
         key: Option<Bytes>,
+        kind: Kind,
         payload: Bytes,
         via_stream: bool,
     ) {
@@ -1029,20 +1159,25 @@ impl Receiver {
                 },
             );
         }
-        self.deliveries.push_back((
-            Delivered {
-                id,
-                key,
-                payload,
-                lease: None,
-            },
-            self.generation,
-        ));
+        self.deliveries
+            .push_back((Delivered::new(id, key, payload, kind), self.generation));
     }
 
     /// The application took delivered message `id` (with `ack_on_take`): it is acked now, and
     /// its key counts as delivered from now. Ids not awaiting a take are ignored.
     pub fn taken(&mut self, now: Instant, id: u64) {
+        self.answered(now, id, Answer::Ack);
+    }
+
+    /// The application answered delivered message `id` (with `ack_on_take`; see
+    /// [`Answer`]): [`Answer::Ack`] is [`Receiver::taken`]; [`Answer::Reply`] takes it with
+    /// its reply, which its key keeps and which goes out ([`Receiver::poll_reply_out`]);
+    /// [`Answer::Nack`] refuses it (code 8) and frees its key; [`Answer::GiveBack`] frees
+    /// its key and never answers it (`Released`). In [`Claims::Owner`] mode the store
+    /// recorded its delivery before the hand-over, so a nack or a give-back cannot undo it:
+    /// it counts as delivered (its key as taken) and is never acked. Ids not awaiting an
+    /// answer are ignored.
+    pub fn answered(&mut self, now: Instant, id: u64, answer: Answer) {
         // Which incarnation's message: the first handed out with this id.
         let generation = match self.handed_out.iter().position(|&(i, _)| i == id) {
             Some(at) => self
@@ -1051,14 +1186,20 @@ impl Receiver {
                 .map_or(self.generation, |(_, g)| g),
             None => self.generation,
         };
+        let keep =
+            matches!(answer, Answer::Ack | Answer::Reply(_)) || self.config.claims == Claims::Owner;
         if generation != self.generation {
-            // A message of a previous incarnation: nothing to ack; its key is delivered now.
+            // A message of a previous incarnation: nothing to ack (and its reply has no
+            // request to go to); its key is delivered now, or freed.
             if let Some(Old::Handed {
                 key: Some((key, holder)),
             }) = self.old.remove(&(generation, id))
             {
                 let scope = self.scope;
-                self.keys.with(|r| r.taken(now, scope, &key, holder));
+                self.keys.with(|r| match keep {
+                    true => r.taken(now, scope, &key, holder),
+                    false => r.release(scope, &key, holder),
+                });
             }
             return;
         }
@@ -1068,14 +1209,69 @@ impl Receiver {
         let Some(Msg::Handed { key, via_stream }) = self.unset(id) else {
             unreachable!("checked above");
         };
-        if let Some(key) = key {
-            let (scope, holder) = (self.scope, self.holder(id));
-            self.keys.with(|r| r.taken(now, scope, &key, holder));
+        let (scope, holder) = (self.scope, self.holder(id));
+        let reply = match &answer {
+            Answer::Reply(reply) => Some(reply.clone()),
+            _ => None,
+        };
+        if let Some(key) = &key {
+            self.keys.with(|r| match keep {
+                true => r.taken_with(now, scope, key, holder, reply.clone()),
+                false => r.release(scope, key, holder),
+            });
         }
-        if via_stream {
-            self.stream_answers.push_back((id, Some(STREAM_DELIVERED)));
+        match answer {
+            Answer::Ack | Answer::Reply(_) => {
+                if via_stream {
+                    self.stream_answers.push_back((id, Some(STREAM_DELIVERED)));
+                }
+                self.ack(now, false, &[id]);
+                if let Some(reply) = reply {
+                    self.replies_out.push_back((id, reply));
+                }
+            }
+            Answer::Nack | Answer::GiveBack if keep => {
+                // Owner mode: delivered as far as the store knows; never acked here.
+                self.stats.discarded += 1;
+                if via_stream {
+                    self.stream_answers.push_back((id, None));
+                }
+            }
+            Answer::Nack => {
+                self.stats.declined += 1;
+                // Remembered whatever the count (bounded by the ids in flight: the floor
+                // prunes it), so that a copy is refused again, never acked as delivered.
+                self.set(
+                    now,
+                    id,
+                    Msg::Refused {
+                        reason: REFUSE_DECLINED,
+                    },
+                );
+                self.refuse(now, id, REFUSE_DECLINED, via_stream);
+                if via_stream {
+                    self.stream_answers.push_back((id, Some(STREAM_REFUSED)));
+                }
+                self.flush_notices(now);
+            }
+            Answer::GiveBack => {
+                self.stats.given_back += 1;
+                self.release_handed(now, id, via_stream);
+            }
         }
-        self.ack(now, false, &[id]);
+    }
+
+    /// The next reply received for one of this end's requests.
+    #[must_use]
+    pub fn poll_reply(&mut self) -> Option<ReplyIn> {
+        self.replies_in.pop_front()
+    }
+
+    /// The next reply to send: `(request id, reply)`, for the peer's request `id` (answered
+    /// now, or retried under a key whose reply is kept).
+    #[must_use]
+    pub fn poll_reply_out(&mut self) -> Option<(u64, Bytes)> {
+        self.replies_out.pop_front()
     }
 
     /// The application will never take another message. Messages delivered but not taken
@@ -1371,7 +1567,7 @@ impl Receiver {
                     triggers.push(id);
                 }
             }
-            Accepted::KeyDuplicate => {
+            Accepted::KeyDuplicate | Accepted::Reply => {
                 *fresh = true;
                 triggers.push(id);
             }
@@ -1531,7 +1727,7 @@ impl Receiver {
     pub fn handle_whole(&mut self, now: Instant, id: u64, body: Bytes) -> Whole {
         let whole = match self.accept(now, id, body, true) {
             Accepted::Delivered if self.config.ack_on_take => Whole::Pending,
-            Accepted::Delivered | Accepted::KeyDuplicate => {
+            Accepted::Delivered | Accepted::KeyDuplicate | Accepted::Reply => {
                 self.ack(now, false, &[id]);
                 Whole::New
             }
@@ -1569,15 +1765,33 @@ impl Receiver {
                 return Accepted::Refused;
             }
         };
+        if envelope.kind != Kind::Message && self.protocol < 2 {
+            // Requests and replies are protocol 2's: a version-1 receiver refuses them.
+            self.stats.invalid_envelopes += 1;
+            self.refuse(now, id, REFUSE_MALFORMED, via_stream);
+            return Accepted::Refused;
+        }
+        if let Kind::Reply { to } = envelope.kind {
+            return self.accept_reply(now, id, to, envelope.payload, via_stream);
+        }
+        let request = envelope.kind == Kind::Request;
+        // Only a key needs the digest (SHA-256 over the payload: not paid for keyless ones).
+        let digest = match (&envelope.key, request) {
+            (None, _) => [0; 32],
+            (Some(_), false) => payload_digest(&envelope.payload),
+            (Some(_), true) => request_digest(&envelope.payload),
+        };
+        // A request's key names where its reply is kept.
+        let request_key = envelope.key.as_ref().filter(|_| request).cloned();
         let passed = self.dedupe.peek(now, id) == Seen::Passed;
         if self.gone || passed {
             // "Not delivered" must be true of the payment, not only of this copy: a key the
             // record knows (delivered or held elsewhere) is answered for what it is.
             if let Some(key) = &envelope.key {
-                let (scope, digest) = (self.scope, payload_digest(&envelope.payload));
+                let scope = self.scope;
                 match self.keys.with(|r| r.peek(now, scope, key, digest)) {
                     Some(KeyVerdict::Replay { by }) => {
-                        return self.key_replay(now, id, by, via_stream)
+                        return self.key_replay(now, id, by, via_stream, request_key.as_ref())
                     }
                     Some(KeyVerdict::Held(_)) => return Accepted::Held,
                     Some(KeyVerdict::Conflict) => {
@@ -1615,20 +1829,20 @@ impl Receiver {
             self.refuse(now, id, REFUSE_OUT_OF_WINDOW, via_stream);
             return Accepted::Refused;
         }
-        // Only a key needs the digest (SHA-256 over the payload: not paid for keyless ones).
-        let digest = match envelope.key {
-            Some(_) => payload_digest(&envelope.payload),
-            None => [0; 32],
-        };
         if self.config.claims != Claims::Off {
             return self.accept_claimed(now, id, envelope, digest, via_stream);
         }
         if let Some(key) = &envelope.key {
             let (scope, holder) = (self.scope, self.holder(id));
-            match self.keys.with(|r| r.judge(now, scope, key, digest, holder)) {
+            match self
+                .keys
+                .with(|r| r.judge_kind(now, scope, key, digest, holder, request))
+            {
                 KeyVerdict::New => {}
                 KeyVerdict::Held(_) => return Accepted::Held,
-                KeyVerdict::Replay { by } => return self.key_replay(now, id, by, via_stream),
+                KeyVerdict::Replay { by } => {
+                    return self.key_replay(now, id, by, via_stream, request_key.as_ref())
+                }
                 KeyVerdict::Conflict => {
                     self.refuse(now, id, REFUSE_KEY_REUSED, via_stream);
                     return Accepted::Refused;
@@ -1644,13 +1858,78 @@ impl Receiver {
             }
         }
         self.dedupe.check(now, id);
-        self.deliver(now, id, envelope.key, envelope.payload, via_stream);
+        self.deliver(
+            now,
+            id,
+            envelope.key,
+            envelope.kind,
+            envelope.payload,
+            via_stream,
+        );
         Accepted::Delivered
+    }
+
+    /// A reply (protocol 2) to this end's request `to`: the channel's, not the application's,
+    /// so it is taken at once (acked), whether or not the application is there, and outside
+    /// claims (no other replica has the request it answers).
+    fn accept_reply(
+        &mut self,
+        now: Instant,
+        id: u64,
+        to: u64,
+        payload: Bytes,
+        via_stream: bool,
+    ) -> Accepted {
+        match self.dedupe.peek(now, id) {
+            Seen::OutOfWindow => {
+                self.stats.out_of_window += 1;
+                self.refuse(now, id, REFUSE_OUT_OF_WINDOW, via_stream);
+                return Accepted::Refused;
+            }
+            Seen::Passed => {
+                // Its sender gave up on it (its FLOOR passed it): refused, as any passed id.
+                self.refuse(now, id, REFUSE_PASSED, via_stream);
+                return Accepted::Refused;
+            }
+            _ => {}
+        }
+        if self.replies_in.len() >= MAX_REPLIES_QUEUED {
+            // Not taken, not acked: its sender sends it again.
+            self.stats.unknown_ids += 1;
+            return Accepted::Held;
+        }
+        self.dedupe.check(now, id);
+        self.stats.replies_received += 1;
+        self.replies_in.push_back(ReplyIn { id, to, payload });
+        Accepted::Reply
     }
 
     /// A new id whose key was delivered before (by receiver `by`) with the same payload: the
     /// effect happened, so the id is recorded and acked (as a replay), and nothing delivered.
-    fn key_replay(&mut self, now: Instant, id: u64, by: u64, via_stream: bool) -> Accepted {
+    /// A retried request (`request_key`) is answered with the reply its key keeps; when the
+    /// record has none (a claims store said it was delivered, the reply is not known here)
+    /// it is left unanswered: its sender learns an unknown outcome.
+    fn key_replay(
+        &mut self,
+        now: Instant,
+        id: u64,
+        by: u64,
+        via_stream: bool,
+        request_key: Option<&Bytes>,
+    ) -> Accepted {
+        if let Some(key) = request_key {
+            let scope = self.scope;
+            match self.keys.with(|r| r.reply(scope, key)) {
+                Some(reply) => {
+                    self.stats.replies_replayed += 1;
+                    self.replies_out.push_back((id, reply));
+                }
+                None => {
+                    self.stats.unknown_ids += 1;
+                    return Accepted::Held;
+                }
+            }
+        }
         self.dedupe.check(now, id);
         if by == self.token {
             self.stats.duplicate_keys += 1;
@@ -1676,9 +1955,15 @@ impl Receiver {
     ) -> Accepted {
         if let Some(key) = &envelope.key {
             let scope = self.scope;
+            let request_key = envelope
+                .key
+                .as_ref()
+                .filter(|_| envelope.kind == Kind::Request);
             match self.keys.with(|r| r.peek(now, scope, key, digest)) {
                 Some(KeyVerdict::Held(_)) => return Accepted::Held,
-                Some(KeyVerdict::Replay { by }) => return self.key_replay(now, id, by, via_stream),
+                Some(KeyVerdict::Replay { by }) => {
+                    return self.key_replay(now, id, by, via_stream, request_key)
+                }
                 Some(KeyVerdict::Conflict) => {
                     self.refuse(now, id, REFUSE_KEY_REUSED, via_stream);
                     return Accepted::Refused;
@@ -1712,6 +1997,7 @@ impl Receiver {
                 digest,
                 payload,
                 via_stream,
+                kind: envelope.kind,
             },
         );
         Accepted::Pending

@@ -11,7 +11,7 @@ use super::rtt::RttEstimator;
 use crate::fec::{Block, EncodeError, Encoder, EncoderConfig};
 use crate::tune::{self, EstimatorConfig, LossEstimator, LossModel, Target, TunerConfig};
 use crate::wire::{
-    AckFrame, Envelope, FloorFrame, Frame, RefuseFrame, MAX_KEY_LEN, REFUSE_OUT_OF_WINDOW,
+    AckFrame, Envelope, FloorFrame, Frame, Kind, RefuseFrame, MAX_KEY_LEN, REFUSE_OUT_OF_WINDOW,
 };
 
 /// How many times the same FLOOR is sent without an ack showing the receiver caught up.
@@ -911,12 +911,24 @@ impl Sender {
         key: Option<&[u8]>,
         payload: &[u8],
     ) -> Result<u64, SendError> {
+        self.send_kind(now, key, Kind::Message, payload)
+    }
+
+    /// Like [`Sender::send_keyed`], for a message of `kind` (requests and replies: protocol
+    /// 2 only; the caller checks the peer speaks it).
+    pub fn send_kind(
+        &mut self,
+        now: Instant,
+        key: Option<&[u8]>,
+        kind: Kind,
+        payload: &[u8],
+    ) -> Result<u64, SendError> {
         if let Some(k) = key {
             if k.is_empty() || k.len() > MAX_KEY_LEN {
                 return Err(SendError::InvalidKey { len: k.len() });
             }
         }
-        let payload = Envelope::encode(key, payload);
+        let payload = Envelope::encode_kind(key, kind, payload);
         self.stamp_reserved(now);
         let id = self.next_id;
         if self.messages.len() >= self.config.max_in_flight

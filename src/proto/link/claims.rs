@@ -185,9 +185,13 @@ impl Link {
     /// Asks the next settle when its turn has come: no settle in flight, and every message
     /// handed over taken. The oldest reserved message goes first.
     pub(super) fn settle_next(&mut self) {
+        // Messages received and not yet answered are not taken yet either: with them
+        // outstanding a settle waits too, so a crash leaves at most one message settled and
+        // not taken.
         if self.app_gone
             || self.room < self.config.handoff.max(1)
             || self.peer.receiver.has_deliveries()
+            || self.awaiting_answers()
         {
             return;
         }

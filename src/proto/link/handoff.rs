@@ -11,6 +11,43 @@ impl Link {
         self.room += 1;
     }
 
+    /// The application received message `id`, which awaits its answer: it leaves the
+    /// hand-off, unless `max_unanswered` messages await theirs already (then its room comes
+    /// back with an answer).
+    pub(super) fn received(&mut self, id: u64) {
+        *self.unanswered.entry(id).or_default() += 1;
+        self.unanswered_total += 1;
+        if self.unanswered_total > self.config.max_unanswered.max(1) {
+            self.room_owed += 1;
+        } else {
+            self.room += 1;
+        }
+    }
+
+    /// The application answered message `id` (see [`Answer`]); returns whether it had
+    /// received it (an answer for a message never received comes from one dropped in the
+    /// hand-off: its room was never given back by a receipt).
+    pub(super) fn answer_received(&mut self, id: u64) -> bool {
+        let Some(n) = self.unanswered.get_mut(&id) else {
+            return false;
+        };
+        *n -= 1;
+        if *n == 0 {
+            self.unanswered.remove(&id);
+        }
+        self.unanswered_total -= 1;
+        if self.room_owed > 0 {
+            self.room_owed -= 1;
+            self.room += 1;
+        }
+        true
+    }
+
+    /// Whether the application holds messages it has not answered.
+    pub(super) fn awaiting_answers(&self) -> bool {
+        self.unanswered_total > 0
+    }
+
     /// Nobody takes messages any more (the receiver refuses what it handed over and was not
     /// taken, stream messages included).
     pub(super) fn app_gone(&mut self, now: Instant) {

@@ -26,17 +26,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{
-    ClaimOutcome, ClaimRequest, Claims, Delivered, Digest, FailReason, Lease, Peer, ReceiverConfig,
-    Scope, SenderConfig, SenderEvent, StreamStatus, ANONYMOUS,
+    Answer, ClaimOutcome, ClaimRequest, Claims, Delivered, Digest, FailReason, Lease, Peer,
+    ReceiverConfig, Scope, SenderConfig, SenderEvent, StreamStatus, ANONYMOUS,
 };
 use crate::wire::{
-    encode_stream_head, Envelope, Frame, Limits, MAX_KEY_LEN, REFUSE_KEY_REUSED, STREAM_DELIVERED,
-    STREAM_REPLAYED,
+    encode_stream_head, Envelope, Frame, Kind, Limits, MAX_KEY_LEN, REFUSE_KEY_REUSED,
+    STREAM_DELIVERED, STREAM_REPLAYED,
 };
 
 mod claims;
 mod connections;
 mod handoff;
+mod requests;
 mod sends;
 #[cfg(test)]
 mod shared_tests;
@@ -164,6 +165,10 @@ pub struct LinkConfig {
     /// How long a reservation holds a message against other replicas: a replica that dies
     /// holding one is taken over this long after its last reservation. Default 2 s.
     pub lease: Duration,
+    /// Most messages the application received and has not answered yet (requests, and
+    /// every message with explicit acks): past it, the hand-off gives no more until
+    /// answers come. Default 64.
+    pub max_unanswered: usize,
 }
 
 pub use crate::proto::SharedKeys;
@@ -242,6 +247,7 @@ impl Default for LinkConfig {
             claimant_seed: 0,
             reserve: false,
             lease: DEFAULT_LEASE,
+            max_unanswered: 64,
         }
     }
 }
@@ -315,6 +321,25 @@ pub enum SendError {
     /// The channel is closing or has stopped; nothing was sent.
     #[error("channel closed; nothing sent")]
     Closed,
+    /// The peer's application declined the message or request (a nack): it did not process
+    /// it. A retry under its key is delivered afresh.
+    #[error("message {id}: declined by the peer's application, not processed")]
+    Declined {
+        /// The message id.
+        id: u64,
+    },
+    /// The peer's application took the request, but no reply came before the deadline: it
+    /// was processed, and its reply is unknown. Retry with the same idempotency key to get
+    /// the reply its key keeps.
+    #[error("request {id}: processed by the peer, but no reply before the deadline; retry with the same idempotency key to get its reply")]
+    NoReply {
+        /// The request's message id.
+        id: u64,
+    },
+    /// The channel speaks protocol 1 (a peer of an older version), which has no requests;
+    /// nothing was sent.
+    #[error("the peer speaks protocol 1, which has no requests; nothing sent")]
+    RequestsUnsupported,
 }
 
 impl SendError {
@@ -325,9 +350,25 @@ impl SendError {
     pub fn may_have_been_delivered(&self) -> bool {
         matches!(
             self,
-            SendError::Timeout { .. } | SendError::ConnectionLost { .. }
+            SendError::Timeout { .. }
+                | SendError::ConnectionLost { .. }
+                | SendError::NoReply { .. }
         )
     }
+}
+
+/// The reply to a request ([`Action::Replied`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The request's message id on this channel.
+    pub id: u64,
+    /// The peer application's reply.
+    pub payload: Bytes,
+    /// From the request to its reply.
+    pub latency: Duration,
+    /// Whether the peer said, before the reply came, that the request was a replay of an
+    /// earlier one with its key (the reply is the one its key keeps).
+    pub replayed: bool,
 }
 
 /// How a connection ended, as the driver classifies it.
@@ -471,6 +512,34 @@ pub enum Input {
         /// Its own deadline, instead of the sender's (at most the sender's).
         deadline: Option<Duration>,
     },
+    /// The application sends a request (protocol 2): the outcome comes as
+    /// [`Action::Replied`] (its reply) or [`Action::Complete`] (an error) with `token`, and
+    /// the slot is freed with [`Action::FreeSlot`].
+    Request {
+        /// The driver's name for this request.
+        token: u64,
+        /// The idempotency key.
+        key: Option<Bytes>,
+        /// The request.
+        payload: Bytes,
+        /// Its own deadline for the whole round trip, instead of the sender's (at most the
+        /// sender's).
+        deadline: Option<Duration>,
+    },
+    /// The application received message `id`, which awaits its answer
+    /// ([`Input::Answered`]): it leaves the hand-off (at most
+    /// [`LinkConfig::max_unanswered`] await their answers at once).
+    Received {
+        /// The message id.
+        id: u64,
+    },
+    /// The application answered message `id` it was handed (see [`Answer`]).
+    Answered {
+        /// The message id.
+        id: u64,
+        /// The answer.
+        answer: Answer,
+    },
     /// Inbox pattern: the application's claim for message `id`.
     Confirm {
         /// The message id.
@@ -600,6 +669,13 @@ pub enum Action {
     },
     /// Hand a message to the application.
     Deliver(Delivered),
+    /// A request has its reply.
+    Replied {
+        /// The request's token.
+        token: u64,
+        /// The reply.
+        reply: Reply,
+    },
     /// A send has its outcome.
     Complete {
         /// The send's token.
@@ -669,6 +745,16 @@ pub struct LinkStats {
     /// New stream messages refused (not delivered) because the parked ones (waiting while the
     /// application is behind) already held `max_queued_bytes`.
     pub streams_refused_parked: u64,
+    /// Replies sent for the peer's requests (the application's, and those a retried
+    /// request's key kept).
+    pub replies_sent: u64,
+    /// Replies dropped before they were sent (more than 4,096 waited for room in the
+    /// sender, or one could not be coded): their requests' senders learn `NoReply`.
+    pub replies_dropped: u64,
+    /// Replies that arrived for no request waiting (it timed out, or its reply came twice).
+    pub replies_unmatched: u64,
+    /// Requests processed by the peer (acked) whose reply did not come before the deadline.
+    pub replies_missing: u64,
 }
 
 /// Why messages in flight failed when the server came back without the channel.
@@ -725,6 +811,17 @@ struct Waiting {
     /// Completed already (its own deadline passed); the slot is freed when the sender
     /// lets go of the message.
     completed: bool,
+    /// A request: its reply completes it.
+    request: Option<Requested>,
+}
+
+/// A request awaiting its reply ([`Waiting::request`]).
+#[derive(Debug)]
+struct Requested {
+    sent: Instant,
+    /// Its message was acked (the peer's application answered it): the entry now waits for
+    /// the reply alone, until its deadline; `replayed` as the ack said.
+    acked: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -835,6 +932,14 @@ pub struct Link {
     /// before a failover to a replica sharing the claims store, or copied to the standby): a
     /// refusal by the replica in use does not say they were not delivered.
     crossed: std::collections::HashSet<u64>,
+    /// Replies for the peer waiting for room in the sender: `(request id, reply)`.
+    replies_waiting: VecDeque<(u64, Bytes)>,
+    /// Messages the application received and has not answered, by id (an id may name one
+    /// message of each of the peer's incarnations).
+    unanswered: HashMap<u64, usize>,
+    /// Their number, and the hand-off room they owe (received past `max_unanswered`).
+    unanswered_total: usize,
+    room_owed: usize,
 }
 
 /// Least time a stopping channel waits for its claims in flight.
@@ -910,6 +1015,10 @@ impl Link {
             stats: LinkStats::default(),
             actions: VecDeque::new(),
             crossed: std::collections::HashSet::new(),
+            replies_waiting: VecDeque::new(),
+            unanswered: HashMap::new(),
+            unanswered_total: 0,
+            room_owed: 0,
         };
         link.start_standby(now);
         if link.replicas() >= 2 {
@@ -1014,7 +1123,9 @@ impl Link {
         if self.phase == Phase::Stopped {
             // Answer what still asks, so that nothing waits forever.
             match input {
-                Input::Send { token, .. } => self.complete(token, Err(SendError::Closed)),
+                Input::Send { token, .. } | Input::Request { token, .. } => {
+                    self.complete(token, Err(SendError::Closed))
+                }
                 Input::DialDone { result: Ok(d), .. } => self.close(d.conn, 0, "channel stopped"),
                 Input::Reattached { conn, .. } => self.close(conn, 0, "channel stopped"),
                 Input::StreamMessage { answer, .. } => {
@@ -1076,7 +1187,15 @@ impl Link {
                 key,
                 payload,
                 deadline,
-            } => self.send(now, token, key, payload, deadline),
+            } => self.send(now, token, key, Kind::Message, payload, deadline),
+            Input::Request {
+                token,
+                key,
+                payload,
+                deadline,
+            } => self.request(now, token, key, payload, deadline),
+            Input::Answered { id, answer } => self.answered(now, id, answer),
+            Input::Received { id } => self.received(id),
             Input::Confirm { id, outcome } => self.peer.receiver.confirm(now, id, outcome),
             Input::Close { drain: false } => self.finish(
                 now,
@@ -1144,8 +1263,12 @@ impl Link {
         match input {
             Input::ClaimAnswered { attempt, result } => self.claim_answered(now, attempt, result),
             Input::Took { id } => self.took(now, id),
+            Input::Answered { id, answer } => self.answered(now, id, answer),
+            Input::Received { id } => self.received(id),
             Input::AppGone => self.app_gone(now),
-            Input::Send { token, .. } => self.complete(token, Err(SendError::Closed)),
+            Input::Send { token, .. } | Input::Request { token, .. } => {
+                self.complete(token, Err(SendError::Closed))
+            }
             Input::DialDone { result: Ok(d), .. } => self.close(d.conn, 0, "channel stopped"),
             Input::Reattached { conn, .. } => self.close(conn, 0, "channel stopped"),
             Input::StreamMessage { answer, .. } => self.actions.push_back(Action::AnswerStream {
@@ -1258,6 +1381,9 @@ impl Link {
             .is_some_and(|&(at, _)| at <= now)
         {
             let (_, id) = self.send_deadlines.pop_first().expect("checked");
+            if self.reply_overdue(id) {
+                continue;
+            }
             let Some(w) = self.waiting.get_mut(&id).filter(|w| !w.completed) else {
                 continue;
             };
@@ -1340,6 +1466,7 @@ impl Link {
     /// outcomes.
     fn flush(&mut self, now: Instant) {
         self.hand_over();
+        self.exchange_replies(now);
         while !self.parked.is_empty() && !self.peer.receiver.backlogged() {
             let (answer, message) = self.parked.pop_front().expect("not empty");
             self.parked_bytes -= message.len();
@@ -1435,11 +1562,20 @@ impl Link {
                 } => (id, Err(SendError::KeyReused { id })),
                 SenderEvent::Failed {
                     id,
+                    reason: FailReason::Refused(crate::wire::REFUSE_DECLINED),
+                } => (id, Err(SendError::Declined { id })),
+                SenderEvent::Failed {
+                    id,
                     reason: FailReason::Refused(_),
                 } => (id, Err(SendError::Refused { id })),
                 SenderEvent::Failed { id, .. } => (id, Err(SendError::Timeout { id })),
             };
             self.crossed.remove(&id);
+            if let Ok(receipt) = &outcome {
+                if self.request_acked(id, receipt.replayed) {
+                    continue;
+                }
+            }
             if let Some(w) = self.waiting.remove(&id) {
                 if w.completed {
                     self.actions.push_back(Action::FreeSlot { token: w.token });

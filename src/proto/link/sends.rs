@@ -9,6 +9,7 @@ impl Link {
         now: Instant,
         token: u64,
         key: Option<Bytes>,
+        kind: Kind,
         payload: Bytes,
         deadline: Option<Duration>,
     ) {
@@ -18,15 +19,28 @@ impl Link {
         }
         let own = self.config.sender.deadline;
         let deadline = deadline.filter(|d| *d < own);
-        let len = Envelope::overhead(key.as_deref()) + payload.len();
+        let len = Envelope::overhead_of(key.as_deref(), kind) + payload.len();
         let threshold = self
             .config
             .stream_threshold
             .min(self.config.receiver.reassembler.limits.max_message_len as usize);
         if len <= threshold {
-            match self.peer.sender.send_keyed(now, key.as_deref(), &payload) {
+            match self
+                .peer
+                .sender
+                .send_kind(now, key.as_deref(), kind, &payload)
+            {
                 Ok(id) => {
-                    let deadline = deadline.map(|d| now + d);
+                    // A request's deadline covers its reply too, which may come after the
+                    // sender let the message go: it always has an entry here.
+                    let request = (kind == Kind::Request).then_some(Requested {
+                        sent: now,
+                        acked: None,
+                    });
+                    let deadline = match request {
+                        Some(_) => Some(now + deadline.unwrap_or(own)),
+                        None => deadline.map(|d| now + d),
+                    };
                     if let Some(at) = deadline {
                         self.send_deadlines.insert((at, id));
                     }
@@ -35,6 +49,7 @@ impl Link {
                         Waiting {
                             token,
                             completed: false,
+                            request,
                         },
                     );
                 }
@@ -69,7 +84,7 @@ impl Link {
             id,
             StreamSend {
                 head: encode_stream_head(id),
-                body: Envelope::encode(key.as_deref(), &payload),
+                body: Envelope::encode_kind(key.as_deref(), kind, &payload),
                 token,
                 started: now,
                 deadline: now + deadline.unwrap_or(own),
@@ -98,6 +113,10 @@ impl Link {
     }
 
     pub(super) fn complete(&mut self, token: u64, outcome: Result<Receipt, SendError>) {
+        if token == super::requests::INTERNAL {
+            // The link's own send (a reply): nobody waits for it.
+            return;
+        }
         self.actions.push_back(Action::Complete { token, outcome });
         self.actions.push_back(Action::FreeSlot { token });
     }
