@@ -560,12 +560,32 @@ fn envelope_and_stream_vectors() {
                 let e = Envelope::decode(Bytes::from(bytes.clone())).expect(&v.name);
                 assert_eq!(e.key.as_deref(), key.as_deref(), "{}", v.name);
                 assert_eq!(&e.payload[..], &payload[..], "{}", v.name);
+                // Requests and replies (protocol 2): `message_kind`, and a reply's `reply_to`.
+                let (kind, spec_kind) = match v.get("message_kind") {
+                    None | Some("message") => (wire::Kind::Message, None),
+                    Some("request") => (wire::Kind::Request, Some(None)),
+                    Some("reply") => {
+                        let to = v.num("reply_to");
+                        (wire::Kind::Reply { to }, Some(Some(to)))
+                    }
+                    Some(other) => panic!("{}: message_kind {other}", v.name),
+                };
+                assert_eq!(e.kind, kind, "{}", v.name);
                 assert_eq!(
-                    Envelope::encode(key.as_deref(), &payload).to_vec(),
+                    Envelope::encode_kind(key.as_deref(), kind, &payload).to_vec(),
                     bytes,
                     "{}",
                     v.name
                 );
+                assert_eq!(
+                    spec::decode_envelope_kind(&bytes),
+                    Ok((key.clone(), spec_kind, payload.clone())),
+                    "{}",
+                    v.name
+                );
+                if kind != wire::Kind::Message {
+                    continue;
+                }
                 assert_eq!(
                     spec::decode_envelope(&bytes),
                     Ok((key.clone(), payload.clone())),
@@ -2150,8 +2170,17 @@ mod spec {
 
     /// §8.1: `(key, payload)`.
     pub fn decode_envelope(bytes: &[u8]) -> Result<(Option<Vec<u8>>, Vec<u8>), Error> {
+        decode_envelope_kind(bytes).map(|(key, _, payload)| (key, payload))
+    }
+
+    /// §8.1 with its kind: `None` a message, `Some(None)` a request, `Some(Some(to))` a
+    /// reply to request `to`.
+    #[allow(clippy::type_complexity)]
+    pub fn decode_envelope_kind(
+        bytes: &[u8],
+    ) -> Result<(Option<Vec<u8>>, Option<Option<u64>>, Vec<u8>), Error> {
         let (&flags, rest) = bytes.split_first().ok_or("empty")?;
-        if flags & !1 != 0 {
+        if flags & !7 != 0 || flags & 6 == 6 {
             return Err("unknown_envelope_flags");
         }
         let mut r = Reader { rest };
@@ -2164,7 +2193,12 @@ mod spec {
         } else {
             None
         };
-        Ok((key, r.rest.to_vec()))
+        let kind = match flags & 6 {
+            2 => Some(None),
+            4 => Some(Some(r.varint()?)),
+            _ => None,
+        };
+        Ok((key, kind, r.rest.to_vec()))
     }
 
     pub fn encode_envelope(key: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
