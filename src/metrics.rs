@@ -143,9 +143,6 @@ use crate::channel::{ChannelStats, Receipt, SendError};
 /// Name of the send-latency histogram (seconds), for an exporter's bucket settings.
 pub const SEND_LATENCY: &str = "surelink_send_latency_seconds";
 
-/// Histogram: a request's round trip, from the request to its reply (seconds; protocol 2).
-pub const REQUEST_LATENCY: &str = "surelink_request_round_trip_seconds";
-
 /// Bucket bounds (seconds) for [`SEND_LATENCY`] when it is exported as a histogram: from a
 /// loopback round trip to the default 10 s deadline.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -299,11 +296,6 @@ pub fn describe() {
         "Mean over the channels that measured it of the per-shard loss rate they measured."
     );
     ::metrics::describe_histogram!(SEND_LATENCY, Unit::Seconds, "From send to the ack.");
-    ::metrics::describe_histogram!(
-        REQUEST_LATENCY,
-        Unit::Seconds,
-        "From a request to its reply."
-    );
 }
 
 /// [`describe`], once per process (channels and servers start often).
@@ -424,7 +416,6 @@ pub(crate) struct ChannelMetrics {
     acked: Counter,
     latency: Histogram,
     replies: Counter,
-    round_trip: Histogram,
     delivered: Counter,
     in_flight: Gauge,
     last_in_flight: usize,
@@ -466,7 +457,6 @@ impl ChannelMetrics {
             acked: ::metrics::counter!(ACKED, "role" => label),
             latency: ::metrics::histogram!(SEND_LATENCY, "role" => label),
             replies: ::metrics::counter!(REPLIES, "role" => label),
-            round_trip: ::metrics::histogram!(REQUEST_LATENCY, "role" => label),
             delivered: ::metrics::counter!(DELIVERED, "role" => label),
             in_flight: ::metrics::gauge!(IN_FLIGHT, "role" => label),
             last_in_flight: 0,
@@ -506,10 +496,9 @@ impl ChannelMetrics {
         }
     }
 
-    /// A request's reply came back after `latency`.
-    pub(crate) fn replied(&self, latency: std::time::Duration) {
+    /// A request's reply came back.
+    pub(crate) fn replied(&self) {
         self.replies.increment(1);
-        self.round_trip.record(latency.as_secs_f64());
     }
 
     /// A message handed to the application's `Messages`.

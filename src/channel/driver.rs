@@ -636,7 +636,7 @@ impl Driver {
                 }
             }
             Action::Replied { token, reply } => {
-                self.metrics.replied(reply.latency);
+                self.metrics.replied();
                 if let Some(waiter) = self.replies.remove(&token) {
                     self.replies_due
                         .push((waiter, Ok(Done::Replied(reply)), false));
