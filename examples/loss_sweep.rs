@@ -16,6 +16,9 @@
 //!     --fades 2,20 --fades 0.5,50 --fades-loss 0,0.01
 //! cargo run --release --example loss_sweep -- --seeds 1-5 --loss --ge-loss \
 //!     --bottleneck-kbps 2000 --bottleneck-change 5,1000
+//! # issue 24's round trips: each payment a request, the server replying with 64 bytes
+//! cargo run --release --example loss_sweep -- --request --seeds 1-5 --loss 0,0.1 \
+//!     --ge-loss 0.05 --ge-burst 4
 //! ```
 //!
 //! For each case and each transport, a client sends `--messages` payments of `--size` bytes at
@@ -27,6 +30,15 @@
 //! - `quinn-stream`, `quinn-stream-bbr`: one bi-stream per payment, the server answers `ok`;
 //!   latency is from opening the stream to reading the answer. Stock quinn (Cubic) and quinn with
 //!   BBR.
+//!
+//! With `--request` every transport measures a round trip instead (issue 24): the surelink
+//! client sends each payment with `Channel::request` and the server's application replies at
+//! once with `--reply-size` bytes (default 64; `Delivered::reply`), latency from the request
+//! sent to the reply received (`Reply::latency`, the library's own measure, as `Receipt`'s is
+//! for `send`); the quinn servers answer each bi-stream with `--reply-size` bytes instead of
+//! `ok`, latency from opening the stream to reading the whole reply. Each reply names its
+//! request and is checked; a wrong one counts as failed. `p99_ms` and the other latencies are
+//! then round trips, and `payload_bytes` counts the replies too.
 //!
 //! The cases (each row's `model`):
 //!
@@ -78,7 +90,8 @@
 //! JSON rows (`--json` on stdout instead of the table, or `--json-out FILE` beside it)
 //! carry `transport`, `model`, `loss`, `realized_loss`, `messages`, `acked`, `failed`,
 //! `duplicates`, `p50_ms`, `p90_ms`, `p99_ms`, `p999_ms`, `max_ms`, `wire_bytes`,
-//! `payload_bytes`, and: `seed`, `clock` (`virtual` or `real`), `rate`,
+//! `payload_bytes`, and: `seed`, `clock` (`virtual` or `real`), `request` (`true` with
+//! `--request`), `reply_size` (`null` without `--request`), `rate`,
 //! `delay_ms`, `deadline_s` (surelink's deadline, or the quinn rows' `--quinn-timeout-s`),
 //! `ge_burst`, `blackout_start_s`, `blackout_s`, `recovery_ms`, `outage_payments`,
 //! `outage_failed`, `bottleneck_kbps`, `bottleneck_queue_ms`, `bottleneck_change_at_s`,
@@ -201,6 +214,15 @@ struct Args {
     /// Give up on a quinn request after this many seconds (counted as failed).
     #[arg(long, default_value_t = 60)]
     quinn_timeout_s: u64,
+    /// Measure round trips: surelink sends each payment as a request (`Channel::request`)
+    /// and the server's application replies with `--reply-size` bytes at once; the quinn
+    /// server answers each bi-stream with `--reply-size` bytes. Latency is then request sent
+    /// to the whole reply received.
+    #[arg(long)]
+    request: bool,
+    /// With `--request`: the size of each reply, in bytes.
+    #[arg(long, default_value_t = 64, requires = "request")]
+    reply_size: usize,
 }
 
 fn parse_blackout(s: &str) -> Result<(f64, f64), String> {
@@ -301,6 +323,11 @@ impl Args {
             .copied()
             .filter(|s| seen.insert(*s))
             .collect()
+    }
+
+    /// Payload bytes per payment, both ways: the payment, and with `--request` its reply.
+    fn payload_size(&self) -> usize {
+        self.size + if self.request { self.reply_size } else { 0 }
     }
 
     fn clock(&self) -> &'static str {
@@ -591,7 +618,7 @@ impl Row {
             duplicates: run.duplicates,
             up: run.links.0,
             down: run.links.1,
-            payload_bytes: (args.messages * args.size) as u64,
+            payload_bytes: (args.messages * args.payload_size()) as u64,
             sender: run.sender,
             timeline: run.timeline,
             wall: wall.elapsed(),
@@ -674,7 +701,8 @@ impl Row {
                 "\"messages\":{},\"acked\":{},\"failed\":{},\"duplicates\":{},",
                 "\"p50_ms\":{},\"p90_ms\":{},\"p99_ms\":{},\"p999_ms\":{},\"max_ms\":{},",
                 "\"wire_bytes\":{},\"payload_bytes\":{},",
-                "\"seed\":{},\"clock\":\"{}\",\"rate\":{},\"delay_ms\":{},\"deadline_s\":{},",
+                "\"seed\":{},\"clock\":\"{}\",\"request\":{},\"reply_size\":{},",
+                "\"rate\":{},\"delay_ms\":{},\"deadline_s\":{},",
                 "\"ge_burst\":{},\"blackout_start_s\":{},\"blackout_s\":{},\"recovery_ms\":{},",
                 "\"outage_payments\":{},\"outage_failed\":{},",
                 "\"bottleneck_kbps\":{},\"bottleneck_queue_ms\":{},",
@@ -704,6 +732,8 @@ impl Row {
             self.payload_bytes,
             self.seed,
             args.clock(),
+            args.request,
+            int(args.request.then_some(args.reply_size as u64)),
             args.rate,
             args.delay_ms,
             self.deadline.as_secs_f64(),
@@ -746,6 +776,18 @@ fn payment(i: usize, size: usize) -> Bytes {
 
 fn payment_index(p: &[u8]) -> Option<usize> {
     std::str::from_utf8(p.get(8..16)?).ok()?.parse().ok()
+}
+
+/// The server's answer to payment `i`: `ok`, or with `--request` a reply of exactly
+/// `--reply-size` bytes that starts like the payment (`reply   00000042 ...`, cut short if the
+/// reply is shorter), so the client can check it got the reply to its own request.
+fn answer(args: &Args, i: usize) -> Bytes {
+    if !args.request {
+        return Bytes::from_static(b"ok");
+    }
+    let mut r = format!("reply   {i:08} ").into_bytes();
+    r.resize(args.reply_size, b'.');
+    r.into()
 }
 
 /// kbit/s in bytes per second (at least 1).
@@ -846,14 +888,22 @@ async fn run_surelink(args: &Args, case: &Case, seed: u64, bar: &ProgressBar) ->
     let (client, _client_messages) = Channel::open(client_conn, config).expect("open");
     let (server, mut server_messages) =
         Channel::open(server_conn, Config::default()).expect("open");
+    let server_args = args.clone();
     let collector = tokio::spawn(async move {
         let mut seen = HashSet::new();
         let mut duplicates = 0;
         while let Some(m) = server_messages.recv().await {
-            if let Some(i) = payment_index(&m.payload) {
+            let i = payment_index(&m.payload);
+            if let Some(i) = i {
                 if !seen.insert(i) {
                     duplicates += 1;
                 }
+            }
+            // A plain message was acked by taking it; a request is answered at once (the
+            // reply acks it). A reply that fails (the channel stopped) leaves the request
+            // to fail on the client's side.
+            if m.is_request() {
+                let _ = m.reply(answer(&server_args, i.unwrap_or(0)));
             }
         }
         duplicates
@@ -868,10 +918,23 @@ async fn run_surelink(args: &Args, case: &Case, seed: u64, bar: &ProgressBar) ->
             tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
             let client = client.clone();
             let p = payment(i, args.size);
+            let expected = args.request.then(|| answer(args, i));
             tasks.push(tokio::spawn(async move {
                 let sent = Instant::now();
-                let r = client.send(p).await;
-                (sent - start, Instant::now() - start, r)
+                // The library's own measure either way: `send` to the ack (`Receipt`), or the
+                // request sent to its reply received (`Reply`).
+                let latency = match expected {
+                    None => client.send(p).await.ok().map(|r| r.latency),
+                    Some(expected) => match client.request(p).await {
+                        Ok(reply) if reply.payload == expected => Some(reply.latency),
+                        Ok(reply) => {
+                            tracing::warn!(i, got = ?reply.payload, "not the reply to this request");
+                            None
+                        }
+                        Err(_) => None,
+                    },
+                };
+                (sent - start, Instant::now() - start, latency)
             }));
             bar.set_position(i as u64 + 1);
         }
@@ -879,13 +942,13 @@ async fn run_surelink(args: &Args, case: &Case, seed: u64, bar: &ProgressBar) ->
         let mut outcomes = Vec::new();
         let mut failed = 0;
         for t in tasks {
-            let (sent, acked_at, r) = t.await.expect("send task");
-            let acked = match r {
-                Ok(receipt) => {
-                    latencies.push(receipt.latency);
+            let (sent, acked_at, latency) = t.await.expect("send task");
+            let acked = match latency {
+                Some(l) => {
+                    latencies.push(l);
                     Some(acked_at)
                 }
-                Err(_) => {
+                None => {
                     failed += 1;
                     None
                 }
@@ -937,18 +1000,22 @@ async fn run_quinn(args: &Args, case: &Case, seed: u64, bbr: bool, bar: &Progres
     let (client, server) = pair.connect().await.expect("handshake");
     let seen = Arc::new(Mutex::new((HashSet::new(), 0usize)));
     let seen_server = seen.clone();
+    let server_args = args.clone();
     tokio::spawn(async move {
         while let Ok((mut send, mut recv)) = server.accept_bi().await {
             let seen = seen_server.clone();
+            let args = server_args.clone();
             tokio::spawn(async move {
                 if let Ok(data) = recv.read_to_end(1 << 20).await {
-                    if let Some(i) = payment_index(&data) {
+                    let i = payment_index(&data);
+                    if let Some(i) = i {
                         let mut s = seen.lock().expect("not poisoned");
                         if !s.0.insert(i) {
                             s.1 += 1;
                         }
                     }
-                    let _ = send.write_all(b"ok").await;
+                    // The answer at once: `ok`, or with --request the reply.
+                    let _ = send.write_all(&answer(&args, i.unwrap_or(0))).await;
                     let _ = send.finish();
                 }
             });
@@ -965,14 +1032,17 @@ async fn run_quinn(args: &Args, case: &Case, seed: u64, bbr: bool, bar: &Progres
             tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
             let client = client.clone();
             let p = payment(i, args.size);
+            let expected = answer(args, i);
             tasks.push(tokio::spawn(async move {
                 let t0 = Instant::now();
+                // From opening the stream to reading the whole answer (with --request, the
+                // reply: the round trip).
                 let exchange = async {
                     let (mut send, mut recv) = client.open_bi().await.ok()?;
                     send.write_all(&p).await.ok()?;
                     send.finish().ok()?;
-                    let answer = recv.read_to_end(64).await.ok()?;
-                    (answer == b"ok").then_some(())
+                    let got = recv.read_to_end(expected.len().max(64)).await.ok()?;
+                    (got == expected).then_some(())
                 };
                 let ok = matches!(tokio::time::timeout(timeout, exchange).await, Ok(Some(())));
                 (t0 - start, ok.then(|| t0.elapsed()))
@@ -1189,10 +1259,16 @@ fn print_table(args: &Args, rows: &[Row]) {
         .map(u64::to_string)
         .collect::<Vec<_>>()
         .join(",");
+    let replies = if args.request {
+        format!(" as requests with {} B replies", args.reply_size)
+    } else {
+        String::new()
+    };
     println!(
-        "{} payments of {} B at {}/s, {} ms each way, same link both ways, seed {}; {} time{}",
+        "{} payments of {} B{} at {}/s, {} ms each way, same link both ways, seed {}; {} time{}",
         args.messages,
         args.size,
+        replies,
         args.rate,
         args.delay_ms,
         seeds_shown,
@@ -1252,7 +1328,12 @@ fn print_table(args: &Args, rows: &[Row]) {
             note(row),
         );
     }
-    println!("latencies in ms (send to ack); wire× = UDP bytes both ways / payload bytes; p99÷quinn = how many times lower surelink's p99 is; rec = latest ack of a payment sent before the link returned, minus the return; lost = of the payments caught by the outage, failed");
+    let measured = if args.request {
+        "request sent to reply received"
+    } else {
+        "send to ack"
+    };
+    println!("latencies in ms ({measured}); wire× = UDP bytes both ways / payload bytes (with --request, requests and replies); p99÷quinn = how many times lower surelink's p99 is; rec = latest ack of a payment sent before the link returned, minus the return; lost = of the payments caught by the outage, failed");
     if seeds.len() > 1 {
         print_summary(rows);
     }
@@ -1313,7 +1394,11 @@ fn print_summary(rows: &[Row]) {
     println!("p99÷bbr here: quinn+BBR's worst p99 over surelink's worst p99");
 }
 
-fn plot(path: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
+fn plot(
+    path: &std::path::Path,
+    rows: &[Row],
+    request: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     let bern: Vec<&Row> = rows
         .iter()
@@ -1325,7 +1410,11 @@ fn plot(path: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std::error::
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "p99 send-to-ack latency vs loss (each way)",
+            if request {
+                "p99 request-to-reply round trip vs loss (each way)"
+            } else {
+                "p99 send-to-ack latency vs loss (each way)"
+            },
             ("sans-serif", 22),
         )
         .margin(15)
@@ -1452,7 +1541,7 @@ async fn sweep(args: Args, cases: Vec<Case>) {
         println!("({:.1} s wall)", wall.elapsed().as_secs_f64());
     }
     if let Some(path) = &args.plot {
-        match plot(path, &rows) {
+        match plot(path, &rows, args.request) {
             Ok(()) => eprintln!("plot written to {}", path.display()),
             Err(e) => {
                 eprintln!("could not draw the plot: {e}");
