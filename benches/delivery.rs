@@ -14,6 +14,12 @@
 //! - `burst/<case>`: as `send_to_ack`, under bursty loss instead (a Gilbert-Elliott chain per
 //!   packet: mean 5% in bursts of 4 packets, and mean 6% in bursts of 8), with surelink beside
 //!   quinn streams with Cubic (`quinn-stream`) and with BBR (`quinn-stream-bbr`).
+//! - `request_round_trip/<loss>`: as `send_to_ack` at 0% and 10% loss, with each payment a
+//!   request and its reply (issue 24): `surelink` sends it with `Channel::request` and the
+//!   server's application replies with 64 bytes at once (`Delivered::reply`);
+//!   `quinn-stream` and `quinn-stream-bbr` open a bi-stream per request and the server answers
+//!   it with the same 64 bytes. The time per iteration is the virtual round trip, request sent
+//!   to the whole reply received.
 //! - `high_rate/<case>`: many payments in flight at once on a clean link, surelink beside
 //!   quinn streams (Cubic and BBR). Each iteration sends 1,000 payments of 512 B at once and
 //!   waits for all their acks (surelink: 1,000 concurrent `send`s; quinn: 1,000 concurrent
@@ -41,8 +47,28 @@ use surelink::sim::{Congestion, GilbertElliott, LinkConfig, Loss, Pair, PairConf
 
 const SIZE: usize = 512;
 
+/// The size of a reply in `request_round_trip`.
+const REPLY_SIZE: usize = 64;
+
 fn payment() -> Bytes {
     Bytes::from(vec![b'p'; SIZE])
+}
+
+/// What a server answers each payment with: `ok` (the quinn servers' ack of a payment), or
+/// a reply of [`REPLY_SIZE`] bytes (a request's reply, on every transport).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Ok,
+    Reply,
+}
+
+impl Answer {
+    fn bytes(self) -> Bytes {
+        match self {
+            Answer::Ok => Bytes::from_static(b"ok"),
+            Answer::Reply => Bytes::from(vec![b'r'; REPLY_SIZE]),
+        }
+    }
 }
 
 fn paused_runtime() -> tokio::runtime::Runtime {
@@ -90,7 +116,15 @@ async fn surelink_ends(link: LinkConfig) -> SurelinkEnds {
     let (c, s) = pair.connect().await.expect("handshake");
     let (client, _client_messages) = Channel::open(c, Config::default()).expect("open");
     let (server, mut messages) = Channel::open(s, Config::default()).expect("open");
-    let drain = tokio::spawn(async move { while messages.recv().await.is_some() {} });
+    // Taking a plain payment acks it; a request is answered at once with a reply.
+    let reply = Answer::Reply.bytes();
+    let drain = tokio::spawn(async move {
+        while let Some(d) = messages.recv().await {
+            if d.is_request() {
+                let _ = d.reply(reply.clone());
+            }
+        }
+    });
     SurelinkEnds {
         _pair: pair,
         client,
@@ -100,12 +134,14 @@ async fn surelink_ends(link: LinkConfig) -> SurelinkEnds {
     }
 }
 
-/// The quinn baseline's two ends; with `streams`, the server lets the client open that many
-/// bi-streams at once instead of quinn's default 100.
+/// The quinn baseline's two ends, the server answering each bi-stream with `answer`; with
+/// `streams`, the server lets the client open that many bi-streams at once instead of
+/// quinn's default 100.
 async fn quinn_ends(
     link: LinkConfig,
     congestion: Congestion,
     streams: Option<u32>,
+    answer: Answer,
 ) -> (Pair, quinn::Connection) {
     let pair = pair(link, congestion, false);
     if let Some(n) = streams {
@@ -120,11 +156,13 @@ async fn quinn_ends(
         pair.server.set_server_config(Some(config));
     }
     let (client, server) = pair.connect().await.expect("handshake");
+    let answer = answer.bytes();
     tokio::spawn(async move {
         while let Ok((mut send, mut recv)) = server.accept_bi().await {
+            let answer = answer.clone();
             tokio::spawn(async move {
                 if recv.read_to_end(1 << 20).await.is_ok() {
-                    let _ = send.write_all(b"ok").await;
+                    let _ = send.write_all(&answer).await;
                     let _ = send.finish();
                 }
             });
@@ -133,11 +171,13 @@ async fn quinn_ends(
     (pair, client)
 }
 
-async fn quinn_request(conn: &quinn::Connection, p: &[u8]) -> Option<()> {
+/// One request on its own bi-stream, until the whole answer (`expected`) is read.
+async fn quinn_request(conn: &quinn::Connection, p: &[u8], expected: &[u8]) -> Option<()> {
     let (mut send, mut recv) = conn.open_bi().await.ok()?;
     send.write_all(p).await.ok()?;
     send.finish().ok()?;
-    (recv.read_to_end(64).await.ok()? == b"ok").then_some(())
+    let got = recv.read_to_end(expected.len().max(64)).await.ok()?;
+    (got == expected).then_some(())
 }
 
 fn send_to_ack(c: &mut Criterion) {
@@ -145,16 +185,29 @@ fn send_to_ack(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("send_to_ack/{}%", loss * 100.0));
         group.sample_size(20);
         group.measurement_time(Duration::from_secs(3));
-        one_at_a_time(&mut group, &lossy(Loss::Bernoulli(loss)));
+        one_at_a_time(&mut group, &lossy(Loss::Bernoulli(loss)), Answer::Ok);
+        group.finish();
+    }
+}
+
+/// Issue 24: a request's round trip, request sent to reply received, one at a time.
+fn request_round_trip(c: &mut Criterion) {
+    for loss in [0.0, 0.1] {
+        let mut group = c.benchmark_group(format!("request_round_trip/{}%", loss * 100.0));
+        group.sample_size(20);
+        group.measurement_time(Duration::from_secs(3));
+        one_at_a_time(&mut group, &lossy(Loss::Bernoulli(loss)), Answer::Reply);
         group.finish();
     }
 }
 
 /// One payment at a time, 5 ms apart (200 per second, as in the sweep); criterion's time per
-/// iteration is the virtual send-to-ack latency.
+/// iteration is the virtual send-to-ack latency, or with [`Answer::Reply`] the round trip of
+/// a request and its reply.
 fn one_at_a_time(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     link: &LinkConfig,
+    answer: Answer,
 ) {
     let gap = Duration::from_millis(5);
     let rt = paused_runtime();
@@ -166,7 +219,11 @@ fn one_at_a_time(
                 for _ in 0..iters {
                     let t0 = tokio::time::Instant::now();
                     // A failed send counts its whole wait: the benchmark must not hide it.
-                    let _ = ends.client.send(payment()).await;
+                    if answer == Answer::Reply {
+                        let _ = ends.client.request(payment()).await;
+                    } else {
+                        let _ = ends.client.send(payment()).await;
+                    }
                     total += t0.elapsed();
                     tokio::time::sleep(gap).await;
                 }
@@ -175,20 +232,20 @@ fn one_at_a_time(
         })
     });
     drop(ends);
-    let p = payment();
+    let (p, expected) = (payment(), answer.bytes());
     for (name, congestion) in [
         ("quinn-stream", Congestion::Cubic),
         ("quinn-stream-bbr", Congestion::Bbr),
     ] {
         let rt = paused_runtime();
-        let (_pair, conn) = rt.block_on(quinn_ends(link.clone(), congestion, None));
+        let (_pair, conn) = rt.block_on(quinn_ends(link.clone(), congestion, None, answer));
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         let t0 = tokio::time::Instant::now();
-                        let _ = quinn_request(&conn, &p).await;
+                        let _ = quinn_request(&conn, &p, &expected).await;
                         total += t0.elapsed();
                         tokio::time::sleep(gap).await;
                     }
@@ -205,7 +262,7 @@ fn burst(c: &mut Criterion) {
         group.sample_size(20);
         group.measurement_time(Duration::from_secs(3));
         let link = lossy(Loss::GilbertElliott(GilbertElliott::from_mean(mean, burst)));
-        one_at_a_time(&mut group, &link);
+        one_at_a_time(&mut group, &link, Answer::Ok);
         group.finish();
     }
 }
@@ -229,7 +286,7 @@ async fn quinn_batch(conn: &quinn::Connection) {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..AT_ONCE {
         let conn = conn.clone();
-        set.spawn(async move { quinn_request(&conn, &payment()).await.is_some() });
+        set.spawn(async move { quinn_request(&conn, &payment(), b"ok").await.is_some() });
     }
     while let Some(ok) = set.join_next().await {
         black_box(ok.expect("request task"));
@@ -290,8 +347,12 @@ fn high_rate(c: &mut Criterion) {
             ("quinn-stream-bbr", Congestion::Bbr),
         ] {
             let rt = runtime();
-            let (_pair, conn) =
-                rt.block_on(quinn_ends(link.clone(), congestion, Some(AT_ONCE as u32)));
+            let (_pair, conn) = rt.block_on(quinn_ends(
+                link.clone(),
+                congestion,
+                Some(AT_ONCE as u32),
+                Answer::Ok,
+            ));
             group.bench_function(BenchmarkId::from_parameter(transport), |b| {
                 b.iter_custom(|iters| {
                     rt.block_on(async {
@@ -367,7 +428,7 @@ fn core(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, send_to_ack, burst, core);
+criterion_group!(benches, send_to_ack, burst, request_round_trip, core);
 criterion_group! {
     name = exact;
     config = Criterion::default().without_plots();
