@@ -37,6 +37,14 @@
 //! same key and payload, up to N more times. Every payment ends in one outcome: acked, failed
 //! with an unknown outcome (it may have been delivered), or failed definitely (it was not).
 //!
+//! With `--request` (surelink mode; issue 24) every payment is a request
+//! (`Channel::request_with`, with its key under `--keyed`) and waits for the server
+//! application's reply (`payment_server` answers `approved <payment id>`, after
+//! `--reply-delay-ms`); a payment counts as acked when its reply came, and its latency is the
+//! round trip from its first attempt's start to the reply. `--retries N` retries a request
+//! whose outcome was unknown (`RequestError::may_have_been_delivered`) under the same key; a
+//! retry of a request the server already answered gets the kept reply (`Reply::replayed`).
+//!
 //! Checking from outside (issue 23; the flags are a contract):
 //!
 //! - `--acked-ids FILE` writes the payment id (signed, decimal) of every acked payment, one
@@ -46,15 +54,21 @@
 //!   `id,sent_unix_ms,outcome,latency_ms,attempts,error`: when its first attempt started
 //!   (milliseconds since the Unix epoch), `acked`, `unknown` or `definite`, the time from that
 //!   start to its outcome, how many times it was sent, and the last error's kind (empty when
-//!   acked).
+//!   acked). With `--request` two more columns follow, `reply,replayed`: the reply (as text
+//!   when it is printable ASCII without a comma or a quote, otherwise `hex:` and its bytes in
+//!   hex; empty without one) and whether it was a kept reply replayed to a retry (`true`,
+//!   `false`, empty without a reply).
 //!
 //! Prints one JSON line: `{"mode":..,"sent":N,"acked":A,"failed":F,"failed_unknown":U,
 //! "failed_definite":D,"retries":R,"keyed":..,"p50_ms":..,"p90_ms":..,
 //! "p99_ms":..,"p999_ms":..,"max_ms":..,"wire_bytes":..,"payload_bytes":..,"failovers":..,
 //! "hedges_to_secondary":..,"send_lag_p99_ms":..,"elapsed_s":..,"rate":..,"data_shards":..,
 //! "repair_shards":..,"hedges":..,"retransmits":..,"datagram_send_errors":..,
-//! "loss_estimate":..,"queueing_delay_ms":..,"redundancy_cap":..,"shed_congested":..}`; the
-//! last nine are surelink's (first-flight data and parity shards, first hedges, later
+//! "loss_estimate":..,"queueing_delay_ms":..,"redundancy_cap":..,"shed_congested":..,
+//! "request":..,"replies":..,"replies_replayed":..}`; `replies` counts the requests that got
+//! their reply, `replies_replayed` those of them whose reply was kept from an earlier attempt
+//! with the same key (both `null` without `--request`); the nine before `request` are
+//! surelink's (first-flight data and parity shards, first hedges, later
 //! resends, datagrams quinn refused, and from `ChannelStats` at the end: the loss estimate,
 //! the queueing delay, the parity cap it allows, shards shed for congestion), `null` for the
 //! baselines; `failovers` counts moves to
@@ -75,7 +89,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
-use surelink::channel::{client_config_with, load_certs, Channel, Config, Identity, ServerTrust};
+use surelink::channel::{
+    client_config_with, load_certs, Channel, Config, Identity, SendOptions, ServerTrust,
+};
 use surelink::proto::HedgeTo;
 use surelink::sim::SERVER_NAME;
 
@@ -161,6 +177,10 @@ struct Args {
     /// same key, up to this many more times.
     #[arg(long, default_value_t = 0, requires = "keyed")]
     retries: u32,
+    /// surelink mode: send every payment as a request and wait for the server application's
+    /// reply (with its key under `--keyed`); latency is then the round trip.
+    #[arg(long)]
+    request: bool,
     /// Write the payment id of every acked payment to FILE, one per line (signed, decimal).
     #[arg(long, value_name = "FILE")]
     acked_ids: Option<PathBuf>,
@@ -202,6 +222,8 @@ struct Sent {
     attempts: u32,
     /// The last error's kind (`Timeout`, `ConnectionLost`, …); empty when acked.
     error: String,
+    /// `--request`: the reply, and whether it was replayed from an earlier attempt.
+    reply: Option<(Bytes, bool)>,
 }
 
 /// The variant name of `e` (`Timeout { id: 3 }` → `Timeout`).
@@ -212,6 +234,20 @@ fn kind(e: &impl std::fmt::Debug) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// A reply for a CSV field: as text when it is printable ASCII without a comma or a quote,
+/// otherwise `hex:` and its bytes in hex.
+fn csv_reply(reply: &[u8]) -> String {
+    let plain = reply
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b',' && b != b'"');
+    if plain {
+        String::from_utf8_lossy(reply).into_owned()
+    } else {
+        let hex: String = reply.iter().map(|b| format!("{b:02x}")).collect();
+        format!("hex:{hex}")
+    }
 }
 
 /// `A,B,C` for messages.
@@ -324,6 +360,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     // Payment ids unique across runs: a random prefix for this run, then a sequence number.
     let run_prefix = u64::from(rand::random::<u32>()) << 32;
     let (keyed, retries) = (args.keyed && channel.is_some(), args.retries);
+    let request = args.request && channel.is_some();
     let rate = args.rate.max(1e-3);
     // clap requires one of --count and --duration-s.
     let count = args
@@ -348,7 +385,28 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 * 1000.0;
             let lag = t0 - due;
             let mut attempts = 0;
+            let mut reply = None;
             let (outcome, error) = match (channel, conn) {
+                // Requests: the same key and payload on every attempt, so the server's
+                // application sees the request at most once and a retry gets its reply.
+                (Some(c), _) if request => loop {
+                    attempts += 1;
+                    let options = match &key {
+                        Some(k) => SendOptions::default().key(k.clone()),
+                        None => SendOptions::default(),
+                    };
+                    match c.request_with(p.clone(), options).await {
+                        Ok(r) => {
+                            reply = Some((r.payload, r.replayed));
+                            break (Outcome::Acked, String::new());
+                        }
+                        Err(e) if e.may_have_been_delivered() && attempts <= retries => {}
+                        Err(e) if e.may_have_been_delivered() => {
+                            break (Outcome::Unknown, kind(&e))
+                        }
+                        Err(e) => break (Outcome::Definite, kind(&e)),
+                    }
+                },
                 (Some(c), _) => loop {
                     attempts += 1;
                     let result = match &key {
@@ -390,6 +448,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 elapsed: t0.elapsed(),
                 attempts,
                 error,
+                reply,
             }
         }));
     }
@@ -425,10 +484,11 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         std::fs::write(path, out).map_err(|e| format!("--acked-ids {}: {e}", path.display()))?;
     }
     if let Some(path) = &args.outcomes {
-        let mut out = String::from("id,sent_unix_ms,outcome,latency_ms,attempts,error\n");
+        let mut out = String::from("id,sent_unix_ms,outcome,latency_ms,attempts,error");
+        out.push_str(if request { ",reply,replayed\n" } else { "\n" });
         for s in &sent {
             out.push_str(&format!(
-                "{},{:.3},{},{:.3},{},{}\n",
+                "{},{:.3},{},{:.3},{},{}",
                 s.id,
                 s.sent_unix_ms,
                 s.outcome.name(),
@@ -436,6 +496,13 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 s.attempts,
                 s.error
             ));
+            if request {
+                match &s.reply {
+                    Some((r, replayed)) => out.push_str(&format!(",{},{replayed}", csv_reply(r))),
+                    None => out.push_str(",,"),
+                }
+            }
+            out.push('\n');
         }
         let mut f = std::fs::File::create(path)
             .map_err(|e| format!("--outcomes {}: {e}", path.display()))?;
@@ -489,8 +556,19 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             )
         },
     );
+    // `--request`: requests answered, and of them those answered with a kept reply.
+    let replies = |replayed: bool| {
+        if !request {
+            return "null".to_string();
+        }
+        let n = sent
+            .iter()
+            .filter(|s| s.reply.as_ref().is_some_and(|r| r.1 || !replayed))
+            .count();
+        n.to_string()
+    };
     println!(
-        "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"failed_unknown\":{},\"failed_definite\":{},\"retries\":{},\"keyed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{},\"failovers\":{},\"hedges_to_secondary\":{},\"send_lag_p99_ms\":{:.3},\"elapsed_s\":{:.3},\"rate\":{},{}}}",
+        "{{\"mode\":\"{}\",\"sent\":{},\"acked\":{},\"failed\":{},\"failed_unknown\":{},\"failed_definite\":{},\"retries\":{},\"keyed\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"wire_bytes\":{},\"payload_bytes\":{},\"failovers\":{},\"hedges_to_secondary\":{},\"send_lag_p99_ms\":{:.3},\"elapsed_s\":{:.3},\"rate\":{},{},\"request\":{},\"replies\":{},\"replies_replayed\":{}}}",
         args.mode.name(),
         count,
         acked,
@@ -512,6 +590,9 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         elapsed.as_secs_f64(),
         args.rate,
         sender,
+        request,
+        replies(false),
+        replies(true),
     );
     if let Some(c) = &channel {
         c.close().await;

@@ -10,7 +10,7 @@
 //! (after `--idle-exit-secs` without a payment once one arrived, or on SIGINT/SIGTERM) prints
 //! one JSON line: `{"delivered":N,"duplicates":D,"invalid_frames":X,"replica":"NAME",
 //! "payloads_without_id":S,"ledger_rows":L,"ledger_already":A,"ledger_failed":F,
-//! "reservation_takeovers":T,"fenced_settles":E,"leases_expired":X}`.
+//! "reservation_takeovers":T,"fenced_settles":E,"leases_expired":X,"replies":R}`.
 //! `duplicates` counts payments seen twice, judged by the payment id in each payload (its
 //! first 8 bytes, big endian), independently of surelink's own dedupe. `invalid_frames`
 //! counts what `surelink_invalid_frames_total` counts, over every channel the server served:
@@ -64,6 +64,15 @@
 //!   acks it. Claimed before: rolled back, acked without a row. Busy (another replica holds
 //!   or took over the reservation): rolled back, left to that replica, not acked here. A
 //!   failed transaction: rolled back, `Channel::release` (the payment comes again).
+//!
+//! Requests (issue 24; `payment_client --request`): a request is answered with the reply
+//! `approved <payment id>` (the id as `--deliveries` writes it; `approved` alone for a payload
+//! without one), which acks it. `--reply-delay-ms D` is the application's processing time:
+//! each request is answered D ms after it was taken (default 0: at once), requests being
+//! processed side by side; the quinn-stream baseline's streams, which are requests and
+//! replies too, are answered `ok` after the same delay. Plain messages are acked when taken,
+//! as before. `"replies"` in the exit JSON counts the replies sent. (`--ledger` does not
+//! answer requests.)
 //!
 //! Logs (surelink's and this program's, INFO and above) go to stderr.
 
@@ -124,6 +133,10 @@ struct Args {
     /// `surelink_ledger` commit in one transaction; the payment is acked after the commit.
     #[arg(long, requires = "dedupe_url")]
     ledger: bool,
+    /// The application's processing time: answer each request (and each baseline stream)
+    /// this many milliseconds after taking it.
+    #[arg(long, value_name = "D", default_value_t = 0)]
+    reply_delay_ms: u64,
 }
 
 /// Installs the Prometheus exporter: an HTTP listener on `addr`, the send latency as a
@@ -236,6 +249,8 @@ struct Tally {
     ledger_rows: u64,
     ledger_already: u64,
     ledger_failed: u64,
+    /// Requests answered with a reply.
+    replies: u64,
     /// `--deliveries`: written one whole line at a time, unbuffered.
     deliveries: Option<File>,
     /// The counters of channels that ended (their handles are let go, so that a server that
@@ -382,6 +397,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let span = tracing::info_span!("replica", name = %replica);
     // Every connection's task, so that shutdown can wait for them to take what was acked.
     let serving: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+    let reply_delay = Duration::from_millis(args.reply_delay_ms);
     let accept = {
         let (endpoint, tally, channels) = (endpoint.clone(), tally.clone(), channels.clone());
         let serving = serving.clone();
@@ -405,7 +421,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             }
                         };
                         tracing::info!(%peer, "payment_server: connection");
-                        serve(conn, registry, tally, channels, ledger).await;
+                        serve(conn, registry, tally, channels, ledger, reply_delay).await;
                     }
                     .instrument(span.clone()),
                 ));
@@ -450,7 +466,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             t.ended.leases_expired,
         );
         println!(
-            "{{\"delivered\":{},\"duplicates\":{},\"invalid_frames\":{},\"replica\":{:?},\"payloads_without_id\":{},\"ledger_rows\":{},\"ledger_already\":{},\"ledger_failed\":{},\"reservation_takeovers\":{takeovers},\"fenced_settles\":{fenced},\"leases_expired\":{late}}}",
+            "{{\"delivered\":{},\"duplicates\":{},\"invalid_frames\":{},\"replica\":{:?},\"payloads_without_id\":{},\"ledger_rows\":{},\"ledger_already\":{},\"ledger_failed\":{},\"reservation_takeovers\":{takeovers},\"fenced_settles\":{fenced},\"leases_expired\":{late},\"replies\":{}}}",
             t.delivered,
             t.duplicates,
             invalid + t.invalid_frames,
@@ -459,6 +475,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             t.ledger_rows,
             t.ledger_already,
             t.ledger_failed,
+            t.replies,
         );
     }
     // Let the close reach the clients, but not for long.
@@ -467,13 +484,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// One connection: a surelink channel (ALPN `surelink/2` or `surelink/1`), or the quinn-stream baseline
-/// (ALPN `quinn-stream`: each payment on its own bi-stream, answered with "ok").
+/// (ALPN `quinn-stream`: each payment on its own bi-stream, answered with "ok" after
+/// `reply_delay`).
 async fn serve(
     conn: quinn::Connection,
     registry: Server,
     tally: Arc<Mutex<Tally>>,
     channels: Arc<Mutex<Vec<Channel>>>,
     ledger: Option<Arc<ledger::Ledger>>,
+    reply_delay: Duration,
 ) {
     let alpn = conn
         .handshake_data()
@@ -485,7 +504,7 @@ async fn serve(
                 channels.lock().unwrap().push(channel.clone());
                 match ledger {
                     Some(ledger) => ledger.serve(&channel, messages, &tally).await,
-                    None => take_all(messages, &tally).await,
+                    None => take_all(messages, &tally, reply_delay).await,
                 }
                 // Every message taken and the channel stopped: its counters go to the totals
                 // and its handle goes (issue 25: the list grew by about 11 KiB per channel
@@ -508,6 +527,10 @@ async fn serve(
         tokio::spawn(async move {
             if let Ok(payload) = recv.read_to_end(1 << 20).await {
                 tally.lock().unwrap().record(&payload);
+                // The application's processing time, as for a surelink request.
+                if !reply_delay.is_zero() {
+                    tokio::time::sleep(reply_delay).await;
+                }
                 let _ = send.write_all(b"ok").await;
                 let _ = send.finish();
             }
@@ -515,11 +538,35 @@ async fn serve(
     }
 }
 
-/// Without `--ledger`: taking a payment from `recv` is what acks it.
-async fn take_all(mut messages: Messages, tally: &Mutex<Tally>) {
+/// Without `--ledger`: taking a plain payment from `recv` is what acks it; a request is
+/// answered `approved <payment id>` after `reply_delay` (the application's processing time;
+/// requests are processed side by side), and the reply acks it.
+async fn take_all(mut messages: Messages, tally: &Arc<Mutex<Tally>>, reply_delay: Duration) {
+    let mut replying = tokio::task::JoinSet::new();
     while let Some(m) = messages.recv().await {
         tally.lock().unwrap().record(&m.payload);
+        if !m.is_request() {
+            continue;
+        }
+        let reply = match payment_id(&m.payload) {
+            Some(id) => format!("approved {id}"),
+            None => "approved".to_string(),
+        };
+        let tally = tally.clone();
+        replying.spawn(async move {
+            if !reply_delay.is_zero() {
+                tokio::time::sleep(reply_delay).await;
+            }
+            match m.reply(reply) {
+                Ok(()) => tally.lock().unwrap().replies += 1,
+                // The channel stopped: the client learns the request's outcome from it.
+                Err(e) => tracing::info!(msg = m.id, error = %e, "payment_server: reply not sent"),
+            }
+        });
+        // Finished replies do not pile up over a long-lived channel.
+        while replying.try_join_next().is_some() {}
     }
+    while replying.join_next().await.is_some() {}
 }
 
 /// `--ledger`: the inbox pattern over PostgreSQL.

@@ -656,3 +656,143 @@ fn the_ledger_flag_commits_a_row_per_payment() {
     assert!(rows.iter().all(|(_, r)| r == "west-2"), "{rows:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Issue 24's flags: `payment_server --reply-delay-ms D` answers each request `approved <payment
+/// id>` D ms after taking it; `payment_client --request --keyed` sends every payment as a
+/// request with its key, counts the replies in its JSON line, and writes each reply beside its
+/// outcome in `--outcomes`. The round trip includes the application's processing time.
+#[test]
+fn request_and_reply_delay_flags() {
+    let dir = std::env::temp_dir().join(format!("surelink-request-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut server, mut out, addr) =
+        start_server(&dir, &["--reply-delay-ms".as_ref(), "40".as_ref()]);
+    let outcomes = dir.join("outcomes.csv");
+    let client = Command::new(example("payment_client"))
+        .args(["--connect", &addr, "--ca"])
+        .arg(dir.join("cert.der"))
+        .args(["--count", "50", "--rate", "200", "--size", "64"])
+        .args(["--request", "--keyed", "--retries", "1", "--outcomes"])
+        .arg(&outcomes)
+        .output()
+        .unwrap();
+    let json = String::from_utf8(client.stdout).unwrap();
+    assert!(client.status.success(), "{json}");
+    assert_eq!(field(&json, "acked"), "50", "{json}");
+    assert_eq!(field(&json, "request"), "true", "{json}");
+    assert_eq!(field(&json, "replies"), "50", "{json}");
+    assert_eq!(field(&json, "replies_replayed"), "0", "{json}");
+    // Every reply waited for the application's 40 ms.
+    let p50: f64 = field(&json, "p50_ms").parse().unwrap();
+    assert!(p50 >= 40.0, "{json}");
+
+    let csv = std::fs::read_to_string(&outcomes).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("id,sent_unix_ms,outcome,latency_ms,attempts,error,reply,replayed")
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 50);
+    for row in &rows {
+        assert_eq!(row.len(), 8, "{row:?}");
+        assert_eq!((row[2], row[5]), ("acked", ""), "{row:?}");
+        assert!(row[3].parse::<f64>().unwrap() >= 40.0, "{row:?}");
+        assert_eq!(row[6], format!("approved {}", row[0]), "{row:?}");
+        assert_eq!(row[7], "false", "{row:?}");
+    }
+
+    // Plain payments on the same server: acked when taken, no reply, no delay to wait for.
+    let plain = Command::new(example("payment_client"))
+        .args(["--connect", &addr, "--ca"])
+        .arg(dir.join("cert.der"))
+        .args(["--count", "20", "--rate", "200", "--size", "64"])
+        .output()
+        .unwrap();
+    let json = String::from_utf8(plain.stdout).unwrap();
+    assert!(plain.status.success(), "{json}");
+    assert_eq!(field(&json, "acked"), "20", "{json}");
+    assert_eq!(field(&json, "request"), "false", "{json}");
+    assert_eq!(field(&json, "replies"), "null", "{json}");
+
+    assert!(Command::new("kill")
+        .arg(server.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    let mut tally = String::new();
+    out.read_line(&mut tally).unwrap();
+    server.wait().unwrap();
+    assert_eq!(field(&tally, "delivered"), "70", "{tally}");
+    assert_eq!(field(&tally, "duplicates"), "0", "{tally}");
+    assert_eq!(field(&tally, "replies"), "50", "{tally}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `loss_sweep --request --reply-size N` (issue 24): every transport measures a request's
+/// round trip; each row says `"request":true` and its reply size, accounts for every
+/// payment, and counts the replies in its payload bytes.
+#[test]
+fn loss_sweep_request_rows() {
+    let out = Command::new(example("loss_sweep"))
+        .args([
+            "--request",
+            "--reply-size",
+            "100",
+            "--loss",
+            "0,0.1",
+            "--ge-loss",
+        ])
+        .args(["--messages", "200", "--size", "256", "--delay-ms", "10"])
+        .args(["--seed", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(rows.len(), 2 * 3, "{stdout}");
+    for row in &rows {
+        assert_eq!(field(row, "request"), "true", "{row}");
+        assert_eq!(field(row, "reply_size"), "100", "{row}");
+        assert_eq!(field(row, "payload_bytes"), "71200", "{row}");
+        let acked: u64 = field(row, "acked").parse().unwrap();
+        let failed: u64 = field(row, "failed").parse().unwrap();
+        assert_eq!(acked + failed, 200, "{row}");
+        assert_eq!(field(row, "duplicates"), "0", "{row}");
+        // A round trip: at least both legs' 10 ms.
+        let p50: f64 = field(row, "p50_ms").parse().unwrap();
+        assert!(p50 >= 20.0, "{row}");
+    }
+    for t in ["surelink", "quinn-stream", "quinn-stream-bbr"] {
+        assert_eq!(
+            rows.iter().filter(|r| field(r, "transport") == t).count(),
+            2,
+            "{t}"
+        );
+    }
+
+    // Without --request: `"request":false` and no reply size.
+    let out = Command::new(example("loss_sweep"))
+        .args([
+            "--loss",
+            "0",
+            "--ge-loss",
+            "--messages",
+            "20",
+            "--seed",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for row in stdout.lines().filter(|l| l.starts_with('{')) {
+        assert_eq!(field(row, "request"), "false", "{row}");
+        assert_eq!(field(row, "reply_size"), "null", "{row}");
+    }
+}
