@@ -631,6 +631,11 @@ async fn the_memory_store_has_the_reservation_semantics() {
     common::check_reservation_semantics(&MemoryStore::default(), Duration::from_secs(2)).await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_memory_store_keeps_replies() {
+    common::check_reply_semantics(&MemoryStore::default()).await;
+}
+
 /// A store whose first claim of each message hangs forever (no error, no answer); later
 /// claims go through.
 #[derive(Debug, Default)]

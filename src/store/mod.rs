@@ -64,6 +64,15 @@
 //! pattern ([`PgStore::claim_in`](crate::store::PgStore) with the reservation the message
 //! carries) closes both, since the settle commits with the application's effect.
 //!
+//! **Replies.** A store may keep the application's reply to a request with its claim
+//! ([`DedupeStore::record_reply`], [`DedupeStore::reply`]), so that a retry of the request
+//! (the same client's key with the same payload, or the same channel and message id) gets
+//! the same reply byte for byte on whichever replica it reaches. Only the claimant that
+//! settled the claim records it, once: a second, different reply is refused, never written
+//! over the first. At most [`MAX_REPLY`] bytes. A reply lives and expires with its claim.
+//! Both stores here keep replies; the trait's defaults answer
+//! [`StoreError::RepliesUnsupported`].
+//!
 //! **Expiry.** A claim lives at least the store's TTL: [`DedupeStore::expire`] removes claims
 //! older than that, and nothing else does. Until then a retry of the message, by id or by
 //! key, is refused; after it the message could be delivered again, so the TTL must exceed
@@ -85,6 +94,10 @@ use tokio::time::Instant;
 mod pg;
 #[cfg(feature = "postgres")]
 pub use pg::{PgStore, PgStoreBuilder, PooledClient, DEFAULT_TABLE, PG_SCHEMA};
+
+/// The largest reply a store keeps ([`DedupeStore::record_reply`]): 65,536 bytes. A larger
+/// one is refused with [`StoreError::ReplyTooLarge`].
+pub const MAX_REPLY: usize = 65_536;
 
 /// What a server claims before it delivers a message.
 ///
@@ -153,6 +166,17 @@ impl Claim {
     pub fn with_client(self, client: [u8; 32]) -> Claim {
         Claim { client, ..self }
     }
+}
+
+/// Refuses a reply longer than [`MAX_REPLY`] ([`StoreError::ReplyTooLarge`]).
+fn check_reply(reply: &[u8]) -> Result<(), StoreError> {
+    if reply.len() > MAX_REPLY {
+        return Err(StoreError::ReplyTooLarge {
+            len: reply.len(),
+            max: MAX_REPLY,
+        });
+    }
+    Ok(())
 }
 
 /// Whether two payload digests may name the same payload (`None` is unknown: it matches).
@@ -247,6 +271,24 @@ pub enum StoreError {
         /// The time allowed.
         after: Duration,
     },
+    /// The store does not keep replies ([`DedupeStore::record_reply`] and
+    /// [`DedupeStore::reply`] have their default implementations): nothing was recorded.
+    #[error(
+        "dedupe store {store} does not keep replies \
+         (DedupeStore::record_reply and reply are not implemented)"
+    )]
+    RepliesUnsupported {
+        /// The store's type.
+        store: &'static str,
+    },
+    /// A reply longer than [`MAX_REPLY`] bytes: nothing was recorded.
+    #[error("reply of {len} bytes refused: a store keeps replies of at most {max} bytes")]
+    ReplyTooLarge {
+        /// The reply's length.
+        len: usize,
+        /// The limit ([`MAX_REPLY`]).
+        max: usize,
+    },
     /// PostgreSQL refused the statement, or the connection broke while it ran.
     #[cfg(feature = "postgres")]
     #[error("PostgreSQL dedupe store: {}", pg::describe(.0))]
@@ -267,13 +309,16 @@ impl StoreError {
     /// reported this error (the statement was sent and no answer came, or the connection
     /// broke while it ran). `false`: it definitely did not take effect (the store was full,
     /// no connection could be had, or the database answered that the statement failed,
-    /// e.g. cancelled by its statement timeout).
+    /// e.g. cancelled by its statement timeout, or a reply was refused: too large, or the
+    /// store keeps none).
     ///
     /// After an unknown outcome, retry the claim with the same [`Claim::claimant`]: a claim
     /// that was in fact written answers [`Claimed::Now`] to its claimant.
     pub fn outcome_unknown(&self) -> bool {
         match self {
-            StoreError::Full { .. } => false,
+            StoreError::Full { .. }
+            | StoreError::RepliesUnsupported { .. }
+            | StoreError::ReplyTooLarge { .. } => false,
             StoreError::Timeout { .. } => true,
             #[cfg(feature = "postgres")]
             StoreError::Postgres(e) => !pg::failed_definitely(e),
@@ -322,6 +367,46 @@ pub trait DedupeStore: Send + Sync + fmt::Debug {
     fn release<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
         let _ = claim;
         Box::pin(std::future::ready(Ok(false)))
+    }
+
+    /// Records `reply`, the application's reply to the request this settled claim names, with
+    /// the claim: by (client, key) when it has a key, else by (channel, message). Only the
+    /// claimant that settled it, at its epoch, may record ([`Claim::claimant`],
+    /// [`Claim::epoch`]; epoch 0 = one-phase claim, any claimant with the same claimant
+    /// token): the row is the claim's own pair, with the same client and key, settled by the
+    /// same non-zero claimant (at [`Claim::epoch`] unless that is 0), as
+    /// [`DedupeStore::release`] judges it.
+    ///
+    /// Answers `true` when recorded (or the same bytes were already recorded), `false` when
+    /// fenced (the claim is not this claimant's, or not settled); never overwrites a different
+    /// reply already recorded (answers `false`). A reply longer than [`MAX_REPLY`] bytes is
+    /// refused ([`StoreError::ReplyTooLarge`]). Durable before `Ok`. The reply lives as long
+    /// as its claim: [`DedupeStore::expire`] and [`DedupeStore::release`] remove it with it.
+    ///
+    /// The default keeps nothing: [`StoreError::RepliesUnsupported`].
+    fn record_reply<'a>(&'a self, claim: &'a Claim, reply: &'a [u8]) -> StoreFuture<'a, bool> {
+        let _ = (claim, reply);
+        Box::pin(std::future::ready(Err(StoreError::RepliesUnsupported {
+            store: std::any::type_name::<Self>(),
+        })))
+    }
+
+    /// The reply recorded with the claim's key (same client and key, and the same digest
+    /// when both are known), or keyless, with its (channel, message); `None` if none was
+    /// recorded (or the claim was never settled).
+    ///
+    /// A keyed claim finds the reply under its (client, key) whatever its channel and
+    /// message id (a retry after a restart comes on a new channel); a keyless claim finds it
+    /// under its (channel, message) for the same client, and only a keyless claim's reply
+    /// there. A key whose payload digest differs from the claim's answers `None` (the claim
+    /// would be a [`Claimed::Conflict`]).
+    ///
+    /// The default keeps nothing: [`StoreError::RepliesUnsupported`].
+    fn reply<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Option<Bytes>> {
+        let _ = claim;
+        Box::pin(std::future::ready(Err(StoreError::RepliesUnsupported {
+            store: std::any::type_name::<Self>(),
+        })))
     }
 
     /// Binds channel id `channel` to `owner` (the client's identity: the SHA-256 of its
@@ -440,6 +525,8 @@ struct Held {
     client: [u8; 32],
     digest: Option<[u8; 32]>,
     claimant: u64,
+    /// The application's reply, once its claimant recorded it ([`DedupeStore::record_reply`]).
+    reply: Option<Bytes>,
 }
 
 /// A channel's owner, bound (or last refreshed, by a bind or a claim) at `at`.
@@ -573,7 +660,8 @@ impl MemoryStore {
 
 impl Default for MemoryStore {
     /// 24 h, at most 1,000,000 claims (each costs about 350 bytes of map entries besides
-    /// its key's bytes, by the entries' sizes: some 350 MB when full).
+    /// its key's bytes and its reply's, by the entries' sizes: some 350 MB when full without
+    /// replies; replies, of up to [`MAX_REPLY`] bytes each, add their own length).
     fn default() -> Self {
         MemoryStore::new(Duration::from_secs(24 * 3600), 1_000_000)
     }
@@ -663,6 +751,7 @@ impl MemoryStore {
                 client: claim.client,
                 digest: claim.digest,
                 claimant: claim.claimant,
+                reply: None,
             },
         );
         m.refresh(&claim.channel, now);
@@ -734,6 +823,47 @@ impl DedupeStore for MemoryStore {
             m.remove(&pair);
         }
         Box::pin(std::future::ready(Ok(owned)))
+    }
+
+    fn record_reply<'a>(&'a self, claim: &'a Claim, reply: &'a [u8]) -> StoreFuture<'a, bool> {
+        let result = check_reply(reply).map(|()| {
+            let mut m = self.lock();
+            match m.pairs.get_mut(&(claim.channel, claim.message)) {
+                Some(held)
+                    if MemoryStore::owns(held, claim)
+                        && (claim.epoch == 0 || held.epoch == claim.epoch)
+                        && held.lease.is_none() =>
+                {
+                    match &held.reply {
+                        Some(recorded) => recorded[..] == reply[..],
+                        None => {
+                            held.reply = Some(Bytes::copy_from_slice(reply));
+                            true
+                        }
+                    }
+                }
+                _ => false,
+            }
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn reply<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Option<Bytes>> {
+        let m = self.lock();
+        let held = match &claim.key {
+            Some(k) => m
+                .keys
+                .get(&(claim.client, k.clone()))
+                .and_then(|pair| m.pairs.get(pair)),
+            None => m
+                .pairs
+                .get(&(claim.channel, claim.message))
+                .filter(|held| held.key.is_none() && held.client == claim.client),
+        };
+        let reply = held
+            .filter(|held| held.lease.is_none() && same_payload(held.digest, claim.digest))
+            .and_then(|held| held.reply.clone());
+        Box::pin(std::future::ready(Ok(reply)))
     }
 
     fn bind_channel(&self, channel: [u8; 16], owner: [u8; 32]) -> StoreFuture<'_, bool> {
@@ -820,6 +950,71 @@ mod tests {
 
     fn by(claimant: u64, c: Claim) -> Claim {
         Claim { claimant, ..c }
+    }
+
+    /// A reply lives as long as its claim: expiry removes both (the reply semantics
+    /// themselves: `tests/common::check_reply_semantics`, run on both stores).
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_expires_with_its_claim() {
+        let store = MemoryStore::new(Duration::from_secs(10), 100);
+        let mine = by(7, claim(1, 0, Some("auth-1")));
+        assert_eq!(store.claim(&mine).await.unwrap(), Claimed::Now);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(store.record_reply(&mine, b"approved").await.unwrap());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            store.expire().await.unwrap(),
+            1,
+            "recording a reply does not extend its claim's life"
+        );
+        assert_eq!(store.reply(&mine).await.unwrap(), None);
+        assert_eq!(store.claim(&mine).await.unwrap(), Claimed::Now);
+        assert_eq!(store.reply(&mine).await.unwrap(), None, "a new claim");
+    }
+
+    /// A store written before replies (it implements only the required methods) still
+    /// compiles, and says clearly that it keeps none.
+    #[tokio::test]
+    async fn a_store_without_replies_says_so() {
+        #[derive(Debug, Default)]
+        struct Plain(MemoryStore);
+        impl DedupeStore for Plain {
+            fn claim<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
+                self.0.claim(claim)
+            }
+            fn reserve<'a>(&'a self, c: &'a Claim, lease: Duration) -> StoreFuture<'a, Reserved> {
+                self.0.reserve(c, lease)
+            }
+            fn settle<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Settled> {
+                self.0.settle(claim)
+            }
+            fn lookup<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, bool> {
+                self.0.lookup(claim)
+            }
+            fn bind_channel(&self, channel: [u8; 16], owner: [u8; 32]) -> StoreFuture<'_, bool> {
+                self.0.bind_channel(channel, owner)
+            }
+            fn expire(&self) -> StoreFuture<'_, u64> {
+                self.0.expire()
+            }
+            fn ttl(&self) -> Duration {
+                self.0.ttl()
+            }
+        }
+        let store: &dyn DedupeStore = &Plain::default();
+        let mine = by(7, claim(1, 0, Some("auth-1")));
+        assert_eq!(store.claim(&mine).await.unwrap(), Claimed::Now);
+        let err = store.record_reply(&mine, b"approved").await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::RepliesUnsupported { store } if store.ends_with("Plain")),
+            "{err:?}"
+        );
+        assert!(!err.outcome_unknown());
+        assert!(err.to_string().contains("does not keep replies"), "{err}");
+        assert!(matches!(
+            store.reply(&mine).await,
+            Err(StoreError::RepliesUnsupported { .. })
+        ));
     }
 
     /// Issue case 2: a released claim leaves the store entirely: it no longer counts against

@@ -658,3 +658,248 @@ pub fn crypto_provider() -> quinn::rustls::crypto::CryptoProvider {
     let provider = quinn::rustls::crypto::ring::default_provider();
     provider
 }
+
+/// The replies every `DedupeStore` that keeps them must have (`DedupeStore::record_reply`
+/// and `DedupeStore::reply`), checked on a fresh `store`: a reply recorded by the claimant
+/// that settled a claim is read back byte for byte by any replica (another claimant) for the
+/// same client's key with the same payload, or for a keyless claim by its (channel,
+/// message); a claim that is not the recorder's (another claimant, client or key, a stale
+/// epoch after a takeover), or not settled, records nothing; a second, different reply is
+/// refused and the same one is idempotent; a digest that differs reads nothing; a reply is
+/// at most `MAX_REPLY` bytes and goes with its claim. Leases of 200 ms lapse by tokio's
+/// clock (at once under paused time; in real time for a store on a real clock).
+pub async fn check_reply_semantics(store: &dyn surelink::store::DedupeStore) {
+    use surelink::store::{Claim, Claimed, Reserved, Settled, StoreError, MAX_REPLY};
+    let pay = |channel: u8, message: u64, key: Option<&str>, claimant: u64, payload: &str| Claim {
+        channel: [channel; 16],
+        message,
+        key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+        digest: Some(surelink::proto::payload_digest(payload.as_bytes())),
+        claimant,
+        ..Claim::default()
+    };
+    let at = |epoch: u64, c: &Claim| Claim { epoch, ..c.clone() };
+    let lease = Duration::from_millis(200);
+    let approved: &[u8] = b"approved: auth code 4711, 10.00 EUR";
+    let declined: &[u8] = b"declined: insufficient funds";
+
+    // Keyed, one-phase: recorded by its claimant (epoch 0: any epoch of its own claim), read
+    // by the retry of another replica (another claimant) on another channel and id.
+    let a = pay(1, 1, Some("auth-1"), 7, "10.00");
+    assert_eq!(store.claim(&a).await.unwrap(), Claimed::Now);
+    assert_eq!(store.reply(&a).await.unwrap(), None, "nothing recorded yet");
+    assert!(store.record_reply(&a, approved).await.unwrap());
+    let retry = pay(2, 9, Some("auth-1"), 8, "10.00");
+    assert_eq!(store.claim(&retry).await.unwrap(), Claimed::Before);
+    for (reader, what) in [
+        (retry.clone(), "the retry on another replica"),
+        (a.clone(), "its own claim"),
+        (pay(3, 3, Some("auth-1"), 0, "10.00"), "an anonymous reader"),
+        (
+            Claim {
+                digest: None,
+                ..retry.clone()
+            },
+            "a reader that does not know the digest",
+        ),
+    ] {
+        assert_eq!(
+            store.reply(&reader).await.unwrap().as_deref(),
+            Some(approved),
+            "{what}"
+        );
+    }
+    for (reader, what) in [
+        (pay(2, 9, Some("auth-1"), 8, "99.00"), "another payload"),
+        (
+            Claim {
+                client: [5; 32],
+                ..retry.clone()
+            },
+            "another client's key",
+        ),
+        (pay(2, 9, Some("auth-2"), 8, "10.00"), "another key"),
+        (pay(1, 1, None, 8, "10.00"), "its pair without its key"),
+    ] {
+        assert_eq!(store.reply(&reader).await.unwrap(), None, "{what}");
+    }
+    // The same reply again: idempotent; another: refused, the first kept.
+    assert!(store.record_reply(&a, approved).await.unwrap(), "a retry");
+    assert!(!store.record_reply(&a, declined).await.unwrap());
+    assert!(!store.record_reply(&a, b"").await.unwrap());
+    assert_eq!(
+        store.reply(&retry).await.unwrap().as_deref(),
+        Some(approved)
+    );
+    // Fenced: not the claim of its recorder.
+    for (wrong, what) in [
+        (retry.clone(), "another claimant (the retry's)"),
+        (pay(1, 1, Some("auth-1"), 0, "10.00"), "anonymous"),
+        (pay(1, 1, Some("auth-9"), 7, "10.00"), "under another key"),
+        (pay(1, 1, None, 7, "10.00"), "without its key"),
+        (pay(1, 2, Some("auth-1"), 7, "10.00"), "another message id"),
+        (
+            Claim {
+                client: [5; 32],
+                ..a.clone()
+            },
+            "another client",
+        ),
+        (at(5, &a), "another epoch"),
+    ] {
+        assert!(
+            !store.record_reply(&wrong, declined).await.unwrap(),
+            "{what}"
+        );
+    }
+    assert_eq!(
+        store.reply(&retry).await.unwrap().as_deref(),
+        Some(approved)
+    );
+
+    // Keyless: by (channel, message), for the same client.
+    let k = pay(4, 1, None, 7, "keyless");
+    assert_eq!(store.claim(&k).await.unwrap(), Claimed::Now);
+    assert!(store.record_reply(&k, declined).await.unwrap());
+    let copy = pay(4, 1, None, 8, "keyless");
+    assert_eq!(store.claim(&copy).await.unwrap(), Claimed::Before);
+    assert_eq!(
+        store.reply(&copy).await.unwrap().as_deref(),
+        Some(declined),
+        "a copy of the message on another replica"
+    );
+    for (reader, what) in [
+        (pay(4, 2, None, 8, "keyless"), "another message id"),
+        (pay(5, 1, None, 8, "keyless"), "another channel"),
+        (pay(4, 1, None, 8, "changed"), "another payload"),
+        (
+            Claim {
+                client: [5; 32],
+                ..copy.clone()
+            },
+            "another client",
+        ),
+    ] {
+        assert_eq!(store.reply(&reader).await.unwrap(), None, "{what}");
+    }
+    assert!(!store.record_reply(&copy, approved).await.unwrap());
+    // A zero-length reply is a reply.
+    let empty = pay(4, 3, None, 7, "empty");
+    assert_eq!(store.claim(&empty).await.unwrap(), Claimed::Now);
+    assert!(store.record_reply(&empty, b"").await.unwrap());
+    assert_eq!(
+        store.reply(&empty).await.unwrap().as_deref(),
+        Some(&b""[..])
+    );
+    assert!(!store.record_reply(&empty, b"x").await.unwrap());
+
+    // Two phases: not while reserved; by its owner at its epoch once settled.
+    let r = pay(6, 1, Some("auth-6"), 7, "6.00");
+    let Reserved::Held { epoch: 1, .. } = store.reserve(&r, lease).await.unwrap() else {
+        panic!("a fresh reservation")
+    };
+    assert!(
+        !store.record_reply(&at(1, &r), approved).await.unwrap(),
+        "not settled"
+    );
+    assert!(
+        !store.record_reply(&r, approved).await.unwrap(),
+        "not settled (epoch 0)"
+    );
+    assert_eq!(store.reply(&r).await.unwrap(), None, "reserved: no reply");
+    assert_eq!(
+        store.settle(&at(1, &r)).await.unwrap(),
+        Settled::Now { late: false }
+    );
+    assert!(!store.record_reply(&at(2, &r), approved).await.unwrap());
+    assert!(store.record_reply(&at(1, &r), approved).await.unwrap());
+    assert!(store.record_reply(&r, approved).await.unwrap(), "epoch 0");
+    assert_eq!(
+        store
+            .reply(&pay(7, 4, Some("auth-6"), 9, "6.00"))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(approved)
+    );
+
+    // A takeover: the old owner is fenced, whatever epoch it names; the new one records at
+    // its own epoch only.
+    let x = pay(8, 1, Some("auth-8"), 7, "8.00");
+    let y = pay(8, 1, Some("auth-8"), 8, "8.00");
+    assert!(matches!(
+        store.reserve(&x, lease).await.unwrap(),
+        Reserved::Held { epoch: 1, .. }
+    ));
+    tokio::time::sleep(lease + lease / 2).await;
+    assert_eq!(
+        store.reserve(&y, lease).await.unwrap(),
+        Reserved::Held {
+            epoch: 2,
+            took_over: true
+        }
+    );
+    assert_eq!(store.settle(&at(1, &x)).await.unwrap(), Settled::Fenced);
+    assert_eq!(
+        store.settle(&at(2, &y)).await.unwrap(),
+        Settled::Now { late: false }
+    );
+    for (stale, what) in [
+        (at(1, &x), "the old owner at its epoch"),
+        (x.clone(), "the old owner, epoch 0"),
+        (at(1, &y), "the new owner at the stale epoch"),
+    ] {
+        assert!(
+            !store.record_reply(&stale, declined).await.unwrap(),
+            "{what}"
+        );
+    }
+    assert!(store.record_reply(&at(2, &y), approved).await.unwrap());
+    assert_eq!(
+        store.reply(&x).await.unwrap().as_deref(),
+        Some(approved),
+        "the old owner reads the new owner's reply"
+    );
+
+    // At most MAX_REPLY bytes.
+    let big = pay(9, 1, Some("auth-9"), 7, "9.00");
+    assert_eq!(store.claim(&big).await.unwrap(), Claimed::Now);
+    let err = store
+        .record_reply(&big, &vec![7; MAX_REPLY + 1])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::ReplyTooLarge { len, max } if len == MAX_REPLY + 1 && max == MAX_REPLY),
+        "{err:?}"
+    );
+    assert!(!err.outcome_unknown());
+    assert!(err.to_string().contains("65536"), "{err}");
+    assert_eq!(store.reply(&big).await.unwrap(), None, "nothing recorded");
+    assert!(store.record_reply(&big, &vec![7; MAX_REPLY]).await.unwrap());
+    assert_eq!(
+        store.reply(&big).await.unwrap().map(|r| r.len()),
+        Some(MAX_REPLY)
+    );
+
+    // Never claimed: nothing. Released: the reply goes with its claim.
+    assert_eq!(
+        store
+            .reply(&pay(10, 1, Some("auth-10"), 7, "x"))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(store.reply(&pay(10, 1, None, 7, "x")).await.unwrap(), None);
+    assert!(!store
+        .record_reply(&pay(10, 1, Some("auth-10"), 7, "x"), approved)
+        .await
+        .unwrap());
+    assert!(store.release(&a).await.unwrap());
+    assert_eq!(store.reply(&retry).await.unwrap(), None, "released");
+    assert_eq!(store.claim(&retry).await.unwrap(), Claimed::Now);
+    assert_eq!(
+        store.reply(&retry).await.unwrap(),
+        None,
+        "claimed afresh: no reply yet"
+    );
+}
