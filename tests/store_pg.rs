@@ -135,9 +135,24 @@ async fn claims_expire_after_the_ttl() {
         store.claim(&claim(1, 0, Some("k"))).await.unwrap(),
         Claimed::Now
     );
+    assert!(
+        !store
+            .record_reply(&claim(1, 0, Some("k")), b"approved")
+            .await
+            .unwrap(),
+        "an anonymous claim: nobody's to reply to"
+    );
+    let mine = by(7, claim(2, 0, Some("auth")));
+    assert_eq!(store.claim(&mine).await.unwrap(), Claimed::Now);
+    assert!(store.record_reply(&mine, b"approved").await.unwrap());
     assert_eq!(store.expire().await.unwrap(), 0, "within the TTL");
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(store.expire().await.unwrap(), 1);
+    assert_eq!(store.expire().await.unwrap(), 2);
+    assert_eq!(
+        store.reply(&mine).await.unwrap(),
+        None,
+        "a reply goes with its claim"
+    );
     assert_eq!(
         store.claim(&claim(1, 0, Some("k"))).await.unwrap(),
         Claimed::Now,
@@ -434,14 +449,41 @@ use proxy::{Mode, Proxy};
 
 /// A direct connection to `url`, for the test's own look at the table.
 /// A table of an older schema (created by the caller) is refused by a store that does not
-/// create its schema (a column is missing), then migrated in place by one that does.
+/// create its schema (a column is missing), then migrated in place by one that does: every
+/// column the store uses is there, the `reply` column among them (nullable, empty in the old
+/// rows).
 async fn refused_then_migrated(url: &str) -> PgStore {
     let err = PgStore::builder(url).connect().await.unwrap_err();
     assert!(
         matches!(&err, StoreError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN)),
         "an old table without create_schema: {err:?}"
     );
-    PgStore::connect(url, DAY).await.unwrap()
+    let store = PgStore::connect(url, DAY).await.unwrap();
+    let db = direct(url).await;
+    let reply = db
+        .query_opt(
+            "SELECT data_type::text, is_nullable::text FROM information_schema.columns
+             WHERE table_name = 'surelink_claims' AND column_name = 'reply'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)));
+    assert_eq!(
+        reply,
+        Some(("bytea".to_string(), "YES".to_string())),
+        "the reply column after the migration"
+    );
+    let replies: i64 = db
+        .query_one(
+            "SELECT count(*) FROM surelink_claims WHERE reply IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(replies, 0, "old claims have no reply");
+    store
 }
 
 async fn direct(url: &str) -> tokio_postgres::Client {
@@ -1579,6 +1621,172 @@ async fn a_table_without_reservations_is_migrated() {
     assert_eq!(
         store.settle(&Claim { epoch: 1, ..new }).await.unwrap(),
         Settled::Now { late: false }
+    );
+    let claims: i64 = db
+        .query_one("SELECT count(*) FROM surelink_claims", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(claims, 2);
+}
+
+/// Replies in PostgreSQL: the semantics `MemoryStore` has (`tests/common`), on the
+/// database's clock with short real leases.
+#[tokio::test]
+async fn replies_have_the_memory_stores_semantics() {
+    let Some(url) = fresh_database("replies").await else {
+        return;
+    };
+    let store = PgStore::connect(&url, DAY).await.unwrap();
+    common::check_reply_semantics(&store).await;
+}
+
+/// A reply recorded by one replica (its own pool and claimant) is read byte for byte by
+/// another, for a retry under the same key on another channel; replicas racing to record
+/// different replies for the same claim leave exactly one, the one every reader gets.
+#[tokio::test]
+async fn a_reply_recorded_by_one_replica_is_read_by_another() {
+    let Some(url) = fresh_database("replies_replicas").await else {
+        return;
+    };
+    let a = PgStore::connect(&url, DAY).await.unwrap();
+    let b = PgStore::connect(&url, DAY).await.unwrap();
+    let digest = Some(surelink::proto::payload_digest(b"10.00 EUR"));
+    let first = Claim {
+        digest,
+        ..by(7, claim(1, 1, Some("auth-1")))
+    };
+    let retry = Claim {
+        digest,
+        ..by(8, claim(2, 5, Some("auth-1")))
+    };
+    assert_eq!(a.claim(&first).await.unwrap(), Claimed::Now);
+    // Every byte value, so that nothing is lost to an encoding.
+    let reply: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+    assert!(a.record_reply(&first, &reply).await.unwrap());
+    assert_eq!(b.claim(&retry).await.unwrap(), Claimed::Before);
+    assert_eq!(b.reply(&retry).await.unwrap().as_deref(), Some(&reply[..]));
+    assert!(!b.record_reply(&retry, b"declined").await.unwrap());
+
+    // The same claimant recording through two pools at once (a retry racing its first
+    // attempt), with different replies: one wins, the other is refused, never overwritten.
+    for round in 0..20u8 {
+        let (x, y) = (vec![b'x', round], vec![b'y', round]);
+        let probe = by(
+            9,
+            claim(3, 2 + u64::from(round), Some(&format!("auth-r{round}"))),
+        );
+        assert_eq!(a.claim(&probe).await.unwrap(), Claimed::Now);
+        let (rx, ry) = tokio::join!(a.record_reply(&probe, &x), b.record_reply(&probe, &y));
+        let (rx, ry) = (rx.unwrap(), ry.unwrap());
+        assert!(rx != ry, "round {round}: exactly one recorded ({rx}, {ry})");
+        let kept = if rx { x } else { y };
+        assert_eq!(
+            b.reply(&probe).await.unwrap().as_deref(),
+            Some(&kept[..]),
+            "round {round}"
+        );
+    }
+}
+
+/// The schema of the previous version (reservations, no replies), as its `PG_SCHEMA` was.
+const SCHEMA_WITHOUT_REPLIES: &str = r"
+CREATE TABLE IF NOT EXISTS surelink_claims (
+    channel_id bytea       NOT NULL,
+    message_id bigint      NOT NULL,
+    idem_key   bytea,
+    claimed_at timestamptz NOT NULL DEFAULT now(),
+    claimant   bigint      NOT NULL DEFAULT 0,
+    client     bytea       NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
+    digest     bytea,
+    epoch      bigint      NOT NULL DEFAULT 0,
+    lease_until timestamptz,
+    PRIMARY KEY (channel_id, message_id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS surelink_claims_client_key
+    ON surelink_claims (client, idem_key) WHERE idem_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS surelink_claims_claimed_at ON surelink_claims (claimed_at);
+CREATE TABLE IF NOT EXISTS surelink_claims_channels (
+    channel_id bytea       PRIMARY KEY,
+    owner      bytea       NOT NULL,
+    bound_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS surelink_claims_bound_at ON surelink_claims_channels (bound_at);
+";
+
+/// A table of the previous version (no `reply`) is refused without `create_schema` and
+/// migrated in place with it: its rows are settled claims without a reply, and their own
+/// claimant may record one (epoch 0 names any epoch; the old rows' is 0); a live reservation
+/// of the old version stays one. Connecting again, or running `PG_SCHEMA` by hand, changes
+/// nothing and keeps the reply.
+#[tokio::test]
+async fn a_table_without_replies_is_migrated() {
+    let Some(url) = fresh_database("migrate_replies").await else {
+        return;
+    };
+    let db = direct(&url).await;
+    db.batch_execute(SCHEMA_WITHOUT_REPLIES).await.unwrap();
+    db.batch_execute(
+        "INSERT INTO surelink_claims (channel_id, message_id, idem_key, claimant)
+             VALUES ('\\x01010101010101010101010101010101', 5, 'old-5', 7);
+         INSERT INTO surelink_claims (channel_id, message_id, idem_key, claimant, epoch,
+                                      lease_until)
+             VALUES ('\\x02020202020202020202020202020202', 1, 'old-6', 7, 1,
+                     now() + interval '1 hour');",
+    )
+    .await
+    .unwrap();
+    let store = refused_then_migrated(&url).await;
+    let old = by(7, claim(1, 5, Some("old-5")));
+    assert_eq!(store.reply(&old).await.unwrap(), None);
+    assert!(
+        !store
+            .record_reply(
+                &Claim {
+                    epoch: 1,
+                    ..old.clone()
+                },
+                b"approved"
+            )
+            .await
+            .unwrap(),
+        "an old claim's epoch is 0"
+    );
+    assert!(!store
+        .record_reply(&by(8, claim(1, 5, Some("old-5"))), b"approved")
+        .await
+        .unwrap());
+    assert!(store.record_reply(&old, b"approved").await.unwrap());
+    let reserved = Claim {
+        epoch: 1,
+        ..by(7, claim(2, 1, Some("old-6")))
+    };
+    assert!(
+        !store.record_reply(&reserved, b"approved").await.unwrap(),
+        "a reservation of the old version: not settled"
+    );
+    assert_eq!(
+        store.settle(&reserved).await.unwrap(),
+        Settled::Now { late: false }
+    );
+    assert!(store.record_reply(&reserved, b"declined").await.unwrap());
+    PgStore::connect(&url, DAY).await.unwrap();
+    db.batch_execute(surelink::store::PG_SCHEMA).await.unwrap();
+    assert_eq!(
+        store
+            .reply(&by(9, claim(3, 3, Some("old-5"))))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"approved"[..])
+    );
+    assert_eq!(
+        store
+            .reply(&by(9, claim(3, 4, Some("old-6"))))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"declined"[..])
     );
     let claims: i64 = db
         .query_one("SELECT count(*) FROM surelink_claims", &[])

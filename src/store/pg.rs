@@ -14,7 +14,9 @@ use tokio_postgres::error::Severity;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, IsolationLevel, NoTls, ToStatement};
 
-use super::{Claim, Claimed, DedupeStore, Reserved, Settled, StoreError, StoreFuture};
+use bytes::Bytes;
+
+use super::{check_reply, Claim, Claimed, DedupeStore, Reserved, Settled, StoreError, StoreFuture};
 
 /// A connection from [`PgStore`]'s pool ([`PgStore::client`]): dereferences to a
 /// `tokio_postgres::Client`; dropping it returns it to the pool.
@@ -26,10 +28,10 @@ pub const DEFAULT_TABLE: &str = "surelink_claims";
 /// The schema of the default table ([`DEFAULT_TABLE`]) and its channel table
 /// (`surelink_claims_channels`), for operators who create them themselves;
 /// [`PgStoreBuilder::schema`] gives it for another table. Idempotent: it also migrates a
-/// table created by an older version (adds the `claimant`, `client`, `digest`, `epoch` and
-/// `lease_until` columns, replaces the unique index on `idem_key` by one on
+/// table created by an older version (adds the `claimant`, `client`, `digest`, `epoch`,
+/// `lease_until` and `reply` columns, replaces the unique index on `idem_key` by one on
 /// `(client, idem_key)`, adds the channel table); an old claim's client is all zeros, the
-/// anonymous client, and it is settled (no lease, epoch 0).
+/// anonymous client, it is settled (no lease, epoch 0), and it has no reply.
 pub const PG_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS surelink_claims (
     channel_id bytea       NOT NULL,
@@ -41,6 +43,7 @@ CREATE TABLE IF NOT EXISTS surelink_claims (
     digest     bytea,
     epoch      bigint      NOT NULL DEFAULT 0,
     lease_until timestamptz,
+    reply      bytea,
     PRIMARY KEY (channel_id, message_id)
 );
 ALTER TABLE surelink_claims
@@ -48,7 +51,8 @@ ALTER TABLE surelink_claims
     ADD COLUMN IF NOT EXISTS client   bytea  NOT NULL DEFAULT '\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
     ADD COLUMN IF NOT EXISTS digest   bytea,
     ADD COLUMN IF NOT EXISTS epoch    bigint NOT NULL DEFAULT 0,
-    ADD COLUMN IF NOT EXISTS lease_until timestamptz;
+    ADD COLUMN IF NOT EXISTS lease_until timestamptz,
+    ADD COLUMN IF NOT EXISTS reply    bytea;
 CREATE UNIQUE INDEX IF NOT EXISTS surelink_claims_client_key
     ON surelink_claims (client, idem_key) WHERE idem_key IS NOT NULL;
 DROP INDEX IF EXISTS surelink_claims_idem_key;
@@ -71,10 +75,12 @@ const EXPIRE_BATCH: i64 = 10_000;
 /// (client, idempotency key). Its columns: `channel_id`, `message_id`, `idem_key`, `client`
 /// and `digest` (what was claimed, see [`Claim`]), `claimant` (who), `epoch` (the fencing
 /// epoch of its reservation; `0` in rows of older versions), `lease_until` (`NULL`: settled,
-/// the record of a delivery; else a reservation whose lease ends then) and `claimed_at`
-/// (when it was reserved or settled, the later: the TTL counts from it). Channel owners
-/// ([`DedupeStore::bind_channel`]) live in a second table, the claims table's name with
-/// `_channels` appended, one row per channel. Expiry deletes claims (settled or not) older
+/// the record of a delivery; else a reservation whose lease ends then), `reply` (the
+/// application's reply, recorded by the claimant that settled it,
+/// [`DedupeStore::record_reply`]; `NULL` until then) and `claimed_at` (when it was reserved
+/// or settled, the later: the TTL counts from it; a reply expires with its row). Channel
+/// owners ([`DedupeStore::bind_channel`]) live in a second table, the claims table's name
+/// with `_channels` appended, one row per channel. Expiry deletes claims (settled or not) older
 /// than the TTL, and bindings older than the TTL with no claim left
 /// ([`DedupeStore::expire`]; a server calls it periodically). Time is the database's clock
 /// (`now()`), one clock for every replica. The schema: [`PG_SCHEMA`].
@@ -91,15 +97,19 @@ const EXPIRE_BATCH: i64 = 10_000;
 /// lease ended (taken over: the next epoch). A settle ([`DedupeStore::settle`]) is one
 /// `UPDATE` of the row that is still its claimant's at its epoch, then a `SELECT` if it
 /// changed nothing (settled already by the same claimant and epoch: a retry; else fenced).
+/// A reply is recorded by one guarded `UPDATE` (the row its claimant settled, at its epoch,
+/// with no reply or the same one) and read by one `SELECT` (by (client, key), else by
+/// (channel, message) for a keyless claim).
 ///
 /// **Upgrading**: [`PgStoreBuilder::create_schema`] (or [`PG_SCHEMA`] run by hand) migrates
 /// a table of an older version in place (`ADD COLUMN IF NOT EXISTS`). Its rows are settled
-/// claims (no lease, epoch 0). From a version without clients and digests, the claims
-/// already in it belong to the anonymous client and carry no digest, so they still refuse
-/// their messages and their keys for anonymous clients, but under mutual TLS a key first
-/// claimed before the upgrade is not recognised as that client's until it expires. A
-/// replica of a version without reservations treats a reservation as a claim (delivered
-/// before): upgrade every replica before relying on reservations.
+/// claims (no lease, epoch 0) without replies. From a version without clients and digests,
+/// the claims already in it belong to the anonymous client and carry no digest, so they
+/// still refuse their messages and their keys for anonymous clients, but under mutual TLS a
+/// key first claimed before the upgrade is not recognised as that client's until it
+/// expires. A replica of a version without reservations treats a reservation as a claim
+/// (delivered before): upgrade every replica before relying on reservations. One of a
+/// version without replies ignores them (it writes none; they go with its rows).
 ///
 /// **Connections** come from a pool ([`PgStoreBuilder::pool_size`]); a broken connection is
 /// dropped and a new one made on the next use, so the store outlives a restart of the
@@ -230,9 +240,9 @@ impl PgStoreBuilder {
 
     /// Whether [`PgStoreBuilder::connect`] creates the tables and their indexes if missing,
     /// and migrates a table of an older version (adds the `claimant`, `client`, `digest`,
-    /// `epoch` and `lease_until` columns, makes keys unique per client, adds the channel
-    /// owners' table) (default `false`: the tables must exist, created or migrated by the
-    /// operator from [`PgStoreBuilder::schema`]; a table missing a column is refused).
+    /// `epoch`, `lease_until` and `reply` columns, makes keys unique per client, adds the
+    /// channel owners' table) (default `false`: the tables must exist, created or migrated by
+    /// the operator from [`PgStoreBuilder::schema`]; a table missing a column is refused).
     pub fn create_schema(mut self, create: bool) -> Self {
         self.create_schema = create;
         self
@@ -324,8 +334,9 @@ async fn create_schema(conn: &mut Object, name: &TableName) -> Result<(), StoreE
         .query_one(
             "SELECT to_regclass($1) IS NOT NULL,
                     (SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass($1)
-                     AND attname IN ('claimant', 'client', 'digest', 'epoch', 'lease_until')
-                     AND NOT attisdropped) = 5,
+                     AND attname IN ('claimant', 'client', 'digest', 'epoch', 'lease_until',
+                                     'reply')
+                     AND NOT attisdropped) = 6,
                     to_regclass($2) IS NOT NULL,
                     to_regclass($3) IS NOT NULL,
                     to_regclass($4) IS NOT NULL,
@@ -365,7 +376,7 @@ async fn create_schema(conn: &mut Object, name: &TableName) -> Result<(), StoreE
             tracing::info!(
                 table = %name.full,
                 "surelink: adding the columns an older version lacks \
-                 (claimant, client, digest, epoch, lease_until)"
+                 (claimant, client, digest, epoch, lease_until, reply)"
             );
             tx.batch_execute(&name.add_columns()).await?;
         }
@@ -463,6 +474,7 @@ CREATE TABLE IF NOT EXISTS {t} (
     digest     bytea,
     epoch      bigint      NOT NULL DEFAULT 0,
     lease_until timestamptz,
+    reply      bytea,
     PRIMARY KEY (channel_id, message_id)
 );
 {add}
@@ -491,7 +503,8 @@ CREATE TABLE IF NOT EXISTS {t} (
     ADD COLUMN IF NOT EXISTS client   bytea  NOT NULL DEFAULT {ZEROS},
     ADD COLUMN IF NOT EXISTS digest   bytea,
     ADD COLUMN IF NOT EXISTS epoch    bigint NOT NULL DEFAULT 0,
-    ADD COLUMN IF NOT EXISTS lease_until timestamptz;",
+    ADD COLUMN IF NOT EXISTS lease_until timestamptz,
+    ADD COLUMN IF NOT EXISTS reply    bytea;",
             self.full
         )
     }
@@ -571,6 +584,15 @@ struct Sql {
     release: String,
     bind: String,
     expire_channels: String,
+    /// Records a reply on the row its claimant settled ($1 channel id, $2 message id, $3
+    /// key, $4 claimant, $5 client, $6 epoch or 0 for any, $7 reply): whether it did (or the
+    /// same reply was there).
+    record_reply: String,
+    /// The reply of the settled row of (client, key) ($1 client, $2 key, $3 digest or NULL).
+    reply_by_key: String,
+    /// The reply of the settled keyless row of (channel, message) ($1 channel id, $2
+    /// message id, $3 client, $4 digest or NULL).
+    reply_by_pair: String,
 }
 
 impl Sql {
@@ -649,10 +671,28 @@ impl Sql {
                      AND NOT EXISTS (SELECT 1 FROM {t} WHERE {t}.channel_id = b.channel_id)
                      LIMIT $2)"
             ),
+            record_reply: format!(
+                "UPDATE {t} SET reply = $7
+                 WHERE channel_id = $1 AND message_id = $2
+                   AND idem_key IS NOT DISTINCT FROM $3::bytea AND claimant = $4 AND $4 <> 0
+                   AND client = $5 AND ($6::bigint = 0 OR epoch = $6::bigint)
+                   AND lease_until IS NULL AND (reply IS NULL OR reply = $7::bytea)"
+            ),
+            reply_by_key: format!(
+                "SELECT reply FROM {t}
+                 WHERE client = $1 AND idem_key = $2 AND lease_until IS NULL
+                   AND ($3::bytea IS NULL OR digest IS NULL OR digest = $3::bytea)"
+            ),
+            reply_by_pair: format!(
+                "SELECT reply FROM {t}
+                 WHERE channel_id = $1 AND message_id = $2 AND idem_key IS NULL
+                   AND client = $3 AND lease_until IS NULL
+                   AND ($4::bytea IS NULL OR digest IS NULL OR digest = $4::bytea)"
+            ),
         }
     }
 
-    fn all(&self) -> [&str; 13] {
+    fn all(&self) -> [&str; 16] {
         [
             &self.insert,
             &self.pair,
@@ -667,6 +707,9 @@ impl Sql {
             &self.release,
             &self.bind,
             &self.expire_channels,
+            &self.record_reply,
+            &self.reply_by_key,
+            &self.reply_by_pair,
         ]
     }
 }
@@ -1229,6 +1272,51 @@ impl DedupeStore for PgStore {
                 )
                 .await?;
             Ok(n > 0)
+        })
+    }
+
+    fn record_reply<'a>(&'a self, claim: &'a Claim, reply: &'a [u8]) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            check_reply(reply)?;
+            if claim.claimant == 0 {
+                return Ok(false);
+            }
+            let (channel, message, key, claimant, client, _) = params(claim);
+            let epoch = claim.epoch as i64;
+            let n = self
+                .execute(
+                    &self.sql.record_reply,
+                    &[&channel, &message, &key, &claimant, &client, &epoch, &reply],
+                )
+                .await?;
+            Ok(n > 0)
+        })
+    }
+
+    fn reply<'a>(&'a self, claim: &'a Claim) -> StoreFuture<'a, Option<Bytes>> {
+        Box::pin(async move {
+            let deadline = Instant::now() + self.op_timeout;
+            let conn = self.connection(deadline).await?;
+            let answer = tokio::time::timeout_at(deadline, async {
+                let (channel, message, key, _, client, digest) = params(claim);
+                let row = match key {
+                    Some(key) => {
+                        let by_key = conn.prepare_cached(&self.sql.reply_by_key).await?;
+                        conn.query_opt(&by_key, &[&client, &key, &digest]).await?
+                    }
+                    None => {
+                        let by_pair = conn.prepare_cached(&self.sql.reply_by_pair).await?;
+                        conn.query_opt(&by_pair, &[&channel, &message, &client, &digest])
+                            .await?
+                    }
+                };
+                Ok(match row {
+                    Some(row) => row.try_get::<_, Option<Vec<u8>>>(0)?.map(Bytes::from),
+                    None => None,
+                })
+            })
+            .await;
+            self.finish(conn, answer)
         })
     }
 
