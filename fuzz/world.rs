@@ -666,6 +666,10 @@ impl Store {
                 self.release(&Claim { epoch, ..c.clone() });
                 None
             }
+            // The world's clients send no requests, so no reply is recorded or fetched; a
+            // store that keeps none answers so.
+            ClaimStep::RecordReply { .. } => Some(StoreAnswer::Recorded { recorded: false }),
+            ClaimStep::FetchReply => Some(StoreAnswer::Reply(None)),
         }
     }
 }
@@ -2392,7 +2396,7 @@ impl World {
                     if matches!(step, ClaimStep::Release { .. }) {
                         // Given back: nobody took it, and it may now be delivered elsewhere.
                         if self.store.release(&Claim {
-                            epoch: step_epoch(step),
+                            epoch: step_epoch(&step),
                             ..claim
                         }) {
                             self.unresolved.remove(&(r, i, id));
@@ -2504,10 +2508,12 @@ impl World {
 }
 
 /// The epoch a store step names (0: none).
-fn step_epoch(step: ClaimStep) -> u64 {
-    match step {
-        ClaimStep::Settle { epoch } | ClaimStep::Release { epoch } => epoch,
-        ClaimStep::Reserve { .. } => 0,
+fn step_epoch(step: &ClaimStep) -> u64 {
+    match *step {
+        ClaimStep::Settle { epoch }
+        | ClaimStep::Release { epoch }
+        | ClaimStep::RecordReply { epoch, .. } => epoch,
+        ClaimStep::Reserve { .. } | ClaimStep::FetchReply => 0,
     }
 }
 

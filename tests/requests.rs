@@ -3,6 +3,8 @@
 //! byte for byte and is never processed twice, and explicit answers (ack, nack, none) mean
 //! what they say.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -272,4 +274,132 @@ async fn declined_requests_and_missing_replies() {
     let (awaits, replied) = rx.await.unwrap();
     assert!(!awaits);
     assert_eq!(replied, Err(surelink::channel::AnswerError::NotAwaited));
+}
+
+/// Three replicas share a claims store; the client's requests go to the first, whose
+/// replies are lost on the way for 200 ms before it is killed (its application may also have
+/// replied to a request whose reply was never recorded).
+/// The terminal retries each request under its key until it has a reply: the retries fail
+/// over to the second replica, which answers those the first processed with the reply kept
+/// in the store. Each request reached the applications (all replicas together) at most once,
+/// every reply the terminal got is the first one byte for byte, and at most one request is
+/// left processed without a reply kept (the replica died between its reply and the record:
+/// the window two-phase claims leave).
+#[tokio::test(start_paused = true)]
+async fn a_killed_replica_costs_no_second_processing_and_no_other_reply() {
+    use surelink::sim::SERVER_NAME;
+    use surelink::store::MemoryStore;
+
+    let link = lossy(0.05);
+    let pair = Pair::new(PairConfig {
+        seed: 23,
+        client_to_server: link.clone(),
+        server_to_client: link.clone(),
+        congestion: Congestion::Bbr,
+        initial_rtt: Duration::from_millis(50),
+        idle_timeout: Duration::from_secs(1),
+        keep_alive: Some(Duration::from_millis(300)),
+        ..PairConfig::default()
+    })
+    .unwrap();
+    let net = pair.net.clone().unwrap();
+    let store = Arc::new(MemoryStore::default());
+    let log: Arc<Mutex<Host>> = Default::default();
+    let mut addrs = Vec::new();
+    for (r, (addr, endpoint)) in common::replicas(&pair, 3, &link).into_iter().enumerate() {
+        addrs.push(addr);
+        let mut config = Config::default();
+        config.store = Some(store.clone());
+        let mut listener = surelink::channel::Listener::new(endpoint, config);
+        let log = log.clone();
+        tokio::spawn(async move {
+            while let Some((_c, mut messages)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    while let Some(request) = messages.recv().await {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        let reply = {
+                            let mut h = log.lock().unwrap();
+                            h.order += 1;
+                            *h.processed.entry(request.payload.clone()).or_default() += 1;
+                            let reply = Bytes::from(format!("replica {r} approved #{}", h.order));
+                            h.replies.insert(request.payload.clone(), reply.clone());
+                            reply
+                        };
+                        let _ = request.reply(reply);
+                    }
+                });
+            }
+        });
+    }
+    let mut config = Config::default();
+    config.sender.deadline = Duration::from_millis(800);
+    let (client, _messages) =
+        Channel::connect_replicas(&pair.client, &addrs, SERVER_NAME, None, config)
+            .await
+            .unwrap();
+    let got: Arc<Mutex<HashMap<Bytes, Bytes>>> = Default::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200u32 {
+        let (c, got) = (client.clone(), got.clone());
+        tasks.spawn(async move {
+            let payload = Bytes::from(format!("auth {i:04}"));
+            let options = SendOptions::default().key(format!("till-9/{i}"));
+            for _ in 0..30 {
+                match c.request_with(payload.clone(), options.clone()).await {
+                    Ok(reply) => {
+                        got.lock().unwrap().insert(payload, reply.payload);
+                        return;
+                    }
+                    Err(e) if e.may_have_been_delivered() => {}
+                    Err(e) => panic!("{payload:?}: a definite failure: {e}"),
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if i == 60 {
+            // From here the first replica's replies are lost on the way (it still processes
+            // and records them), until it is killed: their requests' retries are answered
+            // by the second replica, from the store.
+            let mut dead = link.clone();
+            dead.loss = surelink::sim::Loss::Bernoulli(1.0);
+            net.set_link(addrs[0], pair.client.local_addr().unwrap(), dead);
+        }
+        if i == 80 {
+            assert!(net.crash(addrs[0]));
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let h = log.lock().unwrap();
+    let got = got.lock().unwrap();
+    for (payload, n) in &h.processed {
+        assert_eq!(*n, 1, "{payload:?} processed {n} times");
+    }
+    for (payload, reply) in got.iter() {
+        assert_eq!(reply, &h.replies[payload], "{payload:?}: the first reply");
+    }
+    let unanswered: Vec<&Bytes> = h
+        .processed
+        .keys()
+        .filter(|p| !got.contains_key(*p))
+        .collect();
+    assert!(
+        unanswered.len() <= 1,
+        "processed without a reply kept: {unanswered:?}"
+    );
+    assert!(
+        got.len() + unanswered.len() == 200,
+        "{} of 200 answered",
+        got.len()
+    );
+    let by_second = got.values().filter(|r| r.starts_with(b"replica 1")).count();
+    let from_first = got.values().filter(|r| r.starts_with(b"replica 0")).count();
+    eprintln!(
+        "replies: {from_first} from the first replica, {by_second} from the second; \
+         unanswered {}; replies kept in the store answered retries",
+        unanswered.len()
+    );
+    assert!(by_second > 0, "the second replica took over");
 }

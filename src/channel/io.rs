@@ -162,6 +162,26 @@ pub(super) async fn claim(
                 Err(e) => Err(late(e)),
             }
         }
+        ClaimStep::RecordReply { epoch, reply } => {
+            claim.epoch = epoch;
+            match tokio::time::timeout(timeout, store.record_reply(&claim, &reply)).await {
+                Ok(Ok(recorded)) => Ok(StoreAnswer::Recorded { recorded }),
+                // A store that keeps no replies: the reply goes out unrecorded.
+                Ok(Err(crate::store::StoreError::RepliesUnsupported { .. })) => {
+                    Ok(StoreAnswer::Recorded { recorded: false })
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(late(e)),
+            }
+        }
+        ClaimStep::FetchReply => match tokio::time::timeout(timeout, store.reply(&claim)).await {
+            Ok(Ok(reply)) => Ok(StoreAnswer::Reply(reply)),
+            Ok(Err(crate::store::StoreError::RepliesUnsupported { .. })) => {
+                Ok(StoreAnswer::Reply(None))
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(late(e)),
+        },
         ClaimStep::Release { epoch } => {
             claim.epoch = epoch;
             if let Ok(Err(e)) = tokio::time::timeout(timeout, store.release(&claim)).await {

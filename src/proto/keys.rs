@@ -271,18 +271,50 @@ impl KeyRecord {
     /// the record has room; a full record is no reason to refuse here (the store holds the
     /// keys, the record only caches them).
     pub fn remember(&mut self, now: Instant, scope: Scope, key: &Bytes, digest: Digest, by: u64) {
+        self.remember_with(now, scope, key, digest, by, None)
+    }
+
+    /// [`KeyRecord::remember`] with a request's `reply` (the store kept it), which also
+    /// fills a cached entry that has none; within `max_reply_bytes` (a cache: past it, the
+    /// reply is not kept here).
+    pub fn remember_with(
+        &mut self,
+        now: Instant,
+        scope: Scope,
+        key: &Bytes,
+        digest: Digest,
+        by: u64,
+        reply: Option<Bytes>,
+    ) {
         self.expire(now);
         let k = (scope, Bytes::copy_from_slice(key));
+        let room = self.max_reply_bytes.saturating_sub(self.reply_bytes);
+        let reply = reply
+            .filter(|r| r.len() <= room)
+            .map(|r| Bytes::copy_from_slice(&r));
+        if let Some(KeyState::Delivered {
+            digest: d,
+            reply: kept @ None,
+            ..
+        }) = self.keys.get_mut(&k)
+        {
+            if *d == digest {
+                self.reply_bytes += reply.as_ref().map_or(0, Bytes::len);
+                *kept = reply;
+            }
+            return;
+        }
         if self.keys.contains_key(&k) || self.keys.len() >= self.max_keys {
             return;
         }
+        self.reply_bytes += reply.as_ref().map_or(0, Bytes::len);
         self.keys.insert(
             k.clone(),
             KeyState::Delivered {
                 at: now,
                 digest,
                 by,
-                reply: None,
+                reply,
             },
         );
         self.order.push_back((now, scope, k.1));

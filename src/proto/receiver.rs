@@ -394,6 +394,8 @@ pub struct ClaimRequest {
     pub digest: Digest,
     /// The incarnation of the peer that sent it; an answer for an earlier one is ignored.
     pub generation: u64,
+    /// Whether it is a request (protocol 2): its reply is kept with its claim.
+    pub request: bool,
 }
 
 /// The owner's answer to a [`ClaimRequest`].
@@ -630,6 +632,8 @@ pub struct Receiver {
     replies_in: VecDeque<ReplyIn>,
     /// Replies to send: `(request id, reply)` ([`Receiver::poll_reply_out`]).
     replies_out: VecDeque<(u64, Bytes)>,
+    /// Replies to record with their claims first (claims mode): `(request id, reply)`.
+    replies_to_record: VecDeque<(u64, Bytes)>,
     stats: ReceiverStats,
 }
 
@@ -668,6 +672,7 @@ impl Receiver {
             last_notice: None,
             replies_in: VecDeque::new(),
             replies_out: VecDeque::new(),
+            replies_to_record: VecDeque::new(),
             stats: ReceiverStats::default(),
         }
     }
@@ -1206,8 +1211,56 @@ impl Receiver {
         if self.gone || !matches!(self.messages.get(&id), Some(Msg::Handed { .. })) {
             return;
         }
+        if let (Answer::Reply(reply), Claims::Owner) = (&answer, self.config.claims) {
+            // Recorded with its claim first (`Receiver::reply_recorded`), so that a retry on
+            // any replica gets it; until then copies wait with the message.
+            self.replies_to_record.push_back((id, reply.clone()));
+            return;
+        }
+        self.finish_answer(now, id, answer);
+    }
+
+    /// Claims mode: the reply to request `id` was recorded with its claim (or could not
+    /// be): it is answered now.
+    pub fn reply_recorded(&mut self, now: Instant, id: u64, reply: Bytes) {
+        if self.gone || !matches!(self.messages.get(&id), Some(Msg::Handed { .. })) {
+            return;
+        }
+        self.finish_answer(now, id, Answer::Reply(reply));
+    }
+
+    /// The next reply to record with its request's claim before it goes out: `(request id,
+    /// reply)` ([`Receiver::reply_recorded`]).
+    #[must_use]
+    pub fn poll_reply_record(&mut self) -> Option<(u64, Bytes)> {
+        self.replies_to_record.pop_front()
+    }
+
+    /// Claims mode: the store says request `request` was settled before (here or on
+    /// another replica) and keeps `reply` with it: the reply goes out to this copy's id and
+    /// the record caches it under the key. The claim's `Before` follows
+    /// ([`Receiver::claim_done`]).
+    pub fn replay_reply(&mut self, now: Instant, request: &ClaimRequest, reply: Bytes) {
+        if request.generation != self.generation {
+            return;
+        }
+        self.stats.replies_replayed += 1;
+        if let Some(key) = &request.key {
+            let (scope, by) = (self.scope, self.token);
+            let r = reply.clone();
+            self.keys
+                .with(|rec| rec.remember_with(now, scope, key, request.digest, by, Some(r)));
+        }
+        self.replies_out.push_back((request.id, reply));
+    }
+
+    /// Ends message `id`'s hand-over with the application's answer (current incarnation,
+    /// `Handed`).
+    fn finish_answer(&mut self, now: Instant, id: u64, answer: Answer) {
+        let keep =
+            matches!(answer, Answer::Ack | Answer::Reply(_)) || self.config.claims == Claims::Owner;
         let Some(Msg::Handed { key, via_stream }) = self.unset(id) else {
-            unreachable!("checked above");
+            return;
         };
         let (scope, holder) = (self.scope, self.holder(id));
         let reply = match &answer {
@@ -1959,9 +2012,13 @@ impl Receiver {
                 .key
                 .as_ref()
                 .filter(|_| envelope.kind == Kind::Request);
+            // A request's reply may be in the store only (delivered by another replica):
+            // without it here the store is asked.
+            let replay_here =
+                request_key.is_none() || self.keys.with(|r| r.reply(scope, key).is_some());
             match self.keys.with(|r| r.peek(now, scope, key, digest)) {
                 Some(KeyVerdict::Held(_)) => return Accepted::Held,
-                Some(KeyVerdict::Replay { by }) => {
+                Some(KeyVerdict::Replay { by }) if replay_here => {
                     return self.key_replay(now, id, by, via_stream, request_key)
                 }
                 Some(KeyVerdict::Conflict) => {
@@ -1985,6 +2042,7 @@ impl Receiver {
             key: envelope.key.clone(),
             digest,
             generation: self.generation,
+            request: envelope.kind == Kind::Request,
         });
         let payload = Some(envelope.payload);
         // The floor must not pass it while its claim is out (the claim may answer late).

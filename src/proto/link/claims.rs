@@ -10,6 +10,11 @@
 //!     │  ├──Busy──▶ Reserving again when the holder's lease ends     └──Fenced──▶ (dropped, unacked)
 //!     │  └──Before / Conflict──▶ (acked as a replay / refused)
 //!     └──(inbox pattern) Held──▶ (handed to the application with its lease; it settles)
+//!
+//!  A request (protocol 2) has two more steps:
+//!  (settled, handed) ──its reply──▶ RecordingReply ──Recorded──▶ (acked, the reply sent)
+//!  Reserving ──Before──▶ FetchingReply ──Reply(Some)──▶ (acked as a replay, the kept reply sent)
+//!                                     └──Reply(None)──▶ (unanswered: the first may still be at work)
 //! ```
 //!
 //! Rules:
@@ -21,6 +26,11 @@
 //!   retry (a lost answer) or a re-reservation (a copy after a rollback) as this link's own.
 //! - A reservation this link gives up (the application went away, the channel stopped) is
 //!   released, best effort; otherwise its lease ends by itself.
+//! - A request's reply is recorded with its claim **before** it goes out: a reply its
+//!   requester saw is the one every replica answers a retry with. A replica that dies
+//!   between the application's reply and the record leaves the request processed with no
+//!   reply kept (the same window as a settled message not taken): a retry is left
+//!   unanswered, never processed again.
 
 use super::*;
 
@@ -76,7 +86,7 @@ impl Link {
             digest: job.request.digest,
             claimant: job.claimant,
             timeout,
-            step: job.step,
+            step: job.step.clone(),
         });
         // Jobs are keyed by their attempt in flight, or by their last attempt while waiting.
         self.claims.insert(
@@ -111,7 +121,7 @@ impl Link {
             claimant: job.claimant,
             epoch,
         };
-        let outcome = match (job.step, result) {
+        let outcome = match (job.step.clone(), result) {
             (_, Err(e)) => {
                 self.stats.claim_attempts_failed += 1;
                 tracing::warn!(error = %e, id = job.request.id, "surelink: claim failed");
@@ -121,6 +131,40 @@ impl Link {
                 job.retry_at = Some(now + job.backoff);
                 job.backoff = (job.backoff * 2).min(Duration::from_secs(1));
                 self.claims.insert(attempt, job);
+                return;
+            }
+            (ClaimStep::RecordReply { reply, .. }, Ok(StoreAnswer::Recorded { recorded })) => {
+                if recorded {
+                    self.stats.replies_recorded += 1;
+                } else {
+                    // Sent all the same: the request is settled here, so a retry is never
+                    // processed again; another replica would leave it unanswered.
+                    tracing::warn!(
+                        id = job.request.id,
+                        "surelink: a reply could not be recorded with its claim"
+                    );
+                }
+                self.peer
+                    .receiver
+                    .reply_recorded(now, job.request.id, reply);
+                return;
+            }
+            (ClaimStep::FetchReply, Ok(StoreAnswer::Reply(Some(reply)))) => {
+                self.peer.receiver.replay_reply(now, &job.request, reply);
+                ClaimOutcome::Before
+            }
+            (ClaimStep::FetchReply, Ok(StoreAnswer::Reply(None))) => {
+                // Settled, but no reply kept (yet): the first may still be with an
+                // application, or its replica died before recording it. No answer now.
+                self.stats.replies_unknown += 1;
+                ClaimOutcome::Failed
+            }
+            (ClaimStep::Reserve { .. }, Ok(StoreAnswer::Before)) if job.request.request => {
+                // Settled before: its answer is the reply kept with it.
+                job.step = ClaimStep::FetchReply;
+                job.backoff = Duration::from_millis(10);
+                self.claims.insert(attempt, job);
+                self.claim_attempt(attempt);
                 return;
             }
             (_, Ok(StoreAnswer::Before)) => ClaimOutcome::Before,
@@ -148,8 +192,13 @@ impl Link {
                 self.claims.insert(attempt, job);
                 return;
             }
-            (ClaimStep::Settle { .. }, Ok(StoreAnswer::Settled { late })) => {
+            (ClaimStep::Settle { epoch }, Ok(StoreAnswer::Settled { late })) => {
                 self.stats.leases_expired += u64::from(late);
+                if job.request.request {
+                    // Its reply is recorded with this claim once the application gives it.
+                    self.settled_requests
+                        .insert(job.request.id, (job.request.clone(), job.claimant, epoch));
+                }
                 // Handed over now; until the application takes it, it is the window's one
                 // message.
                 ClaimOutcome::Now
@@ -227,6 +276,14 @@ impl Link {
         let epoch = match job.step {
             ClaimStep::Settle { epoch } | ClaimStep::Release { epoch } => epoch,
             ClaimStep::Reserve { .. } => 0,
+            // Settled and handed over (its reply unrecorded), or settled elsewhere: not this
+            // link's to release.
+            ClaimStep::RecordReply { .. } | ClaimStep::FetchReply => {
+                self.peer
+                    .receiver
+                    .claim_done(now, &job.request, ClaimOutcome::Failed);
+                return;
+            }
         };
         self.push_release(&job.request, job.claimant, epoch);
         self.peer
@@ -277,7 +334,7 @@ impl Link {
         job: ClaimJob,
         result: Result<StoreAnswer, String>,
     ) {
-        let outcome = match (job.step, result) {
+        let outcome = match (job.step.clone(), result) {
             (_, Ok(StoreAnswer::Before)) => ClaimOutcome::Before,
             (_, Ok(StoreAnswer::Conflict)) => ClaimOutcome::Conflict,
             (ClaimStep::Reserve { .. }, Ok(StoreAnswer::Reserved { epoch, .. }))
@@ -288,6 +345,34 @@ impl Link {
             _ => ClaimOutcome::Failed,
         };
         self.peer.receiver.claim_done(now, &job.request, outcome);
+    }
+
+    /// Starts recording the replies the application gave to settled requests (each before
+    /// it goes out).
+    pub(super) fn record_replies(&mut self, now: Instant) {
+        while let Some((id, reply)) = self.peer.receiver.poll_reply_record() {
+            let Some((request, claimant, epoch)) = self.settled_requests.remove(&id) else {
+                // Not settled here (the inbox pattern, or an id of another incarnation):
+                // nothing to record it with.
+                self.peer.receiver.reply_recorded(now, id, reply);
+                continue;
+            };
+            self.next_claim += 1;
+            let key = self.next_claim;
+            self.claims.insert(
+                key,
+                ClaimJob {
+                    request,
+                    claimant,
+                    backoff: Duration::from_millis(10),
+                    attempt: None,
+                    retry_at: None,
+                    step: ClaimStep::RecordReply { epoch, reply },
+                    started: true,
+                },
+            );
+            self.claim_attempt(key);
+        }
     }
 
     /// Reservations held now (reserved and not yet settled, or settling).

@@ -178,7 +178,7 @@ pub use crate::proto::SharedKeys;
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(2);
 
 /// The step of a claim a link asks the store for ([`Action::Claim`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClaimStep {
     /// Reserve the message for `lease` (`DedupeStore::reserve`).
     Reserve {
@@ -195,10 +195,22 @@ pub enum ClaimStep {
         /// The epoch the reservation was given.
         epoch: u64,
     },
+    /// A request settled at `epoch` was answered: record its `reply` with the claim
+    /// (`DedupeStore::record_reply`), before the reply goes out, so that a retry on any
+    /// replica gets it.
+    RecordReply {
+        /// The epoch its settle was given.
+        epoch: u64,
+        /// The application's reply.
+        reply: Bytes,
+    },
+    /// A request the store says was settled before: fetch the reply kept with it
+    /// (`DedupeStore::reply`).
+    FetchReply,
 }
 
 /// The store's answer to an [`Action::Claim`] ([`Input::ClaimAnswered`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreAnswer {
     /// Reserved for this claimant with fencing epoch `epoch`; `took_over` from an owner
     /// whose lease had ended.
@@ -224,6 +236,15 @@ pub enum StoreAnswer {
     Before,
     /// Its key was claimed with another payload: refuse it.
     Conflict,
+    /// [`ClaimStep::RecordReply`]: the reply was recorded (`false`: it could not be, the
+    /// claim is no longer this claimant's, or the store keeps no replies).
+    Recorded {
+        /// Whether it was.
+        recorded: bool,
+    },
+    /// [`ClaimStep::FetchReply`]: the reply kept with the claim (`None`: none yet, or the
+    /// store keeps none).
+    Reply(Option<Bytes>),
 }
 
 impl Default for LinkConfig {
@@ -755,6 +776,11 @@ pub struct LinkStats {
     pub replies_unmatched: u64,
     /// Requests processed by the peer (acked) whose reply did not come before the deadline.
     pub replies_missing: u64,
+    /// Replies recorded in the claims store before they went out.
+    pub replies_recorded: u64,
+    /// Retried requests the store said were settled but kept no reply for (yet): left
+    /// unanswered.
+    pub replies_unknown: u64,
 }
 
 /// Why messages in flight failed when the server came back without the channel.
@@ -934,6 +960,9 @@ pub struct Link {
     crossed: std::collections::HashSet<u64>,
     /// Replies for the peer waiting for room in the sender: `(request id, reply)`.
     replies_waiting: VecDeque<(u64, Bytes)>,
+    /// Requests settled in the store and handed over, by id: their claim, claimant and
+    /// epoch, with which their reply is recorded.
+    settled_requests: HashMap<u64, (ClaimRequest, u64, u64)>,
     /// Messages the application received and has not answered, by id (an id may name one
     /// message of each of the peer's incarnations).
     unanswered: HashMap<u64, usize>,
@@ -1016,6 +1045,7 @@ impl Link {
             actions: VecDeque::new(),
             crossed: std::collections::HashSet::new(),
             replies_waiting: VecDeque::new(),
+            settled_requests: HashMap::new(),
             unanswered: HashMap::new(),
             unanswered_total: 0,
             room_owed: 0,
@@ -1466,6 +1496,7 @@ impl Link {
     /// outcomes.
     fn flush(&mut self, now: Instant) {
         self.hand_over();
+        self.record_replies(now);
         self.exchange_replies(now);
         while !self.parked.is_empty() && !self.peer.receiver.backlogged() {
             let (answer, message) = self.parked.pop_front().expect("not empty");

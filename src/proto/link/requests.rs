@@ -65,6 +65,10 @@ impl Link {
     /// back now, if it was owed); an answer for a message never received (dropped in the
     /// hand-off when the application went away) frees the room it held.
     pub(super) fn answered(&mut self, now: Instant, id: u64, answer: Answer) {
+        if !matches!(answer, Answer::Reply(_)) {
+            // Nothing to record with its claim.
+            self.settled_requests.remove(&id);
+        }
         self.peer.receiver.answered(now, id, answer);
         if !self.answer_received(id) {
             self.room += 1;

@@ -1287,7 +1287,7 @@ fn claim_steps(actions: &[Action]) -> Vec<(u64, ClaimStep)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Claim { attempt, step, .. } => Some((*attempt, *step)),
+            Action::Claim { attempt, step, .. } => Some((*attempt, step.clone())),
             _ => None,
         })
         .collect()
@@ -1534,7 +1534,7 @@ fn claimants_are_per_message_and_incarnation() {
 #[test]
 fn a_reservation_answered_after_the_application_went_is_released() {
     let (now, mut link, mut client) = claims_server(LinkConfig::default());
-    let (attempt, step) = claim_steps(&deliver_one(&mut link, &mut client, now))[0];
+    let (attempt, step) = claim_steps(&deliver_one(&mut link, &mut client, now))[0].clone();
     assert!(matches!(step, ClaimStep::Reserve { .. }));
     link.handle(now, Input::AppGone);
     drain(&mut link);
