@@ -63,8 +63,10 @@
 //!
 //! # The stable API
 //!
-//! - [`channel`]: [`Channel`] (send, with [`SendOptions`]: idempotency key, deadline),
-//!   [`Messages`] (receive [`Delivered`] messages), [`Listener`] and [`Server`] (the server
+//! - [`channel`]: [`Channel`] (send, with [`SendOptions`]: idempotency key, deadline;
+//!   [`Channel::request`](channel::Channel::request): a request and its reply, protocol 2),
+//!   [`Messages`] (receive [`Delivered`] messages; answer requests, and with
+//!   `Config::explicit_ack` every message, with `reply`, `ack` or `nack`), [`Listener`] and [`Server`] (the server
 //!   side), [`Config`] (every setting, with its default), [`SendError`], [`Receipt`],
 //!   [`ChannelStats`](channel::ChannelStats), and the TLS helpers.
 //! - [`store`]: the claims store replicas share ([`DedupeStore`](store::DedupeStore),

@@ -166,10 +166,12 @@ pub(super) async fn claim(
             claim.epoch = epoch;
             match tokio::time::timeout(timeout, store.record_reply(&claim, &reply)).await {
                 Ok(Ok(recorded)) => Ok(StoreAnswer::Recorded { recorded }),
-                // A store that keeps no replies: the reply goes out unrecorded.
-                Ok(Err(crate::store::StoreError::RepliesUnsupported { .. })) => {
-                    Ok(StoreAnswer::Recorded { recorded: false })
-                }
+                // A store that keeps no replies, or not one this large: the reply goes out
+                // unrecorded (a retry on another replica is then left unanswered).
+                Ok(Err(
+                    crate::store::StoreError::RepliesUnsupported { .. }
+                    | crate::store::StoreError::ReplyTooLarge { .. },
+                )) => Ok(StoreAnswer::Recorded { recorded: false }),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(e) => Err(late(e)),
             }
