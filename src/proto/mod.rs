@@ -124,7 +124,8 @@ impl Peer {
             }
             Ok(Frame::Replayed(_)) => self.count_invalid_reason("unknown_type"),
             Ok(Frame::Message(message)) if self.receiver.protocol() >= 2 => {
-                self.receiver.handle_message(now, message)
+                self.receiver.handle_message(now, message);
+                self.sender.set_reverse_loss(self.receiver.incoming_loss());
             }
             Ok(Frame::Repair(repair)) if self.receiver.protocol() >= 2 => {
                 self.receiver.handle_repair(now, &repair)

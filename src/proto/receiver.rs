@@ -634,6 +634,8 @@ pub struct Receiver {
     replies_out: VecDeque<(u64, Bytes)>,
     /// Replies to record with their claims first (claims mode): `(request id, reply)`.
     replies_to_record: VecDeque<(u64, Bytes)>,
+    /// Window sources of this connection: (distinct ones received, the newest `seq` + 1).
+    sources: (u64, u64),
     stats: ReceiverStats,
 }
 
@@ -673,6 +675,7 @@ impl Receiver {
             replies_in: VecDeque::new(),
             replies_out: VecDeque::new(),
             replies_to_record: VecDeque::new(),
+            sources: (0, 0),
             stats: ReceiverStats::default(),
         }
     }
@@ -716,6 +719,7 @@ impl Receiver {
     pub fn new_connection(&mut self) {
         self.reassembler = Reassembler::new(self.config.reassembler.clone());
         self.window = WindowDecoder::new(self.config.window);
+        self.sources = (0, 0);
         self.out.clear();
         self.last_ack = None;
         self.notices_out.clear();
@@ -1314,6 +1318,16 @@ impl Receiver {
         }
     }
 
+    /// The loss of the peer's datagrams on the way here, as this connection's window sources
+    /// show it: `(lost, sent)`, where `sent` counts the sources up to the newest received
+    /// (a few of the newest "lost" may still be on their way).
+    pub fn incoming_loss(&self) -> (u64, u64) {
+        (
+            self.sources.1 - self.sources.0.min(self.sources.1),
+            self.sources.1,
+        )
+    }
+
     /// The next reply received for one of this end's requests.
     #[must_use]
     pub fn poll_reply(&mut self) -> Option<ReplyIn> {
@@ -1641,6 +1655,10 @@ impl Receiver {
         // one from the sender's loss estimate.
         if !self.window.knows(frame.seq) {
             self.stats.shards_received += 1;
+            // Window sources are numbered from 0 per connection, one each: the gaps below
+            // the newest are the peer's datagrams lost on the way (or still on it).
+            self.sources.0 += 1;
+            self.sources.1 = self.sources.1.max(frame.seq + 1);
         }
         if self.backlogged() {
             // As for shards: it arrived, but holding it would buffer without bound behind

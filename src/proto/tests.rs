@@ -1821,3 +1821,20 @@ fn paced_resends_of_acked_messages_are_not_sent() {
     assert_eq!(later, 0, "{later} resends of acked messages went out");
     assert_eq!(s.stats().shards_sent, before);
 }
+
+/// An end that answers requests sends its first message after many of its peer's arrived:
+/// with nothing of its own judged yet, its window repairs plan with the loss the peer's
+/// window sources showed the other way; without enough of those, nothing is spent on the
+/// prior alone.
+#[test]
+fn the_window_plans_with_the_loss_seen_the_other_way_until_its_own_is_measured() {
+    let mut s = Sender::new(SenderConfig::default());
+    assert_eq!(s.window_ratio(), 0.0, "nothing measured either way");
+    s.set_reverse_loss((10, 20));
+    assert_eq!(s.window_ratio(), 0.0, "too few sources seen to plan with");
+    s.set_reverse_loss((10, 100));
+    let ratio = s.window_ratio();
+    assert!(ratio > 0.3, "10% lost the other way: ratio {ratio}");
+    s.set_reverse_loss((0, 100));
+    assert_eq!(s.window_ratio(), 0.0, "a clean path the other way");
+}
