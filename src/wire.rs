@@ -1008,6 +1008,12 @@ impl Envelope {
         Bytes::from(buf)
     }
 
+    /// Whether `body` is a reply's envelope (its flags say so; the rest is not checked).
+    pub fn is_reply(body: &[u8]) -> bool {
+        body.first()
+            .is_some_and(|&f| f & FLAG_REPLY != 0 && f & FLAG_REQUEST == 0)
+    }
+
     /// Decodes an envelope; the key and the payload are zero-copy slices of `body`.
     pub fn decode(mut body: Bytes) -> Result<Envelope, DecodeError> {
         if body.is_empty() {

@@ -35,7 +35,9 @@
 //! - **A request's key keeps its reply.** A request and a message with the same payload have
 //!   different digests ([`request_digest`]), so one is never a replay of the other. Replies
 //!   kept take at most `max_reply_bytes` in all: past it a new request key is refused
-//!   ([`KeyVerdict::Full`]), never a kept reply forgotten early.
+//!   ([`KeyVerdict::Full`]), never a kept reply forgotten early; a request judged before it
+//!   filled whose reply no longer fits is delivered without its reply kept (its retries are
+//!   left unanswered: unknown, never another reply).
 //!
 //! Memory is bounded by `max_keys × (key length + `[`KEY_OVERHEAD_BYTES`]`)` plus
 //! `max_reply_bytes`; keys and replies are copied out of their datagrams, so a kept key never
@@ -142,6 +144,7 @@ pub struct KeyRecord {
     /// Bytes of the replies kept, and their limit.
     reply_bytes: usize,
     max_reply_bytes: usize,
+    replies_not_kept: u64,
 }
 
 impl KeyRecord {
@@ -156,6 +159,7 @@ impl KeyRecord {
             next_holder: 0,
             reply_bytes: 0,
             max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
+            replies_not_kept: 0,
         }
     }
 
@@ -252,8 +256,17 @@ impl KeyRecord {
         if let Some(state) = self.keys.get_mut(&k) {
             if let KeyState::Held { holder: h, digest } = *state {
                 if h == holder {
+                    // Within `max_reply_bytes` only (requests judged while there was room may
+                    // answer after it filled): past it the key is delivered without its
+                    // reply, and a retry is left unanswered rather than memory unbounded.
+                    let room = self.max_reply_bytes.saturating_sub(self.reply_bytes);
+                    if reply.as_ref().is_some_and(|r| r.len() > room) {
+                        self.replies_not_kept += 1;
+                    }
                     // Copied out: a kept reply never keeps a larger buffer alive.
-                    let reply = reply.map(|r| Bytes::copy_from_slice(&r));
+                    let reply = reply
+                        .filter(|r| r.len() <= room)
+                        .map(|r| Bytes::copy_from_slice(&r));
                     self.reply_bytes += reply.as_ref().map_or(0, Bytes::len);
                     *state = KeyState::Delivered {
                         at: now,
@@ -340,6 +353,12 @@ impl KeyRecord {
     /// Bytes of the replies kept.
     pub fn reply_bytes(&self) -> usize {
         self.reply_bytes
+    }
+
+    /// Replies not kept because `max_reply_bytes` was full when they came (their keys'
+    /// retries are left unanswered).
+    pub fn replies_not_kept(&self) -> u64 {
+        self.replies_not_kept
     }
 
     /// Whether a new key would be refused now.

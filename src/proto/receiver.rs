@@ -468,9 +468,13 @@ enum Msg {
         kind: Kind,
     },
     /// Delivered to the queue, not yet taken by the application: not acked; its key is held.
+    /// `received`: the application received it and owes its answer (a request, or explicit
+    /// acks): it stays `Handed` when the application drops its `Messages`, since the answer
+    /// may still come (a shutdown that finishes its work).
     Handed {
         key: Option<Bytes>,
         via_stream: bool,
+        received: bool,
     },
     /// Delivered to a queue the application dropped: never acked; copies are refused (5).
     Discarded,
@@ -490,10 +494,10 @@ enum Msg {
 }
 
 impl Msg {
-    /// Whether the id is delivered in the dedupe window and yet must not be acked: a replay,
-    /// a message the application declined or gave back. Such a state is kept `hole_ttl`
-    /// (past its sender's deadline), never pruned by the floor (below it, a copy would read
-    /// as delivered).
+    /// Whether the id is delivered in the dedupe window and yet must not be acked: a replay
+    /// (kept `hole_ttl`; acking it later is true, the key was delivered), a message the
+    /// application declined or gave back (kept until the sender's FLOOR passes it: acking
+    /// it would be false). Never pruned by the window's floor.
     fn answered_after_delivery(&self) -> bool {
         matches!(
             self,
@@ -568,6 +572,10 @@ fn cost(payload: &Bytes) -> usize {
     payload.len() + MESSAGE_OVERHEAD_BYTES
 }
 
+/// The largest block of one message that passes while the receiver is backlogged (a reply
+/// may be in it): the reassembler's caps bound what such blocks hold.
+const SMALL_BLOCK: u64 = 1024;
+
 /// Most replies received and not yet taken by the channel ([`Receiver::poll_reply`]); more
 /// are left unacked (their sender sends them again).
 const MAX_REPLIES_QUEUED: usize = 4096;
@@ -636,6 +644,13 @@ pub struct Receiver {
     replies_to_record: VecDeque<(u64, Bytes)>,
     /// Window sources of this connection: (distinct ones received, the newest `seq` + 1).
     sources: (u64, u64),
+    /// The sender's FLOOR: every id below has its outcome there.
+    peer_floor: u64,
+    /// Set while judging what arrived during a backlog: only replies are taken.
+    only_replies: bool,
+    /// Declined and given-back states below this were pruned (the sender's FLOOR passed them).
+    unackable_pruned_to: u64,
+
     stats: ReceiverStats,
 }
 
@@ -676,6 +691,9 @@ impl Receiver {
             replies_out: VecDeque::new(),
             replies_to_record: VecDeque::new(),
             sources: (0, 0),
+            peer_floor: 0,
+            only_replies: false,
+            unackable_pruned_to: 0,
             stats: ReceiverStats::default(),
         }
     }
@@ -766,6 +784,8 @@ impl Receiver {
         self.remembered = 0;
         self.expiry.clear();
         self.pruned_to = 0;
+        self.peer_floor = 0;
+        self.unackable_pruned_to = 0;
         self.claims_out.clear();
         self.generation += 1;
     }
@@ -785,6 +805,7 @@ impl Receiver {
     /// ids beyond the old window are accepted again; ids it passes undelivered are refused
     /// if they ever come (REFUSE code 6).
     pub fn handle_floor(&mut self, now: Instant, floor: u64) {
+        self.peer_floor = self.peer_floor.max(floor);
         if self.dedupe.advance_to(now, floor) {
             self.stats.floor_advances += 1;
         }
@@ -968,7 +989,7 @@ impl Receiver {
         if let Some(old) = self.messages.remove(&id) {
             self.count(&old, false);
         }
-        if m.answered_after_delivery() {
+        if matches!(m, Msg::Replayed) {
             self.expiry.push_back((now, id));
         }
         self.count(&m, true);
@@ -1005,13 +1026,24 @@ impl Receiver {
                 break;
             }
             self.expiry.pop_front();
-            if self
-                .messages
-                .get(&id)
-                .is_some_and(Msg::answered_after_delivery)
-            {
+            if matches!(self.messages.get(&id), Some(Msg::Replayed)) {
                 self.unset(id);
             }
+        }
+        // Declined and given-back ids are delivered in the window, so they stay until their
+        // sender's FLOOR says it has their outcome (it sends no more copies): only then may a
+        // copy read as delivered. A sender that sends no FLOOR leaves them until the bound.
+        if self.peer_floor > self.unackable_pruned_to {
+            let settled: Vec<u64> = self
+                .messages
+                .range(self.unackable_pruned_to..self.peer_floor)
+                .filter(|(_, m)| m.answered_after_delivery() && !matches!(m, Msg::Replayed))
+                .map(|(&id, _)| id)
+                .collect();
+            for id in settled {
+                self.unset(id);
+            }
+            self.unackable_pruned_to = self.peer_floor;
         }
         let floor = self.dedupe.floor();
         if floor > self.pruned_to {
@@ -1165,6 +1197,7 @@ impl Receiver {
                 Msg::Handed {
                     key: key.clone(),
                     via_stream,
+                    received: false,
                 },
             );
         }
@@ -1183,9 +1216,8 @@ impl Receiver {
     /// its reply, which its key keeps and which goes out ([`Receiver::poll_reply_out`]);
     /// [`Answer::Nack`] refuses it (code 8) and frees its key; [`Answer::GiveBack`] frees
     /// its key and never answers it (`Released`). In [`Claims::Owner`] mode the store
-    /// recorded its delivery before the hand-over, so a nack or a give-back cannot undo it:
-    /// it counts as delivered (its key as taken) and is never acked. Ids not awaiting an
-    /// answer are ignored.
+    /// recorded its delivery before the hand-over: the link releases that claim on a nack or
+    /// a give-back. Ids not awaiting an answer are ignored.
     pub fn answered(&mut self, now: Instant, id: u64, answer: Answer) {
         // Which incarnation's message: the first handed out with this id.
         let generation = match self.handed_out.iter().position(|&(i, _)| i == id) {
@@ -1195,8 +1227,7 @@ impl Receiver {
                 .map_or(self.generation, |(_, g)| g),
             None => self.generation,
         };
-        let keep =
-            matches!(answer, Answer::Ack | Answer::Reply(_)) || self.config.claims == Claims::Owner;
+        let keep = matches!(answer, Answer::Ack | Answer::Reply(_));
         if generation != self.generation {
             // A message of a previous incarnation: nothing to ack (and its reply has no
             // request to go to); its key is delivered now, or freed.
@@ -1205,14 +1236,20 @@ impl Receiver {
             }) = self.old.remove(&(generation, id))
             {
                 let scope = self.scope;
+                let reply = match &answer {
+                    // Its request has nobody to go to, but its key keeps the reply: a retry
+                    // from the peer's new incarnation gets it.
+                    Answer::Reply(reply) => Some(reply.clone()),
+                    _ => None,
+                };
                 self.keys.with(|r| match keep {
-                    true => r.taken(now, scope, &key, holder),
+                    true => r.taken_with(now, scope, &key, holder, reply),
                     false => r.release(scope, &key, holder),
                 });
             }
             return;
         }
-        if self.gone || !matches!(self.messages.get(&id), Some(Msg::Handed { .. })) {
+        if !matches!(self.messages.get(&id), Some(Msg::Handed { .. })) {
             return;
         }
         if let (Answer::Reply(reply), Claims::Owner) = (&answer, self.config.claims) {
@@ -1227,7 +1264,7 @@ impl Receiver {
     /// Claims mode: the reply to request `id` was recorded with its claim (or could not
     /// be): it is answered now.
     pub fn reply_recorded(&mut self, now: Instant, id: u64, reply: Bytes) {
-        if self.gone || !matches!(self.messages.get(&id), Some(Msg::Handed { .. })) {
+        if !matches!(self.messages.get(&id), Some(Msg::Handed { .. })) {
             return;
         }
         self.finish_answer(now, id, Answer::Reply(reply));
@@ -1261,9 +1298,11 @@ impl Receiver {
     /// Ends message `id`'s hand-over with the application's answer (current incarnation,
     /// `Handed`).
     fn finish_answer(&mut self, now: Instant, id: u64, answer: Answer) {
-        let keep =
-            matches!(answer, Answer::Ack | Answer::Reply(_)) || self.config.claims == Claims::Owner;
-        let Some(Msg::Handed { key, via_stream }) = self.unset(id) else {
+        let keep = matches!(answer, Answer::Ack | Answer::Reply(_));
+        let Some(Msg::Handed {
+            key, via_stream, ..
+        }) = self.unset(id)
+        else {
             return;
         };
         let (scope, holder) = (self.scope, self.holder(id));
@@ -1285,13 +1324,6 @@ impl Receiver {
                 self.ack(now, false, &[id]);
                 if let Some(reply) = reply {
                     self.replies_out.push_back((id, reply));
-                }
-            }
-            Answer::Nack | Answer::GiveBack if keep => {
-                // Owner mode: delivered as far as the store knows; never acked here.
-                self.stats.discarded += 1;
-                if via_stream {
-                    self.stream_answers.push_back((id, None));
                 }
             }
             Answer::Nack => {
@@ -1328,6 +1360,14 @@ impl Receiver {
         )
     }
 
+    /// The application received message `id` (handed over, awaiting its answer): if it drops
+    /// its `Messages` now, the answer may still come ([`Receiver::application_gone`] keeps it).
+    pub fn received(&mut self, id: u64) {
+        if let Some(Msg::Handed { received, .. }) = self.messages.get_mut(&id) {
+            *received = true;
+        }
+    }
+
     /// The next reply received for one of this end's requests.
     #[must_use]
     pub fn poll_reply(&mut self) -> Option<ReplyIn> {
@@ -1352,7 +1392,13 @@ impl Receiver {
             return;
         }
         self.gone = true;
-        self.handed_out.clear();
+        // Messages the application received and still owes an answer stay handed out: their
+        // answers may come.
+        let messages = &self.messages;
+        let generation = self.generation;
+        self.handed_out.retain(|&(id, g)| {
+            g == generation && matches!(messages.get(&id), Some(Msg::Handed { received: true, .. }))
+        });
         let old: Vec<(u64, u64)> = self
             .old
             .iter()
@@ -1402,11 +1448,22 @@ impl Receiver {
         let handed: Vec<u64> = self
             .messages
             .iter()
-            .filter(|(_, m)| matches!(m, Msg::Handed { .. }))
+            .filter(|(_, m)| {
+                matches!(
+                    m,
+                    Msg::Handed {
+                        received: false,
+                        ..
+                    }
+                )
+            })
             .map(|(&id, _)| id)
             .collect();
         for id in handed {
-            let Some(Msg::Handed { key, via_stream }) = self.unset(id) else {
+            let Some(Msg::Handed {
+                key, via_stream, ..
+            }) = self.unset(id)
+            else {
                 continue;
             };
             self.stats.discarded += 1;
@@ -1447,7 +1504,15 @@ impl Receiver {
         let handed: Vec<u64> = self
             .messages
             .iter()
-            .filter(|(_, m)| matches!(m, Msg::Handed { .. }))
+            .filter(|(_, m)| {
+                matches!(
+                    m,
+                    Msg::Handed {
+                        received: false,
+                        ..
+                    }
+                )
+            })
             .map(|(&id, _)| id)
             .collect();
         for id in handed {
@@ -1565,7 +1630,14 @@ impl Receiver {
                 .header
                 .messages()
                 .all(|id| self.dedupe.contains(id) && !self.messages.contains_key(&id));
-        if self.backlogged() && !forgotten_delivered && !finished {
+        // While backlogged, a small block of one message still passes: it may be a reply
+        // (protocol 2), which the channel takes whatever the application does; any other
+        // message it rebuilds is dropped unjudged (`only_replies`).
+        let small_single = frame.header.lengths.len() == 1
+            && frame.header.total_len() <= SMALL_BLOCK
+            && self.protocol >= 2;
+        let only_replies = self.backlogged() && !forgotten_delivered && !finished;
+        if only_replies && !small_single {
             // It arrived (the sender's loss estimate must not count it lost), but holding it
             // would buffer without bound behind a slow application. Shards of finished blocks
             // still pass: they only repeat acks.
@@ -1573,6 +1645,7 @@ impl Receiver {
             self.stats.shards_refused_backlog += 1;
             return;
         }
+        self.only_replies = only_replies;
         let outcome = if forgotten_delivered {
             self.stats.shards_of_delivered += 1;
             self.reassembler.insert_delivered(frame)
@@ -1593,6 +1666,7 @@ impl Receiver {
                 self.reassembler.undeliver(d.block, d.message_id);
             }
         }
+        self.only_replies = false;
         if let InsertOutcome::Stale { messages } = outcome {
             // A shard of a finished block: its answer was probably lost.
             for id in messages {
@@ -1666,10 +1740,13 @@ impl Receiver {
             // be delivered now), so a repair may rebuild it once the application has caught
             // up. A copy of a message delivered before is still answered.
             self.stats.shards_refused_backlog += 1;
-            if self.dedupe.contains(frame.id) {
+            // A reply is the channel's: taken whatever the application does.
+            if self.dedupe.contains(frame.id) || Envelope::is_reply(&frame.body) {
                 let mut fresh = false;
                 let mut triggers: Vec<u64> = Vec::new();
+                self.only_replies = true;
                 self.judge(now, frame.id, frame.body, &mut fresh, &mut triggers);
+                self.only_replies = false;
                 self.answer(now, fresh, &triggers);
             }
             return;
@@ -1844,6 +1921,10 @@ impl Receiver {
         }
         if let Kind::Reply { to } = envelope.kind {
             return self.accept_reply(now, id, to, envelope.payload, via_stream);
+        }
+        if self.only_replies {
+            // Rebuilt while the application is behind: not judged now (a later copy is).
+            return Accepted::Held;
         }
         let request = envelope.kind == Kind::Request;
         // Only a key needs the digest (SHA-256 over the payload: not paid for keyless ones).

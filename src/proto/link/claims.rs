@@ -194,11 +194,10 @@ impl Link {
             }
             (ClaimStep::Settle { epoch }, Ok(StoreAnswer::Settled { late })) => {
                 self.stats.leases_expired += u64::from(late);
-                if job.request.request {
-                    // Its reply is recorded with this claim once the application gives it.
-                    self.settled_requests
-                        .insert(job.request.id, (job.request.clone(), job.claimant, epoch));
-                }
+                // Until the application answers it: a request's reply is recorded with this
+                // claim, a nack or a drop releases it (bounded by the hand-off).
+                self.settled_requests
+                    .insert(job.request.id, (job.request.clone(), job.claimant, epoch));
                 // Handed over now; until the application takes it, it is the window's one
                 // message.
                 ClaimOutcome::Now
@@ -292,7 +291,7 @@ impl Link {
     }
 
     /// Asks the store to release `request`'s reservation or claim (best effort, no answer).
-    fn push_release(&mut self, request: &ClaimRequest, claimant: u64, epoch: u64) {
+    pub(super) fn push_release(&mut self, request: &ClaimRequest, claimant: u64, epoch: u64) {
         self.stats.reservations_released += 1;
         self.actions.push_back(Action::Claim {
             attempt: 0,

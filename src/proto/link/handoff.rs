@@ -16,6 +16,7 @@ impl Link {
     /// hand-off, unless `max_unanswered` messages await theirs already (then its room comes
     /// back with an answer).
     pub(super) fn received(&mut self, id: u64) {
+        self.peer.receiver.received(id);
         *self.unanswered.entry(id).or_default() += 1;
         self.unanswered_total += 1;
         if self.unanswered_total > self.config.max_unanswered.max(1) {

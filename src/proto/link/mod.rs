@@ -1263,7 +1263,8 @@ impl Link {
         if let Phase::Draining { claims_until } = self.phase {
             // Messages delivered but not yet taken are acked when the application takes
             // them: a closing application that still reads gets those acks out first.
-            let untaken = !self.app_gone && self.peer.receiver.awaiting_take();
+            let untaken =
+                (!self.app_gone && self.peer.receiver.awaiting_take()) || self.awaiting_answers();
             if self.waiting.is_empty()
                 && self.streams.is_empty()
                 && ((self.claims.is_empty() && !untaken) || now >= claims_until)
@@ -1281,6 +1282,7 @@ impl Link {
         if self.phase == Phase::Running
             && self.handles_dropped
             && self.app_gone
+            && !self.awaiting_answers()
             && self.waiting.is_empty()
             && self.streams.is_empty()
         {
@@ -1319,8 +1321,9 @@ impl Link {
         // taken (their acks, and their keys' takes, are recorded) or the application goes
         // away (their keys are released): a take nobody records could let a key be delivered
         // again.
-        let deliveries = !self.app_gone
-            && (self.peer.receiver.has_deliveries() || self.peer.receiver.awaiting_take());
+        let deliveries = (!self.app_gone
+            && (self.peer.receiver.has_deliveries() || self.peer.receiver.awaiting_take()))
+            || self.awaiting_answers();
         let claims = !self.claims.is_empty() && now < until;
         if !deliveries && !claims {
             self.phase = Phase::Stopped;

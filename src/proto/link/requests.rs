@@ -66,8 +66,14 @@ impl Link {
     /// hand-off when the application went away) frees the room it held.
     pub(super) fn answered(&mut self, now: Instant, id: u64, answer: Answer) {
         if !matches!(answer, Answer::Reply(_)) {
-            // Nothing to record with its claim.
-            self.settled_requests.remove(&id);
+            // Nothing to record with its claim. A nack or a drop says it was not processed:
+            // its claim, settled before the hand-over, is released (best effort: a replica
+            // that dies first leaves it settled, and a retry is then acked as a replay).
+            if let Some((request, claimant, epoch)) = self.settled_requests.remove(&id) {
+                if matches!(answer, Answer::Nack | Answer::GiveBack) {
+                    self.push_release(&request, claimant, epoch);
+                }
+            }
         }
         self.peer.receiver.answered(now, id, answer);
         if !self.answer_received(id) {
