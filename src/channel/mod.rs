@@ -234,9 +234,11 @@ pub struct Config {
     /// before dropping it keeps its keys with its work: the inbox pattern). At most
     /// `max_unanswered` (64) received messages await their answers at once; then the
     /// channel hands over no more until answers come. Requests are always answered this way,
-    /// whatever this says. With a `store` (not `application_claims`) a message is claimed
-    /// before it is handed over, so a nack or a drop cannot undo its delivery: it stays
-    /// claimed and unacked. Default `false`.
+    /// whatever this says. A message the application received and still owes an answer is
+    /// not given back when it drops `Messages` (a shutdown may finish its work): its answer
+    /// still counts. With a `store` (not `application_claims`) a message is claimed before
+    /// it is handed over; a nack or a drop releases that claim (best effort: a replica that
+    /// dies first leaves it claimed, and a retry is then acked as a replay). Default `false`.
     pub explicit_ack: bool,
     /// Most messages the application received and has not answered yet (requests, and with
     /// `explicit_ack` every message): past it the channel hands over no more until answers
