@@ -181,13 +181,14 @@ impl RepairWindow {
 
     /// Message `id` goes as a source now: its MESSAGE frame. It earns `ratio` repairs, due
     /// `spacing` after it, and, if `lone` ([`RepairWindow::lone`]) is more than that, `lone`
-    /// repairs, one every `spacing`.
+    /// repairs, one every `spacing`; an `urgent` one (a reply) at least one, `spacing` after
+    /// it.
     pub(crate) fn send(
         &mut self,
         now: Instant,
         id: u64,
         body: &Bytes,
-        (ratio, lone): (f64, usize),
+        (ratio, lone, urgent): (f64, usize, bool),
         spacing: Duration,
     ) -> Option<Bytes> {
         let symbol = window::source_symbol(id, body)?;
@@ -207,6 +208,9 @@ impl RepairWindow {
         while self.credit >= 1.0 {
             self.credit -= 1.0;
             earned += 1;
+        }
+        if urgent && earned == 0 {
+            earned = 1;
         }
         if lone > earned {
             // A lone message's repairs are spread over `tail`, half of it apart: one that

@@ -1838,3 +1838,33 @@ fn the_window_plans_with_the_loss_seen_the_other_way_until_its_own_is_measured()
     s.set_reverse_loss((0, 100));
     assert_eq!(s.window_ratio(), 0.0, "a clean path the other way");
 }
+
+/// A request (or a reply) is waited for: on a path known to be lossy its window source gets
+/// a repair right behind it, where a plain message waits for the repairs later ones earn.
+#[test]
+fn a_request_gets_a_repair_right_behind_it_on_a_lossy_path() {
+    let repairs_after = |kind: crate::wire::Kind| {
+        let t0 = Instant::now();
+        let mut s = Sender::new(SenderConfig::default());
+        s.set_protocol(2);
+        s.set_reverse_loss((10, 100));
+        s.send_kind(t0, Some(b"k"), kind, b"auth 25.00").unwrap();
+        let mut repairs = 0;
+        let mut now = t0;
+        while now < t0 + Duration::from_millis(4) {
+            s.handle_timeout(now);
+            while let Some(d) = s.poll_transmit() {
+                if matches!(
+                    Frame::decode(d, &crate::wire::Limits::default()),
+                    Ok(Frame::Repair(_))
+                ) {
+                    repairs += 1;
+                }
+            }
+            now += Duration::from_micros(500);
+        }
+        repairs
+    };
+    assert_eq!(repairs_after(crate::wire::Kind::Request), 1);
+    assert_eq!(repairs_after(crate::wire::Kind::Message), 0);
+}
