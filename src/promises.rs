@@ -18,6 +18,23 @@
 //!    not ([`Outcome::NotDelivered`], [`Outcome::NotSent`]: retrying is safe with or without
 //!    the key).
 //!
+//! **Requests** (protocol 2) keep three more, judged by [`Ledger::processed`] (the
+//! application's processing, with the reply it produced: a request's delivery),
+//! [`Ledger::replied`] (a reply its client received: its outcome, acked),
+//! [`Ledger::nacked`] and [`Ledger::declined`]:
+//!
+//! 4. **Processed at most once per key** (promise 1, with processing as the delivery).
+//! 5. **The same reply.** Every reply a client receives for a key is, byte for byte, the
+//!    reply the first processing of that payment under the key produced (a keyless request:
+//!    its own processing's); a request acked without a reply is a broken promise too.
+//! 6. **Declined means nacked, and not processed.** A request reported to its client as
+//!    declined ("not processed") was nacked by an application and processed nowhere. A nack
+//!    does not forbid processing elsewhere (a copy that reached another replica, or a
+//!    retry, is delivered afresh: a nack frees its key), but its client must then not hear
+//!    "declined".
+//!
+//! Every request ends in an outcome (promise 3): its reply, or an error.
+//!
 //! A refusal by the peer ([`Outcome::NotDelivered`]) is judged per key as well as per send:
 //! "not delivered, retrying is safe with or without the key" is false when the payment was
 //! delivered, or handed to the application, under the same key by another send before the
@@ -107,6 +124,14 @@ struct Send {
     /// From a sender whose promises are not judged (a hostile peer): only its deliveries
     /// count, for its key.
     foreign: bool,
+    /// A request ([`Ledger::sent_request`]): its deliveries are its processings.
+    request: bool,
+    /// The replies its client received ([`Ledger::replied`]).
+    replies: Vec<Vec<u8>>,
+    /// An application declined it ([`Ledger::nacked`]).
+    nacked: bool,
+    /// Its client was told it was declined ([`Ledger::declined`]).
+    declined: bool,
 }
 
 impl Send {
@@ -131,6 +156,8 @@ pub struct Ledger {
     deliveries: Vec<(u64, usize, u64)>,
     /// Deliveries of sends the ledger never heard of.
     unknown_deliveries: Vec<u64>,
+    /// (request, the reply it produced) per processing, in order.
+    processings: Vec<(u64, Vec<u8>)>,
     /// Counts every recorded event, to order them.
     clock: u64,
 }
@@ -199,6 +226,31 @@ pub enum Violation {
         /// The outcomes, in the order reported.
         outcomes: Vec<Outcome>,
     },
+    /// Request `send` got a reply other than the one the first processing of its payment
+    /// under its key (request `by`: itself, when keyless) produced.
+    ReplyDiffers {
+        /// The request.
+        send: u64,
+        /// The request whose processing came first.
+        by: u64,
+        /// The key (lossy UTF-8; empty when keyless).
+        key: String,
+        /// The reply the first processing produced (lossy UTF-8).
+        expected: String,
+        /// The reply received (lossy UTF-8).
+        got: String,
+    },
+    /// Request `send` was acked without a reply.
+    AckedWithoutReply {
+        /// The request.
+        send: u64,
+    },
+    /// Request `send` was reported to its client as declined, but no application nacked
+    /// it.
+    DeclinedWithoutNack {
+        /// The request.
+        send: u64,
+    },
     /// An application received a message that was never sent.
     Phantom {
         /// The send id found in the delivery.
@@ -238,6 +290,26 @@ impl fmt::Display for Violation {
             Violation::NoOutcome { send } => write!(f, "send {send} has no outcome"),
             Violation::SeveralOutcomes { send, outcomes } => {
                 write!(f, "send {send} has several outcomes: {outcomes:?}")
+            }
+            Violation::ReplyDiffers {
+                send,
+                by,
+                key,
+                expected,
+                got,
+            } => write!(
+                f,
+                "request {send} (key {key:?}) got the reply {got:?}, but the first processing \
+                 (request {by}) replied {expected:?}"
+            ),
+            Violation::AckedWithoutReply { send } => {
+                write!(f, "request {send} acked without a reply")
+            }
+            Violation::DeclinedWithoutNack { send } => {
+                write!(
+                    f,
+                    "request {send} reported declined, but no application nacked it"
+                )
             }
             Violation::Phantom { send } => write!(f, "delivered {send}, which was never sent"),
         }
@@ -298,6 +370,67 @@ impl Ledger {
             foreign: true,
             ..Send::default()
         });
+    }
+
+    /// Records request `send` (protocol 2) with its key and payload, as
+    /// [`Ledger::sent_payment`]: its deliveries are its processings ([`Ledger::processed`]),
+    /// and the replies its client receives ([`Ledger::replied`]) are checked against them.
+    pub fn sent_request(&mut self, send: u64, key: Option<&[u8]>, payload: &[u8]) {
+        self.sends.entry(send).or_insert_with(|| Send {
+            key: key.map(<[u8]>::to_vec),
+            digest: Some(digest(payload)),
+            request: true,
+            ..Send::default()
+        });
+    }
+
+    /// Records that application `app` processed request `send` and answered it with
+    /// `reply`: its delivery ([`Ledger::delivered`]), and the reply every reply its client
+    /// (or a retry of the same payment under its key) receives must equal, if this is the
+    /// first processing.
+    pub fn processed(&mut self, app: usize, send: u64, reply: &[u8]) {
+        self.delivered(app, send);
+        if self.sends.contains_key(&send) {
+            self.processings.push((send, reply.to_vec()));
+        }
+    }
+
+    /// Records that an application declined request (or message) `send`: a nack, "not
+    /// processed" (by this application: a copy elsewhere may still be).
+    pub fn nacked(&mut self, send: u64) {
+        if let Some(s) = self.sends.get_mut(&send) {
+            s.nacked = true;
+        }
+    }
+
+    /// Records that the client of `send` was told the peer's application declined it: its
+    /// outcome, [`Outcome::NotSent`] (certainly not processed; it says nothing of its key),
+    /// which needs a nack ([`Ledger::nacked`]) and no processing anywhere.
+    pub fn declined(&mut self, send: u64) {
+        self.outcome(send, Outcome::NotSent);
+        if let Some(s) = self.sends.get_mut(&send) {
+            s.declined = true;
+        }
+    }
+
+    /// Records that the client of request `send` received `reply`: its outcome
+    /// ([`Outcome::Acked`]: processed), and the reply, which must be its payment's first
+    /// processing's.
+    pub fn replied(&mut self, send: u64, reply: &[u8]) {
+        self.outcome(send, Outcome::Acked);
+        if let Some(s) = self.sends.get_mut(&send) {
+            s.replies.push(reply.to_vec());
+        }
+    }
+
+    /// Replies received so far.
+    pub fn replies(&self) -> usize {
+        self.sends.values().map(|s| s.replies.len()).sum()
+    }
+
+    /// Processings of requests so far.
+    pub fn processings(&self) -> usize {
+        self.processings.len()
     }
 
     /// Records what the sender of `send` learnt.
@@ -457,6 +590,9 @@ impl Ledger {
                 });
             }
             let delivered = at.contains_key(&send);
+            if s.request {
+                self.request_violations(send, s, &mut found);
+            }
             match s.outcomes.first() {
                 Some(Outcome::Acked) if !delivered => {
                     let under_key = s.key.as_deref().and_then(|k| by_key.get(k));
@@ -505,6 +641,37 @@ impl Ledger {
             Ok(())
         } else {
             Err(Violations(found))
+        }
+    }
+
+    /// Promises 5 and 6 for request `send` (processed and declined: refused but delivered,
+    /// found with promise 2).
+    fn request_violations(&self, send: u64, s: &Send, found: &mut Vec<Violation>) {
+        let key = || String::from_utf8_lossy(s.key.as_deref().unwrap_or_default()).into_owned();
+        // The first processing of its payment: its own, or another send's under its key.
+        let first = self
+            .processings
+            .iter()
+            .find(|(p, _)| *p == send || s.same_payment(&self.sends[p]));
+        for got in &s.replies {
+            match first {
+                Some((by, expected)) if expected != got => found.push(Violation::ReplyDiffers {
+                    send,
+                    by: *by,
+                    key: key(),
+                    expected: String::from_utf8_lossy(expected).into_owned(),
+                    got: String::from_utf8_lossy(got).into_owned(),
+                }),
+                // None: a reply without a processing, found as acked, not delivered.
+                _ => {}
+            }
+        }
+        let acked = s.outcomes.first() == Some(&Outcome::Acked);
+        if acked && s.replies.is_empty() {
+            found.push(Violation::AckedWithoutReply { send });
+        }
+        if s.declined && !s.nacked {
+            found.push(Violation::DeclinedWithoutNack { send });
         }
     }
 }
@@ -706,6 +873,83 @@ mod tests {
                 key: "k".into(),
                 sends: vec![2, 100]
             }]
+        );
+    }
+
+    #[test]
+    fn request_promises() {
+        // Processed once, the reply replayed to a retry under the key: kept.
+        let mut l = Ledger::default();
+        l.sent_request(1, Some(b"r"), b"auth 5");
+        l.processed(0, 1, b"approved #1");
+        l.replied(1, b"approved #1");
+        l.sent_request(2, Some(b"r"), b"auth 5");
+        l.replied(2, b"approved #1");
+        assert_eq!(l.replies(), 2);
+        assert_eq!(l.processings(), 1);
+        l.check_final().unwrap();
+        // The retry processed again, and replied with its own processing's reply.
+        l.sent_request(3, Some(b"r"), b"auth 5");
+        l.processed(1, 3, b"approved #2");
+        l.replied(3, b"approved #2");
+        let Violations(v) = l.check_final().unwrap_err();
+        assert!(v.contains(&Violation::KeyDeliveredTwice {
+            key: "r".into(),
+            sends: vec![1, 3]
+        }));
+        assert!(v.contains(&Violation::ReplyDiffers {
+            send: 3,
+            by: 1,
+            key: "r".into(),
+            expected: "approved #1".into(),
+            got: "approved #2".into(),
+        }));
+        // A keyless request replied with bytes other than its processing's; one acked
+        // without a reply; one declined after all, one declined without a nack; one nacked
+        // by one application and processed by another, its reply received: kept.
+        let mut l = Ledger::default();
+        l.sent_request(1, None, b"q");
+        l.processed(0, 1, b"a");
+        l.replied(1, b"b");
+        l.sent_request(2, None, b"q");
+        l.processed(0, 2, b"c");
+        l.outcome(2, Outcome::Acked);
+        l.sent_request(3, Some(b"k"), b"q");
+        l.nacked(3);
+        l.processed(0, 3, b"d");
+        l.declined(3);
+        l.sent_request(4, Some(b"k4"), b"q");
+        l.replied(4, b"e");
+        l.sent_request(5, Some(b"k5"), b"q");
+        l.declined(5);
+        l.sent_request(6, Some(b"k6"), b"q");
+        l.nacked(6);
+        l.processed(1, 6, b"f");
+        l.replied(6, b"f");
+        let Violations(v) = l.check_final().unwrap_err();
+        assert!(v
+            .iter()
+            .any(|x| matches!(x, Violation::ReplyDiffers { send: 1, by: 1, .. })));
+        assert!(v.contains(&Violation::AckedWithoutReply { send: 2 }));
+        assert!(v.contains(&Violation::RefusedButDelivered { send: 3 }));
+        assert!(v.contains(&Violation::DeclinedWithoutNack { send: 5 }));
+        // A reply with no processing at all: acked, not delivered.
+        assert!(v.contains(&Violation::AckedNotDelivered { send: 4 }));
+        assert!(!v.iter().any(|x| matches!(
+            x,
+            Violation::ReplyDiffers { send: 6, .. }
+                | Violation::RefusedButDelivered { send: 6 }
+                | Violation::AckedNotDelivered { send: 6 }
+        )));
+        // Declined after a nack and processed nowhere; a request without an outcome.
+        let mut l = Ledger::default();
+        l.sent_request(1, Some(b"k"), b"q");
+        l.nacked(1);
+        l.declined(1);
+        l.sent_request(2, Some(b"k"), b"q");
+        assert_eq!(
+            l.check_final().unwrap_err().0,
+            vec![Violation::NoOutcome { send: 2 }]
         );
     }
 
