@@ -18,6 +18,16 @@
 //!   every retry; one keyed send in eight is another payment under a used key. The world
 //!   knows each send's message id (the sender's next id when it was sent) and traces every
 //!   delivery back to its send by (channel, id), so payloads need not name their send.
+//! - **Requests** (protocol 2; not in [`Mode::Inbox`]): a keyed send whose key byte has
+//!   bit 7 set is a request (`Input::Request`) under its own keys (`rkey-…`), retried under
+//!   them like payments (on the same channel by a later send, or after a restart). A server
+//!   application answers each request it receives (`Input::Received`, then
+//!   `Input::Answered`) with a reply that names the processing (its replica and a
+//!   per-world counter: a request processed twice gets another reply), or declines it
+//!   (nack), or drops it (gives it back); at once or late. The processing happens when the
+//!   reply is given (a crash before it loses no work). The store model keeps replies with
+//!   claims (`RecordReply`, `FetchReply`) as `MemoryStore` does. [`Scenario::reply_loss`]
+//!   loses the servers' data frames (replies) on the way back, acks spared.
 //! - **Stream messages**: payments under half of the keys, and some unkeyed messages, are
 //!   600 bytes; on odd channels (`stream_threshold` 256) they travel over
 //!   `Action::OpenStream` / `Input::StreamMessage`, on even ones (the default threshold) on
@@ -58,7 +68,7 @@ use surelink::proto::link::{
     claims_mode, Action, Attached, ClaimStep, ConnId, DialFailure, Dialed, Input, Link, LinkConfig,
     Lost, Role, SharedKeys, StoreAnswer, StreamEnd, GOODBYE,
 };
-use surelink::proto::{payload_digest, ClaimOutcome, Digest, Lease, Scope, ANONYMOUS};
+use surelink::proto::{payload_digest, Answer, ClaimOutcome, Digest, Lease, Scope, ANONYMOUS};
 use surelink::wire::{
     encode_stream_head, AckFrame, Envelope, FloorFrame, Frame, Limits, RefuseFrame, MAX_VARINT,
     STREAM_REFUSED,
@@ -138,7 +148,8 @@ pub enum Op {
     /// Client `client` sends a payment: keyed from a small set (`key % 8`; one in eight is
     /// another payment under the key), so keys repeat as retries do; `big`: an unkeyed
     /// message of 600 bytes (a payment's size comes with its key); `deadline` a per-send
-    /// deadline in 100 ms.
+    /// deadline in 100 ms. A key with bit 7 set makes it a request (its own set of keys,
+    /// always small; not in [`Mode::Inbox`]).
     Send {
         client: u8,
         key: Option<u8>,
@@ -206,6 +217,9 @@ pub struct Scenario {
     /// Clients hedge to their warm standby too (`HedgeTo::Both`): copies of late messages
     /// reach a second replica, which reserves them against the first.
     pub hedge_both: bool,
+    /// Percent of the servers' data frames (replies: a server sends no other messages)
+    /// lost on the way to their clients, besides [`Op::Loss`]; acks and refusals spared.
+    pub reply_loss: u8,
     /// The steps.
     pub ops: Vec<Op>,
 }
@@ -223,6 +237,7 @@ impl Scenario {
             identities: false,
             protocol: 2,
             hedge_both: false,
+            reply_loss: 0,
             ops,
         }
     }
@@ -240,6 +255,9 @@ pub struct Audit {
     /// Reservations taken over, settles fenced.
     pub takeovers: u64,
     pub fenced: u64,
+    /// Requests processed by the applications, and replies their clients received.
+    pub processings: u64,
+    pub replies: u64,
 }
 
 /// Runs `scenario` with replica `crash.1` dying after step `crash.0`, checks every promise
@@ -259,6 +277,8 @@ pub fn audit(scenario: Scenario, crash: Option<(u64, usize)>) -> Audit {
         gap_losses: world.gap_losses,
         takeovers: world.store.takeovers,
         fenced: world.store.fenced,
+        processings: world.ledger.processings() as u64,
+        replies: world.ledger.replies() as u64,
     }
 }
 
@@ -303,6 +323,9 @@ impl<'a> Arbitrary<'a> for Scenario {
             identities: b & 0x40 != 0,
             protocol: if b & 0x80 != 0 { 1 } else { 2 },
             hedge_both: a / 27 % 2 == 1,
+            // Only servers that answer requests send data frames: without requests this
+            // changes nothing (no loss is drawn for other frames).
+            reply_loss: [0, 0, 25, 50, 90][usize::from(a / 54)],
             ops,
         })
     }
@@ -381,6 +404,15 @@ enum Event {
         claim: Claim,
         commits: bool,
     },
+    /// A server application answers a request it received earlier (a late answer).
+    Answer {
+        replica: usize,
+        incarnation: u64,
+        instance: usize,
+        id: u64,
+        send: u64,
+        plan: Plan,
+    },
     /// An application resumes reading.
     Resume {
         replica: usize,
@@ -411,11 +443,24 @@ struct App {
     queue: VecDeque<Queued>,
     paused_until: Option<Instant>,
     stopped: bool,
+    /// Requests received, their answers still to come (message id → send).
+    pending: BTreeMap<u64, u64>,
 }
 
 /// A message handed to an application: (message id, send, key, payload digest, the
-/// reservation the inbox application settles).
-type Queued = (u64, u64, Option<Bytes>, Digest, Option<Lease>);
+/// reservation the inbox application settles, whether it is a request).
+type Queued = (u64, u64, Option<Bytes>, Digest, Option<Lease>, bool);
+
+/// How a server application answers a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    /// Processes it and replies.
+    Reply,
+    /// Declines it: not processed.
+    Nack,
+    /// Drops it unanswered: given back, not processed.
+    GiveBack,
+}
 
 /// One channel a server holds.
 #[derive(Debug)]
@@ -474,6 +519,8 @@ struct SendInfo {
     outcome: Option<Outcome>,
     /// Sent again by a restarted application already.
     retried: bool,
+    /// A request.
+    request: bool,
 }
 
 /// A claim of message `message` of channel `chan`, as `store::Claim` carries it.
@@ -501,6 +548,8 @@ struct Row {
     lease: Option<Instant>,
     key: Option<Bytes>,
     scope: Scope,
+    /// The application's reply, once its settling claimant recorded it.
+    reply: Option<Bytes>,
 }
 
 /// The claims store, or the inbox application's claims table, as `store::MemoryStore`
@@ -580,6 +629,7 @@ impl Store {
                 lease: lease.map(|l| now + l),
                 key: c.key.clone(),
                 scope: c.scope,
+                reply: None,
             },
         );
         StoreAnswer::Reserved { epoch, took_over }
@@ -657,6 +707,46 @@ impl Store {
         own
     }
 
+    /// Records `reply` with `c`'s settled claim, as `MemoryStore::record_reply`: only its
+    /// settling claimant (at its epoch, unless 0) records; the same bytes again are
+    /// accepted; a different reply is refused, never written over the first.
+    fn record_reply(&mut self, c: &Claim, reply: &Bytes) -> bool {
+        match self.pairs.get_mut(&(c.chan, c.message)) {
+            Some(row)
+                if Store::owns(row, c)
+                    && (c.epoch == 0 || row.epoch == c.epoch)
+                    && row.lease.is_none() =>
+            {
+                match &row.reply {
+                    Some(recorded) => recorded == reply,
+                    None => {
+                        row.reply = Some(reply.clone());
+                        true
+                    }
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// The reply kept with `c`'s claim, as `MemoryStore::reply`: a keyed claim's by (scope,
+    /// key) whatever its channel and message, with the same digest; a keyless claim's by
+    /// (channel, message), keyless and of the same scope; only once settled.
+    fn reply(&self, c: &Claim) -> Option<Bytes> {
+        let row = match &c.key {
+            Some(k) => self
+                .keys
+                .get(&(c.scope, k.clone()))
+                .and_then(|pair| self.pairs.get(pair)),
+            None => self
+                .pairs
+                .get(&(c.chan, c.message))
+                .filter(|row| row.key.is_none() && row.scope == c.scope),
+        };
+        row.filter(|row| row.lease.is_none() && row.digest == c.digest)
+            .and_then(|row| row.reply.clone())
+    }
+
     /// Performs one attempt of `step` for `c` (a release answers nothing).
     fn perform(&mut self, c: &Claim, now: Instant, step: ClaimStep) -> Option<StoreAnswer> {
         match step {
@@ -666,10 +756,10 @@ impl Store {
                 self.release(&Claim { epoch, ..c.clone() });
                 None
             }
-            // The world's clients send no requests, so no reply is recorded or fetched; a
-            // store that keeps none answers so.
-            ClaimStep::RecordReply { .. } => Some(StoreAnswer::Recorded { recorded: false }),
-            ClaimStep::FetchReply => Some(StoreAnswer::Reply(None)),
+            ClaimStep::RecordReply { epoch, reply } => Some(StoreAnswer::Recorded {
+                recorded: self.record_reply(&Claim { epoch, ..c.clone() }, &reply),
+            }),
+            ClaimStep::FetchReply => Some(StoreAnswer::Reply(self.reply(c))),
         }
     }
 }
@@ -735,6 +825,13 @@ pub struct World {
     /// Crashes without state done.
     crashes: u64,
     hostile: Option<HostilePeer>,
+    /// The servers' data frames (replies) lost on the way back, per mille.
+    reply_loss: u32,
+    /// A deterministic generator for the server applications' answers (its own, so worlds
+    /// without requests draw exactly as before).
+    app_rng: u64,
+    /// Requests processed so far (names each processing in its reply).
+    processings: u64,
 }
 
 fn client_config() -> LinkConfig {
@@ -751,6 +848,13 @@ fn client_config() -> LinkConfig {
 fn payment(index: u8, variant: u8) -> Bytes {
     let mut p = format!("pay-{index}-{variant}").into_bytes();
     p.resize(if index >= KEYS / 2 { 600 } else { 40 }, b'.');
+    p.into()
+}
+
+/// The payload of a request: the same for every retry of it.
+fn request(index: u8, variant: u8) -> Bytes {
+    let mut p = format!("req-{index}-{variant}").into_bytes();
+    p.resize(40, b'.');
     p.into()
 }
 
@@ -811,6 +915,9 @@ impl World {
             stream_resets: 0,
             crashes: 0,
             hostile: None,
+            reply_loss: u32::from(scenario.reply_loss.min(100)) * 10,
+            app_rng: 0x2545_f491_4f6c_dd1d,
+            processings: 0,
         };
         world.replicas = (0..replicas).map(|_| world.new_replica(0)).collect();
         for c in 0..scenario.clients.clamp(1, 3) {
@@ -969,8 +1076,26 @@ impl World {
         self.random() % 1000 < self.loss
     }
 
+    /// Whether a server's datagram carrying message data (a reply) is lost on the way back
+    /// ([`Scenario::reply_loss`]); draws only for such datagrams.
+    fn reply_dropped(&mut self, datagram: &Bytes) -> bool {
+        if self.reply_loss == 0 {
+            return false;
+        }
+        let data = matches!(
+            Frame::decode(datagram.clone(), &Limits::default()),
+            Ok(Frame::Shard(_) | Frame::Message(_) | Frame::Repair(_))
+        );
+        data && self.random() % 1000 < self.reply_loss
+    }
+
     fn key(&self, index: u8) -> Bytes {
         Bytes::from(format!("key-{}-{}", self.key_epoch, index % KEYS))
+    }
+
+    /// A request's key: its own set, so requests and payments never meet under one key.
+    fn request_key(&self, index: u8) -> Bytes {
+        Bytes::from(format!("rkey-{}-{}", self.key_epoch, index % KEYS))
     }
 
     /// The key scope of client `client` (`None`: the hostile peer).
@@ -1004,18 +1129,26 @@ impl World {
         (!all.is_empty()).then(|| all[usize::from(n) % all.len()])
     }
 
-    /// Client `c` sends payment `payment` (or an unkeyed message).
+    /// Client `c` sends payment `payment` (or an unkeyed message), or, with `request`, the
+    /// request of that key and variant.
     fn send(
         &mut self,
         c: usize,
         payment: Option<(u8, u8)>,
         big: bool,
+        request: bool,
         deadline: Option<Duration>,
     ) -> u64 {
         let token = self.next_token;
         self.next_token += 1;
-        let key = payment.map(|(k, _)| self.key(k));
+        let request = request && payment.is_some();
+        let key = match (payment, request) {
+            (Some((k, _)), true) => Some(self.request_key(k)),
+            (Some((k, _)), false) => Some(self.key(k)),
+            (None, _) => None,
+        };
         let payload = match payment {
+            Some((k, v)) if request => self::request(k, v),
             Some((k, v)) => self::payment(k, v),
             None => {
                 let mut p = format!("msg-{token}").into_bytes();
@@ -1026,7 +1159,11 @@ impl World {
         let scoped = key
             .as_deref()
             .map(|k| World::ledger_key(self.scope(Some(c)), k));
-        self.ledger.sent_payment(token, scoped.as_deref(), &payload);
+        if request {
+            self.ledger.sent_request(token, scoped.as_deref(), &payload);
+        } else {
+            self.ledger.sent_payment(token, scoped.as_deref(), &payload);
+        }
         let client = &mut self.clients[c];
         let chan = client.chan;
         client.tokens.push(token);
@@ -1038,6 +1175,7 @@ impl World {
             id: None,
             outcome: None,
             retried: false,
+            request,
         };
         if client.stopped {
             // A stopped channel's handle answers `Closed` without the link.
@@ -1047,15 +1185,21 @@ impl World {
             return token;
         }
         let before = client.link.peer().sender.stats().messages_sent;
-        client.link.handle(
-            self.now,
-            Input::Send {
+        let input = match request {
+            true => Input::Request {
                 token,
                 key,
                 payload,
                 deadline,
             },
-        );
+            false => Input::Send {
+                token,
+                key,
+                payload,
+                deadline,
+            },
+        };
+        client.link.handle(self.now, input);
         let after = client.link.peer().sender.stats().messages_sent;
         if after > before {
             // The sender numbers its messages in order: this one took the next id.
@@ -1086,8 +1230,11 @@ impl World {
             } => {
                 let reuse = !skip("reuse");
                 let payment = key.map(|k| (k % KEYS, u8::from(reuse && k / KEYS % 8 == 7)));
+                let request = key.is_some_and(|k| k & 0x80 != 0)
+                    && self.mode != Mode::Inbox
+                    && !skip("requests");
                 let deadline = deadline.map(|d| Duration::from_millis(100 * u64::from(d.max(1))));
-                self.send(client(c, n), payment, big, deadline);
+                self.send(client(c, n), payment, big, request, deadline);
             }
             Op::Advance(ms) => self.run_for(Duration::from_millis(4 * u64::from(ms))),
             Op::Loss(p) => self.loss = u32::from(p.min(60)) * 10,
@@ -1153,6 +1300,11 @@ impl World {
                         // two phases' window (see `unresolved`).
                         s.app.stopped = true;
                         let chan = s.chan;
+                        // Requests handed to it and not received are dropped with its queue:
+                        // each is given back (after `AppGone`, as the driver's queue drops
+                        // them). Those it received still get their answers.
+                        let given_back: Vec<u64> =
+                            s.app.queue.iter().filter(|q| q.5).map(|q| q.0).collect();
                         let queued: Vec<u64> = s.app.queue.drain(..).map(|(id, ..)| id).collect();
                         if self.mode != Mode::Store {
                             for &id in &queued {
@@ -1167,6 +1319,15 @@ impl World {
                         let s = &mut self.replicas[r].channels[i];
                         if let Some(link) = &mut s.link {
                             link.handle(self.now, Input::AppGone);
+                            for id in given_back {
+                                link.handle(
+                                    self.now,
+                                    Input::Answered {
+                                        id,
+                                        answer: Answer::GiveBack,
+                                    },
+                                );
+                            }
                         }
                     }
                 }
@@ -1225,6 +1386,7 @@ impl World {
     /// [`World::finish`] without giving the world up.
     fn run_out(&mut self) {
         self.loss = 0;
+        self.reply_loss = 0;
         for r in &mut self.replicas {
             for s in &mut r.channels {
                 s.app.paused_until = None;
@@ -1286,7 +1448,7 @@ impl World {
         if retry {
             for token in unresolved {
                 let info = self.sends[&token].clone();
-                self.send(c, info.payment, info.big, None);
+                self.send(c, info.payment, info.big, info.request, None);
             }
         }
     }
@@ -1479,9 +1641,15 @@ impl World {
                     if s.app.stopped || s.app.paused_until.is_some_and(|t| self.now < t) {
                         break;
                     }
-                    let Some((id, send, key, digest, lease)) = s.app.queue.pop_front() else {
+                    let Some((id, send, key, digest, lease, request)) = s.app.queue.pop_front()
+                    else {
                         break;
                     };
+                    if request {
+                        self.receive_request(r, i, id, send);
+                        self.drain_server(r, i);
+                        continue;
+                    }
                     let claim = Claim {
                         chan: s.chan,
                         message: id,
@@ -1547,6 +1715,101 @@ impl World {
                 }
             },
         }
+    }
+
+    /// The application of channel `i` of replica `r` receives request `id` (send `send`):
+    /// it answers now or later, as the world's answer generator says.
+    fn receive_request(&mut self, r: usize, i: usize, id: u64, send: u64) {
+        let now = self.now;
+        if trace() {
+            eprintln!("{:>9.3?} receive request {r}/{i} {id}", now - self.start);
+        }
+        let s = &mut self.replicas[r].channels[i];
+        if let Some(link) = &mut s.link {
+            link.handle(now, Input::Received { id });
+        }
+        // Settled before it was handed over: received now, out of the window (a crash from
+        // here on loses no processing: it happens with the reply).
+        self.unresolved.remove(&(r, i, id));
+        let x = self.app_random();
+        let plan = match x % 16 {
+            0..=9 => Plan::Reply,
+            10..=12 => Plan::Nack,
+            _ => Plan::GiveBack,
+        };
+        // Half at once; the others after 20 ms, 200 ms, 2 s or 6 s (past a request's 5 s
+        // deadline: the reply comes to a retry).
+        let late = match x / 16 % 8 {
+            0..=3 => None,
+            4 => Some(20),
+            5 => Some(200),
+            6 => Some(2_000),
+            _ => Some(6_000),
+        };
+        match late {
+            None => self.answer(r, i, id, send, plan),
+            Some(ms) => {
+                let incarnation = self.replicas[r].incarnation;
+                self.replicas[r].channels[i].app.pending.insert(id, send);
+                self.at(
+                    now + Duration::from_millis(ms),
+                    Event::Answer {
+                        replica: r,
+                        incarnation,
+                        instance: i,
+                        id,
+                        send,
+                        plan,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The application of channel `i` of replica `r` answers request `id` (send `send`) as
+    /// `plan` says, even after it dropped its `Messages`. It does the work only while its
+    /// channel runs (one that stopped takes no answer: the application learns it before
+    /// working, and drops the request).
+    fn answer(&mut self, r: usize, i: usize, id: u64, send: u64, plan: Plan) {
+        let now = self.now;
+        let replica = r;
+        let incarnation = self.replicas[r].incarnation;
+        let s = &self.replicas[r].channels[i];
+        let (app, chan) = (s.app_id, s.chan);
+        if s.link.as_ref().is_none_or(Link::is_stopped) {
+            return;
+        }
+        let answer = match plan {
+            Plan::Reply => {
+                self.processings += 1;
+                let reply = Bytes::from(format!(
+                    "reply #{} by replica {replica}.{incarnation}, channel {chan}, to {id}",
+                    self.processings
+                ));
+                self.ledger.processed(app, send, &reply);
+                Answer::Reply(reply)
+            }
+            Plan::Nack => {
+                self.ledger.nacked(send);
+                Answer::Nack
+            }
+            Plan::GiveBack => Answer::GiveBack,
+        };
+        if trace() {
+            eprintln!("{:>9.3?} answer {r}/{i} {id}: {answer:?}", now - self.start);
+        }
+        if let Some(link) = &mut self.replicas[r].channels[i].link {
+            link.handle(now, Input::Answered { id, answer });
+        }
+    }
+
+    fn app_random(&mut self) -> u32 {
+        let mut x = self.app_rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.app_rng = x;
+        (x >> 32) as u32
     }
 
     /// An inbox application's transaction commits: its claim, and the effect if it is new
@@ -1922,10 +2185,11 @@ impl World {
                     // Its channel retries the settle, which answers `Settled` again.
                     self.unresolved.insert((replica, instance, claim.message));
                 } else {
-                    // Settled for an owner that died: in the window, lost.
+                    // Settled for an owner that died: in the window, lost (a request lost so
+                    // was not processed: nobody answered it).
                     let send = self.ids.get(&(claim.chan, claim.message)).copied();
                     self.gap_losses += 1;
-                    if let Some(send) = send {
+                    if let Some(send) = send.filter(|s| !self.is_request(*s)) {
                         self.ledger.delivered(app, send);
                     }
                 }
@@ -1946,6 +2210,23 @@ impl World {
                     self.inbox_commit(replica, instance, send, claim);
                 } else {
                     self.confirm(replica, instance, claim.message, ClaimOutcome::Failed);
+                }
+            }
+            Event::Answer {
+                replica,
+                incarnation,
+                instance,
+                id,
+                send,
+                plan,
+            } => {
+                if self.replicas[replica].incarnation != incarnation {
+                    // Died with its process, unanswered and not processed.
+                    return;
+                }
+                let app = &mut self.replicas[replica].channels[instance].app;
+                if app.pending.remove(&id).is_some() {
+                    self.answer(replica, instance, id, send, plan);
                 }
             }
             Event::Resume {
@@ -2080,12 +2361,19 @@ impl World {
             );
             let s = &self.replicas[r].channels[y];
             if let Some(&send) = self.ids.get(&(s.chan, id)) {
-                if !s.hostile {
+                // A request lost in the window was not processed (nobody answered it); a
+                // retry finds it settled without a reply and is left unanswered.
+                if !s.hostile && !self.is_request(send) {
                     self.ledger.delivered(s.app_id, send);
                 }
             }
             self.gap_losses += 1;
         }
+    }
+
+    /// Whether honest send `send` is a request.
+    fn is_request(&self, send: u64) -> bool {
+        self.sends.get(&send).is_some_and(|s| s.request)
     }
 
     /// Replica `r`'s channel `i` lost the messages `ids` of the window (settled, handed to an
@@ -2137,9 +2425,12 @@ impl World {
             // Messages handed over to the application died with it: they were delivered
             // (handed over), as far as anyone can tell. (With a store they were recorded
             // when handed over; an inbox application had not committed them.)
+            // Requests it had not answered were not processed: the work comes with the reply.
             for s in &replica.channels {
-                for &(_, send, ..) in &s.app.queue {
-                    self.ledger.delivered(s.app_id, send);
+                for &(_, send, .., request) in &s.app.queue {
+                    if !request {
+                        self.ledger.delivered(s.app_id, send);
+                    }
                 }
             }
             self.key_epoch += 1;
@@ -2267,15 +2558,36 @@ impl World {
                     let id = match &outcome {
                         Ok(receipt) => Some(receipt.id),
                         Err(surelink::proto::link::SendError::Timeout { id })
-                        | Err(surelink::proto::link::SendError::Refused { id }) => Some(*id),
+                        | Err(surelink::proto::link::SendError::Refused { id })
+                        | Err(surelink::proto::link::SendError::Declined { id })
+                        | Err(surelink::proto::link::SendError::NoReply { id }) => Some(*id),
                         Err(_) => None,
                     };
                     if let Some(id) = id {
                         assert_eq!(info.id, Some(id), "the world traced send {token}'s id");
                     }
+                    let declined = matches!(
+                        outcome,
+                        Err(surelink::proto::link::SendError::Declined { .. })
+                    );
                     let outcome = Outcome::of(&outcome);
                     info.outcome.get_or_insert(outcome);
-                    self.ledger.outcome(token, outcome);
+                    if declined {
+                        self.ledger.declined(token);
+                    } else {
+                        self.ledger.outcome(token, outcome);
+                    }
+                }
+                Action::Replied { token, reply } => {
+                    let info = self.sends.get_mut(&token).expect("a request of the world");
+                    assert!(info.request, "send {token} is not a request, yet replied");
+                    assert_eq!(
+                        info.id,
+                        Some(reply.id),
+                        "the world traced request {token}'s id"
+                    );
+                    info.outcome.get_or_insert(Outcome::Acked);
+                    self.ledger.replied(token, &reply.payload);
                 }
                 Action::SamplePaths { conns } => {
                     self.clients[c]
@@ -2291,11 +2603,9 @@ impl World {
                     }
                 }
                 // Nothing the server sends the client's application here.
-                // The world's clients send no requests.
                 Action::Deliver(_)
                 | Action::FreeSlot { .. }
                 | Action::AnswerStream { .. }
-                | Action::Replied { .. }
                 | Action::Claim { .. } => {}
             }
         }
@@ -2326,7 +2636,7 @@ impl World {
                         self.note_refusals(chan, &datagram);
                     }
                     let open = self.conns.get(&conn).is_some_and(|c| c.server_open);
-                    if open && !self.dropped() {
+                    if open && !self.dropped() && !self.reply_dropped(&datagram) {
                         self.at(
                             now + DELAY,
                             Event::Datagram {
@@ -2474,9 +2784,23 @@ impl World {
                     };
                     self.ledger.handed_over(send);
                     let s = &mut self.replicas[r].channels[i];
+                    let request = d.is_request();
                     if !s.app.stopped {
                         let digest = payload_digest(&d.payload);
-                        s.app.queue.push_back((d.id, send, d.key, digest, d.lease));
+                        s.app
+                            .queue
+                            .push_back((d.id, send, d.key, digest, d.lease, request));
+                    } else if request {
+                        // The driver's closed queue drops it: given back.
+                        if let Some(link) = &mut s.link {
+                            link.handle(
+                                now,
+                                Input::Answered {
+                                    id: d.id,
+                                    answer: Answer::GiveBack,
+                                },
+                            );
+                        }
                     }
                 }
                 Action::Stop { .. } => {
@@ -2546,7 +2870,7 @@ fn claimant_seed(replica: usize, incarnation: u64, instance: usize) -> u64 {
 /// are judged per send only; `gone-refusals`, `reset-refusals`: the same for refusals
 /// because the application was gone, or of a stream the server reset; `full-keys`, the
 /// default `max_keys` only; `short-holes`, the default `hole_ttl` only; `resets`, no
-/// stream resets; `ack-ahead`, acks may run ahead of the take at every step (checked at the
+/// stream resets; `requests`, no requests (keyed sends stay payments); `ack-ahead`, acks may run ahead of the take at every step (checked at the
 /// end only), in every mode. Unset in CI and in the committed corpus runs.
 fn skip(what: &str) -> bool {
     static SKIP: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
@@ -2633,7 +2957,8 @@ pub fn minimize(scenario: Scenario, pattern: &str) -> Scenario {
                 i += 1;
             }
         }
-        let smaller: [fn(&mut Scenario) -> bool; 7] = [
+        let smaller: [fn(&mut Scenario) -> bool; 8] = [
+            |t| set(&mut t.reply_loss, 0),
             |t| fewer(&mut t.clients),
             |t| fewer(&mut t.replicas),
             |t| set(&mut t.hostile, false),

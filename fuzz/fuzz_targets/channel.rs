@@ -5,8 +5,11 @@
 //! replicas, or leaving the claim to the application (the inbox) — with stream messages and
 //! their refusals, key records that fill up, loss, blackouts, crashes with and without
 //! state, a failing claims store, applications that pause or drop their `Messages`, clients
-//! that close or drop their handles, and a hostile peer. The payment promises are checked
-//! with `surelink::promises::Ledger`, per send and per key, after every step and at the end.
+//! that close or drop their handles, a hostile peer, and keyed requests (applications that
+//! reply, nack or drop them, at once or late; replies kept with keys and in the store; replies
+//! lost on the way back). The payment promises are checked with `surelink::promises::Ledger`,
+//! per send and per key (for requests: processed at most once per key, every reply the first
+//! processing's), after every step and at the end.
 #![no_main]
 
 #[path = "../world.rs"]
