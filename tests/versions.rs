@@ -184,6 +184,28 @@ async fn channel_run(client: Alpn, server: Alpn, loss: Loss, seed: u64) -> Chann
         // Protocol 1 acks a replay like a delivery; protocol 2 says it is one.
         assert_eq!(again.replayed, protocols.1 >= 2, "{key} again");
     }
+    // Protocol 1 has no requests: one fails at once on either end, nothing sent.
+    for (end, chan, protocol) in [
+        ("client", &client_chan, protocols.0),
+        ("server", &server_chan, protocols.1),
+    ] {
+        if protocol < 2 {
+            let sent = chan.stats().sender.messages_sent;
+            let outcome = chan.request("auth 1.00").await;
+            assert!(
+                matches!(
+                    outcome,
+                    Err(surelink::channel::SendError::RequestsUnsupported)
+                ),
+                "{end}: {outcome:?}"
+            );
+            assert_eq!(
+                chan.stats().sender.messages_sent,
+                sent,
+                "{end}: nothing sent"
+            );
+        }
+    }
     let (at_server, at_client) = (at_server.await.unwrap(), at_client.await.unwrap());
     assert_once(&at_server);
     assert_once(&at_client);
