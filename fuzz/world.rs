@@ -2558,7 +2558,7 @@ impl World {
                     let id = match &outcome {
                         Ok(receipt) => Some(receipt.id),
                         Err(surelink::proto::link::SendError::Timeout { id })
-                        | Err(surelink::proto::link::SendError::Refused { id })
+                        | Err(surelink::proto::link::SendError::Refused { id, .. })
                         | Err(surelink::proto::link::SendError::Declined { id })
                         | Err(surelink::proto::link::SendError::NoReply { id }) => Some(*id),
                         Err(_) => None,

@@ -77,11 +77,14 @@ pub enum SendError {
         max: usize,
     },
     /// The peer refused the message (outside its dedupe window, malformed, its key store
-    /// full, or its application gone): it was not delivered.
-    #[error("message {id}: refused by the peer, not delivered")]
+    /// full, or its application gone; [`RefuseReason`] says which): it was not delivered.
+    #[error("message {id}: refused by the peer ({reason}), not delivered")]
+    #[non_exhaustive]
     Refused {
         /// The message id on this channel.
         id: u64,
+        /// Why.
+        reason: RefuseReason,
     },
     /// The message's idempotency key was delivered before with another payload (another
     /// amount, another terminal, a bug in the client): this message was not delivered, and
@@ -152,9 +155,8 @@ impl SendError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SendError::Timeout { .. } | SendError::ConnectionLost { .. } => true,
-            SendError::Refused { .. } | SendError::Declined { .. } | SendError::NoReply { .. } => {
-                true
-            }
+            SendError::Refused { reason, .. } => reason.is_retryable(),
+            SendError::Declined { .. } | SendError::NoReply { .. } => true,
             SendError::Rejected(reason) => matches!(reason, RejectReason::Backpressure { .. }),
             SendError::TooLarge { .. }
             | SendError::KeyReused { .. }
@@ -162,6 +164,61 @@ impl SendError {
             | SendError::RequestsUnsupported
             | SendError::Closed => false,
         }
+    }
+}
+
+/// Why the peer refused a message ([`SendError::Refused`]): the REFUSE frame's reason
+/// (docs/PROTOCOL.md §11). Whatever it is, the message was not delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RefuseReason {
+    /// Its envelope did not decode (reason 1): sending it again fails the same way.
+    #[error("malformed")]
+    Malformed,
+    /// Its id was too far above the peer's dedupe window (2): a retry later may pass.
+    #[error("outside the peer's window")]
+    OutOfWindow,
+    /// The peer holds as many idempotency keys as it may (3): retry once keys expire.
+    #[error("the peer's key record is full")]
+    KeysFull,
+    /// Its block's code was wider than the peer accepts (4): this sender's configuration.
+    #[error("block wider than the peer accepts")]
+    Block,
+    /// The peer's application is gone (5): not on this channel; a new one may work.
+    #[error("the peer's application is gone")]
+    ApplicationGone,
+    /// The peer's floor passed its id before it was delivered (6): send it again (a new
+    /// id), under its key.
+    #[error("its id was passed")]
+    Passed,
+    /// No reason given (a stream message refused by its status byte or reset), or one this
+    /// version does not know.
+    #[error("reason {0}")]
+    Other(u64),
+}
+
+impl RefuseReason {
+    /// The reason for a REFUSE code.
+    pub fn from_code(code: u64) -> Self {
+        use crate::wire::*;
+        match code {
+            REFUSE_MALFORMED => RefuseReason::Malformed,
+            REFUSE_OUT_OF_WINDOW => RefuseReason::OutOfWindow,
+            REFUSE_KEYS_FULL => RefuseReason::KeysFull,
+            REFUSE_BLOCK => RefuseReason::Block,
+            REFUSE_CLOSED => RefuseReason::ApplicationGone,
+            REFUSE_PASSED => RefuseReason::Passed,
+            other => RefuseReason::Other(other),
+        }
+    }
+
+    /// Whether sending the message again on this channel can end differently: not for a
+    /// malformed message, a block too wide, or an application gone.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            RefuseReason::Malformed | RefuseReason::Block | RefuseReason::ApplicationGone
+        )
     }
 }
 
@@ -213,7 +270,10 @@ impl From<LinkError> for SendError {
             LinkError::ConnectionLost { reason } => SendError::ConnectionLost { reason },
             LinkError::Rejected(e) => SendError::Rejected(e.into()),
             LinkError::TooLarge { len, max } => SendError::TooLarge { len, max },
-            LinkError::Refused { id } => SendError::Refused { id },
+            LinkError::Refused { id, reason } => SendError::Refused {
+                id,
+                reason: RefuseReason::from_code(reason),
+            },
             LinkError::KeyReused { id } => SendError::KeyReused { id },
             LinkError::DatagramsUnsupported => SendError::DatagramsUnsupported,
             LinkError::Closed => SendError::Closed,
@@ -238,7 +298,8 @@ mod tests {
             LinkError::Rejected(crate::proto::SendError::InvalidKey { len: 0 }),
             LinkError::Rejected(crate::proto::SendError::Backpressure { in_flight: 9 }),
             LinkError::TooLarge { len: 10, max: 5 },
-            LinkError::Refused { id: 4 },
+            LinkError::Refused { id: 4, reason: 3 },
+            LinkError::Refused { id: 4, reason: 5 },
             LinkError::DatagramsUnsupported,
             LinkError::Closed,
             LinkError::Declined { id: 5 },
@@ -259,6 +320,23 @@ mod tests {
             }))
             .is_retryable()
         );
+        // The refusal's reason survives, and says whether sending again can help: keys
+        // full can (later), an application gone cannot on this channel.
+        let refused = |reason| SendError::from(LinkError::Refused { id: 4, reason });
+        assert!(matches!(
+            refused(crate::wire::REFUSE_KEYS_FULL),
+            SendError::Refused {
+                reason: RefuseReason::KeysFull,
+                ..
+            }
+        ));
+        assert!(refused(crate::wire::REFUSE_KEYS_FULL).is_retryable());
+        assert!(!refused(crate::wire::REFUSE_CLOSED).is_retryable());
+        assert!(!refused(crate::wire::REFUSE_MALFORMED).is_retryable());
+        assert!(refused(0).is_retryable(), "no reason given: as before");
+        assert!(refused(crate::wire::REFUSE_CLOSED)
+            .to_string()
+            .contains("application is gone"));
         assert!(
             !SendError::from(LinkError::Rejected(crate::proto::SendError::InvalidKey {
                 len: 0

@@ -124,7 +124,7 @@ pub use connect::{
     server_config_with_protocols, transport_config, AcceptError, ConfigError, ConnectError,
     Listener, Server, ALPN, ALPN_PROTOCOLS, ALPN_V2,
 };
-pub use error::{RejectReason, RequestError, SendError};
+pub use error::{RefuseReason, RejectReason, RequestError, SendError};
 pub use identity::{
     client_config_with, load_certs, load_key, server_config_mtls,
     server_config_mtls_with_protocols, Identity, IdentityError, ServerTrust,
@@ -577,10 +577,12 @@ impl SendOptions {
         self
     }
 
-    /// This message's own deadline, instead of the channel's ([`SenderConfig::deadline`]);
-    /// at most the channel's (a longer one is cut to it). When it passes without an ack the
-    /// send fails with [`SendError::Timeout`] (outcome unknown); the message keeps its
-    /// in-flight slot while the sender still carries it. Default: the channel's.
+    /// This message's own deadline, instead of the channel's ([`SenderConfig::deadline`]):
+    /// shorter or longer (a terminal's authorization may wait 40-60 s; the receiver's hole
+    /// TTL, 30 s by default, does not make a longer one unsafe: an id its floor passed is
+    /// never acked, only refused). When it passes without an ack (for a request: without
+    /// its reply) the send fails with [`SendError::Timeout`] (or `NoReply`; outcome
+    /// unknown), and its in-flight slot is freed. Default: the channel's.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self

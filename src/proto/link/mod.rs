@@ -321,10 +321,13 @@ pub enum SendError {
     },
     /// The peer refused the message (outside its dedupe window, or malformed): it was not
     /// delivered.
-    #[error("message {id}: refused by the peer, not delivered")]
+    #[error("message {id}: refused by the peer (reason {reason}), not delivered")]
     Refused {
         /// The message id.
         id: u64,
+        /// The wire's REFUSE reason (`wire::REFUSE_*`); 0 when none was given (a stream
+        /// refused by its status byte or reset).
+        reason: u64,
     },
     /// The idempotency key was delivered before with another payload (another amount,
     /// another terminal, a bug): this message was not delivered, and never will be under that
@@ -1600,8 +1603,8 @@ impl Link {
                 } => (id, Err(SendError::Declined { id })),
                 SenderEvent::Failed {
                     id,
-                    reason: FailReason::Refused(_),
-                } => (id, Err(SendError::Refused { id })),
+                    reason: FailReason::Refused(reason),
+                } => (id, Err(SendError::Refused { id, reason })),
                 SenderEvent::Failed { id, .. } => (id, Err(SendError::Timeout { id })),
             };
             self.crossed.remove(&id);

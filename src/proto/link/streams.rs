@@ -93,7 +93,7 @@ impl Link {
             StreamEnd::Refused if s.keyed || s.attempts > 1 => Err(SendError::ConnectionLost {
                 reason: RESET_UNKNOWN.into(),
             }),
-            StreamEnd::Status(_) | StreamEnd::Refused => Err(SendError::Refused { id }),
+            StreamEnd::Status(_) | StreamEnd::Refused => Err(SendError::Refused { id, reason: 0 }),
             StreamEnd::Deadline => Err(SendError::Timeout { id }),
             StreamEnd::Connection(reason) => {
                 let may_retry = self.role != Role::Plain && now < s.deadline;
