@@ -403,3 +403,35 @@ async fn a_killed_replica_costs_no_second_processing_and_no_other_reply() {
     );
     assert!(by_second > 0, "the second replica took over");
 }
+
+/// A send's or a request's own deadline may be longer than the channel's (an authorization
+/// waits 40-60 s where the channel's default is 5 s): it is honoured, not cut to the
+/// channel's.
+#[tokio::test(start_paused = true)]
+async fn a_deadline_longer_than_the_channels_is_honoured() {
+    let mut config = Config::default();
+    config.explicit_ack = true;
+    config.sender.deadline = Duration::from_millis(300);
+    let e = ends(lossy(0.0), lossy(0.0), 13, config).await;
+    let mut messages = e.server_messages;
+    tokio::spawn(async move {
+        while let Some(m) = messages.recv().await {
+            tokio::spawn(async move {
+                // The application's work takes longer than the channel's deadline.
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                let _ = match m.is_request() {
+                    true => m.reply("approved"),
+                    false => m.ack(),
+                };
+            });
+        }
+    });
+    let long = SendOptions::default().deadline(Duration::from_secs(3));
+    let receipt = e.client.send_with("pay", long.clone().key("a")).await;
+    assert!(receipt.is_ok(), "{receipt:?}");
+    let reply = e.client.request_with("auth", long.key("b")).await;
+    assert_eq!(reply.expect("a reply").payload, "approved");
+    // The channel's own deadline still applies without one.
+    let short = e.client.send_with_key("c", "pay").await.unwrap_err();
+    assert!(short.may_have_been_delivered(), "{short}");
+}

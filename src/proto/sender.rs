@@ -936,6 +936,30 @@ impl Sender {
         self.send_kind(now, key, Kind::Message, payload)
     }
 
+    /// Like [`Sender::send_kind`], with the message's own deadline instead of
+    /// [`SenderConfig::deadline`] (shorter or longer): at it, the message fails with
+    /// [`FailReason::DeadlineExceeded`] unless it was acked.
+    pub fn send_until(
+        &mut self,
+        now: Instant,
+        key: Option<&[u8]>,
+        kind: Kind,
+        payload: &[u8],
+        deadline: Duration,
+    ) -> Result<u64, SendError> {
+        let id = self.send_kind(now, key, kind, payload)?;
+        let own = now + self.config.deadline;
+        let at = now + deadline;
+        if at != own {
+            self.deadlines.remove(&(own, id));
+            self.deadlines.insert((at, id));
+            if let Some(m) = self.messages.get_mut(&id) {
+                m.deadline = at;
+            }
+        }
+        Ok(id)
+    }
+
     /// Like [`Sender::send_keyed`], for a message of `kind` (requests and replies: protocol
     /// 2 only; the caller checks the peer speaks it).
     pub fn send_kind(

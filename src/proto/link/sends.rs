@@ -17,32 +17,31 @@ impl Link {
             self.complete(token, Err(SendError::Closed));
             return;
         }
+        // A send's own deadline may be shorter or longer than the channel's (a terminal's
+        // authorization waits 40-60 s).
         let own = self.config.sender.deadline;
-        let deadline = deadline.filter(|d| *d < own);
         let len = Envelope::overhead_of(key.as_deref(), kind) + payload.len();
         let threshold = self
             .config
             .stream_threshold
             .min(self.config.receiver.reassembler.limits.max_message_len as usize);
         if len <= threshold {
+            let until = deadline.unwrap_or(own);
             match self
                 .peer
                 .sender
-                .send_kind(now, key.as_deref(), kind, &payload)
+                .send_until(now, key.as_deref(), kind, &payload, until)
             {
                 Ok(id) => {
-                    // A request's deadline covers its reply too, which may come after the
-                    // sender let the message go: it always has an entry here.
+                    // The sender gives the message up at its deadline. A request's deadline
+                    // covers its reply too, which may come after the sender let the message
+                    // go: it has an entry here.
                     let request = (kind == Kind::Request).then_some(Requested {
                         sent: now,
                         acked: None,
                     });
-                    let deadline = match request {
-                        Some(_) => Some(now + deadline.unwrap_or(own)),
-                        None => deadline.map(|d| now + d),
-                    };
-                    if let Some(at) = deadline {
-                        self.send_deadlines.insert((at, id));
+                    if request.is_some() {
+                        self.send_deadlines.insert((now + until, id));
                     }
                     self.waiting.insert(
                         id,
