@@ -57,7 +57,7 @@
 //! |---|---|---|---|
 //! | `surelink_messages_sent_total` | counter | `role` | messages given an id and sent, on either path (`stats().sender.messages_sent`) |
 //! | `surelink_messages_acked_total` | counter | `role` | sends whose outcome was `Ok(Receipt)`: the peer's application took the message (or a replica claimed it) |
-//! | `surelink_messages_failed_total` | counter | `role`, `reason` | sends whose outcome was an error, by `reason`: `deadline` (no ack within the deadline; outcome unknown), `connection_lost` (outcome unknown), `peer_lost_state` (the server came back without the channel's state; outcome unknown), `refused` (the peer refused it; not delivered), `rejected` (refused before sending: bad key, backpressure, cannot be coded), `too_large`, `key_reused` (its key was delivered before with another payload; not delivered), `datagrams_unsupported`, `closed` (the channel was closing) |
+//! | `surelink_messages_failed_total` | counter | `role`, `reason` | sends whose outcome was an error, by `reason`: `deadline` (no ack within the deadline; outcome unknown), `connection_lost` (outcome unknown), `peer_lost_state` (the server came back without the channel's state; outcome unknown), `refused` (the peer refused it; not delivered), `rejected` (refused before sending: bad key, backpressure, cannot be coded), `too_large`, `key_reused` (its key was delivered before with another payload; not delivered), `datagrams_unsupported`, `closed` (the channel was closing), `declined` (the peer's application declined it), `no_reply` (a request processed, its reply not in time), `requests_unsupported` |
 //! | `surelink_send_latency_seconds` | histogram | `role` | from `send` to the ack, of every acked send (`Receipt::latency`) |
 //! | `surelink_in_flight` | gauge | `role` | messages sent and awaiting their outcome, over the open channels (`stats().in_flight`) |
 //! | `surelink_loss_estimate` | gauge | `role` | mean over the open channels of the per-shard loss rate each plans its redundancy for (`stats().loss_estimate`: a prior and an upper confidence bound, so it reads 2–3% on a clean path: plan, not measurement) |
@@ -116,6 +116,8 @@
 //! | `surelink_failovers_total` | counter | `role` | of those, moves to another replica (`failovers`) |
 //! | `surelink_takeovers_total` | counter | `role` | a reconnect that replaced a connection of the same channel still open (logged at warn) |
 //! | `surelink_connections_refused_total` | counter | `reason` | connections a server refused, by `reason`: `tls` (the TLS handshake failed: no common ALPN, a client certificate refused), `handshake` (it failed otherwise or timed out), `connection_lost` (before its Hello), `hello_timeout`, `invalid_hello`, `too_many_channels`, `datagrams_unsupported`, `not_owner` (the channel belongs to another client identity), `shutting_down`, `store_unavailable` (the claims store could not say who owns a channel this server does not hold; closed with the goodbye code so the client tries again) |
+//! | `surelink_log_lines_suppressed_total` | counter | | failure log lines (refused handshakes and connections) not written because more than 5 came in a second; each line written says how many were suppressed before it (`suppressed`) |
+//! | `surelink_replies_received_total` | counter | `role` | requests answered: their replies came back (protocol 2) |
 //! | `surelink_send_errors_total` | counter | `role` | datagrams quinn refused to send (`send_errors`) |
 //! | `surelink_sends_abandoned_total` | counter | `role` | sends whose caller stopped waiting before the outcome (`sends_abandoned`) |
 //!
@@ -264,6 +266,10 @@ pub fn describe() {
             "Reconnects that replaced a connection of the same channel still open.",
         ),
         (REFUSED, "Connections a server refused, by reason."),
+        (
+            LOG_LINES_SUPPRESSED,
+            "Failure log lines suppressed by the rate limit (a few a second are written).",
+        ),
         (INVALID_FRAMES, INVALID_FRAMES_HELP),
     ];
     for (name, help) in counters {
@@ -324,6 +330,38 @@ pub(crate) fn failure_reason(e: &SendError) -> &'static str {
     }
 }
 
+/// Failure log lines (refused handshakes and connections) a server writes per second at
+/// most: a flood of failures is counted in full, and logged as a sample with how many lines
+/// were suppressed before it.
+pub const FAILURE_LOG_LINES_PER_SECOND: u32 = 5;
+
+/// Counter: failure log lines suppressed by the rate limit ([`FAILURE_LOG_LINES_PER_SECOND`]).
+pub const LOG_LINES_SUPPRESSED: &str = "surelink_log_lines_suppressed_total";
+
+/// The rate limit on failure logs: `Some(suppressed)` when a line may be written now (with
+/// how many were suppressed since the last one written), `None` when it is suppressed
+/// (counted).
+pub(crate) fn failure_log() -> Option<u64> {
+    use std::sync::Mutex;
+    use std::time::Instant;
+    // (the current second's start, lines written in it, lines suppressed since the last one)
+    static GATE: Mutex<Option<(Instant, u32, u64)>> = Mutex::new(None);
+    let mut gate = GATE.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    let (start, written, suppressed) = gate.get_or_insert((now, 0, 0));
+    if now.saturating_duration_since(*start) >= std::time::Duration::from_secs(1) {
+        *start = now;
+        *written = 0;
+    }
+    if *written >= FAILURE_LOG_LINES_PER_SECOND {
+        *suppressed += 1;
+        ::metrics::counter!(LOG_LINES_SUPPRESSED).increment(1);
+        return None;
+    }
+    *written += 1;
+    Some(std::mem::take(suppressed))
+}
+
 /// Records, and logs, a QUIC handshake a server endpoint could not complete. A
 /// [`Listener`](crate::channel::Listener) calls it for each; an application that accepts
 /// connections itself (`quinn::Endpoint::accept`, then
@@ -332,7 +370,8 @@ pub(crate) fn failure_reason(e: &SendError) -> &'static str {
 ///
 /// A TLS failure (no common ALPN protocol, a client certificate the server does not accept,
 /// or one the client refused) is logged at `warn` and counted with reason `tls`; a
-/// handshake that timed out or failed otherwise at `info`, reason `handshake`.
+/// handshake that timed out or failed otherwise at `info`, reason `handshake`; at most
+/// [`FAILURE_LOG_LINES_PER_SECOND`] lines a second with the other failure logs.
 pub fn handshake_failed(remote: std::net::SocketAddr, error: &quinn::ConnectionError) {
     use quinn::ConnectionError as E;
     // RFC 9001 §4.8: a TLS alert travels as a transport error code 0x0100 + alert.
@@ -342,10 +381,12 @@ pub fn handshake_failed(remote: std::net::SocketAddr, error: &quinn::ConnectionE
         E::ConnectionClosed(c) => crypto(u64::from(c.error_code)),
         _ => false,
     };
-    if tls {
-        tracing::warn!(%remote, %error, "surelink: TLS handshake failed; connection refused");
-    } else {
-        tracing::info!(%remote, %error, "surelink: handshake failed");
+    if let Some(suppressed) = failure_log() {
+        if tls {
+            tracing::warn!(%remote, %error, suppressed, "surelink: TLS handshake failed; connection refused");
+        } else {
+            tracing::info!(%remote, %error, suppressed, "surelink: handshake failed");
+        }
     }
     let reason = if tls { "tls" } else { "handshake" };
     ::metrics::counter!(REFUSED, "reason" => reason).increment(1);
@@ -664,6 +705,25 @@ mod tests {
                 "{name} is not documented"
             );
         }
+    }
+
+    #[test]
+    fn failure_logs_are_rate_limited_and_say_what_they_suppressed() {
+        // A flood: a few lines pass, the rest are suppressed and counted; the next second's
+        // first line reports them.
+        let passed: Vec<u64> = (0..1000).filter_map(|_| failure_log()).collect();
+        // (Other tests of this process may log failures too: at most the limit passed.)
+        assert!(
+            passed.len() <= FAILURE_LOG_LINES_PER_SECOND as usize,
+            "{} lines passed",
+            passed.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1010));
+        let next = failure_log().expect("a new second");
+        assert!(
+            next >= 1000 - passed.len() as u64,
+            "reported {next} suppressed"
+        );
     }
 
     #[test]

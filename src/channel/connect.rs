@@ -822,19 +822,24 @@ fn refused(e: &AcceptError) {
         AcceptError::StoreUnavailable(_) => "store_unavailable",
     };
     crate::metrics::connection_refused(reason);
+    // Counted in full above; logged at most a few lines a second (a flood is not a log
+    // flood), each saying how many were suppressed before it.
+    let Some(suppressed) = crate::metrics::failure_log() else {
+        return;
+    };
     match e {
         // Not a refusal: the client went away (or the path failed) before its Hello.
         AcceptError::Connection(_) => tracing::debug!(error = %e, "surelink: connection lost"),
         // Logged where it was decided, with the channel's tag.
         AcceptError::NotOwner => {}
         AcceptError::HelloTimeout(_) | AcceptError::ShuttingDown => {
-            tracing::info!(error = %e, "surelink: connection refused")
+            tracing::info!(error = %e, suppressed, "surelink: connection refused")
         }
         AcceptError::InvalidHello(_)
         | AcceptError::TooManyChannels(_)
         | AcceptError::DatagramsUnsupported
         | AcceptError::StoreUnavailable(_) => {
-            tracing::warn!(error = %e, "surelink: connection refused")
+            tracing::warn!(error = %e, suppressed, "surelink: connection refused")
         }
     }
 }
