@@ -115,7 +115,9 @@
 //! | `surelink_reconnects_total` | counter | `role` | connections a channel moved to after losing one (on a server: clients that came back; `reconnects`) |
 //! | `surelink_failovers_total` | counter | `role` | of those, moves to another replica (`failovers`) |
 //! | `surelink_takeovers_total` | counter | `role` | a reconnect that replaced a connection of the same channel still open (logged at warn) |
-//! | `surelink_connections_refused_total` | counter | `reason` | connections a server refused, by `reason`: `tls` (the TLS handshake failed: no common ALPN, a client certificate refused), `handshake` (it failed otherwise or timed out), `connection_lost` (before its Hello), `hello_timeout`, `invalid_hello`, `too_many_channels`, `datagrams_unsupported`, `not_owner` (the channel belongs to another client identity), `shutting_down`, `store_unavailable` (the claims store could not say who owns a channel this server does not hold; closed with the goodbye code so the client tries again) |
+//! | `surelink_connections_refused_total` | counter | `reason` | connections a server refused, by `reason`: `tls` (the TLS handshake failed: no common ALPN, a client certificate refused), `handshake` (it failed otherwise or timed out), `connection_lost` (before its Hello), `hello_timeout`, `invalid_hello`, `too_many_channels`, `datagrams_unsupported`, `not_owner` (the channel belongs to another client identity), `shutting_down`, `store_unavailable` (the claims store could not say who owns a channel this server does not hold; closed with the goodbye code so the client tries again), `handshake_cap` (ignored: `Config::admission.max_handshakes` handshakes were in progress), `filtered` (refused by `Listener::with_filter`) |
+//! | `surelink_retries_sent_total` | counter | | QUIC Retries a `Listener` sent: unvalidated addresses while more than `Config::admission.retry_above` handshakes were in progress |
+//! | `surelink_handshakes_in_progress` | gauge | | handshakes a `Listener` has started and not finished (at most `Config::admission.max_handshakes`; past it attempts are ignored, counted in `surelink_connections_refused_total` with reason `handshake_cap`) |
 //! | `surelink_log_lines_suppressed_total` | counter | | failure log lines (refused handshakes and connections) not written because more than 5 came in a second; each line written says how many were suppressed before it (`suppressed`) |
 //! | `surelink_replies_received_total` | counter | `role` | requests answered: their replies came back (protocol 2) |
 //! | `surelink_send_errors_total` | counter | `role` | datagrams quinn refused to send (`send_errors`) |
@@ -239,6 +241,8 @@ const CHANNELS: &str = "surelink_channels_open";
 const CONNECTIONS: &str = "surelink_connections_open";
 const TAKEOVERS: &str = "surelink_takeovers_total";
 const REFUSED: &str = "surelink_connections_refused_total";
+const RETRIES: &str = "surelink_retries_sent_total";
+const HANDSHAKES: &str = "surelink_handshakes_in_progress";
 
 /// Gives the installed recorder the unit and help text of every surelink metric (an
 /// exporter prints them, e.g. Prometheus's `# HELP` lines). The first channel or server of
@@ -267,6 +271,10 @@ pub fn describe() {
         ),
         (REFUSED, "Connections a server refused, by reason."),
         (
+            RETRIES,
+            "QUIC Retries a listener sent to validate addresses (Config::admission).",
+        ),
+        (
             LOG_LINES_SUPPRESSED,
             "Failure log lines suppressed by the rate limit (a few a second are written).",
         ),
@@ -288,6 +296,11 @@ pub fn describe() {
         "QUIC connections the channels hold."
     );
     ::metrics::describe_gauge!(IN_FLIGHT, Unit::Count, "Messages awaiting their outcome.");
+    ::metrics::describe_gauge!(
+        HANDSHAKES,
+        Unit::Count,
+        "Handshakes a listener started and has not finished."
+    );
     ::metrics::describe_gauge!(
         RESERVATIONS,
         Unit::Count,
@@ -390,6 +403,23 @@ pub fn handshake_failed(remote: std::net::SocketAddr, error: &quinn::ConnectionE
     }
     let reason = if tls { "tls" } else { "handshake" };
     ::metrics::counter!(REFUSED, "reason" => reason).increment(1);
+}
+
+/// Records a [`Listener`](crate::channel::Listener)'s admission decision: Retries sent, and
+/// the handshakes in progress.
+pub(crate) fn admission(
+    admit: crate::proto::admission::Admit,
+    gate: &std::sync::Mutex<crate::proto::admission::Admission>,
+) {
+    if admit == crate::proto::admission::Admit::Retry {
+        ::metrics::counter!(RETRIES).increment(1);
+    }
+    let in_progress = gate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .stats()
+        .in_progress;
+    ::metrics::gauge!(HANDSHAKES).set(in_progress as f64);
 }
 
 /// Counts a connection a server refused (`reason` as in the module's table).

@@ -892,25 +892,75 @@ pub struct Listener {
     rx: mpsc::Receiver<(Channel, Messages)>,
     task: tokio::task::JoinHandle<()>,
     expiry: Option<tokio::task::JoinHandle<()>>,
+    admission: Arc<std::sync::Mutex<crate::proto::admission::Admission>>,
 }
+
+/// A filter a [`Listener`] asks about each connection attempt before any work
+/// ([`Listener::with_filter`]): `false` refuses it.
+pub type IncomingFilter = Arc<dyn Fn(&quinn::Incoming) -> bool + Send + Sync>;
 
 impl Listener {
     /// Starts accepting on `endpoint` (which needs a server config: see [`server_config`]).
     pub fn new(endpoint: quinn::Endpoint, config: Config) -> Listener {
+        Self::with_filter(endpoint, config, Arc::new(|_| true))
+    }
+
+    /// Like [`Listener::new`], with `filter` asked about each connection attempt before any
+    /// work (its remote address, whether it is validated: quinn's `Incoming`): `false`
+    /// refuses it at once (counted, reason `filtered`). For per-address rules of the
+    /// application's own (a deny list, a rate per address). Admission control
+    /// ([`Config::admission`]) applies to what it lets through.
+    pub fn with_filter(
+        endpoint: quinn::Endpoint,
+        config: Config,
+        filter: IncomingFilter,
+    ) -> Listener {
+        use crate::proto::admission::{Admission, Admit};
         // Claims older than the store's TTL are swept ten times per TTL (at most hourly).
         let expiry = config.store.clone().map(|store| {
             let every = (store.ttl() / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
             crate::store::spawn_expiry(store, every)
         });
+        let admission = Arc::new(std::sync::Mutex::new(Admission::new(config.admission)));
         let server = Server::new(config);
         let (tx, rx) = mpsc::channel(64);
         let registry = server.clone();
+        let gate = admission.clone();
         let task = tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
-                let (registry, tx) = (registry.clone(), tx.clone());
+                if !filter(&incoming) {
+                    crate::metrics::connection_refused("filtered");
+                    incoming.refuse();
+                    continue;
+                }
+                let admit = gate
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .decide(incoming.remote_address_validated(), incoming.may_retry());
+                crate::metrics::admission(admit, &gate);
+                match admit {
+                    Admit::Accept => {}
+                    Admit::Retry => {
+                        if incoming.retry().is_err() {
+                            // quinn could not send one (already retried): dropped.
+                            crate::metrics::connection_refused("handshake_cap");
+                        }
+                        continue;
+                    }
+                    Admit::Ignore => {
+                        crate::metrics::connection_refused("handshake_cap");
+                        incoming.ignore();
+                        continue;
+                    }
+                }
+                let (registry, tx, gate) = (registry.clone(), tx.clone(), gate.clone());
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
-                    let conn = match incoming.await {
+                    let handshake = incoming.await;
+                    gate.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .handshake_ended();
+                    let conn = match handshake {
                         Ok(c) => c,
                         Err(e) => {
                             crate::metrics::handshake_failed(remote, &e);
@@ -930,7 +980,17 @@ impl Listener {
             rx,
             task,
             expiry,
+            admission,
         }
+    }
+
+    /// Its admission counters: handshakes in progress, accepted, Retries sent, attempts
+    /// ignored at the cap ([`Config::admission`]).
+    pub fn admission(&self) -> crate::proto::admission::AdmissionStats {
+        self.admission
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stats()
     }
 
     /// The next new channel; `None` once the endpoint is closed.

@@ -110,6 +110,7 @@ use bytes::Bytes;
 use quinn::rustls;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+pub use crate::proto::admission::{AdmissionConfig, AdmissionStats};
 pub use crate::proto::link::GOODBYE;
 #[doc(inline)]
 pub use crate::proto::link::{Receipt, Reconnect, Reply};
@@ -122,7 +123,7 @@ pub use crate::wire::Kind;
 pub use connect::{
     ack_frequency_config, client_config, congestion_controller, server_config,
     server_config_with_protocols, transport_config, AcceptError, ConfigError, ConnectError,
-    Listener, Server, ALPN, ALPN_PROTOCOLS, ALPN_V2,
+    IncomingFilter, Listener, Server, ALPN, ALPN_PROTOCOLS, ALPN_V2,
 };
 pub use error::{RefuseReason, RejectReason, RequestError, SendError};
 pub use identity::{
@@ -240,6 +241,11 @@ pub struct Config {
     /// it is handed over; a nack or a drop releases that claim (best effort: a replica that
     /// dies first leaves it claimed, and a retry is then acked as a replay). Default `false`.
     pub explicit_ack: bool,
+    /// A [`Listener`]'s admission of new connections: a QUIC Retry (address validation) for
+    /// unvalidated addresses above a number of handshakes in progress, and a cap on them
+    /// ([`AdmissionConfig`](crate::proto::admission::AdmissionConfig): 64 and 1,024 by
+    /// default).
+    pub admission: crate::proto::admission::AdmissionConfig,
     /// Most messages the application received and has not answered yet (requests, and with
     /// `explicit_ack` every message): past it the channel hands over no more until answers
     /// come. Default 64.
@@ -293,6 +299,7 @@ impl Default for Config {
             store: None,
             application_claims: false,
             explicit_ack: false,
+            admission: crate::proto::admission::AdmissionConfig::default(),
             max_unanswered: 64,
             lease: crate::proto::link::DEFAULT_LEASE,
             claim_timeout: Duration::from_secs(5),

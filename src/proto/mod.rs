@@ -27,6 +27,7 @@
 //! outcome), so a message lost for good frees the receiver's dedupe window at the sender's
 //! deadline, and a receiver that restarted catches up with the sender's ids.
 
+pub mod admission;
 mod answer;
 mod dedupe;
 mod governor;
