@@ -287,8 +287,25 @@ async fn declined_requests_and_missing_replies() {
 /// the window two-phase claims leave).
 #[tokio::test(start_paused = true)]
 async fn a_killed_replica_costs_no_second_processing_and_no_other_reply() {
+    killed_replica(Arc::new(surelink::store::MemoryStore::default())).await;
+}
+
+/// The same over a real PostgreSQL (`PgStore`, in real time: the database's I/O does not
+/// follow a paused clock), when `SURELINK_PG_URL` names one (`scripts/test`).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_with_postgres_costs_no_second_processing_and_no_other_reply() {
+    let Some(url) = common::fresh_database("requests").await else {
+        return;
+    };
+    let store = surelink::store::PgStore::connect(&url, Duration::from_secs(24 * 3600))
+        .await
+        .unwrap();
+    killed_replica(Arc::new(store)).await;
+}
+
+async fn killed_replica(store: Arc<dyn surelink::store::DedupeStore>) {
     use surelink::sim::SERVER_NAME;
-    use surelink::store::MemoryStore;
 
     let link = lossy(0.05);
     let pair = Pair::new(PairConfig {
@@ -303,7 +320,6 @@ async fn a_killed_replica_costs_no_second_processing_and_no_other_reply() {
     })
     .unwrap();
     let net = pair.net.clone().unwrap();
-    let store = Arc::new(MemoryStore::default());
     let log: Arc<Mutex<Host>> = Default::default();
     let mut addrs = Vec::new();
     for (r, (addr, endpoint)) in common::replicas(&pair, 3, &link).into_iter().enumerate() {
