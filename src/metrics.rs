@@ -422,6 +422,17 @@ pub(crate) fn admission(
     ::metrics::gauge!(HANDSHAKES).set(in_progress as f64);
 }
 
+/// A handshake a [`Listener`](crate::channel::Listener) admitted ended: its admission
+/// makes room, and the gauge follows.
+pub(crate) fn admission_ended(gate: &std::sync::Mutex<crate::proto::admission::Admission>) {
+    let in_progress = {
+        let mut gate = gate.lock().unwrap_or_else(|e| e.into_inner());
+        gate.handshake_ended();
+        gate.stats().in_progress
+    };
+    ::metrics::gauge!(HANDSHAKES).set(in_progress as f64);
+}
+
 /// Counts a connection a server refused (`reason` as in the module's table).
 pub(crate) fn connection_refused(reason: &'static str) {
     ::metrics::counter!(REFUSED, "reason" => reason).increment(1);

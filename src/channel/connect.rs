@@ -957,9 +957,7 @@ impl Listener {
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
                     let handshake = incoming.await;
-                    gate.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .handshake_ended();
+                    crate::metrics::admission_ended(&gate);
                     let conn = match handshake {
                         Ok(c) => c,
                         Err(e) => {

@@ -36,7 +36,7 @@
 //! [`Channel::send`] takes anything that converts into [`Bytes`] (`Vec<u8>`, `String`,
 //! `&'static str`, `Bytes`) and waits for the outcome. Per send, [`SendOptions`] carries an
 //! idempotency key (the peer delivers at most one message per key, however often the
-//! application retries) and a deadline shorter than the channel's; [`Channel::send_with`]
+//! application retries) and a deadline of its own (shorter or longer than the channel's); [`Channel::send_with`]
 //! takes them, and [`Channel::send_with_key`] is the shorthand for a key alone. Payments
 //! should always carry a key: it is what makes a retry after an unknown outcome safe.
 //!
@@ -152,7 +152,7 @@ pub use identity::{
 #[non_exhaustive]
 pub struct Config {
     /// The sending half: redundancy, hedging, the deadline of every send (`deadline`,
-    /// default 5 s; one send can ask for less with [`SendOptions::deadline`]), messages in
+    /// default 5 s; one send can ask for less or more with [`SendOptions::deadline`]), messages in
     /// flight (`max_in_flight`, default 4,096: further sends wait). Every field of
     /// [`SenderConfig`] states its default. Its fields below `deadline` and
     /// `max_in_flight` tune the protocol itself: leave them unless a measurement says so.

@@ -55,7 +55,9 @@ pub use receiver::{
 };
 pub use repair::{WindowConfig, WindowSendStats};
 pub use rtt::RttEstimator;
-pub use sender::{FailReason, HedgeTo, SendError, Sender, SenderConfig, SenderEvent, SenderStats};
+pub use sender::{
+    FailReason, HedgeTo, SendError, Sender, SenderConfig, SenderEvent, SenderStats, MAX_DEADLINE,
+};
 
 use crate::wire::{
     decode_stream_message, DecodeError, Frame, Limits, STREAM_DELIVERED, STREAM_REFUSED,

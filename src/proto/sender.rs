@@ -39,6 +39,10 @@ const RESEND_BURST: u32 = 16;
 /// A message sent this much before one just acked, and not acked itself, was lost.
 const GAP_SLACK: Duration = Duration::from_millis(10);
 
+/// The longest deadline a message may have: a day (what payment APIs keep keys for; a
+/// longer one is cut to it, and one near `Duration::MAX` cannot overflow the clock).
+pub const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+
 /// Shards judged by the loss estimate before window repairs are spent on it.
 const MEASURED_SHARDS: u64 = 32;
 
@@ -898,6 +902,15 @@ impl Sender {
         id
     }
 
+    /// Like [`Sender::reserve_id`], for a message with its own deadline (at most
+    /// [`MAX_DEADLINE`]): the floor stays below the id until `now + deadline` at the latest.
+    pub fn reserve_id_until(&mut self, now: Instant, deadline: Duration) -> u64 {
+        let id = self.reserve_id();
+        self.reserved
+            .insert(id, Some(now + deadline.min(MAX_DEADLINE)));
+        id
+    }
+
     /// A reserved id ([`Sender::reserve_id`]) has its outcome (answered, failed or given
     /// up): the floor may pass it.
     pub fn reserved_done(&mut self, now: Instant, id: u64) {
@@ -937,8 +950,8 @@ impl Sender {
     }
 
     /// Like [`Sender::send_kind`], with the message's own deadline instead of
-    /// [`SenderConfig::deadline`] (shorter or longer): at it, the message fails with
-    /// [`FailReason::DeadlineExceeded`] unless it was acked.
+    /// [`SenderConfig::deadline`] (shorter or longer, at most [`MAX_DEADLINE`]): at it, the
+    /// message fails with [`FailReason::DeadlineExceeded`] unless it was acked.
     pub fn send_until(
         &mut self,
         now: Instant,
@@ -949,7 +962,7 @@ impl Sender {
     ) -> Result<u64, SendError> {
         let id = self.send_kind(now, key, kind, payload)?;
         let own = now + self.config.deadline;
-        let at = now + deadline;
+        let at = now + deadline.min(MAX_DEADLINE);
         if at != own {
             self.deadlines.remove(&(own, id));
             self.deadlines.insert((at, id));

@@ -1868,3 +1868,23 @@ fn a_request_gets_a_repair_right_behind_it_on_a_lossy_path() {
     assert_eq!(repairs_after(crate::wire::Kind::Request), 1);
     assert_eq!(repairs_after(crate::wire::Kind::Message), 0);
 }
+
+/// A stream send's id is reserved with the send's own deadline: a longer one than the
+/// channel's holds the floor (and so the receiver's window) below the id until it passes.
+#[test]
+fn a_reserved_id_keeps_its_own_longer_deadline() {
+    let t0 = Instant::now();
+    let mut s = Sender::new(SenderConfig {
+        deadline: Duration::from_millis(300),
+        ..SenderConfig::default()
+    });
+    let long = s.reserve_id_until(t0, Duration::from_secs(5));
+    s.handle_timeout(t0 + Duration::from_secs(1));
+    assert_eq!(
+        s.floor(),
+        long,
+        "past the channel's 300 ms, its own 5 s still hold the floor"
+    );
+    s.handle_timeout(t0 + Duration::from_secs(5));
+    assert!(s.floor() > long, "given up at its own deadline");
+}

@@ -18,8 +18,9 @@ impl Link {
             return;
         }
         // A send's own deadline may be shorter or longer than the channel's (a terminal's
-        // authorization waits 40-60 s).
+        // authorization waits 40-60 s), up to a day.
         let own = self.config.sender.deadline;
+        let deadline = deadline.map(|d| d.min(crate::proto::MAX_DEADLINE));
         let len = Envelope::overhead_of(key.as_deref(), kind) + payload.len();
         let threshold = self
             .config
@@ -77,7 +78,10 @@ impl Link {
                 return;
             }
         }
-        let id = self.peer.sender.reserve_id();
+        let id = self
+            .peer
+            .sender
+            .reserve_id_until(now, deadline.unwrap_or(own));
         self.stats.stream_messages_sent += 1;
         self.streams.insert(
             id,
