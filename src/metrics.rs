@@ -115,7 +115,7 @@
 //! | `surelink_reconnects_total` | counter | `role` | connections a channel moved to after losing one (on a server: clients that came back; `reconnects`) |
 //! | `surelink_failovers_total` | counter | `role` | of those, moves to another replica (`failovers`) |
 //! | `surelink_takeovers_total` | counter | `role` | a reconnect that replaced a connection of the same channel still open (logged at warn) |
-//! | `surelink_connections_refused_total` | counter | `reason` | connections a server refused, by `reason`: `tls` (the TLS handshake failed: no common ALPN, a client certificate refused), `handshake` (it failed otherwise or timed out), `connection_lost` (before its Hello), `hello_timeout`, `invalid_hello`, `too_many_channels`, `datagrams_unsupported`, `not_owner` (the channel belongs to another client identity), `shutting_down`, `store_unavailable` (the claims store could not say who owns a channel this server does not hold; closed with the goodbye code so the client tries again), `handshake_cap` (ignored: `Config::admission.max_handshakes` handshakes were in progress), `filtered` (refused by `Listener::with_filter`) |
+//! | `surelink_connections_refused_total` | counter | `reason` | connections a server refused, by `reason`: `tls` (the TLS handshake failed: no common ALPN, a client certificate refused), `handshake` (it failed otherwise or timed out), `connection_lost` (before its Hello), `hello_timeout`, `invalid_hello`, `too_many_channels`, `datagrams_unsupported`, `not_owner` (the channel belongs to another client identity), `shutting_down`, `store_unavailable` (the claims store could not say who owns a channel this server does not hold; closed with the goodbye code so the client tries again), `handshake_cap` (ignored: `Config::admission.max_handshakes` handshakes were in progress, or `max_handshakes_per_address` from its address), `filtered` (refused by `Listener::with_filter`) |
 //! | `surelink_retries_sent_total` | counter | | QUIC Retries a `Listener` sent: unvalidated addresses while more than `Config::admission.retry_above` handshakes were in progress |
 //! | `surelink_handshakes_in_progress` | gauge | | handshakes a `Listener` has started and not finished (at most `Config::admission.max_handshakes`; past it attempts are ignored, counted in `surelink_connections_refused_total` with reason `handshake_cap`) |
 //! | `surelink_log_lines_suppressed_total` | counter | | failure log lines (refused handshakes and connections) not written because more than 5 came in a second; each line written says how many were suppressed before it (`suppressed`) |
@@ -424,10 +424,13 @@ pub(crate) fn admission(
 
 /// A handshake a [`Listener`](crate::channel::Listener) admitted ended: its admission
 /// makes room, and the gauge follows.
-pub(crate) fn admission_ended(gate: &std::sync::Mutex<crate::proto::admission::Admission>) {
+pub(crate) fn admission_ended(
+    gate: &std::sync::Mutex<crate::proto::admission::Admission>,
+    address: std::net::IpAddr,
+) {
     let in_progress = {
         let mut gate = gate.lock().unwrap_or_else(|e| e.into_inner());
-        gate.handshake_ended();
+        gate.handshake_ended(address);
         gate.stats().in_progress
     };
     ::metrics::gauge!(HANDSHAKES).set(in_progress as f64);

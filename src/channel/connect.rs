@@ -933,10 +933,11 @@ impl Listener {
                     incoming.refuse();
                     continue;
                 }
-                let admit = gate
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .decide(incoming.remote_address_validated(), incoming.may_retry());
+                let admit = gate.lock().unwrap_or_else(|e| e.into_inner()).decide(
+                    incoming.remote_address().ip(),
+                    incoming.remote_address_validated(),
+                    incoming.may_retry(),
+                );
                 crate::metrics::admission(admit, &gate);
                 match admit {
                     Admit::Accept => {}
@@ -957,7 +958,7 @@ impl Listener {
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
                     let handshake = incoming.await;
-                    crate::metrics::admission_ended(&gate);
+                    crate::metrics::admission_ended(&gate, remote.ip());
                     let conn = match handshake {
                         Ok(c) => c,
                         Err(e) => {

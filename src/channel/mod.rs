@@ -242,9 +242,9 @@ pub struct Config {
     /// dies first leaves it claimed, and a retry is then acked as a replay). Default `false`.
     pub explicit_ack: bool,
     /// A [`Listener`]'s admission of new connections: a QUIC Retry (address validation) for
-    /// unvalidated addresses above a number of handshakes in progress, and a cap on them
-    /// ([`AdmissionConfig`](crate::proto::admission::AdmissionConfig): 64 and 1,024 by
-    /// default).
+    /// unvalidated addresses above a number of handshakes in progress, a cap on them, and a
+    /// cap per IP address ([`AdmissionConfig`](crate::proto::admission::AdmissionConfig):
+    /// 64, 1,024 and 32 by default).
     pub admission: crate::proto::admission::AdmissionConfig,
     /// Most messages the application received and has not answered yet (requests, and with
     /// `explicit_ack` every message): past it the channel hands over no more until answers
