@@ -957,7 +957,10 @@ mod tests {
     fn outcomes_of_send_errors() {
         use crate::proto::link::SendError;
         let of = |e: SendError| Outcome::of::<(), _>(&Err(e));
-        assert_eq!(of(SendError::Refused { id: 1, reason: 1 }), Outcome::NotDelivered);
+        assert_eq!(
+            of(SendError::Refused { id: 1, reason: 1 }),
+            Outcome::NotDelivered
+        );
         assert_eq!(of(SendError::Closed), Outcome::NotSent);
         assert_eq!(of(SendError::Timeout { id: 1 }), Outcome::Unknown);
         assert!(Outcome::NotSent.not_delivered() && !Outcome::Unknown.not_delivered());
