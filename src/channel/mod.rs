@@ -243,7 +243,7 @@ pub struct Config {
     pub explicit_ack: bool,
     /// A [`Listener`]'s admission of new connections: a QUIC Retry (address validation) for
     /// unvalidated addresses above a number of handshakes in progress, a cap on them, and a
-    /// cap per IP address ([`AdmissionConfig`](crate::proto::admission::AdmissionConfig):
+    /// cap per IP address ([`AdmissionConfig`]:
     /// 64, 1,024 and 32 by default).
     pub admission: crate::proto::admission::AdmissionConfig,
     /// Most messages the application received and has not answered yet (requests, and with
