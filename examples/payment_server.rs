@@ -116,6 +116,12 @@ struct Args {
     /// Needs the `postgres` feature.
     #[arg(long, value_name = "URL")]
     dedupe_url: Option<String>,
+    /// Answer health checks over HTTP at ADDR: `GET /healthz` is 200 while the process
+    /// serves; `GET /readyz` is 200 while it accepts connections and its claims store
+    /// (`--dedupe-url`) answers within a second, else 503 with the reason. Prints
+    /// `health on ADDR` after `listening on`.
+    #[arg(long, value_name = "ADDR")]
+    health: Option<SocketAddr>,
     /// Serve metrics as Prometheus text at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -137,6 +143,82 @@ struct Args {
     /// this many milliseconds after taking it.
     #[arg(long, value_name = "D", default_value_t = 0)]
     reply_delay_ms: u64,
+}
+
+/// `--health`: `/healthz` and `/readyz` over a minimal HTTP/1.1 (one request per
+/// connection, answered and closed).
+mod health {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use surelink::store::{Claim, DedupeStore};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Whether the server is ready: accepting, and its store (if any) answering.
+    async fn ready(
+        accepting: &AtomicBool,
+        store: Option<&Arc<dyn DedupeStore>>,
+    ) -> Result<(), String> {
+        if !accepting.load(Ordering::Relaxed) {
+            return Err("not accepting connections (shutting down)".into());
+        }
+        if let Some(store) = store {
+            // A lookup of a claim nobody makes: a round trip to the store, nothing written.
+            let probe = Claim::default();
+            match tokio::time::timeout(Duration::from_secs(1), store.lookup(&probe)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("claims store: {e}")),
+                Err(_) => return Err("claims store: no answer within 1 s".into()),
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn serve(
+        listener: tokio::net::TcpListener,
+        accepting: Arc<AtomicBool>,
+        store: Option<Arc<dyn DedupeStore>>,
+    ) {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (accepting, store) = (accepting.clone(), store.clone());
+            tokio::spawn(async move {
+                let mut request = Vec::with_capacity(256);
+                let mut buf = [0u8; 512];
+                // The request line and headers, within 2 s and 4 KiB.
+                let read = async {
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 4096 {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                };
+                if tokio::time::timeout(Duration::from_secs(2), read)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let line = String::from_utf8_lossy(&request);
+                let path = line.split_whitespace().nth(1).unwrap_or("");
+                let (status, body) = match path {
+                    "/healthz" => ("200 OK", "ok\n".to_string()),
+                    "/readyz" => match ready(&accepting, store.as_ref()).await {
+                        Ok(()) => ("200 OK", "ready\n".to_string()),
+                        Err(why) => ("503 Service Unavailable", format!("{why}\n")),
+                    },
+                    _ => ("404 Not Found", "not found\n".to_string()),
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(response.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    }
 }
 
 /// Installs the Prometheus exporter: an HTTP listener on `addr`, the send latency as a
@@ -374,6 +456,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| local.to_string());
     init_logs(&replica);
     let (config, ledger) = channel_config(&args, &replica).await?;
+    let store = config.store.clone();
     let mut tally = Tally::default();
     if let Some(path) = &args.deliveries {
         let file = std::fs::OpenOptions::new()
@@ -390,6 +473,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "payment_server: ready"
     );
     println!("listening on {local}");
+    let accepting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    if let Some(addr) = args.health {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("health on {}", listener.local_addr()?);
+        tokio::spawn(health::serve(listener, accepting.clone(), store));
+    }
 
     let tally = Arc::new(Mutex::new(tally));
     let channels: Arc<Mutex<Vec<Channel>>> = Arc::default();
@@ -414,8 +503,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         let conn = match incoming.await {
                             Ok(conn) => conn,
                             Err(e) => {
-                                tracing::warn!(%peer, error = %e, "payment_server: handshake failed");
-                                eprintln!("payment_server: handshake with {peer} failed: {e}");
+                                // Counted, and logged by surelink at most a few lines a
+                                // second (a handshake flood is not a log flood).
                                 surelink::metrics::handshake_failed(peer, &e);
                                 return;
                             }
@@ -443,6 +532,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
+    accepting.store(false, std::sync::atomic::Ordering::Relaxed);
     accept.abort();
     // Stop: close every connection (the close reaches clients, who fail over at once), then
     // let each channel hand over what it already acked before counting.

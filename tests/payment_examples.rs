@@ -796,3 +796,66 @@ fn loss_sweep_request_rows() {
         assert_eq!(field(row, "reply_size"), "null", "{row}");
     }
 }
+
+/// Issue 26's `payment_server --health ADDR`: `/healthz` is 200 while it serves; `/readyz`
+/// is 200 while its claims store answers, and 503 (with the reason) once it cannot (here:
+/// its table was dropped under it).
+#[test]
+fn health_and_readiness_flag() {
+    use std::io::{Read, Write};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(url) = rt.block_on(common::fresh_database("health")) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("surelink-health-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let flags: Vec<&std::ffi::OsStr> = vec![
+        "--dedupe-url".as_ref(),
+        url.as_ref(),
+        "--health".as_ref(),
+        "127.0.0.1:0".as_ref(),
+    ];
+    let (mut server, mut out, _addr) = start_server(&dir, &flags);
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let health = line
+        .trim()
+        .strip_prefix("health on ")
+        .expect(&line)
+        .to_string();
+    let get = |path: &str| {
+        let mut conn = std::net::TcpStream::connect(&health).unwrap();
+        write!(conn, "GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).unwrap();
+        response
+    };
+    assert!(get("/healthz").starts_with("HTTP/1.1 200"));
+    let ready = get("/readyz");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(get("/nothing").starts_with("HTTP/1.1 404"));
+    // The store stops answering: its table is gone.
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "DROP TABLE {} CASCADE",
+                surelink::store::DEFAULT_TABLE
+            ))
+            .await
+            .unwrap();
+    });
+    let unready = get("/readyz");
+    assert!(unready.starts_with("HTTP/1.1 503"), "{unready}");
+    assert!(unready.contains("claims store"), "{unready}");
+    assert!(
+        get("/healthz").starts_with("HTTP/1.1 200"),
+        "alive, though not ready"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}
