@@ -196,7 +196,7 @@ impl Link {
                 self.stats.leases_expired += u64::from(late);
                 // Until the application answers it: a request's reply is recorded with this
                 // claim, a nack or a drop releases it (bounded by the hand-off).
-                self.settled_requests
+                self.settled_handed
                     .insert(job.request.id, (job.request.clone(), job.claimant, epoch));
                 // Handed over now; until the application takes it, it is the window's one
                 // message.
@@ -350,7 +350,7 @@ impl Link {
     /// it goes out).
     pub(super) fn record_replies(&mut self, now: Instant) {
         while let Some((id, reply)) = self.peer.receiver.poll_reply_record() {
-            let Some((request, claimant, epoch)) = self.settled_requests.remove(&id) else {
+            let Some((request, claimant, epoch)) = self.settled_handed.remove(&id) else {
                 // Not settled here (the inbox pattern, or an id of another incarnation):
                 // nothing to record it with.
                 self.peer.receiver.reply_recorded(now, id, reply);

@@ -7,7 +7,7 @@ impl Link {
     /// The application took message `id`: room for another (its ack, and a stream message's
     /// answer, come from the receiver).
     pub(super) fn took(&mut self, now: Instant, id: u64) {
-        self.settled_requests.remove(&id);
+        self.settled_handed.remove(&id);
         self.peer.receiver.taken(now, id);
         self.room += 1;
     }

@@ -963,9 +963,10 @@ pub struct Link {
     crossed: std::collections::HashSet<u64>,
     /// Replies for the peer waiting for room in the sender: `(request id, reply)`.
     replies_waiting: VecDeque<(u64, Bytes)>,
-    /// Requests settled in the store and handed over, by id: their claim, claimant and
-    /// epoch, with which their reply is recorded.
-    settled_requests: HashMap<u64, (ClaimRequest, u64, u64)>,
+    /// Messages settled in the store and handed over, not yet taken or answered, by id:
+    /// their claim, claimant and epoch, with which a request's reply is recorded and a nack
+    /// or a drop releases the claim.
+    settled_handed: HashMap<u64, (ClaimRequest, u64, u64)>,
     /// Messages the application received and has not answered, by id (an id may name one
     /// message of each of the peer's incarnations).
     unanswered: HashMap<u64, usize>,
@@ -1048,7 +1049,7 @@ impl Link {
             actions: VecDeque::new(),
             crossed: std::collections::HashSet::new(),
             replies_waiting: VecDeque::new(),
-            settled_requests: HashMap::new(),
+            settled_handed: HashMap::new(),
             unanswered: HashMap::new(),
             unanswered_total: 0,
             room_owed: 0,

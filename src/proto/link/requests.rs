@@ -69,7 +69,7 @@ impl Link {
             // Nothing to record with its claim. A nack or a drop says it was not processed:
             // its claim, settled before the hand-over, is released (best effort: a replica
             // that dies first leaves it settled, and a retry is then acked as a replay).
-            if let Some((request, claimant, epoch)) = self.settled_requests.remove(&id) {
+            if let Some((request, claimant, epoch)) = self.settled_handed.remove(&id) {
                 if matches!(answer, Answer::Nack | Answer::GiveBack) {
                     self.push_release(&request, claimant, epoch);
                 }
