@@ -13,33 +13,10 @@ use bytes::Bytes;
 use surelink::channel::{Channel, Config, Messages, SendError, SendOptions};
 use surelink::sim::{Congestion, LinkConfig, Pair, PairConfig};
 
-struct Ends {
-    _pair: Pair,
-    client: Channel,
-    _client_messages: Messages,
-    server: Channel,
-    server_messages: Messages,
-}
+use common::Ends;
 
 async fn ends(up: LinkConfig, down: LinkConfig, seed: u64, config: Config) -> Ends {
-    let pair = Pair::new(PairConfig {
-        seed,
-        congestion: Congestion::Surelink,
-        client_to_server: up,
-        server_to_client: down,
-        ..PairConfig::default()
-    })
-    .unwrap();
-    let (client_conn, server_conn) = pair.connect().await.unwrap();
-    let (client, _client_messages) = Channel::open(client_conn, config.clone()).unwrap();
-    let (server, server_messages) = Channel::open(server_conn, config).unwrap();
-    Ends {
-        _pair: pair,
-        client,
-        _client_messages,
-        server,
-        server_messages,
-    }
+    common::open_ends(up, down, seed, config.clone(), config).await
 }
 
 fn lossy(p: f64) -> LinkConfig {
@@ -265,7 +242,7 @@ async fn declined_requests_and_missing_replies() {
     assert!(slow.may_have_been_delivered(), "{slow}");
     // A message (not a request) cannot be replied to.
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let mut client_messages = e._client_messages;
+    let mut client_messages = e.client_messages;
     tokio::spawn(async move {
         let m = client_messages.recv().await.unwrap();
         let _ = tx.send((m.awaits_answer(), m.reply("no")));

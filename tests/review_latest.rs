@@ -2,21 +2,17 @@
 //! deadline overflowed the clock and killed the driver; a stream send's longer deadline was
 //! given up at the channel's), each with the test that failed before its fix.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use surelink::channel::{Channel, Config, Messages, SendError, SendOptions};
-use surelink::proto::{Sender, SenderConfig};
-use surelink::sim::{Congestion, LinkConfig, Pair, PairConfig, RateLimit};
-use surelink::wire::Kind;
+use common::Ends;
 
-struct Ends {
-    _pair: Pair,
-    client: Channel,
-    _client_messages: Messages,
-    _server: Channel,
-    server_messages: Messages,
-}
+use bytes::Bytes;
+use surelink::channel::{Config, SendError, SendOptions};
+use surelink::proto::{Sender, SenderConfig};
+use surelink::sim::{LinkConfig, RateLimit};
+use surelink::wire::Kind;
 
 async fn ends(up: LinkConfig, down: LinkConfig, seed: u64, config: Config) -> Ends {
     ends_with(up, down, seed, config.clone(), config).await
@@ -29,24 +25,7 @@ async fn ends_with(
     config: Config,
     server_config: Config,
 ) -> Ends {
-    let pair = Pair::new(PairConfig {
-        seed,
-        congestion: Congestion::Surelink,
-        client_to_server: up,
-        server_to_client: down,
-        ..PairConfig::default()
-    })
-    .unwrap();
-    let (client_conn, server_conn) = pair.connect().await.unwrap();
-    let (client, _client_messages) = Channel::open(client_conn, config.clone()).unwrap();
-    let (server, server_messages) = Channel::open(server_conn, server_config).unwrap();
-    Ends {
-        _pair: pair,
-        client,
-        _client_messages,
-        _server: server,
-        server_messages,
-    }
+    common::open_ends(up, down, seed, config, server_config).await
 }
 
 fn clean() -> LinkConfig {

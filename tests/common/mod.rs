@@ -903,3 +903,44 @@ pub async fn check_reply_semantics(store: &dyn surelink::store::DedupeStore) {
         "claimed afresh: no reply yet"
     );
 }
+
+/// Two channels over one simulated quinn pair (`up` client → server, `down` back), each
+/// opened on its end with its own config ([`open_ends`]).
+pub struct Ends {
+    /// The pair (kept alive).
+    pub pair: surelink::sim::Pair,
+    /// The client's channel and its messages.
+    pub client: Channel,
+    pub client_messages: Messages,
+    /// The server's channel and its messages.
+    pub server: Channel,
+    pub server_messages: Messages,
+}
+
+/// [`Ends`] over a surelink-congestion pair with `seed`.
+pub async fn open_ends(
+    up: surelink::sim::LinkConfig,
+    down: surelink::sim::LinkConfig,
+    seed: u64,
+    client: surelink::channel::Config,
+    server: surelink::channel::Config,
+) -> Ends {
+    let pair = surelink::sim::Pair::new(surelink::sim::PairConfig {
+        seed,
+        congestion: surelink::sim::Congestion::Surelink,
+        client_to_server: up,
+        server_to_client: down,
+        ..surelink::sim::PairConfig::default()
+    })
+    .unwrap();
+    let (client_conn, server_conn) = pair.connect().await.unwrap();
+    let (client_ch, client_messages) = Channel::open(client_conn, client).unwrap();
+    let (server_ch, server_messages) = Channel::open(server_conn, server).unwrap();
+    Ends {
+        pair,
+        client: client_ch,
+        client_messages,
+        server: server_ch,
+        server_messages,
+    }
+}
